@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make demo` (the pipeline on the demo data) and
+# `make test`. Both create .venv when it is missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export WHALE_HOME ?= $(CURDIR)/whale_home
+export DAGSTER_HOME ?= $(WHALE_HOME)/dagster_home
+export MLFLOW_DISABLE_TELEMETRY := true
+export DAGSTER_DISABLE_TELEMETRY := 1
+export YOLO_OFFLINE := 1
+export YOLO_AUTOINSTALL := 0
+RECIPE ?= configs/demo.yaml
+
+.PHONY: venv demo test ui clean-home
+
+# One pip command with exact pins (requirements/constraints.txt, a full freeze of a
+# working environment): installing packages separately lets pip downgrade dagster.
+$(BIN)/.installed: pyproject.toml requirements/constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -c requirements/constraints.txt \
+		torch==2.14.1 torchvision==0.29.1 -e ".[dev]"
+	@touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/whale run --recipe $(RECIPE)
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+ui: venv
+	scripts/ui.sh
+
+clean-home:
+	rm -rf "$(WHALE_HOME)"

@@ -1,0 +1,35 @@
+"""The ``whale`` command: ``whale demo-data OUT`` and ``whale run``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+USAGE = """usage: whale COMMAND [ARGS]
+
+commands:
+  demo-data OUT [--preset demo|tiny] [--seed N]   write a synthetic data set in the Kaggle layout
+  run [--recipe YAML] [--fold foldN ...]          materialise the whole pipeline on $WHALE_DATA_DIR
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in {"-h", "--help"}:
+        print(USAGE)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command == "demo-data":
+        from whale_ml.cli import main as core_main
+
+        return core_main(["demo-data", *rest])
+    if command == "run":
+        from whale_assets.run import main as run_main
+
+        return run_main(rest)
+    print(f"whale: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

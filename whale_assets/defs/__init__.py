@@ -1,0 +1,1 @@
+"""One module per pipeline stage; ``load_from_defs_folder`` collects them all."""

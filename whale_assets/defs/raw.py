@@ -1,0 +1,69 @@
+"""Stage 1 -- raw: the Kaggle CSVs, validated and normalised."""
+
+import dagster as dg
+import pandas as pd
+
+from whale_assets.metadata import table_md
+from whale_assets.resources import WhaleHome
+from whale_assets.settings import MetadataSettings
+from whale_ml.data.demo import ensure_demo_data
+from whale_ml.data.metadata import SPECIES_ALIASES, read_test_metadata, read_train_metadata
+
+
+def _ensure_data(context: dg.AssetExecutionContext, whale: WhaleHome) -> None:
+    if whale.is_default_demo:
+        _, made = ensure_demo_data(whale.data_path)
+        if made:
+            context.log.info(f"no data set given ($WHALE_DATA_DIR unset): generated the demo set at {whale.data_path}")
+
+
+@dg.asset(group_name="raw", kinds={"pandas"}, code_version="1")
+def train_metadata(context: dg.AssetExecutionContext, config: MetadataSettings, whale: WhaleHome) -> dg.MaterializeResult:
+    """Training photos from ``train.csv``: checked (columns, duplicates, plain file
+    names, files present), species aliases merged, an integer label per individual."""
+    _ensure_data(context, whale)
+    df = read_train_metadata(whale.data_path, check_files=config.check_files)
+    species = (
+        df.groupby("species")
+        .agg(images=("image", "size"), individuals=("individual_id", "nunique"))
+        .reset_index()
+        .sort_values("images", ascending=False)
+    )
+    merged = df.loc[df["species_raw"].str.lower().isin(SPECIES_ALIASES), "species_raw"].value_counts()
+    per_individual = df["individual_id"].value_counts()
+    return dg.MaterializeResult(
+        value=df,
+        metadata={
+            "dagster/row_count": len(df),
+            "individuals": int(df["individual_id"].nunique()),
+            "species": int(df["species"].nunique()),
+            "singleton_individuals": int((per_individual == 1).sum()),
+            "alias_rows_merged": int(merged.sum()),
+            "species_table": table_md(species),
+            "data_dir": dg.MetadataValue.path(str(whale.data_path)),
+        },
+    )
+
+
+@dg.asset(group_name="raw", kinds={"pandas"}, code_version="1")
+def test_metadata(context: dg.AssetExecutionContext, config: MetadataSettings, whale: WhaleHome) -> dg.MaterializeResult:
+    """Test photos in ``sample_submission.csv`` order (the submission's order), checked
+    like the training CSV."""
+    _ensure_data(context, whale)
+    df = read_test_metadata(whale.data_path, check_files=config.check_files)
+    return dg.MaterializeResult(
+        value=df,
+        metadata={"dagster/row_count": len(df), "data_dir": dg.MetadataValue.path(str(whale.data_path))},
+    )
+
+
+@dg.asset_check(asset=train_metadata, blocking=True)
+def train_metadata_is_clean(train_metadata: pd.DataFrame) -> dg.AssetCheckResult:
+    """No duplicate images, no unknown species aliases left, labels 0..n-1."""
+    dup = int(train_metadata["image"].duplicated().sum())
+    aliases_left = int(train_metadata["species"].isin(SPECIES_ALIASES).sum())
+    labels_ok = set(train_metadata["label"]) == set(range(train_metadata["individual_id"].nunique()))
+    return dg.AssetCheckResult(
+        passed=dup == 0 and aliases_left == 0 and labels_ok,
+        metadata={"duplicate_images": dup, "unmerged_alias_rows": aliases_left, "labels_contiguous": labels_ok},
+    )

@@ -1,0 +1,137 @@
+"""Stage 5 -- retrieval: embeddings per fold, the ensemble gallery, the new_individual threshold."""
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import torch
+
+from whale_assets.metadata import figure_md, progress_logger, table_md
+from whale_assets.partitions import fold_index, fold_partitions
+from whale_assets.resources import WhaleHome
+from whale_assets.settings import RetrievalSettings
+from whale_ml.data.folds import fold_split
+from whale_ml.models.embedding import normalisation
+from whale_ml.retrieval import build_index, save_index, search_gallery, tune_threshold
+from whale_ml.retrieval.embeddings import embed_paths
+from whale_ml.retrieval.store import ensemble, load_embeddings, save_embeddings
+from whale_ml.training.trainer import load_model, resolve_device
+
+
+@dg.asset(group_name="retrieval", kinds={"pytorch", "numpy"}, partitions_def=fold_partitions, deps=["arcface_model"], code_version="1", pool="gpu")
+def fold_embeddings(context: dg.AssetExecutionContext, config: RetrievalSettings, whale: WhaleHome, crops: pd.DataFrame) -> dg.MaterializeResult:
+    """The fold model's L2-normalised embeddings of every train and test crop
+    (float32 ``.npy`` with the image order beside it)."""
+    fold = context.partition_key
+    device = resolve_device("auto")
+    model, cfg = load_model(whale.layout.model_dir(fold) / "best.pt", device)
+    mean, std = normalisation(cfg.backbone)
+    out = whale.layout.embeddings_dir(fold)
+    counts = {}
+    for split in ("train", "test"):
+        rows = crops[(crops["split"] == split) & (crops["crop_path"] != "")]
+        emb = embed_paths(
+            model, rows["crop_path"].tolist(), cfg.image_size, mean, std, device, config.batch_size, config.flip_tta,
+            progress=progress_logger(context, f"{fold} {split} embeddings"),
+        )
+        if not np.isfinite(emb).all():
+            raise FloatingPointError(f"{fold}: non-finite {split} embeddings; the model checkpoint is broken")
+        save_embeddings(out, split, emb, rows["image"].tolist())
+        counts[split] = len(emb)
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+    return dg.MaterializeResult(
+        metadata={
+            "train_embeddings": counts["train"],
+            "test_embeddings": counts["test"],
+            "dimension": cfg.embedding_size,
+            "flip_tta": config.flip_tta,
+            "folder": dg.MetadataValue.path(str(out)),
+        }
+    )
+
+
+@dg.asset(group_name="retrieval", kinds={"faiss"}, deps=[fold_embeddings], code_version="1")
+def gallery(context: dg.AssetExecutionContext, whale: WhaleHome, train_metadata: pd.DataFrame) -> dg.MaterializeResult:
+    """The faiss gallery of every training photo, embedded by the ensemble of all fold
+    models (their normalised embeddings concatenated: cosine = mean of the models'
+    cosines), with the test queries embedded the same way."""
+    folds = fold_partitions.get_partition_keys()
+    train_parts, test_parts, train_images, test_images = [], [], None, None
+    for fold in folds:
+        emb_train, img_train = load_embeddings(whale.layout.embeddings_dir(fold), "train")
+        emb_test, img_test = load_embeddings(whale.layout.embeddings_dir(fold), "test")
+        if train_images is not None and (img_train != train_images or img_test != test_images):
+            raise ValueError(f"{fold}'s embeddings cover other images than {folds[0]}'s; re-materialise fold_embeddings for all folds")
+        train_images, test_images = img_train, img_test
+        train_parts.append(emb_train)
+        test_parts.append(emb_test)
+    gallery_emb, query_emb = ensemble(train_parts), ensemble(test_parts)
+    ids = train_metadata.set_index("image").loc[train_images, "individual_id"].tolist()
+    out = whale.layout.gallery_dir
+    save_index(build_index(gallery_emb), out / "index.faiss")
+    save_embeddings(out, "gallery", gallery_emb, train_images)
+    save_embeddings(out, "queries", query_emb, test_images)
+    pd.DataFrame({"image": train_images, "individual_id": ids}).to_csv(out / "gallery_ids.csv", index=False)
+    context.log.info(f"gallery of {len(ids)} photos from {len(folds)} fold models")
+    return dg.MaterializeResult(
+        metadata={
+            "gallery_images": len(ids),
+            "gallery_individuals": len(set(ids)),
+            "query_images": len(test_images),
+            "models": len(folds),
+            "dimension": int(gallery_emb.shape[1]),
+            "index": dg.MetadataValue.path(str(out / "index.faiss")),
+        }
+    )
+
+
+def _curve_plot(thresholds: np.ndarray, curve: np.ndarray, chosen: float) -> object:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(thresholds, curve, lw=1.2)
+    ax.axvline(chosen, color="tab:red", ls="--", lw=1, label=f"chosen {chosen:.3f}")
+    ax.set_xlabel("cosine similarity threshold")
+    ax.set_ylabel("validation MAP@5")
+    ax.legend()
+    return fig
+
+
+@dg.asset(group_name="retrieval", kinds={"numpy"}, deps=[fold_embeddings], code_version="1")
+def match_threshold(context: dg.AssetExecutionContext, config: RetrievalSettings, whale: WhaleHome, cv_folds: pd.DataFrame) -> dg.MaterializeResult:
+    """The ``new_individual`` threshold that maximises out-of-fold MAP@5: each fold's
+    validation photos searched against that fold's training photos with that fold's
+    model, pooled over folds, every distinct threshold considered (exact, no grid)."""
+    sims_all, ids_all, truths_all, per_fold = [], [], [], []
+    for fold in fold_partitions.get_partition_keys():
+        emb, images = load_embeddings(whale.layout.embeddings_dir(fold), "train")
+        row_of = {img: i for i, img in enumerate(images)}
+        train, val = fold_split(cv_folds, fold_index(fold))
+        if val.empty:
+            continue
+        g = emb[[row_of[i] for i in train["image"]]]
+        q = emb[[row_of[i] for i in val["image"]]]
+        sims, ids = search_gallery(build_index(g), train["individual_id"].to_numpy(), q, k=config.k)
+        fold_result = tune_threshold(sims, ids, val["truth"].tolist(), gallery_ids=train["individual_id"].tolist())
+        per_fold.append({"fold": fold, "queries": len(val), "best_threshold": fold_result.threshold, "best_map5": fold_result.map5})
+        sims_all.append(sims)
+        ids_all.append(ids)
+        truths_all += val["truth"].tolist()
+    if not sims_all:
+        raise ValueError("no fold has validation photos: cannot tune the threshold")
+    sims, ids = np.concatenate(sims_all), np.concatenate(ids_all)
+    result = tune_threshold(sims, ids, truths_all)
+    context.log.info(f"threshold {result.threshold:.4f}: out-of-fold MAP@5 {result.map5:.4f} over {len(truths_all)} photos")
+    return dg.MaterializeResult(
+        value={"threshold": result.threshold, "map5": result.map5, "new_share": result.new_share, "queries": len(truths_all), "per_fold": per_fold},
+        metadata={
+            "threshold": result.threshold,
+            "oof_map5": result.map5,
+            "top1_new_share": result.new_share,
+            "queries": len(truths_all),
+            "per_fold": table_md(pd.DataFrame(per_fold)),
+            "map5_curve": figure_md(_curve_plot(result.thresholds, result.map5_curve, result.threshold)),
+        },
+    )

@@ -1,0 +1,45 @@
+"""Stage 3 -- splits: cross-validation folds by individual."""
+
+import dagster as dg
+import pandas as pd
+
+from whale_assets.metadata import table_md
+from whale_assets.partitions import n_folds
+from whale_assets.settings import FoldSettings
+from whale_ml.data.folds import fold_summary, make_folds
+
+
+@dg.asset(group_name="splits", kinds={"pandas"}, code_version="1")
+def cv_folds(config: FoldSettings, train_metadata: pd.DataFrame, crops: pd.DataFrame) -> dg.MaterializeResult:
+    """Training photos with the fold each is validated in. Whole individuals are held
+    out so that every fold's validation has ``new_individual`` cases; the fold count
+    is ``$WHALE_N_FOLDS`` (it also fixes the model partitions)."""
+    table = train_metadata.merge(crops.loc[crops["split"] == "train", ["image", "crop_path"]], on="image", how="left", validate="one_to_one")
+    folds = make_folds(table, n_folds(), config.new_individual_share, config.seed)
+    summary = fold_summary(folds)
+    return dg.MaterializeResult(
+        value=folds,
+        metadata={
+            "dagster/row_count": len(folds),
+            "folds": n_folds(),
+            "held_out_individuals": int(folds.loc[folds["held_out"], "individual_id"].nunique()),
+            "never_validated_images": int((folds["fold"] < 0).sum()),
+            "fold_table": table_md(summary),
+        },
+    )
+
+
+@dg.asset_check(asset=cv_folds, blocking=True)
+def folds_hold_out_individuals(cv_folds: pd.DataFrame) -> dg.AssetCheckResult:
+    """Each fold validates some photos, includes new individuals, and no held-out
+    individual has a photo in that fold's training set."""
+    summary = fold_summary(cv_folds)
+    leaks = 0
+    for k in summary["fold"]:
+        held = set(cv_folds.loc[(cv_folds["fold"] == k) & cv_folds["held_out"], "individual_id"])
+        leaks += int(cv_folds.loc[(cv_folds["fold"] != k) & cv_folds["individual_id"].isin(held)].shape[0])
+    ok = len(summary) == n_folds() and bool((summary["val_images"] > 0).all()) and leaks == 0
+    return dg.AssetCheckResult(
+        passed=ok,
+        metadata={"folds_with_validation": len(summary), "leaked_photos": leaks, "min_new_share": float(summary["val_new_share"].min()) if len(summary) else 0.0},
+    )

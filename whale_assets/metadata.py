@@ -1,0 +1,40 @@
+"""Turning results into metadata a user reads in the UI."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from collections.abc import Callable
+
+import dagster as dg
+import pandas as pd
+
+
+def table_md(df: pd.DataFrame, floatfmt: str = ".4g") -> dg.MetadataValue:
+    """A DataFrame as a Markdown table."""
+    return dg.MetadataValue.md(df.to_markdown(index=False, floatfmt=floatfmt))
+
+
+def figure_md(fig: object) -> dg.MetadataValue:
+    """A matplotlib figure as an inline PNG (Markdown), shown in the asset's metadata."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")  # type: ignore[attr-defined]
+    plt.close(fig)  # type: ignore[arg-type]
+    return dg.MetadataValue.md(f"![plot](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})")
+
+
+def progress_logger(context: dg.AssetExecutionContext, what: str, every_s: float = 10.0) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` callback for long loops: logs the first step, then at
+    most every ``every_s`` seconds, and the end, so short work stays quiet."""
+    state = {"last": float("-inf")}
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == total or now - state["last"] >= every_s:
+            context.log.info(f"{what}: {done}/{total}")
+            state["last"] = now
+
+    return progress

@@ -1,0 +1,99 @@
+"""The resources every asset shares: the data home and the MLflow store."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from whale_ml.offline import configure_environment
+from whale_ml.settings import HomeLayout, default_data_dir, default_home
+
+
+class WhaleHome(dg.ConfigurableResource):
+    """The data set to read (Kaggle layout) and the home every artifact is written under."""
+
+    data_dir: str = Field(default_factory=lambda: str(default_data_dir()), description="Data set folder ($WHALE_DATA_DIR).")
+    home: str = Field(default_factory=lambda: str(default_home()), description="Artifact home ($WHALE_HOME).")
+
+    @property
+    def layout(self) -> HomeLayout:
+        return HomeLayout(Path(self.home))
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    @property
+    def is_default_demo(self) -> bool:
+        """True when no data set was given and the generated demo set is used."""
+        return Path(self.data_dir).resolve() == (Path(self.home) / "demo_data").resolve()
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        configure_environment(Path(self.home))
+
+
+def _default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or HomeLayout(default_home()).mlflow_uri
+
+
+class MlflowTracking(dg.ConfigurableResource):
+    """One MLflow run per asset materialisation (and partition), found again on retry.
+
+    The run is looked up by the Dagster run id, asset key and partition tags,
+    so a retried step logs into the run it started instead of a new one.
+    """
+
+    tracking_uri: str = Field(default_factory=_default_tracking_uri, description="MLflow tracking URI ($MLFLOW_TRACKING_URI).")
+    experiment: str = Field("whale-photo-id", description="MLflow experiment name.")
+    artifact_root: str = Field(
+        default_factory=lambda: str(HomeLayout(default_home()).mlflow_artifacts),
+        description="Artifact location for a newly created experiment (local path or URI).",
+    )
+    ui_url: str = Field(
+        default_factory=lambda: os.environ.get("WHALE_MLFLOW_UI", "http://127.0.0.1:5000"),
+        description="Where the MLflow UI is served (for links in asset metadata).",
+    )
+
+    def _experiment_id(self) -> str:
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        found = mlflow.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        location = self.artifact_root if "://" in self.artifact_root else Path(self.artifact_root).resolve().as_uri()
+        try:
+            return mlflow.create_experiment(self.experiment, artifact_location=location)
+        except Exception:  # created meanwhile by a parallel step
+            found = mlflow.get_experiment_by_name(self.experiment)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def run_url(self, experiment_id: str, run_id: str) -> str:
+        return f"{self.ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+    @contextmanager
+    def start_run(self, context: dg.AssetExecutionContext, run_name: str, tags: dict[str, str] | None = None) -> Iterator[Any]:
+        """Start (or resume) the MLflow run of this step and make it the active run."""
+        import mlflow
+
+        experiment_id = self._experiment_id()
+        partition = context.partition_key if context.has_partition_key else ""
+        run_tags = {
+            "dagster.run_id": context.run.run_id,
+            "dagster.asset": context.asset_key.to_user_string(),
+            "dagster.partition": partition,
+            **(tags or {}),
+        }
+        query = " and ".join(f"tags.`{k}` = '{run_tags[k]}'" for k in ("dagster.run_id", "dagster.asset", "dagster.partition"))
+        existing = mlflow.search_runs([experiment_id], filter_string=query, max_results=1, output_format="list")
+        run_id = existing[0].info.run_id if existing else None
+        with mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=run_name, tags=run_tags) as run:
+            yield run

@@ -1,0 +1,39 @@
+"""Launchpad configs: the ``whale_ml`` stage settings, exposed to Dagster.
+
+Each class *is* its ``whale_ml`` model (by inheritance), so an asset hands its
+config straight to the core and the field descriptions show in the launchpad.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from whale_ml.config import BoxConfig, CropConfig, DetectorConfig, FoldConfig, MetadataConfig, RetrievalConfig, TrainConfig
+
+
+class MetadataSettings(dg.Config, MetadataConfig):
+    """How the Kaggle CSVs are read and checked."""
+
+
+class DetectorSettings(dg.Config, DetectorConfig):
+    """The animal detector: trained from the box file, a user's .pt, or none."""
+
+
+class BoxSettings(dg.Config, BoxConfig):
+    """Crop boxes for every image: confidence floor and enlargement."""
+
+
+class CropSettings(dg.Config, CropConfig):
+    """The crops written to disk."""
+
+
+class FoldSettings(dg.Config, FoldConfig):
+    """Cross-validation folds by individual."""
+
+
+class TrainSettings(dg.Config, TrainConfig):
+    """The ArcFace recipe of each fold model."""
+
+
+class RetrievalSettings(dg.Config, RetrievalConfig):
+    """Embedding and search."""

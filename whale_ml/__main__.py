@@ -1,0 +1,5 @@
+import sys
+
+from whale_ml.cli import main
+
+sys.exit(main())

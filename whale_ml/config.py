@@ -1,0 +1,100 @@
+"""Typed settings of every pipeline stage: the single source of truth.
+
+The Dagster layer exposes each of these as a launchpad ``Config`` (by
+subclassing), and the recipes under ``configs/`` are run configs that set
+them. Defaults are the CPU demo recipe: they run anywhere in minutes.
+Fields use only types Dagster's config system understands (no tuples).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class MetadataConfig(BaseModel):
+    """How the Kaggle CSVs are read."""
+
+    check_files: bool = Field(True, description="Fail when an image listed in a CSV is missing from its folder.")
+
+
+class DetectorConfig(BaseModel):
+    """Where the animal detector comes from and how it is trained."""
+
+    source: Literal["train", "weights", "none"] = Field(
+        "train",
+        description="'train': an ultralytics YOLO model trained from the box file; "
+        "'weights': a user's .pt file (weights_path); 'none': full frames, no detector.",
+    )
+    model_yaml: str = Field("yolov8n.yaml", description="Ultralytics model yaml to build from (no weight download).")
+    weights_path: str | None = Field(None, description="A trained ultralytics .pt file, used when source='weights'.")
+    box_file: str = Field("fluke_boxes.csv", description="Box CSV (image,x_min,y_min,x_max,y_max) in the data dir.")
+    epochs: int = Field(40, ge=1, description="Detector training epochs.")
+    imgsz: int = Field(192, ge=32, description="Detector input size (train and predict).")
+    batch: int = Field(16, ge=1)
+    val_share: float = Field(0.2, ge=0.0, lt=1.0, description="Share of the boxed images held out to report mAP.")
+    device: str = Field("auto", description="'auto' (GPU when there is one), 'cpu', or a CUDA index like '0'.")
+    seed: int = 0
+
+
+class BoxConfig(BaseModel):
+    """One crop box for every train and test image."""
+
+    min_confidence: float = Field(0.25, ge=0.0, le=1.0, description="Below this the full frame is used instead of a box.")
+    expand: float = Field(1.2, ge=1.0, le=3.0, description="Box width and height are multiplied by this (about the centre).")
+    batch: int = Field(32, ge=1, description="Images per detector batch.")
+
+
+class CropConfig(BaseModel):
+    """The crops cut from the boxes."""
+
+    size: int = Field(128, ge=16, description="Side of the square crops written to disk (the training input size).")
+
+
+class FoldConfig(BaseModel):
+    """Cross-validation folds by individual."""
+
+    new_individual_share: float = Field(
+        0.2,
+        ge=0.0,
+        lt=1.0,
+        description="Target share of validation images whose individual is held out whole (truth new_individual).",
+    )
+    seed: int = 0
+
+
+class TrainConfig(BaseModel):
+    """The ArcFace recipe of one fold model."""
+
+    backbone: str = Field("resnet18", description="Any timm model name.")
+    pretrained: bool = Field(False, description="Load timm pretrained weights (hub, or weights_file when given).")
+    weights_file: str | None = Field(None, description="Local backbone weights (.safetensors/.pth) for pretrained=True offline.")
+    image_size: int = Field(128, ge=16, description="Training and embedding input size.")
+    embedding_size: int = Field(512, ge=8)
+    gem_p: float = Field(3.0, gt=0.0, description="Initial GeM exponent (learnt).")
+    margin: float = Field(0.3, ge=0.0, lt=1.6, description="ArcFace angular margin in radians.")
+    scale: float = Field(30.0, gt=0.0, description="ArcFace logit scale (s).")
+    sub_centers: int = Field(1, ge=1, description="Sub-centres per class; >1 uses sub-center ArcFace.")
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(32, ge=2)
+    accumulate: int = Field(1, ge=1, description="Batches per optimiser step (gradient accumulation).")
+    m_per_class: int = Field(4, ge=1, description="Images per individual in a batch (m-per-class sampler); 1 = plain shuffle.")
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr_backbone: float = Field(1e-3, gt=0.0)
+    lr_head: float = Field(1e-2, gt=0.0, description="Learning rate of the embedding head and ArcFace centres.")
+    weight_decay: float = Field(1e-4, ge=0.0)
+    warmup_epochs: float = Field(1.0, ge=0.0)
+    grad_clip: float = Field(5.0, ge=0.0, description="Max gradient norm; 0 disables clipping.")
+    patience: int = Field(0, ge=0, description="Stop after this many epochs without validation gain; 0 disables.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    seed: int = 0
+
+
+class RetrievalConfig(BaseModel):
+    """Embedding and nearest-neighbour search."""
+
+    k: int = Field(50, ge=1, description="Neighbours searched per query before collapsing per individual.")
+    batch_size: int = Field(64, ge=1, description="Images per embedding batch.")
+    flip_tta: bool = Field(False, description="Average the embeddings of each image and its mirror image.")

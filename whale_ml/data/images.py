@@ -1,0 +1,93 @@
+"""Loading photos safely, and the tensors the models see.
+
+Evaluation transforms are deterministic (resize + normalise); training
+augmentation keeps identity marks intact: small affine moves, colour and blur
+changes, and no horizontal flip, which would mirror the marks and turn one
+individual into a look-alike of another.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+class ImageReadError(OSError):
+    """A photo could not be read; the message names the file and why."""
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open a photo as RGB with its EXIF orientation applied.
+
+    Raises:
+        ImageReadError: missing, empty, truncated, not an image, or too large.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageReadError(f"{path}: file is empty")
+        # PIL warns above ~89 MP and refuses at twice that; refuse at the warning,
+        # so that a hostile or absurd file is never decoded.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                return im.convert("RGB")
+    except ImageReadError:
+        raise
+    except FileNotFoundError as exc:
+        raise ImageReadError(f"{path}: file not found") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageReadError(f"{path}: image too large ({exc})") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(f"{path}: cannot read image ({exc})") from exc
+
+
+def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """Deterministic: resize to ``size`` x ``size`` and normalise."""
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize((size, size), antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(mean), std=list(std)),
+        ]
+    )
+
+
+def train_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """Identity-preserving augmentation: affine, colour, blur; never a mirror flip."""
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomResizedCrop((size, size), scale=(0.7, 1.0), ratio=(0.8, 1.25), antialias=True),
+            v2.RandomAffine(degrees=12, translate=(0.05, 0.05), shear=6),
+            v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03),
+            v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.3),
+            v2.RandomGrayscale(p=0.05),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(mean), std=list(std)),
+        ]
+    )
+
+
+class ImageDataset(Dataset):
+    """Images from paths, with optional integer labels."""
+
+    def __init__(self, paths: Sequence[str], transform: v2.Compose, labels: Sequence[int] | None = None) -> None:
+        self.paths = list(paths)
+        self.labels = None if labels is None else [int(x) for x in labels]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = self.transform(load_rgb(self.paths[i]))
+        return image, (self.labels[i] if self.labels is not None else -1)

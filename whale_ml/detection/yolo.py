@@ -1,0 +1,277 @@
+"""The animal detector: an ultralytics YOLO model trained from a box file.
+
+The model is built from a model yaml (``yolov8n.yaml``), so nothing is
+downloaded; a user's own trained ``.pt`` can be loaded instead. Boxes whose
+confidence is below the threshold fall back to the full frame, and every row
+says which happened and why.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from whale_ml.data.images import ImageReadError, load_rgb
+from whale_ml.io import atomic_path
+from whale_ml.offline import configure_environment, disable_ultralytics_integrations
+
+BOX_COLUMNS = ("image", "x_min", "y_min", "x_max", "y_max")
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class YoloDataset:
+    data_yaml: Path
+    n_train: int
+    n_val: int
+    val_images: list[str]
+    skipped: list[str] = field(default_factory=list)  # "image: reason"
+
+
+def read_box_file(path: str | Path) -> pd.DataFrame:
+    """A box CSV (``image,x_min,y_min,x_max,y_max``), one row per box."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: box file not found")
+    df = pd.read_csv(path)
+    missing = [c for c in BOX_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
+    return df[list(BOX_COLUMNS)]
+
+
+def write_yolo_dataset(boxes: pd.DataFrame, image_dir: str | Path, out_dir: str | Path, val_share: float, seed: int) -> YoloDataset:
+    """Turn a box table into an ultralytics data set (images/ + labels/ + data.yaml).
+
+    Boxes are clipped to their image; a box that is empty after clipping, or
+    whose image cannot be read, is skipped and listed with the reason. A
+    held-out share of the boxed images becomes the validation split.
+    """
+    image_dir, out = Path(image_dir), Path(out_dir)
+    shutil.rmtree(out, ignore_errors=True)
+    skipped: list[str] = []
+    labelled: dict[str, list[str]] = {}
+    sizes: dict[str, tuple[int, int]] = {}
+    for row in boxes.itertuples(index=False):
+        name = str(row.image)
+        if name not in sizes:
+            try:
+                sizes[name] = load_rgb(image_dir / name).size
+            except ImageReadError as exc:
+                skipped.append(f"{name}: {exc}")
+                sizes[name] = (0, 0)
+        w, h = sizes[name]
+        if w == 0:
+            continue
+        x0, y0, x1, y1 = (float(v) for v in (row.x_min, row.y_min, row.x_max, row.y_max))
+        x0, x1 = np.clip([x0, x1], 0, w)
+        y0, y1 = np.clip([y0, y1], 0, h)
+        if x1 - x0 < 1 or y1 - y0 < 1:
+            skipped.append(f"{name}: box ({row.x_min}, {row.y_min}, {row.x_max}, {row.y_max}) is empty inside the {w}x{h} image")
+            continue
+        labelled.setdefault(name, []).append(f"0 {(x0 + x1) / 2 / w:.6f} {(y0 + y1) / 2 / h:.6f} {(x1 - x0) / w:.6f} {(y1 - y0) / h:.6f}")
+    names = sorted(labelled)
+    if not names:
+        raise ValueError("no usable boxes to train the detector on" + (f" (skipped: {'; '.join(skipped[:5])})" if skipped else ""))
+    rng = np.random.default_rng(seed)
+    n_val = int(round(len(names) * val_share)) if len(names) > 1 else 0
+    val = set(rng.choice(names, size=n_val, replace=False).tolist()) if n_val else set()
+    for name in names:
+        split = "val" if name in val else "train"
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+        (out / "labels" / split).mkdir(parents=True, exist_ok=True)
+        link = out / "images" / split / name
+        try:
+            link.symlink_to((image_dir / name).resolve())
+        except OSError:
+            shutil.copyfile(image_dir / name, link)
+        (out / "labels" / split / name).with_suffix(".txt").write_text("\n".join(labelled[name]) + "\n")
+    # Ultralytics resolves relative dataset paths against its own settings dir: use absolute ones.
+    val_dir = "images/val" if val else "images/train"
+    yaml = out / "data.yaml"
+    yaml.write_text(f"path: {out.resolve()}\ntrain: images/train\nval: {val_dir}\nnames:\n  0: animal\n")
+    return YoloDataset(yaml, len(names) - len(val), len(val), sorted(val), skipped)
+
+
+def _device_arg(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "0" if torch.cuda.is_available() else "cpu"
+
+
+def train_yolo(
+    dataset: YoloDataset,
+    work_dir: str | Path,
+    model_yaml: str = "yolov8n.yaml",
+    epochs: int = 40,
+    imgsz: int = 192,
+    batch: int = 16,
+    device: str = "auto",
+    seed: int = 0,
+    home: Path | None = None,
+) -> tuple[Path, dict[str, float]]:
+    """Train a YOLO detector from its yaml; return the best weights and validation metrics."""
+    work = Path(work_dir)
+    configure_environment(home or work)
+    disable_ultralytics_integrations()
+    from ultralytics import YOLO
+
+    model = YOLO(model_yaml)
+    model.train(
+        data=str(dataset.data_yaml),
+        epochs=epochs,
+        imgsz=imgsz,
+        batch=batch,
+        device=_device_arg(device),
+        project=str(work.resolve()),
+        name="train",
+        exist_ok=True,
+        plots=False,
+        amp=False,  # the AMP self-check downloads weights; the detector is small anyway
+        seed=seed,
+        deterministic=True,
+        workers=min(2, os.cpu_count() or 1),
+        fliplr=0.5,
+        mosaic=0.5,
+        verbose=False,
+    )
+    best = work / "train" / "weights" / "best.pt"
+    if not best.exists():
+        best = work / "train" / "weights" / "last.pt"
+    metrics = model.trainer.metrics or {}
+    return best, {
+        "map50": float(metrics.get("metrics/mAP50(B)", float("nan"))),
+        "map50_95": float(metrics.get("metrics/mAP50-95(B)", float("nan"))),
+        "precision": float(metrics.get("metrics/precision(B)", float("nan"))),
+        "recall": float(metrics.get("metrics/recall(B)", float("nan"))),
+    }
+
+
+def install_weights(source: str | Path, target: str | Path) -> Path:
+    """Copy detector weights into the data home atomically."""
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
+    return Path(target)
+
+
+def expand_box(box: Sequence[float], factor: float, width: int, height: int) -> tuple[int, int, int, int]:
+    """Scale a box's width and height by ``factor`` about its centre, clipped to the image."""
+    x0, y0, x1, y1 = box
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    hw, hh = (x1 - x0) * factor / 2, (y1 - y0) * factor / 2
+    return (
+        int(max(0, np.floor(cx - hw))),
+        int(max(0, np.floor(cy - hh))),
+        int(min(width, np.ceil(cx + hw))),
+        int(min(height, np.ceil(cy + hh))),
+    )
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def detect_boxes(
+    images: pd.DataFrame,
+    weights: str | Path | None,
+    min_confidence: float,
+    expand: float,
+    imgsz: int,
+    batch: int = 32,
+    device: str = "auto",
+    home: Path | None = None,
+    progress: ProgressFn | None = None,
+) -> pd.DataFrame:
+    """One crop box per image: the most confident detection, expanded, or the full frame.
+
+    Args:
+        images: ``image, path`` rows.
+        weights: detector ``.pt``; None means no detector (full frames).
+        min_confidence: detections below it fall back to the full frame.
+        expand: factor on the box's width and height.
+
+    Returns:
+        ``image, width, height, x_min, y_min, x_max, y_max, confidence, source, note``:
+        ``source`` is ``detector``, ``full_frame`` or ``unreadable``; ``note``
+        says why a row fell back.
+    """
+    model = None
+    if weights is not None:
+        configure_environment(home or Path(weights).parent)
+        disable_ultralytics_integrations()
+        from ultralytics import YOLO
+
+        model = YOLO(str(weights))
+    rows: list[dict[str, object]] = []
+    records = list(images[["image", "path"]].itertuples(index=False))
+    for start in range(0, len(records), batch):
+        chunk = records[start : start + batch]
+        loaded = []
+        for rec in chunk:
+            try:
+                loaded.append((rec, load_rgb(rec.path), None))
+            except ImageReadError as exc:
+                loaded.append((rec, None, str(exc)))
+        readable = [im for _, im, _ in loaded if im is not None]
+        results = (
+            model.predict(readable, imgsz=imgsz, device=_device_arg(device), verbose=False, conf=min(0.01, min_confidence), max_det=5)
+            if model is not None and readable
+            else [None] * len(readable)
+        )
+        it = iter(results)
+        for rec, im, error in loaded:
+            if im is None:
+                rows.append({"image": rec.image, "width": 0, "height": 0, "x_min": 0, "y_min": 0, "x_max": 0, "y_max": 0, "confidence": 0.0, "source": "unreadable", "note": error})
+                continue
+            w, h = im.size
+            res = next(it)
+            row = {"image": rec.image, "width": w, "height": h, "x_min": 0, "y_min": 0, "x_max": w, "y_max": h, "confidence": 0.0, "source": "full_frame", "note": ""}
+            if res is None:
+                row["note"] = "no detector"
+            elif len(res.boxes) == 0:
+                row["note"] = "nothing detected"
+            else:
+                confs = res.boxes.conf.cpu().numpy()
+                best = int(confs.argmax())
+                conf = float(confs[best])
+                row["confidence"] = conf
+                if conf < min_confidence:
+                    row["note"] = f"best confidence {conf:.2f} < {min_confidence:.2f}"
+                else:
+                    x0, y0, x1, y1 = expand_box(res.boxes.xyxy[best].cpu().numpy().tolist(), expand, w, h)
+                    if x1 - x0 >= 2 and y1 - y0 >= 2:
+                        row.update({"x_min": x0, "y_min": y0, "x_max": x1, "y_max": y1, "source": "detector"})
+                    else:
+                        row["note"] = "degenerate box"
+            rows.append(row)
+        if progress is not None:
+            progress(min(start + batch, len(records)), len(records))
+    return pd.DataFrame(rows)
+
+
+def box_iou_report(boxes: pd.DataFrame, truth: pd.DataFrame) -> dict[str, float]:
+    """Mean IoU of detected crop boxes against true boxes, and of the full frame (the baseline).
+
+    Args:
+        boxes: :func:`detect_boxes` rows (run with ``expand=1`` for a fair IoU).
+        truth: true boxes (``image, x_min, y_min, x_max, y_max``), one per image.
+    """
+    merged = boxes.merge(truth, on="image", suffixes=("", "_true"))
+    if merged.empty:
+        return {"iou_detector": float("nan"), "iou_full_frame": float("nan"), "images": 0}
+    true_cols = ["x_min_true", "y_min_true", "x_max_true", "y_max_true"]
+    det = [box_iou(r[["x_min", "y_min", "x_max", "y_max"]].tolist(), r[true_cols].tolist()) for _, r in merged.iterrows()]
+    full = [box_iou([0, 0, r["width"], r["height"]], r[true_cols].tolist()) for _, r in merged.iterrows()]
+    return {"iou_detector": float(np.mean(det)), "iou_full_frame": float(np.mean(full)), "images": len(merged)}

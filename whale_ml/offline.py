@@ -1,0 +1,50 @@
+"""Keep the stack off the network and out of the user's home directory.
+
+Every switch here was measured (see the project docs): with them, YOLO
+training, MLflow and Dagster make no network attempts. Call
+:func:`configure_environment` before importing ultralytics.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+_done_for: set[Path] = set()
+
+
+def configure_environment(home: Path) -> None:
+    """Set the offline switches and point ultralytics' settings at ``home``.
+
+    Values a user has already set in the environment are kept.
+    """
+    home = Path(home)
+    if home in _done_for:
+        return
+    yolo_dir = home / "ultralytics"
+    os.environ.setdefault("YOLO_OFFLINE", "1")  # no DNS checks or analytics at import
+    os.environ.setdefault("YOLO_AUTOINSTALL", "0")  # never pip-install "missing" requirements
+    os.environ.setdefault("YOLO_VERBOSE", "False")
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(yolo_dir))
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
+    # Ultralytics downloads Arial.ttf on every training run, plots or not; any TTF will do.
+    font = Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics" / "Arial.ttf"
+    if not font.exists():
+        import matplotlib
+
+        font.parent.mkdir(parents=True, exist_ok=True)
+        source = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+        tmp = font.with_suffix(".tmp")
+        shutil.copyfile(source, tmp)
+        tmp.replace(font)
+    _done_for.add(home)
+
+
+def disable_ultralytics_integrations() -> None:
+    """Stop ultralytics' own MLflow callback (it would end the project's active run) and hub sync."""
+    from ultralytics import settings
+
+    if settings.get("mlflow") or settings.get("sync"):
+        settings.update({"mlflow": False, "sync": False})

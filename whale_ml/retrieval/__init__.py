@@ -1,0 +1,23 @@
+"""Retrieval: embeddings in, ranked individuals and the new_individual decision out.
+
+Public API, stable for notebook users::
+
+    from whale_ml.retrieval import map_at_5, predict_top5, tune_threshold
+    from whale_ml.retrieval import build_index, search_gallery
+"""
+
+from whale_ml.retrieval.gallery import build_index, l2_normalise, load_index, save_index, search_gallery
+from whale_ml.retrieval.ranking import ThresholdResult, collapse_by_individual, map_at_5, predict_top5, tune_threshold
+
+__all__ = [
+    "ThresholdResult",
+    "build_index",
+    "collapse_by_individual",
+    "l2_normalise",
+    "load_index",
+    "map_at_5",
+    "predict_top5",
+    "save_index",
+    "search_gallery",
+    "tune_threshold",
+]

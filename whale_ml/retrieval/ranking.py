@@ -1,0 +1,208 @@
+"""MAP@5, the new_individual rule, and exact threshold tuning.
+
+The rule (the reference notebook's, in similarity terms): rank the gallery's
+individuals by their best similarity to the query, insert ``new_individual``
+before the first individual whose similarity is below the threshold, and keep
+the first five.
+
+Because only the five best individuals of a query can ever appear, each
+query's score is a step function of the threshold with at most five steps, at
+its five best similarities. :func:`tune_threshold` therefore evaluates MAP@5
+on *every* interval between consecutive step positions of all queries -- the
+exact optimum, not a grid -- with one sort and one cumulative sum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from whale_ml.data.metadata import NEW_INDIVIDUAL
+
+TOP = 5
+
+
+def map_at_5(predictions: Sequence[Sequence[str]], truths: Sequence[str]) -> float:
+    """Kaggle's MAP@5 with one true label per query.
+
+    Args:
+        predictions: up to five ids per query, best first.
+        truths: the true id of each query, or ``"new_individual"``.
+
+    Returns:
+        The mean over queries of 1/rank of the first correct id in the first
+        five (0 when absent).
+    """
+    if len(predictions) != len(truths):
+        raise ValueError(f"{len(predictions)} prediction lists for {len(truths)} truths")
+    if len(truths) == 0:
+        raise ValueError("map_at_5 needs at least one query")
+    total = 0.0
+    for preds, truth in zip(predictions, truths, strict=True):
+        for rank, pred in enumerate(list(preds)[:TOP], start=1):
+            if pred == truth:
+                total += 1.0 / rank
+                break
+    return total / len(truths)
+
+
+def collapse_by_individual(
+    similarities: np.ndarray, neighbor_ids: np.ndarray, top: int = TOP
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Best similarity per individual: the first ``top`` distinct ids of each row.
+
+    Args:
+        similarities: (n, k), each row sorted in descending order; ``-inf``
+            marks padding (no neighbour).
+        neighbor_ids: (n, k) gallery individual id of each neighbour; repeats allowed.
+        top: distinct individuals kept per row.
+
+    Returns:
+        ``(sims, ids, counts)``: (n, top) best similarities (``-inf`` padded),
+        (n, top) ids (``""`` padded, object dtype), and (n,) distinct ids found.
+    """
+    sims = np.asarray(similarities, dtype=np.float64)
+    ids = np.asarray(neighbor_ids, dtype=object)
+    if sims.ndim != 2 or ids.shape != sims.shape:
+        raise ValueError(f"similarities {sims.shape} and neighbor_ids {ids.shape} must be the same 2-D shape")
+    n, k = sims.shape
+    if k == 0:
+        raise ValueError("similarities has no columns: every query needs at least one neighbour")
+    if np.isnan(sims).any():
+        raise ValueError("similarities contain NaN")
+    if k > 1 and (np.diff(sims, axis=1) > 1e-6).any():
+        bad = int(np.nonzero((np.diff(sims, axis=1) > 1e-6).any(axis=1))[0][0])
+        raise ValueError(f"similarities must be sorted in descending order per row (row {bad} is not)")
+    valid = np.isfinite(sims)
+    codes, uniques = pd.factorize(ids.ravel())
+    codes = codes.reshape(n, k)
+    codes = np.where(valid, codes, -1)
+    # First occurrence of each id in a row = its best similarity (rows are sorted).
+    order = np.argsort(codes, axis=1, kind="stable")
+    sorted_codes = np.take_along_axis(codes, order, axis=1)
+    first_sorted = np.ones_like(sorted_codes, dtype=bool)
+    first_sorted[:, 1:] = sorted_codes[:, 1:] != sorted_codes[:, :-1]
+    is_first = np.zeros_like(first_sorted)
+    np.put_along_axis(is_first, order, first_sorted, axis=1)
+    is_first &= valid
+    slot = np.cumsum(is_first, axis=1) - 1
+    keep = is_first & (slot < top)
+    rows, cols = np.nonzero(keep)
+    out_sims = np.full((n, top), -np.inf)
+    out_ids = np.full((n, top), "", dtype=object)
+    out_sims[rows, slot[rows, cols]] = sims[rows, cols]
+    out_ids[rows, slot[rows, cols]] = np.asarray(uniques, dtype=object)[codes[rows, cols]]
+    return out_sims, out_ids, is_first.sum(axis=1)
+
+
+def _insert_new(ids: np.ndarray, n_above: int, n_found: int) -> list[str]:
+    found = [str(i) for i in ids[: min(n_found, TOP)]]
+    return (found[:n_above] + [NEW_INDIVIDUAL] + found[n_above:])[:TOP]
+
+
+def predict_top5(similarities: np.ndarray, neighbor_ids: np.ndarray, threshold: float) -> list[list[str]]:
+    """Five predictions per query by the new_individual rule.
+
+    Args:
+        similarities: (n, k) sorted descending per row.
+        neighbor_ids: (n, k) gallery individual id per neighbour (repeats allowed).
+        threshold: individuals at or above it rank before ``new_individual``.
+
+    Returns:
+        Per query, five distinct ids (fewer only when the neighbours hold
+        fewer than four individuals).
+    """
+    sims, ids, counts = collapse_by_individual(similarities, neighbor_ids)
+    n_above = (sims >= threshold).sum(axis=1)
+    return [_insert_new(ids[q], int(n_above[q]), int(counts[q])) for q in range(len(sims))]
+
+
+@dataclass
+class ThresholdResult:
+    """The chosen threshold and the whole MAP@5 curve it was chosen from."""
+
+    threshold: float
+    map5: float
+    thresholds: np.ndarray = field(repr=False)  # one per interval, descending
+    map5_curve: np.ndarray = field(repr=False)
+    new_share: float = 0.0  # share of queries whose first prediction is new_individual
+
+    def curve(self) -> pd.DataFrame:
+        return pd.DataFrame({"threshold": self.thresholds, "map5": self.map5_curve})
+
+
+def _scores_by_cut(ids: np.ndarray, truths: np.ndarray) -> np.ndarray:
+    """score[q, r]: query q's score when ``r`` individuals precede new_individual."""
+    n = len(truths)
+    r = np.arange(TOP + 1)
+    is_new = truths == NEW_INDIVIDUAL
+    match = ids == truths[:, None]
+    has = match.any(axis=1) & ~is_new
+    p = np.where(has, match.argmax(axis=1) + 1, 0)  # 1-based rank among individuals, 0 = absent
+    # Known truth at rank p: before the cut it keeps rank p; after, new_individual pushes it to p+1.
+    known = np.where(p[:, None] <= r[None, :], 1.0 / np.maximum(p, 1)[:, None], 1.0 / (p + 1)[:, None])
+    known = np.where((p[:, None] > r[None, :]) & (p[:, None] + 1 > TOP), 0.0, known)
+    known = np.where(has[:, None], known, 0.0)
+    new = np.where(r < TOP, 1.0 / (r + 1), 0.0)[None, :].repeat(n, axis=0)
+    # Entries for r beyond a query's number of individuals are never reached:
+    # its events stop there.
+    return np.where(is_new[:, None], new, known)
+
+
+def tune_threshold(
+    similarities: np.ndarray,
+    neighbor_ids: np.ndarray,
+    truths: Sequence[str],
+    gallery_ids: Sequence[str] | None = None,
+) -> ThresholdResult:
+    """The threshold that maximises MAP@5, found exactly.
+
+    Args:
+        similarities: (n, k) sorted descending per row.
+        neighbor_ids: (n, k) gallery individual id per neighbour.
+        truths: per query, its individual id or ``"new_individual"``.
+        gallery_ids: the gallery's id per image; a truth not among them is
+            scored as ``new_individual``. Default: every id in ``neighbor_ids``.
+
+    Returns:
+        The threshold (the midpoint of the best interval, so that it is not
+        on any query's similarity), its MAP@5, and the curve over all intervals.
+        ``predict_top5`` at ``.threshold`` scores exactly ``.map5``.
+    """
+    sims, ids, _ = collapse_by_individual(similarities, neighbor_ids)
+    truths_arr = np.asarray(truths, dtype=object)
+    if len(truths_arr) != len(sims):
+        raise ValueError(f"{len(truths_arr)} truths for {len(sims)} queries")
+    known = set(np.asarray(neighbor_ids, dtype=object).ravel()) if gallery_ids is None else set(gallery_ids)
+    truths_arr = np.array([t if t in known else NEW_INDIVIDUAL for t in truths_arr], dtype=object)
+
+    scores = _scores_by_cut(ids, truths_arr)
+    n = len(sims)
+    base = scores[:, 0].sum()
+    # Event (q, j): as the threshold falls past sims[q, j], r_q goes from j to j+1.
+    q_idx, j_idx = np.nonzero(np.isfinite(sims))
+    values = sims[q_idx, j_idx]
+    deltas = scores[q_idx, j_idx + 1] - scores[q_idx, j_idx]
+    order = np.argsort(-values, kind="stable")
+    values, deltas = values[order], deltas[order]
+    totals = base + np.cumsum(deltas)
+    # Ties: the interval (next value, v] includes every event at v.
+    last_of_value = np.ones(len(values), dtype=bool)
+    last_of_value[:-1] = values[:-1] != values[1:]
+    cut_values = values[last_of_value]
+    curve = np.concatenate([[base], totals[last_of_value]]) / n
+    # One representative threshold per interval: midpoints, and a small step beyond the ends.
+    if len(cut_values):
+        step = 1e-6 * max(1.0, float(np.abs(cut_values).max()))
+        thresholds = np.concatenate([[cut_values[0] + step], (cut_values[:-1] + cut_values[1:]) / 2, [cut_values[-1] - step]])
+    else:
+        thresholds = np.array([0.0])
+    best_val = curve.max()
+    best = np.flatnonzero(curve >= best_val - 1e-12)
+    pick = int(best[len(best) // 2])  # the middle of equally good intervals: least on the edge
+    threshold = float(thresholds[pick])
+    new_share = float((sims[:, 0] < threshold).mean())
+    return ThresholdResult(threshold, float(curve[pick]), thresholds, curve, new_share)
