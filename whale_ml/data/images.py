@@ -45,8 +45,8 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise ImageReadError(f"{path}: file not found") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageReadError(f"{path}: image too large ({exc})") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(f"{path}: cannot read image ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 -- any decoder failure (ultralytics' PIL patch adds ImportError) is a bad photo
+        raise ImageReadError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
 
 
 def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:

@@ -1,0 +1,42 @@
+"""Shared fixtures. Every test writes under pytest's tmp dirs, never into the checkout."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Before any project import: keep ultralytics, MLflow and Dagster state out of $HOME and
+# the checkout, and the whole stack off the network.
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="whale-tests-"))
+os.environ["WHALE_HOME"] = str(_SESSION_HOME / "home")
+os.environ["YOLO_CONFIG_DIR"] = str(_SESSION_HOME / "ultralytics")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.pop("WHALE_DATA_DIR", None)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+from whale_ml.data.demo import PRESETS, generate_demo_data  # noqa: E402
+from whale_ml.offline import configure_environment  # noqa: E402
+
+configure_environment(Path(os.environ["WHALE_HOME"]))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny generated data set in the Kaggle layout (read-only for tests)."""
+    return generate_demo_data(tmp_path_factory.mktemp("tiny") / "data", PRESETS["tiny"])
+
+
+@pytest.fixture
+def whale_env(tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh WHALE_HOME (and DAGSTER_HOME inside it) on the tiny data set."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("WHALE_HOME", str(home))
+    monkeypatch.setenv("WHALE_DATA_DIR", str(tiny_data))
+    monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster_home"))
+    from whale_assets.instance import prepare_dagster_home
+
+    prepare_dagster_home()
+    return home

@@ -1,0 +1,86 @@
+"""The detector stage: box file -> YOLO data set -> real ultralytics training -> boxes -> crops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from whale_ml.data.metadata import read_train_metadata
+from whale_ml.detection.crops import write_crops
+from whale_ml.detection.yolo import box_iou, detect_boxes, expand_box, read_box_file, train_yolo, write_yolo_dataset
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A YOLO model built from yolov8n.yaml and trained for one epoch at 64 px (real training)."""
+    work = tmp_path_factory.mktemp("yolo")
+    ds = write_yolo_dataset(read_box_file(tiny_data / "fluke_boxes.csv"), tiny_data / "train_images", work / "ds", 0.25, 0)
+    return train_yolo(ds, work, epochs=1, imgsz=64, batch=8, device="cpu")
+
+
+def test_yolo_dataset_clips_and_skips_bad_boxes(tiny_data: Path, tmp_path: Path) -> None:
+    boxes = read_box_file(tiny_data / "fluke_boxes.csv").head(4).copy()
+    w, h = Image.open(tiny_data / "train_images" / boxes.iloc[0]["image"]).size
+    boxes.loc[boxes.index[0], ["x_min", "y_min", "x_max", "y_max"]] = [-10, -10, w + 50, h + 50]  # clipped to the frame
+    boxes.loc[boxes.index[1], ["x_min", "x_max"]] = [50, 10]  # x_min > x_max: skipped
+    ds = write_yolo_dataset(boxes, tiny_data / "train_images", tmp_path / "ds", 0.25, 0)
+    assert ds.n_train + ds.n_val == 3
+    assert len(ds.skipped) == 1 and boxes.iloc[1]["image"] in ds.skipped[0]
+    assert f"path: {(tmp_path / 'ds').resolve()}" in ds.data_yaml.read_text()
+    split = "val" if boxes.iloc[0]["image"] in ds.val_images else "train"
+    label = (tmp_path / "ds" / "labels" / split / boxes.iloc[0]["image"]).with_suffix(".txt").read_text().split()
+    assert [float(v) for v in label[1:]] == pytest.approx([0.5, 0.5, 1.0, 1.0])
+
+
+def test_yolo_trains_from_yaml_and_reports_map(trained: tuple[Path, dict]) -> None:
+    weights, metrics = trained
+    assert weights.exists() and weights.suffix == ".pt"
+    assert set(metrics) == {"map50", "map50_95", "precision", "recall"}
+    assert 0.0 <= metrics["map50"] <= 1.0
+
+
+def test_boxes_for_every_image_with_fallback_and_unreadable_rows(trained: tuple[Path, dict], tiny_data: Path, tmp_path: Path) -> None:
+    weights, _ = trained
+    images = read_train_metadata(tiny_data)[["image", "path"]].head(6).copy()
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not a jpeg")
+    images.loc[len(images)] = ["broken.jpg", str(broken)]
+
+    # A confidence floor nothing can reach: every readable photo falls back to its full frame.
+    rows = detect_boxes(images, weights, min_confidence=1.0, expand=1.2, imgsz=64, device="cpu")
+    assert rows["image"].tolist() == images["image"].tolist()
+    readable = rows[rows["image"] != "broken.jpg"]
+    assert (readable["source"] == "full_frame").all()
+    assert (readable["x_max"] == readable["width"]).all() and (readable["y_max"] == readable["height"]).all()
+    assert readable["note"].str.len().gt(0).all()
+    bad = rows[rows["image"] == "broken.jpg"].iloc[0]
+    assert bad["source"] == "unreadable" and "broken.jpg" in bad["note"]
+
+    # No detector at all: full frames, and they say why.
+    none = detect_boxes(images.head(2), None, 0.25, 1.2, 64)
+    assert (none["source"] == "full_frame").all() and (none["note"] == "no detector").all()
+
+
+def test_expand_box_scales_about_the_centre_and_clips() -> None:
+    assert expand_box((40, 40, 60, 60), 2.0, 100, 100) == (30, 30, 70, 70)
+    assert expand_box((0, 0, 50, 50), 1.5, 60, 60) == (0, 0, 60, 60)
+    assert box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
+
+
+def test_crops_are_written_once_and_redone_when_the_box_changes(tiny_data: Path, tmp_path: Path) -> None:
+    meta = read_train_metadata(tiny_data).head(3)
+    paths = dict(zip(meta["image"], meta["path"], strict=True))
+    boxes = detect_boxes(meta, None, 0.25, 1.0, 64)
+    first = write_crops(boxes, paths, tmp_path, 32)
+    assert first["written"].all() and (first["error"] == "").all()
+    assert Image.open(first["crop_path"].iloc[0]).size == (32, 32)
+    again = write_crops(boxes, paths, tmp_path, 32)
+    assert not again["written"].any() and again["crop_path"].tolist() == first["crop_path"].tolist()
+    moved = boxes.copy()
+    moved.loc[0, "x_min"] = 1
+    redo = write_crops(moved, paths, tmp_path, 32)
+    assert redo["written"].tolist() == [True, False, False]
+    # No half-written file is ever left under a crop's name.
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]

@@ -1,0 +1,127 @@
+"""The whole graph, materialised for real on the tiny data set (in-process executor)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import mlflow
+import pandas as pd
+import pytest
+
+from whale_assets.instance import prepare_dagster_home
+from whale_assets.run import DOWNSTREAM, PER_FOLD, UPSTREAM, load_recipe, run_pipeline
+from whale_ml.data.metadata import NEW_INDIVIDUAL
+from whale_ml.settings import HomeLayout
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Iterator[dict]:
+    """One real run of the whole graph, shared by the tests of this module."""
+    home = tmp_path_factory.mktemp("pipeline") / "home"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WHALE_HOME", str(home))
+        mp.setenv("WHALE_DATA_DIR", str(tiny_data))
+        mp.setenv("DAGSTER_HOME", str(home / "dagster_home"))
+        prepare_dagster_home()
+        summary = run_pipeline(load_recipe(REPO / "configs" / "tiny.yaml"), log=lambda _msg: None)
+        yield {"home": home, "data": tiny_data, "summary": summary}
+
+
+def test_whole_graph_materialises_and_writes_a_valid_submission(pipeline_run: dict) -> None:
+    home, data, summary = pipeline_run["home"], pipeline_run["data"], pipeline_run["summary"]
+    layout = HomeLayout(home)
+
+    # Every asset (and every fold partition) has a materialisation in the instance.
+    instance = dg.DagsterInstance.get()
+    for key in UPSTREAM + DOWNSTREAM:
+        assert instance.get_latest_materialization_event(dg.AssetKey(key)) is not None, key
+    for key in PER_FOLD:
+        parts = instance.get_materialized_partitions(dg.AssetKey(key))
+        assert parts == {"fold0", "fold1"}, (key, parts)
+
+    # The submission: exactly sample_submission's images, in order, five distinct ids each.
+    sample = pd.read_csv(data / "sample_submission.csv")
+    sub = pd.read_csv(layout.submission, dtype=str, keep_default_na=False)
+    assert list(sub.columns) == ["image", "predictions"]
+    assert sub["image"].tolist() == sample["image"].tolist()
+    train_ids = set(pd.read_csv(data / "train.csv")["individual_id"])
+    for preds in sub["predictions"].str.split():
+        assert len(preds) == 5 and len(set(preds)) == 5
+        assert set(preds) <= train_ids | {NEW_INDIVIDUAL}
+
+    # Headline numbers reach the command line.
+    assert summary["submission"] == str(layout.submission)
+    assert 0.0 <= summary["map5"] <= 1.0 and math.isfinite(summary["oof_map5"])
+
+    # The blocking checks ran and passed.
+    for asset, check in [("submission_csv", "submission_format"), ("train_metadata", "train_metadata_is_clean"), ("cv_folds", "folds_hold_out_individuals")]:
+        history = instance.event_log_storage.get_asset_check_execution_history(dg.AssetCheckKey(dg.AssetKey(asset), check), limit=1)
+        assert history and history[0].status.value == "SUCCEEDED", (asset, check)
+
+
+def test_one_mlflow_run_per_fold_with_epoch_metrics_and_model(pipeline_run: dict) -> None:
+    layout = HomeLayout(pipeline_run["home"])
+    client = mlflow.MlflowClient(tracking_uri=layout.mlflow_uri)
+    experiment = client.get_experiment_by_name("whale-photo-id")
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'training'")
+    assert sorted(r.data.tags["dagster.partition"] for r in runs) == ["fold0", "fold1"]
+    for run in runs:
+        assert run.data.params["backbone"] == "test_resnet"
+        history = client.get_metric_history(run.info.run_id, "val_map5")
+        assert [m.step for m in history] == [1, 2]
+        assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 2
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+        assert artifacts == {"model/best.pt", "model/config.json"}
+
+
+def test_rerunning_reuses_crops(pipeline_run: dict) -> None:
+    """A second materialisation of the crops rewrites nothing when photos, boxes and size are unchanged."""
+    from whale_assets.definitions import defs
+
+    job = defs().resolve_implicit_global_asset_job_def()
+    result = job.execute_in_process(
+        run_config={"ops": {"crops": {"config": {"size": 32}}}},
+        instance=dg.DagsterInstance.get(),
+        asset_selection=[dg.AssetKey("crops")],
+    )
+    (mat,) = result.asset_materializations_for_node("crops")
+    assert mat.metadata["written"].value == 0
+    assert mat.metadata["reused"].value == len(pd.read_parquet(HomeLayout(pipeline_run["home"]).tables / "crops.parquet"))
+
+
+def test_definitions_validate(whale_env: Path) -> None:
+    """`dagster definitions validate` loads the code location from workspace.yaml."""
+    dagster = Path(sys.executable).with_name("dagster")
+    proc = subprocess.run(
+        [str(dagster), "definitions", "validate", "-w", str(REPO / "workspace.yaml")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Validation successful" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("recipe", ["demo.yaml", "gpu.yaml", "tiny.yaml"])
+def test_recipes_are_valid_run_config(recipe: str) -> None:
+    """Each recipe under configs/ is accepted by the launchpad's config schema."""
+    from whale_assets.definitions import defs
+
+    job = defs().resolve_implicit_global_asset_job_def()
+    dg.validate_run_config(job, load_recipe(REPO / "configs" / recipe))  # raises on any bad key or value
+
+
+def test_recipe_with_a_bad_value_is_rejected() -> None:
+    from whale_assets.definitions import defs
+
+    job = defs().resolve_implicit_global_asset_job_def()
+    with pytest.raises(dg.DagsterInvalidConfigError):
+        dg.validate_run_config(job, {"ops": {"arcface_model": {"config": {"epochs": "many"}}}})

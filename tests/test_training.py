@@ -1,0 +1,140 @@
+"""The ArcFace recipe: what it trains, how it steps, what it saves, and how it resumes."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from whale_ml.config import TrainConfig
+from whale_ml.data.folds import fold_split, make_folds
+from whale_ml.data.metadata import read_train_metadata
+from whale_ml.models.embedding import GeM, create_embedding_model
+from whale_ml.training.trainer import create_loss, create_optimizer, load_checkpoint, load_model, train_fold, warmup_cosine
+
+TINY = {"backbone": "test_resnet", "image_size": 32, "embedding_size": 16, "batch_size": 4, "m_per_class": 1, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def fold(tiny_data: Path) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """Fold 0 of the tiny set, on the full photos (no detector needed here)."""
+    train = read_train_metadata(tiny_data)
+    folds = make_folds(train, 2, 0.2, 0)
+    tr, val = fold_split(folds, 0)
+    return tr, val, int(train["label"].max()) + 1
+
+
+def test_one_optimiser_updates_backbone_head_and_class_centres() -> None:
+    """The notebook built its head and loss optimisers over the trunk: heads never trained."""
+    cfg = TrainConfig(**TINY)
+    model, loss = create_embedding_model(cfg), create_loss(cfg, num_classes=3)
+    opt = create_optimizer(cfg, model, loss)
+    before = {n: p.detach().clone() for n, p in [*model.named_parameters(), *(("loss." + n, p) for n, p in loss.named_parameters())]}
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    for _ in range(2):  # two steps: timm zero-inits each block's last BN, so its branch gets gradient from step 2
+        opt.zero_grad()
+        loss(model(images), labels).backward()
+        opt.step()
+    after = dict([*model.named_parameters(), *(("loss." + n, p) for n, p in loss.named_parameters())])
+    unchanged = [n for n, p in after.items() if p.requires_grad and torch.equal(p.detach(), before[n])]
+    assert "loss.W" in after and "pool.p" in after and "fc.weight" in after
+    assert unchanged == []
+    # Each parameter sits in exactly one group, with the head group at the head learning rate.
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(after)
+    assert [g["lr"] for g in opt.param_groups] == [cfg.lr_backbone, cfg.lr_head]
+
+
+def test_arcface_margin_is_given_to_the_library_in_degrees() -> None:
+    loss = create_loss(TrainConfig(**TINY, margin=0.5, scale=20.0), num_classes=5)
+    # The library takes degrees and keeps radians: our radians must come back unchanged.
+    assert loss.margin == pytest.approx(0.5)
+    assert loss.scale == 20.0
+    sub = create_loss(TrainConfig(**TINY, sub_centers=2), num_classes=5)
+    assert type(sub).__name__ == "SubCenterArcFaceLoss"
+
+
+def test_gem_matches_its_formula() -> None:
+    x = torch.rand(2, 3, 4, 4) + 0.1
+    expected = x.pow(3.0).mean(dim=(2, 3)).pow(1 / 3.0)
+    assert torch.allclose(GeM(3.0)(x), expected, atol=1e-6)
+
+
+def test_warmup_cosine_schedule() -> None:
+    f = warmup_cosine(total_steps=10, warmup_steps=2, floor=0.0)
+    assert [round(f(s), 3) for s in (0, 1)] == [0.5, 1.0]
+    assert f(2) == pytest.approx(1.0) and f(10) == pytest.approx(0.0)
+    assert all(f(s) >= f(s + 1) for s in range(2, 10))
+
+
+def test_schedule_steps_once_per_optimiser_step_with_a_short_last_window(fold, tmp_path: Path) -> None:
+    """The notebook sized its schedule per batch but stepped it per accumulated step."""
+    train, val, n_classes = fold
+    batches = len(train) // 2  # batch 2, drop_last
+    accumulate = next(a for a in (4, 3, 5) if batches % a)  # so that the last window is short
+    cfg = TrainConfig(**{**TINY, "batch_size": 2}, epochs=2, accumulate=accumulate)
+    train_fold(cfg, train, val.iloc[:0], n_classes, tmp_path, log=lambda _m: None)
+    per_epoch = -(-batches // accumulate)  # the last, shorter window also steps
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["scheduler"]["last_epoch"] == 2 * per_epoch
+    assert state["optimizer"]["state"][0]["step"].item() == 2 * per_epoch
+
+
+def test_training_logs_epochs_and_saves_a_loadable_best_model(fold, tmp_path: Path) -> None:
+    train, val, n_classes = fold
+    seen: list[tuple[int, dict]] = []
+    result = train_fold(TrainConfig(**TINY, epochs=2), train, val, n_classes, tmp_path, on_epoch_end=lambda e, m: seen.append((e, m)), log=lambda _m: None)
+    assert [e for e, _ in seen] == [1, 2]
+    assert {"train_loss", "val_map5", "val_threshold", "images_per_second", "lr_backbone", "lr_head"} <= set(seen[0][1])
+    assert result.best_map5 == max(m["val_map5"] for _, m in seen)
+    model, cfg = load_model(result.checkpoint)
+    assert cfg.backbone == "test_resnet" and not model.training
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 16) and torch.isfinite(out).all()
+
+
+def test_resume_continues_after_the_last_complete_epoch(fold, tmp_path: Path) -> None:
+    train, val, n_classes = fold
+    cfg = TrainConfig(**TINY, epochs=3)
+
+    class Interrupted(Exception):
+        pass
+
+    def crash_after_two(epoch: int, _metrics: dict) -> None:
+        if epoch == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train_fold(cfg, train, val, n_classes, tmp_path, on_epoch_end=crash_after_two, log=lambda _m: None)
+    messages: list[str] = []
+    epochs: list[int] = []
+    result = train_fold(cfg, train, val, n_classes, tmp_path, on_epoch_end=lambda e, _m: epochs.append(e), log=messages.append)
+    assert epochs == [3]
+    assert any("resuming" in m and "after epoch 2" in m for m in messages)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+
+
+def test_a_checkpoint_from_another_recipe_is_not_resumed(fold, tmp_path: Path) -> None:
+    train, val, n_classes = fold
+    train_fold(TrainConfig(**TINY, epochs=1), train, val, n_classes, tmp_path, log=lambda _m: None)
+    messages: list[str] = []
+    result = train_fold(TrainConfig(**{**TINY, "embedding_size": 8}, epochs=1), train, val, n_classes, tmp_path, log=messages.append)
+    assert any("starting afresh" in m for m in messages)
+    assert result.epochs_run == 1
+
+
+def test_tampered_checkpoint_is_refused(tmp_path: Path) -> None:
+    """Checkpoints load with weights_only: a pickled object is not executed."""
+
+    class Exploit:
+        def __reduce__(self):  # noqa: D105
+            return (print, ("this must never run",))
+
+    bad = tmp_path / "best.pt"
+    bad.write_bytes(pickle.dumps({"model": Exploit()}))
+    with pytest.raises(RuntimeError, match="best.pt"):
+        load_checkpoint(bad)
