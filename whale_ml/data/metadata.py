@@ -51,13 +51,15 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     if not path.exists():
         raise MetadataError(f"{path}: file not found")
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        # Blank lines kept (then dropped) so that row index + 2 is the line number in the file.
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False)
     except pd.errors.EmptyDataError as exc:
         raise MetadataError(f"{path}: file is empty (expected columns {', '.join(required)})") from exc
     df.columns = [c.strip() for c in df.columns]
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise MetadataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(df.columns)}")
+    df = df[~(df == "").all(axis=1)]
     if df.empty:
         raise MetadataError(f"{path}: no rows")
     for col in required:

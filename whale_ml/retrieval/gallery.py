@@ -55,7 +55,7 @@ def search_gallery(
         index: built by :func:`build_index` over the gallery embeddings.
         gallery_ids: individual id of each gallery row.
         queries: (n, d) query embeddings (normalised here).
-        k: neighbours fetched per query at first; doubled for the queries
+        k: neighbours fetched per query at first; multiplied by four for the queries
             that need more to find ``top`` distinct individuals.
         top: distinct individuals returned per query.
 

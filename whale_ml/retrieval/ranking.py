@@ -73,9 +73,10 @@ def collapse_by_individual(
         raise ValueError("similarities has no columns: every query needs at least one neighbour")
     if np.isnan(sims).any():
         raise ValueError("similarities contain NaN")
-    if k > 1 and (np.diff(sims, axis=1) > 1e-6).any():
-        bad = int(np.nonzero((np.diff(sims, axis=1) > 1e-6).any(axis=1))[0][0])
-        raise ValueError(f"similarities must be sorted in descending order per row (row {bad} is not)")
+    with np.errstate(invalid="ignore"):  # -inf padding: -inf - -inf is nan, which compares False
+        rising = (np.diff(sims, axis=1) > 0).any(axis=1) if k > 1 else np.zeros(n, dtype=bool)
+    if rising.any():
+        raise ValueError(f"similarities must be sorted in descending order per row (row {int(np.argmax(rising))} is not)")
     valid = np.isfinite(sims)
     codes, uniques = pd.factorize(ids.ravel())
     codes = codes.reshape(n, k)
@@ -168,8 +169,9 @@ def tune_threshold(
             scored as ``new_individual``. Default: every id in ``neighbor_ids``.
 
     Returns:
-        The threshold (the midpoint of the best interval, so that it is not
-        on any query's similarity), its MAP@5, and the curve over all intervals.
+        The threshold (the midpoint of the best interval, so that small
+        changes in similarity do not flip decisions), its MAP@5, and the curve
+        over all intervals.
         ``predict_top5`` at ``.threshold`` scores exactly ``.map5``.
     """
     sims, ids, _ = collapse_by_individual(similarities, neighbor_ids)
@@ -197,7 +199,12 @@ def tune_threshold(
     # One representative threshold per interval: midpoints, and a small step beyond the ends.
     if len(cut_values):
         step = 1e-6 * max(1.0, float(np.abs(cut_values).max()))
-        thresholds = np.concatenate([[cut_values[0] + step], (cut_values[:-1] + cut_values[1:]) / 2, [cut_values[-1] - step]])
+        upper, lower = cut_values[:-1], cut_values[1:]
+        mid = (upper + lower) / 2
+        # Adjacent floats have no midpoint strictly above the lower one: take the upper
+        # value, which belongs to the interval (lower, upper] too.
+        mid = np.where(mid > lower, mid, upper)
+        thresholds = np.concatenate([[cut_values[0] + step], mid, [cut_values[-1] - step]])
     else:
         thresholds = np.array([0.0])
     best_val = curve.max()

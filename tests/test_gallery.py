@@ -1,0 +1,190 @@
+"""The faiss gallery search and the embedding store (whale_ml.retrieval.gallery / .store)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from whale_ml.retrieval import store
+from whale_ml.retrieval.gallery import build_index, l2_normalise, load_index, save_index, search_gallery
+
+
+def _brute_force(gallery: np.ndarray, gallery_ids: np.ndarray, queries: np.ndarray, top: int = 5):
+    """Cosine similarity in numpy, then the first ``top`` distinct individuals per query."""
+    g = l2_normalise(gallery).astype(np.float64)
+    q = l2_normalise(queries).astype(np.float64)
+    sims = q @ g.T
+    out_sims = np.full((len(q), top), -np.inf)
+    out_ids = np.full((len(q), top), "", dtype=object)
+    for row in range(len(q)):
+        seen: list[str] = []
+        for j in np.argsort(-sims[row], kind="stable"):
+            if gallery_ids[j] in seen:
+                continue
+            out_sims[row, len(seen)] = sims[row, j]
+            out_ids[row, len(seen)] = gallery_ids[j]
+            seen.append(gallery_ids[j])
+            if len(seen) == top:
+                break
+    return out_sims, out_ids
+
+
+def _assert_same_ranking(sims, ids, ref_sims, ref_ids, atol: float = 1e-5) -> None:
+    """Same similarities, and same ids except where two neighbours are tied within float32 noise."""
+    np.testing.assert_allclose(sims, ref_sims, atol=atol)
+    for row in range(len(ids)):
+        for col in range(ids.shape[1]):
+            if ids[row, col] == ref_ids[row, col]:
+                continue
+            near = np.abs(ref_sims[row] - ref_sims[row, col]) <= atol
+            assert ids[row, col] in set(ref_ids[row, near]), (row, col, ids[row], ref_ids[row])
+
+
+def _random_gallery(seed: int, n: int = 200, n_ind: int = 40, d: int = 16):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_ind, d))
+    owner = rng.integers(0, n_ind, size=n)
+    gallery = centres[owner] + 0.8 * rng.normal(size=(n, d))
+    ids = np.array([f"ind{o:02d}" for o in owner], dtype=object)
+    queries = centres[rng.integers(0, n_ind, size=20)] + 0.8 * rng.normal(size=(20, d))
+    return gallery, ids, queries
+
+
+@pytest.mark.parametrize("k", [5, 10, 50])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_search_matches_brute_force(seed: int, k: int) -> None:
+    """faiss search + collapse = numpy cosine + collapse, for shallow and deep first searches."""
+    gallery, ids, queries = _random_gallery(seed)
+    index = build_index(gallery)
+    sims, got_ids = search_gallery(index, ids, queries, k=k)
+    ref_sims, ref_ids = _brute_force(gallery, ids, queries)
+    assert sims.shape == got_ids.shape == (20, 5)
+    _assert_same_ranking(sims, got_ids, ref_sims, ref_ids)
+    # Five distinct individuals per query, best first.
+    assert all(len(set(row)) == 5 and "" not in row for row in got_ids)
+    assert np.all(np.diff(sims, axis=1) <= 1e-6)
+
+
+def test_search_goes_deeper_when_one_individual_fills_the_neighbours() -> None:
+    """60 near-identical photos of one whale fill the first k: the search digs for 5 individuals."""
+    rng = np.random.default_rng(3)
+    d = 8
+    eye = np.eye(d)
+    big = eye[0] + 0.01 * rng.normal(size=(60, d))
+    others = np.stack([eye[i] + 0.1 * (6 - i) * eye[0] for i in range(1, 6)])
+    gallery = np.concatenate([big, others])
+    ids = np.array(["big"] * 60 + [f"o{i}" for i in range(1, 6)], dtype=object)
+    query = eye[0][None, :]
+    sims, got = search_gallery(build_index(gallery), ids, query, k=10)
+    assert got[0].tolist() == ["big", "o1", "o2", "o3", "o4"]
+    ref_sims, ref_ids = _brute_force(gallery, ids, query)
+    _assert_same_ranking(sims, got, ref_sims, ref_ids)
+
+
+def test_search_small_gallery_is_padded() -> None:
+    """A gallery of three individuals gives three ids then '' / -inf padding."""
+    rng = np.random.default_rng(4)
+    gallery = rng.normal(size=(9, 6))
+    ids = np.array(["a", "b", "c"] * 3, dtype=object)
+    sims, got = search_gallery(build_index(gallery), ids, rng.normal(size=(4, 6)), k=2)
+    for row_ids, row_sims in zip(got, sims, strict=True):
+        assert sorted(row_ids[:3]) == ["a", "b", "c"]
+        assert row_ids[3:].tolist() == ["", ""]
+        assert np.all(np.isfinite(row_sims[:3]))
+        assert np.all(np.isneginf(row_sims[3:]))
+
+
+def test_search_rejects_mismatched_gallery_ids() -> None:
+    """The id list must have one entry per indexed vector."""
+    index = build_index(np.eye(4))
+    with pytest.raises(ValueError, match="gallery ids"):
+        search_gallery(index, np.array(["a", "b", "c"], dtype=object), np.eye(4)[:1])
+
+
+def test_l2_normalise_unit_rows_float32() -> None:
+    """Rows come back unit length and float32; a zero row stays finite."""
+    x = np.array([[3.0, 4.0], [0.0, 0.0], [-1.0, 0.0]])
+    y = l2_normalise(x)
+    assert y.dtype == np.float32 and y.flags["C_CONTIGUOUS"]
+    np.testing.assert_allclose(y[0], [0.6, 0.8], rtol=1e-6)
+    np.testing.assert_array_equal(y[1], [0.0, 0.0])
+    np.testing.assert_allclose(np.linalg.norm(y[[0, 2]], axis=1), 1.0, rtol=1e-6)
+
+
+def test_index_save_load_round_trip(tmp_path: Path) -> None:
+    """A saved index answers the same searches after loading."""
+    gallery, ids, queries = _random_gallery(7, n=50, n_ind=10)
+    index = build_index(gallery)
+    path = save_index(index, tmp_path / "idx" / "gallery.faiss")
+    loaded = load_index(path)
+    a = search_gallery(index, ids, queries)
+    b = search_gallery(loaded, ids, queries)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert [p.name for p in path.parent.iterdir()] == ["gallery.faiss"]
+
+
+# ---------------------------------------------------------------- store
+
+
+def test_embeddings_round_trip(tmp_path: Path) -> None:
+    """save/load keeps the matrix (as float32) and the image order, names kept as text."""
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(5, 7))
+    images = ["0012.jpg", "b.jpg", "a.jpg", "NA", "007"]
+    path = store.save_embeddings(tmp_path / "emb", "train", emb, images)
+    assert path == tmp_path / "emb" / "train.npy"
+    loaded, names = store.load_embeddings(tmp_path / "emb", "train")
+    assert names == images
+    assert loaded.dtype == np.float32
+    np.testing.assert_array_equal(loaded, emb.astype(np.float32))
+    assert sorted(p.name for p in (tmp_path / "emb").iterdir()) == ["train.npy", "train_images.csv"]
+
+
+def test_save_embeddings_length_mismatch(tmp_path: Path) -> None:
+    """One image name per row."""
+    with pytest.raises(ValueError):
+        store.save_embeddings(tmp_path, "x", np.zeros((3, 2)), ["a", "b"])
+
+
+def test_load_embeddings_detects_mismatched_files(tmp_path: Path) -> None:
+    """A matrix and an image list of different lengths are refused on load."""
+    store.save_embeddings(tmp_path, "x", np.zeros((3, 2)), ["a", "b", "c"])
+    np.save(tmp_path / "x.npy", np.zeros((2, 2), dtype=np.float32))
+    with pytest.raises(ValueError):
+        store.load_embeddings(tmp_path, "x")
+
+
+def test_ensemble_cosine_is_mean_of_model_cosines() -> None:
+    """Ensembled vectors are unit length and their cosine is the mean of per-model cosines."""
+    rng = np.random.default_rng(1)
+    a1, b1 = rng.normal(size=(6, 4)) * 3, rng.normal(size=(5, 4))
+    a2, b2 = rng.normal(size=(6, 9)), rng.normal(size=(5, 9)) * 0.1
+    a3, b3 = rng.normal(size=(6, 3)), rng.normal(size=(5, 3))
+    ens_a = store.ensemble([a1, a2, a3])
+    ens_b = store.ensemble([b1, b2, b3])
+    assert ens_a.shape == (6, 16) and ens_a.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(ens_a, axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(ens_b, axis=1), 1.0, rtol=1e-6)
+
+    def cos(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        y = y / np.linalg.norm(y, axis=1, keepdims=True)
+        return x @ y.T
+
+    expected = (cos(a1, b1) + cos(a2, b2) + cos(a3, b3)) / 3
+    np.testing.assert_allclose(ens_a.astype(np.float64) @ ens_b.T.astype(np.float64), expected, atol=1e-6)
+
+
+def test_ensemble_of_one_is_the_normalised_model() -> None:
+    """A single model's ensemble is just its normalised embeddings."""
+    x = np.random.default_rng(2).normal(size=(4, 5))
+    np.testing.assert_allclose(store.ensemble([x]), x / np.linalg.norm(x, axis=1, keepdims=True), rtol=1e-6)
+
+
+def test_ensemble_of_nothing_raises() -> None:
+    """An empty model list is an error."""
+    with pytest.raises(ValueError):
+        store.ensemble([])

@@ -1,0 +1,337 @@
+"""MAP@5, the new_individual rule and exact threshold tuning (whale_ml.retrieval.ranking)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from whale_ml.retrieval.ranking import (
+    NEW_INDIVIDUAL,
+    collapse_by_individual,
+    map_at_5,
+    predict_top5,
+    tune_threshold,
+)
+
+NEW = NEW_INDIVIDUAL
+
+
+def _row(pairs: list[tuple[str, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """One query's neighbours as (1, k) sims and ids."""
+    ids = np.array([[p[0] for p in pairs]], dtype=object)
+    sims = np.array([[p[1] for p in pairs]], dtype=np.float64)
+    return sims, ids
+
+
+# ---------------------------------------------------------------- map_at_5
+
+
+@pytest.mark.parametrize(
+    ("preds", "truth", "score"),
+    [
+        (["a", "b", "c", "d", "e"], "a", 1.0),
+        (["b", "a", "c", "d", "e"], "a", 0.5),
+        (["b", "c", "a", "d", "e"], "a", 1 / 3),
+        (["b", "c", "d", "a", "e"], "a", 0.25),
+        (["b", "c", "d", "e", "a"], "a", 0.2),
+        (["b", "c", "d", "e", "f"], "a", 0.0),
+        (["b", "c", "d", "e", "f", "a"], "a", 0.0),  # rank 6 does not count
+        ([], "a", 0.0),
+        ([NEW, "a"], NEW, 1.0),
+    ],
+)
+def test_map_at_5_single_query(preds: list[str], truth: str, score: float) -> None:
+    """1/rank of the truth in the first five, 0 when absent."""
+    assert map_at_5([preds], [truth]) == pytest.approx(score, abs=1e-15)
+
+
+def test_map_at_5_only_first_occurrence_counts() -> None:
+    """A repeated correct id is counted once, at its first rank."""
+    assert map_at_5([["x", "a", "a", "a", "a"]], ["a"]) == pytest.approx(0.5)
+    assert map_at_5([["a", "a", "b"]], ["a"]) == pytest.approx(1.0)
+
+
+def test_map_at_5_mean_over_queries() -> None:
+    """The mean over queries, hand-worked: (1 + 1/2 + 1/5 + 0) / 4."""
+    preds = [["a", "x"], ["x", "b"], ["x", "y", "z", "w", "c"], ["x", "y"]]
+    assert map_at_5(preds, ["a", "b", "c", "d"]) == pytest.approx((1 + 0.5 + 0.2 + 0) / 4, abs=1e-15)
+
+
+def test_map_at_5_errors() -> None:
+    """Mismatched lengths and empty input are errors, not silent zeros."""
+    with pytest.raises(ValueError):
+        map_at_5([["a"], ["b"]], ["a"])
+    with pytest.raises(ValueError):
+        map_at_5([["a"]], ["a", "b"])
+    with pytest.raises(ValueError):
+        map_at_5([], [])
+
+
+# ---------------------------------------------------------------- collapse_by_individual
+
+
+def test_collapse_best_similarity_per_individual() -> None:
+    """Repeated ids keep their first (best) similarity; padding is '' / -inf."""
+    sims, ids = _row([("a", 0.9), ("a", 0.8), ("b", 0.7), ("a", 0.6), ("c", 0.5), ("", -np.inf)])
+    out_sims, out_ids, counts = collapse_by_individual(sims, ids)
+    assert out_ids.tolist() == [["a", "b", "c", "", ""]]
+    np.testing.assert_array_equal(out_sims, [[0.9, 0.7, 0.5, -np.inf, -np.inf]])
+    assert counts.tolist() == [3]
+
+
+# ---------------------------------------------------------------- predict_top5
+
+
+SIX = [("a", 0.9), ("b", 0.8), ("c", 0.7), ("d", 0.6), ("e", 0.5), ("f", 0.4)]
+
+
+@pytest.mark.parametrize(
+    ("threshold", "expected"),
+    [
+        (0.95, [NEW, "a", "b", "c", "d"]),  # above everything: new first
+        (0.85, ["a", NEW, "b", "c", "d"]),
+        (0.75, ["a", "b", NEW, "c", "d"]),
+        (0.65, ["a", "b", "c", NEW, "d"]),
+        (0.55, ["a", "b", "c", "d", NEW]),
+        (0.45, ["a", "b", "c", "d", "e"]),  # five above: new disappears
+        (-1.0, ["a", "b", "c", "d", "e"]),
+    ],
+)
+def test_predict_top5_insertion_rule(threshold: float, expected: list[str]) -> None:
+    """Individuals at/above the threshold, then new_individual, then the rest; five kept."""
+    sims, ids = _row(SIX)
+    assert predict_top5(sims, ids, threshold) == [expected]
+
+
+def test_predict_top5_threshold_equal_to_similarity_counts_as_above() -> None:
+    """'at or above': a similarity equal to the threshold ranks before new_individual."""
+    sims, ids = _row(SIX)
+    assert predict_top5(sims, ids, 0.7) == [["a", "b", "c", NEW, "d"]]
+
+
+def test_predict_top5_repeated_ids_collapse() -> None:
+    """Several gallery photos of one individual give one entry, at its best similarity."""
+    sims, ids = _row([("a", 0.9), ("a", 0.85), ("b", 0.8), ("a", 0.7), ("c", 0.6), ("d", 0.5), ("e", 0.4), ("f", 0.3)])
+    assert predict_top5(sims, ids, 0.82) == [["a", NEW, "b", "c", "d"]]
+    assert predict_top5(sims, ids, 0.0) == [["a", "b", "c", "d", "e"]]
+    # The collapsed individual's later photos (0.85, 0.7) do not count as more individuals above.
+    assert predict_top5(sims, ids, 0.65) == [["a", "b", NEW, "c", "d"]]
+
+
+def test_predict_top5_four_individuals_below_everything_puts_new_fifth() -> None:
+    """Threshold below every similarity with exactly four individuals: new_individual is 5th."""
+    sims, ids = _row([("a", 0.9), ("b", 0.8), ("a", 0.75), ("c", 0.7), ("d", 0.6)])
+    assert predict_top5(sims, ids, -10.0) == [["a", "b", "c", "d", NEW]]
+
+
+@pytest.mark.parametrize(
+    ("threshold", "expected"),
+    [(0.95, [NEW, "a", "b"]), (0.85, ["a", NEW, "b"]), (0.0, ["a", "b", NEW])],
+)
+def test_predict_top5_fewer_than_five_individuals(threshold: float, expected: list[str]) -> None:
+    """Two individuals: a three-entry list that always holds new_individual; padding ignored."""
+    sims, ids = _row([("a", 0.9), ("b", 0.8), ("a", 0.5), ("", -np.inf), ("", -np.inf)])
+    assert predict_top5(sims, ids, threshold) == [expected]
+
+
+def test_predict_top5_ties_between_individuals() -> None:
+    """Individuals tied on similarity fall on the same side of the threshold together."""
+    sims, ids = _row([("a", 0.9), ("b", 0.7), ("c", 0.7), ("d", 0.5), ("e", 0.4)])
+    assert predict_top5(sims, ids, 0.7) == [["a", "b", "c", NEW, "d"]]
+    assert predict_top5(sims, ids, 0.70001) == [["a", NEW, "b", "c", "d"]]
+
+
+def test_predict_top5_several_queries_independent() -> None:
+    """Each row gets its own list."""
+    sims = np.array([[0.9, 0.2], [0.3, 0.1]])
+    ids = np.array([["a", "b"], ["c", "a"]], dtype=object)
+    assert predict_top5(sims, ids, 0.5) == [["a", NEW, "b"], [NEW, "c", "a"]]
+
+
+def test_predict_top5_rejects_unsorted_rows() -> None:
+    """Rows must be sorted in descending order, else the rule would be silently wrong."""
+    sims = np.array([[0.9, 0.8], [0.5, 0.7]])
+    ids = np.array([["a", "b"], ["a", "b"]], dtype=object)
+    with pytest.raises(ValueError, match="row 1"):
+        predict_top5(sims, ids, 0.5)
+
+
+def test_predict_top5_rejects_zero_columns() -> None:
+    """A query with no neighbour column at all is an error."""
+    with pytest.raises(ValueError):
+        predict_top5(np.zeros((3, 0)), np.zeros((3, 0), dtype=object), 0.5)
+
+
+def test_predict_top5_rejects_nan() -> None:
+    """NaN similarities are an error (they would compare false with any threshold)."""
+    sims, ids = _row([("a", 0.9), ("b", np.nan)])
+    with pytest.raises(ValueError, match="NaN"):
+        predict_top5(sims, ids, 0.5)
+
+
+def test_predict_top5_rejects_shape_mismatch() -> None:
+    """Similarities and ids must have the same shape."""
+    with pytest.raises(ValueError):
+        predict_top5(np.array([[0.9, 0.8]]), np.array([["a"]], dtype=object), 0.5)
+
+
+# ---------------------------------------------------------------- tune_threshold
+
+
+def _random_problem(
+    rng: np.random.Generator, n: int = 25, k: int = 12, n_ids: int = 9, quantum: float | None = None
+) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """Random sorted neighbours, and truths mixing top-5 hits, misses, new and unknown ids."""
+    gallery = [f"id{i}" for i in range(n_ids)]
+    sims = np.sort(rng.uniform(-0.2, 1.0, size=(n, k)), axis=1)[:, ::-1]
+    if quantum is not None:  # many exact ties, within and across rows
+        sims = np.round(sims / quantum) * quantum
+        sims = np.sort(sims, axis=1)[:, ::-1]
+    ids = rng.choice(gallery, size=(n, k)).astype(object)
+    # Some padded rows: fewer neighbours than k.
+    for q in rng.choice(n, size=max(1, n // 6), replace=False):
+        cut = int(rng.integers(1, 4))
+        sims[q, cut:] = -np.inf
+        ids[q, cut:] = ""
+    truths: list[str] = []
+    for q in range(n):
+        kind = rng.random()
+        if kind < 0.25:
+            truths.append(NEW)
+        elif kind < 0.35:
+            truths.append("ghost")  # not in the gallery at all: scored as new
+        elif kind < 0.85:
+            row = [i for i in ids[q] if i]
+            truths.append(str(rng.choice(row)))
+        else:
+            truths.append(str(rng.choice(gallery)))
+    return np.ascontiguousarray(sims), ids, truths, gallery
+
+
+def _scored_truths(truths: list[str], known: set[str]) -> list[str]:
+    return [t if t in known else NEW for t in truths]
+
+
+def _brute_force_grid(sims: np.ndarray) -> np.ndarray:
+    """A dense grid plus every similarity and every midpoint: covers every interval."""
+    values = np.unique(sims[np.isfinite(sims)])
+    mids = (values[:-1] + values[1:]) / 2
+    dense = np.linspace(values.min() - 0.5, values.max() + 0.5, 301)
+    return np.unique(np.concatenate([dense, values, mids, [values.max() + 1e-3, values.min() - 1e-3]]))
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("quantum", [None, 0.05])
+def test_tune_threshold_is_exact_optimum(seed: int, quantum: float | None) -> None:
+    """The exact optimum beats every grid threshold, and predict_top5 reproduces it exactly."""
+    rng = np.random.default_rng(seed)
+    sims, ids, truths, gallery = _random_problem(rng, quantum=quantum)
+    use_gallery = seed % 2 == 0
+    result = tune_threshold(sims, ids, truths, gallery_ids=gallery if use_gallery else None)
+    known = set(gallery) if use_gallery else {i for i in ids.ravel()}
+    scored = _scored_truths(truths, known)
+
+    grid = _brute_force_grid(sims)
+    grid_scores = np.array([map_at_5(predict_top5(sims, ids, t), scored) for t in grid])
+    assert result.map5 >= grid_scores.max() - 1e-12
+    # The grid holds a point in every interval, so its best is the optimum itself.
+    assert result.map5 == pytest.approx(grid_scores.max(), abs=1e-12)
+    # And the chosen threshold really scores what it claims.
+    assert map_at_5(predict_top5(sims, ids, result.threshold), scored) == pytest.approx(result.map5, abs=1e-12)
+    # The threshold sits strictly between similarities, not on one.
+    assert not np.any(sims == result.threshold)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tune_threshold_curve_matches_predict_top5(seed: int) -> None:
+    """Every point of the returned curve is what predict_top5 scores at that threshold."""
+    rng = np.random.default_rng(100 + seed)
+    sims, ids, truths, gallery = _random_problem(rng, n=15, k=8, quantum=0.1 if seed % 2 else None)
+    result = tune_threshold(sims, ids, truths, gallery_ids=gallery)
+    scored = _scored_truths(truths, set(gallery))
+    assert len(result.thresholds) == len(result.map5_curve)
+    assert np.all(np.diff(result.thresholds) < 0), "thresholds are one per interval, descending"
+    for t, m in zip(result.thresholds, result.map5_curve, strict=True):
+        assert map_at_5(predict_top5(sims, ids, float(t)), scored) == pytest.approx(m, abs=1e-12)
+    assert result.map5 == pytest.approx(result.map5_curve.max(), abs=1e-12)
+    assert result.curve()["map5"].tolist() == result.map5_curve.tolist()
+    first = [p[0] for p in predict_top5(sims, ids, result.threshold)]
+    assert result.new_share == pytest.approx(np.mean([p == NEW for p in first]))
+
+
+def test_tune_threshold_unknown_truth_scored_as_new() -> None:
+    """A truth absent from gallery_ids counts as new_individual, even if it is a neighbour id."""
+    rng = np.random.default_rng(5)
+    sims, ids, truths, gallery = _random_problem(rng, n=20)
+    # Query 0's truth is its top neighbour, but that id is removed from the gallery.
+    truths = list(truths)
+    truths[0] = str(ids[0, 0])
+    smaller_gallery = [g for g in gallery if g != truths[0]]
+    as_new = [t if t in smaller_gallery else NEW for t in truths]
+    a = tune_threshold(sims, ids, truths, gallery_ids=smaller_gallery)
+    b = tune_threshold(sims, ids, as_new, gallery_ids=smaller_gallery)
+    assert a.threshold == b.threshold
+    assert a.map5 == b.map5
+    np.testing.assert_array_equal(a.map5_curve, b.map5_curve)
+    # And it differs from treating that id as known (the curve changes).
+    c = tune_threshold(sims, ids, truths, gallery_ids=gallery)
+    assert not np.array_equal(a.map5_curve, c.map5_curve)
+
+
+def test_tune_threshold_default_gallery_is_neighbour_ids() -> None:
+    """Without gallery_ids, an id never seen among the neighbours is scored as new."""
+    sims, ids = _row([("a", 0.9), ("b", 0.3)])
+    r_ghost = tune_threshold(sims, ids, ["ghost"])
+    r_new = tune_threshold(sims, ids, [NEW])
+    assert r_ghost.map5 == r_new.map5 == 1.0
+    assert predict_top5(sims, ids, r_ghost.threshold)[0][0] == NEW
+
+
+def test_tune_threshold_all_new_validation_set() -> None:
+    """When every truth is new, the best threshold puts new_individual first for every query."""
+    rng = np.random.default_rng(11)
+    sims, ids, _, gallery = _random_problem(rng, n=12)
+    truths = [NEW] * len(sims)
+    result = tune_threshold(sims, ids, truths, gallery_ids=gallery)
+    assert result.map5 == 1.0
+    assert result.new_share == 1.0
+    assert all(p[0] == NEW for p in predict_top5(sims, ids, result.threshold))
+
+
+def test_tune_threshold_all_known_top1() -> None:
+    """When every truth is each query's top neighbour, the best rule never says new first."""
+    rng = np.random.default_rng(12)
+    sims, ids, _, gallery = _random_problem(rng, n=12)
+    truths = [str(ids[q, 0]) for q in range(len(sims))]
+    result = tune_threshold(sims, ids, truths, gallery_ids=gallery)
+    assert result.map5 == 1.0
+    assert result.new_share == 0.0
+
+
+def test_tune_threshold_hand_worked() -> None:
+    """Two queries: a known id at 0.8 and a new one whose best neighbour is 0.6 -> t in (0.6, 0.8]."""
+    sims = np.array([[0.8, 0.1], [0.6, 0.2]])
+    ids = np.array([["a", "b"], ["b", "a"]], dtype=object)
+    result = tune_threshold(sims, ids, ["a", NEW])
+    assert result.map5 == 1.0
+    assert 0.6 < result.threshold <= 0.8
+    assert predict_top5(sims, ids, result.threshold) == [["a", NEW, "b"], [NEW, "b", "a"]]
+
+
+def test_tune_threshold_truth_count_mismatch() -> None:
+    """One truth per query."""
+    sims, ids = _row([("a", 0.9)])
+    with pytest.raises(ValueError):
+        tune_threshold(sims, ids, ["a", "b"])
+
+
+def test_tune_threshold_adjacent_float64_similarities() -> None:
+    """The documented contract 'predict_top5 at .threshold scores exactly .map5' for adjacent floats."""
+    low = 0.5
+    high = float(np.nextafter(low, 1.0))
+    sims = np.array([[high], [low]])
+    ids = np.array([["x"], ["y"]], dtype=object)
+    truths = ["x", NEW]  # best interval: (low, high]
+    result = tune_threshold(sims, ids, truths)
+    assert result.map5 == 1.0
+    assert map_at_5(predict_top5(sims, ids, result.threshold), truths) == result.map5
