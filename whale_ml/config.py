@@ -98,3 +98,4 @@ class RetrievalConfig(BaseModel):
     k: int = Field(50, ge=1, description="Neighbours searched per query before collapsing per individual.")
     batch_size: int = Field(64, ge=1, description="Images per embedding batch.")
     flip_tta: bool = Field(False, description="Average the embeddings of each image and its mirror image.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes for embedding.")

@@ -10,7 +10,6 @@ from whale_assets.partitions import fold_index, fold_partitions
 from whale_assets.resources import WhaleHome
 from whale_assets.settings import RetrievalSettings
 from whale_ml.data.folds import fold_split
-from whale_ml.models.embedding import normalisation
 from whale_ml.retrieval import build_index, save_index, search_gallery, tune_threshold
 from whale_ml.retrieval.embeddings import embed_paths
 from whale_ml.retrieval.store import ensemble, load_embeddings, save_embeddings
@@ -24,13 +23,12 @@ def fold_embeddings(context: dg.AssetExecutionContext, config: RetrievalSettings
     fold = context.partition_key
     device = resolve_device("auto")
     model, cfg = load_model(whale.layout.model_dir(fold) / "best.pt", device)
-    mean, std = normalisation(cfg.backbone)
     out = whale.layout.embeddings_dir(fold)
     counts = {}
     for split in ("train", "test"):
         rows = crops[(crops["split"] == split) & (crops["crop_path"] != "")]
         emb = embed_paths(
-            model, rows["crop_path"].tolist(), cfg.image_size, mean, std, device, config.batch_size, config.flip_tta,
+            model, rows["crop_path"].tolist(), cfg.image_size, device, config.batch_size, config.flip_tta, config.num_workers,
             progress=progress_logger(context, f"{fold} {split} embeddings"),
         )
         if not np.isfinite(emb).all():

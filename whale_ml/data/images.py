@@ -1,6 +1,6 @@
 """Loading photos safely, and the tensors the models see.
 
-Evaluation transforms are deterministic (resize + normalise); training
+Evaluation transforms are deterministic (a resize); training
 augmentation keeps identity marks intact: small affine moves, colour and blur
 changes, and no horizontal flip, which would mirror the marks and turn one
 individual into a look-alike of another.
@@ -8,12 +8,13 @@ individual into a look-alike of another.
 
 from __future__ import annotations
 
+import random
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
@@ -49,30 +50,43 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise ImageReadError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
 
 
-def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    """Deterministic: resize to ``size`` x ``size`` and normalise."""
+class RandomBoxBlur:
+    """With probability ``p``, a box blur of random radius (PIL): a cheap stand-in for
+    motion and focus blur, several times faster than a Gaussian blur at 384 px."""
+
+    def __init__(self, p: float, radius: tuple[float, float]) -> None:
+        self.p, self.radius = p, radius
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if random.random() >= self.p:
+            return image
+        return image.filter(ImageFilter.BoxBlur(random.uniform(*self.radius)))
+
+
+def eval_transform(size: int) -> v2.Compose:
+    """Deterministic: resize to ``size`` x ``size``; a uint8 CHW tensor.
+
+    Images cross the data loader as uint8 (4x less than float32) and are
+    normalised on the device by the model itself (``EmbeddingNet``).
+    """
+    return v2.Compose([v2.Resize((size, size), antialias=True), v2.ToImage(), v2.ToPureTensor()])
+
+
+def train_transform(size: int) -> v2.Compose:
+    """Identity-preserving augmentation: affine, colour, blur; never a mirror flip.
+
+    All on PIL images, where these ops are fastest (about 4 ms at 384 px on one
+    core). No hue jitter: the colour of a mark is part of the identity.
+    """
     return v2.Compose(
         [
-            v2.ToImage(),
             v2.Resize((size, size), antialias=True),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=list(mean), std=list(std)),
-        ]
-    )
-
-
-def train_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    """Identity-preserving augmentation: affine, colour, blur; never a mirror flip."""
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.RandomResizedCrop((size, size), scale=(0.7, 1.0), ratio=(0.8, 1.25), antialias=True),
-            v2.RandomAffine(degrees=12, translate=(0.05, 0.05), shear=6),
-            v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03),
-            v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.3),
+            v2.RandomAffine(degrees=12, translate=(0.08, 0.08), scale=(0.85, 1.15), shear=6),
+            v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3),
+            RandomBoxBlur(0.3, (0.3, 1.5)),
             v2.RandomGrayscale(p=0.05),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=list(mean), std=list(std)),
+            v2.ToImage(),
+            v2.ToPureTensor(),
         ]
     )
 

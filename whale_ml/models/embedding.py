@@ -36,16 +36,33 @@ class GeM(nn.Module):
 
 
 class EmbeddingNet(nn.Module):
-    """Image -> identity embedding (not normalised; normalise for retrieval)."""
+    """Image -> identity embedding (not L2-normalised; normalise for retrieval).
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, embedding_size: int, gem_p: float) -> None:
+    Takes uint8 images (0-255) or floats in [0, 1], NCHW, and applies the
+    backbone's mean/std itself: the checkpoint carries its own input
+    normalisation, and images cross data loaders as compact uint8.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_dim: int,
+        embedding_size: int,
+        gem_p: float,
+        mean: tuple[float, ...] = (0.485, 0.456, 0.406),
+        std: tuple[float, ...] = (0.229, 0.224, 0.225),
+    ) -> None:
         super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
         self.backbone = backbone
         self.pool = GeM(gem_p)
         self.fc = nn.Linear(feature_dim, embedding_size)
         self.neck = nn.BatchNorm1d(embedding_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x
+        x = (x - self.mean) / self.std
         features = self.backbone(x)
         if features.ndim == 4 and features.shape[1] != self.fc.in_features and features.shape[-1] == self.fc.in_features:
             features = features.permute(0, 3, 1, 2)  # NHWC backbones (some ViT/ConvNeXt variants)
@@ -83,7 +100,8 @@ def create_embedding_model(cfg: TrainConfig, pretrained: bool | None = None) -> 
     """
     use_pretrained = cfg.pretrained if pretrained is None else pretrained
     backbone, dim = create_backbone(cfg.backbone, use_pretrained, cfg.weights_file if use_pretrained else None)
-    return EmbeddingNet(backbone, dim, cfg.embedding_size, cfg.gem_p)
+    mean, std = normalisation(cfg.backbone)
+    return EmbeddingNet(backbone, dim, cfg.embedding_size, cfg.gem_p, mean, std)
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -31,8 +31,6 @@ def embed_paths(
     model: EmbeddingNet,
     paths: Sequence[str],
     image_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
     device: torch.device,
     batch_size: int = 64,
     flip_tta: bool = False,
@@ -47,7 +45,7 @@ def embed_paths(
         mirror's embeddings.
     """
     loader = DataLoader(
-        ImageDataset(paths, eval_transform(image_size, mean, std)),
+        ImageDataset(paths, eval_transform(image_size)),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,

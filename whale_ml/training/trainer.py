@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from whale_ml.config import TrainConfig
 from whale_ml.data.images import ImageDataset, train_transform
 from whale_ml.io import atomic_path
-from whale_ml.models.embedding import EmbeddingNet, create_embedding_model, normalisation
+from whale_ml.models.embedding import EmbeddingNet, create_embedding_model
 from whale_ml.retrieval.embeddings import autocast_for, embed_paths
 from whale_ml.retrieval.gallery import build_index, search_gallery
 from whale_ml.retrieval.ranking import tune_threshold
@@ -169,8 +169,7 @@ def evaluate_fold(
 
     ``gallery`` needs ``path, individual_id``; ``queries`` needs ``path, truth``.
     """
-    mean, std = normalisation(cfg.backbone)
-    kw = {"image_size": cfg.image_size, "mean": mean, "std": std, "device": device, "batch_size": batch_size}
+    kw = {"image_size": cfg.image_size, "device": device, "batch_size": batch_size, "num_workers": cfg.num_workers}
     g = embed_paths(model, gallery["path"].tolist(), **kw)
     q = embed_paths(model, queries["path"].tolist(), **kw)
     sims, ids = search_gallery(build_index(g), gallery["individual_id"].to_numpy(), q)
@@ -205,7 +204,6 @@ def train_fold(
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
-    mean, std = normalisation(cfg.backbone)
 
     model = create_embedding_model(cfg).to(device)
     loss_fn = create_loss(cfg, num_classes).to(device)
@@ -214,7 +212,7 @@ def train_fold(
     optimizer = create_optimizer(cfg, model, loss_fn)
 
     labels = train["label"].to_numpy()
-    dataset = ImageDataset(train["path"].tolist(), train_transform(cfg.image_size, mean, std), labels)
+    dataset = ImageDataset(train["path"].tolist(), train_transform(cfg.image_size), labels)
     n_individuals = len(np.unique(labels))
     use_sampler = cfg.m_per_class > 1 and cfg.batch_size % cfg.m_per_class == 0 and n_individuals * cfg.m_per_class >= cfg.batch_size
     if cfg.m_per_class > 1 and not use_sampler:
