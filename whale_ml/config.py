@@ -30,8 +30,8 @@ class DetectorConfig(BaseModel):
     model_yaml: str = Field("yolov8n.yaml", description="Ultralytics model yaml to build from (no weight download).")
     weights_path: str | None = Field(None, description="A trained ultralytics .pt file, used when source='weights'.")
     box_file: str = Field("fluke_boxes.csv", description="Box CSV (image,x_min,y_min,x_max,y_max) in the data dir.")
-    epochs: int = Field(40, ge=1, description="Detector training epochs.")
-    imgsz: int = Field(192, ge=32, description="Detector input size (train and predict).")
+    epochs: int = Field(50, ge=1, description="Detector training epochs.")
+    imgsz: int = Field(128, ge=32, description="Detector input size (train and predict).")
     batch: int = Field(16, ge=1)
     val_share: float = Field(0.2, ge=0.0, lt=1.0, description="Share of the boxed images held out to report mAP.")
     device: str = Field("auto", description="'auto' (GPU when there is one), 'cpu', or a CUDA index like '0'.")
@@ -49,7 +49,7 @@ class BoxConfig(BaseModel):
 class CropConfig(BaseModel):
     """The crops cut from the boxes."""
 
-    size: int = Field(128, ge=16, description="Side of the square crops written to disk (the training input size).")
+    size: int = Field(64, ge=16, description="Side of the square crops written to disk (the training input size).")
 
 
 class FoldConfig(BaseModel):
@@ -70,22 +70,22 @@ class TrainConfig(BaseModel):
     backbone: str = Field("resnet18", description="Any timm model name.")
     pretrained: bool = Field(False, description="Load timm pretrained weights (hub, or weights_file when given).")
     weights_file: str | None = Field(None, description="Local backbone weights (.safetensors/.pth) for pretrained=True offline.")
-    image_size: int = Field(128, ge=16, description="Training and embedding input size.")
+    image_size: int = Field(64, ge=16, description="Training and embedding input size.")
     embedding_size: int = Field(512, ge=8)
     gem_p: float = Field(3.0, gt=0.0, description="Initial GeM exponent (learnt).")
     margin: float = Field(0.3, ge=0.0, lt=1.6, description="ArcFace angular margin in radians.")
     scale: float = Field(30.0, gt=0.0, description="ArcFace logit scale (s).")
     sub_centers: int = Field(1, ge=1, description="Sub-centres per class; >1 uses sub-center ArcFace.")
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(32, ge=2)
+    epochs: int = Field(60, ge=1)
+    batch_size: int = Field(16, ge=2)
     accumulate: int = Field(1, ge=1, description="Batches per optimiser step (gradient accumulation).")
-    m_per_class: int = Field(4, ge=1, description="Images per individual in a batch (m-per-class sampler); 1 = plain shuffle.")
+    m_per_class: int = Field(1, ge=1, description="Images per individual in a batch (m-per-class sampler); 1 = plain shuffle.")
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr_backbone: float = Field(1e-3, gt=0.0)
-    lr_head: float = Field(1e-2, gt=0.0, description="Learning rate of the embedding head and ArcFace centres.")
+    lr_backbone: float = Field(2e-3, gt=0.0)
+    lr_head: float = Field(2e-2, gt=0.0, description="Learning rate of the embedding head and ArcFace centres.")
     weight_decay: float = Field(1e-4, ge=0.0)
     warmup_epochs: float = Field(1.0, ge=0.0)
-    grad_clip: float = Field(5.0, ge=0.0, description="Max gradient norm; 0 disables clipping.")
+    grad_clip: float = Field(0.0, ge=0.0, description="Max gradient norm; 0 disables clipping.")
     patience: int = Field(0, ge=0, description="Stop after this many epochs without validation gain; 0 disables.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")

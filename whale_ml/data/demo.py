@@ -68,10 +68,10 @@ SPRITE = 192  # side of the square canvas an individual is drawn on
 class DemoDataConfig(BaseModel):
     """Size and difficulty of the generated data set."""
 
-    n_individuals: int = Field(60, ge=2, description="Individuals seen in train.")
+    n_individuals: int = Field(50, ge=2, description="Individuals seen in train.")
     n_new_individuals: int = Field(12, ge=0, description="Individuals seen only in test.")
-    min_images: int = Field(3, ge=1, description="Fewest photos of a known individual.")
-    max_images: int = Field(9, ge=1, description="Most photos of a known individual.")
+    min_images: int = Field(4, ge=1, description="Fewest photos of a known individual.")
+    max_images: int = Field(12, ge=1, description="Most photos of a known individual.")
     test_share: float = Field(0.3, ge=0.0, lt=1.0, description="Share of a known individual's photos that go to test.")
     new_images_max: int = Field(3, ge=1, description="Most photos of an individual seen only in test (at least one).")
     singleton_share: float = Field(0.1, ge=0.0, le=1.0, description="Share of known individuals with one train photo, as in Kaggle's long tail.")

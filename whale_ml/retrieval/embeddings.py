@@ -31,7 +31,7 @@ def embed_paths(
     model: EmbeddingNet,
     paths: Sequence[str],
     image_size: int,
-    device: torch.device,
+    device: torch.device | str = "cpu",
     batch_size: int = 64,
     flip_tta: bool = False,
     num_workers: int = 0,
@@ -44,6 +44,7 @@ def embed_paths(
         ``flip_tta`` each row is the renormalised mean of the image's and its
         mirror's embeddings.
     """
+    device = torch.device(device)
     loader = DataLoader(
         ImageDataset(paths, eval_transform(image_size)),
         batch_size=batch_size,
