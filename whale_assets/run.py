@@ -43,9 +43,13 @@ def load_recipe(path: str | Path | None) -> dict[str, Any]:
     return recipe
 
 
-def _run_config(recipe: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+def _run_config(recipe: dict[str, Any], keys: Sequence[str], log_level: str = "INFO") -> dict[str, Any]:
+    """The recipe's config for the selected assets, with the console log at ``log_level``."""
     ops = {k: v for k, v in recipe.get("ops", {}).items() if k in keys}
-    return {"ops": ops} if ops else {}
+    config: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": log_level}}}}
+    if ops:
+        config["ops"] = ops
+    return config
 
 
 def run_pipeline(recipe: dict[str, Any], folds: Sequence[str] | None = None, log: Any = print) -> dict[str, Any]:

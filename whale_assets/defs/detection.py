@@ -44,7 +44,8 @@ def fluke_detector(context: dg.AssetExecutionContext, config: DetectorSettings, 
 
             mlf.log_params({k: v for k, v in config.model_dump().items() if v is not None})
             best, scores = train_yolo(
-                dataset, work, config.model_yaml, config.epochs, config.imgsz, config.batch, config.device, config.seed, whale.layout.home
+                dataset, work, config.model_yaml, config.epochs, config.imgsz, config.batch, config.device, config.seed, whale.layout.home,
+                log=context.log.info,
             )
             install_weights(best, weights_path)
             # IoU of the detector's box vs the full frame, on the held-out boxes.

@@ -117,14 +117,27 @@ def train_yolo(
     device: str = "auto",
     seed: int = 0,
     home: Path | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[Path, dict[str, float]]:
-    """Train a YOLO detector from its yaml; return the best weights and validation metrics."""
+    """Train a YOLO detector from its yaml; return the best weights and validation metrics.
+
+    ``log`` receives a line per epoch (mAP so far), since training takes minutes.
+    """
     work = Path(work_dir)
     configure_environment(home or work)
     disable_ultralytics_integrations()
     from ultralytics import YOLO
 
     model = YOLO(model_yaml)
+    if log is not None:
+
+        def report(trainer: object) -> None:
+            if trainer.epoch >= trainer.epochs:  # type: ignore[attr-defined]  # the final re-validation of best.pt
+                return
+            m = getattr(trainer, "metrics", None) or {}
+            log(f"detector epoch {trainer.epoch + 1}/{trainer.epochs}: mAP50 {m.get('metrics/mAP50(B)', float('nan')):.3f}")  # type: ignore[attr-defined]
+
+        model.add_callback("on_fit_epoch_end", report)
     model.train(
         data=str(dataset.data_yaml),
         epochs=epochs,
