@@ -125,3 +125,28 @@ def test_recipe_with_a_bad_value_is_rejected() -> None:
     job = defs().resolve_implicit_global_asset_job_def()
     with pytest.raises(dg.DagsterInvalidConfigError):
         dg.validate_run_config(job, {"ops": {"arcface_model": {"config": {"epochs": "many"}}}})
+
+
+def test_runs_on_a_data_set_with_only_the_kaggle_files(tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No box file, no truth, no sample_submission: full frames, every test photo, no score."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    for name in ("fluke_boxes.csv", "test_truth.csv", "sample_submission.csv"):
+        (data / name).unlink()
+    home = tmp_path / "home"
+    monkeypatch.setenv("WHALE_HOME", str(home))
+    monkeypatch.setenv("WHALE_DATA_DIR", str(data))
+    monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster_home"))
+    prepare_dagster_home()
+    recipe = load_recipe(REPO / "configs" / "tiny.yaml")
+    recipe["ops"]["fluke_detector"] = {"config": {"source": "none"}}
+    recipe["ops"]["arcface_model"]["config"]["epochs"] = 1
+    summary = run_pipeline(recipe, log=lambda _msg: None)
+
+    sub = pd.read_csv(HomeLayout(home).submission)
+    assert sub["image"].tolist() == sorted(p.name for p in (data / "test_images").iterdir())
+    assert summary.get("map5") is None
+    boxes = pd.read_parquet(HomeLayout(home).tables / "bboxes.parquet")
+    assert (boxes["source"] == "full_frame").all() and (boxes["note"] == "no detector").all()

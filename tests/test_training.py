@@ -118,13 +118,28 @@ def test_resume_continues_after_the_last_complete_epoch(fold, tmp_path: Path) ->
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
 
 
-def test_a_checkpoint_from_another_recipe_is_not_resumed(fold, tmp_path: Path) -> None:
+def test_a_checkpoint_from_another_recipe_or_other_data_is_not_resumed(fold, tmp_path: Path) -> None:
     train, val, n_classes = fold
     train_fold(TrainConfig(**TINY, epochs=1), train, val, n_classes, tmp_path, log=lambda _m: None)
     messages: list[str] = []
     result = train_fold(TrainConfig(**{**TINY, "embedding_size": 8}, epochs=1), train, val, n_classes, tmp_path, log=messages.append)
     assert any("starting afresh" in m for m in messages)
     assert result.epochs_run == 1
+    # Same recipe, one photo fewer: the fold's data changed, so no resume either.
+    messages.clear()
+    train_fold(TrainConfig(**{**TINY, "embedding_size": 8}, epochs=1), train.iloc[1:], val, n_classes, tmp_path, log=messages.append)
+    assert any("starting afresh" in m for m in messages)
+
+
+def test_a_finished_run_is_reused_not_retrained(fold, tmp_path: Path) -> None:
+    train, val, n_classes = fold
+    cfg = TrainConfig(**TINY, epochs=1)
+    first = train_fold(cfg, train, val, n_classes, tmp_path, log=lambda _m: None)
+    messages: list[str] = []
+    epochs: list[int] = []
+    again = train_fold(cfg, train, val, n_classes, tmp_path, on_epoch_end=lambda e, _m: epochs.append(e), log=messages.append)
+    assert epochs == [] and any("already trained" in m for m in messages)
+    assert again.best_map5 == first.best_map5 and again.checkpoint == first.checkpoint
 
 
 def test_tampered_checkpoint_is_refused(tmp_path: Path) -> None:

@@ -43,10 +43,18 @@ def arcface_model(
     with mlflow.start_run(context, run_name=f"arcface_{fold}", tags={"stage": "training", "fold": fold}) as run:
         mlf.log_params({**config.model_dump(), "fold": fold, "num_classes": num_classes, "train_images": len(train), "val_images": len(val)})
 
+        logged: set[int] = set()
+
         def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
             mlf.log_metrics(metrics, step=epoch)
+            logged.add(epoch)
 
         result = train_fold(config, train, val, num_classes, out_dir, on_epoch_end=on_epoch_end, log=context.log.info)
+        # Epochs resumed from a checkpoint (or a finished run reused) were logged by an
+        # earlier run: log them here too, so that every run shows the whole curve.
+        for row in result.history:
+            if row["epoch"] not in logged:
+                mlf.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
         write_json(out_dir / "config.json", config.model_dump())
         mlf.log_artifact(str(result.checkpoint), artifact_path="model")
         mlf.log_artifact(str(out_dir / "config.json"), artifact_path="model")

@@ -38,7 +38,10 @@ def read_box_file(path: str | Path) -> pd.DataFrame:
     """A box CSV (``image,x_min,y_min,x_max,y_max``), one row per box."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: box file not found")
+        raise FileNotFoundError(
+            f"{path}: box file not found. Train the detector from a box CSV (image,x_min,y_min,x_max,y_max), "
+            "or set the detector's source to 'weights' (your own .pt) or 'none' (full frames)"
+        )
     df = pd.read_csv(path)
     missing = [c for c in BOX_COLUMNS if c not in df.columns]
     if missing:

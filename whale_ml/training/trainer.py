@@ -19,6 +19,7 @@ complete epoch.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import time
@@ -134,6 +135,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def data_fingerprint(train: pd.DataFrame, val: pd.DataFrame) -> str:
+    """Digest of a fold's photos and labels: a checkpoint is only resumed on the same data."""
+    h = hashlib.sha1()
+    for frame, cols in ((train, ["path", "label"]), (val, ["path", "truth"])):
+        rows = sorted(map(tuple, frame[cols].astype(str).to_numpy().tolist())) if len(frame) else []
+        h.update(repr(rows).encode())
+    return h.hexdigest()
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> Path:
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -239,9 +249,10 @@ def train_fold(
     history: list[dict[str, float]] = []
     last_path, best_path = out / "last.pt", out / "best.pt"
     config_dump = cfg.model_dump()
+    fingerprint = data_fingerprint(train, val)
     if last_path.exists():
         ckpt = load_checkpoint(last_path, map_location=device)
-        if ckpt.get("config") == config_dump and ckpt.get("num_classes") == num_classes:
+        if ckpt.get("config") == config_dump and ckpt.get("num_classes") == num_classes and ckpt.get("data") == fingerprint:
             model.load_state_dict(ckpt["model"])
             loss_fn.load_state_dict(ckpt["loss"])
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -252,13 +263,17 @@ def train_fold(
             best_map5, best_epoch, best_threshold = ckpt["best_map5"], int(ckpt["best_epoch"]), ckpt["best_threshold"]
             stale = int(ckpt["stale"])
             history = list(ckpt["history"])
-            log(f"resuming from {last_path} after epoch {start_epoch - 1}")
+            if start_epoch > cfg.epochs or (cfg.patience and stale >= cfg.patience):  # a finished run
+                log(f"{last_path}: already trained with this recipe on this data ({start_epoch - 1} epochs); reusing {best_path}")
+            else:
+                log(f"resuming from {last_path} after epoch {start_epoch - 1}")
         else:
-            log(f"{last_path} was made with another recipe or class count; starting afresh")
+            log(f"{last_path} was made with another recipe or other data; starting afresh")
 
     total_images = 0
     total_time = 0.0
-    for epoch in range(start_epoch, cfg.epochs + 1):
+    stopped_early = bool(cfg.patience and stale >= cfg.patience)
+    for epoch in range(start_epoch, 0 if stopped_early else cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
         running, seen = 0.0, 0
@@ -322,6 +337,7 @@ def train_fold(
                 "rng": _rng_state(),
                 "config": config_dump,
                 "num_classes": num_classes,
+                "data": fingerprint,
                 "epoch": epoch,
                 "best_map5": best_map5,
                 "best_epoch": best_epoch,
