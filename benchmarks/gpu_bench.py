@@ -119,7 +119,10 @@ def main() -> None:
 
     t0 = time.perf_counter()
     n_ind = max(20, args.photos // 6)
-    data = generate_demo_data(work / "data", DemoDataConfig(n_individuals=n_ind, n_new_individuals=0, min_images=4, max_images=8, test_share=0.0, min_width=400, max_width=640))
+    data = generate_demo_data(
+        work / "data",
+        DemoDataConfig(n_individuals=n_ind, n_new_individuals=0, min_images=4, max_images=8, test_share=0.0, min_width=400, max_width=640),
+    )
     train = read_train_metadata(data)
     boxes = detect_boxes(train, None, 0.25, 1.0, 64)
     crops = write_crops(boxes, dict(zip(train["image"], train["path"], strict=True)), work / "crops", args.size)
@@ -130,9 +133,18 @@ def main() -> None:
     num_classes = int(train["label"].max()) + 1
 
     cfg = TrainConfig(
-        backbone=args.backbone, pretrained=False, image_size=args.size, embedding_size=512, sub_centers=2,
-        epochs=args.epochs, batch_size=args.batch, m_per_class=1, lr_backbone=2e-4, lr_head=2e-3,
-        num_workers=args.workers, device=str(device),
+        backbone=args.backbone,
+        pretrained=False,
+        image_size=args.size,
+        embedding_size=512,
+        sub_centers=2,
+        epochs=args.epochs,
+        batch_size=args.batch,
+        m_per_class=1,
+        lr_backbone=2e-4,
+        lr_head=2e-3,
+        num_workers=args.workers,
+        device=str(device),
     )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

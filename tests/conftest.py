@@ -17,8 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.pop("WHALE_DATA_DIR", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
-from whale_ml.data.demo import PRESETS, generate_demo_data  # noqa: E402
-from whale_ml.offline import configure_environment  # noqa: E402
+from whale_ml.data.demo import PRESETS, generate_demo_data
+from whale_ml.offline import configure_environment
 
 configure_environment(Path(os.environ["WHALE_HOME"]))
 

@@ -51,9 +51,7 @@ def test_different_seed_differs(tmp_path: Path) -> None:
     """Another seed gives another set (ids and photos)."""
     other = generate_demo_data(tmp_path / "data", TINY.model_copy(update={"seed": 1}))
     first = generate_demo_data(tmp_path / "data0", TINY)
-    assert set(pd.read_csv(other / "train.csv")["individual_id"]).isdisjoint(
-        pd.read_csv(first / "train.csv")["individual_id"]
-    )
+    assert set(pd.read_csv(other / "train.csv")["individual_id"]).isdisjoint(pd.read_csv(first / "train.csv")["individual_id"])
 
 
 def test_kaggle_layout(two_tiny_sets: tuple[Path, Path]) -> None:

@@ -13,13 +13,13 @@ REPO = Path(__file__).resolve().parent.parent
 def test_dockerfile_copies_only_files_that_exist() -> None:
     """No Docker engine runs here, so check what can be checked: every COPY source exists."""
     text = (REPO / "Dockerfile").read_text()
-    sources = [src for line in re.findall(r"^COPY\s+(.+)$", text, flags=re.M) for src in line.split()[:-1]]
+    sources = [src for line in re.findall(r"^COPY\s+(.+)$", text, flags=re.MULTILINE) for src in line.split()[:-1]]
     assert sources, "Dockerfile copies nothing"
     missing = [s for s in sources if not (REPO / s).exists()]
     assert missing == []
-    assert re.search(r"^USER\s+(?!root)\w+", text, flags=re.M), "the image must not run as root"
+    assert re.search(r"^USER\s+(?!root)\w+", text, flags=re.MULTILINE), "the image must not run as root"
     assert "HEALTHCHECK" in text
-    assert re.search(r"^FROM\s+\S+:\d+\.\d+\.\d+", text, flags=re.M), "pin the base image version"
+    assert re.search(r"^FROM\s+\S+:\d+\.\d+\.\d+", text, flags=re.MULTILINE), "pin the base image version"
 
 
 def test_ci_runs_the_readme_test_command() -> None:
@@ -38,6 +38,6 @@ def test_core_never_imports_dagster() -> None:
     offenders = [
         str(p.relative_to(REPO))
         for p in (REPO / "whale_ml").rglob("*.py")
-        if re.search(r"^\s*(import dagster|from dagster)", p.read_text(), flags=re.M)
+        if re.search(r"^\s*(import dagster|from dagster)", p.read_text(), flags=re.MULTILINE)
     ]
     assert offenders == []

@@ -61,7 +61,11 @@ def test_whole_graph_materialises_and_writes_a_valid_submission(pipeline_run: di
     assert 0.0 <= summary["map5"] <= 1.0 and math.isfinite(summary["oof_map5"])
 
     # The blocking checks ran and passed.
-    for asset, check in [("submission_csv", "submission_format"), ("train_metadata", "train_metadata_is_clean"), ("cv_folds", "folds_hold_out_individuals")]:
+    for asset, check in [
+        ("submission_csv", "submission_format"),
+        ("train_metadata", "train_metadata_is_clean"),
+        ("cv_folds", "folds_hold_out_individuals"),
+    ]:
         history = instance.event_log_storage.get_asset_check_execution_history(dg.AssetCheckKey(dg.AssetKey(asset), check), limit=1)
         assert history and history[0].status.value == "SUCCEEDED", (asset, check)
 

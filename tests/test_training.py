@@ -86,7 +86,9 @@ def test_schedule_steps_once_per_optimiser_step_with_a_short_last_window(fold, t
 def test_training_logs_epochs_and_saves_a_loadable_best_model(fold, tmp_path: Path) -> None:
     train, val, n_classes = fold
     seen: list[tuple[int, dict]] = []
-    result = train_fold(TrainConfig(**TINY, epochs=2), train, val, n_classes, tmp_path, on_epoch_end=lambda e, m: seen.append((e, m)), log=lambda _m: None)
+    result = train_fold(
+        TrainConfig(**TINY, epochs=2), train, val, n_classes, tmp_path, on_epoch_end=lambda e, m: seen.append((e, m)), log=lambda _m: None
+    )
     assert [e for e, _ in seen] == [1, 2]
     assert {"train_loss", "val_map5", "val_threshold", "images_per_second", "lr_backbone", "lr_head"} <= set(seen[0][1])
     assert result.best_map5 == max(m["val_map5"] for _, m in seen)
@@ -146,7 +148,7 @@ def test_tampered_checkpoint_is_refused(tmp_path: Path) -> None:
     """Checkpoints load with weights_only: a pickled object is not executed."""
 
     class Exploit:
-        def __reduce__(self):  # noqa: D105
+        def __reduce__(self):
             return (print, ("this must never run",))
 
     bad = tmp_path / "best.pt"

@@ -127,7 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if summary.get("oof_map5") is not None:
         print(f"validation MAP@5  : {summary['oof_map5']:.4f} (out-of-fold, threshold {summary['threshold']:.4f})")
     if summary.get("map5") is not None:
-        print(f"test MAP@5        : {summary['map5']:.4f} (answering new_individual everywhere scores {summary['baseline_all_new_map5']:.4f})")
+        print(
+            f"test MAP@5        : {summary['map5']:.4f} (answering new_individual everywhere scores {summary['baseline_all_new_map5']:.4f})"
+        )
     else:
         print("test MAP@5        : no test_truth.csv in the data set")
     print("open the UIs      : make ui   (Dagster http://127.0.0.1:3000, MLflow http://127.0.0.1:5000)")

@@ -19,7 +19,9 @@ def _detector_files(whale: WhaleHome) -> tuple[Path, Path]:
 
 
 @dg.asset(group_name="detection", kinds={"pytorch", "ultralytics"}, deps=["train_metadata"], code_version="1", pool="gpu")
-def fluke_detector(context: dg.AssetExecutionContext, config: DetectorSettings, whale: WhaleHome, mlflow: MlflowTracking) -> dg.MaterializeResult:
+def fluke_detector(
+    context: dg.AssetExecutionContext, config: DetectorSettings, whale: WhaleHome, mlflow: MlflowTracking
+) -> dg.MaterializeResult:
     """The animal detector: an ultralytics YOLO model built from its yaml and trained
     on the box file (mAP on a held-out share of the boxes), a user's ``.pt``, or none."""
     weights_path, info_path = _detector_files(whale)
@@ -44,16 +46,30 @@ def fluke_detector(context: dg.AssetExecutionContext, config: DetectorSettings, 
 
             mlf.log_params({k: v for k, v in config.model_dump().items() if v is not None})
             best, scores = train_yolo(
-                dataset, work, config.model_yaml, config.epochs, config.imgsz, config.batch, config.device, config.seed, whale.layout.home,
+                dataset,
+                work,
+                config.model_yaml,
+                config.epochs,
+                config.imgsz,
+                config.batch,
+                config.device,
+                config.seed,
+                whale.layout.home,
                 log=context.log.info,
             )
             install_weights(best, weights_path)
             # IoU of the detector's box vs the full frame, on the held-out boxes.
-            val_rows = pd.DataFrame({"image": dataset.val_images, "path": [str(whale.data_path / "train_images" / n) for n in dataset.val_images]})
-            iou = box_iou_report(
-                detect_boxes(val_rows, weights_path, 0.0, 1.0, config.imgsz, device=config.device, home=whale.layout.home),
-                boxes.drop_duplicates("image"),
-            ) if len(val_rows) else {}
+            val_rows = pd.DataFrame(
+                {"image": dataset.val_images, "path": [str(whale.data_path / "train_images" / n) for n in dataset.val_images]}
+            )
+            iou = (
+                box_iou_report(
+                    detect_boxes(val_rows, weights_path, 0.0, 1.0, config.imgsz, device=config.device, home=whale.layout.home),
+                    boxes.drop_duplicates("image"),
+                )
+                if len(val_rows)
+                else {}
+            )
             scores.update({k: v for k, v in iou.items() if k != "images"})
             mlf.log_metrics({k: float(v) for k, v in scores.items()})
             metadata["mlflow_run"] = dg.MetadataValue.url(mlflow.run_url(run.info.experiment_id, run.info.run_id))
@@ -89,8 +105,14 @@ def bboxes(
     parts = []
     for split, df in (("train", train_metadata), ("test", test_metadata)):
         found = detect_boxes(
-            df, weights, config.min_confidence, config.expand, int(info["imgsz"]), config.batch,
-            home=whale.layout.home, progress=progress_logger(context, f"boxes for {split}"),
+            df,
+            weights,
+            config.min_confidence,
+            config.expand,
+            int(info["imgsz"]),
+            config.batch,
+            home=whale.layout.home,
+            progress=progress_logger(context, f"boxes for {split}"),
         )
         parts.append(found.assign(split=split))
     boxes = pd.concat(parts, ignore_index=True)
@@ -103,14 +125,23 @@ def bboxes(
         metadata={
             "dagster/row_count": len(boxes),
             "full_frame_share": fallback,
-            "mean_confidence": float(boxes.loc[boxes["source"] == "detector", "confidence"].mean()) if (boxes["source"] == "detector").any() else 0.0,
+            "mean_confidence": float(boxes.loc[boxes["source"] == "detector", "confidence"].mean())
+            if (boxes["source"] == "detector").any()
+            else 0.0,
             "by_split_and_source": table_md(summary),
         },
     )
 
 
 @dg.asset(group_name="detection", kinds={"pandas"}, code_version="1")
-def crops(context: dg.AssetExecutionContext, config: CropSettings, whale: WhaleHome, bboxes: pd.DataFrame, train_metadata: pd.DataFrame, test_metadata: pd.DataFrame) -> dg.MaterializeResult:
+def crops(
+    context: dg.AssetExecutionContext,
+    config: CropSettings,
+    whale: WhaleHome,
+    bboxes: pd.DataFrame,
+    train_metadata: pd.DataFrame,
+    test_metadata: pd.DataFrame,
+) -> dg.MaterializeResult:
     """Square crops of every photo at the training size, written once: a crop whose
     photo, box and size are unchanged is reused, not rewritten."""
     paths = dict(zip(train_metadata["image"], train_metadata["path"], strict=True))

@@ -16,8 +16,12 @@ from whale_ml.retrieval.store import ensemble, load_embeddings, save_embeddings
 from whale_ml.training.trainer import load_model, resolve_device
 
 
-@dg.asset(group_name="retrieval", kinds={"pytorch", "numpy"}, partitions_def=fold_partitions, deps=["arcface_model"], code_version="1", pool="gpu")
-def fold_embeddings(context: dg.AssetExecutionContext, config: RetrievalSettings, whale: WhaleHome, crops: pd.DataFrame) -> dg.MaterializeResult:
+@dg.asset(
+    group_name="retrieval", kinds={"pytorch", "numpy"}, partitions_def=fold_partitions, deps=["arcface_model"], code_version="1", pool="gpu"
+)
+def fold_embeddings(
+    context: dg.AssetExecutionContext, config: RetrievalSettings, whale: WhaleHome, crops: pd.DataFrame
+) -> dg.MaterializeResult:
     """The fold model's L2-normalised embeddings of every train and test crop
     (float32 ``.npy`` with the image order beside it)."""
     fold = context.partition_key
@@ -28,7 +32,13 @@ def fold_embeddings(context: dg.AssetExecutionContext, config: RetrievalSettings
     for split in ("train", "test"):
         rows = crops[(crops["split"] == split) & (crops["crop_path"] != "")]
         emb = embed_paths(
-            model, rows["crop_path"].tolist(), cfg.image_size, device, config.batch_size, config.flip_tta, config.num_workers,
+            model,
+            rows["crop_path"].tolist(),
+            cfg.image_size,
+            device,
+            config.batch_size,
+            config.flip_tta,
+            config.num_workers,
             progress=progress_logger(context, f"{fold} {split} embeddings"),
         )
         if not np.isfinite(emb).all():
@@ -98,7 +108,9 @@ def _curve_plot(thresholds: np.ndarray, curve: np.ndarray, chosen: float) -> obj
 
 
 @dg.asset(group_name="retrieval", kinds={"numpy"}, deps=[fold_embeddings], code_version="1")
-def match_threshold(context: dg.AssetExecutionContext, config: RetrievalSettings, whale: WhaleHome, cv_folds: pd.DataFrame) -> dg.MaterializeResult:
+def match_threshold(
+    context: dg.AssetExecutionContext, config: RetrievalSettings, whale: WhaleHome, cv_folds: pd.DataFrame
+) -> dg.MaterializeResult:
     """The ``new_individual`` threshold that maximises out-of-fold MAP@5: each fold's
     validation photos searched against that fold's training photos with that fold's
     model, pooled over folds, every distinct threshold considered (exact, no grid)."""
@@ -123,7 +135,13 @@ def match_threshold(context: dg.AssetExecutionContext, config: RetrievalSettings
     result = tune_threshold(sims, ids, truths_all)
     context.log.info(f"threshold {result.threshold:.4f}: out-of-fold MAP@5 {result.map5:.4f} over {len(truths_all)} photos")
     return dg.MaterializeResult(
-        value={"threshold": result.threshold, "map5": result.map5, "new_share": result.new_share, "queries": len(truths_all), "per_fold": per_fold},
+        value={
+            "threshold": result.threshold,
+            "map5": result.map5,
+            "new_share": result.new_share,
+            "queries": len(truths_all),
+            "per_fold": per_fold,
+        },
         metadata={
             "threshold": result.threshold,
             "oof_map5": result.map5,

@@ -14,7 +14,9 @@ def cv_folds(config: FoldSettings, train_metadata: pd.DataFrame, crops: pd.DataF
     """Training photos with the fold each is validated in. Whole individuals are held
     out so that every fold's validation has ``new_individual`` cases; the fold count
     is ``$WHALE_N_FOLDS`` (it also fixes the model partitions)."""
-    table = train_metadata.merge(crops.loc[crops["split"] == "train", ["image", "crop_path"]], on="image", how="left", validate="one_to_one")
+    table = train_metadata.merge(
+        crops.loc[crops["split"] == "train", ["image", "crop_path"]], on="image", how="left", validate="one_to_one"
+    )
     folds = make_folds(table, n_folds(), config.new_individual_share, config.seed)
     summary = fold_summary(folds)
     return dg.MaterializeResult(
@@ -41,5 +43,9 @@ def folds_hold_out_individuals(cv_folds: pd.DataFrame) -> dg.AssetCheckResult:
     ok = len(summary) == n_folds() and bool((summary["val_images"] > 0).all()) and leaks == 0
     return dg.AssetCheckResult(
         passed=ok,
-        metadata={"folds_with_validation": len(summary), "leaked_photos": leaks, "min_new_share": float(summary["val_new_share"].min()) if len(summary) else 0.0},
+        metadata={
+            "folds_with_validation": len(summary),
+            "leaked_photos": leaks,
+            "min_new_share": float(summary["val_new_share"].min()) if len(summary) else 0.0,
+        },
     )

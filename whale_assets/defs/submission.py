@@ -18,7 +18,14 @@ from whale_ml.submission import make_submission, prior_predictions, score_submis
     kinds={"csv"},
     deps=["gallery"],
     code_version="1",
-    check_specs=[dg.AssetCheckSpec("submission_format", asset="submission_csv", blocking=True, description="Kaggle format: sample_submission's images in order, five distinct ids per row.")],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "submission_format",
+            asset="submission_csv",
+            blocking=True,
+            description="Kaggle format: sample_submission's images in order, five distinct ids per row.",
+        )
+    ],
 )
 def submission_csv(
     context: dg.AssetExecutionContext,
@@ -57,7 +64,9 @@ def submission_csv(
             "preview": table_md(sub.head(10)),
         },
         check_results=[
-            dg.AssetCheckResult(check_name="submission_format", passed=not problems, metadata={"problems": "; ".join(problems) or "none", "rows": len(sub)})
+            dg.AssetCheckResult(
+                check_name="submission_format", passed=not problems, metadata={"problems": "; ".join(problems) or "none", "rows": len(sub)}
+            )
         ],
     )
 

@@ -38,10 +38,14 @@ def arcface_model(
     val = val.assign(path=val["crop_path"])
     num_classes = int(cv_folds["label"].max()) + 1
     out_dir = whale.layout.model_dir(fold)
-    context.log.info(f"{fold}: {len(train)} training photos of {train['individual_id'].nunique()} individuals, {len(val)} validation photos")
+    context.log.info(
+        f"{fold}: {len(train)} training photos of {train['individual_id'].nunique()} individuals, {len(val)} validation photos"
+    )
 
     with mlflow.start_run(context, run_name=f"arcface_{fold}", tags={"stage": "training", "fold": fold}) as run:
-        mlf.log_params({**config.model_dump(), "fold": fold, "num_classes": num_classes, "train_images": len(train), "val_images": len(val)})
+        mlf.log_params(
+            {**config.model_dump(), "fold": fold, "num_classes": num_classes, "train_images": len(train), "val_images": len(val)}
+        )
 
         logged: set[int] = set()
 

@@ -44,8 +44,6 @@ from pydantic import BaseModel, Field
 
 from whale_ml.data.metadata import NEW_INDIVIDUAL
 
-
-
 # (label written to the CSV, canonical species, body part photographed).
 # Several labels are the real train.csv's misspellings or aliases, so the
 # metadata stage has real normalisation work to do on the demo set too.
@@ -74,7 +72,9 @@ class DemoDataConfig(BaseModel):
     max_images: int = Field(12, ge=1, description="Most photos of a known individual.")
     test_share: float = Field(0.3, ge=0.0, lt=1.0, description="Share of a known individual's photos that go to test.")
     new_images_max: int = Field(3, ge=1, description="Most photos of an individual seen only in test (at least one).")
-    singleton_share: float = Field(0.1, ge=0.0, le=1.0, description="Share of known individuals with one train photo, as in Kaggle's long tail.")
+    singleton_share: float = Field(
+        0.1, ge=0.0, le=1.0, description="Share of known individuals with one train photo, as in Kaggle's long tail."
+    )
     min_width: int = Field(240, ge=32, description="Narrowest photo in pixels.")
     max_width: int = Field(400, ge=32, description="Widest photo in pixels.")
     box_share: float = Field(0.5, ge=0.0, le=1.0, description="Share of train photos listed in the box file.")
@@ -85,9 +85,7 @@ PRESETS: dict[str, DemoDataConfig] = {
     # The set `make demo` runs on: big enough to show learning, small enough for 2 CPU cores.
     "demo": DemoDataConfig(),
     # The set the end-to-end tests run on: seconds to generate and to learn from.
-    "tiny": DemoDataConfig(
-        n_individuals=10, n_new_individuals=3, min_images=3, max_images=5, min_width=96, max_width=144, box_share=0.7
-    ),
+    "tiny": DemoDataConfig(n_individuals=10, n_new_individuals=3, min_images=3, max_images=5, min_width=96, max_width=144, box_share=0.7),
 }
 
 
@@ -396,4 +394,13 @@ def ensure_demo_data(out_dir: str | Path, preset: str = "demo") -> tuple[Path, b
     return generate_demo_data(out, PRESETS[preset]), True
 
 
-__all__ = ["DemoDataConfig", "PRESETS", "generate_demo_data", "ensure_demo_data", "render_individual", "render_photo", "NEW_INDIVIDUAL", "SPECIES_LABELS"]
+__all__ = [
+    "NEW_INDIVIDUAL",
+    "PRESETS",
+    "SPECIES_LABELS",
+    "DemoDataConfig",
+    "ensure_demo_data",
+    "generate_demo_data",
+    "render_individual",
+    "render_photo",
+]

@@ -18,6 +18,7 @@ from PIL import Image, ImageFilter, ImageOps
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+
 class ImageReadError(OSError):
     """A photo could not be read; the message names the file and why."""
 
@@ -46,7 +47,7 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise ImageReadError(f"{path}: file not found") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageReadError(f"{path}: image too large ({exc})") from exc
-    except Exception as exc:  # noqa: BLE001 -- any decoder failure (ultralytics' PIL patch adds ImportError) is a bad photo
+    except Exception as exc:
         raise ImageReadError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
 
 

@@ -82,7 +82,7 @@ def _check_names_and_files(df: pd.DataFrame, csv: Path, image_dir: Path, check_f
     if bad.any():
         problems.append(
             "image names must be plain file names (no folders, '..' or hidden files): "
-            + _listed([f"line {n}: {v!r}" for n, v in zip(_row_numbers(bad), df.loc[bad, 'image'], strict=True)])
+            + _listed([f"line {n}: {v!r}" for n, v in zip(_row_numbers(bad), df.loc[bad, "image"], strict=True)])
         )
     dup = df["image"].duplicated(keep=False) & ~empty
     if dup.any():

@@ -249,11 +249,35 @@ def detect_boxes(
         it = iter(results)
         for rec, im, error in loaded:
             if im is None:
-                rows.append({"image": rec.image, "width": 0, "height": 0, "x_min": 0, "y_min": 0, "x_max": 0, "y_max": 0, "confidence": 0.0, "source": "unreadable", "note": error})
+                rows.append(
+                    {
+                        "image": rec.image,
+                        "width": 0,
+                        "height": 0,
+                        "x_min": 0,
+                        "y_min": 0,
+                        "x_max": 0,
+                        "y_max": 0,
+                        "confidence": 0.0,
+                        "source": "unreadable",
+                        "note": error,
+                    }
+                )
                 continue
             w, h = im.size
             res = next(it)
-            row = {"image": rec.image, "width": w, "height": h, "x_min": 0, "y_min": 0, "x_max": w, "y_max": h, "confidence": 0.0, "source": "full_frame", "note": ""}
+            row = {
+                "image": rec.image,
+                "width": w,
+                "height": h,
+                "x_min": 0,
+                "y_min": 0,
+                "x_max": w,
+                "y_max": h,
+                "confidence": 0.0,
+                "source": "full_frame",
+                "note": "",
+            }
             if res is None:
                 row["note"] = "no detector"
             elif len(res.boxes) == 0:

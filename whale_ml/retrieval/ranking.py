@@ -49,9 +49,7 @@ def map_at_5(predictions: Sequence[Sequence[str]], truths: Sequence[str]) -> flo
     return total / len(truths)
 
 
-def collapse_by_individual(
-    similarities: np.ndarray, neighbor_ids: np.ndarray, top: int = TOP
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def collapse_by_individual(similarities: np.ndarray, neighbor_ids: np.ndarray, top: int = TOP) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Best similarity per individual: the first ``top`` distinct ids of each row.
 
     Args:

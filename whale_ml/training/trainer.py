@@ -226,8 +226,12 @@ def train_fold(
     n_individuals = len(np.unique(labels))
     use_sampler = cfg.m_per_class > 1 and cfg.batch_size % cfg.m_per_class == 0 and n_individuals * cfg.m_per_class >= cfg.batch_size
     if cfg.m_per_class > 1 and not use_sampler:
-        log(f"m-per-class sampler off: batch {cfg.batch_size}, m {cfg.m_per_class}, {n_individuals} individuals do not fit; shuffling instead")
-    sampler = MPerClassSampler(labels, m=cfg.m_per_class, batch_size=cfg.batch_size, length_before_new_iter=len(labels)) if use_sampler else None
+        log(
+            f"m-per-class sampler off: batch {cfg.batch_size}, m {cfg.m_per_class}, {n_individuals} individuals do not fit; shuffling instead"
+        )
+    sampler = (
+        MPerClassSampler(labels, m=cfg.m_per_class, batch_size=cfg.batch_size, length_before_new_iter=len(labels)) if use_sampler else None
+    )
     loader = DataLoader(
         dataset,
         batch_size=cfg.batch_size,
@@ -321,7 +325,14 @@ def train_fold(
             best_epoch, stale = epoch, 0
             save_checkpoint(
                 best_path,
-                {"model": model.state_dict(), "config": config_dump, "num_classes": num_classes, "epoch": epoch, "val_map5": best_map5, "threshold": best_threshold},
+                {
+                    "model": model.state_dict(),
+                    "config": config_dump,
+                    "num_classes": num_classes,
+                    "epoch": epoch,
+                    "val_map5": best_map5,
+                    "threshold": best_threshold,
+                },
             )
         else:
             stale += 1
