@@ -99,3 +99,4 @@ class RetrievalConfig(BaseModel):
     batch_size: int = Field(64, ge=1, description="Images per embedding batch.")
     flip_tta: bool = Field(False, description="Average the embeddings of each image and its mirror image.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes for embedding.")
+    device: str = Field("auto", description="'auto' (GPU when there is one), 'cpu', 'cuda' or 'cuda:N'.")

@@ -25,7 +25,7 @@ def fold_embeddings(
     """The fold model's L2-normalised embeddings of every train and test crop
     (float32 ``.npy`` with the image order beside it)."""
     fold = context.partition_key
-    device = resolve_device("auto")
+    device = resolve_device(config.device)
     model, cfg = load_model(whale.layout.model_dir(fold) / "best.pt", device)
     out = whale.layout.embeddings_dir(fold)
     counts = {}
@@ -45,7 +45,8 @@ def fold_embeddings(
             raise FloatingPointError(f"{fold}: non-finite {split} embeddings; the model checkpoint is broken")
         save_embeddings(out, split, emb, rows["image"].tolist())
         counts[split] = len(emb)
-    torch.cuda.empty_cache() if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # give the memory back before the next partition's training
     return dg.MaterializeResult(
         metadata={
             "train_embeddings": counts["train"],
