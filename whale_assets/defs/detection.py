@@ -102,20 +102,18 @@ def bboxes(
     weights_path, info_path = _detector_files(whale)
     info = read_json(info_path)
     weights = weights_path if info["source"] != "none" and weights_path.exists() else None
-    parts = []
-    for split, df in (("train", train_metadata), ("test", test_metadata)):
-        found = detect_boxes(
-            df,
-            weights,
-            config.min_confidence,
-            config.expand,
-            int(info["imgsz"]),
-            config.batch,
-            home=whale.layout.home,
-            progress=progress_logger(context, f"boxes for {split}"),
-        )
-        parts.append(found.assign(split=split))
-    boxes = pd.concat(parts, ignore_index=True)
+    # One pass over both splits: the detector is loaded once.
+    photos = pd.concat([train_metadata.assign(split="train"), test_metadata.assign(split="test")], ignore_index=True)
+    boxes = detect_boxes(
+        photos,
+        weights,
+        config.min_confidence,
+        config.expand,
+        int(info["imgsz"]),
+        config.batch,
+        home=whale.layout.home,
+        progress=progress_logger(context, "boxes"),
+    ).assign(split=photos["split"].to_numpy())
     summary = boxes.groupby(["split", "source"]).size().unstack(fill_value=0).reset_index()
     fallback = float((boxes["source"] != "detector").mean())
     for row in boxes[boxes["source"] == "unreadable"].itertuples():

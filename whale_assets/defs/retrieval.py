@@ -10,6 +10,7 @@ from whale_assets.partitions import fold_index, fold_partitions
 from whale_assets.resources import WhaleHome
 from whale_assets.settings import RetrievalSettings
 from whale_ml.data.folds import fold_split
+from whale_ml.io import atomic_path
 from whale_ml.retrieval import build_index, save_index, search_gallery, tune_threshold
 from whale_ml.retrieval.embeddings import embed_paths
 from whale_ml.retrieval.store import ensemble, load_embeddings, save_embeddings
@@ -77,9 +78,10 @@ def gallery(context: dg.AssetExecutionContext, whale: WhaleHome, train_metadata:
     ids = train_metadata.set_index("image").loc[train_images, "individual_id"].tolist()
     out = whale.layout.gallery_dir
     save_index(build_index(gallery_emb), out / "index.faiss")
-    save_embeddings(out, "gallery", gallery_emb, train_images)
+    # The index holds the gallery vectors; beside it, which photo and individual each row is.
+    with atomic_path(out / "gallery_ids.csv") as tmp:
+        pd.DataFrame({"image": train_images, "individual_id": ids}).to_csv(tmp, index=False)
     save_embeddings(out, "queries", query_emb, test_images)
-    pd.DataFrame({"image": train_images, "individual_id": ids}).to_csv(out / "gallery_ids.csv", index=False)
     context.log.info(f"gallery of {len(ids)} photos from {len(folds)} fold models")
     return dg.MaterializeResult(
         metadata={
