@@ -9,7 +9,9 @@ from whale_ml.retrieval.ranking import (
     NEW_INDIVIDUAL,
     collapse_by_individual,
     map_at_5,
+    nearest_species,
     predict_top5,
+    tune_species_thresholds,
     tune_threshold,
 )
 
@@ -160,6 +162,36 @@ def test_predict_top5_rejects_zero_columns() -> None:
     """A query with no neighbour column at all is an error."""
     with pytest.raises(ValueError):
         predict_top5(np.zeros((3, 0)), np.zeros((3, 0), dtype=object), 0.5)
+
+
+@pytest.mark.parametrize("empty", [-np.inf, np.inf])
+def test_predict_top5_rejects_empty_rows(empty: float) -> None:
+    """A query row without one finite similarity (e.g. searched in an empty gallery) is an error naming the row."""
+    sims = np.array([[0.9, 0.8], [empty, -np.inf], [0.5, 0.4]])
+    ids = np.array([["a", "b"], ["", ""], ["a", "b"]], dtype=object)
+    with pytest.raises(ValueError, match="row 1 has no neighbour"):
+        predict_top5(sims, ids, 0.5)
+    with pytest.raises(ValueError, match="row 1 has no neighbour"):
+        tune_threshold(sims, ids, ["a", NEW, "b"])
+
+
+def test_predict_top5_float32_input_same_as_float64() -> None:
+    """float32 similarities (faiss's output) are used as they are, without a float64 copy changing a decision."""
+    rng = np.random.default_rng(3)
+    sims, ids, _, _ = _random_problem(rng, n=30)
+    s32 = sims.astype(np.float32)
+    t = float(np.median(s32[np.isfinite(s32)]))
+    assert predict_top5(s32, ids, t) == predict_top5(s32.astype(np.float64), ids, t)
+
+
+def test_predict_top5_one_threshold_per_query() -> None:
+    """An array of thresholds applies one to each query; its length must match."""
+    sims = np.array([[0.9, 0.5], [0.9, 0.5]])
+    ids = np.array([["a", "b"], ["a", "b"]], dtype=object)
+    assert predict_top5(sims, ids, np.array([0.95, 0.4])) == [[NEW, "a", "b"], ["a", "b", NEW]]
+    assert predict_top5(sims, ids, [0.95, 0.4]) == predict_top5(sims, ids, np.array([0.95, 0.4]))
+    with pytest.raises(ValueError, match="3 thresholds for 2 queries"):
+        predict_top5(sims, ids, np.array([0.1, 0.2, 0.3]))
 
 
 def test_predict_top5_rejects_nan() -> None:
@@ -335,3 +367,50 @@ def test_tune_threshold_adjacent_float64_similarities() -> None:
     result = tune_threshold(sims, ids, truths)
     assert result.map5 == 1.0
     assert map_at_5(predict_top5(sims, ids, result.threshold), truths) == result.map5
+
+
+# ---------------------------------------------------------------- per-species thresholds
+
+
+def test_nearest_species_is_first_neighbours_species() -> None:
+    ids = np.array([["a", "b"], ["c", "a"], ["zz", "a"]], dtype=object)
+    assert nearest_species(ids, {"a": "humpback", "b": "orca", "c": "orca"}) == ["humpback", "orca", ""]
+
+
+def test_species_thresholds_hand_worked() -> None:
+    """Species x needs a high threshold, species y a low one; one global value cannot serve both.
+
+    x: a known query at 0.9 and a new one at 0.85 -> own threshold in (0.85, 0.9].
+    y: a known query at 0.5 and a new one at 0.3 -> own threshold in (0.3, 0.5].
+    """
+    sims = np.array([[0.9], [0.85], [0.5], [0.3]])
+    ids = np.array([["a"], ["b"], ["c"], ["d"]], dtype=object)
+    truths = ["a", NEW, "c", NEW]
+    species = ["x", "x", "y", "y"]
+    result = tune_species_thresholds(sims, ids, truths, species, min_queries=2)
+    assert result.map5 == 1.0
+    assert result.global_map5 < 1.0
+    per_query = result.for_queries(species)
+    assert 0.85 < per_query[0] <= 0.9
+    assert 0.3 < per_query[2] <= 0.5
+    assert len(result.by_species) == 1, "the species the global threshold already serves keeps it"
+    assert map_at_5(predict_top5(sims, ids, per_query), truths) == 1.0
+    # Too few queries: every species keeps the global threshold.
+    fallback = tune_species_thresholds(sims, ids, truths, species, min_queries=3)
+    assert fallback.by_species == {}
+    assert fallback.map5 == fallback.global_map5
+    assert set(fallback.for_queries(["x", "y", "unseen"])) == {fallback.default}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_species_thresholds_reproduce_their_map5(seed: int) -> None:
+    """The reported MAP@5 is what predict_top5 scores with the per-query thresholds, and never below the global one."""
+    rng = np.random.default_rng(200 + seed)
+    sims, ids, truths, gallery = _random_problem(rng, n=60)
+    species = [["x", "y", "z"][int(i)] for i in rng.integers(0, 3, size=len(sims))]
+    result = tune_species_thresholds(sims, ids, truths, species, gallery_ids=gallery, min_queries=15)
+    scored = _scored_truths(truths, set(gallery))
+    assert result.map5 >= result.global_map5 - 1e-12
+    assert map_at_5(predict_top5(sims, ids, result.for_queries(species)), scored) == pytest.approx(result.map5, abs=1e-12)
+    assert result.global_map5 == pytest.approx(tune_threshold(sims, ids, truths, gallery_ids=gallery).map5, abs=1e-12)
+    assert result.table["queries"].sum() == len(sims)

@@ -8,7 +8,17 @@ from __future__ import annotations
 
 import dagster as dg
 
-from whale_ml.config import BoxConfig, CropConfig, DetectorConfig, FoldConfig, MetadataConfig, RetrievalConfig, TrainConfig
+from whale_ml.config import (
+    BoxConfig,
+    CropConfig,
+    DetectorConfig,
+    EmbedConfig,
+    FoldConfig,
+    GalleryConfig,
+    MetadataConfig,
+    ThresholdConfig,
+    TrainConfig,
+)
 
 
 class MetadataSettings(dg.Config, MetadataConfig):
@@ -35,5 +45,13 @@ class TrainSettings(dg.Config, TrainConfig):
     """The ArcFace recipe of each fold model."""
 
 
-class RetrievalSettings(dg.Config, RetrievalConfig):
-    """Embedding and search."""
+class EmbedSettings(dg.Config, EmbedConfig):
+    """Embedding every crop with a fold model."""
+
+
+class GallerySettings(dg.Config, GalleryConfig):
+    """The faiss gallery: exact or approximate, and its search depth."""
+
+
+class ThresholdSettings(dg.Config, ThresholdConfig):
+    """Tuning the new_individual threshold: global, or per species."""

@@ -92,11 +92,34 @@ class TrainConfig(BaseModel):
     seed: int = 0
 
 
-class RetrievalConfig(BaseModel):
-    """Embedding and nearest-neighbour search."""
+class EmbedConfig(BaseModel):
+    """Embedding every crop with a fold model."""
 
-    k: int = Field(50, ge=1, description="Neighbours searched per query before collapsing per individual.")
     batch_size: int = Field(64, ge=1, description="Images per embedding batch.")
-    flip_tta: bool = Field(False, description="Average the embeddings of each image and its mirror image.")
+    flip_tta: bool = Field(False, description="Average the embeddings of each image and its mirror image (renormalised).")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes for embedding.")
     device: str = Field("auto", description="'auto' (GPU when there is one), 'cpu', 'cuda' or 'cuda:N'.")
+
+
+class GalleryConfig(BaseModel):
+    """The faiss index of the training photos, and how it is searched."""
+
+    index: Literal["flat", "hnsw", "ivf"] = Field(
+        "flat", description="'flat' is exact; 'hnsw' or 'ivf' are approximate, for galleries past ~1M photos."
+    )
+    k: int = Field(50, ge=1, description="Neighbours fetched per query at first (deepened when they hold fewer than 5 individuals).")
+    hnsw_m: int = Field(32, ge=4, description="HNSW links per node.")
+    ef_search: int = Field(128, ge=1, description="HNSW candidate list length when searching.")
+    nlist: int | None = Field(None, ge=1, description="IVF cells; default 4*sqrt(gallery size).")
+    nprobe: int = Field(16, ge=1, description="IVF cells visited per query.")
+    recall_queries: int = Field(2000, ge=1, description="Queries sampled to measure an approximate index's recall@5 against flat.")
+
+
+class ThresholdConfig(BaseModel):
+    """Tuning the new_individual threshold on out-of-fold predictions."""
+
+    k: int = Field(50, ge=1, description="Neighbours fetched per validation query at first.")
+    per_species: bool = Field(
+        False, description="A threshold per species (of the nearest individual) with enough validation photos; global elsewhere."
+    )
+    species_min_queries: int = Field(100, ge=1, description="The fewest validation photos for a species' own threshold.")

@@ -7,11 +7,19 @@ import torch
 
 from whale_assets.metadata import figure_md, progress_logger, table_md
 from whale_assets.partitions import fold_index, fold_partitions
-from whale_assets.resources import WhaleHome
-from whale_assets.settings import RetrievalSettings
+from whale_assets.resources import MlflowTracking, WhaleHome
+from whale_assets.settings import EmbedSettings, GallerySettings, ThresholdSettings
 from whale_ml.data.folds import fold_split
-from whale_ml.io import atomic_path
-from whale_ml.retrieval import build_index, save_index, search_gallery, tune_threshold
+from whale_ml.io import atomic_path, write_json
+from whale_ml.retrieval import (
+    build_index,
+    index_recall,
+    nearest_species,
+    save_index,
+    search_gallery,
+    tune_species_thresholds,
+    tune_threshold,
+)
 from whale_ml.retrieval.embeddings import embed_paths
 from whale_ml.retrieval.store import ensemble, load_embeddings, save_embeddings
 from whale_ml.training.trainer import load_model, resolve_device
@@ -21,7 +29,7 @@ from whale_ml.training.trainer import load_model, resolve_device
     group_name="retrieval", kinds={"pytorch", "numpy"}, partitions_def=fold_partitions, deps=["arcface_model"], code_version="1", pool="gpu"
 )
 def fold_embeddings(
-    context: dg.AssetExecutionContext, config: RetrievalSettings, whale: WhaleHome, crops: pd.DataFrame
+    context: dg.AssetExecutionContext, config: EmbedSettings, whale: WhaleHome, crops: pd.DataFrame
 ) -> dg.MaterializeResult:
     """The fold model's L2-normalised embeddings of every train and test crop
     (float32 ``.npy`` with the image order beside it)."""
@@ -59,11 +67,14 @@ def fold_embeddings(
     )
 
 
-@dg.asset(group_name="retrieval", kinds={"faiss"}, deps=[fold_embeddings], code_version="1")
-def gallery(context: dg.AssetExecutionContext, whale: WhaleHome, train_metadata: pd.DataFrame) -> dg.MaterializeResult:
+@dg.asset(group_name="retrieval", kinds={"faiss"}, deps=[fold_embeddings], code_version="2")
+def gallery(
+    context: dg.AssetExecutionContext, config: GallerySettings, whale: WhaleHome, train_metadata: pd.DataFrame
+) -> dg.MaterializeResult:
     """The faiss gallery of every training photo, embedded by the ensemble of all fold
     models (their normalised embeddings concatenated: cosine = mean of the models'
-    cosines), with the test queries embedded the same way."""
+    cosines), with the test queries embedded the same way. Exact (flat) by default;
+    with an approximate index its recall@5 against flat is measured on the queries."""
     folds = fold_partitions.get_partition_keys()
     train_parts, test_parts, train_images, test_images = [], [], None, None
     for fold in folds:
@@ -75,24 +86,33 @@ def gallery(context: dg.AssetExecutionContext, whale: WhaleHome, train_metadata:
         train_parts.append(emb_train)
         test_parts.append(emb_test)
     gallery_emb, query_emb = ensemble(train_parts), ensemble(test_parts)
-    ids = train_metadata.set_index("image").loc[train_images, "individual_id"].tolist()
+    ids = train_metadata.set_index("image").loc[train_images, "individual_id"].to_numpy(dtype=object)
+    index = build_index(
+        gallery_emb, config.index, hnsw_m=config.hnsw_m, ef_search=config.ef_search, nlist=config.nlist, nprobe=config.nprobe
+    )
     out = whale.layout.gallery_dir
-    save_index(build_index(gallery_emb), out / "index.faiss")
+    save_index(index, out / "index.faiss")
     # The index holds the gallery vectors; beside it, which photo and individual each row is.
     with atomic_path(out / "gallery_ids.csv") as tmp:
         pd.DataFrame({"image": train_images, "individual_id": ids}).to_csv(tmp, index=False)
     save_embeddings(out, "queries", query_emb, test_images)
-    context.log.info(f"gallery of {len(ids)} photos from {len(folds)} fold models")
-    return dg.MaterializeResult(
-        metadata={
-            "gallery_images": len(ids),
-            "gallery_individuals": len(set(ids)),
-            "query_images": len(test_images),
-            "models": len(folds),
-            "dimension": int(gallery_emb.shape[1]),
-            "index": dg.MetadataValue.path(str(out / "index.faiss")),
-        }
-    )
+    metadata: dict[str, object] = {
+        "gallery_images": len(ids),
+        "gallery_individuals": len(set(ids)),
+        "query_images": len(test_images),
+        "models": len(folds),
+        "dimension": int(gallery_emb.shape[1]),
+        "index_kind": config.index,
+        "index": dg.MetadataValue.path(str(out / "index.faiss")),
+    }
+    if config.index != "flat":
+        probe = query_emb if len(query_emb) else gallery_emb
+        recall = index_recall(index, gallery_emb, ids, probe, max_queries=config.recall_queries)
+        context.log.info(f"{config.index} index keeps {recall['individual_recall_at_k']:.4f} of flat's top-5 individuals")
+        metadata.update({f"{k}_vs_flat" if "recall" in k else f"recall_{k}": v for k, v in recall.items()})
+    write_json(out / "gallery.json", {**config.model_dump(), "models": folds, "images": len(ids), "dimension": int(gallery_emb.shape[1])})
+    context.log.info(f"gallery of {len(ids)} photos from {len(folds)} fold models ({config.index} index)")
+    return dg.MaterializeResult(metadata=metadata)
 
 
 def _curve_plot(thresholds: np.ndarray, curve: np.ndarray, chosen: float) -> object:
@@ -110,13 +130,22 @@ def _curve_plot(thresholds: np.ndarray, curve: np.ndarray, chosen: float) -> obj
     return fig
 
 
-@dg.asset(group_name="retrieval", kinds={"numpy"}, deps=[fold_embeddings], code_version="1")
+@dg.asset(group_name="retrieval", kinds={"numpy", "mlflow"}, deps=[fold_embeddings], code_version="2")
 def match_threshold(
-    context: dg.AssetExecutionContext, config: RetrievalSettings, whale: WhaleHome, cv_folds: pd.DataFrame
+    context: dg.AssetExecutionContext,
+    config: ThresholdSettings,
+    whale: WhaleHome,
+    mlflow: MlflowTracking,
+    cv_folds: pd.DataFrame,
 ) -> dg.MaterializeResult:
     """The ``new_individual`` threshold that maximises out-of-fold MAP@5: each fold's
     validation photos searched against that fold's training photos with that fold's
-    model, pooled over folds, every distinct threshold considered (exact, no grid)."""
+    model, pooled over folds, every distinct threshold considered (exact, no grid).
+    Optionally one threshold per species (of the nearest individual) with enough
+    validation photos. The curve goes to the UI and to MLflow."""
+    import mlflow as mlf
+
+    species_of = dict(zip(cv_folds["individual_id"], cv_folds["species"], strict=True))
     sims_all, ids_all, truths_all, per_fold = [], [], [], []
     for fold in fold_partitions.get_partition_keys():
         emb, images = load_embeddings(whale.layout.embeddings_dir(fold), "train")
@@ -135,22 +164,44 @@ def match_threshold(
     if not sims_all:
         raise ValueError("no fold has validation photos: cannot tune the threshold")
     sims, ids = np.concatenate(sims_all), np.concatenate(ids_all)
-    result = tune_threshold(sims, ids, truths_all)
+    # 'truth' is already new_individual where the fold's gallery lacks the individual, so
+    # every other truth is known. Passing all ids matters: by default only ids found in
+    # the (top-5) lists count as known, and a missed known individual would score as new.
+    known = cv_folds["individual_id"].unique().tolist()
+    result = tune_threshold(sims, ids, truths_all, gallery_ids=known)
+    value: dict[str, object] = {
+        "threshold": result.threshold,
+        "map5": result.map5,
+        "new_share": result.new_share,
+        "queries": len(truths_all),
+        "per_fold": per_fold,
+        "species_thresholds": {},
+    }
+    metadata: dict[str, object] = {
+        "threshold": result.threshold,
+        "oof_map5": result.map5,
+        "top1_new_share": result.new_share,
+        "queries": len(truths_all),
+        "per_fold": table_md(pd.DataFrame(per_fold)),
+    }
+    if config.per_species:
+        by_species = tune_species_thresholds(
+            sims, ids, truths_all, nearest_species(ids, species_of), gallery_ids=known, min_queries=config.species_min_queries
+        )
+        value["species_thresholds"] = by_species.by_species
+        value["map5"] = by_species.map5
+        metadata.update({"oof_map5": by_species.map5, "oof_map5_global_only": result.map5, "species": table_md(by_species.table)})
+        context.log.info(f"own thresholds for {len(by_species.by_species)} species: out-of-fold MAP@5 {by_species.map5:.4f}")
     context.log.info(f"threshold {result.threshold:.4f}: out-of-fold MAP@5 {result.map5:.4f} over {len(truths_all)} photos")
-    return dg.MaterializeResult(
-        value={
-            "threshold": result.threshold,
-            "map5": result.map5,
-            "new_share": result.new_share,
-            "queries": len(truths_all),
-            "per_fold": per_fold,
-        },
-        metadata={
-            "threshold": result.threshold,
-            "oof_map5": result.map5,
-            "top1_new_share": result.new_share,
-            "queries": len(truths_all),
-            "per_fold": table_md(pd.DataFrame(per_fold)),
-            "map5_curve": figure_md(_curve_plot(result.thresholds, result.map5_curve, result.threshold)),
-        },
-    )
+
+    fig = _curve_plot(result.thresholds, result.map5_curve, result.threshold)
+    with mlflow.start_run(context, run_name="match_threshold", tags={"stage": "retrieval"}) as run:
+        mlf.log_params({**config.model_dump(), "folds": len(per_fold), "queries": len(truths_all)})
+        mlf.log_metrics({"threshold": result.threshold, "oof_map5": float(value["map5"]), "oof_map5_global": result.map5})
+        mlf.log_figure(fig, "map5_curve.png")
+        mlf.log_table(result.curve(), "map5_curve.json")
+        if config.per_species:
+            mlf.log_table(by_species.table, "species_thresholds.json")
+        metadata["mlflow_run"] = dg.MetadataValue.url(mlflow.run_url(run.info.experiment_id, run.info.run_id))
+    metadata["map5_curve"] = figure_md(fig)
+    return dg.MaterializeResult(value=value, metadata=metadata)

@@ -3,12 +3,14 @@
 from typing import Any
 
 import dagster as dg
+import numpy as np
 import pandas as pd
 
 from whale_assets.metadata import table_md
 from whale_assets.resources import WhaleHome
 from whale_ml.data.metadata import NEW_INDIVIDUAL, read_truth
-from whale_ml.retrieval import load_index, predict_top5, search_gallery
+from whale_ml.io import read_json
+from whale_ml.retrieval import load_index, nearest_species, predict_top5, search_gallery
 from whale_ml.retrieval.store import load_embeddings
 from whale_ml.submission import make_submission, prior_predictions, score_submission, submission_problems, write_submission
 
@@ -36,13 +38,17 @@ def submission_csv(
 ) -> dg.MaterializeResult:
     """``submission.csv`` in Kaggle's format: for each test photo in
     ``sample_submission.csv`` order, five ids by the new_individual rule at the tuned
-    threshold; a photo that could not be read gets the prior answer."""
+    threshold (its species' own one where tuned); a photo that could not be read gets
+    the prior answer."""
     g = whale.layout.gallery_dir
     index = load_index(g / "index.faiss")
     gallery_ids = pd.read_csv(g / "gallery_ids.csv", dtype=str, keep_default_na=False)["individual_id"].to_numpy()
     queries, query_images = load_embeddings(g, "queries")
-    sims, ids = search_gallery(index, gallery_ids, queries)
-    found = dict(zip(query_images, predict_top5(sims, ids, match_threshold["threshold"]), strict=True))
+    sims, ids = search_gallery(index, gallery_ids, queries, k=int(read_json(g / "gallery.json")["k"]))
+    by_species: dict[str, float] = match_threshold.get("species_thresholds") or {}
+    species = nearest_species(ids, dict(zip(train_metadata["individual_id"], train_metadata["species"], strict=True)))
+    thresholds = np.array([by_species.get(s, match_threshold["threshold"]) for s in species], dtype=np.float64)
+    found = dict(zip(query_images, predict_top5(sims, ids, thresholds), strict=True))
     prior = prior_predictions(train_metadata["individual_id"].tolist())
     missing = [img for img in test_metadata["image"] if img not in found]
     for img in missing:
@@ -59,6 +65,7 @@ def submission_csv(
             "path": dg.MetadataValue.path(str(path)),
             "dagster/row_count": len(sub),
             "threshold": float(match_threshold["threshold"]),
+            "species_thresholds": len(by_species),
             "top1_new_individual_share": top1_new,
             "prior_only_rows": len(missing),
             "preview": table_md(sub.head(10)),

@@ -242,7 +242,7 @@ def render_photo(sprite: Image.Image, rng: np.random.Generator, width: tuple[int
     """Place a sprite in a new photo; return the photo and the visible animal's box."""
     w = int(rng.integers(width[0], width[1] + 1))
     aspect = float(rng.choice([0.75, 1.0, 4 / 3, 1.5, 16 / 9]))
-    h = max(32, int(round(w / aspect)))
+    h = max(32, round(w / aspect))
     photo = _sea(rng, w, h)
 
     # Pose: foreshortening and roll. No mirror flips: they would mirror the marks.
@@ -336,7 +336,7 @@ def generate_demo_data(
             n_train, n_test = 1, int(rng.integers(0, 2))
         else:
             n = int(rng.integers(cfg.min_images, cfg.max_images + 1))
-            n_test = int(round(n * cfg.test_share))
+            n_test = round(n * cfg.test_share)
             n_train = max(1, n - n_test)
         plan += [(ind, "train")] * n_train + [(ind, "test")] * n_test
     for ind in new:

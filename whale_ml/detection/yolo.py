@@ -83,7 +83,7 @@ def write_yolo_dataset(boxes: pd.DataFrame, image_dir: str | Path, out_dir: str 
     if not names:
         raise ValueError("no usable boxes to train the detector on" + (f" (skipped: {'; '.join(skipped[:5])})" if skipped else ""))
     rng = np.random.default_rng(seed)
-    n_val = int(round(len(names) * val_share)) if len(names) > 1 else 0
+    n_val = round(len(names) * val_share) if len(names) > 1 else 0
     val = set(rng.choice(names, size=n_val, replace=False).tolist()) if n_val else set()
     for name in names:
         split = "val" if name in val else "train"

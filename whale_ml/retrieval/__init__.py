@@ -6,18 +6,32 @@ Public API, stable for notebook users::
     from whale_ml.retrieval import build_index, search_gallery
 """
 
-from whale_ml.retrieval.gallery import build_index, l2_normalise, load_index, save_index, search_gallery
-from whale_ml.retrieval.ranking import ThresholdResult, collapse_by_individual, map_at_5, predict_top5, tune_threshold
+from whale_ml.retrieval.gallery import INDEX_KINDS, build_index, index_recall, l2_normalise, load_index, save_index, search_gallery
+from whale_ml.retrieval.ranking import (
+    SpeciesThresholds,
+    ThresholdResult,
+    collapse_by_individual,
+    map_at_5,
+    nearest_species,
+    predict_top5,
+    tune_species_thresholds,
+    tune_threshold,
+)
 
 __all__ = [
+    "INDEX_KINDS",
+    "SpeciesThresholds",
     "ThresholdResult",
     "build_index",
     "collapse_by_individual",
+    "index_recall",
     "l2_normalise",
     "load_index",
     "map_at_5",
+    "nearest_species",
     "predict_top5",
     "save_index",
     "search_gallery",
+    "tune_species_thresholds",
     "tune_threshold",
 ]

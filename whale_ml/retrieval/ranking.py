@@ -63,20 +63,16 @@ def collapse_by_individual(similarities: np.ndarray, neighbor_ids: np.ndarray, t
         (n, top) ids (``""`` padded, object dtype), and (n,) distinct ids seen
         (at least ``top`` whenever the row holds that many).
     """
-    sims = np.asarray(similarities, dtype=np.float64)
+    sims = np.asarray(similarities)
     ids = np.asarray(neighbor_ids)
     if sims.ndim != 2 or ids.shape != sims.shape:
         raise ValueError(f"similarities {sims.shape} and neighbor_ids {ids.shape} must be the same 2-D shape")
     n, k = sims.shape
     if k == 0:
         raise ValueError("similarities has no columns: every query needs at least one neighbour")
-    if np.isnan(sims).any():
-        raise ValueError("similarities contain NaN")
-    with np.errstate(invalid="ignore"):  # -inf padding: -inf - -inf is nan, which compares False
-        rising = (np.diff(sims, axis=1) > 0).any(axis=1) if k > 1 else np.zeros(n, dtype=bool)
-    if rising.any():
-        raise ValueError(f"similarities must be sorted in descending order per row (row {int(np.argmax(rising))} is not)")
-
+    if not np.issubdtype(sims.dtype, np.floating):
+        sims = sims.astype(np.float64)
+    _check_rows(sims)
     # Only the first ``top`` distinct ids matter, and they almost always sit in the
     # first few columns: collapse a narrow prefix, and widen it only for the rows
     # that need more (k=750 lists cost no more than k=32 ones).
@@ -93,6 +89,29 @@ def collapse_by_individual(similarities: np.ndarray, neighbor_ids: np.ndarray, t
         pending = pending[~done]
         width = min(k, width * 4)
     return out_sims, out_ids, counts
+
+
+def _check_rows(sims: np.ndarray) -> None:
+    """Reject input the rule would silently get wrong; names the first bad row.
+
+    Written as reductions and one comparison in the input's own dtype: on
+    notebook-sized lists (2,552 x 750) this check is most of the cost of tuning.
+    """
+    if np.isnan(sims.max()):  # NaN propagates through max: one pass, no temporary
+        row = int(np.flatnonzero(np.isnan(sims).any(axis=1))[0])
+        raise ValueError(f"similarities contain NaN (row {row})")
+    empty = ~np.isfinite(sims[:, 0])  # sorted rows: a non-finite first column means no neighbour at all
+    if empty.any():
+        row = int(np.flatnonzero(empty)[0])
+        raise ValueError(
+            f"similarity row {row} has no neighbour (first similarity {sims[row, 0]}): "
+            "every query needs at least one finite similarity; was the gallery empty?"
+        )
+    if sims.shape[1] > 1:
+        rising = np.less(sims[:, :-1], sims[:, 1:])  # -inf padding never compares less than -inf
+        if rising.any():
+            row = int(np.flatnonzero(rising.any(axis=1))[0])
+            raise ValueError(f"similarities must be sorted in descending order per row (row {row} is not)")
 
 
 def _collapse_block(sims: np.ndarray, ids: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -123,20 +142,29 @@ def _insert_new(ids: np.ndarray, n_above: int, n_found: int) -> list[str]:
     return (found[:n_above] + [NEW_INDIVIDUAL] + found[n_above:])[:TOP]
 
 
-def predict_top5(similarities: np.ndarray, neighbor_ids: np.ndarray, threshold: float) -> list[list[str]]:
+def predict_top5(similarities: np.ndarray, neighbor_ids: np.ndarray, threshold: float | np.ndarray) -> list[list[str]]:
     """Five predictions per query by the new_individual rule.
 
     Args:
         similarities: (n, k) sorted descending per row.
         neighbor_ids: (n, k) gallery individual id per neighbour (repeats allowed).
-        threshold: individuals at or above it rank before ``new_individual``.
+        threshold: individuals at or above it rank before ``new_individual``;
+            one value, or one per query (e.g. per-species thresholds, see
+            :meth:`SpeciesThresholds.for_queries`).
 
     Returns:
         Per query, five distinct ids (fewer only when the neighbours hold
         fewer than four individuals).
     """
     sims, ids, counts = collapse_by_individual(similarities, neighbor_ids)
-    n_above = (sims >= threshold).sum(axis=1)
+    th = np.asarray(threshold, dtype=np.float64)
+    if th.ndim == 1:
+        if len(th) != len(sims):
+            raise ValueError(f"{len(th)} thresholds for {len(sims)} queries")
+        th = th[:, None]
+    elif th.ndim != 0:
+        raise ValueError(f"threshold must be a number or one per query, got shape {th.shape}")
+    n_above = (sims >= th).sum(axis=1)
     return [_insert_new(ids[q], int(n_above[q]), int(counts[q])) for q in range(len(sims))]
 
 
@@ -194,12 +222,21 @@ def tune_threshold(
         ``predict_top5`` at ``.threshold`` scores exactly ``.map5``.
     """
     sims, ids, _ = collapse_by_individual(similarities, neighbor_ids)
-    truths_arr = np.asarray(truths, dtype=object)
-    if len(truths_arr) != len(sims):
-        raise ValueError(f"{len(truths_arr)} truths for {len(sims)} queries")
-    known = set(np.asarray(neighbor_ids, dtype=object).ravel()) if gallery_ids is None else set(gallery_ids)
-    truths_arr = np.array([t if t in known else NEW_INDIVIDUAL for t in truths_arr], dtype=object)
+    truths_arr = _known_truths(truths, len(sims), neighbor_ids, gallery_ids)
+    return _tune_collapsed(sims, ids, truths_arr)
 
+
+def _known_truths(truths: Sequence[str], n: int, neighbor_ids: np.ndarray, gallery_ids: Sequence[str] | None) -> np.ndarray:
+    """Truths as an object array, with ids absent from the gallery scored as new_individual."""
+    truths_arr = np.asarray(truths, dtype=object)
+    if len(truths_arr) != n:
+        raise ValueError(f"{len(truths_arr)} truths for {n} queries")
+    known = set(np.asarray(neighbor_ids, dtype=object).ravel()) if gallery_ids is None else set(gallery_ids)
+    return np.array([t if t in known else NEW_INDIVIDUAL for t in truths_arr], dtype=object)
+
+
+def _tune_collapsed(sims: np.ndarray, ids: np.ndarray, truths_arr: np.ndarray) -> ThresholdResult:
+    """:func:`tune_threshold` on already collapsed (n, 5) lists and gallery-mapped truths."""
     scores = _scores_by_cut(ids, truths_arr)
     n = len(sims)
     base = scores[:, 0].sum()
@@ -232,3 +269,82 @@ def tune_threshold(
     threshold = float(thresholds[pick])
     new_share = float((sims[:, 0] < threshold).mean())
     return ThresholdResult(threshold, float(curve[pick]), thresholds, curve, new_share)
+
+
+@dataclass
+class SpeciesThresholds:
+    """A threshold per species where validation has enough queries, the global one elsewhere.
+
+    A query's species is the species of its nearest gallery individual (the
+    test set has no species column), the same rule in validation and at test.
+    """
+
+    default: float  # the global threshold, for every other species
+    by_species: dict[str, float]
+    map5: float  # validation MAP@5 with these thresholds (>= the global one's, on validation)
+    global_map5: float
+    table: pd.DataFrame = field(repr=False)  # per species: queries, threshold, MAP@5 own vs global
+
+    def for_queries(self, species: Sequence[str]) -> np.ndarray:
+        """One threshold per query, for :func:`predict_top5`."""
+        return np.array([self.by_species.get(s, self.default) for s in species], dtype=np.float64)
+
+
+def nearest_species(ids: np.ndarray, species_of: dict[str, str]) -> list[str]:
+    """The species of each query's nearest individual (first column of ``ids``; '' when unknown)."""
+    first = np.asarray(ids, dtype=object)
+    first = first[:, 0] if first.ndim == 2 else first
+    return [species_of.get(i, "") for i in first]
+
+
+def tune_species_thresholds(
+    similarities: np.ndarray,
+    neighbor_ids: np.ndarray,
+    truths: Sequence[str],
+    species: Sequence[str],
+    gallery_ids: Sequence[str] | None = None,
+    min_queries: int = 100,
+) -> SpeciesThresholds:
+    """Per-species thresholds, each exact on its species' queries.
+
+    MAP@5 is a mean over queries, so with queries grouped by species the best
+    set of per-species thresholds is each group's own optimum: one exact
+    :func:`tune_threshold` per species with at least ``min_queries``
+    validation queries. Smaller groups keep the global threshold, since an
+    optimum over a few dozen queries mostly fits their noise.
+
+    Args:
+        species: per query, the group it is tuned in (use
+            :func:`nearest_species` so that test queries can be grouped the same way).
+        min_queries: the fewest validation queries for a species' own threshold.
+    """
+    sims, ids, _ = collapse_by_individual(similarities, neighbor_ids)
+    truths_arr = _known_truths(truths, len(sims), neighbor_ids, gallery_ids)
+    species_arr = np.asarray(species, dtype=object)
+    if len(species_arr) != len(sims):
+        raise ValueError(f"{len(species_arr)} species for {len(sims)} queries")
+    overall = _tune_collapsed(sims, ids, truths_arr)
+    # Each query's score at the global threshold, to compare per species.
+    at_global = _scores_by_cut(ids, truths_arr)[np.arange(len(sims)), (sims >= overall.threshold).sum(axis=1)]
+    rows, by_species, total = [], {}, at_global.sum()
+    for name in sorted(set(species_arr)):
+        mask = species_arr == name
+        own_map5 = global_map5 = float(at_global[mask].mean())
+        threshold = overall.threshold
+        if mask.sum() >= min_queries:
+            result = _tune_collapsed(sims[mask], ids[mask], truths_arr[mask])
+            if result.map5 > global_map5 + 1e-12:  # keep the global value when it is as good
+                threshold, own_map5 = result.threshold, result.map5
+                by_species[str(name)] = threshold
+                total += (own_map5 - global_map5) * mask.sum()
+        rows.append(
+            {
+                "species": name,
+                "queries": int(mask.sum()),
+                "threshold": threshold,
+                "own": str(name) in by_species,
+                "map5": own_map5,
+                "map5_at_global": global_map5,
+            }
+        )
+    return SpeciesThresholds(overall.threshold, by_species, float(total / len(sims)), overall.map5, pd.DataFrame(rows))
