@@ -1,0 +1,69 @@
+"""Embedding photos with a model (whale_ml.retrieval.embeddings): unit float32 rows, order kept, flip TTA."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from whale_ml.config import TrainConfig
+from whale_ml.models.embedding import create_embedding_model
+from whale_ml.retrieval.embeddings import embed_paths
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = create_embedding_model(TrainConfig(backbone="test_resnet", image_size=SIZE, embedding_size=16, pretrained=False))
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], list[str]]:
+    """Five asymmetric photos (PNG, so pixels are exact) and their mirror images."""
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    paths, mirrored = [], []
+    for i in range(5):
+        pixels = rng.integers(0, 256, size=(SIZE, SIZE, 3), dtype=np.uint8)
+        pixels[:, : SIZE // 3] = 255 * (i % 2)  # a band on one side only: the mirror really differs
+        img = Image.fromarray(pixels)
+        paths.append(str(folder / f"p{i}.png"))
+        mirrored.append(str(folder / f"p{i}_mirror.png"))
+        img.save(paths[-1])
+        img.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(mirrored[-1])
+    return paths, mirrored
+
+
+def test_unit_float32_rows_in_path_order(model: torch.nn.Module, photos: tuple[list[str], list[str]]) -> None:
+    paths, _ = photos
+    emb = embed_paths(model, paths, SIZE, batch_size=2)
+    assert emb.dtype == np.float32 and emb.shape == (5, 16)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+    # Batching does not change a photo's row, and the rows follow the paths.
+    np.testing.assert_allclose(embed_paths(model, paths[::-1], SIZE, batch_size=3), emb[::-1], atol=1e-5)
+
+
+def test_flip_tta_is_the_renormalised_mean_with_the_mirror_image(model: torch.nn.Module, photos: tuple[list[str], list[str]]) -> None:
+    paths, mirrored = photos
+    plain = embed_paths(model, paths, SIZE)
+    mirror = embed_paths(model, mirrored, SIZE)
+    tta = embed_paths(model, paths, SIZE, flip_tta=True)
+    expected = plain + mirror
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(tta, expected, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(tta, axis=1), 1.0, rtol=1e-5)
+    assert not np.allclose(tta, plain, atol=1e-3), "the mirror image must change the embedding"
+
+
+def test_progress_is_reported_to_the_end(model: torch.nn.Module, photos: tuple[list[str], list[str]]) -> None:
+    seen: list[tuple[int, int]] = []
+    embed_paths(model, photos[0], SIZE, batch_size=2, progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(2, 5), (4, 5), (5, 5)]
+
+
+def test_no_paths_gives_an_empty_matrix(model: torch.nn.Module) -> None:
+    assert embed_paths(model, [], SIZE).shape == (0, 16)
