@@ -76,6 +76,14 @@ class TrainConfig(BaseModel):
     margin: float = Field(0.3, ge=0.0, lt=1.6, description="ArcFace angular margin in radians.")
     scale: float = Field(30.0, gt=0.0, description="ArcFace logit scale (s).")
     sub_centers: int = Field(1, ge=1, description="Sub-centres per class; >1 uses sub-center ArcFace.")
+    dynamic_margin: bool = Field(
+        False, description="Per-individual margin a*n^-b + c (n = its training photos) instead of the fixed margin."
+    )
+    margin_a: float = Field(0.271, ge=0.0, description="Dynamic margin: a (1st place Happywhale: 0.271).")
+    margin_b: float = Field(0.364, ge=0.0, description="Dynamic margin: b, the decay with photo count (0.364).")
+    margin_c: float = Field(0.05, ge=0.0, description="Dynamic margin: c, the floor (0.05).")
+    species_head: bool = Field(False, description="Also train an ArcFace species head on the same embedding.")
+    species_weight: float = Field(0.1, ge=0.0, description="Weight of the species head's loss.")
     epochs: int = Field(60, ge=1)
     batch_size: int = Field(16, ge=2)
     accumulate: int = Field(1, ge=1, description="Batches per optimiser step (gradient accumulation).")
@@ -84,11 +92,17 @@ class TrainConfig(BaseModel):
     lr_backbone: float = Field(2e-3, gt=0.0)
     lr_head: float = Field(2e-2, gt=0.0, description="Learning rate of the embedding head and ArcFace centres.")
     weight_decay: float = Field(1e-4, ge=0.0)
-    warmup_epochs: float = Field(1.0, ge=0.0)
+    schedule: Literal["cosine", "onecycle"] = Field(
+        "cosine", description="Warm-up then cosine, or torch's OneCycleLR; both stepped once per optimiser step."
+    )
+    warmup_epochs: float = Field(1.0, ge=0.0, description="Warm-up length (one-cycle: its rising phase).")
     grad_clip: float = Field(0.0, ge=0.0, description="Max gradient norm; 0 disables clipping.")
     patience: int = Field(0, ge=0, description="Stop after this many epochs without validation gain; 0 disables.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="'auto': bf16 on GPUs that support it, else fp16 with a gradient scaler; fp32 on CPU."
+    )
     seed: int = 0
 
 

@@ -93,16 +93,26 @@ def train_transform(size: int) -> v2.Compose:
 
 
 class ImageDataset(Dataset):
-    """Images from paths, with optional integer labels."""
+    """Images from paths, with optional integer labels (and an optional second label, e.g. species)."""
 
-    def __init__(self, paths: Sequence[str], transform: v2.Compose, labels: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        paths: Sequence[str],
+        transform: v2.Compose,
+        labels: Sequence[int] | None = None,
+        second_labels: Sequence[int] | None = None,
+    ) -> None:
         self.paths = list(paths)
         self.labels = None if labels is None else [int(x) for x in labels]
+        self.second = None if second_labels is None else [int(x) for x in second_labels]
+        if self.second is not None and len(self.second) != len(self.paths):
+            raise ValueError(f"{len(self.second)} second labels for {len(self.paths)} images")
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, int]:
         image = self.transform(load_rgb(self.paths[i]))
-        return image, (self.labels[i] if self.labels is not None else -1)
+        label = self.labels[i] if self.labels is not None else -1
+        return (image, label) if self.second is None else (image, label, self.second[i])

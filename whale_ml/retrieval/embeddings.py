@@ -13,12 +13,22 @@ from whale_ml.data.images import ImageDataset, eval_transform
 from whale_ml.models.embedding import EmbeddingNet
 
 
-def autocast_for(device: torch.device) -> tuple[torch.dtype | None, bool]:
+def autocast_for(device: torch.device, precision: str = "auto") -> tuple[torch.dtype | None, bool]:
     """Mixed precision for a device: (autocast dtype or None, whether a grad scaler is needed).
 
-    bf16 on GPUs that support it (no scaler needed: bf16 has fp32's range),
-    fp16 with a scaler on older GPUs, full fp32 on CPU.
+    ``"auto"``: bf16 on GPUs that support it (no scaler needed: bf16 has fp32's
+    range), fp16 on older GPUs, full fp32 on CPU. An explicit ``"fp16"``
+    always comes with a scaler: without one, small fp16 gradients underflow to
+    zero (one of the reference notebook's defects).
     """
+    if precision == "fp32":
+        return None, False
+    if precision == "bf16":
+        return torch.bfloat16, False
+    if precision == "fp16":
+        return torch.float16, True
+    if precision != "auto":
+        raise ValueError(f"unknown precision {precision!r}: expected auto, fp32, bf16 or fp16")
     if device.type != "cuda":
         return None, False
     if torch.cuda.is_bf16_supported():

@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from pytorch_metric_learning import losses
 from pytorch_metric_learning.samplers import MPerClassSampler
 from torch.utils.data import DataLoader
 
@@ -43,6 +42,7 @@ from whale_ml.models.embedding import EmbeddingNet, create_embedding_model
 from whale_ml.retrieval.embeddings import autocast_for, embed_paths
 from whale_ml.retrieval.gallery import build_index, search_gallery
 from whale_ml.retrieval.ranking import tune_threshold
+from whale_ml.training.losses import create_loss, create_species_loss
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 LogFn = Callable[[str], None]
@@ -64,25 +64,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def create_loss(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
-    """ArcFace (or sub-center ArcFace) from pytorch-metric-learning.
-
-    The library takes the margin in degrees; the recipe states it in radians
-    as the papers and Kaggle write-ups do.
-    """
-    margin_deg = math.degrees(cfg.margin)
-    if cfg.sub_centers > 1:
-        return losses.SubCenterArcFaceLoss(
-            num_classes=num_classes, embedding_size=cfg.embedding_size, margin=margin_deg, scale=cfg.scale, sub_centers=cfg.sub_centers
-        )
-    return losses.ArcFaceLoss(num_classes=num_classes, embedding_size=cfg.embedding_size, margin=margin_deg, scale=cfg.scale)
-
-
-def create_optimizer(cfg: TrainConfig, model: EmbeddingNet, loss: torch.nn.Module) -> torch.optim.Optimizer:
-    """One optimiser, two parameter groups: backbone, and heads + class centres."""
+def create_optimizer(cfg: TrainConfig, model: EmbeddingNet, *loss_modules: torch.nn.Module) -> torch.optim.Optimizer:
+    """One optimiser, two parameter groups: backbone, and heads + class centres (of every loss)."""
+    heads = [*model.head_parameters(), *(p for loss in loss_modules for p in loss.parameters())]
     groups = [
         {"params": list(model.backbone.parameters()), "lr": cfg.lr_backbone, "name": "backbone"},
-        {"params": [*model.head_parameters(), *loss.parameters()], "lr": cfg.lr_head, "name": "head"},
+        {"params": heads, "lr": cfg.lr_head, "name": "head"},
     ]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
@@ -99,6 +86,20 @@ def warmup_cosine(total_steps: int, warmup_steps: int, floor: float = 0.01) -> C
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+def create_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule, sized in optimiser steps (the notebook sized it in batches)."""
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=[g["lr"] for g in optimizer.param_groups],
+            total_steps=total_steps,
+            pct_start=min(0.99, max(warmup_steps / total_steps, 1 / total_steps)),
+        )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps))
 
 
 @dataclass
@@ -215,14 +216,18 @@ def train_fold(
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
 
+    labels = train["label"].to_numpy()
+    if cfg.species_head and "species" not in train.columns:
+        raise ValueError("species_head needs a 'species' column in the training table")
     model = create_embedding_model(cfg).to(device)
-    loss_fn = create_loss(cfg, num_classes).to(device)
+    loss_fn = create_loss(cfg, num_classes, np.bincount(labels, minlength=num_classes)).to(device)
+    species_codes, species_names = pd.factorize(train["species"], sort=True) if cfg.species_head else (None, [])
+    species_fn = create_species_loss(cfg, len(species_names)).to(device) if cfg.species_head else None
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    optimizer = create_optimizer(cfg, model, loss_fn)
+    optimizer = create_optimizer(cfg, model, loss_fn, *([species_fn] if species_fn is not None else []))
 
-    labels = train["label"].to_numpy()
-    dataset = ImageDataset(train["path"].tolist(), train_transform(cfg.image_size), labels)
+    dataset = ImageDataset(train["path"].tolist(), train_transform(cfg.image_size), labels, species_codes)
     n_individuals = len(np.unique(labels))
     use_sampler = cfg.m_per_class > 1 and cfg.batch_size % cfg.m_per_class == 0 and n_individuals * cfg.m_per_class >= cfg.batch_size
     if cfg.m_per_class > 1 and not use_sampler:
@@ -244,9 +249,8 @@ def train_fold(
     )
     batches = len(loader)
     steps_per_epoch = math.ceil(batches / cfg.accumulate)
-    total_steps = steps_per_epoch * cfg.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, int(cfg.warmup_epochs * steps_per_epoch)))
-    amp_dtype, needs_scaler = autocast_for(device)
+    scheduler = create_scheduler(cfg, optimizer, steps_per_epoch)
+    amp_dtype, needs_scaler = autocast_for(device, cfg.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)
 
     start_epoch, best_map5, best_epoch, best_threshold, stale = 1, None, 0, None, 0
@@ -259,6 +263,8 @@ def train_fold(
         if ckpt.get("config") == config_dump and ckpt.get("num_classes") == num_classes and ckpt.get("data") == fingerprint:
             model.load_state_dict(ckpt["model"])
             loss_fn.load_state_dict(ckpt["loss"])
+            if species_fn is not None:
+                species_fn.load_state_dict(ckpt["species_loss"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             scaler.load_state_dict(ckpt["scaler"])
@@ -282,7 +288,7 @@ def train_fold(
         t0 = time.perf_counter()
         running, seen = 0.0, 0
         optimizer.zero_grad(set_to_none=True)
-        for i, (images, targets) in enumerate(loader):
+        for i, (images, targets, *species) in enumerate(loader):
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             if device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -291,6 +297,8 @@ def train_fold(
             with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
                 embeddings = model(images)
             loss = loss_fn(embeddings.float(), targets)
+            if species_fn is not None:
+                loss = loss + cfg.species_weight * species_fn(embeddings.float(), species[0].to(device, non_blocking=True))
             scaler.scale(loss / window).backward()
             if i - window_start + 1 == window:
                 if cfg.grad_clip > 0:
@@ -342,6 +350,7 @@ def train_fold(
             {
                 "model": model.state_dict(),
                 "loss": loss_fn.state_dict(),
+                **({"species_loss": species_fn.state_dict(), "species": list(species_names)} if species_fn is not None else {}),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
