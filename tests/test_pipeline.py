@@ -10,8 +10,10 @@ from pathlib import Path
 
 import dagster as dg
 import mlflow
+import mlflow.pytorch
 import pandas as pd
 import pytest
+import torch
 
 from whale_assets.instance import prepare_dagster_home
 from whale_assets.run import DOWNSTREAM, PER_FOLD, UPSTREAM, load_recipe, run_pipeline
@@ -81,8 +83,19 @@ def test_one_mlflow_run_per_fold_with_epoch_metrics_and_model(pipeline_run: dict
         history = client.get_metric_history(run.info.run_id, "val_map5")
         assert [m.step for m in history] == [1, 2]
         assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 2
-        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
-        assert artifacts == {"model/best.pt", "model/config.json"}
+        assert len(run.data.tags["data_version"]) == 12
+        assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {"model/config.json"}
+        assert {a.path for a in client.list_artifacts(run.info.run_id, "curves")} == {"curves/history.csv", "curves/training_curves.png"}
+    # Each fold's best model is registered, with its signature, under an alias named after the fold.
+    for fold in ("fold0", "fold1"):
+        version = client.get_model_version_by_alias("whale-arcface", fold)
+        assert version.tags["fold"] == fold and version.run_id in {r.info.run_id for r in runs}
+        model = mlflow.pytorch.load_model(f"models:/whale-arcface@{fold}")
+        info = mlflow.models.get_model_info(f"models:/whale-arcface@{fold}")
+        assert info.signature.inputs.to_dict()[0]["tensor-spec"]["dtype"] == "uint8"
+        with torch.no_grad():
+            out = model(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+        assert out.shape == (2, 32)
 
 
 def test_threshold_is_reproducible_from_the_fold_embeddings(pipeline_run: dict) -> None:

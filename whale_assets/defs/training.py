@@ -7,8 +7,9 @@ from whale_assets.partitions import fold_index, fold_partitions
 from whale_assets.resources import MlflowTracking, WhaleHome
 from whale_assets.settings import TrainSettings
 from whale_ml.data.folds import fold_split
+from whale_assets.metadata import figure_md
 from whale_ml.io import write_json
-from whale_ml.training.trainer import train_fold
+from whale_ml.training.trainer import data_fingerprint, load_model, train_fold
 
 
 @dg.asset(
@@ -28,8 +29,9 @@ def arcface_model(
     """The fold's embedding model: a timm backbone with GeM pooling and a BatchNorm
     embedding head, trained with pytorch-metric-learning's ArcFace loss (one optimiser
     over backbone, head and class centres). Validation MAP@5 with new_individual every
-    epoch; the best epoch is kept. One MLflow run per fold with parameters, per-epoch
-    metrics and the model file."""
+    epoch; the best epoch is kept. One MLflow run per fold (tagged with the fold's data
+    version) with parameters, per-epoch metrics, curves, and the best model logged with
+    its signature and registered as ``whale-arcface@<fold>``."""
     import mlflow as mlf
 
     fold = context.partition_key
@@ -42,7 +44,9 @@ def arcface_model(
         f"{fold}: {len(train)} training photos of {train['individual_id'].nunique()} individuals, {len(val)} validation photos"
     )
 
-    with mlflow.start_run(context, run_name=f"arcface_{fold}", tags={"stage": "training", "fold": fold}) as run:
+    data_version = data_fingerprint(train, val)[:12]
+    tags = {"stage": "training", "fold": fold, "data_version": data_version}
+    with mlflow.start_run(context, run_name=f"arcface_{fold}", tags=tags) as run:
         mlf.log_params(
             {**config.model_dump(), "fold": fold, "num_classes": num_classes, "train_images": len(train), "val_images": len(val)}
         )
@@ -60,12 +64,23 @@ def arcface_model(
             if row["epoch"] not in logged:
                 mlf.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
         write_json(out_dir / "config.json", config.model_dump())
-        mlf.log_artifact(str(result.checkpoint), artifact_path="model")
+        history = pd.DataFrame(result.history)
+        history.to_csv(out_dir / "history.csv", index=False)
         mlf.log_artifact(str(out_dir / "config.json"), artifact_path="model")
+        mlf.log_artifact(str(out_dir / "history.csv"), artifact_path="curves")
+        curves = _curves_plot(history)
+        mlf.log_figure(curves, "curves/training_curves.png")
         mlf.log_metrics({"best_val_map5": result.best_map5 or 0.0, "best_epoch": result.best_epoch})
+        model, _ = load_model(result.checkpoint)
+        registered = mlflow.log_embedding_model(
+            model,
+            config.image_size,
+            config.embedding_size,
+            alias=fold,
+            tags={"fold": fold, "data_version": data_version, "dagster_run_id": context.run.run_id, "val_map5": f"{result.best_map5}"},
+        )
         url = mlflow.run_url(run.info.experiment_id, run.info.run_id)
 
-    history = pd.DataFrame(result.history)
     return dg.MaterializeResult(
         metadata={
             "val_map5": float(result.best_map5) if result.best_map5 is not None else float("nan"),
@@ -75,6 +90,28 @@ def arcface_model(
             "train_images_per_second": float(result.images_per_second),
             "checkpoint": dg.MetadataValue.path(str(result.checkpoint)),
             "mlflow_run": dg.MetadataValue.url(url),
+            "registered_model": f"{mlflow.registered_model} v{registered.registered_model_version} @{fold}",
+            "data_version": data_version,
+            "curves": figure_md(curves),
             "history": dg.MetadataValue.md(history.to_markdown(index=False, floatfmt=".4g")),
         }
     )
+
+
+def _curves_plot(history: pd.DataFrame) -> object:
+    """Training loss and validation MAP@5 per epoch, one figure for the UI and MLflow."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(history["epoch"], history["train_loss"], color="tab:blue", label="train loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("train loss")
+    if "val_map5" in history:
+        right = ax.twinx()
+        right.plot(history["epoch"], history["val_map5"], color="tab:red", label="val MAP@5")
+        right.set_ylabel("validation MAP@5")
+    fig.legend(loc="upper center", ncol=2, fontsize=8)
+    return fig
