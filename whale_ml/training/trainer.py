@@ -213,6 +213,9 @@ def train_fold(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp.pt"):  # half-written checkpoints of a killed run (never renamed)
+        log(f"removing {stale.name}, left by an interrupted checkpoint write")
+        stale.unlink(missing_ok=True)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
 
