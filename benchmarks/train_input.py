@@ -62,6 +62,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -189,10 +190,12 @@ def make_loader(paths: list[str], labels: list[int], cfg: TrainConfig, batches_n
 StepFn = Callable[[torch.Tensor, torch.Tensor], float]
 
 
-def make_step(model: EmbeddingNet, loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> StepFn:
+def make_step(
+    model: EmbeddingNet, loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, precision: str
+) -> StepFn:
     """One optimiser step exactly as ``train_fold`` takes it (accumulate=1, no clipping, CPU:
     no autocast and a disabled grad scaler, so plain backward + step)."""
-    amp_dtype, _ = autocast_for(device)
+    amp_dtype, _ = autocast_for(device, precision)
 
     def step(images: torch.Tensor, targets: torch.Tensor) -> float:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
@@ -408,9 +411,10 @@ def main(argv: list[str] | None = None) -> int:
         }
         seed_everything(cfg.seed)
         model = create_embedding_model(cfg).to(device).train()
-        loss_fn = create_loss(cfg, num_classes).to(device)
+        # Photo counts per class, as train_fold passes them (only a dynamic margin uses them).
+        loss_fn = create_loss(cfg, num_classes, np.bincount(labels, minlength=num_classes)).to(device)
         optimizer = create_optimizer(cfg, model, loss_fn)
-        step = make_step(model, loss_fn, optimizer, device)
+        step = make_step(model, loss_fn, optimizer, device, cfg.precision)
         loader = make_loader(paths, labels, cfg, warmup + steps, args.seed)
 
         # (2)'s batches: real augmented crops, drawn once and reused, so that both step

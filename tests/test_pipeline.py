@@ -164,6 +164,29 @@ def test_approximate_gallery_and_per_species_thresholds(pipeline_run: dict) -> N
     assert check.passed
 
 
+def test_fold_model_trained_with_ddp_from_the_asset(pipeline_run: dict) -> None:
+    """``processes: 2`` trains the partition under torchrun; its epochs still reach MLflow and the registry."""
+    from whale_assets.definitions import defs
+
+    recipe = load_recipe(REPO / "configs" / "tiny.yaml")
+    recipe["ops"]["arcface_model"]["config"].update({"processes": 2, "epochs": 1})
+    job = defs().resolve_implicit_global_asset_job_def()
+    result = job.execute_in_process(
+        run_config={"ops": {"arcface_model": recipe["ops"]["arcface_model"]}},
+        instance=dg.DagsterInstance.get(),
+        asset_selection=[dg.AssetKey("arcface_model")],
+        partition_key="fold0",
+    )
+    assert result.success
+    (mat,) = result.asset_materializations_for_node("arcface_model")
+    assert mat.metadata["epochs_run"].value == 1
+    client = mlflow.MlflowClient(tracking_uri=HomeLayout(pipeline_run["home"]).mlflow_uri)
+    run_id = mat.metadata["mlflow_run"].value.rsplit("/", 1)[-1]
+    assert client.get_run(run_id).data.params["processes"] == "2"
+    assert [m.step for m in client.get_metric_history(run_id, "val_map5")] == [1]
+    assert client.get_model_version_by_alias("whale-arcface", "fold0").run_id == run_id
+
+
 def test_rerunning_reuses_crops(pipeline_run: dict) -> None:
     """A second materialisation of the crops rewrites nothing when photos, boxes and size are unchanged."""
     from whale_assets.definitions import defs

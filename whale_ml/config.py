@@ -100,6 +100,9 @@ class TrainConfig(BaseModel):
     patience: int = Field(0, ge=0, description="Stop after this many epochs without validation gain; 0 disables.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    processes: int = Field(
+        1, ge=1, description="Training processes; >1 runs DistributedDataParallel under torchrun (one per GPU; gloo on CPU)."
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="'auto': bf16 on GPUs that support it, else fp16 with a gradient scaler; fp32 on CPU."
     )

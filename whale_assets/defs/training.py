@@ -3,12 +3,13 @@
 import dagster as dg
 import pandas as pd
 
+from whale_assets.metadata import figure_md
 from whale_assets.partitions import fold_index, fold_partitions
 from whale_assets.resources import MlflowTracking, WhaleHome
 from whale_assets.settings import TrainSettings
 from whale_ml.data.folds import fold_split
-from whale_assets.metadata import figure_md
 from whale_ml.io import write_json
+from whale_ml.training.launch import train_fold_distributed
 from whale_ml.training.trainer import data_fingerprint, load_model, train_fold
 
 
@@ -57,7 +58,10 @@ def arcface_model(
             mlf.log_metrics(metrics, step=epoch)
             logged.add(epoch)
 
-        result = train_fold(config, train, val, num_classes, out_dir, on_epoch_end=on_epoch_end, log=context.log.info)
+        if config.processes > 1:  # DDP workers run in their own processes: their epochs are logged below
+            result = train_fold_distributed(config, train, val, num_classes, out_dir, config.processes, log=context.log.info)
+        else:
+            result = train_fold(config, train, val, num_classes, out_dir, on_epoch_end=on_epoch_end, log=context.log.info)
         # Epochs resumed from a checkpoint (or a finished run reused) were logged by an
         # earlier run: log them here too, so that every run shows the whole curve.
         for row in result.history:

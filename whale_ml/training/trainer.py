@@ -33,7 +33,9 @@ import numpy as np
 import pandas as pd
 import torch
 from pytorch_metric_learning.samplers import MPerClassSampler
-from torch.utils.data import DataLoader
+from torch import distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 
 from whale_ml.config import TrainConfig
 from whale_ml.data.images import ImageDataset, train_transform
@@ -56,6 +58,42 @@ def resolve_device(spec: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {spec!r} asked for, but torch sees no CUDA GPU")
     return device
+
+
+def _rank_world() -> tuple[int, int]:
+    """(rank, world size) of a torchrun/DDP process group; (0, 1) when there is none."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _TrainStep(torch.nn.Module):
+    """Model and losses as one module: images and labels in, the training loss out.
+
+    Wrapped whole in DistributedDataParallel, so that the gradients of the class
+    centres are averaged across processes along with the backbone's.
+    """
+
+    def __init__(
+        self,
+        model: EmbeddingNet,
+        loss_fn: torch.nn.Module,
+        species_fn: torch.nn.Module | None,
+        species_weight: float,
+        amp_dtype: torch.dtype | None,
+    ) -> None:
+        super().__init__()
+        self.model, self.loss_fn, self.species_fn = model, loss_fn, species_fn
+        self.species_weight, self.amp_dtype = species_weight, amp_dtype
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor, species: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.autocast(images.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext():
+            embeddings = self.model(images)
+        embeddings = embeddings.float()  # the margin arithmetic in fp32
+        loss = self.loss_fn(embeddings, targets)
+        if self.species_fn is not None and species is not None:
+            loss = loss + self.species_weight * self.species_fn(embeddings, species)
+        return loss
 
 
 def seed_everything(seed: int) -> None:
@@ -211,12 +249,17 @@ def train_fold(
     Returns:
         The best checkpoint (by validation MAP@5, else the last epoch) and history.
     """
+    rank, world = _rank_world()
+    if rank != 0:  # under DDP, rank 0 alone logs, validates and writes checkpoints
+        log, on_epoch_end = (lambda _m: None), None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp.pt"):  # half-written checkpoints of a killed run (never renamed)
+    for stale in out.glob(".*.tmp.pt") if rank == 0 else []:  # half-written checkpoints of a killed run (never renamed)
         log(f"removing {stale.name}, left by an interrupted checkpoint write")
         stale.unlink(missing_ok=True)
     device = resolve_device(cfg.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # set per rank by the launcher
     seed_everything(cfg.seed)
 
     labels = train["label"].to_numpy()
@@ -237,15 +280,20 @@ def train_fold(
         log(
             f"m-per-class sampler off: batch {cfg.batch_size}, m {cfg.m_per_class}, {n_individuals} individuals do not fit; shuffling instead"
         )
-    sampler = (
-        MPerClassSampler(labels, m=cfg.m_per_class, batch_size=cfg.batch_size, length_before_new_iter=len(labels)) if use_sampler else None
-    )
+    if use_sampler and world > 1:
+        log("m-per-class sampler off under DDP: each process takes its shard of a shuffled epoch")
+        use_sampler = False
+    sampler: torch.utils.data.Sampler | None = None
+    if use_sampler:
+        sampler = MPerClassSampler(labels, m=cfg.m_per_class, batch_size=cfg.batch_size, length_before_new_iter=len(labels))
+    elif world > 1:
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
     loader = DataLoader(
         dataset,
         batch_size=cfg.batch_size,
         sampler=sampler,
         shuffle=sampler is None,
-        drop_last=len(dataset) > cfg.batch_size,  # BatchNorm needs >1 image per batch
+        drop_last=len(dataset) > cfg.batch_size * world,  # BatchNorm needs >1 image per batch
         num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=cfg.num_workers > 0,
@@ -255,6 +303,12 @@ def train_fold(
     scheduler = create_scheduler(cfg, optimizer, steps_per_epoch)
     amp_dtype, needs_scaler = autocast_for(device, cfg.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)
+    # One module computes the loss, so that DDP all-reduces the gradients of the class
+    # centres too, not only the backbone's.
+    step: torch.nn.Module = _TrainStep(model, loss_fn, species_fn, cfg.species_weight, amp_dtype)
+    if world > 1:
+        step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
+        log(f"DDP: {world} processes, {batches} batches of {cfg.batch_size} each per epoch ({dist.get_backend()})")
 
     start_epoch, best_map5, best_epoch, best_threshold, stale = 1, None, 0, None, 0
     history: list[dict[str, float]] = []
@@ -287,6 +341,8 @@ def train_fold(
     total_time = 0.0
     stopped_early = bool(cfg.patience and stale >= cfg.patience)
     for epoch in range(start_epoch, 0 if stopped_early else cfg.epochs + 1):
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)  # another shuffle each epoch, the same on every rank
         model.train()
         t0 = time.perf_counter()
         running, seen = 0.0, 0
@@ -297,13 +353,13 @@ def train_fold(
                 images = images.contiguous(memory_format=torch.channels_last)
             window_start = (i // cfg.accumulate) * cfg.accumulate
             window = min(cfg.accumulate, batches - window_start)  # the last window may be short
-            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                embeddings = model(images)
-            loss = loss_fn(embeddings.float(), targets)
-            if species_fn is not None:
-                loss = loss + cfg.species_weight * species_fn(embeddings.float(), species[0].to(device, non_blocking=True))
-            scaler.scale(loss / window).backward()
-            if i - window_start + 1 == window:
+            last_of_window = i - window_start + 1 == window
+            species_targets = species[0].to(device, non_blocking=True) if species else None
+            # Under DDP, all-reduce once per optimiser step, not once per accumulated batch.
+            with step.no_sync() if world > 1 and not last_of_window else nullcontext():  # type: ignore[operator]
+                loss = step(images, targets, species_targets)
+                scaler.scale(loss / window).backward()
+            if last_of_window:
                 if cfg.grad_clip > 0:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
@@ -316,17 +372,18 @@ def train_fold(
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
+        seen *= world  # every rank trained as many images
         total_images += seen
         total_time += elapsed
         metrics: dict[str, float] = {
-            "train_loss": running / max(1, seen),
+            "train_loss": running / max(1, seen / world),
             "images_per_second": seen / max(elapsed, 1e-9),
             "lr_backbone": optimizer.param_groups[0]["lr"],
             "lr_head": optimizer.param_groups[1]["lr"],
             "gem_p": float(model.pool.p.detach()),
         }
         improved = True
-        if len(val):
+        if len(val) and rank == 0:
             map5, threshold = evaluate_fold(model, cfg, train, val, device)
             metrics["val_map5"], metrics["val_threshold"] = map5, threshold
             improved = best_map5 is None or map5 > best_map5
@@ -334,6 +391,9 @@ def train_fold(
                 best_map5, best_threshold = map5, threshold
         if improved:
             best_epoch, stale = epoch, 0
+        else:
+            stale += 1
+        if improved and rank == 0:
             save_checkpoint(
                 best_path,
                 {
@@ -345,35 +405,39 @@ def train_fold(
                     "threshold": best_threshold,
                 },
             )
-        else:
-            stale += 1
         history.append({"epoch": epoch, **metrics})
-        save_checkpoint(
-            last_path,
-            {
-                "model": model.state_dict(),
-                "loss": loss_fn.state_dict(),
-                **({"species_loss": species_fn.state_dict(), "species": list(species_names)} if species_fn is not None else {}),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": _rng_state(),
-                "config": config_dump,
-                "num_classes": num_classes,
-                "data": fingerprint,
-                "epoch": epoch,
-                "best_map5": best_map5,
-                "best_epoch": best_epoch,
-                "best_threshold": best_threshold,
-                "stale": stale,
-                "history": history,
-            },
-        )
+        if rank == 0:
+            save_checkpoint(
+                last_path,
+                {
+                    "model": model.state_dict(),
+                    "loss": loss_fn.state_dict(),
+                    **({"species_loss": species_fn.state_dict(), "species": list(species_names)} if species_fn is not None else {}),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": _rng_state(),
+                    "config": config_dump,
+                    "num_classes": num_classes,
+                    "data": fingerprint,
+                    "epoch": epoch,
+                    "best_map5": best_map5,
+                    "best_epoch": best_epoch,
+                    "best_threshold": best_threshold,
+                    "stale": stale,
+                    "history": history,
+                },
+            )
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         log(f"epoch {epoch}/{cfg.epochs}: {shown}")
         if on_epoch_end is not None:
             on_epoch_end(epoch, metrics)
-        if cfg.patience and stale >= cfg.patience:
+        stop = bool(cfg.patience and stale >= cfg.patience)
+        if world > 1:  # rank 0 alone validated: its decision holds for all (and keeps them in step)
+            decision = [stop]
+            dist.broadcast_object_list(decision, src=0)
+            stop = bool(decision[0])
+        if stop:
             log(f"early stop: no validation gain for {stale} epochs (best {best_map5:.4f} at epoch {best_epoch})")
             break
 
