@@ -160,3 +160,37 @@ def test_pretrained_normalisation_comes_from_timm() -> None:
     white = torch.full((1, 3, 32, 32), 255, dtype=torch.uint8)
     x = (white.float() / 255 - model.mean) / model.std  # what the model feeds its backbone
     assert torch.allclose(x[0, :, 0, 0], (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor((0.229, 0.224, 0.225)), atol=1e-5)
+
+
+def test_average_pooling_option_has_no_learnt_exponent() -> None:
+    cfg = TrainConfig(**TINY, pooling="avg")
+    model = create_embedding_model(cfg)
+    assert "pool.p" not in dict(model.named_parameters()) and float(model.pool.p) == 1.0
+    assert "pool.p" in dict(create_embedding_model(TrainConfig(**TINY)).named_parameters())
+    x = torch.rand(2, 3, 4, 4) + 0.1
+    assert torch.allclose(model.pool(x), x.mean(dim=(2, 3)), atol=1e-6)
+
+
+def test_notebook_recipe_trains(fold, tmp_path: Path) -> None:
+    """configs/notebook.yaml's choices (AutoAugment, SGD, one-cycle, average pooling, s=64) run end to end."""
+    import yaml
+
+    settings = yaml.safe_load((Path(__file__).parent.parent / "configs" / "notebook.yaml").read_text())["ops"]["arcface_model"]["config"]
+    cfg = TrainConfig(**{**settings, **TINY, "epochs": 2, "warmup_epochs": 0.6})
+    train, val, n = fold
+    result = train_fold(cfg, train, val, n, tmp_path, **QUIET)
+    assert cfg.augment == "autoaugment" and cfg.optimizer == "sgd" and cfg.pooling == "avg"
+    assert [h["epoch"] for h in result.history] == [1, 2] and all(h["gem_p"] == 1.0 for h in result.history)
+
+
+@pytest.mark.parametrize("total", [1, 2, 3, 4, 5, 7, 40])
+@pytest.mark.parametrize("warmup_epochs", [0.0, 0.3, 1.0])
+def test_onecycle_any_length_steps_to_the_end(total: int, warmup_epochs: float) -> None:
+    """Short runs (a few optimiser steps) must not break the schedule."""
+    cfg = TrainConfig(**TINY, epochs=total, schedule="onecycle", warmup_epochs=warmup_epochs)
+    opt = create_optimizer(cfg, create_embedding_model(cfg), create_loss(cfg, 3))
+    sched = create_scheduler(cfg, opt, steps_per_epoch=1)
+    for _ in range(total):
+        opt.step()
+        sched.step()
+    assert all(math.isfinite(g["lr"]) for g in opt.param_groups)

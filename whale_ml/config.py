@@ -72,6 +72,7 @@ class TrainConfig(BaseModel):
     weights_file: str | None = Field(None, description="Local backbone weights (.safetensors/.pth) for pretrained=True offline.")
     image_size: int = Field(64, ge=16, description="Training and embedding input size.")
     embedding_size: int = Field(512, ge=8)
+    pooling: Literal["gem", "avg"] = Field("gem", description="GeM with a learnt exponent, or plain average pooling.")
     gem_p: float = Field(3.0, gt=0.0, description="Initial GeM exponent (learnt).")
     margin: float = Field(0.3, ge=0.0, lt=1.6, description="ArcFace angular margin in radians.")
     scale: float = Field(30.0, gt=0.0, description="ArcFace logit scale (s).")
@@ -87,6 +88,9 @@ class TrainConfig(BaseModel):
     epochs: int = Field(60, ge=1)
     batch_size: int = Field(16, ge=2)
     accumulate: int = Field(1, ge=1, description="Batches per optimiser step (gradient accumulation).")
+    augment: Literal["marks", "autoaugment"] = Field(
+        "marks", description="'marks': affine, colour, blur, no mirror; 'autoaugment': torchvision's ImageNet AutoAugment (the notebook's)."
+    )
     m_per_class: int = Field(1, ge=1, description="Images per individual in a batch (m-per-class sampler); 1 = plain shuffle.")
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr_backbone: float = Field(2e-3, gt=0.0)

@@ -73,6 +73,14 @@ def eval_transform(size: int) -> v2.Compose:
     return v2.Compose([v2.Resize((size, size), antialias=True), v2.ToImage(), v2.ToPureTensor()])
 
 
+def autoaugment_transform(size: int) -> v2.Compose:
+    """The reference notebook's training augmentation: torchvision's ImageNet AutoAugment
+    policy (which includes colour inversions, posterising and solarising)."""
+    return v2.Compose(
+        [v2.Resize((size, size), antialias=True), v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET), v2.ToImage(), v2.ToPureTensor()]
+    )
+
+
 def train_transform(size: int) -> v2.Compose:
     """Identity-preserving augmentation: affine, colour, blur; never a mirror flip.
 

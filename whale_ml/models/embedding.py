@@ -23,9 +23,12 @@ class GeM(nn.Module):
     in between that weights the strongest local marks more than the mean.
     """
 
-    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
+    def __init__(self, p: float = 3.0, eps: float = 1e-6, learnable: bool = True) -> None:
         super().__init__()
-        self.p = nn.Parameter(torch.tensor(float(p)))
+        if learnable:
+            self.p = nn.Parameter(torch.tensor(float(p)))
+        else:  # fixed p (p=1: plain average pooling, as the reference notebook pooled)
+            self.register_buffer("p", torch.tensor(float(p)))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,12 +54,13 @@ class EmbeddingNet(nn.Module):
         gem_p: float,
         mean: tuple[float, ...] = (0.485, 0.456, 0.406),
         std: tuple[float, ...] = (0.229, 0.224, 0.225),
+        learn_p: bool = True,
     ) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
         self.backbone = backbone
-        self.pool = GeM(gem_p)
+        self.pool = GeM(gem_p, learnable=learn_p)
         self.fc = nn.Linear(feature_dim, embedding_size)
         self.neck = nn.BatchNorm1d(embedding_size)
 
@@ -101,6 +105,8 @@ def create_embedding_model(cfg: TrainConfig, pretrained: bool | None = None) -> 
     use_pretrained = cfg.pretrained if pretrained is None else pretrained
     backbone, dim = create_backbone(cfg.backbone, use_pretrained, cfg.weights_file if use_pretrained else None)
     mean, std = normalisation(cfg.backbone)
+    if cfg.pooling == "avg":
+        return EmbeddingNet(backbone, dim, cfg.embedding_size, 1.0, mean, std, learn_p=False)
     return EmbeddingNet(backbone, dim, cfg.embedding_size, cfg.gem_p, mean, std)
 
 

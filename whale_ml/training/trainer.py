@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from whale_ml.config import TrainConfig
-from whale_ml.data.images import ImageDataset, train_transform
+from whale_ml.data.images import ImageDataset, autoaugment_transform, train_transform
 from whale_ml.io import atomic_path
 from whale_ml.models.embedding import EmbeddingNet, create_embedding_model
 from whale_ml.retrieval.embeddings import autocast_for, embed_paths
@@ -130,13 +130,16 @@ def create_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_p
     """The learning-rate schedule, sized in optimiser steps (the notebook sized it in batches)."""
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
-    if cfg.schedule == "onecycle":
+    if cfg.schedule == "onecycle" and total_steps >= 3:
+        # OneCycleLR divides by each phase's length in steps: keep both phases >= 1 step.
+        low, high = min(0.5, 2 / total_steps), max(min(0.5, 2 / total_steps), 1 - 2 / total_steps)
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=[g["lr"] for g in optimizer.param_groups],
             total_steps=total_steps,
-            pct_start=min(0.99, max(warmup_steps / total_steps, 1 / total_steps)),
+            pct_start=min(high, max(low, warmup_steps / total_steps)),
         )
+    # (also one-cycle runs of under 3 steps, which have no room for a cycle)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps))
 
 
@@ -273,7 +276,8 @@ def train_fold(
         model = model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer(cfg, model, loss_fn, *([species_fn] if species_fn is not None else []))
 
-    dataset = ImageDataset(train["path"].tolist(), train_transform(cfg.image_size), labels, species_codes)
+    augment = autoaugment_transform(cfg.image_size) if cfg.augment == "autoaugment" else train_transform(cfg.image_size)
+    dataset = ImageDataset(train["path"].tolist(), augment, labels, species_codes)
     n_individuals = len(np.unique(labels))
     use_sampler = cfg.m_per_class > 1 and cfg.batch_size % cfg.m_per_class == 0 and n_individuals * cfg.m_per_class >= cfg.batch_size
     if cfg.m_per_class > 1 and not use_sampler:
