@@ -26,6 +26,14 @@ def figure_md(fig: object) -> dg.MetadataValue:
     return dg.MetadataValue.md(f"![plot](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})")
 
 
+def image_md(image: object, max_side: int = 1280) -> dg.MetadataValue:
+    """A PIL image as an inline PNG (Markdown), shown in the asset's metadata."""
+    buf = io.BytesIO()
+    image.thumbnail((max_side, max_side))  # type: ignore[attr-defined]
+    image.save(buf, format="PNG")  # type: ignore[attr-defined]
+    return dg.MetadataValue.md(f"![contact sheet](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})")
+
+
 def progress_logger(context: dg.AssetExecutionContext, what: str, every_s: float = 10.0) -> Callable[[int, int], None]:
     """A ``progress(done, total)`` callback for long loops: logs the first step, then at
     most every ``every_s`` seconds, and the end, so short work stays quiet."""

@@ -16,17 +16,22 @@ from pydantic import BaseModel, Field
 class MetadataConfig(BaseModel):
     """How the Kaggle CSVs are read."""
 
-    check_files: bool = Field(True, description="Fail when an image listed in a CSV is missing from its folder.")
+    check_files: bool = Field(True, description="Fail when a photo listed in train.csv is missing from train_images/ (a broken data set).")
+    missing_test_images: Literal["prior", "fail"] = Field(
+        "prior",
+        description="A test photo listed but missing: 'prior' keeps its row (it gets the prior answer, with a warning); 'fail' stops.",
+    )
 
 
 class DetectorConfig(BaseModel):
     """Where the animal detector comes from and how it is trained."""
 
-    source: Literal["train", "weights", "none"] = Field(
+    source: Literal["train", "dataset", "weights", "none"] = Field(
         "train",
-        description="'train': an ultralytics YOLO model trained from the box file; "
-        "'weights': a user's .pt file (weights_path); 'none': full frames, no detector.",
+        description="'train': an ultralytics YOLO model trained from the box file; 'dataset': trained on a YOLO-format "
+        "data set (dataset_yaml); 'weights': a user's .pt file (weights_path); 'none': full frames, no detector.",
     )
+    dataset_yaml: str | None = Field(None, description="A YOLO-format data set's data.yaml, used when source='dataset'.")
     model_yaml: str = Field("yolov8n.yaml", description="Ultralytics model yaml to build from (no weight download).")
     weights_path: str | None = Field(None, description="A trained ultralytics .pt file, used when source='weights'.")
     box_file: str = Field("fluke_boxes.csv", description="Box CSV (image,x_min,y_min,x_max,y_max) in the data dir.")
@@ -44,12 +49,23 @@ class BoxConfig(BaseModel):
     min_confidence: float = Field(0.25, ge=0.0, le=1.0, description="Below this the full frame is used instead of a box.")
     expand: float = Field(1.2, ge=1.0, le=3.0, description="Box width and height are multiplied by this (about the centre).")
     batch: int = Field(32, ge=1, description="Images per detector batch.")
+    warn_full_frame_share: float = Field(
+        0.3, ge=0.0, le=1.0, description="The asset check warns when more photos than this share of a split fall back to the full frame."
+    )
 
 
 class CropConfig(BaseModel):
     """The crops cut from the boxes."""
 
     size: int = Field(64, ge=16, description="Side of the square crops written to disk (the training input size).")
+    resize: Literal["stretch", "letterbox"] = Field(
+        "stretch", description="'stretch' the box to the square; 'letterbox' keeps its aspect ratio and pads with black."
+    )
+    bad_train_image: Literal["fail", "exclude"] = Field(
+        "fail",
+        description="A training photo that cannot be read: 'fail' stops the run after listing them all; 'exclude' trains without it.",
+    )
+    contact_sheet: int = Field(12, ge=0, description="Sample photos shown with their box and crop in the metadata (0: none).")
 
 
 class FoldConfig(BaseModel):

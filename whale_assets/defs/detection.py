@@ -1,16 +1,26 @@
 """Stage 2 -- detection: the animal detector, a box for every photo, and the crops."""
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 
-from whale_assets.metadata import progress_logger, table_md
+from whale_assets.metadata import image_md, progress_logger, table_md
 from whale_assets.resources import MlflowTracking, WhaleHome
 from whale_assets.settings import BoxSettings, CropSettings, DetectorSettings
-from whale_ml.detection.crops import write_crops
-from whale_ml.detection.yolo import box_iou_report, detect_boxes, install_weights, read_box_file, train_yolo, write_yolo_dataset
-from whale_ml.io import read_json, write_json
+from whale_ml.detection.crops import contact_sheet, write_crops
+from whale_ml.detection.yolo import (
+    YoloDataset,
+    box_iou_report,
+    detect_boxes,
+    install_weights,
+    read_box_file,
+    read_yolo_dataset,
+    train_yolo,
+    write_yolo_dataset,
+)
+from whale_ml.io import atomic_path, read_json, write_json
 
 
 def _detector_files(whale: WhaleHome) -> tuple[Path, Path]:
@@ -23,7 +33,8 @@ def fluke_detector(
     context: dg.AssetExecutionContext, config: DetectorSettings, whale: WhaleHome, mlflow: MlflowTracking
 ) -> dg.MaterializeResult:
     """The animal detector: an ultralytics YOLO model built from its yaml and trained
-    on the box file (mAP on a held-out share of the boxes), a user's ``.pt``, or none."""
+    on the box file (mAP on a held-out share of the boxes) or on a YOLO-format data set,
+    a user's ``.pt``, or none (full frames)."""
     weights_path, info_path = _detector_files(whale)
     info: dict[str, object] = {"source": config.source, "imgsz": config.imgsz}
     metadata: dict[str, object] = {"source": config.source}
@@ -35,11 +46,20 @@ def fluke_detector(
         install_weights(config.weights_path, weights_path)
         metadata["weights_from"] = dg.MetadataValue.path(config.weights_path)
     else:
-        boxes = read_box_file(whale.data_path / config.box_file)
         work = whale.layout.detector_dir / "work"
-        dataset = write_yolo_dataset(boxes, whale.data_path / "train_images", work / "dataset", config.val_share, config.seed)
+        boxes: pd.DataFrame | None = None
+        if config.source == "dataset":
+            if not config.dataset_yaml:
+                raise ValueError("source='dataset' needs dataset_yaml: the data.yaml of a YOLO-format data set")
+            dataset: YoloDataset = read_yolo_dataset(config.dataset_yaml, work / "dataset_yaml")
+        else:
+            boxes = read_box_file(whale.data_path / config.box_file)
+            dataset = write_yolo_dataset(boxes, whale.data_path / "train_images", work / "dataset", config.val_share, config.seed)
         for line in dataset.skipped:
             context.log.warning(f"box skipped: {line}")
+        if dataset.skipped:
+            skipped = pd.DataFrame([line.split(": ", 1) for line in dataset.skipped], columns=["image", "why"])
+            metadata["skipped_boxes"] = table_md(skipped.head(50))
         context.log.info(f"training {config.model_yaml} on {dataset.n_train} boxed images for {config.epochs} epochs at {config.imgsz}px")
         with mlflow.start_run(context, run_name="fluke_detector", tags={"stage": "detection"}) as run:
             import mlflow as mlf
@@ -67,7 +87,7 @@ def fluke_detector(
                     detect_boxes(val_rows, weights_path, 0.0, 1.0, config.imgsz, device=config.device, home=whale.layout.home),
                     boxes.drop_duplicates("image"),
                 )
-                if len(val_rows)
+                if len(val_rows) and boxes is not None
                 else {}
             )
             scores.update({k: v for k, v in iou.items() if k != "images"})
@@ -88,22 +108,38 @@ def fluke_detector(
     return dg.MaterializeResult(metadata=metadata)
 
 
-@dg.asset(group_name="detection", kinds={"pandas", "ultralytics"}, deps=[fluke_detector], code_version="1", pool="gpu")
+@dg.asset(
+    group_name="detection",
+    kinds={"pandas", "ultralytics"},
+    deps=[fluke_detector],
+    code_version="2",
+    pool="gpu",
+    check_specs=[
+        dg.AssetCheckSpec(
+            "full_frame_share_is_low",
+            asset="bboxes",
+            description="Warns when a split has more full-frame fallbacks than warn_full_frame_share.",
+        )
+    ],
+)
 def bboxes(
     context: dg.AssetExecutionContext,
     config: BoxSettings,
     whale: WhaleHome,
     train_metadata: pd.DataFrame,
     test_metadata: pd.DataFrame,
-) -> dg.MaterializeResult:
+) -> Iterator[dg.Output[pd.DataFrame] | dg.AssetCheckResult]:
     """A crop box for every train and test photo: the detector's most confident box,
     enlarged by ``expand``; the full frame when nothing passes ``min_confidence``
-    (the row's ``note`` says why)."""
+    (the row's ``note`` says why). Fallback shares per split and species, and every
+    unreadable photo, are listed."""
     weights_path, info_path = _detector_files(whale)
     info = read_json(info_path)
     weights = weights_path if info["source"] != "none" and weights_path.exists() else None
     # One pass over both splits: the detector is loaded once.
-    photos = pd.concat([train_metadata.assign(split="train"), test_metadata.assign(split="test")], ignore_index=True)
+    photos = pd.concat(
+        [train_metadata.assign(split="train"), test_metadata.assign(split="test", species="(test: unknown)")], ignore_index=True
+    )
     boxes = detect_boxes(
         photos,
         weights,
@@ -115,23 +151,51 @@ def bboxes(
         progress=progress_logger(context, "boxes"),
     ).assign(split=photos["split"].to_numpy())
     summary = boxes.groupby(["split", "source"]).size().unstack(fill_value=0).reset_index()
-    fallback = float((boxes["source"] != "detector").mean())
-    for row in boxes[boxes["source"] == "unreadable"].itertuples():
-        context.log.warning(f"unreadable photo: {row.note}")
-    return dg.MaterializeResult(
-        value=boxes,
+    boxes["fallback"] = boxes["source"] != "detector"
+    by_species = (
+        boxes.assign(species=photos["species"].to_numpy())
+        .groupby(["split", "species"])
+        .agg(photos=("image", "size"), full_frame_share=("fallback", "mean"))
+        .reset_index()
+        .sort_values(["split", "full_frame_share"], ascending=[True, False])
+    )
+    per_split = boxes.groupby("split")["fallback"].mean()
+    unreadable = boxes.loc[boxes["source"] == "unreadable", ["image", "split", "note"]]
+    for row in unreadable.itertuples():
+        context.log.warning(f"unreadable {row.split} photo: {row.note}")
+    boxes = boxes.drop(columns="fallback")
+    # With no detector every photo is a full frame by choice: nothing to warn about.
+    high = {s: float(v) for s, v in per_split.items() if v > config.warn_full_frame_share} if weights is not None else {}
+    metadata: dict[str, object] = {
+        "dagster/row_count": len(boxes),
+        "full_frame_share": float((boxes["source"] != "detector").mean()),
+        **{f"full_frame_share_{s}": float(v) for s, v in per_split.items()},
+        "mean_confidence": float(boxes.loc[boxes["source"] == "detector", "confidence"].mean())
+        if (boxes["source"] == "detector").any()
+        else 0.0,
+        "by_split_and_source": table_md(summary),
+        "full_frame_by_species": table_md(by_species),
+        "unreadable_photos": len(unreadable),
+    }
+    if len(unreadable):
+        metadata["unreadable"] = table_md(unreadable.head(50))
+    # Output + check result, yielded: a returned MaterializeResult with a value and a
+    # check spec trips Dagster's output typing.
+    yield dg.Output(boxes, metadata=metadata)
+    yield dg.AssetCheckResult(
+        check_name="full_frame_share_is_low",
+        passed=not high,
+        severity=dg.AssetCheckSeverity.WARN,
         metadata={
-            "dagster/row_count": len(boxes),
-            "full_frame_share": fallback,
-            "mean_confidence": float(boxes.loc[boxes["source"] == "detector", "confidence"].mean())
-            if (boxes["source"] == "detector").any()
-            else 0.0,
-            "by_split_and_source": table_md(summary),
+            "threshold": config.warn_full_frame_share,
+            "detector": weights is not None,
+            **{f"{s}_share": float(v) for s, v in per_split.items()},
+            "too_high": ", ".join(f"{s} {v:.0%}" for s, v in high.items()) or "none",
         },
     )
 
 
-@dg.asset(group_name="detection", kinds={"pandas"}, code_version="1")
+@dg.asset(group_name="detection", kinds={"pandas"}, code_version="2")
 def crops(
     context: dg.AssetExecutionContext,
     config: CropSettings,
@@ -140,30 +204,50 @@ def crops(
     train_metadata: pd.DataFrame,
     test_metadata: pd.DataFrame,
 ) -> dg.MaterializeResult:
-    """Square crops of every photo at the training size, written once: a crop whose
-    photo, box and size are unchanged is reused, not rewritten."""
+    """Square crops of every photo at the training size (stretched or letterboxed),
+    written once: a crop whose photo, box, size and mode are unchanged is reused. A
+    training photo that cannot be read stops the run (``bad_train_image: fail``, the
+    default) or is left out (``exclude``); a test photo that cannot be read keeps its
+    row and gets the prior answer. A contact sheet shows sample boxes and crops."""
     paths = dict(zip(train_metadata["image"], train_metadata["path"], strict=True))
     paths.update(zip(test_metadata["image"], test_metadata["path"], strict=True))
     parts = []
     for split in ("train", "test"):
         rows = bboxes[bboxes["split"] == split]
-        written = write_crops(rows, paths, whale.layout.crops_dir / split, config.size, progress_logger(context, f"crops for {split}"))
+        written = write_crops(
+            rows, paths, whale.layout.crops_dir / split, config.size, progress_logger(context, f"crops for {split}"), config.resize
+        )
         parts.append(written.assign(split=split))
     table = pd.concat(parts, ignore_index=True)
     failed = table[table["crop_path"] == ""]
     train_failed = failed[failed["split"] == "train"]
-    if len(train_failed):
-        raise RuntimeError(f"{len(train_failed)} training photo(s) could not be cropped: " + "; ".join(train_failed["error"].head(5)))
-    for row in failed.itertuples():
+    if len(train_failed) and config.bad_train_image == "fail":
+        raise RuntimeError(
+            f"{len(train_failed)} training photo(s) could not be read (set crops' bad_train_image to 'exclude' to train "
+            "without them): " + "; ".join(train_failed["error"].head(10))
+        )
+    for row in train_failed.itertuples():
+        context.log.warning(f"training photo left out: {row.error}")
+    for row in failed[failed["split"] == "test"].itertuples():
         context.log.warning(f"test photo without crop (it gets a prior-only prediction): {row.error}")
-    return dg.MaterializeResult(
-        value=table,
-        metadata={
-            "dagster/row_count": len(table),
-            "written": int(table["written"].sum()),
-            "reused": int((~table["written"] & (table["crop_path"] != "")).sum()),
-            "failed": len(failed),
-            "size": config.size,
-            "crop_dir": dg.MetadataValue.path(str(whale.layout.crops_dir)),
-        },
-    )
+    metadata: dict[str, object] = {
+        "dagster/row_count": len(table),
+        "written": int(table["written"].sum()),
+        "reused": int((~table["written"] & (table["crop_path"] != "")).sum()),
+        "failed": len(failed),
+        "excluded_train_photos": len(train_failed),
+        "size": config.size,
+        "resize": config.resize,
+        "crop_dir": dg.MetadataValue.path(str(whale.layout.crops_dir)),
+    }
+    if len(failed):
+        metadata["failed_photos"] = table_md(failed[["image", "split", "error"]].head(50))
+    if config.contact_sheet:
+        sample = bboxes.merge(table[["image", "crop_path"]], on="image")
+        sample = sample.sample(min(config.contact_sheet, len(sample)), random_state=0).sort_values("image")
+        sheet = contact_sheet(sample, paths)
+        with atomic_path(whale.layout.crops_dir / "contact_sheet.png") as tmp:
+            sheet.save(tmp)
+        metadata["contact_sheet"] = image_md(sheet)
+        metadata["contact_sheet_file"] = dg.MetadataValue.path(str(whale.layout.crops_dir / "contact_sheet.png"))
+    return dg.MaterializeResult(value=table, metadata=metadata)

@@ -1,5 +1,7 @@
 """Stage 1 -- raw: the Kaggle CSVs, validated and normalised."""
 
+from pathlib import Path
+
 import dagster as dg
 import pandas as pd
 
@@ -48,13 +50,21 @@ def train_metadata(context: dg.AssetExecutionContext, config: MetadataSettings, 
 @dg.asset(group_name="raw", kinds={"pandas"}, code_version="1")
 def test_metadata(context: dg.AssetExecutionContext, config: MetadataSettings, whale: WhaleHome) -> dg.MaterializeResult:
     """Test photos in ``sample_submission.csv`` order (the submission's order), checked
-    like the training CSV."""
+    like the training CSV. A listed photo that is missing keeps its row (it will get the
+    prior answer) unless ``missing_test_images`` is ``fail``."""
     _ensure_data(context, whale)
-    df = read_test_metadata(whale.data_path, check_files=config.check_files)
-    return dg.MaterializeResult(
-        value=df,
-        metadata={"dagster/row_count": len(df), "data_dir": dg.MetadataValue.path(str(whale.data_path))},
-    )
+    df = read_test_metadata(whale.data_path, check_files=config.check_files and config.missing_test_images == "fail")
+    missing = [img for img, path in zip(df["image"], df["path"], strict=True) if not Path(path).is_file()]
+    for img in missing:
+        context.log.warning(f"{whale.data_path / 'test_images' / img}: listed but missing; its row will get the prior answer")
+    metadata: dict[str, object] = {
+        "dagster/row_count": len(df),
+        "missing_files": len(missing),
+        "data_dir": dg.MetadataValue.path(str(whale.data_path)),
+    }
+    if missing:
+        metadata["missing"] = dg.MetadataValue.md("\n".join(f"- `{m}`" for m in missing[:50]))
+    return dg.MaterializeResult(value=df, metadata=metadata)
 
 
 @dg.asset_check(asset=train_metadata, blocking=True)

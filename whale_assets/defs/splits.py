@@ -17,6 +17,9 @@ def cv_folds(config: FoldSettings, train_metadata: pd.DataFrame, crops: pd.DataF
     table = train_metadata.merge(
         crops.loc[crops["split"] == "train", ["image", "crop_path"]], on="image", how="left", validate="one_to_one"
     )
+    # Photos the crops stage left out (bad_train_image: exclude) take no part in training.
+    excluded = table["crop_path"].fillna("") == ""
+    table = table[~excluded].reset_index(drop=True)
     folds = make_folds(table, n_folds(), config.new_individual_share, config.seed)
     summary = fold_summary(folds)
     return dg.MaterializeResult(
@@ -26,6 +29,7 @@ def cv_folds(config: FoldSettings, train_metadata: pd.DataFrame, crops: pd.DataF
             "folds": n_folds(),
             "held_out_individuals": int(folds.loc[folds["held_out"], "individual_id"].nunique()),
             "never_validated_images": int((folds["fold"] < 0).sum()),
+            "excluded_images": int(excluded.sum()),
             "fold_table": table_md(summary),
         },
     )

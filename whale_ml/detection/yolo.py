@@ -73,10 +73,16 @@ def write_yolo_dataset(boxes: pd.DataFrame, image_dir: str | Path, out_dir: str 
         if w == 0:
             continue
         x0, y0, x1, y1 = (float(v) for v in (row.x_min, row.y_min, row.x_max, row.y_max))
+        if not all(np.isfinite([x0, y0, x1, y1])):
+            skipped.append(f"{name}: box ({row.x_min}, {row.y_min}, {row.x_max}, {row.y_max}) has a missing coordinate")
+            continue
+        if x0 >= x1 or y0 >= y1:
+            skipped.append(f"{name}: box ({row.x_min}, {row.y_min}, {row.x_max}, {row.y_max}) has x_min >= x_max or y_min >= y_max")
+            continue
         x0, x1 = np.clip([x0, x1], 0, w)
         y0, y1 = np.clip([y0, y1], 0, h)
         if x1 - x0 < 1 or y1 - y0 < 1:
-            skipped.append(f"{name}: box ({row.x_min}, {row.y_min}, {row.x_max}, {row.y_max}) is empty inside the {w}x{h} image")
+            skipped.append(f"{name}: box ({row.x_min}, {row.y_min}, {row.x_max}, {row.y_max}) lies outside the {w}x{h} image")
             continue
         labelled.setdefault(name, []).append(f"0 {(x0 + x1) / 2 / w:.6f} {(y0 + y1) / 2 / h:.6f} {(x1 - x0) / w:.6f} {(y1 - y0) / h:.6f}")
     names = sorted(labelled)
@@ -100,6 +106,51 @@ def write_yolo_dataset(boxes: pd.DataFrame, image_dir: str | Path, out_dir: str 
     yaml = out / "data.yaml"
     yaml.write_text(f"path: {out.resolve()}\ntrain: images/train\nval: {val_dir}\nnames:\n  0: animal\n")
     return YoloDataset(yaml, len(names) - len(val), len(val), sorted(val), skipped)
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def read_yolo_dataset(data_yaml: str | Path, work_dir: str | Path | None = None) -> YoloDataset:
+    """A YOLO-format data set that already exists (``data.yaml`` with ``train`` and ``val``).
+
+    With ``work_dir``, a copy of the yaml with its ``path`` made absolute is written
+    there and used: ultralytics resolves a relative ``path`` against its own
+    settings folder, not against the yaml.
+
+    Raises:
+        FileNotFoundError / ValueError: naming the file and what is missing.
+    """
+    import yaml
+
+    data_yaml = Path(data_yaml)
+    if not data_yaml.is_file():
+        raise FileNotFoundError(f"{data_yaml}: YOLO data set yaml not found")
+    spec = yaml.safe_load(data_yaml.read_text()) or {}
+    missing = [k for k in ("train", "val") if k not in spec]
+    if missing:
+        raise ValueError(f"{data_yaml}: no {' or '.join(missing)} entry (a YOLO data.yaml names its train and val images)")
+    root = Path(spec.get("path") or data_yaml.parent)
+    root = root if root.is_absolute() else (data_yaml.parent / root).resolve()
+
+    def images(entry: str | list[str]) -> list[Path]:
+        found: list[Path] = []
+        for part in [entry] if isinstance(entry, str) else entry:
+            folder = root / part
+            if not folder.exists():
+                raise FileNotFoundError(f"{data_yaml}: {folder} does not exist")
+            found += [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES] if folder.is_dir() else [folder]
+        return found
+
+    train, val = images(spec["train"]), images(spec["val"])
+    if not train:
+        raise ValueError(f"{data_yaml}: no training images under {spec['train']}")
+    if work_dir is not None:
+        copy = Path(work_dir) / "data.yaml"
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_text(yaml.safe_dump({**spec, "path": str(root)}))
+        data_yaml = copy
+    return YoloDataset(data_yaml, len(train), len(val), sorted(p.name for p in val))
 
 
 def _device_arg(device: str) -> str:
