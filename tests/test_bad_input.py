@@ -1,0 +1,176 @@
+"""Bad input never loses the other photos: each bad file gets a message naming it, is listed
+in the metadata, and the run fails or goes on as the documented setting says."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from whale_assets.instance import prepare_dagster_home
+from whale_assets.run import load_recipe, run_pipeline
+from whale_ml.data.images import ImageReadError, load_rgb
+from whale_ml.data.metadata import NEW_INDIVIDUAL, MetadataError, read_train_metadata
+from whale_ml.detection.yolo import write_yolo_dataset
+from whale_ml.settings import HomeLayout
+from whale_ml.submission import prior_predictions
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _png_bomb(path: Path, side: int = 30000) -> None:
+    """A PNG whose header claims side x side pixels (900 MP) with almost no data: a decompression bomb."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+# ---------------------------------------------------------------- one file at a time
+
+
+def test_decompression_bomb_is_refused_without_decoding(tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.jpg"
+    _png_bomb(bomb)
+    with pytest.raises(ImageReadError, match=r"bomb\.jpg: image too large"):
+        load_rgb(bomb)
+
+
+def test_png_with_a_jpg_name_is_read_by_its_content(tmp_path: Path) -> None:
+    path = tmp_path / "really_a_png.jpg"
+    Image.new("RGB", (20, 10), (1, 2, 3)).save(path, format="PNG")
+    assert load_rgb(path).getpixel((0, 0)) == (1, 2, 3)
+
+
+def test_bad_boxes_are_skipped_with_their_reason(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg"):
+        Image.new("RGB", (100, 80)).save(images / name)
+    boxes = pd.DataFrame(
+        [
+            ("a.jpg", 10, 10, 50, 50),  # good
+            ("b.jpg", 60, 10, 20, 50),  # x_min > x_max
+            ("c.jpg", 500, 500, 600, 600),  # outside the 100x80 photo
+            ("d.jpg", 10, np.nan, 50, 50),  # a missing coordinate
+            ("gone.jpg", 1, 1, 5, 5),  # no such photo
+        ],
+        columns=["image", "x_min", "y_min", "x_max", "y_max"],
+    )
+    dataset = write_yolo_dataset(boxes, images, tmp_path / "ds", val_share=0.0, seed=0)
+    reasons = dict(line.split(": ", 1) for line in dataset.skipped)
+    assert set(reasons) == {"b.jpg", "c.jpg", "d.jpg", "gone.jpg"}
+    assert "x_min >= x_max" in reasons["b.jpg"]
+    assert "outside the 100x80 image" in reasons["c.jpg"]
+    assert "missing coordinate" in reasons["d.jpg"]
+    assert "file not found" in reasons["gone.jpg"]
+    assert dataset.n_train == 1  # the good box still trains
+
+
+def test_missing_training_photo_is_a_broken_data_set(tiny_data: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    victim = pd.read_csv(data / "train.csv")["image"].iloc[3]
+    (data / "train_images" / victim).unlink()
+    with pytest.raises(MetadataError, match=victim):
+        read_train_metadata(data)
+
+
+# ---------------------------------------------------------------- through the pipeline
+
+
+@pytest.fixture
+def bad_data(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """The tiny set with one bad file of each kind, and a fresh WHALE_HOME on it."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    train_names = pd.read_csv(data / "train.csv")["image"].tolist()
+    test_names = pd.read_csv(data / "sample_submission.csv")["image"].tolist()
+    bad_train = train_names[5]
+    raw = (data / "train_images" / bad_train).read_bytes()
+    (data / "train_images" / bad_train).write_bytes(raw[: len(raw) // 3])  # truncated JPEG
+    bad_test = {"empty": test_names[0], "missing": test_names[1], "bomb": test_names[2], "png": test_names[3]}
+    (data / "test_images" / bad_test["empty"]).write_bytes(b"")
+    (data / "test_images" / bad_test["missing"]).unlink()
+    _png_bomb(data / "test_images" / bad_test["bomb"])
+    png = data / "test_images" / bad_test["png"]
+    Image.open(png).convert("RGB").save(png, format="PNG")  # a PNG behind a .jpg name: a readable photo
+    boxes = pd.read_csv(data / "fluke_boxes.csv")
+    extra = pd.DataFrame(
+        [(train_names[0], 90, 10, 10, 40), (train_names[1], 5000, 5000, 6000, 6000)], columns=list(boxes.columns)
+    )  # x_min > x_max; outside the photo
+    pd.concat([boxes, extra]).to_csv(data / "fluke_boxes.csv", index=False)
+    home = tmp_path / "home"
+    monkeypatch.setenv("WHALE_HOME", str(home))
+    monkeypatch.setenv("WHALE_DATA_DIR", str(data))
+    monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster_home"))
+    prepare_dagster_home()
+    return {"data": data, "home": home, "bad_train": bad_train, "bad_test": bad_test, "box_rows": train_names[:2]}
+
+
+def test_default_policy_fails_on_a_bad_training_photo_after_reading_all(bad_data: dict) -> None:
+    """A training photo that cannot be read stops the run, naming it; the other photos were all processed."""
+    from whale_assets.definitions import defs
+
+    recipe = load_recipe(REPO / "configs" / "tiny.yaml")
+    job = defs().resolve_implicit_global_asset_job_def()
+    result = job.execute_in_process(
+        run_config={"ops": {k: v for k, v in recipe["ops"].items() if k in ("fluke_detector", "bboxes", "crops")}},
+        instance=dg.DagsterInstance.get(),
+        asset_selection=[dg.AssetKey(k) for k in ("train_metadata", "test_metadata", "fluke_detector", "bboxes", "crops")],
+        raise_on_error=False,
+    )
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE" and e.step_key == "crops")
+    message = failure.event_specific_data.error.to_string()  # the cause chain, with our RuntimeError
+    assert bad_data["bad_train"] in message and "bad_train_image" in message
+    (boxes,) = result.asset_materializations_for_node("bboxes")  # bboxes finished every photo before that
+    listed = boxes.metadata["unreadable"].value
+    assert boxes.metadata["unreadable_photos"].value == 4  # truncated train, empty, missing, bomb
+    for name in [bad_data["bad_train"], *(bad_data["bad_test"][k] for k in ("empty", "missing", "bomb"))]:
+        assert name in listed
+    (detector,) = result.asset_materializations_for_node("fluke_detector")
+    skipped = detector.metadata["skipped_boxes"].value
+    assert all(name in skipped for name in bad_data["box_rows"])
+
+
+def test_exclude_policy_trains_without_it_and_every_test_photo_gets_a_row(bad_data: dict) -> None:
+    recipe = load_recipe(REPO / "configs" / "tiny.yaml")
+    recipe["ops"]["crops"]["config"]["bad_train_image"] = "exclude"
+    recipe["ops"]["arcface_model"]["config"]["epochs"] = 1
+    run_pipeline(recipe, log=lambda _m: None)
+    layout = HomeLayout(bad_data["home"])
+
+    folds = pd.read_parquet(layout.tables / "cv_folds.parquet")
+    assert bad_data["bad_train"] not in set(folds["image"])
+    assert len(folds) == len(pd.read_csv(bad_data["data"] / "train.csv")) - 1
+
+    sample = pd.read_csv(bad_data["data"] / "sample_submission.csv")
+    sub = pd.read_csv(layout.submission, dtype=str, keep_default_na=False)
+    assert sub["image"].tolist() == sample["image"].tolist()  # every listed photo has its row
+    prior = " ".join(prior_predictions(folds["individual_id"].tolist()))
+    by_image = dict(zip(sub["image"], sub["predictions"], strict=True))
+    for kind in ("empty", "missing", "bomb"):
+        assert by_image[bad_data["bad_test"][kind]] == prior, kind
+    assert prior.startswith(NEW_INDIVIDUAL)
+    # The PNG behind a .jpg name was read like any photo: it has a crop and a real prediction.
+    crops = pd.read_parquet(layout.tables / "crops.parquet")
+    assert crops.set_index("image").loc[bad_data["bad_test"]["png"], "crop_path"] != ""
+    instance = dg.DagsterInstance.get()
+    mat = instance.get_latest_materialization_event(dg.AssetKey("crops")).asset_materialization
+    failed = mat.metadata["failed_photos"].value
+    assert mat.metadata["excluded_train_photos"].value == 1
+    for name in [bad_data["bad_train"], *(bad_data["bad_test"][k] for k in ("empty", "missing", "bomb"))]:
+        assert name in failed
+    assert "contact_sheet" in mat.metadata and (layout.crops_dir / "contact_sheet.png").exists()
+    test_mat = instance.get_latest_materialization_event(dg.AssetKey("test_metadata")).asset_materialization
+    assert test_mat.metadata["missing_files"].value == 1
