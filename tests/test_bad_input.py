@@ -138,6 +138,8 @@ def test_default_policy_fails_on_a_bad_training_photo_after_reading_all(bad_data
     assert boxes.metadata["unreadable_photos"].value == 4  # truncated train, empty, missing, bomb
     for name in [bad_data["bad_train"], *(bad_data["bad_test"][k] for k in ("empty", "missing", "bomb"))]:
         assert name in listed
+    (check,) = [c for c in result.get_asset_check_evaluations() if c.check_name == "full_frame_share_is_low"]
+    assert check.metadata["threshold"].value == 0.3 and "test_share" in check.metadata
     (detector,) = result.asset_materializations_for_node("fluke_detector")
     skipped = detector.metadata["skipped_boxes"].value
     assert all(name in skipped for name in bad_data["box_rows"])

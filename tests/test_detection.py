@@ -8,8 +8,16 @@ import pytest
 from PIL import Image
 
 from whale_ml.data.metadata import read_train_metadata
-from whale_ml.detection.crops import write_crops
-from whale_ml.detection.yolo import box_iou, detect_boxes, expand_box, read_box_file, train_yolo, write_yolo_dataset
+from whale_ml.detection.crops import cut_crop, write_crops
+from whale_ml.detection.yolo import (
+    box_iou,
+    detect_boxes,
+    expand_box,
+    read_box_file,
+    read_yolo_dataset,
+    train_yolo,
+    write_yolo_dataset,
+)
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +92,46 @@ def test_crops_are_written_once_and_redone_when_the_box_changes(tiny_data: Path,
     assert redo["written"].tolist() == [True, False, False]
     # No half-written file is ever left under a crop's name.
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_crops_redone_when_the_resize_mode_changes(tiny_data: Path, tmp_path: Path) -> None:
+    meta = read_train_metadata(tiny_data).head(2)
+    paths = dict(zip(meta["image"], meta["path"], strict=True))
+    boxes = detect_boxes(meta, None, 0.25, 1.0, 64)
+    stretched = write_crops(boxes, paths, tmp_path, 32)
+    letterboxed = write_crops(boxes, paths, tmp_path, 32, resize="letterbox")
+    assert letterboxed["written"].all() and set(letterboxed["crop_path"]).isdisjoint(stretched["crop_path"])
+
+
+def test_letterbox_keeps_the_aspect_ratio() -> None:
+    wide = Image.new("RGB", (200, 100), (255, 255, 255))
+    out = cut_crop(wide, (0, 0, 200, 100), 40, "letterbox")
+    assert out.size == (40, 40)
+    assert out.getpixel((20, 2)) == (0, 0, 0) and out.getpixel((20, 20)) == (255, 255, 255)  # black bars above and below
+    stretched = cut_crop(wide, (0, 0, 200, 100), 40)
+    assert stretched.getpixel((20, 2)) == (255, 255, 255)
+    with pytest.raises(ValueError, match="unknown resize mode"):
+        cut_crop(wide, (0, 0, 10, 10), 8, "squash")
+
+
+def test_detector_trains_on_an_existing_yolo_data_set(tiny_data: Path, tmp_path: Path) -> None:
+    """source='dataset': a YOLO-format folder made elsewhere, with a relative path in its yaml."""
+    made = write_yolo_dataset(read_box_file(tiny_data / "fluke_boxes.csv"), tiny_data / "train_images", tmp_path / "theirs", 0.25, 0)
+    yaml_path = made.data_yaml
+    yaml_path.write_text(yaml_path.read_text().replace(f"path: {(tmp_path / 'theirs').resolve()}", "path: ."))
+    dataset = read_yolo_dataset(yaml_path, tmp_path / "work")
+    assert (dataset.n_train, dataset.n_val) == (made.n_train, made.n_val)
+    assert f"path: {(tmp_path / 'theirs').resolve()}" in dataset.data_yaml.read_text()
+    weights, metrics = train_yolo(dataset, tmp_path / "work", epochs=1, imgsz=64, batch=8, device="cpu")
+    assert weights.exists() and set(metrics) == {"map50", "map50_95", "precision", "recall"}
+
+
+def test_yolo_data_set_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="data.yaml"):
+        read_yolo_dataset(tmp_path / "data.yaml")
+    (tmp_path / "data.yaml").write_text("train: images/train\n")
+    with pytest.raises(ValueError, match="no val entry"):
+        read_yolo_dataset(tmp_path / "data.yaml")
+    (tmp_path / "data.yaml").write_text("train: images/train\nval: images/val\n")
+    with pytest.raises(FileNotFoundError, match="images/train does not exist"):
+        read_yolo_dataset(tmp_path / "data.yaml")
