@@ -16,30 +16,49 @@ from whale_ml.settings import HomeLayout, default_data_dir, default_home
 
 
 class WhaleHome(dg.ConfigurableResource):
-    """The data set to read (Kaggle layout) and the home every artifact is written under."""
+    """The data set to read (Kaggle layout) and the home every artifact is written under.
 
-    data_dir: str = Field(default_factory=lambda: str(default_data_dir()), description="Data set folder ($WHALE_DATA_DIR).")
-    home: str = Field(default_factory=lambda: str(default_home()), description="Artifact home ($WHALE_HOME).")
+    Unset fields follow the environment when a run *uses* them, not when the
+    definitions were loaded, so that one process can serve several homes.
+    """
+
+    data_dir: str | None = Field(None, description="Data set folder (default: $WHALE_DATA_DIR, else the demo set in the home).")
+    home: str | None = Field(None, description="Artifact home (default: $WHALE_HOME, else whale_home/ in the checkout).")
+
+    @property
+    def home_path(self) -> Path:
+        return Path(self.home) if self.home else default_home()
 
     @property
     def layout(self) -> HomeLayout:
-        return HomeLayout(Path(self.home))
+        return HomeLayout(self.home_path)
 
     @property
     def data_path(self) -> Path:
-        return Path(self.data_dir)
+        return Path(self.data_dir) if self.data_dir else default_data_dir()
 
     @property
     def is_default_demo(self) -> bool:
         """True when no data set was given and the generated demo set is used."""
-        return Path(self.data_dir).resolve() == (Path(self.home) / "demo_data").resolve()
+        return self.data_path.resolve() == (self.home_path / "demo_data").resolve()
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        configure_environment(Path(self.home))
+        configure_environment(self.home_path)
+
+
+# Home stores this process pointed MLflow at. ``mlflow.set_tracking_uri`` also writes
+# $MLFLOW_TRACKING_URI (for subprocesses), which must not then pass for the user's choice
+# when the home changes (several homes in one process: tests, a long-lived server).
+_HOME_URIS: set[str] = set()
 
 
 def _default_tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or HomeLayout(default_home()).mlflow_uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env and env not in _HOME_URIS:
+        return env
+    uri = HomeLayout(default_home()).mlflow_uri
+    _HOME_URIS.add(uri)
+    return uri
 
 
 class MlflowTracking(dg.ConfigurableResource):
@@ -49,11 +68,12 @@ class MlflowTracking(dg.ConfigurableResource):
     so a retried step logs into the run it started instead of a new one.
     """
 
-    tracking_uri: str = Field(default_factory=_default_tracking_uri, description="MLflow tracking URI ($MLFLOW_TRACKING_URI).")
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the SQLite store in the home)."
+    )
     experiment: str = Field("whale-photo-id", description="MLflow experiment name.")
-    artifact_root: str = Field(
-        default_factory=lambda: str(HomeLayout(default_home()).mlflow_artifacts),
-        description="Artifact location for a newly created experiment (local path or URI).",
+    artifact_root: str | None = Field(
+        None, description="Artifact location for a newly created experiment (default: mlartifacts/ in the home)."
     )
     ui_url: str = Field(
         default_factory=lambda: os.environ.get("WHALE_MLFLOW_UI", "http://127.0.0.1:5000"),
@@ -61,14 +81,20 @@ class MlflowTracking(dg.ConfigurableResource):
     )
     registered_model: str = Field("whale-arcface", description="Model registry name of the fold embedding models.")
 
+    @property
+    def uri(self) -> str:
+        """The tracking URI in force now (the field, else the environment)."""
+        return self.tracking_uri or _default_tracking_uri()
+
     def _experiment_id(self) -> str:
         import mlflow
 
-        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_tracking_uri(self.uri)
         found = mlflow.get_experiment_by_name(self.experiment)
         if found is not None:
             return found.experiment_id
-        location = self.artifact_root if "://" in self.artifact_root else Path(self.artifact_root).resolve().as_uri()
+        root = self.artifact_root or str(HomeLayout(default_home()).mlflow_artifacts)
+        location = root if "://" in root else Path(root).resolve().as_uri()
         try:
             return mlflow.create_experiment(self.experiment, artifact_location=location)
         except Exception:  # created meanwhile by a parallel step
@@ -126,7 +152,7 @@ class MlflowTracking(dg.ConfigurableResource):
             # embeds any batch size. Loading it needs whale_ml importable, as here.
             serialization_format="pickle",
         )
-        client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+        client = mlflow.MlflowClient(tracking_uri=self.uri)
         version = str(info.registered_model_version)
         for key, value in tags.items():
             client.set_model_version_tag(self.registered_model, version, key, value)
