@@ -67,6 +67,8 @@ def test_whole_graph_materialises_and_writes_a_valid_submission(pipeline_run: di
         ("submission_csv", "submission_format"),
         ("train_metadata", "train_metadata_is_clean"),
         ("cv_folds", "folds_hold_out_individuals"),
+        ("fold_embeddings", "embeddings_are_unit_vectors"),
+        ("match_threshold", "threshold_in_range"),
     ]:
         history = instance.event_log_storage.get_asset_check_execution_history(dg.AssetCheckKey(dg.AssetKey(asset), check), limit=1)
         assert history and history[0].status.value == "SUCCEEDED", (asset, check)
@@ -76,6 +78,11 @@ def test_one_mlflow_run_per_fold_with_epoch_metrics_and_model(pipeline_run: dict
     layout = HomeLayout(pipeline_run["home"])
     client = mlflow.MlflowClient(tracking_uri=layout.mlflow_uri)
     experiment = client.get_experiment_by_name("whale-photo-id")
+    # Ultralytics' own MLflow callback is off: it would add its own experiment or untagged runs.
+    assert {e.name for e in client.search_experiments()} <= {"Default", "whale-photo-id"}
+    every_run = client.search_runs([experiment.experiment_id])
+    assert all("dagster.run_id" in r.data.tags for r in every_run)
+    assert any(r.data.tags.get("stage") == "detection" and "map50" in r.data.metrics for r in every_run)
     runs = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'training'")
     assert sorted(r.data.tags["dagster.partition"] for r in runs) == ["fold0", "fold1"]
     for run in runs:
@@ -96,6 +103,17 @@ def test_one_mlflow_run_per_fold_with_epoch_metrics_and_model(pipeline_run: dict
         with torch.no_grad():
             out = model(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
         assert out.shape == (2, 32)
+
+
+def test_each_fold_has_a_champion_in_the_registry(pipeline_run: dict) -> None:
+    client = mlflow.MlflowClient(tracking_uri=HomeLayout(pipeline_run["home"]).mlflow_uri)
+    for fold in ("fold0", "fold1"):
+        newest = client.get_model_version_by_alias("whale-arcface", fold)
+        assert client.get_model_version_by_alias("whale-arcface", f"challenger_{fold}").version == newest.version
+        assert client.get_model_version_by_alias("whale-arcface", f"champion_{fold}").version == newest.version
+        assert {"recipe", "backbone", "data_version", "val_map5"} <= set(newest.tags)
+    mat = dg.DagsterInstance.get().get_latest_materialization_event(dg.AssetKey("champion_models")).asset_materialization
+    assert "first model of this fold" in mat.metadata["champions"].value
 
 
 def test_threshold_is_reproducible_from_the_fold_embeddings(pipeline_run: dict) -> None:

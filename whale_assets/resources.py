@@ -159,6 +159,59 @@ class MlflowTracking(dg.ConfigurableResource):
         client.set_registered_model_alias(self.registered_model, alias, version)
         return info
 
+    def promote_challengers(self, folds: list[str]) -> list[dict[str, object]]:
+        """Champion/challenger per fold: the newest version (alias ``<fold>``) becomes
+        ``challenger_<fold>``, and ``champion_<fold>`` too when its validation MAP@5 is at
+        least the champion's on the same fold data (``data_version`` tag). A champion
+        validated on other data is not comparable, so the challenger replaces it.
+
+        Returns one row per fold: both versions, their scores and the decision.
+        """
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        client = mlflow.MlflowClient(tracking_uri=self.uri)
+        name = self.registered_model
+
+        def by_alias(alias: str) -> Any:
+            try:
+                return client.get_model_version_by_alias(name, alias)
+            except MlflowException:
+                return None
+
+        def score(version: Any) -> float:
+            try:
+                return float(version.tags.get("val_map5", "nan"))
+            except ValueError:
+                return float("nan")
+
+        rows: list[dict[str, object]] = []
+        for fold in folds:
+            new, champion = by_alias(fold), by_alias(f"champion_{fold}")
+            row: dict[str, object] = {"fold": fold, "challenger": None, "challenger_map5": None, "champion_before": None}
+            if new is None:
+                rows.append({**row, "decision": "no registered model for this fold"})
+                continue
+            client.set_registered_model_alias(name, f"challenger_{fold}", new.version)
+            row.update({"challenger": int(new.version), "challenger_map5": score(new)})
+            if champion is not None:
+                row.update({"champion_before": int(champion.version), "champion_map5": score(champion)})
+            if champion is None:
+                promote, why = True, "first model of this fold"
+            elif champion.version == new.version:
+                promote, why = True, "already champion"
+            elif champion.tags.get("data_version") != new.tags.get("data_version"):
+                promote, why = True, "champion was validated on other data: not comparable"
+            elif score(new) >= score(champion):
+                promote, why = True, f"val MAP@5 {score(new):.4f} >= champion's {score(champion):.4f}"
+            else:
+                promote, why = False, f"val MAP@5 {score(new):.4f} < champion's {score(champion):.4f}: champion kept"
+            if promote:
+                client.set_registered_model_alias(name, f"champion_{fold}", new.version)
+            row.update({"champion_after": int(new.version if promote else champion.version), "decision": why})
+            rows.append(row)
+        return rows
+
 
 def _version(package: str) -> str:
     from importlib.metadata import version

@@ -25,7 +25,7 @@ from whale_ml.settings import default_data_dir, default_home
 
 UPSTREAM = ["train_metadata", "test_metadata", "fluke_detector", "bboxes", "crops", "cv_folds"]
 PER_FOLD = ["arcface_model", "fold_embeddings"]
-DOWNSTREAM = ["gallery", "match_threshold", "submission_csv", "submission_score"]
+DOWNSTREAM = ["champion_models", "gallery", "match_threshold", "submission_csv", "submission_score"]
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 

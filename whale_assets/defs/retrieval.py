@@ -26,7 +26,19 @@ from whale_ml.training.trainer import load_model, resolve_device
 
 
 @dg.asset(
-    group_name="retrieval", kinds={"pytorch", "numpy"}, partitions_def=fold_partitions, deps=["arcface_model"], code_version="1", pool="gpu"
+    group_name="retrieval",
+    kinds={"pytorch", "numpy"},
+    partitions_def=fold_partitions,
+    deps=["arcface_model"],
+    code_version="1",
+    pool="gpu",
+    check_specs=[
+        dg.AssetCheckSpec(
+            "embeddings_are_unit_vectors",
+            asset="fold_embeddings",
+            description="Every embedding finite and of unit length (what inner-product search assumes).",
+        )
+    ],
 )
 def fold_embeddings(
     context: dg.AssetExecutionContext, config: EmbedSettings, whale: WhaleHome, crops: pd.DataFrame
@@ -37,7 +49,7 @@ def fold_embeddings(
     device = resolve_device(config.device)
     model, cfg = load_model(whale.layout.model_dir(fold) / "best.pt", device)
     out = whale.layout.embeddings_dir(fold)
-    counts = {}
+    counts, worst = {}, 0.0
     for split in ("train", "test"):
         rows = crops[(crops["split"] == split) & (crops["crop_path"] != "")]
         emb = embed_paths(
@@ -54,6 +66,8 @@ def fold_embeddings(
             raise FloatingPointError(f"{fold}: non-finite {split} embeddings; the model checkpoint is broken")
         save_embeddings(out, split, emb, rows["image"].tolist())
         counts[split] = len(emb)
+        if len(emb):
+            worst = max(worst, float(np.abs(np.linalg.norm(emb, axis=1) - 1.0).max()))
     if device.type == "cuda":
         torch.cuda.empty_cache()  # give the memory back before the next partition's training
     return dg.MaterializeResult(
@@ -63,7 +77,14 @@ def fold_embeddings(
             "dimension": cfg.embedding_size,
             "flip_tta": config.flip_tta,
             "folder": dg.MetadataValue.path(str(out)),
-        }
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name="embeddings_are_unit_vectors",
+                passed=worst <= 1e-3,
+                metadata={"max_norm_deviation": worst, "embeddings": counts["train"] + counts["test"]},
+            )
+        ],
     )
 
 
@@ -205,3 +226,14 @@ def match_threshold(
         metadata["mlflow_run"] = dg.MetadataValue.url(mlflow.run_url(run.info.experiment_id, run.info.run_id))
     metadata["map5_curve"] = figure_md(fig)
     return dg.MaterializeResult(value=value, metadata=metadata)
+
+
+@dg.asset_check(asset=match_threshold, description="The threshold is a finite cosine similarity and its MAP@5 a probability.")
+def threshold_in_range(match_threshold: dict) -> dg.AssetCheckResult:
+    threshold, map5 = float(match_threshold["threshold"]), float(match_threshold["map5"])
+    species = {k: float(v) for k, v in (match_threshold.get("species_thresholds") or {}).items()}
+    in_range = [t for t in [threshold, *species.values()] if np.isfinite(t) and -1.0 - 1e-5 <= t <= 1.0 + 1e-5]
+    return dg.AssetCheckResult(
+        passed=len(in_range) == 1 + len(species) and 0.0 <= map5 <= 1.0,
+        metadata={"threshold": threshold, "oof_map5": map5, "species_thresholds": len(species)},
+    )

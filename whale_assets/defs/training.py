@@ -1,9 +1,12 @@
 """Stage 4 -- training: one ArcFace model per fold partition, logged to MLflow."""
 
+import hashlib
+import json
+
 import dagster as dg
 import pandas as pd
 
-from whale_assets.metadata import figure_md
+from whale_assets.metadata import figure_md, table_md
 from whale_assets.partitions import fold_index, fold_partitions
 from whale_assets.resources import MlflowTracking, WhaleHome
 from whale_assets.settings import TrainSettings
@@ -81,7 +84,14 @@ def arcface_model(
             config.image_size,
             config.embedding_size,
             alias=fold,
-            tags={"fold": fold, "data_version": data_version, "dagster_run_id": context.run.run_id, "val_map5": f"{result.best_map5}"},
+            tags={
+                "fold": fold,
+                "data_version": data_version,
+                "recipe": hashlib.sha1(json.dumps(config.model_dump(), sort_keys=True).encode()).hexdigest()[:12],
+                "backbone": config.backbone,
+                "dagster_run_id": context.run.run_id,
+                "val_map5": f"{result.best_map5}",
+            },
         )
         url = mlflow.run_url(run.info.experiment_id, run.info.run_id)
 
@@ -119,3 +129,21 @@ def _curves_plot(history: pd.DataFrame) -> object:
         right.set_ylabel("validation MAP@5")
     fig.legend(loc="upper center", ncol=2, fontsize=8)
     return fig
+
+
+@dg.asset(group_name="training", kinds={"mlflow"}, deps=[arcface_model], code_version="1")
+def champion_models(context: dg.AssetExecutionContext, mlflow: MlflowTracking) -> dg.MaterializeResult:
+    """Champion/challenger in the MLflow registry: each fold's newest model becomes
+    ``whale-arcface@challenger_<fold>``, and ``@champion_<fold>`` only if its validation
+    MAP@5 is at least the champion's on the same fold data."""
+    rows = mlflow.promote_challengers(fold_partitions.get_partition_keys())
+    for row in rows:
+        context.log.info(f"{row['fold']}: {row['decision']}")
+    table = pd.DataFrame(rows)
+    return dg.MaterializeResult(
+        metadata={
+            "registered_model": mlflow.registered_model,
+            "promoted": int(sum(r.get("champion_after") == r.get("challenger") and r["challenger"] is not None for r in rows)),
+            "champions": table_md(table),
+        }
+    )
