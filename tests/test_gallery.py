@@ -245,3 +245,17 @@ def test_ensemble_of_nothing_raises() -> None:
     """An empty model list is an error."""
     with pytest.raises(ValueError):
         store.ensemble([])
+
+
+def test_best_photo_per_prediction_points_at_the_most_similar_photo() -> None:
+    from whale_ml.retrieval.review import best_photo_per_prediction, review_sheet
+
+    gallery = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [0.6, 0.8]])
+    ids = np.array(["a", "b", "b", "c"], dtype=object)
+    index = build_index(gallery)
+    (found,) = best_photo_per_prediction(index, ids, np.array([[0.0, 1.0]]), [["b", "new_individual", "c", "zz"]])
+    assert found[0] == (2, pytest.approx(1.0))  # b's photo 2, not photo 1
+    assert found[1][0] == -1 and found[3][0] == -1  # new_individual, and an id never retrieved
+    assert found[2] == (3, pytest.approx(0.8))
+    sheet = review_sheet(["/nonexistent.jpg"], [["b", "new_individual", "c", "zz", "a"]], [[*found, (0, 0.0)]], ["/x"] * 4, ["b"], tile=32)
+    assert sheet.size == (6 * 32, 32 + 14)  # unreadable photos are framed, not fatal

@@ -58,6 +58,13 @@ def test_whole_graph_materialises_and_writes_a_valid_submission(pipeline_run: di
         assert len(preds) == 5 and len(set(preds)) == 5
         assert set(preds) <= train_ids | {NEW_INDIVIDUAL}
 
+    # The match-review sheet: a real image of the sampled test photos and their matches.
+    sub_mat = instance.get_latest_materialization_event(dg.AssetKey("submission_csv")).asset_materialization
+    assert "match_review" in sub_mat.metadata
+    from PIL import Image
+
+    assert Image.open(layout.home / "match_review.png").size[0] == 6 * 112
+
     # Headline numbers reach the command line.
     assert summary["submission"] == str(layout.submission)
     assert 0.0 <= summary["map5"] <= 1.0 and math.isfinite(summary["oof_map5"])

@@ -6,11 +6,12 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from whale_assets.metadata import table_md
+from whale_assets.metadata import image_md, table_md
 from whale_assets.resources import WhaleHome
 from whale_ml.data.metadata import NEW_INDIVIDUAL, read_truth
-from whale_ml.io import read_json
+from whale_ml.io import atomic_path, read_json
 from whale_ml.retrieval import load_index, nearest_species, predict_top5, search_gallery
+from whale_ml.retrieval.review import best_photo_per_prediction, review_sheet
 from whale_ml.retrieval.store import load_embeddings
 from whale_ml.submission import make_submission, prior_predictions, score_submission, submission_problems, write_submission
 
@@ -35,14 +36,17 @@ def submission_csv(
     test_metadata: pd.DataFrame,
     train_metadata: pd.DataFrame,
     match_threshold: dict[str, Any],
+    crops: pd.DataFrame,
 ) -> dg.MaterializeResult:
     """``submission.csv`` in Kaggle's format: for each test photo in
     ``sample_submission.csv`` order, five ids by the new_individual rule at the tuned
     threshold (its species' own one where tuned); a photo that could not be read gets
-    the prior answer."""
+    the prior answer. A match-review sheet shows sample test photos beside the gallery
+    photos they were matched to."""
     g = whale.layout.gallery_dir
     index = load_index(g / "index.faiss")
-    gallery_ids = pd.read_csv(g / "gallery_ids.csv", dtype=str, keep_default_na=False)["individual_id"].to_numpy()
+    gallery = pd.read_csv(g / "gallery_ids.csv", dtype=str, keep_default_na=False)
+    gallery_ids = gallery["individual_id"].to_numpy()
     queries, query_images = load_embeddings(g, "queries")
     sims, ids = search_gallery(index, gallery_ids, queries, k=int(read_json(g / "gallery.json")["k"]))
     by_species: dict[str, float] = match_threshold.get("species_thresholds") or {}
@@ -60,8 +64,10 @@ def submission_csv(
     expected_ids = min(5, 1 + len(set(gallery_ids)))
     problems = submission_problems(path, test_metadata["image"].tolist(), expected_ids)
     top1_new = float(sum(p[0] == NEW_INDIVIDUAL for p in predictions) / max(1, len(predictions)))
+    review = _match_review(whale, index, gallery, queries, query_images, found, crops)
     return dg.MaterializeResult(
         metadata={
+            **review,
             "path": dg.MetadataValue.path(str(path)),
             "dagster/row_count": len(sub),
             "threshold": float(match_threshold["threshold"]),
@@ -98,3 +104,34 @@ def submission_score(context: dg.AssetExecutionContext, whale: WhaleHome) -> dg.
             "truth_new_share": always_new,
         }
     )
+
+
+def _match_review(
+    whale: WhaleHome,
+    index: Any,
+    gallery: pd.DataFrame,
+    queries: np.ndarray,
+    query_images: list[str],
+    found: dict[str, list[str]],
+    crops: pd.DataFrame,
+    n: int = 8,
+) -> dict[str, Any]:
+    """Metadata entries for the match-review sheet of ``n`` sample test photos."""
+    if not query_images:
+        return {}
+    crop_of = dict(zip(crops["image"], crops["crop_path"], strict=True))
+    rows = sorted(np.random.default_rng(0).choice(len(query_images), min(n, len(query_images)), replace=False).tolist())
+    names = [query_images[r] for r in rows]
+    preds = [found[name] for name in names]
+    matches = best_photo_per_prediction(index, gallery["individual_id"].to_numpy(), queries[rows], preds)
+    truth = read_truth(whale.data_path)
+    truths = None
+    if truth is not None:
+        known = set(gallery["individual_id"])
+        truth_of = dict(zip(truth["image"], truth["individual_id"], strict=True))
+        truths = [t if (t := truth_of.get(name, "?")) in known else NEW_INDIVIDUAL for name in names]
+    sheet = review_sheet([crop_of[x] for x in names], preds, matches, [crop_of.get(x, "") for x in gallery["image"]], truths)
+    path = whale.layout.home / "match_review.png"
+    with atomic_path(path) as tmp:
+        sheet.save(tmp)
+    return {"match_review": image_md(sheet), "match_review_file": dg.MetadataValue.path(str(path))}
