@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from whale_ml.config import TrainConfig
 from whale_ml.models.embedding import create_embedding_model
@@ -67,3 +69,21 @@ def test_progress_is_reported_to_the_end(model: torch.nn.Module, photos: tuple[l
 
 def test_no_paths_gives_an_empty_matrix(model: torch.nn.Module) -> None:
     assert embed_paths(model, [], SIZE).shape == (0, 16)
+
+
+def test_decoding_on_the_device_matches_the_pil_path(model: torch.nn.Module, tmp_path: Path) -> None:
+    """decode='device' (decode_jpeg on the model's device; here the CPU) gives the PIL path's embeddings:
+    the same pixels for crops at the model's size, close ones after a resize, and PIL for non-JPEGs."""
+    rng = np.random.default_rng(1)
+    paths = []
+    for i, (w, h, fmt) in enumerate([(SIZE, SIZE, "JPEG"), (SIZE, SIZE, "JPEG"), (SIZE, SIZE, "PNG"), (3 * SIZE, 2 * SIZE, "JPEG")]):
+        pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        path = tmp_path / f"c{i}.{'jpg' if fmt == 'JPEG' else 'png'}"
+        Image.fromarray(pixels).filter(ImageFilter.SMOOTH).save(path, format=fmt)
+        paths.append(str(path))
+    cpu = embed_paths(model, paths, SIZE, batch_size=3)
+    dev = embed_paths(model, paths, SIZE, batch_size=3, decode="device")
+    np.testing.assert_allclose(dev[:3], cpu[:3], atol=1e-5)  # same decoder (libjpeg-turbo), no resize; PNG via PIL
+    assert float(dev[3] @ cpu[3]) > 0.98  # resized on the device: bilinear vs PIL's, nearly the same
+    with pytest.raises(ValueError, match="unknown decode"):
+        embed_paths(model, paths, SIZE, decode="gpu")

@@ -136,6 +136,10 @@ class EmbedConfig(BaseModel):
     flip_tta: bool = Field(False, description="Average the embeddings of each image and its mirror image (renormalised).")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes for embedding.")
     device: str = Field("auto", description="'auto' (GPU when there is one), 'cpu', 'cuda' or 'cuda:N'.")
+    decode: Literal["cpu", "device"] = Field(
+        "cpu",
+        description="Decode JPEG crops with PIL in the loader ('cpu') or in batches on the model's device ('device': nvJPEG on a GPU).",
+    )
 
 
 class GalleryConfig(BaseModel):

@@ -61,6 +61,7 @@ def fold_embeddings(
             config.flip_tta,
             config.num_workers,
             progress=progress_logger(context, f"{fold} {split} embeddings"),
+            decode=config.decode,
         )
         if not np.isfinite(emb).all():
             raise FloatingPointError(f"{fold}: non-finite {split} embeddings; the model checkpoint is broken")

@@ -1,4 +1,11 @@
-"""Embedding images with a trained model: L2-normalised float32, optional flip TTA."""
+"""Embedding images with a trained model: L2-normalised float32, optional flip TTA.
+
+Two input paths. ``decode="cpu"`` (default): loader workers decode and resize each
+photo with PIL. ``decode="device"``: workers only read the file bytes, and JPEGs
+are decoded in batches by ``torchvision.io.decode_jpeg`` on the model's device
+(nvJPEG on a GPU), which removes the CPU decoding bound of fast GPUs; anything
+that is not a JPEG, or fails to decode there, falls back to the PIL path.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +14,10 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_jpeg
 
-from whale_ml.data.images import ImageDataset, eval_transform
+from whale_ml.data.images import ImageDataset, eval_transform, load_rgb
 from whale_ml.models.embedding import EmbeddingNet
 
 
@@ -36,6 +44,45 @@ def autocast_for(device: torch.device, precision: str = "auto") -> tuple[torch.d
     return torch.float16, True
 
 
+class _FileBytes(Dataset):
+    """The raw bytes of each file (decoded later, on the device)."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        with open(self.paths[i], "rb") as f:
+            return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8), i
+
+
+def _as_list(batch: list[tuple[torch.Tensor, int]]) -> tuple[list[torch.Tensor], list[int]]:
+    return [b for b, _ in batch], [i for _, i in batch]
+
+
+def _decode_on_device(data: list[torch.Tensor], rows: list[int], paths: Sequence[str], size: int, device: torch.device) -> torch.Tensor:
+    """A uint8 (N, 3, size, size) batch on ``device``: JPEGs decoded there, the rest via PIL."""
+    out: list[torch.Tensor | None] = [None] * len(data)
+    jpeg = [k for k, d in enumerate(data) if len(d) > 3 and d[0] == 0xFF and d[1] == 0xD8]
+    if jpeg:
+        try:
+            decoded = decode_jpeg([data[k] for k in jpeg], mode=ImageReadMode.RGB, device=device)
+            for k, img in zip(jpeg, decoded, strict=True):
+                out[k] = img
+        except RuntimeError:  # one bad file fails the batch: decode those on the CPU path instead
+            pass
+    cpu = eval_transform(size)
+    for k, img in enumerate(out):
+        if img is None:
+            out[k] = cpu(load_rgb(paths[rows[k]])).to(device)
+        elif img.shape[-2:] != (size, size):  # crops are written at the model's size; others are resized
+            resized = torch.nn.functional.interpolate(img[None].float(), size=(size, size), mode="bilinear", antialias=True)
+            out[k] = resized[0].round().clamp(0, 255).to(torch.uint8)
+    return torch.stack(out)  # type: ignore[arg-type]
+
+
 @torch.inference_mode()
 def embed_paths(
     model: EmbeddingNet,
@@ -46,6 +93,7 @@ def embed_paths(
     flip_tta: bool = False,
     num_workers: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    decode: str = "cpu",
 ) -> np.ndarray:
     """Embeddings of images, in the order of ``paths``.
 
@@ -55,19 +103,25 @@ def embed_paths(
         mirror's embeddings.
     """
     device = torch.device(device)
+    if decode not in ("cpu", "device"):
+        raise ValueError(f"unknown decode {decode!r}: expected 'cpu' or 'device'")
+    on_device = decode == "device"
     loader = DataLoader(
-        ImageDataset(paths, eval_transform(image_size)),
+        _FileBytes(paths) if on_device else ImageDataset(paths, eval_transform(image_size)),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        pin_memory=device.type == "cuda",
+        pin_memory=device.type == "cuda" and not on_device,
+        collate_fn=_as_list if on_device else None,
     )
     was_training = model.training
     model.eval()
     amp_dtype, _ = autocast_for(device)
     chunks = []
     done = 0
-    for images, _ in loader:
+    for images, rows in loader:
+        if on_device:
+            images = _decode_on_device(images, rows, paths, image_size, device)
         images = images.to(device, non_blocking=True)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
