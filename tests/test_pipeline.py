@@ -212,6 +212,23 @@ def test_fold_model_trained_with_ddp_from_the_asset(pipeline_run: dict) -> None:
     assert client.get_model_version_by_alias("whale-arcface", "fold0").run_id == run_id
 
 
+def test_rethreshold_job_reruns_only_its_stage(pipeline_run: dict) -> None:
+    """The named jobs resolve; the cheap re-threshold job touches the threshold and submission only."""
+    from whale_assets.definitions import defs
+
+    d = defs()
+    for name in ("prepare_data", "train_folds", "ensemble_and_submit", "rethreshold_and_submit"):
+        d.resolve_job_def(name)
+    assert d.resolve_job_def("train_folds").partitions_def is not None
+    result = d.resolve_job_def("rethreshold_and_submit").execute_in_process(
+        run_config={"ops": {"match_threshold": {"config": {"per_species": True, "species_min_queries": 3}}}},
+        instance=dg.DagsterInstance.get(),
+    )
+    assert result.success
+    materialised = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert materialised == {"match_threshold", "submission_csv", "submission_score"}
+
+
 def test_rerunning_reuses_crops(pipeline_run: dict) -> None:
     """A second materialisation of the crops rewrites nothing when photos, boxes and size are unchanged."""
     from whale_assets.definitions import defs
