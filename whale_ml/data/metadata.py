@@ -7,6 +7,7 @@ one fix-and-rerun is enough.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -166,3 +167,21 @@ def read_truth(data_dir: str | Path) -> pd.DataFrame | None:
     if not csv.exists():
         return None
     return _read_csv(csv, ("image", "individual_id"))
+
+
+def training_data_fingerprint(data_dir: str | Path) -> str:
+    """A digest of ``train.csv`` (its bytes) and of every file in ``train_images/`` (name,
+    size, modification time): it changes with a new row, a new photo or a replaced one."""
+    import hashlib
+
+    data_dir = Path(data_dir)
+    h = hashlib.sha1()
+    csv = data_dir / "train.csv"
+    h.update(csv.read_bytes() if csv.exists() else b"<no train.csv>")
+    image_dir = data_dir / "train_images"
+    if image_dir.is_dir():
+        for entry in sorted(os.scandir(image_dir), key=lambda e: e.name):
+            if entry.is_file():
+                st = entry.stat()
+                h.update(f"{entry.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
