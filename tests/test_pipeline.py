@@ -229,6 +229,26 @@ def test_rethreshold_job_reruns_only_its_stage(pipeline_run: dict) -> None:
     assert materialised == {"match_threshold", "submission_csv", "submission_score"}
 
 
+def test_a_fold_rerun_makes_the_ensemble_stages_due(pipeline_run: dict) -> None:
+    """With the pipeline up to date nothing is due; after one fold is retrained, the stages
+    after the folds are (what rebuild_after_folds then materialises)."""
+    from whale_assets.definitions import defs
+
+    d = defs()
+    instance = dg.DagsterInstance.get()
+    after = {"champion_models", "gallery", "match_threshold", "submission_csv", "submission_score"}
+    first = dg.evaluate_automation_conditions(defs=d, instance=instance)
+    assert first.total_requested == 0
+    recipe = load_recipe(REPO / "configs" / "tiny.yaml")
+    recipe["ops"]["arcface_model"]["config"]["epochs"] = 1
+    ops = {k: recipe["ops"][k] for k in ("arcface_model", "fold_embeddings")}
+    assert d.resolve_job_def("train_folds").execute_in_process(run_config={"ops": ops}, instance=instance, partition_key="fold1").success
+    second = dg.evaluate_automation_conditions(defs=d, instance=instance, cursor=first.cursor)
+    due = {name for name in after if second.get_num_requested(dg.AssetKey(name))}
+    assert second.total_requested == len(due)  # nothing else (no fold, no upstream asset) is due
+    assert {"champion_models", "gallery", "match_threshold"} <= due
+
+
 def test_rerunning_reuses_crops(pipeline_run: dict) -> None:
     """A second materialisation of the crops rewrites nothing when photos, boxes and size are unchanged."""
     from whale_assets.definitions import defs

@@ -52,3 +52,21 @@ def test_sensor_is_off_until_switched_on() -> None:
     sensor = defs().resolve_sensor_def("training_data_changed")
     assert sensor.default_status == dg.DefaultSensorStatus.STOPPED
     assert sensor.job_name == "prepare_data"
+
+
+def test_weekly_retrain_requests_every_fold_and_is_off_until_switched_on() -> None:
+    import datetime
+
+    from whale_assets.definitions import defs
+
+    d = defs()
+    schedule = d.resolve_schedule_def("weekly_retrain")
+    assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
+    assert schedule.cron_schedule == "0 3 * * 0"
+    when = datetime.datetime(2026, 11, 29, 3, 0, tzinfo=datetime.timezone.utc)
+    context = dg.build_schedule_context(scheduled_execution_time=when, repository_def=d.get_repository_def())
+    requests = schedule.evaluate_tick(context).run_requests
+    assert sorted(r.partition_key for r in requests) == ["fold0", "fold1"]
+    assert len({r.run_key for r in requests}) == 2
+    sensor = d.resolve_sensor_def("rebuild_after_folds")
+    assert sensor.default_status == dg.DefaultSensorStatus.STOPPED

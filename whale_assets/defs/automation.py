@@ -1,8 +1,12 @@
-"""Sensors: the pipeline notices new or changed training data."""
+"""Automation: a sensor for new training data, a retraining schedule, and the sensor
+that rebuilds everything after the fold models. All are off until switched on."""
+
+import os
 
 import dagster as dg
 
-from whale_assets.defs.jobs import prepare_data
+from whale_assets.defs.jobs import prepare_data, train_folds
+from whale_assets.partitions import fold_partitions
 from whale_assets.resources import WhaleHome
 from whale_ml.data.metadata import training_data_fingerprint
 
@@ -20,3 +24,25 @@ def training_data_changed(context: dg.SensorEvaluationContext, whale: WhaleHome)
         return dg.SkipReason("training data unchanged")
     context.log.info(f"training data changed in {whale.data_path}: requesting {prepare_data.name}")
     return dg.SensorResult(run_requests=[dg.RunRequest(run_key=fingerprint)], cursor=fingerprint)
+
+
+rebuild_after_folds = dg.AutomationConditionSensorDefinition(
+    "rebuild_after_folds",
+    target=dg.AssetSelection.assets("champion_models", "gallery", "match_threshold", "submission_csv", "submission_score"),
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description="Rebuilds champion/challenger, gallery, threshold and submission once fold models are newer (off until switched on).",
+)
+
+
+def _retrain_cron() -> str:
+    """``$WHALE_RETRAIN_CRON``; default weekly, Sunday 03:00."""
+    return os.environ.get("WHALE_RETRAIN_CRON", "0 3 * * 0")
+
+
+@dg.schedule(job=train_folds, cron_schedule=_retrain_cron(), default_status=dg.DefaultScheduleStatus.STOPPED)
+def weekly_retrain(context: dg.ScheduleEvaluationContext) -> list[dg.RunRequest]:
+    """Retrains every fold model (one run per fold partition) on the schedule's cron
+    (``$WHALE_RETRAIN_CRON``, default weekly); with ``rebuild_after_folds`` on, the
+    gallery, threshold and submission follow. Off until switched on in the UI."""
+    tick = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "manual"
+    return [dg.RunRequest(partition_key=fold, run_key=f"{fold}@{tick}") for fold in fold_partitions.get_partition_keys()]

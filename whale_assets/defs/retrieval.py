@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from whale_assets.automation import AFTER_FOLDS
 from whale_assets.metadata import figure_md, progress_logger, table_md
 from whale_assets.partitions import fold_index, fold_partitions
 from whale_assets.resources import MlflowTracking, WhaleHome
@@ -89,7 +90,7 @@ def fold_embeddings(
     )
 
 
-@dg.asset(group_name="retrieval", kinds={"faiss"}, deps=[fold_embeddings], code_version="2")
+@dg.asset(group_name="retrieval", kinds={"faiss"}, deps=[fold_embeddings], code_version="2", automation_condition=AFTER_FOLDS)
 def gallery(
     context: dg.AssetExecutionContext, config: GallerySettings, whale: WhaleHome, train_metadata: pd.DataFrame
 ) -> dg.MaterializeResult:
@@ -152,7 +153,7 @@ def _curve_plot(thresholds: np.ndarray, curve: np.ndarray, chosen: float) -> obj
     return fig
 
 
-@dg.asset(group_name="retrieval", kinds={"numpy", "mlflow"}, deps=[fold_embeddings], code_version="2")
+@dg.asset(group_name="retrieval", kinds={"numpy", "mlflow"}, deps=[fold_embeddings], code_version="2", automation_condition=AFTER_FOLDS)
 def match_threshold(
     context: dg.AssetExecutionContext,
     config: ThresholdSettings,

@@ -6,6 +6,7 @@ import json
 import dagster as dg
 import pandas as pd
 
+from whale_assets.automation import AFTER_FOLDS
 from whale_assets.metadata import figure_md, table_md
 from whale_assets.partitions import fold_index, fold_partitions
 from whale_assets.resources import MlflowTracking, WhaleHome
@@ -131,7 +132,7 @@ def _curves_plot(history: pd.DataFrame) -> object:
     return fig
 
 
-@dg.asset(group_name="training", kinds={"mlflow"}, deps=[arcface_model], code_version="1")
+@dg.asset(group_name="training", kinds={"mlflow"}, deps=[arcface_model], code_version="1", automation_condition=AFTER_FOLDS)
 def champion_models(context: dg.AssetExecutionContext, mlflow: MlflowTracking) -> dg.MaterializeResult:
     """Champion/challenger in the MLflow registry: each fold's newest model becomes
     ``whale-arcface@challenger_<fold>``, and ``@champion_<fold>`` only if its validation
