@@ -12,6 +12,9 @@ DAGSTER_YAML = """\
 # Written by whale_assets.instance; edit freely, it is not overwritten.
 telemetry:
   enabled: false
+# No "join the community" sign-up dialog in the UI (it needs the internet anyway).
+nux:
+  enabled: false
 # GPU-heavy assets (detector, training, embeddings) are in the "gpu" pool; to run
 # them one at a time across runs: `dagster instance concurrency set gpu 1`.
 """

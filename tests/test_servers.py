@@ -1,0 +1,223 @@
+"""The real Dagster server: `dagster dev` on 127.0.0.1, driven through its GraphQL API as
+the UI drives it, and its lineage page opened in headless Chromium.
+
+The server runs in its own process group with a temporary DAGSTER_HOME and WHALE_HOME
+on the tiny data set, and is stopped by process group at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from whale_assets.run import DOWNSTREAM, PER_FOLD, UPSTREAM
+
+REPO = Path(__file__).resolve().parent.parent
+LOCATION, REPOSITORY = "whale_photo_id", "__repository__"
+ARTIFACTS = Path(os.environ.get("WHALE_TEST_ARTIFACTS", REPO / "test-artifacts"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Dagster:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def graphql(self, query: str, variables: dict | None = None) -> dict:
+        body = json.dumps({"query": query, "variables": variables or {}}).encode()
+        req = urllib.request.Request(f"{self.url}/graphql", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            out = json.loads(resp.read())
+        assert "errors" not in out, out["errors"]
+        return out["data"]
+
+    def launch(self, job: str, run_config: dict, partition: str | None = None) -> str:
+        """launchRun, as the UI's launchpad does; returns the run id."""
+        tags = [{"key": "dagster/partition", "value": partition}] if partition else []
+        data = self.graphql(
+            """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) {
+                 __typename ... on LaunchRunSuccess { run { runId } }
+                 ... on PythonError { message } ... on RunConfigValidationInvalid { errors { message } } } }""",
+            {
+                "p": {
+                    "selector": {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY, "jobName": job},
+                    "runConfigData": run_config,
+                    "executionMetadata": {"tags": tags},
+                }
+            },
+        )["launchRun"]
+        assert data["__typename"] == "LaunchRunSuccess", data
+        return data["run"]["runId"]
+
+    def wait(self, run_id: str, timeout: float = 420) -> dict:
+        """Poll the run until it ends; return its status, materialisations and check results."""
+        deadline = time.monotonic() + timeout
+        while True:
+            run = self.graphql(
+                """query($id: ID!) { runOrError(runId: $id) { ... on Run { status
+                     assetMaterializations { assetKey { path } partition }
+                     eventConnection(limit: 5000) { events { __typename
+                       ... on AssetCheckEvaluationEvent { evaluation { checkName success } }
+                       ... on ExecutionStepFailureEvent { error { message } } } } } } }""",
+                {"id": run_id},
+            )["runOrError"]
+            if run["status"] in ("SUCCESS", "FAILURE", "CANCELED"):
+                return run
+            assert time.monotonic() < deadline, f"run {run_id} still {run['status']}"
+            time.sleep(2)
+
+
+@pytest.fixture(scope="module")
+def dagster_dev(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dagster]:
+    home = tmp_path_factory.mktemp("server") / "home"
+    env = {
+        **os.environ,
+        "WHALE_HOME": str(home),
+        "WHALE_DATA_DIR": str(tiny_data),
+        "DAGSTER_HOME": str(home / "dagster_home"),
+        "WHALE_N_FOLDS": "2",
+        "DAGSTER_DISABLE_TELEMETRY": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    subprocess.run(
+        [sys.executable, "-c", "from whale_assets.instance import prepare_dagster_home; prepare_dagster_home()"], env=env, check=True
+    )
+    port = _free_port()
+    dagster = Path(sys.executable).with_name("dagster")
+    log = open(home / "dagster_dev.log", "w")  # noqa: SIM115 - open for the server's lifetime
+    proc = subprocess.Popen(
+        [str(dagster), "dev", "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    server = Dagster(f"http://127.0.0.1:{port}")
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                status = server.graphql("{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus } } } }")
+                entries = status["workspaceOrError"]["locationEntries"]
+                if entries and all(e["loadStatus"] == "LOADED" for e in entries):
+                    break
+            except (OSError, AssertionError):
+                pass
+            assert proc.poll() is None, (home / "dagster_dev.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "dagster dev did not come up in 120 s"
+            time.sleep(1)
+        yield server
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def _config(*ops: str) -> dict:
+    recipe = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    # In-process steps: one process per run instead of one per step (each re-imports torch).
+    return {"ops": {k: v for k, v in recipe["ops"].items() if k in ops}, "execution": {"config": {"in_process": {}}}}
+
+
+def _materialised(run: dict) -> set[tuple[str, str | None]]:
+    return {("/".join(m["assetKey"]["path"]), m["partition"]) for m in run["assetMaterializations"]}
+
+
+def _checks(run: dict) -> dict[str, bool]:
+    return {e["evaluation"]["checkName"]: e["evaluation"]["success"] for e in run["eventConnection"]["events"] if "evaluation" in e}
+
+
+def test_whole_graph_through_graphql_then_one_fold_again(dagster_dev: Dagster) -> None:
+    stages = [
+        ("prepare_data", None, UPSTREAM),
+        ("train_folds", "fold0", PER_FOLD),
+        ("train_folds", "fold1", PER_FOLD),
+        ("ensemble_and_submit", None, DOWNSTREAM),
+    ]
+    checks: dict[str, bool] = {}
+    for job, partition, assets in stages:
+        run = dagster_dev.wait(dagster_dev.launch(job, _config(*assets), partition))
+        assert run["status"] == "SUCCESS", [e for e in run["eventConnection"]["events"] if "error" in e]
+        assert {a for a, _ in _materialised(run)} == set(assets)
+        if partition:
+            assert {p for _, p in _materialised(run)} == {partition}
+        checks.update(_checks(run))
+    assert checks == {
+        "train_metadata_is_clean": True,
+        "full_frame_share_is_low": checks["full_frame_share_is_low"],  # a WARN check: reported, either way
+        "folds_hold_out_individuals": True,
+        "embeddings_are_unit_vectors": True,
+        "threshold_in_range": True,
+        "submission_format": True,
+    }
+
+    # A single-partition rerun, launched the same way: only fold1's assets are materialised.
+    run = dagster_dev.wait(dagster_dev.launch("train_folds", _config(*PER_FOLD), "fold1"))
+    assert run["status"] == "SUCCESS"
+    assert _materialised(run) == {("arcface_model", "fold1"), ("fold_embeddings", "fold1")}
+
+    # The asset graph now knows every asset, and the ones after the folds are out of date.
+    nodes = dagster_dev.graphql("{ assetNodes { assetKey { path } } }")["assetNodes"]
+    assert {"/".join(n["assetKey"]["path"]) for n in nodes} >= set(UPSTREAM + PER_FOLD + DOWNSTREAM)
+
+
+GROUPS = ("raw", "detection", "splits", "training", "retrieval", "submission")
+
+
+def _browser() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(_browser() is None, reason="needs headless Chromium (make test installs it from Debian packages when it can)")
+def test_lineage_pages_in_headless_chromium(dagster_dev: Dagster, tmp_path: Path) -> None:
+    """The pages a user opens first, rendered by a real browser: the global lineage lists the
+    asset groups, each group's lineage its assets, the catalog every asset. Screenshots are kept."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    common = [
+        str(_browser()),
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1600,1000",
+        "--virtual-time-budget=20000",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+
+    def page(path: str, shot: str | None = None) -> str:
+        url = f"{dagster_dev.url}/{path}"
+        if shot:
+            subprocess.run([*common, f"--screenshot={ARTIFACTS / shot}", url], capture_output=True, timeout=120, check=False)
+            assert (ARTIFACTS / shot).stat().st_size > 10_000, f"no screenshot of {url}"
+        return subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=False).stdout
+
+    lineage = page("asset-groups", "dagster_lineage.png")
+    assert all(group in lineage for group in GROUPS), "the lineage page lists every asset group"
+    assert "Join the Dagster community" not in lineage  # nux is off in the generated dagster.yaml
+    retrieval = page(f"locations/{LOCATION}/asset-groups/retrieval", "dagster_lineage_retrieval.png")
+    assert all(asset in retrieval for asset in ("fold_embeddings", "gallery", "match_threshold"))
+    catalog = page("assets")
+    missing = [a for a in UPSTREAM + PER_FOLD + DOWNSTREAM if a not in catalog]
+    assert not missing, f"not in the catalog: {missing}"
