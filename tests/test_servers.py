@@ -135,6 +135,51 @@ def dagster_dev(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         log.close()
 
 
+def test_materialize_all_as_the_ui_does(dagster_dev: Dagster) -> None:
+    """'Materialize all' on the lineage page: one asset backfill over every asset and both folds."""
+    keys = [{"path": [k]} for k in UPSTREAM + PER_FOLD + DOWNSTREAM]
+    data = dagster_dev.graphql(
+        """mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) {
+             __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }""",
+        {"p": {"assetSelection": keys, "allPartitions": True, "runConfigData": _config(*UPSTREAM, *PER_FOLD, *DOWNSTREAM)}},
+    )["launchPartitionBackfill"]
+    assert data["__typename"] == "LaunchBackfillSuccess", data
+    backfill = data["backfillId"]
+    deadline = time.monotonic() + 600
+    while True:
+        status = dagster_dev.graphql(
+            "query($id: String!) { partitionBackfillOrError(backfillId: $id) { ... on PartitionBackfill { status } } }", {"id": backfill}
+        )["partitionBackfillOrError"]["status"]
+        if status not in ("REQUESTED", "IN_PROGRESS"):
+            break
+        assert time.monotonic() < deadline, f"backfill {backfill} still {status}"
+        time.sleep(3)
+    runs = dagster_dev.graphql(
+        """query($t: [ExecutionTag!]) { runsOrError(filter: {tags: $t}) { ... on Runs { results { status
+             assetMaterializations { assetKey { path } partition }
+             eventConnection(limit: 5000) { events { __typename
+               ... on AssetCheckEvaluationEvent { evaluation { checkName success } } } } } } } }""",
+        {"t": [{"key": "dagster/backfill", "value": backfill}]},
+    )["runsOrError"]["results"]
+    assert status in ("COMPLETED", "COMPLETED_SUCCESS"), (status, [r["status"] for r in runs])
+    done = {("/".join(m["assetKey"]["path"]), m["partition"]) for r in runs for m in r["assetMaterializations"]}
+    assert {a for a, _ in done} == set(UPSTREAM + PER_FOLD + DOWNSTREAM)
+    assert {p for a, p in done if a == "arcface_model"} == {"fold0", "fold1"}
+    # Each unpartitioned asset once, after the folds it depends on.
+    assert sum(1 for r in runs for m in r["assetMaterializations"] if m["assetKey"]["path"] == ["gallery"]) == 1
+    checks: dict[str, bool] = {}
+    for r in runs:
+        checks.update(_checks(r))
+    assert checks == {
+        "train_metadata_is_clean": True,
+        "full_frame_share_is_low": checks["full_frame_share_is_low"],  # a WARN check: reported, either way
+        "folds_hold_out_individuals": True,
+        "embeddings_are_unit_vectors": True,
+        "threshold_in_range": True,
+        "submission_format": True,
+    }
+
+
 def _config(*ops: str) -> dict:
     recipe = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     # In-process steps: one process per run instead of one per step (each re-imports torch).
@@ -149,36 +194,13 @@ def _checks(run: dict) -> dict[str, bool]:
     return {e["evaluation"]["checkName"]: e["evaluation"]["success"] for e in run["eventConnection"]["events"] if "evaluation" in e}
 
 
-def test_whole_graph_through_graphql_then_one_fold_again(dagster_dev: Dagster) -> None:
-    stages = [
-        ("prepare_data", None, UPSTREAM),
-        ("train_folds", "fold0", PER_FOLD),
-        ("train_folds", "fold1", PER_FOLD),
-        ("ensemble_and_submit", None, DOWNSTREAM),
-    ]
-    checks: dict[str, bool] = {}
-    for job, partition, assets in stages:
-        run = dagster_dev.wait(dagster_dev.launch(job, _config(*assets), partition))
-        assert run["status"] == "SUCCESS", [e for e in run["eventConnection"]["events"] if "error" in e]
-        assert {a for a, _ in _materialised(run)} == set(assets)
-        if partition:
-            assert {p for _, p in _materialised(run)} == {partition}
-        checks.update(_checks(run))
-    assert checks == {
-        "train_metadata_is_clean": True,
-        "full_frame_share_is_low": checks["full_frame_share_is_low"],  # a WARN check: reported, either way
-        "folds_hold_out_individuals": True,
-        "embeddings_are_unit_vectors": True,
-        "threshold_in_range": True,
-        "submission_format": True,
-    }
-
-    # A single-partition rerun, launched the same way: only fold1's assets are materialised.
+def test_single_fold_rerun_through_graphql(dagster_dev: Dagster) -> None:
+    """After the whole graph (the test above), rerun fold1 alone from the launchpad: only
+    fold1's partitions are materialised, and the graph still knows every asset."""
     run = dagster_dev.wait(dagster_dev.launch("train_folds", _config(*PER_FOLD), "fold1"))
-    assert run["status"] == "SUCCESS"
+    assert run["status"] == "SUCCESS", [e for e in run["eventConnection"]["events"] if "error" in e]
     assert _materialised(run) == {("arcface_model", "fold1"), ("fold_embeddings", "fold1")}
-
-    # The asset graph now knows every asset, and the ones after the folds are out of date.
+    assert _checks(run) == {"embeddings_are_unit_vectors": True}
     nodes = dagster_dev.graphql("{ assetNodes { assetKey { path } } }")["assetNodes"]
     assert {"/".join(n["assetKey"]["path"]) for n in nodes} >= set(UPSTREAM + PER_FOLD + DOWNSTREAM)
 

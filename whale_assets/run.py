@@ -12,6 +12,7 @@ materialisations, checks and logs. Three stages, in-process:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -57,11 +58,14 @@ def run_pipeline(recipe: dict[str, Any], folds: Sequence[str] | None = None, log
     import dagster as dg
 
     from whale_assets.definitions import defs as load_defs
+    from whale_assets.instance import release_dead_cli_runs
     from whale_assets.partitions import fold_partitions
 
     defs = load_defs()
     job = defs.resolve_implicit_global_asset_job_def()
     instance = dg.DagsterInstance.get()
+    for run_id in release_dead_cli_runs(instance):
+        log(f"run {run_id} of a killed `whale run` marked failed; its gpu pool slot is free again")
     all_folds = fold_partitions.get_partition_keys()
     folds = list(folds or all_folds)
     unknown = set(folds) - set(all_folds)
@@ -77,7 +81,7 @@ def run_pipeline(recipe: dict[str, Any], folds: Sequence[str] | None = None, log
             instance=instance,
             partition_key=partition,
             asset_selection=[dg.AssetKey(k) for k in keys],
-            tags={"whale/launched_by": "whale run"},
+            tags={"whale/launched_by": "whale run", "whale/pid": str(os.getpid())},
         )
         log(f"    done in {time.perf_counter() - t0:.0f} s (run {result.run_id})")
         return result
