@@ -40,10 +40,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from whale_ml.data.folds import fold_split
 from whale_ml.data.metadata import NEW_INDIVIDUAL, read_train_metadata, read_truth
 from whale_ml.retrieval import build_index, map_at_5, predict_top5, search_gallery, tune_threshold
-from whale_ml.retrieval.store import ensemble, load_embeddings
+from whale_ml.retrieval.store import ensemble, load_embeddings, out_of_fold_search
 from whale_ml.settings import HomeLayout, default_data_dir, default_home
 
 DEPTH = 50  # individuals kept per model before fusing
@@ -51,13 +50,7 @@ DEPTH = 50  # individuals kept per model before fusing
 
 def oof_threshold(layout: HomeLayout, folds: pd.DataFrame, names: list[str]) -> tuple[float, float, float]:
     sims_all, ids_all, truths = [], [], []
-    for i, name in enumerate(names):
-        emb, images = load_embeddings(layout.embeddings_dir(name), "train")
-        row = {img: j for j, img in enumerate(images)}
-        train, val = fold_split(folds, i)
-        s, ids = search_gallery(
-            build_index(emb[[row[x] for x in train["image"]]]), train["individual_id"].to_numpy(), emb[[row[x] for x in val["image"]]]
-        )
+    for _, _, val, s, ids in out_of_fold_search(folds, layout.embeddings_dir, names):
         sims_all.append(s)
         ids_all.append(ids)
         truths += val["truth"].tolist()

@@ -7,22 +7,20 @@ import torch
 
 from whale_assets.automation import AFTER_FOLDS
 from whale_assets.metadata import figure_md, progress_logger, table_md
-from whale_assets.partitions import fold_index, fold_partitions
+from whale_assets.partitions import fold_partitions
 from whale_assets.resources import MlflowTracking, WhaleHome
 from whale_assets.settings import EmbedSettings, GallerySettings, ThresholdSettings
-from whale_ml.data.folds import fold_split
 from whale_ml.io import atomic_path, write_json
 from whale_ml.retrieval import (
     build_index,
     index_recall,
     nearest_species,
     save_index,
-    search_gallery,
     tune_species_thresholds,
     tune_threshold,
 )
 from whale_ml.retrieval.embeddings import embed_paths
-from whale_ml.retrieval.store import ensemble, load_embeddings, save_embeddings
+from whale_ml.retrieval.store import ensemble, load_embeddings, out_of_fold_search, save_embeddings
 from whale_ml.training.trainer import load_model, resolve_device
 
 
@@ -170,15 +168,8 @@ def match_threshold(
 
     species_of = dict(zip(cv_folds["individual_id"], cv_folds["species"], strict=True))
     sims_all, ids_all, truths_all, per_fold = [], [], [], []
-    for fold in fold_partitions.get_partition_keys():
-        emb, images = load_embeddings(whale.layout.embeddings_dir(fold), "train")
-        row_of = {img: i for i, img in enumerate(images)}
-        train, val = fold_split(cv_folds, fold_index(fold))
-        if val.empty:
-            continue
-        g = emb[[row_of[i] for i in train["image"]]]
-        q = emb[[row_of[i] for i in val["image"]]]
-        sims, ids = search_gallery(build_index(g), train["individual_id"].to_numpy(), q, k=config.k)
+    folds = fold_partitions.get_partition_keys()
+    for fold, train, val, sims, ids in out_of_fold_search(cv_folds, whale.layout.embeddings_dir, folds, k=config.k):
         fold_result = tune_threshold(sims, ids, val["truth"].tolist(), gallery_ids=train["individual_id"].tolist())
         per_fold.append({"fold": fold, "queries": len(val), "best_threshold": fold_result.threshold, "best_map5": fold_result.map5})
         sims_all.append(sims)
