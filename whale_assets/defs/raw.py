@@ -9,7 +9,7 @@ from whale_assets.metadata import table_md
 from whale_assets.resources import WhaleHome
 from whale_assets.settings import MetadataSettings
 from whale_ml.data.demo import ensure_demo_data
-from whale_ml.data.metadata import SPECIES_ALIASES, read_test_metadata, read_train_metadata
+from whale_ml.data.metadata import SPECIES_ALIASES, MetadataError, find_train_overlap, read_test_metadata, read_train_metadata
 
 
 def _ensure_data(context: dg.AssetExecutionContext, whale: WhaleHome) -> None:
@@ -19,12 +19,21 @@ def _ensure_data(context: dg.AssetExecutionContext, whale: WhaleHome) -> None:
             context.log.info(f"no data set given ($WHALE_DATA_DIR unset): generated the demo set at {whale.data_path}")
 
 
+def _warnings_md(lines: list[str]) -> dg.MetadataValue:
+    return dg.MetadataValue.md("\n".join(f"- {line}" for line in lines))
+
+
 @dg.asset(group_name="raw", kinds={"pandas"}, code_version="1")
 def train_metadata(context: dg.AssetExecutionContext, config: MetadataSettings, whale: WhaleHome) -> dg.MaterializeResult:
     """Training photos from ``train.csv``: checked (columns, duplicates, plain file
-    names, files present), species aliases merged, an integer label per individual."""
+    names, files present, ids the submission can carry), species aliases merged, an integer
+    label per individual. What is accepted but ignored (extra columns, blank rows) is
+    logged as a warning and listed under ``warnings``."""
     _ensure_data(context, whale)
-    df = read_train_metadata(whale.data_path, check_files=config.check_files)
+    notes: list[str] = []
+    df = read_train_metadata(whale.data_path, check_files=config.check_files, warn=notes.append)
+    for note in notes:
+        context.log.warning(note)
     species = (
         df.groupby("species")
         .agg(images=("image", "size"), individuals=("individual_id", "nunique"))
@@ -43,6 +52,7 @@ def train_metadata(context: dg.AssetExecutionContext, config: MetadataSettings, 
             "alias_rows_merged": int(merged.sum()),
             "species_table": table_md(species),
             "data_dir": dg.MetadataValue.path(str(whale.data_path)),
+            **({"warnings": _warnings_md(notes)} if notes else {}),
         },
     )
 
@@ -51,12 +61,17 @@ def train_metadata(context: dg.AssetExecutionContext, config: MetadataSettings, 
 def test_metadata(context: dg.AssetExecutionContext, config: MetadataSettings, whale: WhaleHome) -> dg.MaterializeResult:
     """Test photos in ``sample_submission.csv`` order (the submission's order), checked
     like the training CSV. A listed photo that is missing keeps its row (it will get the
-    prior answer) unless ``missing_test_images`` is ``fail``."""
+    prior answer) unless ``missing_test_images`` is ``fail``. A test photo that is also a
+    training photo (same name, or same bytes) is kept and predicted like any other, with a
+    warning and the pairs listed under ``also_in_train``."""
     _ensure_data(context, whale)
-    df = read_test_metadata(whale.data_path, check_files=config.check_files and config.missing_test_images == "fail")
+    notes: list[str] = []
+    df = read_test_metadata(
+        whale.data_path, check_files=config.check_files and config.missing_test_images == "fail", warn=notes.append
+    )
     missing = [img for img, path in zip(df["image"], df["path"], strict=True) if not Path(path).is_file()]
     for img in missing:
-        context.log.warning(f"{whale.data_path / 'test_images' / img}: listed but missing; its row will get the prior answer")
+        notes.append(f"{whale.data_path / 'test_images' / img}: listed but missing; its row will get the prior answer")
     metadata: dict[str, object] = {
         "dagster/row_count": len(df),
         "missing_files": len(missing),
@@ -64,6 +79,26 @@ def test_metadata(context: dg.AssetExecutionContext, config: MetadataSettings, w
     }
     if missing:
         metadata["missing"] = dg.MetadataValue.md("\n".join(f"- `{m}`" for m in missing[:50]))
+    try:
+        # check_files=False: a broken train set is train_metadata's error to report, not this asset's.
+        train = read_train_metadata(whale.data_path, check_files=False, warn=lambda _m: None)
+    except MetadataError as exc:
+        notes.append(f"test photos not compared with the training photos: {exc}")
+        metadata["also_in_train"] = "not checked"
+    else:
+        overlap = find_train_overlap(train, df)
+        metadata["also_in_train"] = int(overlap["test_image"].nunique())
+        if len(overlap):
+            notes.append(
+                f"{overlap['test_image'].nunique()} test photo(s) share a name or identical bytes with training photos "
+                "(kept and predicted like any other; a validation or truth score on them is optimistic): "
+                + ", ".join(f"{r.test_image} = train {r.train_image} ({r.match})" for r in overlap.head(10).itertuples())
+            )
+            metadata["also_in_train_pairs"] = table_md(overlap.head(50))
+    for note in notes:
+        context.log.warning(note)
+    if notes:
+        metadata["warnings"] = _warnings_md(notes[:50])
     return dg.MaterializeResult(value=df, metadata=metadata)
 
 

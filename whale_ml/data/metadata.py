@@ -7,8 +7,12 @@ one fix-and-rerun is enough.
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -28,8 +32,16 @@ TRAIN_COLUMNS = ("image", "species", "individual_id")
 SUBMISSION_COLUMNS = ("image", "predictions")
 
 # A plain file name: no folders, no "..", no hidden files, no control characters.
-_PLAIN_NAME = re.compile(r"^[^/\\\x00-\x1f]+$")
+_PLAIN_NAME = re.compile(r"[^/\\\x00-\x1f\x7f]+")
 _MAX_LISTED = 10
+# Characters an individual id cannot contain: the submission separates ids by whitespace
+# (any Unicode whitespace, as str.split() sees it), and control characters do not survive
+# a round trip through text tools.
+_ID_BREAKING = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+WarnFn = Callable[[str], None]
+_log = logging.getLogger(__name__)
 
 
 class MetadataError(ValueError):
@@ -48,36 +60,109 @@ def _listed(values: list[object]) -> str:
     return shown + (f" and {more} more" if more > 0 else "")
 
 
-def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+def _warn_by_default(message: str) -> None:
+    _log.warning(message)
+
+
+def read_csv_rows(path: Path, required: tuple[str, ...], warn: WarnFn | None = None) -> pd.DataFrame:
+    """A CSV as strings, indexed by line number in the file; required columns stripped.
+
+    Parsed with the ``csv`` module rather than pandas: pandas silently shifts every
+    column when the first row has one field too many (it takes the first column as
+    the index), silently renames a repeated header name, and its row index stops
+    matching the file's lines after a quoted line break.
+
+    Args:
+        warn: receives a line for what is accepted but ignored (extra columns,
+            blank rows); the module's logger by default.
+
+    Raises:
+        MetadataError: naming the file: missing, empty, not UTF-8, a missing or
+            repeated column, rows with a wrong number of fields (with their lines).
+    """
+    warn = warn or _warn_by_default
     if not path.exists():
         raise MetadataError(f"{path}: file not found")
     try:
-        # Blank lines kept (then dropped) so that row index + 2 is the line number in the file.
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False)
-    except pd.errors.EmptyDataError as exc:
-        raise MetadataError(f"{path}: file is empty (expected columns {', '.join(required)})") from exc
-    df.columns = [c.strip() for c in df.columns]
-    missing = [c for c in required if c not in df.columns]
+        # utf-8-sig: a byte-order mark (Excel's UTF-8 export) is not part of the first column name.
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            records: list[tuple[int, list[str]]] = []  # (first line of the record, its fields)
+            end = reader.line_num
+            for fields in reader:
+                records.append((end + 1, fields))  # a quoted line break makes a record span lines
+                end = reader.line_num
+    except UnicodeDecodeError as exc:
+        raise MetadataError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); save it as UTF-8") from exc
+    except csv.Error as exc:
+        raise MetadataError(f"{path}: not a readable CSV ({exc})") from exc
+    if header is None or not any(h.strip() for h in header):
+        raise MetadataError(f"{path}: file is empty (expected columns {', '.join(required)})")
+    header = [h.strip() for h in header]
+    repeated = sorted({h for h in header if header.count(h) > 1})
+    if repeated:
+        raise MetadataError(f"{path}: column(s) {', '.join(map(repr, repeated))} appear more than once in the header")
+    missing = [c for c in required if c not in header]
     if missing:
-        raise MetadataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(df.columns)}")
-    df = df[~(df == "").all(axis=1)]
-    if df.empty:
+        raise MetadataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(header)}")
+
+    rows: list[list[str]] = []
+    lines: list[int] = []
+    blank: list[int] = []
+    ragged: list[str] = []
+    for line, fields in records:
+        if not any(v.strip() for v in fields):
+            blank.append(line)
+            continue
+        # Trailing empty fields (a trailing comma) carry nothing; any other count mismatch
+        # means the columns of this row cannot be trusted.
+        while len(fields) > len(header) and fields[-1].strip() == "":
+            fields = fields[:-1]
+        if len(fields) != len(header):
+            ragged.append(f"line {line} ({len(fields)})")
+            continue
+        rows.append(fields)
+        lines.append(line)
+    if ragged:
+        raise MetadataError(
+            f"{path}: row(s) with a different number of fields than the {len(header)} columns of the header "
+            f"(an unquoted comma in a value?): {_listed(ragged)}"
+        )
+    if not rows:
         raise MetadataError(f"{path}: no rows")
+    extra = [c for c in header if c not in required]
+    if extra:
+        warn(f"{path}: extra column(s) {', '.join(extra)} ignored (used: {', '.join(required)})")
+    if blank:
+        warn(f"{path}: {len(blank)} blank row(s) skipped (line(s) {_listed(blank)})")
+    df = pd.DataFrame(rows, columns=header, index=pd.Index(lines, name="line"), dtype=str)
     for col in required:
         df[col] = df[col].str.strip()
     return df
 
 
 def _row_numbers(mask: pd.Series) -> list[int]:
-    # +2: the header is line 1 and pandas counts from 0, so this is the line in the file.
-    return [int(i) + 2 for i in mask[mask].index]
+    """The file line numbers of the rows where ``mask`` holds (frames are indexed by line)."""
+    return [int(i) for i in mask[mask].index]
 
 
-def _check_names_and_files(df: pd.DataFrame, csv: Path, image_dir: Path, check_files: bool) -> list[str]:
+def is_plain_file_name(names: pd.Series) -> pd.Series:
+    """True where a name can only mean a file directly inside its image folder: no
+    folder parts (``/`` or ``\\``), no ``..``, not hidden, no control characters, not empty.
+
+    A name failing this is refused before any path is built from it, so a CSV cannot
+    make the pipeline open (or write next to) a file outside the data set.
+    """
+    names = names.astype(str)
+    return names.str.fullmatch(_PLAIN_NAME) & ~names.str.startswith(".")
+
+
+def image_name_problems(df: pd.DataFrame) -> list[str]:
+    """Empty and non-plain image names of a line-indexed table, with their lines."""
     problems = []
     empty = df["image"] == ""
-    bad = ~df["image"].str.match(_PLAIN_NAME) | df["image"].isin([".", ".."]) | df["image"].str.startswith(".")
-    bad &= ~empty
+    bad = ~is_plain_file_name(df["image"]) & ~empty
     if empty.any():
         problems.append(f"empty image name on line(s) {_listed(_row_numbers(empty))}")
     if bad.any():
@@ -85,6 +170,12 @@ def _check_names_and_files(df: pd.DataFrame, csv: Path, image_dir: Path, check_f
             "image names must be plain file names (no folders, '..' or hidden files): "
             + _listed([f"line {n}: {v!r}" for n, v in zip(_row_numbers(bad), df.loc[bad, "image"], strict=True)])
         )
+    return problems
+
+
+def _check_names_and_files(df: pd.DataFrame, csv_file: Path, image_dir: Path, check_files: bool) -> list[str]:
+    problems = image_name_problems(df)
+    empty = df["image"] == ""
     dup = df["image"].duplicated(keep=False) & ~empty
     if dup.any():
         problems.append(f"duplicate image rows: {_listed(sorted(set(df.loc[dup, 'image'])))}")
@@ -99,8 +190,40 @@ def _check_names_and_files(df: pd.DataFrame, csv: Path, image_dir: Path, check_f
     return problems
 
 
-def read_train_metadata(data_dir: str | Path, check_files: bool = True) -> pd.DataFrame:
+def _check_ids(df: pd.DataFrame) -> list[str]:
+    problems = []
+    for col in ("species", "individual_id"):
+        blank = df[col] == ""
+        if blank.any():
+            problems.append(f"empty {col} on line(s) {_listed(_row_numbers(blank))}")
+    breaking = df["individual_id"].str.contains(_ID_BREAKING)
+    if breaking.any():
+        problems.append(
+            "individual_id with whitespace or control characters inside (the submission separates ids by spaces): "
+            + _listed([f"line {n}: {v!r}" for n, v in zip(_row_numbers(breaking), df.loc[breaking, "individual_id"], strict=True)])
+        )
+    control = df["species"].str.contains(_CONTROL)
+    if control.any():
+        problems.append(
+            "species with control characters: "
+            + _listed([f"line {n}: {v!r}" for n, v in zip(_row_numbers(control), df.loc[control, "species"], strict=True)])
+        )
+    reserved = df["individual_id"] == NEW_INDIVIDUAL
+    if reserved.any():
+        problems.append(f"'{NEW_INDIVIDUAL}' is reserved and cannot be a training id (line(s) {_listed(_row_numbers(reserved))})")
+    return problems
+
+
+def read_train_metadata(data_dir: str | Path, check_files: bool = True, warn: WarnFn | None = None) -> pd.DataFrame:
     """Read ``train.csv``: validated, species normalised, one integer label per individual.
+
+    Ids may hold any printable characters but whitespace (commas, quotes and
+    non-ASCII letters survive the submission CSV); species are normalised.
+
+    Args:
+        check_files: also require every listed photo in ``train_images/``.
+        warn: receives a line for what is accepted but ignored (extra columns,
+            blank rows); the module's logger by default.
 
     Returns:
         Columns ``image, species, species_raw, individual_id, label, path``;
@@ -111,18 +234,12 @@ def read_train_metadata(data_dir: str | Path, check_files: bool = True) -> pd.Da
         MetadataError: naming the file and every row at fault.
     """
     data_dir = Path(data_dir)
-    csv = data_dir / "train.csv"
-    df = _read_csv(csv, TRAIN_COLUMNS)
-    problems = _check_names_and_files(df, csv, data_dir / "train_images", check_files)
-    for col in ("species", "individual_id"):
-        blank = df[col] == ""
-        if blank.any():
-            problems.append(f"empty {col} on line(s) {_listed(_row_numbers(blank))}")
-    reserved = df["individual_id"] == NEW_INDIVIDUAL
-    if reserved.any():
-        problems.append(f"'{NEW_INDIVIDUAL}' is reserved and cannot be a training id (line(s) {_listed(_row_numbers(reserved))})")
+    csv_file = data_dir / "train.csv"
+    df = read_csv_rows(csv_file, TRAIN_COLUMNS, warn)
+    problems = _check_names_and_files(df, csv_file, data_dir / "train_images", check_files)
+    problems += _check_ids(df)
     if problems:
-        raise MetadataError(f"{csv}: " + "; ".join(problems))
+        raise MetadataError(f"{csv_file}: " + "; ".join(problems))
 
     out = df[list(TRAIN_COLUMNS)].rename(columns={"species": "species_raw"})
     out["species"] = normalise_species(out["species_raw"])
@@ -132,52 +249,116 @@ def read_train_metadata(data_dir: str | Path, check_files: bool = True) -> pd.Da
     return out[["image", "species", "species_raw", "individual_id", "label", "path"]].reset_index(drop=True)
 
 
-def read_test_metadata(data_dir: str | Path, check_files: bool = True) -> pd.DataFrame:
+def read_test_metadata(data_dir: str | Path, check_files: bool = True, warn: WarnFn | None = None) -> pd.DataFrame:
     """Read the test images in ``sample_submission.csv`` order (the submission's order).
 
     When the data set has no ``sample_submission.csv`` (a folder of new
     photos, say), every image file in ``test_images/`` is used, sorted by name.
 
+    Args:
+        check_files: also require every listed photo in ``test_images/``.
+        warn: as in :func:`read_train_metadata`.
+
     Returns:
         Columns ``image, path``.
     """
     data_dir = Path(data_dir)
-    csv = data_dir / "sample_submission.csv"
+    csv_file = data_dir / "sample_submission.csv"
     image_dir = data_dir / "test_images"
-    if csv.exists():
-        df = _read_csv(csv, SUBMISSION_COLUMNS)[["image"]]
+    if csv_file.exists():
+        df = read_csv_rows(csv_file, SUBMISSION_COLUMNS, warn)[["image"]]
     elif image_dir.is_dir():
         names = sorted(p.name for p in image_dir.iterdir() if p.is_file() and not p.name.startswith("."))
         if not names:
-            raise MetadataError(f"{image_dir}: no images and no {csv.name}")
+            raise MetadataError(f"{image_dir}: no images and no {csv_file.name}")
         df = pd.DataFrame({"image": names})
     else:
-        raise MetadataError(f"{data_dir}: neither {csv.name} nor test_images/ found")
-    problems = _check_names_and_files(df, csv, image_dir, check_files)
+        raise MetadataError(f"{data_dir}: neither {csv_file.name} nor test_images/ found")
+    problems = _check_names_and_files(df, csv_file, image_dir, check_files)
     if problems:
-        raise MetadataError(f"{csv}: " + "; ".join(problems))
+        raise MetadataError(f"{csv_file}: " + "; ".join(problems))
     df = df.reset_index(drop=True)
     df["path"] = [str(image_dir / name) for name in df["image"]]
     return df
 
 
-def read_truth(data_dir: str | Path) -> pd.DataFrame | None:
+def read_truth(data_dir: str | Path, warn: WarnFn | None = None) -> pd.DataFrame | None:
     """``test_truth.csv`` (``image,individual_id``) when the data set has one, else None."""
-    csv = Path(data_dir) / "test_truth.csv"
-    if not csv.exists():
+    csv_file = Path(data_dir) / "test_truth.csv"
+    if not csv_file.exists():
         return None
-    return _read_csv(csv, ("image", "individual_id"))
+    df = read_csv_rows(csv_file, ("image", "individual_id"), warn)
+    problems = _check_names_and_files(df, csv_file, Path(data_dir) / "test_images", check_files=False)
+    if problems:
+        raise MetadataError(f"{csv_file}: " + "; ".join(problems))
+    return df[["image", "individual_id"]].reset_index(drop=True)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def find_train_overlap(train: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
+    """Test photos that are also training photos: by file name, or by identical bytes.
+
+    Only files whose sizes match are hashed, so a full Kaggle set costs a ``stat``
+    per file plus a few hashes, not a read of every photo.
+
+    Args:
+        train, test: ``image, path`` rows (missing files are ignored).
+
+    Returns:
+        ``test_image, train_image, match`` rows, ``match`` being ``name``,
+        ``bytes`` or ``name and bytes``; empty when the splits are disjoint.
+    """
+
+    def sizes(df: pd.DataFrame) -> dict[str, int]:
+        out = {}
+        for image, path in zip(df["image"], df["path"], strict=True):
+            try:
+                out[image] = os.stat(path).st_size
+            except OSError:
+                continue
+        return out
+
+    train_paths = dict(zip(train["image"], train["path"], strict=True))
+    test_paths = dict(zip(test["image"], test["path"], strict=True))
+    train_sizes, test_sizes = sizes(train), sizes(test)
+    by_size: dict[int, list[str]] = {}
+    for image, size in train_sizes.items():
+        by_size.setdefault(size, []).append(image)
+    digests: dict[str, str] = {}
+
+    def digest(path: str) -> str:
+        if path not in digests:
+            digests[path] = _sha256(path)
+        return digests[path]
+
+    rows = []
+    for image in test["image"]:
+        same_bytes = set()
+        if image in test_sizes:
+            for candidate in by_size.get(test_sizes[image], []):
+                if digest(train_paths[candidate]) == digest(test_paths[image]):
+                    same_bytes.add(candidate)
+        if image in train_paths:
+            rows.append((image, image, "name and bytes" if image in same_bytes else "name"))
+            same_bytes.discard(image)
+        rows += [(image, other, "bytes") for other in sorted(same_bytes)]
+    return pd.DataFrame(rows, columns=["test_image", "train_image", "match"])
 
 
 def training_data_fingerprint(data_dir: str | Path) -> str:
     """A digest of ``train.csv`` (its bytes) and of every file in ``train_images/`` (name,
     size, modification time): it changes with a new row, a new photo or a replaced one."""
-    import hashlib
-
     data_dir = Path(data_dir)
     h = hashlib.sha1()
-    csv = data_dir / "train.csv"
-    h.update(csv.read_bytes() if csv.exists() else b"<no train.csv>")
+    csv_file = data_dir / "train.csv"
+    h.update(csv_file.read_bytes() if csv_file.exists() else b"<no train.csv>")
     image_dir = data_dir / "train_images"
     if image_dir.is_dir():
         for entry in sorted(os.scandir(image_dir), key=lambda e: e.name):

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from whale_ml.data.images import ImageReadError, load_rgb
+from whale_ml.data.metadata import MetadataError, image_name_problems, is_plain_file_name, read_csv_rows
 from whale_ml.io import atomic_path
 from whale_ml.offline import configure_environment, disable_ultralytics_integrations
 
@@ -35,18 +36,31 @@ class YoloDataset:
 
 
 def read_box_file(path: str | Path) -> pd.DataFrame:
-    """A box CSV (``image,x_min,y_min,x_max,y_max``), one row per box."""
+    """A box CSV (``image,x_min,y_min,x_max,y_max``), one row per box.
+
+    Image names must be plain file names: the detector's data set is built by
+    opening ``train_images/<image>`` and writing ``labels/<image>.txt``, so a name
+    like ``../x`` would read and write outside the data set. A coordinate that is
+    not a number becomes NaN, which :func:`write_yolo_dataset` skips and lists.
+
+    Raises:
+        FileNotFoundError: no box file.
+        MetadataError: a missing column, a malformed row or an unsafe image name, with its line.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
             f"{path}: box file not found. Train the detector from a box CSV (image,x_min,y_min,x_max,y_max), "
             "or set the detector's source to 'weights' (your own .pt) or 'none' (full frames)"
         )
-    df = pd.read_csv(path)
-    missing = [c for c in BOX_COLUMNS if c not in df.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
-    return df[list(BOX_COLUMNS)]
+    df = read_csv_rows(path, BOX_COLUMNS)
+    problems = image_name_problems(df)
+    if problems:
+        raise MetadataError(f"{path}: " + "; ".join(problems))
+    out = df[list(BOX_COLUMNS)].reset_index(drop=True)
+    for col in BOX_COLUMNS[1:]:
+        out[col] = pd.to_numeric(out[col], errors="coerce")
+    return out
 
 
 def write_yolo_dataset(boxes: pd.DataFrame, image_dir: str | Path, out_dir: str | Path, val_share: float, seed: int) -> YoloDataset:
@@ -61,8 +75,12 @@ def write_yolo_dataset(boxes: pd.DataFrame, image_dir: str | Path, out_dir: str 
     skipped: list[str] = []
     labelled: dict[str, list[str]] = {}
     sizes: dict[str, tuple[int, int]] = {}
-    for row in boxes.itertuples(index=False):
+    plain = is_plain_file_name(boxes["image"]).tolist()
+    for row, is_plain in zip(boxes.itertuples(index=False), plain, strict=True):
         name = str(row.image)
+        if not is_plain:  # read_box_file refuses these; a table built in code is checked here too
+            skipped.append(f"{name}: not a plain file name (never opened)")
+            continue
         if name not in sizes:
             try:
                 sizes[name] = load_rgb(image_dir / name).size
