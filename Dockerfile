@@ -2,6 +2,9 @@
 # Run:  docker run -p 127.0.0.1:3000:3000 -p 127.0.0.1:5000:5000 -v $PWD/whale_home:/home/whale/whale_home whale-photo-id
 # Inside the container the servers listen on 0.0.0.0 (the only way to publish a port);
 # the -p 127.0.0.1:... mappings above keep them reachable from this machine only.
+# Exact tag, with the Python requirements/constraints.txt was frozen with (3.11.7; tests/test_security.py
+# checks both). A digest pin (python:3.11.7-slim-bookworm@sha256:...) would also fix the Debian layer;
+# it could not be looked up offline here: add it with `docker buildx imagetools inspect <tag>`.
 FROM python:3.11.7-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
@@ -10,7 +13,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     WHALE_UI_HOST=0.0.0.0 BIN=/usr/local/bin \
     MLFLOW_DISABLE_TELEMETRY=true DAGSTER_DISABLE_TELEMETRY=1 YOLO_OFFLINE=1 YOLO_AUTOINSTALL=0
 
-# OpenCV (pulled in by ultralytics) needs these shared libraries.
+# OpenCV (pulled in by ultralytics) needs these shared libraries; curl is the health check's.
+# Debian versions are not pinned: the archive drops old ones, so pins would break the build.
 RUN apt-get update && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 curl \
     && rm -rf /var/lib/apt/lists/*
 

@@ -19,6 +19,7 @@ import pandas as pd
 
 from whale_ml.data.images import ImageReadError, load_rgb
 from whale_ml.data.metadata import MetadataError, image_name_problems, is_plain_file_name, read_csv_rows
+from whale_ml.detection.weights import check_detector_weights
 from whale_ml.io import atomic_path
 from whale_ml.offline import configure_environment, disable_ultralytics_integrations
 
@@ -200,6 +201,8 @@ def train_yolo(
     disable_ultralytics_integrations()
     from ultralytics import YOLO
 
+    if model_yaml.endswith(".pt"):  # fine-tuning a user's weights: ultralytics unpickles them in full
+        check_detector_weights(model_yaml)
     model = YOLO(model_yaml)
     if log is not None:
 
@@ -241,7 +244,9 @@ def train_yolo(
 
 
 def install_weights(source: str | Path, target: str | Path) -> Path:
-    """Copy detector weights into the data home atomically."""
+    """Copy detector weights into the data home atomically, once they pass
+    :func:`check_detector_weights` (a tampered file never reaches the home)."""
+    check_detector_weights(source)
     with atomic_path(target) as tmp:
         shutil.copyfile(source, tmp)
     return Path(target)
@@ -294,6 +299,7 @@ def detect_boxes(
     """
     model = None
     if weights is not None:
+        check_detector_weights(weights)  # ultralytics unpickles it in full
         configure_environment(home or Path(weights).parent)
         disable_ultralytics_integrations()
         from ultralytics import YOLO

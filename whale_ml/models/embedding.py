@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from whale_ml.checkpoints import load_weights_only
 from whale_ml.config import TrainConfig
 
 
@@ -89,6 +90,9 @@ def create_backbone(name: str, pretrained: bool = False, weights_file: str | Non
     """
     kwargs: dict[str, Any] = {"pretrained": pretrained or weights_file is not None, "num_classes": 0, "global_pool": ""}
     if weights_file:
+        if not str(weights_file).endswith(".safetensors"):
+            # timm loads .pth with weights_only=True too; this gives the refusal a clear message first.
+            load_weights_only(weights_file)
         kwargs["pretrained_cfg_overlay"] = {"file": str(weights_file)}
     model = timm.create_model(name, **kwargs)
     return model, int(model.num_features)

@@ -26,7 +26,7 @@ def save_embeddings(folder: str | Path, name: str, embeddings: np.ndarray, image
 def load_embeddings(folder: str | Path, name: str) -> tuple[np.ndarray, list[str]]:
     folder = Path(folder)
     images = pd.read_csv(folder / f"{name}_images.csv", dtype=str, keep_default_na=False)["image"].tolist()
-    embeddings = np.load(folder / f"{name}.npy")
+    embeddings = np.load(folder / f"{name}.npy", allow_pickle=False)  # an object array would unpickle
     if len(embeddings) != len(images):
         raise ValueError(f"{folder}/{name}: {len(embeddings)} embeddings but {len(images)} image names")
     return embeddings, images

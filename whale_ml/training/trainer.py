@@ -37,6 +37,7 @@ from torch import distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from whale_ml.checkpoints import load_weights_only
 from whale_ml.config import TrainConfig
 from whale_ml.data.images import ImageDataset, autoaugment_transform, train_transform
 from whale_ml.io import atomic_path
@@ -193,11 +194,12 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint without unpickling arbitrary objects (``weights_only``)."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError and others for tampered files
-        raise RuntimeError(f"{path}: not a loadable checkpoint of this project ({exc})") from exc
+    """Load a checkpoint without unpickling arbitrary objects (``weights_only``).
+
+    Raises:
+        CheckpointError: a tampered, foreign or truncated file, named, with the reason.
+    """
+    return load_weights_only(path, map_location)
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[EmbeddingNet, TrainConfig]:
