@@ -251,7 +251,7 @@ def test_traversal_in_sample_submission_is_refused_before_any_file_is_opened(tmp
 def test_traversal_in_the_box_file_is_refused_before_any_file_is_opened_or_written(tmp_path: Path) -> None:
     """The detector's data set opens train_images/<image> and writes labels/<image>.txt:
     a '../' name would read and write outside the data set."""
-    bait = _bait(tmp_path / "bait.jpg")
+    _bait(tmp_path / "bait.jpg")
     images = tmp_path / "data" / "train_images"
     _jpeg(images / "ok.jpg")
     boxes = tmp_path / "data" / "fluke_boxes.csv"
@@ -260,7 +260,9 @@ def test_traversal_in_the_box_file_is_refused_before_any_file_is_opened_or_writt
         message = _error(read_box_file, boxes)
         assert str(boxes) in message and "line 3: '../../bait.jpg'" in message
         # A box table built in code goes through the same check inside write_yolo_dataset.
-        table = pd.DataFrame([("ok.jpg", 1, 1, 5, 5), ("../../bait.jpg", 1, 1, 5, 5)], columns=["image", "x_min", "y_min", "x_max", "y_max"])
+        table = pd.DataFrame(
+            [("ok.jpg", 1, 1, 5, 5), ("../../bait.jpg", 1, 1, 5, 5)], columns=["image", "x_min", "y_min", "x_max", "y_max"]
+        )
         ds = write_yolo_dataset(table, images, tmp_path / "ds", val_share=0.0, seed=0)
     assert ds.skipped == ["../../bait.jpg: not a plain file name (never opened)"] and ds.n_train == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bait.jpg", "data", "ds"]  # nothing written beside the bait
@@ -284,9 +286,7 @@ def test_traversal_error_reaches_the_user_through_dagster(tmp_path: Path) -> Non
 def test_missing_test_photos_prior_warns_and_fail_stops(tmp_path: Path) -> None:
     """missing_test_images='prior' (default) keeps the row with a warning and lists it;
     'fail' stops the run naming the photo. Both through real materialisations."""
-    data = _data_set(
-        tmp_path / "data", f"{HEADER}\na.jpg,beluga,i1\n", ["a.jpg"], "image,predictions\nt1.jpg,x\ngone.jpg,x\n", ["t1.jpg"]
-    )
+    data = _data_set(tmp_path / "data", f"{HEADER}\na.jpg,beluga,i1\n", ["a.jpg"], "image,predictions\nt1.jpg,x\ngone.jpg,x\n", ["t1.jpg"])
     prior, warnings = _materialize([raw.test_metadata], data, tmp_path / "home1")
     assert prior.success
     (mat,) = prior.asset_materializations_for_node("test_metadata")
@@ -317,7 +317,11 @@ def test_test_photo_also_in_train_is_kept_warned_and_listed(tmp_path: Path) -> N
     (data / "test_images" / "copy_of_b.jpg").write_bytes((data / "train_images" / "b.jpg").read_bytes())  # renamed copy
     _jpeg(data / "test_images" / "c.jpg", (1, 2, 3))  # same name, another photo
     overlap = find_train_overlap(read_train_metadata(data), read_test_metadata(data))
-    assert overlap.values.tolist() == [["a.jpg", "a.jpg", "name and bytes"], ["copy_of_b.jpg", "b.jpg", "bytes"], ["c.jpg", "c.jpg", "name"]]
+    assert overlap.values.tolist() == [
+        ["a.jpg", "a.jpg", "name and bytes"],
+        ["copy_of_b.jpg", "b.jpg", "bytes"],
+        ["c.jpg", "c.jpg", "name"],
+    ]
 
     result, warnings = _materialize([raw.test_metadata], data, tmp_path / "home")
     assert result.success

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
-from whale_ml.checkpoints import CheckpointError, load_weights_only
+from whale_ml.checkpoints import CheckpointError
 from whale_ml.detection.weights import check_detector_weights
 from whale_ml.detection.yolo import detect_boxes, install_weights, read_box_file, train_yolo, write_yolo_dataset
 from whale_ml.models.embedding import create_backbone
@@ -140,7 +140,9 @@ def test_embedding_files_never_unpickle(tmp_path: Path) -> None:
 
 def test_no_unsafe_load_in_the_sources() -> None:
     """Every torch.load goes through whale_ml/checkpoints.py; no pickle/yaml.load/allow_pickle=True anywhere."""
-    risky = re.compile(r"torch\.load\(|pickle\.loads?\(|cloudpickle\.load|joblib\.load|allow_pickle\s*=\s*True|yaml\.load\(|weights_only\s*=\s*False")
+    risky = re.compile(
+        r"torch\.load\(|pickle\.loads?\(|cloudpickle\.load|joblib\.load|allow_pickle\s*=\s*True|yaml\.load\(|weights_only\s*=\s*False"
+    )
     found = []
     for folder in ("whale_ml", "whale_assets", "benchmarks", "scripts"):
         for path in sorted((REPO / folder).rglob("*.py")):
@@ -224,7 +226,10 @@ def test_tampered_weights_fail_the_detector_asset_with_the_reason(yolo_weights: 
     home = tmp_path / "home"
     result = dg.materialize(
         [fluke_detector],
-        resources={"whale": WhaleHome(data_dir=str(tiny_data), home=str(home)), "mlflow": MlflowTracking(tracking_uri=f"sqlite:///{home}/m.db")},
+        resources={
+            "whale": WhaleHome(data_dir=str(tiny_data), home=str(home)),
+            "mlflow": MlflowTracking(tracking_uri=f"sqlite:///{home}/m.db"),
+        },
         run_config={"ops": {"fluke_detector": {"config": {"source": "weights", "weights_path": str(bad)}}}},
         instance=dg.DagsterInstance.ephemeral(),
         raise_on_error=False,
@@ -246,7 +251,13 @@ def _ui_sh_args(tmp_path: Path, env_extra: dict[str, str]) -> dict[str, list[str
     (bin_dir / "python").symlink_to(sys.executable)
     for tool in ("mlflow", "dagster"):
         script = bin_dir / tool
-        script.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{tmp_path}/{tool}.args"\n')
+        # Record the arguments, then stay up until the other server has recorded its own:
+        # ui.sh stops both as soon as one exits.
+        script.write_text(
+            f'#!/bin/sh\nprintf "%s\\n" "$@" > "{tmp_path}/{tool}.tmp" && mv "{tmp_path}/{tool}.tmp" "{tmp_path}/{tool}.args"\n'
+            f'i=0; while [ ! -f "{tmp_path}/mlflow.args" ] || [ ! -f "{tmp_path}/dagster.args" ]; do\n'
+            f"  i=$((i + 1)); [ $i -gt 600 ] && exit 1; sleep 0.1\ndone\n"
+        )
         script.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k not in ("WHALE_UI_HOST", "DAGSTER_HOME")}
     env.update({"BIN": str(bin_dir), "WHALE_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO), **env_extra})
@@ -300,7 +311,7 @@ def test_the_secret_scanner_finds_secrets() -> None:
         "ghp_" + "a" * 36,
         "xoxb-" + "1234567890-abc",
         "MLFLOW_TRACKING_URI=https://alice:" + "s3cr3tpass@mlflow.example.org",
-        'MLFLOW_TRACKING_PASS' + 'WORD = "hunter22"',
+        "MLFLOW_TRACKING_PASS" + 'WORD = "hunter22"',
     ]
     assert [_secrets_in(f) for f in fakes] == [[n] for n in _SECRET_PATTERNS]
     assert _secrets_in('password = os.environ["MLFLOW_TRACKING_PASSWORD"]\nMLFLOW_TRACKING_PASSWORD=\nhttp://127.0.0.1:5000') == []
@@ -350,7 +361,9 @@ def test_env_example_documents_every_credential_without_values() -> None:
 
 def _dockerfile() -> list[tuple[str, str]]:
     """(instruction, arguments) pairs, continuation lines joined, comments dropped."""
-    text = re.sub(r"\\\n", " ", "\n".join(line for line in (REPO / "Dockerfile").read_text().splitlines() if not line.lstrip().startswith("#")))
+    text = re.sub(
+        r"\\\n", " ", "\n".join(line for line in (REPO / "Dockerfile").read_text().splitlines() if not line.lstrip().startswith("#"))
+    )
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip()) for line in text.splitlines() if line.strip()]
 
 
@@ -359,7 +372,9 @@ def test_dockerfile_base_image_is_pinned_to_the_python_the_pins_were_frozen_with
     match = re.fullmatch(r"python:(\d+)\.(\d+)\.(\d+)-slim-[a-z]+(@sha256:[0-9a-f]{64})?", base)
     assert match, f"FROM {base}: not an exact python:X.Y.Z-slim-<debian> tag"
     frozen = re.search(r"frozen with Python (\d+)\.(\d+)\.(\d+)", (REPO / "requirements" / "constraints.txt").read_text())
-    assert frozen and match.groups()[:3] == frozen.groups(), "the image's Python is not the one requirements/constraints.txt was frozen with"
+    assert frozen and match.groups()[:3] == frozen.groups(), (
+        "the image's Python is not the one requirements/constraints.txt was frozen with"
+    )
 
 
 def test_dockerfile_copies_files_that_exist() -> None:
@@ -369,7 +384,10 @@ def test_dockerfile_copies_files_that_exist() -> None:
         assert not any(p.startswith("--from") for p in parts)
         for source in [p for p in parts[:-1] if not p.startswith("--")]:
             assert (REPO / source).exists(), f"COPY {source}: not in the repository"
-            assert subprocess.run(["git", "-C", str(REPO), "ls-files", "--error-unmatch", source], capture_output=True).returncode == 0, source
+            assert (
+                subprocess.run(["git", "-C", str(REPO), "ls-files", "--error-unmatch", source], check=False, capture_output=True).returncode
+                == 0
+            ), source
 
 
 def test_dockerfile_installs_with_the_constraints_and_exact_pins() -> None:

@@ -68,9 +68,11 @@ def load_weights_only(path: str | Path, map_location: str | torch.device = "cpu"
             try:
                 with torch.serialization.safe_globals(list(allowed)):
                     names = unsafe_globals(path)
-            except Exception:  # the static read only improves the message
+            except (pickle.UnpicklingError, ValueError, RuntimeError, EOFError, KeyError):  # the static read only improves the message
                 names = []
-        what = f"it references {', '.join(names)}" if names else f"it holds something torch will not build safely ({_unpickler_reason(exc)})"
+        what = (
+            f"it references {', '.join(names)}" if names else f"it holds something torch will not build safely ({_unpickler_reason(exc)})"
+        )
         raise CheckpointError(
             f"{path}: refused to load: {what}. A weights checkpoint holds only tensors and plain "
             "containers, so this file was tampered with or made by other code; nothing in it was run. "

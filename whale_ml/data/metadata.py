@@ -180,8 +180,7 @@ def _check_names_and_files(df: pd.DataFrame, csv_file: Path, image_dir: Path, ch
     if dup.any():
         lines_of = df.loc[dup, "image"].groupby(df.loc[dup, "image"]).groups
         problems.append(
-            "duplicate image rows: "
-            + _listed([f"{name} (lines {', '.join(str(n) for n in lines_of[name])})" for name in sorted(lines_of)])
+            "duplicate image rows: " + _listed([f"{name} (lines {', '.join(str(n) for n in lines_of[name])})" for name in sorted(lines_of)])
         )
     if check_files and not problems:
         if not image_dir.is_dir():
