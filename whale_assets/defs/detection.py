@@ -113,7 +113,7 @@ def fluke_detector(
     group_name="detection",
     kinds={"pandas", "ultralytics"},
     deps=[fluke_detector],
-    code_version="2",
+    code_version="3",
     pool="gpu",
     check_specs=[
         dg.AssetCheckSpec(
@@ -198,7 +198,7 @@ def bboxes(
     )
 
 
-@dg.asset(group_name="detection", kinds={"pandas"}, code_version="2")
+@dg.asset(group_name="detection", kinds={"pandas"}, code_version="3")
 def crops(
     context: dg.AssetExecutionContext,
     config: CropSettings,

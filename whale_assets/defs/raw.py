@@ -20,7 +20,7 @@ def _ensure_data(context: dg.AssetExecutionContext, whale: WhaleHome) -> None:
             context.log.info(f"no data set given ($WHALE_DATA_DIR unset): generated the demo set at {whale.data_path}")
 
 
-@dg.asset(group_name="raw", kinds={"pandas"}, code_version="1")
+@dg.asset(group_name="raw", kinds={"pandas"}, code_version="2")
 def train_metadata(context: dg.AssetExecutionContext, config: MetadataSettings, whale: WhaleHome) -> dg.MaterializeResult:
     """Training photos from ``train.csv``: checked (columns, duplicates, plain file
     names, files present), species aliases merged, an integer label per individual.

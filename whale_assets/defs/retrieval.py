@@ -33,7 +33,7 @@ from whale_ml.training.trainer import load_model, resolve_device
     kinds={"pytorch", "numpy"},
     partitions_def=fold_partitions,
     deps=["arcface_model"],
-    code_version="1",
+    code_version="2",
     pool="gpu",
     check_specs=[
         dg.AssetCheckSpec(
@@ -96,7 +96,7 @@ def fold_embeddings(
     )
 
 
-@dg.asset(group_name="retrieval", kinds={"faiss"}, deps=[fold_embeddings], code_version="2", automation_condition=AFTER_FOLDS)
+@dg.asset(group_name="retrieval", kinds={"faiss"}, deps=[fold_embeddings], code_version="3", automation_condition=AFTER_FOLDS)
 def gallery(
     context: dg.AssetExecutionContext,
     config: GallerySettings,

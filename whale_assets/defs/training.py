@@ -23,7 +23,7 @@ from whale_ml.training.trainer import data_fingerprint, load_model, train_fold
     group_name="training",
     kinds={"pytorch", "mlflow"},
     partitions_def=fold_partitions,
-    code_version="1",
+    code_version="2",
     pool="gpu",
 )
 def arcface_model(

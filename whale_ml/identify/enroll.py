@@ -110,8 +110,8 @@ def read_confirmed(csv: str | Path, image_dir: str | Path, catalogue: pd.DataFra
     if again.any():
         problems.append("already in the catalogue (rename the file if it is another photo): " + ", ".join(df.loc[again, "image"].head(10)))
     species_of = dict(zip(catalogue["individual_id"], catalogue["species"], strict=True))
-    given = normalise_species(df["species"]) if "species" in df.columns else pd.Series([""] * len(df), index=df.index)
-    given = given.where(df.get("species", pd.Series([""] * len(df), index=df.index)).str.strip() != "", "")
+    # (a blank species stays blank: normalise_species("") is "")
+    given = normalise_species(df["species"]) if "species" in df.columns else pd.Series("", index=df.index)
     clash = [
         f"line {int(i) + 2}: {ind} is a {species_of[ind]}, not {sp}"
         for i, ind, sp in zip(df.index, df["individual_id"], given, strict=True)

@@ -10,6 +10,7 @@ unpickled.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ def _fetch(client: object, tracking_uri: str, run_id: str, sha: str, cache_dir: 
     """The checkpoint artifact of ``run_id``, cached as ``<sha>.pt`` and checked against ``sha``."""
     import mlflow
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file: no progress bar on stderr
     target = cache_dir / f"{sha}.pt"
     if target.exists() and sha256_file(target) == sha:
         return target
