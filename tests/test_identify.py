@@ -77,14 +77,14 @@ def _gallery_ids(layout: HomeLayout) -> dict[str, str]:
     return dict(zip(table["image"], table["individual_id"], strict=True))
 
 
-def test_identify_lists_five_candidates_per_photo_and_an_error_row_per_bad_photo(
-    home: dict, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_identify_lists_five_candidates_per_photo_and_an_error_row_per_bad_photo(home: dict, capsys: pytest.CaptureFixture[str]) -> None:
     layout, data = home["layout"], home["data"]
     broken = home["root"] / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
     train_photo = data / "train_images" / pd.read_csv(data / "train.csv")["image"].iloc[0]
-    code, out, _ = _whale(capsys, "identify", str(data / "test_images"), str(broken), str(home["root"] / "missing.jpg"), str(train_photo), "--json")
+    code, out, _ = _whale(
+        capsys, "identify", str(data / "test_images"), str(broken), str(home["root"] / "missing.jpg"), str(train_photo), "--json"
+    )
     assert code == 0
     result = json.loads(out)
     test_images = sorted(p.name for p in (data / "test_images").iterdir())
@@ -122,8 +122,8 @@ def test_identify_lists_five_candidates_per_photo_and_an_error_row_per_bad_photo
 
 
 def test_enrolled_animal_is_identified_from_its_other_photos(home: dict, capsys: pytest.CaptureFixture[str]) -> None:
-    from whale_assets.defs.automation import training_data_changed
     from whale_assets.definitions import defs as load_defs
+    from whale_assets.defs.automation import training_data_changed
     from whale_assets.resources import WhaleHome
 
     layout = home["layout"]
@@ -219,9 +219,9 @@ def test_enroll_rejects_a_bad_file_whole_and_changes_nothing(home: dict, capsys:
     code, _, err = _whale(capsys, "enroll", str(folder / "confirmed.csv"), "--images", str(folder))
     assert code == 2
     assert "duplicate image rows: fine.jpg" in err
-    pd.DataFrame({"image": [known["image"], "fine.jpg", "empty.jpg"], "individual_id": [known["individual_id"], "new_individual", "x"]}).to_csv(
-        folder / "confirmed.csv", index=False
-    )
+    pd.DataFrame(
+        {"image": [known["image"], "fine.jpg", "empty.jpg"], "individual_id": [known["individual_id"], "new_individual", "x"]}
+    ).to_csv(folder / "confirmed.csv", index=False)
     code, _, err = _whale(capsys, "enroll", str(folder / "confirmed.csv"), "--images", str(folder))
     assert code == 2
     assert "'new_individual' is not an identity" in err and "line(s) 3" in err

@@ -152,7 +152,13 @@ def gallery(
     lineage = gather_lineage(whale.layout, folds, config.index, config.k)
     write_json(
         out / "gallery.json",
-        {**config.model_dump(), "models": folds, "images": len(ids), "dimension": int(gallery_emb.shape[1]), "lineage": lineage.model_dump()},
+        {
+            **config.model_dump(),
+            "models": folds,
+            "images": len(ids),
+            "dimension": int(gallery_emb.shape[1]),
+            "lineage": lineage.model_dump(),
+        },
     )
     context.log.info(f"gallery of {len(ids)} photos from {len(folds)} fold models ({config.index} index)")
 

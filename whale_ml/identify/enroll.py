@@ -104,7 +104,9 @@ def read_confirmed(csv: str | Path, image_dir: str | Path, catalogue: pd.DataFra
         problems.append(f"empty individual_id on line(s) {', '.join(str(int(i) + 2) for i in df.index[blank])}")
     reserved = df["individual_id"] == NEW_INDIVIDUAL
     if reserved.any():
-        problems.append(f"'{NEW_INDIVIDUAL}' is not an identity: give the new animal an id (line(s) {', '.join(str(int(i) + 2) for i in df.index[reserved])})")
+        problems.append(
+            f"'{NEW_INDIVIDUAL}' is not an identity: give the new animal an id (line(s) {', '.join(str(int(i) + 2) for i in df.index[reserved])})"
+        )
     known_images = set(catalogue["image"]) | set(ledger["image"])
     again = df["image"].isin(known_images)
     if again.any():
@@ -193,7 +195,10 @@ def enroll(
             np.concatenate([gallery.embeddings, emb]),
             gallery.lineage,
             made_by="whale enroll",
-            extra={"enrolled_now": len(confirmed), "new_individuals_now": int(confirmed.loc[confirmed["new_individual"], "individual_id"].nunique())},
+            extra={
+                "enrolled_now": len(confirmed),
+                "new_individuals_now": int(confirmed.loc[confirmed["new_individual"], "individual_id"].nunique()),
+            },
         )
     return {
         "version": version.name,

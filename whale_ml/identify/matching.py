@@ -121,7 +121,7 @@ def identify_photos(
         "schema_version": SCHEMA_VERSION,
         "gallery": {
             "version": gallery.name,
-            "photos": int(len(gallery.table)),
+            "photos": len(gallery.table),
             "individuals": int(gallery.table["individual_id"].nunique()),
             "enrolled_photos": int((gallery.table["source"] == "enrolled").sum()),
         },

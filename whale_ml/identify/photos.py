@@ -48,9 +48,7 @@ def detector_for(lineage: GalleryLineage, layout: HomeLayout) -> Path | None:
     return path
 
 
-def crop_photos(
-    paths: Sequence[Path], lineage: GalleryLineage, layout: HomeLayout, out_dir: Path, device: str = "cpu"
-) -> pd.DataFrame:
+def crop_photos(paths: Sequence[Path], lineage: GalleryLineage, layout: HomeLayout, out_dir: Path, device: str = "cpu") -> pd.DataFrame:
     """Detect, box and crop each photo exactly as the pipeline did for the gallery.
 
     Returns:
@@ -83,7 +81,9 @@ def crop_photos(
     return photos
 
 
-def embed_crops(crop_paths: Sequence[str], models: Sequence[ResolvedModel], device: str | torch.device = "cpu", batch_size: int = 64) -> np.ndarray:
+def embed_crops(
+    crop_paths: Sequence[str], models: Sequence[ResolvedModel], device: str | torch.device = "cpu", batch_size: int = 64
+) -> np.ndarray:
     """The ensemble embedding of each crop: every fold model (in the gallery's order,
     with its flip TTA), normalised and concatenated as the gallery stage does."""
     parts = []

@@ -56,7 +56,11 @@ def _fetch(client: object, tracking_uri: str, run_id: str, sha: str, cache_dir: 
         return target
     with tempfile.TemporaryDirectory(dir=cache_dir.parent if cache_dir.parent.exists() else None) as tmp:
         try:
-            got = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT, dst_path=tmp, tracking_uri=tracking_uri))
+            got = Path(
+                mlflow.artifacts.download_artifacts(
+                    run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT, dst_path=tmp, tracking_uri=tracking_uri
+                )
+            )
         except Exception as exc:
             raise LineageError(
                 f"{what}: its run {run_id} has no {CHECKPOINT_ARTIFACT} artifact ({type(exc).__name__}); it was registered "
@@ -95,7 +99,9 @@ def resolve_models(
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     if versions is not None and len(versions) != len(lineage.models):
-        raise LineageError(f"{len(versions)} model version(s) given; the gallery has {len(lineage.models)} fold models (one each, fold order)")
+        raise LineageError(
+            f"{len(versions)} model version(s) given; the gallery has {len(lineage.models)} fold models (one each, fold order)"
+        )
     cache_dir.mkdir(parents=True, exist_ok=True)
     out = []
     for i, want in enumerate(lineage.models):

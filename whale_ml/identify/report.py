@@ -27,8 +27,8 @@ h1{font-size:1.4em;margin:0 0 .2em}
 .photo{background:#fff;border:1px solid #dde3ea;border-radius:6px;padding:.8em;margin-bottom:1em}
 .photo h2{font-size:1em;margin:0 0 .5em;word-break:break-all}
 .row{display:flex;gap:.6em;flex-wrap:wrap;align-items:flex-start}
-figure{margin:0;width:%(t)dpx;font-size:.8em}
-figure img{width:%(t)dpx;height:%(t)dpx;object-fit:contain;background:#111;border-radius:4px;display:block}
+figure{margin:0;width:THUMBpx;font-size:.8em}
+figure img{width:THUMBpx;height:THUMBpx;object-fit:contain;background:#111;border-radius:4px;display:block}
 figure.query img{outline:3px solid #2f6fdf}
 figure.below img{opacity:.55}
 figcaption{margin-top:.25em;word-break:break-all}
@@ -36,8 +36,8 @@ figcaption{margin-top:.25em;word-break:break-all}
 .new{color:#b5420e;font-weight:700}
 .known{color:#1c7c3c;font-weight:700}
 .error{color:#b00020}
-.missing{width:%(t)dpx;height:%(t)dpx;display:flex;align-items:center;justify-content:center;background:#eee;color:#777;border-radius:4px}
-""" % {"t": THUMB}
+.missing{width:THUMBpx;height:THUMBpx;display:flex;align-items:center;justify-content:center;background:#eee;color:#777;border-radius:4px}
+""".replace("THUMB", str(THUMB))
 
 
 def data_uri(path: str | Path, side: int = THUMB) -> str | None:
@@ -63,26 +63,26 @@ def render_report(result: dict[str, Any], title: str = "Photo identification") -
     """The HTML page for an :func:`identify_photos` result."""
     e = html.escape
     g = result["gallery"]
-    models = ", ".join(f"{m['fold']}: {m['registered_model']} v{m['version']}" + (f" (@{m['alias']})" if m["alias"] else "") for m in result["models"])
+    models = ", ".join(
+        f"{m['fold']}: {m['registered_model']} v{m['version']}" + (f" (@{m['alias']})" if m["alias"] else "") for m in result["models"]
+    )
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{e(title)}</h1>",
-        f'<div class="meta">{len(result["photos"])} photo(s) &middot; gallery {e(g["version"])}: {g["photos"]} photos of '
-        f"{g['individuals']} individuals ({g['enrolled_photos']} enrolled) &middot; new_individual threshold "
-        f"{result['threshold']:.4f} &middot; models {e(models)}</div>",
+        (
+            f'<div class="meta">{len(result["photos"])} photo(s) &middot; gallery {e(g["version"])}: {g["photos"]} photos of '
+            f"{g['individuals']} individuals ({g['enrolled_photos']} enrolled) &middot; new_individual threshold "
+            f"{result['threshold']:.4f} &middot; models {e(models)}</div>"
+        ),
     ]
     for row in result["photos"]:
         parts.append('<section class="photo">')
         if row["status"] != "ok":
             parts.append(f'<h2>{e(row["image"])}</h2><p class="error">could not be identified: {e(str(row["error"]))}</p></section>')
             continue
-        verdict = (
-            f'<span class="new">new_individual</span>'
-            if row["new_individual"]
-            else f'<span class="known">{e(row["decision"])}</span>'
-        )
+        verdict = '<span class="new">new_individual</span>' if row["new_individual"] else f'<span class="known">{e(row["decision"])}</span>'
         crop = "full frame" if row["crop_is_full_frame"] else "detector box"
         parts.append(f"<h2>{e(row['image'])} &rarr; {verdict} <small>(threshold {row['threshold']:.4f}; {crop})</small></h2>")
         parts.append('<div class="row">')

@@ -73,7 +73,9 @@ def load_version(layout: HomeLayout, name: str | None = None) -> GalleryVersion:
     if not folder.is_dir():
         raise LineageError(f"gallery version {name} not found in {layout.gallery_versions_dir}")
     table = pd.read_csv(folder / "gallery.csv", dtype=str, keep_default_na=False)
-    return GalleryVersion(name, folder, table, np.load(folder / "embeddings.npy"), load_index(folder / "index.faiss"), read_json(folder / "version.json"))
+    return GalleryVersion(
+        name, folder, table, np.load(folder / "embeddings.npy"), load_index(folder / "index.faiss"), read_json(folder / "version.json")
+    )
 
 
 def list_versions(layout: HomeLayout) -> pd.DataFrame:
@@ -94,11 +96,18 @@ def list_versions(layout: HomeLayout) -> pd.DataFrame:
                 "enrolled_individuals": info.get("enrolled_individuals", 0),
             }
         )
-    return pd.DataFrame(rows, columns=["version", "current", "created", "made_by", "photos", "individuals", "enrolled_photos", "enrolled_individuals"])
+    return pd.DataFrame(
+        rows, columns=["version", "current", "created", "made_by", "photos", "individuals", "enrolled_photos", "enrolled_individuals"]
+    )
 
 
 def write_version(
-    layout: HomeLayout, table: pd.DataFrame, embeddings: np.ndarray, lineage: GalleryLineage, made_by: str, extra: dict[str, Any] | None = None
+    layout: HomeLayout,
+    table: pd.DataFrame,
+    embeddings: np.ndarray,
+    lineage: GalleryLineage,
+    made_by: str,
+    extra: dict[str, Any] | None = None,
 ) -> GalleryVersion:
     """Write a new gallery version and make it the current one.
 
