@@ -32,13 +32,21 @@ def thresholds_for(ids: np.ndarray, gallery: GalleryVersion, match_threshold: di
     return np.array([by_species.get(s, match_threshold["threshold"]) for s in species], dtype=np.float64)
 
 
-def best_gallery_rows(gallery: GalleryVersion, query: np.ndarray, ids: Sequence[str]) -> list[int | None]:
+def rows_by_individual(gallery: GalleryVersion) -> dict[str, np.ndarray]:
+    """Gallery row numbers of each individual."""
+    ids = gallery.table["individual_id"].to_numpy()
+    order = np.argsort(ids, kind="stable")
+    names, starts = np.unique(ids[order], return_index=True)
+    return dict(zip(names, np.split(order, starts[1:]), strict=True))
+
+
+def best_gallery_rows(gallery: GalleryVersion, query: np.ndarray, ids: Sequence[str], rows_of: dict[str, np.ndarray]) -> list[int | None]:
     """For each candidate id, the gallery row (photo) most similar to ``query``."""
-    rows = []
+    best: list[int | None] = []
     for ind in ids:
-        where = np.flatnonzero(gallery.table["individual_id"].to_numpy() == ind) if ind else np.array([], dtype=int)
-        rows.append(int(where[np.argmax(gallery.embeddings[where] @ query)]) if len(where) else None)
-    return rows
+        where = rows_of.get(ind)
+        best.append(int(where[np.argmax(gallery.embeddings[where] @ query)]) if where is not None and len(where) else None)
+    return best
 
 
 def identify_photos(
@@ -69,6 +77,7 @@ def identify_photos(
         thresholds = thresholds_for(ids, gallery, match_threshold)
         predictions = predict_top5(sims, ids, thresholds)
     rows: list[dict[str, Any]] = []
+    rows_of = rows_by_individual(gallery)
     q = 0
     for photo in photos.itertuples():
         row: dict[str, Any] = {
@@ -87,7 +96,7 @@ def identify_photos(
             "predictions": [],
         }
         if photo.crop_path:
-            matched = best_gallery_rows(gallery, emb[q], list(ids[q]))
+            matched = best_gallery_rows(gallery, emb[q], list(ids[q]), rows_of)
             candidates = []
             for rank, (ind, sim, grow) in enumerate(zip(ids[q], sims[q], matched, strict=True), start=1):
                 if not ind:  # a gallery with fewer than five individuals
