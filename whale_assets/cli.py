@@ -1,4 +1,4 @@
-"""The ``whale`` command: ``whale demo-data OUT`` and ``whale run``."""
+"""The ``whale`` command: ``whale demo-data OUT``, ``whale run``, ``whale identify``, ``whale enroll``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ USAGE = """usage: whale COMMAND [ARGS]
 commands:
   demo-data OUT [--preset demo|tiny] [--seed N]   write a synthetic data set in the Kaggle layout
   run [--recipe YAML] [--fold foldN ...]          materialise the whole pipeline on $WHALE_DATA_DIR
+  identify PHOTO_OR_DIR... [--json] [--report OUT.html]
+                                                  the five most likely individuals per photo, from the newest gallery
+  enroll CONFIRMED.csv --images DIR               add confirmed photos (image,individual_id) as a new gallery version
 """
 
 
@@ -27,6 +30,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from whale_assets.run import main as run_main
 
         return run_main(rest)
+    if command in ("identify", "enroll"):
+        from whale_assets.identify_cli import enroll_main, identify_main
+
+        return (identify_main if command == "identify" else enroll_main)(rest)
     print(f"whale: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -75,6 +75,16 @@ class HomeLayout:
         return self.home / "gallery"
 
     @property
+    def gallery_versions_dir(self) -> Path:
+        """Every gallery version (``vNNNN/``) and ``current.json``, the pointer to the newest."""
+        return self.gallery_dir / "versions"
+
+    @property
+    def enrolled_dir(self) -> Path:
+        """The enrollment ledger: confirmed photos (``images/``), their crops and ``enrolled.csv``."""
+        return self.home / "enrolled"
+
+    @property
     def submission(self) -> Path:
         return self.home / "submission.csv"
 

@@ -1,6 +1,7 @@
 """Automation: a sensor for new training data, a retraining schedule, and the sensor
 that rebuilds everything after the fold models. All are off until switched on."""
 
+import hashlib
 import os
 
 import dagster as dg
@@ -9,15 +10,20 @@ from whale_assets.defs.jobs import prepare_data, train_folds
 from whale_assets.partitions import fold_partitions
 from whale_assets.resources import WhaleHome
 from whale_ml.data.metadata import training_data_fingerprint
+from whale_ml.identify.enroll import ledger_fingerprint
 
 
 @dg.sensor(job=prepare_data, minimum_interval_seconds=300, default_status=dg.DefaultSensorStatus.STOPPED)
 def training_data_changed(context: dg.SensorEvaluationContext, whale: WhaleHome) -> dg.SensorResult | dg.SkipReason:
     """Requests the data stage (metadata, detector, boxes, crops, folds) once per change of
-    ``train.csv`` or of the photos in ``train_images/``; the fold models and everything
+    ``train.csv``, of the photos in ``train_images/`` or of the enrolled photos (``whale
+    enroll``); the fold models and everything
     after them then show as stale in the asset graph. The first evaluation only records
     the current state (a cursor), so switching the sensor on does not start a run."""
     fingerprint = training_data_fingerprint(whale.data_path)
+    enrolled = ledger_fingerprint(whale.layout)
+    if enrolled != "no enrollments":  # (fingerprints recorded before any enrollment stay valid)
+        fingerprint = hashlib.sha1(f"{fingerprint}|{enrolled}".encode()).hexdigest()
     if context.cursor is None:
         return dg.SensorResult(skip_reason=dg.SkipReason("first look: current training data recorded"), cursor=fingerprint)
     if context.cursor == fingerprint:

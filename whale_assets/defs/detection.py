@@ -20,6 +20,7 @@ from whale_ml.detection.yolo import (
     train_yolo,
     write_yolo_dataset,
 )
+from whale_ml.identify.lineage import record_boxes, record_crops
 from whale_ml.io import atomic_path, read_json, write_json
 
 
@@ -112,7 +113,7 @@ def fluke_detector(
     group_name="detection",
     kinds={"pandas", "ultralytics"},
     deps=[fluke_detector],
-    code_version="2",
+    code_version="3",
     pool="gpu",
     check_specs=[
         dg.AssetCheckSpec(
@@ -164,6 +165,8 @@ def bboxes(
     for row in unreadable.itertuples():
         context.log.warning(f"unreadable {row.split} photo: {row.note}")
     boxes = boxes.drop(columns="fallback")
+    # Photos identified later are boxed exactly like these: the settings and detector are recorded.
+    record_boxes(whale.layout, config.min_confidence, config.expand, int(info["imgsz"]), weights)
     # With no detector every photo is a full frame by choice: nothing to warn about.
     high = {s: float(v) for s, v in per_split.items() if v > config.warn_full_frame_share} if weights is not None else {}
     metadata: dict[str, object] = {
@@ -195,7 +198,7 @@ def bboxes(
     )
 
 
-@dg.asset(group_name="detection", kinds={"pandas"}, code_version="2")
+@dg.asset(group_name="detection", kinds={"pandas"}, code_version="3")
 def crops(
     context: dg.AssetExecutionContext,
     config: CropSettings,
@@ -219,6 +222,7 @@ def crops(
         )
         parts.append(written.assign(split=split))
     table = pd.concat(parts, ignore_index=True)
+    record_crops(whale.layout, config.size, config.resize)  # photos identified later are cropped the same way
     failed = table[table["crop_path"] == ""]
     train_failed = failed[failed["split"] == "train"]
     if len(train_failed) and config.bad_train_image == "fail":

@@ -10,6 +10,7 @@ from whale_assets.resources import WhaleHome
 from whale_assets.settings import MetadataSettings
 from whale_ml.data.demo import ensure_demo_data
 from whale_ml.data.metadata import SPECIES_ALIASES, MetadataError, find_train_overlap, read_test_metadata, read_train_metadata
+from whale_ml.identify.enroll import ledger_path, ledger_train_rows
 
 
 def _ensure_data(context: dg.AssetExecutionContext, whale: WhaleHome) -> None:
@@ -23,17 +24,31 @@ def _warnings_md(lines: list[str]) -> dg.MetadataValue:
     return dg.MetadataValue.md("\n".join(f"- {line}" for line in lines))
 
 
-@dg.asset(group_name="raw", kinds={"pandas"}, code_version="1")
+@dg.asset(group_name="raw", kinds={"pandas"}, code_version="2")
 def train_metadata(context: dg.AssetExecutionContext, config: MetadataSettings, whale: WhaleHome) -> dg.MaterializeResult:
     """Training photos from ``train.csv``: checked (columns, duplicates, plain file
     names, files present, ids the submission can carry), species aliases merged, an integer
     label per individual. What is accepted but ignored (extra columns, blank rows) is
-    logged as a warning and listed under ``warnings``."""
+    logged as a warning and listed under ``warnings``. Photos enrolled with ``whale enroll``
+    (the home's ledger, ``enrolled/enrolled.csv``) are training photos too: the next
+    retraining learns them."""
     _ensure_data(context, whale)
     notes: list[str] = []
     df = read_train_metadata(whale.data_path, check_files=config.check_files, warn=notes.append)
     for note in notes:
         context.log.warning(note)
+    enrolled = ledger_train_rows(whale.layout)
+    if len(enrolled):
+        clash = sorted(set(enrolled["image"]) & set(df["image"]))
+        if clash:
+            raise MetadataError(
+                f"{ledger_path(whale.layout)}: enrolled photo name(s) also in {whale.data_path / 'train.csv'}: {', '.join(clash[:10])}"
+            )
+        df = pd.concat([df.drop(columns="label"), enrolled], ignore_index=True)
+        # Labels number the individuals in sorted id order, now including the enrolled ones.
+        ids = sorted(df["individual_id"].unique())
+        df["label"] = df["individual_id"].map({k: i for i, k in enumerate(ids)}).astype("int64")
+        df = df[["image", "species", "species_raw", "individual_id", "label", "path"]]
     species = (
         df.groupby("species")
         .agg(images=("image", "size"), individuals=("individual_id", "nunique"))
@@ -49,6 +64,8 @@ def train_metadata(context: dg.AssetExecutionContext, config: MetadataSettings, 
             "individuals": int(df["individual_id"].nunique()),
             "species": int(df["species"].nunique()),
             "singleton_individuals": int((per_individual == 1).sum()),
+            "enrolled_photos": len(enrolled),
+            "enrolled_individuals": int(enrolled["individual_id"].nunique()),
             "alias_rows_merged": int(merged.sum()),
             "species_table": table_md(species),
             "data_dir": dg.MetadataValue.path(str(whale.data_path)),

@@ -10,6 +10,10 @@ from whale_assets.metadata import figure_md, progress_logger, table_md
 from whale_assets.partitions import fold_partitions
 from whale_assets.resources import MlflowTracking, WhaleHome
 from whale_assets.settings import EmbedSettings, GallerySettings, ThresholdSettings
+from whale_ml.identify.enroll import with_enrolled
+from whale_ml.identify.lineage import gather_lineage, record_embeddings
+from whale_ml.identify.registry import gallery_models
+from whale_ml.identify.versions import list_versions, write_version
 from whale_ml.io import atomic_path, write_json
 from whale_ml.retrieval import (
     build_index,
@@ -29,7 +33,7 @@ from whale_ml.training.trainer import load_model, resolve_device
     kinds={"pytorch", "numpy"},
     partitions_def=fold_partitions,
     deps=["arcface_model"],
-    code_version="1",
+    code_version="2",
     pool="gpu",
     check_specs=[
         dg.AssetCheckSpec(
@@ -46,7 +50,8 @@ def fold_embeddings(
     (float32 ``.npy`` with the image order beside it)."""
     fold = context.partition_key
     device = resolve_device(config.device)
-    model, cfg = load_model(whale.layout.model_dir(fold) / "best.pt", device)
+    checkpoint = whale.layout.model_dir(fold) / "best.pt"
+    model, cfg = load_model(checkpoint, device)
     out = whale.layout.embeddings_dir(fold)
     counts, worst = {}, 0.0
     for split in ("train", "test"):
@@ -70,8 +75,11 @@ def fold_embeddings(
             worst = max(worst, float(np.abs(np.linalg.norm(emb, axis=1) - 1.0).max()))
     if device.type == "cuda":
         torch.cuda.empty_cache()  # give the memory back before the next partition's training
+    # Which checkpoint (and registry version) made these embeddings: the gallery's lineage.
+    recorded = record_embeddings(whale.layout, fold, checkpoint, config.flip_tta)
     return dg.MaterializeResult(
         metadata={
+            "registered_version": recorded.version or "not registered",
             "train_embeddings": counts["train"],
             "test_embeddings": counts["test"],
             "dimension": cfg.embedding_size,
@@ -88,14 +96,24 @@ def fold_embeddings(
     )
 
 
-@dg.asset(group_name="retrieval", kinds={"faiss"}, deps=[fold_embeddings], code_version="2", automation_condition=AFTER_FOLDS)
+@dg.asset(group_name="retrieval", kinds={"faiss"}, deps=[fold_embeddings], code_version="3", automation_condition=AFTER_FOLDS)
 def gallery(
-    context: dg.AssetExecutionContext, config: GallerySettings, whale: WhaleHome, train_metadata: pd.DataFrame
+    context: dg.AssetExecutionContext,
+    config: GallerySettings,
+    whale: WhaleHome,
+    mlflow: MlflowTracking,
+    train_metadata: pd.DataFrame,
+    crops: pd.DataFrame,
 ) -> dg.MaterializeResult:
     """The faiss gallery of every training photo, embedded by the ensemble of all fold
     models (their normalised embeddings concatenated: cosine = mean of the models'
     cosines), with the test queries embedded the same way. Exact (flat) by default;
-    with an approximate index its recall@5 against flat is measured on the queries."""
+    with an approximate index its recall@5 against flat is measured on the queries.
+
+    Each materialisation also writes a new gallery version (``gallery/versions/``, what
+    ``whale identify`` searches) with the models, detector and crop settings it was
+    made with, and with every enrolled photo (``whale enroll``) that the fold embeddings
+    do not cover yet, embedded here by the same models. ``versions`` lists them all."""
     folds = fold_partitions.get_partition_keys()
     train_parts, test_parts, train_images, test_images = [], [], None, None
     for fold in folds:
@@ -131,8 +149,53 @@ def gallery(
         recall = index_recall(index, gallery_emb, ids, probe, max_queries=config.recall_queries)
         context.log.info(f"{config.index} index keeps {recall['individual_recall_at_k']:.4f} of flat's top-5 individuals")
         metadata.update({f"{k}_vs_flat" if "recall" in k else f"recall_{k}": v for k, v in recall.items()})
-    write_json(out / "gallery.json", {**config.model_dump(), "models": folds, "images": len(ids), "dimension": int(gallery_emb.shape[1])})
+    lineage = gather_lineage(whale.layout, folds, config.index, config.k)
+    write_json(
+        out / "gallery.json",
+        {
+            **config.model_dump(),
+            "models": folds,
+            "images": len(ids),
+            "dimension": int(gallery_emb.shape[1]),
+            "lineage": lineage.model_dump(),
+        },
+    )
     context.log.info(f"gallery of {len(ids)} photos from {len(folds)} fold models ({config.index} index)")
+
+    # The version identification searches: the same photos plus enrolled ones not in them.
+    crop_of = dict(zip(crops["image"], crops["crop_path"], strict=True))
+    species_of = train_metadata.set_index("image")["species"]
+    table = pd.DataFrame(
+        {
+            "image": train_images,
+            "individual_id": ids,
+            "species": species_of.loc[train_images].to_numpy(),
+            "crop_path": [crop_of.get(img, "") for img in train_images],
+            "source": "pipeline",
+        }
+    )
+    table, version_emb, carried = with_enrolled(
+        whale.layout,
+        table,
+        gallery_emb,
+        lineage,
+        lambda: gallery_models(lineage, whale.layout.model_dir, mlflow.uri, whale.layout.home / "model_cache"),
+        str(resolve_device("auto")),
+    )
+    version = write_version(whale.layout, table, version_emb, lineage, made_by="gallery asset", extra={"carried_enrolled": carried})
+    if carried:
+        context.log.info(f"{carried} enrolled photo(s) not yet in the fold embeddings added to gallery {version.name}")
+    metadata.update(
+        {
+            "version": version.name,
+            "version_photos": int(version.info["photos"]),
+            "version_individuals": int(version.info["individuals"]),
+            "enrolled_photos": int(version.info["enrolled_photos"]),
+            "enrolled_individuals": int(version.info["enrolled_individuals"]),
+            "model_versions": ", ".join(f"{m.fold}: v{m.version}" for m in lineage.models),
+            "versions": table_md(list_versions(whale.layout)),
+        }
+    )
     return dg.MaterializeResult(metadata=metadata)
 
 

@@ -12,6 +12,8 @@ from whale_assets.partitions import fold_index, fold_partitions
 from whale_assets.resources import MlflowTracking, WhaleHome
 from whale_assets.settings import TrainSettings
 from whale_ml.data.folds import fold_split
+from whale_ml.identify.lineage import record_registered, sha256_file
+from whale_ml.identify.registry import CHECKPOINT_ARTIFACT, SHA_TAG
 from whale_ml.io import write_json
 from whale_ml.training.launch import train_fold_distributed
 from whale_ml.training.trainer import data_fingerprint, load_model, train_fold
@@ -21,7 +23,7 @@ from whale_ml.training.trainer import data_fingerprint, load_model, train_fold
     group_name="training",
     kinds={"pytorch", "mlflow"},
     partitions_def=fold_partitions,
-    code_version="1",
+    code_version="2",
     pool="gpu",
 )
 def arcface_model(
@@ -79,6 +81,11 @@ def arcface_model(
         curves = _curves_plot(history)
         mlf.log_figure(curves, "curves/training_curves.png")
         mlf.log_metrics({"best_val_map5": result.best_map5 or 0.0, "best_epoch": result.best_epoch})
+        # The checkpoint itself travels with the registered version (loaded later with
+        # weights_only, never unpickled); its digest tags the version so that
+        # `whale identify` can tell which models a gallery was built with.
+        mlf.log_artifact(str(result.checkpoint), artifact_path=CHECKPOINT_ARTIFACT.rsplit("/", 1)[0])
+        checkpoint_sha = sha256_file(result.checkpoint)
         model, _ = load_model(result.checkpoint)
         registered = mlflow.log_embedding_model(
             model,
@@ -92,8 +99,10 @@ def arcface_model(
                 "backbone": config.backbone,
                 "dagster_run_id": context.run.run_id,
                 "val_map5": f"{result.best_map5}",
+                SHA_TAG: checkpoint_sha,
             },
         )
+        record_registered(whale.layout, fold, result.checkpoint, mlflow.registered_model, str(registered.registered_model_version))
         url = mlflow.run_url(run.info.experiment_id, run.info.run_id)
 
     return dg.MaterializeResult(

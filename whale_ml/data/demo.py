@@ -25,7 +25,7 @@ Output (the Kaggle layout, plus two files Kaggle keeps private)::
     OUT/test_images/*.jpg
     OUT/sample_submission.csv  image,predictions
     OUT/fluke_boxes.csv        image,x_min,y_min,x_max,y_max  (a subset of train)
-    OUT/test_truth.csv         image,individual_id,species   (new_individual for unseen)
+    OUT/test_truth.csv         image,individual_id,species,animal_id   (new_individual for unseen; animal_id: the real animal)
 """
 
 from __future__ import annotations
@@ -363,12 +363,13 @@ def generate_demo_data(
                 boxes.append((name, *box))
         else:
             truth = ind.individual_id if ind in known else NEW_INDIVIDUAL
-            test_rows.append((name, truth, ind.species))
+            # animal_id: which animal it really is, also for new ones (to try enrollment on).
+            test_rows.append((name, truth, ind.species, ind.individual_id))
         if progress is not None:
             progress(done + 1, len(order))
 
     pd.DataFrame(train_rows, columns=["image", "species", "individual_id"]).to_csv(tmp / "train.csv", index=False)
-    test = pd.DataFrame(test_rows, columns=["image", "individual_id", "species"]).sort_values("image")
+    test = pd.DataFrame(test_rows, columns=["image", "individual_id", "species", "animal_id"]).sort_values("image")
     test.to_csv(tmp / "test_truth.csv", index=False)
     sample = pd.DataFrame({"image": test["image"], "predictions": f"{NEW_INDIVIDUAL} 37c7aba965a5 114207cab555 a6e325d8e924 19fbb960f07d"})
     sample.to_csv(tmp / "sample_submission.csv", index=False)

@@ -193,13 +193,19 @@ def _check_names_and_files(df: pd.DataFrame, csv_file: Path, image_dir: Path, ch
     return problems
 
 
+def id_breaks_submission(ids: pd.Series) -> pd.Series:
+    """True where an individual id holds whitespace or control characters: the submission
+    separates ids by spaces, so such an id could never be written back correctly."""
+    return ids.astype(str).str.contains(_ID_BREAKING)
+
+
 def _check_ids(df: pd.DataFrame) -> list[str]:
     problems = []
     for col in ("species", "individual_id"):
         blank = df[col] == ""
         if blank.any():
             problems.append(f"empty {col} on line(s) {_listed(_row_numbers(blank))}")
-    breaking = df["individual_id"].str.contains(_ID_BREAKING)
+    breaking = id_breaks_submission(df["individual_id"])
     if breaking.any():
         problems.append(
             "individual_id with whitespace or control characters inside (the submission separates ids by spaces): "

@@ -1,0 +1,293 @@
+"""`whale identify` and `whale enroll` on a real tiny pipeline run: the JSON schema, error
+rows, enrollment of a new animal, the gallery versions in Dagster, the model checks
+against the MLflow registry, and the HTML report opened in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import ImageEnhance
+
+from whale_assets.cli import main as whale
+from whale_assets.instance import prepare_dagster_home
+from whale_assets.run import load_recipe, run_pipeline
+from whale_ml.data.demo import SPECIES_LABELS, Individual, render_individual, render_photo
+from whale_ml.identify import list_versions, read_ledger
+from whale_ml.io import read_json
+from whale_ml.settings import HomeLayout
+
+REPO = Path(__file__).resolve().parent.parent
+NEW_ID = "cafe0000beef"
+
+
+def _encounter(out: Path, n: int = 6) -> list[Path]:
+    """Photos of one encounter with an animal the catalogue has never seen: one scene drawn
+    like the demo set's, as a burst of frames (shifted by a few pixels, light and JPEG
+    quality varying). Frames, not independent photos: the test's 2-epoch model cannot
+    re-identify an animal across unrelated scenes (see docs/identify.md), and this test
+    is about the loop, not about the model's skill."""
+    label, species, part = SPECIES_LABELS[3]
+    sprite = render_individual(Individual(NEW_ID, label, species, part, seed=778))
+    scene, _ = render_photo(sprite, np.random.default_rng(6), (130, 130))
+    rng = np.random.default_rng(2)
+    out.mkdir(parents=True)
+    paths = []
+    w, h = scene.size
+    for i in range(n):
+        dx, dy = rng.integers(0, 4, 2)
+        frame = ImageEnhance.Brightness(scene.crop((dx, dy, w - 4 + dx, h - 4 + dy))).enhance(float(rng.uniform(0.97, 1.03)))
+        frame.save(out / f"encounter_{i}.jpg", quality=int(rng.integers(85, 96)))
+        paths.append(out / f"encounter_{i}.jpg")
+    return paths
+
+
+def _whale(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = whale(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Iterator[dict]:
+    """One real pipeline run on the tiny set, then a new animal enrolled from half its photos."""
+    root = tmp_path_factory.mktemp("identify")
+    home = root / "home"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WHALE_HOME", str(home))
+        mp.setenv("WHALE_DATA_DIR", str(tiny_data))
+        mp.setenv("DAGSTER_HOME", str(home / "dagster_home"))
+        mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        prepare_dagster_home()
+        run_pipeline(load_recipe(REPO / "configs" / "tiny.yaml"), log=lambda _msg: None)
+        yield {"home": home, "layout": HomeLayout(home), "data": tiny_data, "root": root}
+
+
+def _gallery_ids(layout: HomeLayout) -> dict[str, str]:
+    table = pd.read_csv(layout.gallery_versions_dir / "v0001" / "gallery.csv", dtype=str, keep_default_na=False)
+    return dict(zip(table["image"], table["individual_id"], strict=True))
+
+
+def test_identify_lists_five_candidates_per_photo_and_an_error_row_per_bad_photo(home: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    layout, data = home["layout"], home["data"]
+    broken = home["root"] / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    train_photo = data / "train_images" / pd.read_csv(data / "train.csv")["image"].iloc[0]
+    code, out, _ = _whale(
+        capsys, "identify", str(data / "test_images"), str(broken), str(home["root"] / "missing.jpg"), str(train_photo), "--json"
+    )
+    assert code == 0
+    result = json.loads(out)
+    test_images = sorted(p.name for p in (data / "test_images").iterdir())
+    assert [p["image"] for p in result["photos"]] == [*test_images, "broken.jpg", "missing.jpg", train_photo.name]
+    assert result["schema_version"] == 1 and result["gallery"]["version"] == "v0001"
+    threshold = read_json(layout.tables / "match_threshold.json")["threshold"]
+    assert result["threshold"] == pytest.approx(threshold)
+    assert [(m["fold"], m["alias"]) for m in result["models"]] == [("fold0", "champion_fold0"), ("fold1", "champion_fold1")]
+
+    owner = _gallery_ids(layout)
+    rows = {p["image"]: p for p in result["photos"]}
+    for row in [rows[name] for name in test_images]:
+        assert row["status"] == "ok" and row["error"] is None
+        cands = row["candidates"]
+        assert [c["rank"] for c in cands] == [1, 2, 3, 4, 5]
+        assert len({c["individual_id"] for c in cands}) == 5
+        sims = [c["similarity"] for c in cands]
+        assert sims == sorted(sims, reverse=True) and all(-1.0 <= s <= 1.0 + 1e-6 for s in sims)
+        assert all(owner[c["gallery_image"]] == c["individual_id"] for c in cands), "best match is a photo of that individual"
+        assert all(Path(c["gallery_crop"]).is_file() for c in cands)
+        assert len(row["predictions"]) == 5 and row["decision"] == row["predictions"][0]
+        assert row["new_individual"] == (row["decision"] == "new_individual") == (sims[0] < row["threshold"])
+        assert len(row["box"]) == 4 and isinstance(row["crop_is_full_frame"], bool)
+
+    # The same photos, models and gallery as the pipeline's submission: the same answers.
+    submission = pd.read_csv(layout.submission, dtype=str).set_index("image")["predictions"]
+    assert {name: " ".join(rows[name]["predictions"]) for name in test_images} == submission.loc[test_images].to_dict()
+    # A gallery photo finds itself: the query went through exactly the gallery's crop and models.
+    own = rows[train_photo.name]["candidates"][0]
+    assert own["gallery_image"] == train_photo.name and own["similarity"] > 0.9999
+
+    for name, why in [("broken.jpg", "cannot read image"), ("missing.jpg", "file not found")]:
+        assert rows[name]["status"] == "error" and why in rows[name]["error"] and name in rows[name]["error"]
+        assert rows[name]["candidates"] == [] and rows[name]["predictions"] == []
+
+
+def test_enrolled_animal_is_identified_from_its_other_photos(home: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    from whale_assets.definitions import defs as load_defs
+    from whale_assets.defs.automation import training_data_changed
+    from whale_assets.resources import WhaleHome
+
+    layout = home["layout"]
+    frames = _encounter(home["root"] / "tonight")
+    confirmed = home["root"] / "confirmed.csv"
+    pd.DataFrame({"image": [p.name for p in frames[:3]], "individual_id": NEW_ID}).to_csv(confirmed, index=False)
+
+    def sensor(cursor: str | None) -> tuple[list[dg.RunRequest], str | None]:
+        result = training_data_changed(dg.build_sensor_context(cursor=cursor, resources={"whale": WhaleHome()}))
+        return ([], cursor) if isinstance(result, dg.SkipReason) else (list(result.run_requests or []), result.cursor)
+
+    _, cursor = sensor(None)
+    code, out, _ = _whale(capsys, "identify", *map(str, frames[3:]), "--json")
+    assert code == 0 and all(NEW_ID not in p["predictions"] for p in json.loads(out)["photos"])
+
+    code, out, err = _whale(capsys, "enroll", str(confirmed), "--images", str(frames[0].parent))
+    assert code == 0, err
+    assert "v0002" in out and NEW_ID in out
+    ledger = read_ledger(layout)
+    assert ledger["image"].tolist() == [p.name for p in frames[:3]] and set(ledger["new_individual"]) == {"true"}
+    assert all((layout.enrolled_dir / "images" / p.name).is_file() for p in frames[:3])
+
+    code, out, _ = _whale(capsys, "identify", *map(str, frames), "--json")
+    result = json.loads(out)
+    assert result["gallery"] == {"version": "v0002", "photos": result["gallery"]["photos"], "individuals": 11, "enrolled_photos": 3}
+    for row in result["photos"][3:]:  # the other photos of the encounter
+        assert row["candidates"][0]["individual_id"] == NEW_ID and row["candidates"][0]["gallery_source"] == "enrolled"
+        assert row["decision"] == NEW_ID, row
+    for frame, row in zip(frames[:3], result["photos"][:3], strict=True):  # enrolled embeddings are in the query space
+        assert row["candidates"][0]["gallery_image"] == frame.name and row["candidates"][0]["similarity"] > 0.9999
+
+    # The Dagster instance shows the new gallery version on the gallery asset.
+    instance = dg.DagsterInstance.get()
+    mat = instance.get_latest_materialization_event(dg.AssetKey("gallery")).asset_materialization
+    meta = {k: v.value for k, v in mat.metadata.items()}
+    assert meta["version"] == "v0002" and meta["enrolled_photos"] == 3 and meta["enrolled_individuals"] == 1
+    assert "v0001" in meta["versions"] and "v0002" in meta["versions"]
+
+    # Retraining includes them: the sensor sees a change, and train_metadata lists them.
+    requests, _ = sensor(cursor)
+    assert len(requests) == 1
+    job = load_defs().resolve_implicit_global_asset_job_def()
+    run = job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("train_metadata")])
+    assert run.success
+    train = pd.read_parquet(layout.tables / "train_metadata.parquet")
+    mine = train[train["individual_id"] == NEW_ID]
+    assert sorted(mine["image"]) == [p.name for p in frames[:3]]
+    assert all(Path(p).is_file() for p in mine["path"]) and train["label"].nunique() == train["individual_id"].nunique() == 11
+    mat = instance.get_latest_materialization_event(dg.AssetKey("train_metadata")).asset_materialization
+    assert mat.metadata["enrolled_photos"].value == 3
+
+    # The gallery asset, rematerialised before any retraining, keeps the enrolled photos.
+    run = job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("gallery")])
+    assert run.success
+    versions = list_versions(layout)
+    assert versions["version"].tolist() == ["v0001", "v0002", "v0003"]
+    newest = versions.iloc[-1]
+    assert newest["made_by"] == "gallery asset" and newest["current"] and newest["enrolled_photos"] == 3
+    code, out, _ = _whale(capsys, "identify", str(frames[4]), "--json")
+    assert json.loads(out)["photos"][0]["decision"] == NEW_ID
+
+
+def test_identify_refuses_models_the_gallery_was_not_built_with(home: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=home["layout"].mlflow_uri)
+    v0, v1 = (str(client.get_model_version_by_alias("whale-arcface", f"fold{i}").version) for i in (0, 1))
+    photo = next((home["data"] / "test_images").iterdir())
+    code, _, err = _whale(capsys, "identify", str(photo), "--model-version", v1, v0)
+    assert code == 2
+    assert f"whale-arcface v{v1} is not the fold0 model" in err and "Rematerialise the gallery" in err
+    code, _, err = _whale(capsys, "identify", str(photo), "--alias", "nonesuch")
+    assert code == 2 and "whale-arcface@nonesuch_fold0 not found" in err
+    code, out, _ = _whale(capsys, "identify", str(photo), "--model-version", v0, v1, "--json")  # the gallery's own versions
+    assert code == 0 and json.loads(out)["photos"][0]["status"] == "ok"
+
+
+def test_enroll_rejects_a_bad_file_whole_and_changes_nothing(home: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    layout, data = home["layout"], home["data"]
+    folder = home["root"] / "bad_batch"
+    folder.mkdir()
+    known = pd.read_csv(data / "train.csv").iloc[0]
+    shutil.copy(data / "train_images" / known["image"], folder / known["image"])
+    shutil.copy(data / "train_images" / known["image"], folder / "fine.jpg")
+    (folder / "empty.jpg").write_bytes(b"")
+    pd.DataFrame(
+        {
+            "image": [known["image"], "fine.jpg", "fine2.jpg", "fine.jpg"],
+            "individual_id": [known["individual_id"], "new_individual", "someone", "someone"],
+        }
+    ).to_csv(folder / "confirmed.csv", index=False)
+    before = (list_versions(layout), read_ledger(layout))
+    code, _, err = _whale(capsys, "enroll", str(folder / "confirmed.csv"), "--images", str(folder))
+    assert code == 2
+    assert "duplicate image rows: fine.jpg" in err
+    pd.DataFrame(
+        {"image": [known["image"], "fine.jpg", "empty.jpg"], "individual_id": [known["individual_id"], "new_individual", "x"]}
+    ).to_csv(folder / "confirmed.csv", index=False)
+    code, _, err = _whale(capsys, "enroll", str(folder / "confirmed.csv"), "--images", str(folder))
+    assert code == 2
+    assert "'new_individual' is not an identity" in err and "line(s) 3" in err
+    assert f"already in the catalogue (rename the file if it is another photo): {known['image']}" in err
+    pd.DataFrame({"image": ["empty.jpg"], "individual_id": ["x"]}).to_csv(folder / "confirmed.csv", index=False)
+    code, _, err = _whale(capsys, "enroll", str(folder / "confirmed.csv"), "--images", str(folder))
+    assert code == 2 and "line 2:" in err and "empty.jpg: file is empty" in err
+    after = (list_versions(layout), read_ledger(layout))
+    pd.testing.assert_frame_equal(before[0], after[0])
+    pd.testing.assert_frame_equal(before[1], after[1])
+
+
+def _browser() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def report(home: dict) -> Path:
+    """The HTML report of the test photos and one unreadable photo."""
+    out = home["root"] / "report.html"
+    broken = home["root"] / "broken_for_report.jpg"
+    broken.write_bytes(b"\xff\xd8 truncated")
+    assert whale(["identify", str(home["data"] / "test_images"), str(broken), "--report", str(out)]) == 0
+    return out
+
+
+def test_report_is_self_contained(home: dict, report: Path) -> None:
+    page = report.read_text()
+    n_ok = len(list((home["data"] / "test_images").iterdir()))
+    sources = re.findall(r'<img src="([^"]*)"', page)
+    assert len(sources) == 6 * n_ok, "each query crop and its five candidates' crops"
+    assert all(s.startswith("data:image/jpeg;base64,") for s in sources)
+    outside_images = re.sub(r'src="data:[^"]*"', "", page)  # (base64 may hold '//')
+    assert not re.search(r"(?:https?:)?//|<link|<script|url\(|src=", outside_images), "no external assets"
+    assert "broken_for_report.jpg" in page and "could not be identified" in page
+
+
+@pytest.mark.skipif(_browser() is None, reason="needs headless Chromium (make test installs it from Debian packages when it can)")
+def test_report_images_load_in_headless_chromium(home: dict, report: Path, tmp_path: Path) -> None:
+    # A copy with a probe that records, once the page has loaded, how many images decoded.
+    probe = (
+        "<script>window.addEventListener('load', () => { const imgs = [...document.images];"
+        " document.body.setAttribute('data-images', imgs.length);"
+        " document.body.setAttribute('data-loaded', imgs.filter(i => i.complete && i.naturalWidth > 0).length); });</script>"
+    )
+    page = tmp_path / "probe.html"
+    page.write_text(report.read_text().replace("</body>", probe + "</body>"))
+    dom = subprocess.run(
+        [
+            str(_browser()),
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--virtual-time-budget=10000",
+            "--host-resolver-rules=MAP * ~NOTFOUND",  # offline: anything external would fail to load
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    ).stdout
+    found = re.search(r'data-images="(\d+)" data-loaded="(\d+)"', dom)
+    assert found, dom[:2000]
+    images, loaded = map(int, found.groups())
+    assert images == 6 * len(list((home["data"] / "test_images").iterdir())) and loaded == images

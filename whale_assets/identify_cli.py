@@ -1,0 +1,171 @@
+"""``whale identify`` and ``whale enroll``: the researcher's daily loop on the command line.
+
+Thin: the work is in :mod:`whale_ml.identify`. This layer finds the home, the MLflow
+store and the Dagster instance, and reports each enrollment to Dagster as a
+materialisation of the ``gallery`` asset, so the UI shows every gallery version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from whale_ml.settings import HomeLayout, default_home
+
+
+def _alias_template(alias: str) -> str:
+    """``champion`` -> ``champion_{fold}``; ``latest`` -> ``{fold}`` (the newest); a template is kept."""
+    if alias == "latest":
+        return "{fold}"
+    return alias if "{fold}" in alias else f"{alias}_{{fold}}"
+
+
+def _setup() -> HomeLayout:
+    from whale_ml.offline import configure_environment
+
+    layout = HomeLayout(default_home())
+    configure_environment(layout.home)
+    return layout
+
+
+def _tracking_uri() -> str:
+    from whale_assets.resources import MlflowTracking
+
+    return MlflowTracking().uri
+
+
+def _match_threshold(layout: HomeLayout) -> dict[str, Any]:
+    from whale_ml.identify.lineage import LineageError
+    from whale_ml.io import read_json
+
+    path = layout.tables / "match_threshold.json"
+    if not path.exists():
+        raise LineageError(f"no match_threshold in {layout.tables}: materialise the pipeline (whale run) first")
+    return read_json(path)
+
+
+def identify_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="whale identify",
+        description="Identify photos against the current gallery: the five most similar individuals and the new_individual decision.",
+    )
+    parser.add_argument("photos", nargs="+", metavar="PHOTO_OR_DIR", help="photo files, or folders of photos")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON (schema: docs/identify.md)")
+    parser.add_argument("--report", metavar="OUT.html", help="write a self-contained HTML page to check the matches by eye")
+    parser.add_argument(
+        "--alias",
+        default="champion",
+        help="registry alias of the fold models: champion (default), challenger, latest, or a template like 'my_{fold}'",
+    )
+    parser.add_argument("--model-version", nargs="+", metavar="V", help="registry versions instead, one per fold in fold order")
+    parser.add_argument("--gallery-version", metavar="vNNNN", help="search this gallery version (default: the newest)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), auto, cuda or cuda:N")
+    args = parser.parse_args(argv)
+
+    from whale_ml.identify import LineageError, expand_inputs, format_text, identify_photos, load_version, resolve_models, write_report
+    from whale_ml.training.trainer import resolve_device
+
+    layout = _setup()
+    device = str(resolve_device(args.device))
+    try:
+        gallery = load_version(layout, args.gallery_version)
+        models = resolve_models(
+            gallery.lineage,
+            _tracking_uri(),
+            layout.home / "model_cache",
+            gallery.name,
+            alias=_alias_template(args.alias),
+            versions=args.model_version,
+        )
+        threshold = _match_threshold(layout)
+        paths = expand_inputs(args.photos)
+        if not paths:
+            print("whale identify: no photos found in " + ", ".join(args.photos), file=sys.stderr)
+            return 2
+        with tempfile.TemporaryDirectory(prefix="whale-identify-") as work:
+            result = identify_photos(paths, layout, gallery, models, threshold, Path(work), device)
+            if args.report:
+                write_report(result, args.report)
+    except LineageError as exc:
+        print(f"whale identify: {exc}", file=sys.stderr)
+        return 2
+    for row in result["photos"]:  # the crops were temporary; the report holds them inline
+        row.pop("crop_path", None)
+    print(json.dumps(result, indent=2) if args.json else format_text(result))
+    if args.report:
+        print(f"report: {Path(args.report).resolve()}", file=sys.stderr)
+    return 0
+
+
+def report_gallery_version(layout: HomeLayout, summary: dict[str, Any]) -> None:
+    """A runless materialisation of ``gallery`` in the Dagster instance: the UI's gallery
+    asset then shows the enrolled version, its counts and the list of versions."""
+    import dagster as dg
+
+    from whale_assets.instance import prepare_dagster_home
+    from whale_assets.metadata import table_md
+    from whale_ml.identify import list_versions
+
+    prepare_dagster_home(layout.home)
+    instance = dg.DagsterInstance.get()
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(
+            asset_key="gallery",
+            description=f"whale enroll: {summary['enrolled_photos_now']} photo(s) added as gallery {summary['version']}",
+            metadata={
+                "version": summary["version"],
+                "made_by": "whale enroll",
+                "version_photos": summary["gallery_photos"],
+                "version_individuals": summary["gallery_individuals"],
+                "enrolled_photos": summary["enrolled_photos"],
+                "enrolled_individuals": summary["enrolled_individuals"],
+                "enrolled_now": summary["enrolled_photos_now"],
+                "new_individuals_now": len(summary["new_individuals_now"]),
+                "versions": table_md(list_versions(layout)),
+                "folder": dg.MetadataValue.path(str(layout.gallery_versions_dir / summary["version"])),
+            },
+        )
+    )
+
+
+def enroll_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="whale enroll",
+        description="Add confirmed photos (CSV image,individual_id[,species]; new ids allowed) to the gallery as a new version.",
+    )
+    parser.add_argument("confirmed", metavar="CONFIRMED.csv", help="image,individual_id rows (species optional)")
+    parser.add_argument("--images", required=True, metavar="DIR", help="folder holding the listed photos")
+    parser.add_argument("--device", default="cpu", help="cpu (default), auto, cuda or cuda:N")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    args = parser.parse_args(argv)
+
+    from whale_ml.data.metadata import MetadataError
+    from whale_ml.identify import LineageError, enroll, gallery_models, load_version
+    from whale_ml.training.trainer import resolve_device
+
+    layout = _setup()
+    try:
+        gallery = load_version(layout)
+        models = gallery_models(gallery.lineage, layout.model_dir, _tracking_uri(), layout.home / "model_cache")
+        summary = enroll(args.confirmed, args.images, layout, gallery, models, str(resolve_device(args.device)))
+    except (LineageError, MetadataError) as exc:
+        print(f"whale enroll: {exc}", file=sys.stderr)
+        return 2
+    report_gallery_version(layout, summary)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        new = summary["new_individuals_now"]
+        print(
+            f"gallery {summary['version']} (from {summary['parent']}): {summary['enrolled_photos_now']} photo(s) of "
+            f"{summary['enrolled_individuals_now']} individual(s) enrolled"
+            + (f", new: {', '.join(new)}" if new else "")
+            + f"; now {summary['gallery_photos']} photos of {summary['gallery_individuals']} individuals "
+            f"({summary['enrolled_photos']} enrolled). The next `whale run` trains on them too."
+        )
+    return 0

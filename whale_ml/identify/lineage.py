@@ -1,0 +1,132 @@
+"""What a gallery was made with: the fold models, the detector and the box and crop settings.
+
+A new photo can only be compared with the gallery if it goes through the same
+detector, the same box and crop settings and the same fold models (in the same
+order, with the same flip TTA). The pipeline's stages record their part of this
+beside their artifacts; the gallery gathers the parts into one
+:class:`GalleryLineage`, stored with every gallery version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from whale_ml.io import read_json, write_json
+from whale_ml.settings import HomeLayout
+
+# The records each stage writes beside its artifacts.
+BOXES_RECORD = "boxes.json"  # in detector_dir, by the bboxes stage
+CROPS_RECORD = "crops.json"  # in crops_dir, by the crops stage
+EMBEDDINGS_RECORD = "embeddings.json"  # in embeddings_dir(fold), by the fold embeddings stage
+REGISTERED_RECORD = "registered.json"  # in model_dir(fold), by the training stage
+
+
+class LineageError(RuntimeError):
+    """The gallery cannot be matched against: its record is missing or the models differ."""
+
+
+class FoldModel(BaseModel):
+    """One fold model of the ensemble, as the gallery used it."""
+
+    fold: str
+    checkpoint_sha256: str = Field(description="sha256 of the best.pt checkpoint that embedded the gallery.")
+    registered_model: str | None = Field(None, description="MLflow registered model name (None when it was not registered).")
+    version: str | None = Field(None, description="MLflow registered model version of that checkpoint.")
+    flip_tta: bool = False
+
+
+class GalleryLineage(BaseModel):
+    """Everything a new photo must go through to land in the gallery's embedding space."""
+
+    models: list[FoldModel]
+    detector_sha256: str | None = Field(description="sha256 of detector.pt; None: full frames (no detector).")
+    detector_imgsz: int
+    min_confidence: float
+    expand: float
+    crop_size: int
+    resize: str
+    index: str = "flat"
+    k: int = 50
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def record_boxes(layout: HomeLayout, min_confidence: float, expand: float, imgsz: int, detector: Path | None) -> None:
+    """Written by the bboxes stage: the box settings and which detector file made them."""
+    write_json(
+        layout.detector_dir / BOXES_RECORD,
+        {
+            "min_confidence": min_confidence,
+            "expand": expand,
+            "imgsz": imgsz,
+            "detector_sha256": sha256_file(detector) if detector is not None else None,
+        },
+    )
+
+
+def record_crops(layout: HomeLayout, size: int, resize: str) -> None:
+    """Written by the crops stage."""
+    write_json(layout.crops_dir / CROPS_RECORD, {"size": size, "resize": resize})
+
+
+def record_registered(layout: HomeLayout, fold: str, checkpoint: Path, registered_model: str, version: str) -> None:
+    """Written by the training stage: the registry version of the fold's checkpoint."""
+    write_json(
+        layout.model_dir(fold) / REGISTERED_RECORD,
+        {"registered_model": registered_model, "version": str(version), "checkpoint_sha256": sha256_file(checkpoint)},
+    )
+
+
+def record_embeddings(layout: HomeLayout, fold: str, checkpoint: Path, flip_tta: bool) -> FoldModel:
+    """Written by the fold embeddings stage: which checkpoint embedded the crops. The
+    registry version is taken from the training stage's record only when that record is
+    of this very checkpoint (a retrained fold whose embeddings were not redone is not)."""
+    sha = sha256_file(checkpoint)
+    registered: dict[str, str] = {}
+    reg_path = layout.model_dir(fold) / REGISTERED_RECORD
+    if reg_path.exists():
+        found = read_json(reg_path)
+        if found.get("checkpoint_sha256") == sha:
+            registered = found
+    model = FoldModel(
+        fold=fold,
+        checkpoint_sha256=sha,
+        registered_model=registered.get("registered_model"),
+        version=registered.get("version"),
+        flip_tta=flip_tta,
+    )
+    write_json(layout.embeddings_dir(fold) / EMBEDDINGS_RECORD, model.model_dump())
+    return model
+
+
+def gather_lineage(layout: HomeLayout, folds: list[str], index: str, k: int) -> GalleryLineage:
+    """The gallery's lineage from the stages' records (for the gallery stage)."""
+    needed = {
+        "bboxes": layout.detector_dir / BOXES_RECORD,
+        "crops": layout.crops_dir / CROPS_RECORD,
+        **{f"fold_embeddings[{f}]": layout.embeddings_dir(f) / EMBEDDINGS_RECORD for f in folds},
+    }
+    missing = [f"{stage} ({path})" for stage, path in needed.items() if not path.exists()]
+    if missing:
+        raise LineageError("no record of the settings of " + ", ".join(missing) + ": rematerialise those assets first")
+    boxes, crops = read_json(needed["bboxes"]), read_json(needed["crops"])
+    return GalleryLineage(
+        models=[FoldModel(**read_json(layout.embeddings_dir(f) / EMBEDDINGS_RECORD)) for f in folds],
+        detector_sha256=boxes["detector_sha256"],
+        detector_imgsz=int(boxes["imgsz"]),
+        min_confidence=float(boxes["min_confidence"]),
+        expand=float(boxes["expand"]),
+        crop_size=int(crops["size"]),
+        resize=str(crops["resize"]),
+        index=index,
+        k=k,
+    )

@@ -1,0 +1,165 @@
+"""Identify new photos against the current gallery: the five most similar individuals,
+the photo of each that matched best, and the ``new_individual`` decision by the same
+rule and threshold as the submission.
+
+The result is a plain JSON-able dict whose schema is documented in ``docs/identify.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from whale_ml.data.metadata import NEW_INDIVIDUAL
+from whale_ml.identify.photos import crop_photos, embed_crops
+from whale_ml.identify.registry import ResolvedModel
+from whale_ml.identify.versions import GalleryVersion
+from whale_ml.retrieval.gallery import search_gallery
+from whale_ml.retrieval.ranking import TOP, nearest_species, predict_top5
+from whale_ml.settings import HomeLayout
+
+SCHEMA_VERSION = 1
+
+
+def thresholds_for(ids: np.ndarray, gallery: GalleryVersion, match_threshold: dict[str, Any]) -> np.ndarray:
+    """Each query's threshold: its nearest individual's species' own one where tuned, else the global one."""
+    by_species: dict[str, float] = match_threshold.get("species_thresholds") or {}
+    species_of = dict(zip(gallery.table["individual_id"], gallery.table["species"], strict=True))
+    species = nearest_species(ids, species_of) if len(ids) else []
+    return np.array([by_species.get(s, match_threshold["threshold"]) for s in species], dtype=np.float64)
+
+
+def rows_by_individual(gallery: GalleryVersion) -> dict[str, np.ndarray]:
+    """Gallery row numbers of each individual."""
+    ids = gallery.table["individual_id"].to_numpy()
+    order = np.argsort(ids, kind="stable")
+    names, starts = np.unique(ids[order], return_index=True)
+    return dict(zip(names, np.split(order, starts[1:]), strict=True))
+
+
+def best_gallery_rows(gallery: GalleryVersion, query: np.ndarray, ids: Sequence[str], rows_of: dict[str, np.ndarray]) -> list[int | None]:
+    """For each candidate id, the gallery row (photo) most similar to ``query``."""
+    best: list[int | None] = []
+    for ind in ids:
+        where = rows_of.get(ind)
+        best.append(int(where[np.argmax(gallery.embeddings[where] @ query)]) if where is not None and len(where) else None)
+    return best
+
+
+def identify_photos(
+    paths: Sequence[Path],
+    layout: HomeLayout,
+    gallery: GalleryVersion,
+    models: Sequence[ResolvedModel],
+    match_threshold: dict[str, Any],
+    work_dir: Path,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Identify each photo; one result row per path, in order, errors included.
+
+    Args:
+        paths: photo files (a missing or unreadable one gets ``status: error``).
+        gallery: the gallery version to search (normally the current one).
+        models: the fold models, in the gallery's fold order (:func:`resolve_models`).
+        match_threshold: the ``match_threshold`` asset's value.
+        work_dir: where the query crops are written (the report reads them there).
+    """
+    lineage = gallery.lineage
+    photos = crop_photos(paths, lineage, layout, work_dir, device)
+    ok = photos["crop_path"] != ""
+    emb = embed_crops(photos.loc[ok, "crop_path"].tolist(), models, device) if ok.any() else np.zeros((0, 1), np.float32)
+    gallery_ids = gallery.table["individual_id"].to_numpy(dtype=object)
+    if len(emb):
+        sims, ids = search_gallery(gallery.index, gallery_ids, emb, k=lineage.k)
+        thresholds = thresholds_for(ids, gallery, match_threshold)
+        predictions = predict_top5(sims, ids, thresholds)
+    rows: list[dict[str, Any]] = []
+    rows_of = rows_by_individual(gallery)
+    q = 0
+    for photo in photos.itertuples():
+        row: dict[str, Any] = {
+            "image": photo.image,
+            "path": str(Path(photo.path).resolve()) if Path(photo.path).exists() else str(photo.path),
+            "status": "error",
+            "error": photo.error or None,
+            "box": list(photo.box) if photo.box is not None else None,
+            "crop_is_full_frame": bool(photo.full_frame) if photo.box is not None else None,
+            "box_note": photo.box_note or None,
+            "crop_path": photo.crop_path or None,
+            "threshold": None,
+            "decision": None,
+            "new_individual": None,
+            "candidates": [],
+            "predictions": [],
+        }
+        if photo.crop_path:
+            matched = best_gallery_rows(gallery, emb[q], list(ids[q]), rows_of)
+            candidates = []
+            for rank, (ind, sim, grow) in enumerate(zip(ids[q], sims[q], matched, strict=True), start=1):
+                if not ind:  # a gallery with fewer than five individuals
+                    continue
+                g = gallery.table.iloc[grow]
+                candidates.append(
+                    {
+                        "rank": rank,
+                        "individual_id": str(ind),
+                        "similarity": round(float(sim), 6),
+                        "above_threshold": bool(sim >= thresholds[q]),
+                        "gallery_image": g["image"],
+                        "gallery_crop": g["crop_path"],
+                        "gallery_source": g["source"],
+                    }
+                )
+            row.update(
+                {
+                    "status": "ok",
+                    "error": None,
+                    "threshold": float(thresholds[q]),
+                    "decision": predictions[q][0],
+                    "new_individual": predictions[q][0] == NEW_INDIVIDUAL,
+                    "candidates": candidates,
+                    "predictions": predictions[q],
+                }
+            )
+            q += 1
+        rows.append(row)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "gallery": {
+            "version": gallery.name,
+            "photos": len(gallery.table),
+            "individuals": int(gallery.table["individual_id"].nunique()),
+            "enrolled_photos": int((gallery.table["source"] == "enrolled").sum()),
+        },
+        "threshold": float(match_threshold["threshold"]),
+        "species_thresholds": dict(match_threshold.get("species_thresholds") or {}),
+        "models": [m.describe() for m in models],
+        "top": TOP,
+        "photos": rows,
+    }
+
+
+def format_text(result: dict[str, Any]) -> str:
+    """The result for a terminal: per photo the decision and the five candidates."""
+    g = result["gallery"]
+    lines = [
+        f"gallery {g['version']}: {g['photos']} photos of {g['individuals']} individuals "
+        f"({g['enrolled_photos']} enrolled); threshold {result['threshold']:.4f}; models "
+        + ", ".join(f"{m['fold']}=v{m['version']}" for m in result["models"])
+    ]
+    for row in result["photos"]:
+        if row["status"] != "ok":
+            lines.append(f"\n{row['image']}: ERROR {row['error']}")
+            continue
+        best = row["candidates"][0]["similarity"] if row["candidates"] else float("nan")
+        why = f"best {best:.4f} {'<' if row['new_individual'] else '>='} threshold {row['threshold']:.4f}"
+        crop = "full frame" if row["crop_is_full_frame"] else "detector box"
+        lines.append(f"\n{row['image']}: {row['decision']}  ({why}; {crop})")
+        for c in row["candidates"]:
+            mark = " " if c["above_threshold"] else "-"
+            lines.append(f"  {c['rank']}. {c['individual_id']:<24} {c['similarity']:.4f} {mark} best match {c['gallery_image']}")
+        lines.append(f"  predictions: {' '.join(row['predictions'])}")
+    return "\n".join(lines)
