@@ -116,7 +116,7 @@ def test_identify_lists_five_candidates_per_photo_and_an_error_row_per_bad_photo
     own = rows[train_photo.name]["candidates"][0]
     assert own["gallery_image"] == train_photo.name and own["similarity"] > 0.9999
 
-    for name, why in [("broken.jpg", "cannot read image"), ("missing.jpg", "file not found")]:
+    for name, why in [("broken.jpg", "not an image format Pillow can read"), ("missing.jpg", "file not found")]:
         assert rows[name]["status"] == "error" and why in rows[name]["error"] and name in rows[name]["error"]
         assert rows[name]["candidates"] == [] and rows[name]["predictions"] == []
 

@@ -9,6 +9,7 @@ individual into a look-alike of another.
 from __future__ import annotations
 
 import random
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,16 @@ from torchvision.transforms import v2
 
 class ImageReadError(OSError):
     """A photo could not be read; the message names the file and why."""
+
+
+def _pil_open(path: Path) -> Image.Image:
+    """``PIL.Image.open`` itself. Ultralytics replaces it on import with a version that,
+    on a file Pillow cannot identify, tries to pip-install a HEIF plugin and then fails
+    with an ImportError naming that plugin: a misleading reason for a corrupt photo."""
+    patches = sys.modules.get("ultralytics.utils.patches")
+    if patches is not None and Image.open is getattr(patches, "image_open", None):
+        return patches._image_open(path)
+    return Image.open(path)
 
 
 def load_rgb(path: str | Path) -> Image.Image:
@@ -37,7 +48,7 @@ def load_rgb(path: str | Path) -> Image.Image:
         # so that a hostile or absurd file is never decoded.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with _pil_open(path) as im:
                 im.load()
                 im = ImageOps.exif_transpose(im)
                 return im.convert("RGB")
@@ -47,6 +58,8 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise ImageReadError(f"{path}: file not found") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageReadError(f"{path}: image too large ({exc})") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise ImageReadError(f"{path}: not an image format Pillow can read (corrupt, or not a photo)") from exc
     except Exception as exc:
         raise ImageReadError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
 
