@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import dagster as dg
 from pydantic import Field
@@ -73,28 +76,62 @@ class MlflowTracking(dg.ConfigurableResource):
     )
     experiment: str = Field("whale-photo-id", description="MLflow experiment name.")
     artifact_root: str | None = Field(
-        None, description="Artifact location for a newly created experiment (default: mlartifacts/ in the home)."
+        None,
+        description="Artifact location for a newly created experiment (default: mlartifacts/ in the home; with a "
+        "tracking server, the server's own artifact store).",
     )
     ui_url: str = Field(
         default_factory=lambda: os.environ.get("WHALE_MLFLOW_UI", "http://127.0.0.1:5000"),
         description="Where the MLflow UI is served (for links in asset metadata).",
     )
     registered_model: str = Field("whale-arcface", description="Model registry name of the fold embedding models.")
+    probe_timeout_s: float = Field(
+        5.0, gt=0, description="Seconds to wait for a tracking server to answer before the step fails (and is retried)."
+    )
 
     @property
     def uri(self) -> str:
         """The tracking URI in force now (the field, else the environment)."""
         return self.tracking_uri or _default_tracking_uri()
 
+    def check_reachable(self) -> None:
+        """Fail at once, naming the URI, when the tracking server does not answer.
+
+        MLflow's own client would retry a dead server for minutes (and a step that
+        trains first would lose its work at the end); one quick request decides
+        instead, and the assets' retry policy tries the step again later. Any HTTP
+        answer counts: a proxy's 401 is still a server. File and database stores
+        need no probe.
+        """
+        uri = self.uri
+        if urlparse(uri).scheme not in ("http", "https"):
+            return
+        import requests
+
+        try:
+            requests.get(f"{uri.rstrip('/')}/health", timeout=self.probe_timeout_s)
+        except requests.RequestException as exc:
+            raise MlflowUnreachableError(
+                f"MLflow tracking server {uri} is unreachable ({type(exc).__name__}: {exc}). Start it, or point "
+                "MLFLOW_TRACKING_URI (or the mlflow resource's tracking_uri) at one that runs; the step is retried "
+                f"{mlflow_retry_policy().max_retries} time(s) (WHALE_MLFLOW_RETRIES, WHALE_MLFLOW_RETRY_DELAY_S)."
+            ) from exc
+
     def _experiment_id(self) -> str:
         import mlflow
 
+        self.check_reachable()
         mlflow.set_tracking_uri(self.uri)
         found = mlflow.get_experiment_by_name(self.experiment)
         if found is not None:
             return found.experiment_id
-        root = self.artifact_root or str(HomeLayout(default_home()).mlflow_artifacts)
-        location = root if "://" in root else Path(root).resolve().as_uri()
+        if self.artifact_root:
+            root = self.artifact_root
+        elif urlparse(self.uri).scheme in ("http", "https"):
+            root = None  # a tracking server stores artifacts where it was told to (--artifacts-destination)
+        else:
+            root = str(HomeLayout(default_home()).mlflow_artifacts)
+        location = None if root is None else root if "://" in root else Path(root).resolve().as_uri()
         try:
             return mlflow.create_experiment(self.experiment, artifact_location=location)
         except Exception:  # created meanwhile by a parallel step
@@ -170,6 +207,7 @@ class MlflowTracking(dg.ConfigurableResource):
         import mlflow
         from mlflow.exceptions import MlflowException
 
+        self.check_reachable()
         client = mlflow.MlflowClient(tracking_uri=self.uri)
         name = self.registered_model
 
@@ -213,7 +251,88 @@ class MlflowTracking(dg.ConfigurableResource):
         return rows
 
 
+class MlflowUnreachableError(ConnectionError):
+    """The MLflow tracking server named in the message did not answer."""
+
+
+def mlflow_retry_policy() -> dg.RetryPolicy:
+    """The retry policy of the assets that talk to MLflow: ``$WHALE_MLFLOW_RETRIES``
+    retries (default 3), the first after ``$WHALE_MLFLOW_RETRY_DELAY_S`` seconds
+    (default 30), doubling each time, with jitter. Read when the definitions load.
+
+    Dagster's policy would retry any failure of these steps; the assets wrap their
+    bodies in :func:`retry_only_if_transient`, so that only a tracking server or store
+    that is down or busy is retried, and anything else fails at once.
+    ``WHALE_MLFLOW_RETRIES=0`` turns retries off.
+    """
+    try:
+        retries = int(os.environ.get("WHALE_MLFLOW_RETRIES", "3"))
+        delay = float(os.environ.get("WHALE_MLFLOW_RETRY_DELAY_S", "30"))
+    except ValueError as exc:
+        raise ValueError(f"WHALE_MLFLOW_RETRIES must be an integer and WHALE_MLFLOW_RETRY_DELAY_S a number of seconds: {exc}") from exc
+    if retries < 0 or delay < 0:
+        raise ValueError(f"WHALE_MLFLOW_RETRIES ({retries}) and WHALE_MLFLOW_RETRY_DELAY_S ({delay}) must not be negative")
+    return dg.RetryPolicy(max_retries=retries, delay=delay, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
+
+
 def _version(package: str) -> str:
     from importlib.metadata import version
 
     return version(package)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when ``exc`` (or an exception in its cause chain) says the MLflow server or
+    store is down or busy: worth retrying later, unlike a bug or bad data."""
+    import requests
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout)):
+            return True
+        text = str(current)
+        if type(current).__name__ == "MlflowException" and ("API request to" in text or "Max retries exceeded" in text):
+            return True  # MLflow's REST client gives up on a dead server with this message
+        if type(current).__name__ == "OperationalError" and "database is locked" in text:
+            return True  # SQLite store busy with another writer
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def retry_only_if_transient(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Let the asset's retry policy see only transient MLflow failures: any other error
+    becomes a ``dg.Failure`` that disallows retries (its cause keeps the original
+    traceback), so a bug or bad input fails in seconds, not after minutes of backoff."""
+
+    def _final(exc: Exception) -> dg.Failure:
+        return dg.Failure(description=f"{type(exc).__name__}: {exc}", allow_retries=False)
+
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def gen_wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                yield from fn(*args, **kwargs)
+            except (dg.Failure, dg.RetryRequested):
+                raise
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                raise _final(exc) from exc
+
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (dg.Failure, dg.RetryRequested):
+            raise
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            raise _final(exc) from exc
+
+    return wrapper

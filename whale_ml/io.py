@@ -3,34 +3,180 @@
 A crash (or a kill -9) in the middle of a write leaves at most a hidden temp
 file behind, never a truncated artifact under its real name, because the final
 name is only ever produced by ``os.replace`` of a complete file.
+
+Temp files are named ``.<stem>.p<pid>.<random>.tmp<suffix>``: the writing
+process's id lets a later write remove the leftovers of a process that died,
+and only those (a live writer's temp file beside it is left alone).
+
+A write that fails (disk full, file-size limit, no permission, a file where a
+folder should be) raises :class:`ArtifactWriteError`, which names the file and
+the cause, and leaves no temp file behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
+import resource
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+_TEMP = re.compile(r"^\.(?P<stem>.*?)\.(?:p(?P<pid>\d+)\.)?[^.]*\.tmp(?P<suffix>\.[^.]*)?$")
+
+
+class ArtifactWriteError(OSError):
+    """An artifact could not be written; the message names the file and the cause.
+
+    An ``OSError`` (with the errno of the failure where there was one), so code that
+    handles I/O errors still catches it; the original error is its ``__cause__``.
+    """
+
+    def __init__(self, code: int, message: str, path: Path) -> None:
+        super().__init__(code, message, str(path))
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def is_temp_name(name: str) -> bool:
+    """True for the hidden temp files :func:`atomic_path` writes (readers skip them)."""
+    return _TEMP.match(name) is not None
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike[str], stem: str | None = None, suffix: str | None = None) -> list[Path]:
+    """Delete the temp files in ``folder`` whose writer is gone (a killed or crashed run).
+
+    With ``stem``/``suffix``, only those of that one target. Temp files of a live
+    process (another run writing beside this one) are kept. Returns what was removed.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    for entry in entries:
+        m = _TEMP.match(entry.name)
+        if m is None or (stem is not None and m["stem"] != stem) or (suffix is not None and (m["suffix"] or "") != suffix):
+            continue
+        pid = m["pid"]
+        if pid is not None and _alive(int(pid)):
+            continue
+        with contextlib.suppress(FileNotFoundError):  # a concurrent sweep got it first
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+    return removed
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _cause(target: Path, exc: BaseException) -> str:
+    """Why writing ``target`` failed, in words a user can act on.
+
+    torch and faiss report a failed write as a RuntimeError, and numpy as an OSError
+    without an errno, so where the errno is missing the disk and the limits are looked at.
+    """
+    folder = target.parent
+    code = getattr(exc, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the disk holding {folder} (or the quota is used up); free some space and materialise again"
+    if code == errno.EFBIG:
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        where = f"this process's file-size limit (ulimit -f) of {limit} bytes" if limit != resource.RLIM_INFINITY else "the file system"
+        return f"file too large for {where}"
+    if code in (errno.EACCES, errno.EPERM):
+        try:
+            st = folder.stat()
+            owner = f" (owned by uid {st.st_uid}, mode {st.st_mode & 0o777:o}; this process runs as uid {os.geteuid()})"
+        except OSError:
+            owner = ""
+        return f"no permission to write in {folder}{owner}; fix its permissions or point WHALE_HOME elsewhere"
+    if code == errno.EROFS:
+        return f"{folder} is on a read-only file system; point WHALE_HOME at a writable place"
+    if code in (errno.ENOTDIR, errno.EEXIST):
+        blocker = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            return f"{blocker} is a file where a folder is needed; move it away"
+    if code is None:
+        free = _free_bytes(folder)
+        if free is not None and free < 1 << 20:
+            return f"no space left on the disk holding {folder} ({free} bytes free); free some space and materialise again"
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY:
+            return f"the write stopped short, and this process has a file-size limit (ulimit -f) of {limit} bytes"
+    return "the write failed"
+
+
+def _write_error(target: Path, exc: BaseException) -> ArtifactWriteError:
+    return ArtifactWriteError(
+        getattr(exc, "errno", None) or errno.EIO,
+        f"could not write {target}: {_cause(target, exc)} ({type(exc).__name__}: {exc})",
+        target,
+    )
+
+
+def _about_other_file(exc: BaseException, *ours: Path) -> bool:
+    """An OSError about a file other than the one being written (a missing source, say)."""
+    names = [getattr(exc, "filename", None), getattr(exc, "filename2", None)]
+    named = [str(n) for n in names if n is not None]
+    return bool(named) and not any(n in {str(p) for p in ours} or Path(n) in [p.parent for p in ours] for n in named)
+
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], sweep: bool = True) -> Iterator[Path]:
     """Yield a temp path beside ``path``; rename it onto ``path`` on success.
 
     The temp file keeps the target's suffix so that writers which infer the
-    format from the name (PIL, pandas, faiss, torch) behave as usual.
+    format from the name (PIL, pandas, faiss, torch) behave as usual. With
+    ``sweep``, temp files of this target left by a dead process are removed first
+    (pass ``False`` in loops over huge folders, and sweep the folder once instead).
+
+    Raises:
+        ArtifactWriteError: the file could not be written (disk full, no
+            permission, ...), naming the file and the cause.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
-    os.close(fd)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if sweep:
+            remove_stale_temps(target.parent, target.stem, target.suffix)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}.p{os.getpid()}.", suffix=f".tmp{target.suffix}", dir=target.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise _write_error(target, exc) from exc
     tmp = Path(tmp_name)
     try:
         yield tmp
         os.replace(tmp, target)
+    except (OSError, RuntimeError) as exc:
+        # Diagnose before the temp file goes: its size is part of a full disk.
+        error = None if isinstance(exc, ArtifactWriteError) or _about_other_file(exc, tmp, target) else _write_error(target, exc)
+        tmp.unlink(missing_ok=True)
+        if error is None:
+            raise
+        raise error from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -29,16 +29,22 @@ def configure_environment(home: Path) -> None:
     os.environ.setdefault("YOLO_CONFIG_DIR", str(yolo_dir))
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
+    # MLflow's HTTP client retries a failing server 7 times with doubling waits (minutes)
+    # before a step sees the error; fewer, shorter tries here, and Dagster's retry policy
+    # retries the whole step later (whale_assets.resources.mlflow_retry_policy).
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     # Ultralytics downloads Arial.ttf on every training run, plots or not; any TTF will do.
     font = Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics" / "Arial.ttf"
     if not font.exists():
         import matplotlib
 
-        font.parent.mkdir(parents=True, exist_ok=True)
+        from whale_ml.io import atomic_path
+
         source = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
-        tmp = font.with_suffix(".tmp")
-        shutil.copyfile(source, tmp)
-        tmp.replace(font)
+        with atomic_path(font) as tmp:
+            shutil.copyfile(source, tmp)
     _done_for.add(home)
 
 

@@ -7,7 +7,7 @@ import dagster as dg
 import pandas as pd
 
 from whale_assets.metadata import image_md, progress_logger, table_md
-from whale_assets.resources import MlflowTracking, WhaleHome
+from whale_assets.resources import MlflowTracking, WhaleHome, mlflow_retry_policy, retry_only_if_transient
 from whale_assets.settings import BoxSettings, CropSettings, DetectorSettings
 from whale_ml.detection.crops import contact_sheet, write_crops
 from whale_ml.detection.yolo import (
@@ -29,7 +29,15 @@ def _detector_files(whale: WhaleHome) -> tuple[Path, Path]:
     return d / "detector.pt", d / "detector.json"
 
 
-@dg.asset(group_name="detection", kinds={"pytorch", "ultralytics"}, deps=["train_metadata"], code_version="1", pool="gpu")
+@dg.asset(
+    group_name="detection",
+    kinds={"pytorch", "ultralytics"},
+    deps=["train_metadata"],
+    code_version="1",
+    pool="gpu",
+    retry_policy=mlflow_retry_policy(),
+)
+@retry_only_if_transient
 def fluke_detector(
     context: dg.AssetExecutionContext, config: DetectorSettings, whale: WhaleHome, mlflow: MlflowTracking
 ) -> dg.MaterializeResult:

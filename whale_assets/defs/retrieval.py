@@ -8,7 +8,7 @@ import torch
 from whale_assets.automation import AFTER_FOLDS
 from whale_assets.metadata import figure_md, progress_logger, table_md
 from whale_assets.partitions import fold_partitions
-from whale_assets.resources import MlflowTracking, WhaleHome
+from whale_assets.resources import MlflowTracking, WhaleHome, mlflow_retry_policy, retry_only_if_transient
 from whale_assets.settings import EmbedSettings, GallerySettings, ThresholdSettings
 from whale_ml.identify.enroll import with_enrolled
 from whale_ml.identify.lineage import gather_lineage, record_embeddings
@@ -214,7 +214,15 @@ def _curve_plot(thresholds: np.ndarray, curve: np.ndarray, chosen: float) -> obj
     return fig
 
 
-@dg.asset(group_name="retrieval", kinds={"numpy", "mlflow"}, deps=[fold_embeddings], code_version="2", automation_condition=AFTER_FOLDS)
+@dg.asset(
+    group_name="retrieval",
+    kinds={"numpy", "mlflow"},
+    deps=[fold_embeddings],
+    code_version="2",
+    automation_condition=AFTER_FOLDS,
+    retry_policy=mlflow_retry_policy(),
+)
+@retry_only_if_transient
 def match_threshold(
     context: dg.AssetExecutionContext,
     config: ThresholdSettings,

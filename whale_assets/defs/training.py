@@ -9,12 +9,12 @@ import pandas as pd
 from whale_assets.automation import AFTER_FOLDS
 from whale_assets.metadata import figure_md, table_md
 from whale_assets.partitions import fold_index, fold_partitions
-from whale_assets.resources import MlflowTracking, WhaleHome
+from whale_assets.resources import MlflowTracking, WhaleHome, mlflow_retry_policy, retry_only_if_transient
 from whale_assets.settings import TrainSettings
 from whale_ml.data.folds import fold_split
 from whale_ml.identify.lineage import record_registered, sha256_file
 from whale_ml.identify.registry import CHECKPOINT_ARTIFACT, SHA_TAG
-from whale_ml.io import write_json
+from whale_ml.io import atomic_path, write_json
 from whale_ml.training.launch import train_fold_distributed
 from whale_ml.training.trainer import data_fingerprint, load_model, train_fold
 
@@ -25,7 +25,9 @@ from whale_ml.training.trainer import data_fingerprint, load_model, train_fold
     partitions_def=fold_partitions,
     code_version="2",
     pool="gpu",
+    retry_policy=mlflow_retry_policy(),
 )
+@retry_only_if_transient
 def arcface_model(
     context: dg.AssetExecutionContext,
     config: TrainSettings,
@@ -75,7 +77,8 @@ def arcface_model(
                 mlf.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
         write_json(out_dir / "config.json", config.model_dump())
         history = pd.DataFrame(result.history)
-        history.to_csv(out_dir / "history.csv", index=False)
+        with atomic_path(out_dir / "history.csv") as tmp:
+            history.to_csv(tmp, index=False)
         mlf.log_artifact(str(out_dir / "config.json"), artifact_path="model")
         mlf.log_artifact(str(out_dir / "history.csv"), artifact_path="curves")
         curves = _curves_plot(history)
@@ -141,7 +144,15 @@ def _curves_plot(history: pd.DataFrame) -> object:
     return fig
 
 
-@dg.asset(group_name="training", kinds={"mlflow"}, deps=[arcface_model], code_version="1", automation_condition=AFTER_FOLDS)
+@dg.asset(
+    group_name="training",
+    kinds={"mlflow"},
+    deps=[arcface_model],
+    code_version="1",
+    automation_condition=AFTER_FOLDS,
+    retry_policy=mlflow_retry_policy(),
+)
+@retry_only_if_transient
 def champion_models(context: dg.AssetExecutionContext, mlflow: MlflowTracking) -> dg.MaterializeResult:
     """Champion/challenger in the MLflow registry: each fold's newest model becomes
     ``whale-arcface@challenger_<fold>``, and ``@champion_<fold>`` only if its validation

@@ -15,7 +15,7 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from whale_ml.data.images import ImageReadError, load_rgb
-from whale_ml.io import atomic_path
+from whale_ml.io import ArtifactWriteError, atomic_path, remove_stale_temps
 
 RESIZE_MODES = ("stretch", "letterbox")
 
@@ -69,6 +69,8 @@ def write_crops(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # Once for the folder (it can hold a crop per photo), not once per crop.
+    remove_stale_temps(out)
     rows = []
     for i, row in enumerate(boxes.itertuples(index=False)):
         src = paths[row.image]
@@ -80,10 +82,12 @@ def write_crops(
             target = out / f"{Path(row.image).stem}_{crop_key(src, box, size, resize)}.jpg"
             if not target.exists():
                 image = cut_crop(load_rgb(src), box, size, resize)
-                with atomic_path(target) as tmp:
+                with atomic_path(target, sweep=False) as tmp:
                     image.save(tmp, quality=95)
                 record["written"] = True
             record["crop_path"] = str(target)
+        except ArtifactWriteError:
+            raise  # the home, not the photo, is at fault: stop rather than mark every photo bad
         except (ImageReadError, OSError) as exc:
             record["error"] = str(exc)
         rows.append(record)

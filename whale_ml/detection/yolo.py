@@ -20,7 +20,7 @@ import pandas as pd
 from whale_ml.data.images import ImageReadError, load_rgb
 from whale_ml.data.metadata import MetadataError, image_name_problems, is_plain_file_name, read_csv_rows
 from whale_ml.detection.weights import check_detector_weights
-from whale_ml.io import atomic_path
+from whale_ml.io import atomic_path, write_text
 from whale_ml.offline import configure_environment, disable_ultralytics_integrations
 
 BOX_COLUMNS = ("image", "x_min", "y_min", "x_max", "y_max")
@@ -119,11 +119,11 @@ def write_yolo_dataset(boxes: pd.DataFrame, image_dir: str | Path, out_dir: str 
             link.symlink_to((image_dir / name).resolve())
         except OSError:
             shutil.copyfile(image_dir / name, link)
-        (out / "labels" / split / name).with_suffix(".txt").write_text("\n".join(labelled[name]) + "\n")
+        write_text((out / "labels" / split / name).with_suffix(".txt"), "\n".join(labelled[name]) + "\n")
     # Ultralytics resolves relative dataset paths against its own settings dir: use absolute ones.
     val_dir = "images/val" if val else "images/train"
     yaml = out / "data.yaml"
-    yaml.write_text(f"path: {out.resolve()}\ntrain: images/train\nval: {val_dir}\nnames:\n  0: animal\n")
+    write_text(yaml, f"path: {out.resolve()}\ntrain: images/train\nval: {val_dir}\nnames:\n  0: animal\n")
     return YoloDataset(yaml, len(names) - len(val), len(val), sorted(val), skipped)
 
 
@@ -165,9 +165,7 @@ def read_yolo_dataset(data_yaml: str | Path, work_dir: str | Path | None = None)
     if not train:
         raise ValueError(f"{data_yaml}: no training images under {spec['train']}")
     if work_dir is not None:
-        copy = Path(work_dir) / "data.yaml"
-        copy.parent.mkdir(parents=True, exist_ok=True)
-        copy.write_text(yaml.safe_dump({**spec, "path": str(root)}))
+        copy = write_text(Path(work_dir) / "data.yaml", yaml.safe_dump({**spec, "path": str(root)}))
         data_yaml = copy
     return YoloDataset(data_yaml, len(train), len(val), sorted(p.name for p in val))
 

@@ -12,14 +12,16 @@ from whale_ml.io import atomic_path
 
 
 def save_embeddings(folder: str | Path, name: str, embeddings: np.ndarray, images: list[str]) -> Path:
-    """Write ``name.npy`` and ``name_images.csv`` (the row order) atomically."""
+    """Write ``name.npy`` and ``name_images.csv`` (the row order) atomically, as a pair:
+    both are written in full before either is renamed into place, so a failed or killed
+    write leaves the earlier pair as it was."""
     if len(embeddings) != len(images):
         raise ValueError(f"{len(embeddings)} embeddings for {len(images)} images")
     folder = Path(folder)
-    with atomic_path(folder / f"{name}_images.csv") as tmp:
-        pd.DataFrame({"image": images}).to_csv(tmp, index=False)
-    with atomic_path(folder / f"{name}.npy") as tmp:
-        np.save(tmp, np.ascontiguousarray(embeddings, dtype=np.float32))
+    with atomic_path(folder / f"{name}.npy") as tmp_npy:
+        np.save(tmp_npy, np.ascontiguousarray(embeddings, dtype=np.float32))
+        with atomic_path(folder / f"{name}_images.csv") as tmp_csv:  # nested: each error names its own file
+            pd.DataFrame({"image": images}).to_csv(tmp_csv, index=False)
     return folder / f"{name}.npy"
 
 

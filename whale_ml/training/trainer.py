@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from whale_ml.checkpoints import load_weights_only
 from whale_ml.config import TrainConfig
 from whale_ml.data.images import ImageDataset, autoaugment_transform, train_transform
-from whale_ml.io import atomic_path
+from whale_ml.io import atomic_path, remove_stale_temps
 from whale_ml.models.embedding import EmbeddingNet, create_embedding_model
 from whale_ml.retrieval.embeddings import autocast_for, embed_paths
 from whale_ml.retrieval.gallery import build_index, search_gallery
@@ -259,9 +259,8 @@ def train_fold(
         log, on_epoch_end = (lambda _m: None), None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp.pt") if rank == 0 else []:  # half-written checkpoints of a killed run (never renamed)
-        log(f"removing {stale.name}, left by an interrupted checkpoint write")
-        stale.unlink(missing_ok=True)
+    for stale in remove_stale_temps(out) if rank == 0 else []:  # half-written checkpoints of a killed run (never renamed)
+        log(f"removed {stale.name}, left by an interrupted checkpoint write")
     device = resolve_device(cfg.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())  # set per rank by the launcher
