@@ -109,7 +109,14 @@ def gallery(
     gallery_emb, query_emb = ensemble(train_parts), ensemble(test_parts)
     ids = train_metadata.set_index("image").loc[train_images, "individual_id"].to_numpy(dtype=object)
     index = build_index(
-        gallery_emb, config.index, hnsw_m=config.hnsw_m, ef_search=config.ef_search, nlist=config.nlist, nprobe=config.nprobe
+        gallery_emb,
+        config.index,
+        hnsw_m=config.hnsw_m,
+        ef_search=config.ef_search,
+        nlist=config.nlist,
+        nprobe=config.nprobe,
+        pq_m=config.pq_m,
+        pq_nbits=config.pq_nbits,
     )
     out = whale.layout.gallery_dir
     save_index(index, out / "index.faiss")
