@@ -6,6 +6,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
+from whale_assets.k8s import GPU_STEP_TAGS
 from whale_assets.metadata import image_md, progress_logger, table_md
 from whale_assets.resources import MlflowTracking, WhaleHome
 from whale_assets.settings import BoxSettings, CropSettings, DetectorSettings
@@ -28,7 +29,14 @@ def _detector_files(whale: WhaleHome) -> tuple[Path, Path]:
     return d / "detector.pt", d / "detector.json"
 
 
-@dg.asset(group_name="detection", kinds={"pytorch", "ultralytics"}, deps=["train_metadata"], code_version="1", pool="gpu")
+@dg.asset(
+    group_name="detection",
+    kinds={"pytorch", "ultralytics"},
+    deps=["train_metadata"],
+    code_version="1",
+    pool="gpu",
+    op_tags=GPU_STEP_TAGS,
+)
 def fluke_detector(
     context: dg.AssetExecutionContext, config: DetectorSettings, whale: WhaleHome, mlflow: MlflowTracking
 ) -> dg.MaterializeResult:
@@ -114,6 +122,7 @@ def fluke_detector(
     deps=[fluke_detector],
     code_version="2",
     pool="gpu",
+    op_tags=GPU_STEP_TAGS,
     check_specs=[
         dg.AssetCheckSpec(
             "full_frame_share_is_low",

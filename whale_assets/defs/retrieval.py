@@ -6,6 +6,7 @@ import pandas as pd
 import torch
 
 from whale_assets.automation import AFTER_FOLDS
+from whale_assets.k8s import GPU_STEP_TAGS
 from whale_assets.metadata import figure_md, progress_logger, table_md
 from whale_assets.partitions import fold_partitions
 from whale_assets.resources import MlflowTracking, WhaleHome
@@ -31,6 +32,7 @@ from whale_ml.training.trainer import load_model, resolve_device
     deps=["arcface_model"],
     code_version="1",
     pool="gpu",
+    op_tags=GPU_STEP_TAGS,
     check_specs=[
         dg.AssetCheckSpec(
             "embeddings_are_unit_vectors",

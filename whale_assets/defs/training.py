@@ -7,6 +7,7 @@ import dagster as dg
 import pandas as pd
 
 from whale_assets.automation import AFTER_FOLDS
+from whale_assets.k8s import GPU_STEP_TAGS
 from whale_assets.metadata import figure_md, table_md
 from whale_assets.partitions import fold_index, fold_partitions
 from whale_assets.resources import MlflowTracking, WhaleHome
@@ -23,6 +24,7 @@ from whale_ml.training.trainer import data_fingerprint, load_model, train_fold
     partitions_def=fold_partitions,
     code_version="1",
     pool="gpu",
+    op_tags=GPU_STEP_TAGS,
 )
 def arcface_model(
     context: dg.AssetExecutionContext,
