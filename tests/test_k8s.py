@@ -17,7 +17,7 @@ from dagster._core.definitions.job_base import InMemoryJob
 from dagster._core.executor.init import InitExecutorContext
 from dagster_k8s import k8s_job_executor
 from dagster_k8s.container_context import K8sContainerContext
-from dagster_k8s.job import DagsterK8sJobConfig, construct_dagster_k8s_job, get_user_defined_k8s_config
+from dagster_k8s.job import DagsterK8sJobConfig, UserDefinedDagsterK8sConfig, construct_dagster_k8s_job, get_user_defined_k8s_config
 
 from whale_assets import k8s
 
@@ -35,7 +35,15 @@ current-context: x
 
 
 def _load(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> dg.Definitions:
-    for key in [k8s.EXECUTOR_ENV, k8s.NAMESPACE_ENV, k8s.HOME_CLAIM_ENV, k8s.PULL_POLICY_ENV, k8s.MAX_CONCURRENT_ENV, k8s.KUBECONFIG_ENV]:
+    for key in [
+        k8s.EXECUTOR_ENV,
+        k8s.NAMESPACE_ENV,
+        k8s.HOME_CLAIM_ENV,
+        k8s.PULL_POLICY_ENV,
+        k8s.MAX_CONCURRENT_ENV,
+        k8s.KUBECONFIG_ENV,
+        k8s.TRAIN_GPUS_ENV,
+    ]:
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -60,6 +68,7 @@ def loaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, objec
             k8s.HOME_CLAIM_ENV: "whale-home-rwx",
             k8s.MAX_CONCURRENT_ENV: "4",
             k8s.KUBECONFIG_ENV: str(kubeconfig),
+            k8s.TRAIN_GPUS_ENV: "2",
         }
         on_k8s = _load(mp, k8s_env)
         # The executor's config is read when the definitions load: keep the environment for the tests.
@@ -109,8 +118,9 @@ def test_an_invalid_executor_config_fails_validation() -> None:
 
 def _step_job(loaded: dict, step: str):
     """The Kubernetes Job the k8s executor would create for ``step``: the executor built for
-    real from its resolved config, the step's ``dagster-k8s/config`` tag merged over it as
-    dagster-k8s's step handler merges it, and the Job built by dagster-k8s."""
+    real from its resolved config, the step's ``dagster-k8s/config`` tag and then the executor's
+    per-step config merged over it in the order dagster-k8s's step handler merges them, and the
+    Job built by dagster-k8s."""
     job = loaded["k8s"].resolve_job_def("train_folds" if step in ("arcface_model", "fold_embeddings") else "__ASSET_JOB")
     executor_config = dg.validate_run_config(job, {})["execution"]["whale_k8s"]
     with dg.instance_for_test() as instance:
@@ -118,7 +128,10 @@ def _step_job(loaded: dict, step: str):
         executor = job.executor_def.executor_creation_fn(init)
     handler = executor._step_handler
     tags = job.graph.node_named(step).tags
-    context = handler._executor_container_context.merge(K8sContainerContext(run_k8s_config=get_user_defined_k8s_config(tags)))
+    per_step = UserDefinedDagsterK8sConfig.from_dict(handler._per_step_k8s_config.get(step, {}))
+    context = handler._executor_container_context.merge(K8sContainerContext(run_k8s_config=get_user_defined_k8s_config(tags))).merge(
+        K8sContainerContext(run_k8s_config=per_step)
+    )
     k8s_job = construct_dagster_k8s_job(
         DagsterK8sJobConfig(job_image="whale-photo-id:test", dagster_home="/opt/dagster/dagster_home"),
         args=["dagster", "api", "execute_step"],
@@ -129,12 +142,14 @@ def _step_job(loaded: dict, step: str):
 
 
 @pytest.mark.parametrize("step", GPU_STEPS)
-def test_gpu_steps_request_one_gpu(loaded: dict, step: str) -> None:
+def test_gpu_steps_request_a_gpu(loaded: dict, step: str) -> None:
+    """One GPU each; the fold model WHALE_K8S_TRAIN_GPUS of them (2 here), for DDP training."""
     context, job = _step_job(loaded, step)
     assert context.namespace == "whale"
     pod = job.spec.template.spec
     container = pod.containers[0]
-    assert container.resources.limits["nvidia.com/gpu"] == "1"
+    assert container.resources.limits["nvidia.com/gpu"] == ("2" if step == "arcface_model" else "1")
+    assert container.resources.limits["memory"] == "32Gi"  # the override replaces the GPU count only
     assert container.resources.requests["cpu"] == "4" and container.resources.requests["memory"] == "16Gi"
     mounts = {m.mount_path: m.name for m in container.volume_mounts}
     assert mounts["/dev/shm"] == "dshm" and mounts[loaded["home"]] == "whale-home"

@@ -25,6 +25,7 @@ NAMESPACE_ENV = "WHALE_K8S_NAMESPACE"  # where step Jobs go (default: the K8sRun
 HOME_CLAIM_ENV = "WHALE_K8S_HOME_CLAIM"  # ReadWriteMany PVC holding WHALE_HOME, shared by every step pod
 PULL_POLICY_ENV = "WHALE_K8S_IMAGE_PULL_POLICY"
 MAX_CONCURRENT_ENV = "WHALE_K8S_MAX_CONCURRENT"  # step pods at once per run
+TRAIN_GPUS_ENV = "WHALE_K8S_TRAIN_GPUS"  # GPUs of each fold model's pod: set with `arcface_model: config: processes: N` (DDP)
 KUBECONFIG_ENV = "WHALE_K8S_KUBECONFIG"  # runs outside the cluster (e.g. `dagster dev` on a workstation) launching steps into it
 IMAGE_HOME = "/home/whale/whale_home"  # WHALE_HOME in the Dockerfile
 
@@ -75,6 +76,10 @@ def k8s_executor_config() -> dict[str, Any]:
         config["job_namespace"] = os.environ[NAMESPACE_ENV]
     if os.environ.get(MAX_CONCURRENT_ENV):
         config["max_concurrent"] = int(os.environ[MAX_CONCURRENT_ENV])
+    if os.environ.get(TRAIN_GPUS_ENV):
+        # Overrides the op tag's one GPU for training only (dagster-k8s applies per-step config last).
+        gpus = int(os.environ[TRAIN_GPUS_ENV])
+        config["per_step_k8s_config"] = {"arcface_model": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}}}
     if os.environ.get(KUBECONFIG_ENV):  # otherwise the in-cluster service account (or the K8sRunLauncher's setting)
         config["load_incluster_config"] = False
         config["kubeconfig_file"] = os.environ[KUBECONFIG_ENV]
