@@ -10,9 +10,11 @@ that is never contacted, and the step Jobs are built with dagster-k8s's own func
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import dagster as dg
 import pytest
+import yaml
 from dagster._core.definitions.job_base import InMemoryJob
 from dagster._core.executor.init import InitExecutorContext
 from dagster_k8s import k8s_job_executor
@@ -102,6 +104,13 @@ def test_executor_config_validates_and_carries_the_settings(loaded: dict) -> Non
     assert config["volumes"][0]["persistent_volume_claim"] == {"claim_name": "whale-home-rwx"}
 
 
+def test_the_home_volume_is_added_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without WHALE_K8S_HOME_CLAIM the deployment (Helm, run launcher) mounts the home: no second copy."""
+    monkeypatch.delenv(k8s.HOME_CLAIM_ENV, raising=False)
+    config = k8s.k8s_executor_config()
+    assert "volumes" not in config and "volume_mounts" not in config and "env_vars" not in config
+
+
 def test_an_invalid_executor_config_fails_validation() -> None:
     """The validation above is real: a wrong type in the same config is rejected."""
 
@@ -179,3 +188,26 @@ def test_unknown_executor_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv(k8s.EXECUTOR_ENV, "kubernetes")
     with pytest.raises(ValueError, match="WHALE_EXECUTOR='kubernetes'.*default, k8s"):
         k8s.executor_name()
+
+
+def _yaml_after(marker: str) -> dict:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "deployment.md").read_text()
+    block = text.split(marker, 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    return yaml.safe_load(block)
+
+
+def test_documented_dagster_yaml_is_a_valid_k8s_instance(tmp_path: Path) -> None:
+    """docs/deployment.md's dagster.yaml: a valid instance config, and a valid K8sRunLauncher config."""
+    from dagster._config import validate_config
+    from dagster._core.instance.config import dagster_instance_config
+    from dagster_k8s import K8sRunLauncher
+
+    documented = _yaml_after("<!-- dagster.yaml: validated by tests/test_k8s.py -->")
+    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(documented))
+    config, _ = dagster_instance_config(str(tmp_path))
+    assert config["run_launcher"]["class"] == "K8sRunLauncher" and config["concurrency"]["pools"]["default_limit"] >= 1
+    result = validate_config(K8sRunLauncher.config_type(), documented["run_launcher"]["config"])
+    assert result.success, result.errors
+    # The same check fails on a misspelt field: it is not vacuous.
+    bad = {**documented["run_launcher"]["config"], "volume_mount": []}
+    assert not validate_config(K8sRunLauncher.config_type(), bad).success

@@ -22,7 +22,7 @@ EXECUTORS = ("default", "k8s")
 
 # Settings a deployment changes, all optional: read when the definitions load.
 NAMESPACE_ENV = "WHALE_K8S_NAMESPACE"  # where step Jobs go (default: the K8sRunLauncher's namespace)
-HOME_CLAIM_ENV = "WHALE_K8S_HOME_CLAIM"  # ReadWriteMany PVC holding WHALE_HOME, shared by every step pod
+HOME_CLAIM_ENV = "WHALE_K8S_HOME_CLAIM"  # ReadWriteMany PVC for WHALE_HOME, when no launcher/Helm mount gives it
 PULL_POLICY_ENV = "WHALE_K8S_IMAGE_PULL_POLICY"
 MAX_CONCURRENT_ENV = "WHALE_K8S_MAX_CONCURRENT"  # step pods at once per run
 TRAIN_GPUS_ENV = "WHALE_K8S_TRAIN_GPUS"  # GPUs of each fold model's pod: set with `arcface_model: config: processes: N` (DDP)
@@ -62,16 +62,18 @@ def executor_name() -> str:
 
 def k8s_executor_config() -> dict[str, Any]:
     """The ``k8s_job_executor`` run config this deployment uses, from the environment."""
-    home = os.environ.get("WHALE_HOME", IMAGE_HOME)
-    claim = os.environ.get(HOME_CLAIM_ENV, "whale-home")
     config: dict[str, Any] = {
         "image_pull_policy": os.environ.get(PULL_POLICY_ENV, "IfNotPresent"),
-        # Every step reads what the steps before it wrote under WHALE_HOME: one shared volume.
-        "env_vars": [f"WHALE_HOME={home}"],
-        "volumes": [{"name": "whale-home", "persistent_volume_claim": {"claim_name": claim}}],
-        "volume_mounts": [{"name": "whale-home", "mount_path": home}],
         "step_k8s_config": {"container_config": {"resources": CPU_STEP_RESOURCES}},
     }
+    if os.environ.get(HOME_CLAIM_ENV):
+        # Every step reads what the steps before it wrote under WHALE_HOME: one shared volume.
+        # Only when nothing else mounts it: the Helm user deployment's (or the K8sRunLauncher's)
+        # volumes already reach step pods, and a second volume of the same name is rejected.
+        home = os.environ.get("WHALE_HOME", IMAGE_HOME)
+        config["env_vars"] = [f"WHALE_HOME={home}"]
+        config["volumes"] = [{"name": "whale-home", "persistent_volume_claim": {"claim_name": os.environ[HOME_CLAIM_ENV]}}]
+        config["volume_mounts"] = [{"name": "whale-home", "mount_path": home}]
     if os.environ.get(NAMESPACE_ENV):
         config["job_namespace"] = os.environ[NAMESPACE_ENV]
     if os.environ.get(MAX_CONCURRENT_ENV):
