@@ -188,6 +188,9 @@ def test_unknown_executor_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv(k8s.EXECUTOR_ENV, "kubernetes")
     with pytest.raises(ValueError, match="WHALE_EXECUTOR='kubernetes'.*default, k8s"):
         k8s.executor_name()
+    monkeypatch.setenv(k8s.TRAIN_GPUS_ENV, "two")
+    with pytest.raises(ValueError, match="WHALE_K8S_TRAIN_GPUS='two': expected a whole number >= 1"):
+        k8s.k8s_executor_config()
 
 
 def _yaml_after(marker: str) -> dict:

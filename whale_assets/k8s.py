@@ -60,6 +60,13 @@ def executor_name() -> str:
     return name
 
 
+def _positive_int(name: str) -> int:
+    value = os.environ[name]
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ValueError(f"{name}={value!r}: expected a whole number >= 1")
+    return int(value)
+
+
 def k8s_executor_config() -> dict[str, Any]:
     """The ``k8s_job_executor`` run config this deployment uses, from the environment."""
     config: dict[str, Any] = {
@@ -77,10 +84,10 @@ def k8s_executor_config() -> dict[str, Any]:
     if os.environ.get(NAMESPACE_ENV):
         config["job_namespace"] = os.environ[NAMESPACE_ENV]
     if os.environ.get(MAX_CONCURRENT_ENV):
-        config["max_concurrent"] = int(os.environ[MAX_CONCURRENT_ENV])
+        config["max_concurrent"] = _positive_int(MAX_CONCURRENT_ENV)
     if os.environ.get(TRAIN_GPUS_ENV):
         # Overrides the op tag's one GPU for training only (dagster-k8s applies per-step config last).
-        gpus = int(os.environ[TRAIN_GPUS_ENV])
+        gpus = _positive_int(TRAIN_GPUS_ENV)
         config["per_step_k8s_config"] = {"arcface_model": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}}}
     if os.environ.get(KUBECONFIG_ENV):  # otherwise the in-cluster service account (or the K8sRunLauncher's setting)
         config["load_incluster_config"] = False
