@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Galleries past a million photos: approximate faiss indexes against exact search.
 
-    python benchmarks/scale.py                       # 1,000,000 x 512 (14-21 min on 2 cores, ~7 GB RAM at peak)
+    python benchmarks/scale.py                       # 1,000,000 x 512 (14-21 min on 2 cores, ~9 GB RAM at peak)
     python benchmarks/scale.py --n 100000 --out /tmp/scale_100k.json   # a tenth: to extrapolate first (a few minutes)
     python benchmarks/scale.py --n 100000 --data uniform --out /tmp/u.json  # the degenerate case: no structure
 
