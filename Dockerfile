@@ -26,7 +26,8 @@ COPY pyproject.toml README.md ./
 COPY requirements/constraints.txt requirements/constraints.txt
 COPY whale_ml whale_ml
 COPY whale_assets whale_assets
-RUN pip install -c requirements/constraints.txt torch==2.14.1 torchvision==0.29.1 -e .
+# With the k8s extra: the same image serves Dagster's user-code deployment and step pods on Kubernetes.
+RUN pip install -c requirements/constraints.txt torch==2.14.1 torchvision==0.29.1 -e ".[k8s]"
 
 COPY configs configs
 COPY scripts scripts

@@ -159,6 +159,30 @@ def test_approximate_index_recall_against_flat(kind: str, tmp_path: Path) -> Non
     assert all(len(set(row)) == 5 and "" not in row for row in got)
 
 
+def test_ivfpq_compresses_and_keeps_most_of_flats_neighbours(tmp_path: Path) -> None:
+    """IVF-PQ stores pq_m codes per photo instead of the vector: a fraction of flat's bytes,
+    most of its top-5, and more of it with more codes; settings survive save/load."""
+    gallery, ids, queries = _clustered(0)
+    index = build_index(gallery, "ivfpq", nprobe=8, pq_m=16, pq_nbits=6)
+    recall = index_recall(index, gallery, ids, queries)
+    assert recall["image_recall_at_k"] >= 0.6 and recall["individual_recall_at_k"] >= 0.6
+    coarse = build_index(gallery, "ivfpq", nprobe=8, pq_m=2, pq_nbits=6)
+    assert index_recall(coarse, gallery, ids, queries)["image_recall_at_k"] < recall["image_recall_at_k"]
+    flat_bytes = save_index(build_index(gallery), tmp_path / "flat.faiss").stat().st_size
+    loaded = load_index(save_index(index, tmp_path / "ivfpq.faiss"))
+    assert (tmp_path / "ivfpq.faiss").stat().st_size < flat_bytes / 2
+    assert loaded.nprobe == 8
+    np.testing.assert_array_equal(search_gallery(index, ids, queries)[1], search_gallery(loaded, ids, queries)[1])
+
+
+def test_ivfpq_rejects_settings_it_cannot_build() -> None:
+    gallery, _, _ = _clustered(1, n=500, n_ind=50, n_q=5)
+    with pytest.raises(ValueError, match="pq_m=5 must divide the embedding dimension 32"):
+        build_index(gallery, "ivfpq", pq_m=5)
+    with pytest.raises(ValueError, match="500 gallery vectors cannot train 1024 codes"):
+        build_index(gallery, "ivfpq", pq_m=8, pq_nbits=10)
+
+
 def test_flat_index_recall_is_one() -> None:
     gallery, ids, queries = _clustered(1, n=500, n_ind=50, n_q=40)
     recall = index_recall(build_index(gallery), gallery, ids, queries)

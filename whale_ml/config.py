@@ -145,14 +145,17 @@ class EmbedConfig(BaseModel):
 class GalleryConfig(BaseModel):
     """The faiss index of the training photos, and how it is searched."""
 
-    index: Literal["flat", "hnsw", "ivf"] = Field(
-        "flat", description="'flat' is exact; 'hnsw' or 'ivf' are approximate, for galleries past ~1M photos."
+    index: Literal["flat", "hnsw", "ivf", "ivfpq"] = Field(
+        "flat",
+        description="'flat' is exact; 'hnsw', 'ivf' or 'ivfpq' (compressed: ~pq_m bytes a photo) are approximate, for galleries past ~1M photos.",
     )
     k: int = Field(50, ge=1, description="Neighbours fetched per query at first (deepened when they hold fewer than 5 individuals).")
     hnsw_m: int = Field(32, ge=4, description="HNSW links per node.")
     ef_search: int = Field(128, ge=1, description="HNSW candidate list length when searching.")
     nlist: int | None = Field(None, ge=1, description="IVF cells; default 4*sqrt(gallery size).")
     nprobe: int = Field(16, ge=1, description="IVF cells visited per query.")
+    pq_m: int = Field(64, ge=1, description="IVF-PQ sub-vectors per embedding (must divide its dimension): bytes stored per photo.")
+    pq_nbits: int = Field(8, ge=4, le=16, description="IVF-PQ bits per sub-vector code.")
     recall_queries: int = Field(2000, ge=1, description="Queries sampled to measure an approximate index's recall@5 against flat.")
 
 

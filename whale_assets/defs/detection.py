@@ -6,6 +6,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
+from whale_assets.k8s import GPU_STEP_TAGS
 from whale_assets.metadata import image_md, progress_logger, table_md
 from whale_assets.resources import MlflowTracking, WhaleHome, mlflow_retry_policy, retry_only_if_transient
 from whale_assets.settings import BoxSettings, CropSettings, DetectorSettings
@@ -36,6 +37,7 @@ def _detector_files(whale: WhaleHome) -> tuple[Path, Path]:
     code_version="1",
     pool="gpu",
     retry_policy=mlflow_retry_policy(),
+    op_tags=GPU_STEP_TAGS,
 )
 @retry_only_if_transient
 def fluke_detector(
@@ -123,6 +125,7 @@ def fluke_detector(
     deps=[fluke_detector],
     code_version="3",
     pool="gpu",
+    op_tags=GPU_STEP_TAGS,
     check_specs=[
         dg.AssetCheckSpec(
             "full_frame_share_is_low",

@@ -6,6 +6,7 @@ import pandas as pd
 import torch
 
 from whale_assets.automation import AFTER_FOLDS
+from whale_assets.k8s import GPU_STEP_TAGS
 from whale_assets.metadata import figure_md, progress_logger, table_md
 from whale_assets.partitions import fold_partitions
 from whale_assets.resources import MlflowTracking, WhaleHome, mlflow_retry_policy, retry_only_if_transient
@@ -35,6 +36,7 @@ from whale_ml.training.trainer import load_model, resolve_device
     deps=["arcface_model"],
     code_version="2",
     pool="gpu",
+    op_tags=GPU_STEP_TAGS,
     check_specs=[
         dg.AssetCheckSpec(
             "embeddings_are_unit_vectors",
@@ -127,7 +129,14 @@ def gallery(
     gallery_emb, query_emb = ensemble(train_parts), ensemble(test_parts)
     ids = train_metadata.set_index("image").loc[train_images, "individual_id"].to_numpy(dtype=object)
     index = build_index(
-        gallery_emb, config.index, hnsw_m=config.hnsw_m, ef_search=config.ef_search, nlist=config.nlist, nprobe=config.nprobe
+        gallery_emb,
+        config.index,
+        hnsw_m=config.hnsw_m,
+        ef_search=config.ef_search,
+        nlist=config.nlist,
+        nprobe=config.nprobe,
+        pq_m=config.pq_m,
+        pq_nbits=config.pq_nbits,
     )
     out = whale.layout.gallery_dir
     save_index(index, out / "index.faiss")

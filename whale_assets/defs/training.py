@@ -7,6 +7,7 @@ import dagster as dg
 import pandas as pd
 
 from whale_assets.automation import AFTER_FOLDS
+from whale_assets.k8s import GPU_STEP_TAGS
 from whale_assets.metadata import figure_md, table_md
 from whale_assets.partitions import fold_index, fold_partitions
 from whale_assets.resources import MlflowTracking, WhaleHome, mlflow_retry_policy, retry_only_if_transient
@@ -26,6 +27,7 @@ from whale_ml.training.trainer import data_fingerprint, load_model, train_fold
     code_version="2",
     pool="gpu",
     retry_policy=mlflow_retry_policy(),
+    op_tags=GPU_STEP_TAGS,
 )
 @retry_only_if_transient
 def arcface_model(

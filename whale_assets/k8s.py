@@ -1,0 +1,106 @@
+"""Kubernetes: every step as its own pod, GPU steps on GPU nodes (opt-in).
+
+``WHALE_EXECUTOR=k8s`` in the environment of the code location switches the
+code location's executor to dagster-k8s's ``k8s_job_executor``: each step of a
+run becomes a Kubernetes Job. Without it the executor stays Dagster's default
+(multiprocess for launched runs; ``whale run`` and the tests execute in process).
+
+The GPU steps carry their pod resources as a ``dagster-k8s/config`` op tag
+(:data:`GPU_STEP_TAGS`), which dagster-k8s merges over the executor's
+``step_k8s_config`` (the CPU steps' requests). Outside Kubernetes the tag is
+inert. Nothing here imports dagster-k8s until the switch asks for it, so the
+base install does not need it (``pip install 'whale-photo-id[k8s]'`` does).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+EXECUTOR_ENV = "WHALE_EXECUTOR"
+EXECUTORS = ("default", "k8s")
+
+# Settings a deployment changes, all optional: read when the definitions load.
+NAMESPACE_ENV = "WHALE_K8S_NAMESPACE"  # where step Jobs go (default: the K8sRunLauncher's namespace)
+HOME_CLAIM_ENV = "WHALE_K8S_HOME_CLAIM"  # ReadWriteMany PVC for WHALE_HOME, when no launcher/Helm mount gives it
+PULL_POLICY_ENV = "WHALE_K8S_IMAGE_PULL_POLICY"
+MAX_CONCURRENT_ENV = "WHALE_K8S_MAX_CONCURRENT"  # step pods at once per run
+TRAIN_GPUS_ENV = "WHALE_K8S_TRAIN_GPUS"  # GPUs of each fold model's pod: set with `arcface_model: config: processes: N` (DDP)
+KUBECONFIG_ENV = "WHALE_K8S_KUBECONFIG"  # runs outside the cluster (e.g. `dagster dev` on a workstation) launching steps into it
+IMAGE_HOME = "/home/whale/whale_home"  # WHALE_HOME in the Dockerfile
+
+# Training and embedding on one GPU. The memory-backed /dev/shm matters: the container
+# runtime's default 64 MB is too small for DataLoader workers passing image batches.
+GPU_STEP_TAGS: dict[str, Any] = {
+    "dagster-k8s/config": {
+        "container_config": {
+            "resources": {
+                "requests": {"cpu": "4", "memory": "16Gi"},
+                "limits": {"memory": "32Gi", "nvidia.com/gpu": "1"},
+            },
+            "volume_mounts": [{"name": "dshm", "mount_path": "/dev/shm"}],
+        },
+        "pod_spec_config": {
+            "volumes": [{"name": "dshm", "empty_dir": {"medium": "Memory", "size_limit": "8Gi"}}],
+            # GPU node pools are commonly tainted so that only GPU pods land there.
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        },
+    }
+}
+
+# Every other step (metadata, crops, folds, gallery, threshold, submission): CPU only.
+CPU_STEP_RESOURCES: dict[str, Any] = {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"memory": "16Gi"}}
+
+
+def executor_name() -> str:
+    """The executor asked for by ``$WHALE_EXECUTOR`` (``default`` when unset)."""
+    name = os.environ.get(EXECUTOR_ENV, "").strip().lower() or "default"
+    if name not in EXECUTORS:
+        raise ValueError(f"{EXECUTOR_ENV}={name!r}: expected one of {', '.join(EXECUTORS)} (or unset)")
+    return name
+
+
+def _positive_int(name: str) -> int:
+    value = os.environ[name]
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ValueError(f"{name}={value!r}: expected a whole number >= 1")
+    return int(value)
+
+
+def k8s_executor_config() -> dict[str, Any]:
+    """The ``k8s_job_executor`` run config this deployment uses, from the environment."""
+    config: dict[str, Any] = {
+        "image_pull_policy": os.environ.get(PULL_POLICY_ENV, "IfNotPresent"),
+        "step_k8s_config": {"container_config": {"resources": CPU_STEP_RESOURCES}},
+    }
+    if os.environ.get(HOME_CLAIM_ENV):
+        # Every step reads what the steps before it wrote under WHALE_HOME: one shared volume.
+        # Only when nothing else mounts it: the Helm user deployment's (or the K8sRunLauncher's)
+        # volumes already reach step pods, and a second volume of the same name is rejected.
+        home = os.environ.get("WHALE_HOME", IMAGE_HOME)
+        config["env_vars"] = [f"WHALE_HOME={home}"]
+        config["volumes"] = [{"name": "whale-home", "persistent_volume_claim": {"claim_name": os.environ[HOME_CLAIM_ENV]}}]
+        config["volume_mounts"] = [{"name": "whale-home", "mount_path": home}]
+    if os.environ.get(NAMESPACE_ENV):
+        config["job_namespace"] = os.environ[NAMESPACE_ENV]
+    if os.environ.get(MAX_CONCURRENT_ENV):
+        config["max_concurrent"] = _positive_int(MAX_CONCURRENT_ENV)
+    if os.environ.get(TRAIN_GPUS_ENV):
+        # Overrides the op tag's one GPU for training only (dagster-k8s applies per-step config last).
+        gpus = _positive_int(TRAIN_GPUS_ENV)
+        config["per_step_k8s_config"] = {"arcface_model": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}}}
+    if os.environ.get(KUBECONFIG_ENV):  # otherwise the in-cluster service account (or the K8sRunLauncher's setting)
+        config["load_incluster_config"] = False
+        config["kubeconfig_file"] = os.environ[KUBECONFIG_ENV]
+    return config
+
+
+def configured_executor() -> Any | None:
+    """The executor for the code location: ``None`` keeps Dagster's default."""
+    if executor_name() == "default":
+        return None
+    try:
+        from dagster_k8s import k8s_job_executor
+    except ImportError as err:
+        raise ImportError(f"{EXECUTOR_ENV}=k8s needs dagster-k8s: pip install 'whale-photo-id[k8s]'") from err
+    return k8s_job_executor.configured(k8s_executor_config(), name="whale_k8s")
