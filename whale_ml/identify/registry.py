@@ -4,7 +4,7 @@ Each registered version of ``whale-arcface`` carries its checkpoint (``best.pt``
 as an artifact of its run and the checkpoint's sha256 as a version tag. Models are
 picked by alias (``champion_<fold>`` by default) or by version, checked against
 the checkpoints the gallery was embedded with, downloaded once into a cache named
-by their digest, and loaded with ``torch.load(weights_only=True)``: nothing is
+by their digest, and loaded by ``whale_ml.checkpoints`` (torch's weights-only loader): nothing is
 unpickled.
 """
 
