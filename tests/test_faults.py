@@ -64,6 +64,27 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
+def _in_process(pipeline: dict, keys: list[str]) -> dg.ExecuteInProcessResult:
+    """Materialise ``keys`` in this process, on the pipeline's home and recipe (not raising on failure)."""
+    from whale_assets.definitions import defs
+    from whale_assets.run import _run_config
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in _env(pipeline["home"], pipeline["data"]).items():
+            mp.setenv(k, v)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        return (
+            defs()
+            .resolve_implicit_global_asset_job_def()
+            .execute_in_process(
+                run_config=_run_config(load_recipe(pipeline["recipe"]), keys),
+                instance=dg.DagsterInstance.get(),
+                asset_selection=[dg.AssetKey(k) for k in keys],
+                raise_on_error=False,
+            )
+        )
+
+
 def read_back(home: Path) -> dict[str, object]:
     """Open every artifact under ``home`` with the reader of its kind (raises on a broken one).
 
@@ -232,22 +253,7 @@ def test_kill_during_gallery_and_submission_writing(pipeline: dict) -> None:
         print(f"killed {delay} s into round 1: {sum(seen['counts'].values())} artifacts read back, temps left {seen['temps']}")
         pd.read_csv(layout.submission)  # (named again: the file this is about)
 
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in _env(home, pipeline["data"]).items():
-            mp.setenv(k, v)
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        from whale_assets.definitions import defs
-        from whale_assets.run import _run_config
-
-        result = (
-            defs()
-            .resolve_implicit_global_asset_job_def()
-            .execute_in_process(
-                run_config=_run_config(load_recipe(pipeline["recipe"]), DOWNSTREAM),
-                instance=dg.DagsterInstance.get(),
-                asset_selection=[dg.AssetKey(k) for k in DOWNSTREAM],
-            )
-        )
+    result = _in_process(pipeline, DOWNSTREAM)
     assert result.success
     after = read_back(home)
     assert not after["temps"], after["temps"]
@@ -649,28 +655,12 @@ def test_full_disk_gives_a_clear_error_and_no_temp_file(refused_writes: dict) ->
 
 def test_a_file_where_a_folder_should_be_fails_the_asset_naming_it(pipeline: dict) -> None:
     """Materialising the gallery when ``gallery/`` is a file: the step fails and says which path and why."""
-    from whale_assets.definitions import defs
-    from whale_assets.run import _run_config
-
     gallery_dir = HomeLayout(pipeline["home"]).gallery_dir
     saved = gallery_dir.with_name("gallery.saved")
     gallery_dir.rename(saved)
     gallery_dir.write_text("not a folder")
     try:
-        with pytest.MonkeyPatch.context() as mp:
-            for k, v in _env(pipeline["home"], pipeline["data"]).items():
-                mp.setenv(k, v)
-            mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-            result = (
-                defs()
-                .resolve_implicit_global_asset_job_def()
-                .execute_in_process(
-                    run_config=_run_config(load_recipe(pipeline["recipe"]), ["gallery"]),
-                    instance=dg.DagsterInstance.get(),
-                    asset_selection=[dg.AssetKey("gallery")],
-                    raise_on_error=False,
-                )
-            )
+        result = _in_process(pipeline, ["gallery"])
     finally:
         gallery_dir.unlink()
         saved.rename(gallery_dir)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from whale_ml.io import write_text
+from whale_ml.io import pid_alive, write_text
 from whale_ml.settings import HomeLayout, default_home
 
 DAGSTER_YAML = """\
@@ -51,18 +51,8 @@ def release_dead_cli_runs(instance: object) -> list[str]:
     live = [dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.NOT_STARTED]
     for run in instance.get_runs(filters=dg.RunsFilter(statuses=live, tags={"whale/launched_by": "whale run"})):  # type: ignore[attr-defined]
         pid = int(run.tags.get("whale/pid", "0") or 0)
-        if pid and not _alive(pid):
+        if pid and not pid_alive(pid):
             instance.report_run_failed(run, f"the whale run process (pid {pid}) that executed this run is gone")  # type: ignore[attr-defined]
             instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)  # type: ignore[attr-defined]
             released.append(run.run_id)
     return released
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True

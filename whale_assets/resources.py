@@ -306,7 +306,9 @@ def retry_only_if_transient(fn: Callable[..., Any]) -> Callable[..., Any]:
     becomes a ``dg.Failure`` that disallows retries (its cause keeps the original
     traceback), so a bug or bad input fails in seconds, not after minutes of backoff."""
 
-    def _final(exc: Exception) -> dg.Failure:
+    def final(exc: Exception) -> Exception:
+        if isinstance(exc, (dg.Failure, dg.RetryRequested)) or is_transient(exc):
+            return exc
         return dg.Failure(description=f"{type(exc).__name__}: {exc}", allow_retries=False)
 
     if inspect.isgeneratorfunction(fn):
@@ -315,12 +317,10 @@ def retry_only_if_transient(fn: Callable[..., Any]) -> Callable[..., Any]:
         def gen_wrapper(*args: Any, **kwargs: Any) -> Any:
             try:
                 yield from fn(*args, **kwargs)
-            except (dg.Failure, dg.RetryRequested):
-                raise
             except Exception as exc:
-                if is_transient(exc):
+                if (converted := final(exc)) is exc:
                     raise
-                raise _final(exc) from exc
+                raise converted from exc
 
         return gen_wrapper
 
@@ -328,11 +328,9 @@ def retry_only_if_transient(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (dg.Failure, dg.RetryRequested):
-            raise
         except Exception as exc:
-            if is_transient(exc):
+            if (converted := final(exc)) is exc:
                 raise
-            raise _final(exc) from exc
+            raise converted from exc
 
     return wrapper

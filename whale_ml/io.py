@@ -48,7 +48,8 @@ def is_temp_name(name: str) -> bool:
     return _TEMP.match(name) is not None
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True while process ``pid`` runs on this host (a process of another user counts)."""
     if pid == os.getpid():
         return True
     try:
@@ -76,7 +77,7 @@ def remove_stale_temps(folder: str | os.PathLike[str], stem: str | None = None, 
         if m is None or (stem is not None and m["stem"] != stem) or (suffix is not None and (m["suffix"] or "") != suffix):
             continue
         pid = m["pid"]
-        if pid is not None and _alive(int(pid)):
+        if pid is not None and pid_alive(int(pid)):
             continue
         with contextlib.suppress(FileNotFoundError):  # a concurrent sweep got it first
             os.unlink(entry.path)
