@@ -669,3 +669,19 @@ def test_a_file_where_a_folder_should_be_fails_the_asset_naming_it(pipeline: dic
     message = failure.event_specific_data.error.to_string()
     assert ArtifactWriteError.__name__ in message
     assert f"could not write {gallery_dir / 'index.faiss'}: {gallery_dir} is a file where a folder is needed" in message, message
+
+
+def test_artifacts_get_the_usual_file_mode_not_the_temp_files_private_one(tmp_path: Path) -> None:
+    """mkstemp's temp files are 0600; the renamed artifact must carry the mode the umask gives
+    (a report or submission in a shared home is readable by the group, like the rest)."""
+    from whale_ml.io import write_json
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+        os.umask(0o027)
+        write_json(tmp_path / "b.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o640

@@ -85,6 +85,13 @@ def remove_stale_temps(folder: str | os.PathLike[str], stem: str | None = None, 
     return removed
 
 
+def _umask() -> int:
+    """This process's umask (the only way to read it is to set it, then set it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _free_bytes(folder: Path) -> int | None:
     try:
         st = os.statvfs(folder)
@@ -164,7 +171,13 @@ def atomic_path(path: str | os.PathLike[str], sweep: bool = True) -> Iterator[Pa
         if sweep:
             remove_stale_temps(target.parent, target.stem, target.suffix)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}.p{os.getpid()}.", suffix=f".tmp{target.suffix}", dir=target.parent)
-        os.close(fd)
+        try:
+            # mkstemp makes the file private (0600); an artifact gets the mode any file
+            # this process creates would get (0644 under the usual umask), so that a
+            # report or submission can be shared like the rest of the home.
+            os.fchmod(fd, 0o666 & ~_umask())
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise _write_error(target, exc) from exc
     tmp = Path(tmp_name)
