@@ -28,6 +28,7 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
 
 
 INDEX_KINDS = ("flat", "hnsw", "ivf", "ivfpq")
+_ADD_BLOCK = 65_536  # rows normalised and added at a time (128 MiB at 512 dimensions)
 
 
 def build_index(
@@ -63,8 +64,7 @@ def build_index(
     Approximate indexes miss some neighbours: measure what they lose with
     :func:`index_recall` before using one.
     """
-    emb = l2_normalise(embeddings)
-    n, d = emb.shape
+    n, d = embeddings.shape
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
     elif kind == "hnsw":
@@ -84,11 +84,16 @@ def build_index(
             index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, cells, pq_m, pq_nbits, faiss.METRIC_INNER_PRODUCT)
             index.pq.cp.seed = seed
         index.cp.seed = seed
-        index.train(emb)
+        # k-means uses at most 256 points a cell (faiss's own cap): normalise only those.
+        limit = 256 * cells
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False)) if n > limit else slice(None)
+        index.train(l2_normalise(embeddings[rows]))
         index.nprobe = min(nprobe, cells)
     else:
         raise ValueError(f"unknown index kind {kind!r}: expected one of {', '.join(INDEX_KINDS)}")
-    index.add(emb)
+    # Normalised and added in blocks: a million-photo gallery never exists twice in memory.
+    for start in range(0, n, _ADD_BLOCK):
+        index.add(l2_normalise(embeddings[start : start + _ADD_BLOCK]))
     return index
 
 
