@@ -128,16 +128,15 @@ def gallery(
         test_parts.append(emb_test)
     gallery_emb, query_emb = ensemble(train_parts), ensemble(test_parts)
     ids = train_metadata.set_index("image").loc[train_images, "individual_id"].to_numpy(dtype=object)
-    index = build_index(
-        gallery_emb,
-        config.index,
-        hnsw_m=config.hnsw_m,
-        ef_search=config.ef_search,
-        nlist=config.nlist,
-        nprobe=config.nprobe,
-        pq_m=config.pq_m,
-        pq_nbits=config.pq_nbits,
-    )
+    index_options = {
+        "hnsw_m": config.hnsw_m,
+        "ef_search": config.ef_search,
+        "nlist": config.nlist,
+        "nprobe": config.nprobe,
+        "pq_m": config.pq_m,
+        "pq_nbits": config.pq_nbits,
+    }
+    index = build_index(gallery_emb, config.index, **index_options)
     out = whale.layout.gallery_dir
     save_index(index, out / "index.faiss")
     # The index holds the gallery vectors; beside it, which photo and individual each row is.
@@ -158,7 +157,7 @@ def gallery(
         recall = index_recall(index, gallery_emb, ids, probe, max_queries=config.recall_queries)
         context.log.info(f"{config.index} index keeps {recall['individual_recall_at_k']:.4f} of flat's top-5 individuals")
         metadata.update({f"{k}_vs_flat" if "recall" in k else f"recall_{k}": v for k, v in recall.items()})
-    lineage = gather_lineage(whale.layout, folds, config.index, config.k)
+    lineage = gather_lineage(whale.layout, folds, config.index, config.k, index_options)
     write_json(
         out / "gallery.json",
         {
@@ -191,7 +190,15 @@ def gallery(
         lambda: gallery_models(lineage, whale.layout.model_dir, mlflow.uri, whale.layout.home / "model_cache"),
         str(resolve_device("auto")),
     )
-    version = write_version(whale.layout, table, version_emb, lineage, made_by="gallery asset", extra={"carried_enrolled": carried})
+    version = write_version(
+        whale.layout,
+        table,
+        version_emb,
+        lineage,
+        made_by="gallery asset",
+        extra={"carried_enrolled": carried},
+        index=index if carried == 0 else None,  # the same vectors: no second build
+    )
     if carried:
         context.log.info(f"{carried} enrolled photo(s) not yet in the fold embeddings added to gallery {version.name}")
     metadata.update(

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from whale_ml.io import sha256_file
+
 NEW_INDIVIDUAL = "new_individual"
 
 # Misspellings and aliases of the real train.csv, merged as the top teams did.
@@ -303,14 +305,6 @@ def read_truth(data_dir: str | Path, warn: WarnFn | None = None) -> pd.DataFrame
     return df[["image", "individual_id"]].reset_index(drop=True)
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def find_train_overlap(train: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
     """Test photos that are also training photos: by file name, or by identical bytes.
 
@@ -344,7 +338,7 @@ def find_train_overlap(train: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
 
     def digest(path: str) -> str:
         if path not in digests:
-            digests[path] = _sha256(path)
+            digests[path] = sha256_file(path)
         return digests[path]
 
     rows = []

@@ -9,12 +9,11 @@ beside their artifacts; the gallery gathers the parts into one
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from whale_ml.io import read_json, write_json
+from whale_ml.io import read_json, sha256_file, write_json
 from whale_ml.settings import HomeLayout
 
 # The records each stage writes beside its artifacts.
@@ -49,15 +48,10 @@ class GalleryLineage(BaseModel):
     crop_size: int
     resize: str
     index: str = "flat"
+    index_options: dict[str, int | None] = Field(
+        default_factory=dict, description="build_index's settings (nlist, nprobe, hnsw_m, ...), so a rebuilt version matches."
+    )
     k: int = 50
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def record_boxes(layout: HomeLayout, min_confidence: float, expand: float, imgsz: int, detector: Path | None) -> None:
@@ -108,7 +102,9 @@ def record_embeddings(layout: HomeLayout, fold: str, checkpoint: Path, flip_tta:
     return model
 
 
-def gather_lineage(layout: HomeLayout, folds: list[str], index: str, k: int) -> GalleryLineage:
+def gather_lineage(
+    layout: HomeLayout, folds: list[str], index: str, k: int, index_options: dict[str, int | None] | None = None
+) -> GalleryLineage:
     """The gallery's lineage from the stages' records (for the gallery stage)."""
     needed = {
         "bboxes": layout.detector_dir / BOXES_RECORD,
@@ -128,5 +124,6 @@ def gather_lineage(layout: HomeLayout, folds: list[str], index: str, k: int) -> 
         crop_size=int(crops["size"]),
         resize=str(crops["resize"]),
         index=index,
+        index_options=index_options or {},
         k=k,
     )

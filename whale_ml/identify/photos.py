@@ -12,8 +12,9 @@ import torch
 
 from whale_ml.detection.crops import write_crops
 from whale_ml.detection.yolo import detect_boxes
-from whale_ml.identify.lineage import GalleryLineage, LineageError, sha256_file
+from whale_ml.identify.lineage import GalleryLineage, LineageError
 from whale_ml.identify.registry import ResolvedModel
+from whale_ml.io import sha256_file
 from whale_ml.retrieval.embeddings import embed_paths
 from whale_ml.retrieval.store import ensemble
 from whale_ml.settings import HomeLayout

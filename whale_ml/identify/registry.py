@@ -16,8 +16,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from whale_ml.identify.lineage import FoldModel, GalleryLineage, LineageError, sha256_file
-from whale_ml.io import atomic_path
+from whale_ml.identify.lineage import FoldModel, GalleryLineage, LineageError
+from whale_ml.io import atomic_path, sha256_file
 
 CHECKPOINT_ARTIFACT = "checkpoint/best.pt"
 SHA_TAG = "checkpoint_sha256"

@@ -108,6 +108,7 @@ def write_version(
     lineage: GalleryLineage,
     made_by: str,
     extra: dict[str, Any] | None = None,
+    index: faiss.Index | None = None,
 ) -> GalleryVersion:
     """Write a new gallery version and make it the current one.
 
@@ -116,6 +117,8 @@ def write_version(
             ``pipeline`` or ``enrolled``).
         embeddings: (n, d) unit-length ensemble embeddings, in the table's order.
         made_by: what made it (``gallery asset``, ``whale enroll``), shown in the version list.
+        index: the index of exactly these embeddings when the caller has built it
+            already; otherwise one is built with the lineage's index kind and settings.
     """
     if len(table) != len(embeddings):
         raise ValueError(f"{len(table)} gallery rows for {len(embeddings)} embeddings")
@@ -140,7 +143,9 @@ def write_version(
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
     try:
-        faiss.write_index(build_index(embeddings, lineage.index), str(staging / "index.faiss"))
+        if index is None:
+            index = build_index(embeddings, lineage.index, **lineage.index_options)
+        faiss.write_index(index, str(staging / "index.faiss"))
         np.save(staging / "embeddings.npy", np.ascontiguousarray(embeddings, dtype=np.float32))
         table.to_csv(staging / "gallery.csv", index=False)
         # The name is claimed by the rename itself: a parallel writer that took the same
