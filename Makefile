@@ -16,10 +16,15 @@ RECIPE ?= configs/demo.yaml
 
 # One pip command with exact pins (requirements/constraints.txt, a full freeze of a
 # working environment): installing packages separately lets pip downgrade dagster.
+# A fresh .venv holds about 6.9 GB (CUDA-enabled PyTorch and its libraries): check the
+# disk first, so that a full disk is a clear message rather than pip's OSError halfway
+# through. --no-cache-dir: a cache would keep a second copy of the GBs of wheels.
+VENV_MIN_FREE_GB ?= 7.5
 $(BIN)/.installed: pyproject.toml requirements/constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) scripts/check_disk.py "$(VENV)" $(VENV_MIN_FREE_GB)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --disable-pip-version-check -c requirements/constraints.txt \
-		torch==2.14.1 torchvision==0.29.1 -e ".[dev]"
+	$(BIN)/python -m pip install --disable-pip-version-check --no-cache-dir \
+		-c requirements/constraints.txt torch==2.14.1 torchvision==0.29.1 -e ".[dev]"
 	@touch $@
 
 venv: $(BIN)/.installed

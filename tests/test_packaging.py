@@ -41,3 +41,22 @@ def test_core_never_imports_dagster() -> None:
         if re.search(r"^\s*(import dagster|from dagster)", p.read_text(), flags=re.MULTILINE)
     ]
     assert offenders == []
+
+
+def test_make_refuses_a_disk_too_small_for_the_venv(tmp_path: Path) -> None:
+    """A full disk is a clear message before pip starts, and no half-made .venv is left."""
+    import subprocess
+
+    venv = tmp_path / "venv"
+    done = subprocess.run(
+        ["make", "-C", str(REPO), f"VENV={venv}", "VENV_MIN_FREE_GB=1000000", "venv"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "installing needs about 1e+06 GB" in done.stderr and str(venv) in done.stderr
+    assert not venv.exists()
+    # The same check passes where there is room (0 GB needed).
+    ok = subprocess.run(["python3", str(REPO / "scripts" / "check_disk.py"), str(venv), "0"], capture_output=True)
+    assert ok.returncode == 0
