@@ -283,3 +283,71 @@ def test_best_photo_per_prediction_points_at_the_most_similar_photo() -> None:
     assert found[2] == (3, pytest.approx(0.8))
     sheet = review_sheet(["/nonexistent.jpg"], [["b", "new_individual", "c", "zz", "a"]], [[*found, (0, 0.0)]], ["/x"] * 4, ["b"], tile=32)
     assert sheet.size == (6 * 32, 32 + 14)  # unreadable photos are framed, not fatal
+
+
+def _write_versions(home: Path, n: int) -> object:
+    """``n`` real gallery versions (index, embeddings, table) of random unit vectors."""
+    import pandas as pd
+
+    from whale_ml.identify import FoldModel, GalleryLineage, write_version
+    from whale_ml.settings import HomeLayout
+
+    layout = HomeLayout(home)
+    lineage = GalleryLineage(
+        models=[FoldModel(fold="fold0", checkpoint_sha256="0" * 64)],
+        detector_sha256=None,
+        detector_imgsz=64,
+        min_confidence=0.25,
+        expand=1.2,
+        crop_size=64,
+        resize="pad",
+    )
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        rows = 4 + i
+        table = pd.DataFrame(
+            {"image": [f"p{j}.jpg" for j in range(rows)], "individual_id": "a", "species": "s", "crop_path": "", "source": "pipeline"}
+        )
+        write_version(layout, table, l2_normalise(rng.normal(size=(rows, 8)).astype(np.float32)), lineage, made_by="test")
+    return layout
+
+
+def test_prune_keeps_the_newest_versions_and_always_the_current_one(tmp_path: Path) -> None:
+    from whale_ml.identify import list_versions, load_version, prune_versions
+    from whale_ml.io import write_json
+
+    layout = _write_versions(tmp_path, 5)
+    # A user pointed current.json back at v0002 (a rollback): pruning must never take it.
+    write_json(layout.gallery_versions_dir / "current.json", {"version": "v0002"})
+    assert prune_versions(layout, 2, dry_run=True) == ["v0001", "v0003"]
+    assert len(list_versions(layout)) == 5, "a dry run deletes nothing"
+    assert prune_versions(layout, 2) == ["v0001", "v0003"]
+    assert list_versions(layout)["version"].tolist() == ["v0002", "v0004", "v0005"]
+    assert sorted(p.name for p in layout.gallery_versions_dir.iterdir()) == ["current.json", "v0002", "v0004", "v0005"]
+    for name, rows in (("v0002", 5), ("v0004", 7), ("v0005", 8)):  # what is left still loads whole
+        version = load_version(layout, name)
+        assert version.index.ntotal == len(version.table) == rows
+    assert prune_versions(layout, 10) == []
+    with pytest.raises(ValueError, match="at least 1"):
+        prune_versions(layout, 0)
+
+
+def test_prune_gallery_command(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    _write_versions(tmp_path, 3)
+    env = {**os.environ, "WHALE_HOME": str(tmp_path)}
+
+    def whale(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "whale_assets.cli", *args], env=env, capture_output=True, text=True, timeout=120)
+
+    done = whale("prune-gallery", "--keep", "1", "--dry-run")
+    assert done.returncode == 0 and "would delete 2 gallery version(s): v0001, v0002; kept v0003" in done.stdout
+    assert (tmp_path / "gallery" / "versions" / "v0001").is_dir()
+    done = whale("prune-gallery", "--keep", "1")
+    assert done.returncode == 0 and "deleted 2 gallery version(s): v0001, v0002; kept v0003" in done.stdout
+    assert not (tmp_path / "gallery" / "versions" / "v0001").exists()
+    done = whale("prune-gallery", "--keep", "0")
+    assert done.returncode == 2 and "--keep must be at least 1" in done.stderr

@@ -291,3 +291,25 @@ def test_report_images_load_in_headless_chromium(home: dict, report: Path, tmp_p
     assert found, dom[:2000]
     images, loaded = map(int, found.groups())
     assert images == 6 * len(list((home["data"] / "test_images").iterdir())) and loaded == images
+
+
+def test_gallery_asset_prunes_old_versions_when_asked(home: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    """Last in this module: it deletes the versions the tests above looked at."""
+    from whale_assets.definitions import defs as load_defs
+
+    layout = home["layout"]
+    before = list_versions(layout)["version"].tolist()
+    job = load_defs().resolve_implicit_global_asset_job_def()
+    run = job.execute_in_process(
+        instance=dg.DagsterInstance.get(),
+        asset_selection=[dg.AssetKey("gallery")],
+        run_config={"ops": {"gallery": {"config": {"keep_versions": 2}}}},
+    )
+    assert run.success
+    after = list_versions(layout)
+    newest = f"v{int(before[-1][1:]) + 1:04d}"
+    assert after["version"].tolist() == [before[-1], newest] and bool(after.iloc[-1]["current"])
+    mat = dg.DagsterInstance.get().get_latest_materialization_event(dg.AssetKey("gallery")).asset_materialization
+    assert mat.metadata["pruned_versions"].value == len(before) - 1
+    code, out, _ = _whale(capsys, "identify", str(next((home["data"] / "test_images").iterdir())), "--json")
+    assert code == 0 and json.loads(out)["gallery"]["version"] == newest

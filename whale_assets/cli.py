@@ -1,4 +1,4 @@
-"""The ``whale`` command: ``whale demo-data OUT``, ``whale run``, ``whale identify``, ``whale enroll``."""
+"""The ``whale`` command: ``demo-data``, ``run``, ``identify``, ``enroll``, ``prune-gallery``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ commands:
   identify PHOTO_OR_DIR... [--json] [--report OUT.html]
                                                   the five most likely individuals per photo, from the newest gallery
   enroll CONFIRMED.csv --images DIR               add confirmed photos (image,individual_id) as a new gallery version
+  prune-gallery --keep N [--dry-run]              delete all but the newest N gallery versions (never the current one)
 """
 
 
@@ -34,6 +35,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from whale_assets.identify_cli import enroll_main, identify_main
 
         return (identify_main if command == "identify" else enroll_main)(rest)
+    if command == "prune-gallery":
+        from whale_assets.identify_cli import prune_main
+
+        return prune_main(rest)
     print(f"whale: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

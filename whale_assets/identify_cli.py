@@ -169,3 +169,25 @@ def enroll_main(argv: Sequence[str]) -> int:
             f"({summary['enrolled_photos']} enrolled). The next `whale run` trains on them too."
         )
     return 0
+
+
+def prune_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="whale prune-gallery",
+        description="Delete old gallery versions (gallery/versions/vNNNN), keeping the newest N and always the current one.",
+    )
+    parser.add_argument("--keep", type=int, required=True, metavar="N", help="how many of the newest versions to keep (at least 1)")
+    parser.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    args = parser.parse_args(argv)
+    if args.keep < 1:
+        parser.error(f"--keep must be at least 1, not {args.keep}")
+
+    from whale_ml.identify import list_versions, prune_versions
+
+    layout = _setup()
+    before = list_versions(layout)
+    doomed = prune_versions(layout, args.keep, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    kept = [n for n in before["version"] if n not in doomed]
+    print(f"{verb} {len(doomed)} gallery version(s){': ' + ', '.join(doomed) if doomed else ''}; kept {', '.join(kept) or 'none'}")
+    return 0

@@ -157,6 +157,11 @@ class GalleryConfig(BaseModel):
     pq_m: int = Field(64, ge=1, description="IVF-PQ sub-vectors per embedding (must divide its dimension): bytes stored per photo.")
     pq_nbits: int = Field(8, ge=4, le=16, description="IVF-PQ bits per sub-vector code.")
     recall_queries: int = Field(2000, ge=1, description="Queries sampled to measure an approximate index's recall@5 against flat.")
+    keep_versions: int | None = Field(
+        None,
+        ge=1,
+        description="Gallery versions (gallery/versions/vNNNN) to keep, newest first, the current one always; None keeps every version.",
+    )
 
 
 class ThresholdConfig(BaseModel):

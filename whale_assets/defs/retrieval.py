@@ -14,7 +14,7 @@ from whale_assets.settings import EmbedSettings, GallerySettings, ThresholdSetti
 from whale_ml.identify.enroll import with_enrolled
 from whale_ml.identify.lineage import gather_lineage, record_embeddings
 from whale_ml.identify.registry import gallery_models
-from whale_ml.identify.versions import list_versions, write_version
+from whale_ml.identify.versions import list_versions, prune_versions, write_version
 from whale_ml.io import atomic_path, write_json
 from whale_ml.retrieval import (
     build_index,
@@ -115,7 +115,8 @@ def gallery(
     Each materialisation also writes a new gallery version (``gallery/versions/``, what
     ``whale identify`` searches) with the models, detector and crop settings it was
     made with, and with every enrolled photo (``whale enroll``) that the fold embeddings
-    do not cover yet, embedded here by the same models. ``versions`` lists them all."""
+    do not cover yet, embedded here by the same models. ``versions`` lists them all;
+    with ``keep_versions`` set, older ones beyond that many are deleted."""
     folds = fold_partitions.get_partition_keys()
     train_parts, test_parts, train_images, test_images = [], [], None, None
     for fold in folds:
@@ -201,6 +202,9 @@ def gallery(
     )
     if carried:
         context.log.info(f"{carried} enrolled photo(s) not yet in the fold embeddings added to gallery {version.name}")
+    pruned = prune_versions(whale.layout, config.keep_versions) if config.keep_versions else []
+    if pruned:
+        context.log.info(f"deleted gallery version(s) {', '.join(pruned)} (keep_versions={config.keep_versions})")
     metadata.update(
         {
             "version": version.name,
@@ -210,6 +214,7 @@ def gallery(
             "enrolled_individuals": int(version.info["enrolled_individuals"]),
             "model_versions": ", ".join(f"{m.fold}: v{m.version}" for m in lineage.models),
             "versions": table_md(list_versions(whale.layout)),
+            "pruned_versions": len(pruned),
         }
     )
     return dg.MaterializeResult(metadata=metadata)

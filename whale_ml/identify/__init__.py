@@ -10,7 +10,14 @@ from whale_ml.identify.matching import format_text, identify_photos
 from whale_ml.identify.photos import expand_inputs
 from whale_ml.identify.registry import ResolvedModel, gallery_models, resolve_models
 from whale_ml.identify.report import write_report
-from whale_ml.identify.versions import GalleryVersion, current_version, list_versions, load_version, write_version
+from whale_ml.identify.versions import (
+    GalleryVersion,
+    current_version,
+    list_versions,
+    load_version,
+    prune_versions,
+    write_version,
+)
 
 __all__ = [
     "FoldModel",
@@ -26,6 +33,7 @@ __all__ = [
     "identify_photos",
     "list_versions",
     "load_version",
+    "prune_versions",
     "read_confirmed",
     "read_ledger",
     "resolve_models",

@@ -166,3 +166,25 @@ def write_version(
         raise
     write_json(root / "current.json", {"version": name})
     return load_version(layout, name)
+
+
+def prune_versions(layout: HomeLayout, keep: int, dry_run: bool = False) -> list[str]:
+    """Delete every gallery version but the newest ``keep``, never the current one.
+
+    Versions are derived (the ledger and the registry hold what made them) but large:
+    each has its own index and embeddings. A version is renamed to a hidden name before
+    it is deleted, so nothing finds half of one under its name, even if this is killed.
+
+    Returns:
+        The deleted versions' names (with ``dry_run``: those it would delete), oldest first.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, not {keep}")
+    root = layout.gallery_versions_dir
+    current = current_version(layout)
+    doomed = [name for name in _names(layout)[:-keep] if name != current]
+    for name in [] if dry_run else doomed:
+        trash = root / f".deleting-{name}-{os.getpid()}"
+        os.rename(root / name, trash)
+        shutil.rmtree(trash)
+    return doomed
