@@ -341,7 +341,9 @@ def test_prune_gallery_command(tmp_path: Path) -> None:
     env = {**os.environ, "WHALE_HOME": str(tmp_path)}
 
     def whale(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "whale_assets.cli", *args], env=env, capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "whale_assets.cli", *args], env=env, capture_output=True, text=True, timeout=120, check=False
+        )
 
     done = whale("prune-gallery", "--keep", "1", "--dry-run")
     assert done.returncode == 0 and "would delete 2 gallery version(s): v0001, v0002; kept v0003" in done.stdout
