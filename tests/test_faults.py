@@ -32,7 +32,7 @@ import yaml
 
 from whale_assets.instance import prepare_dagster_home
 from whale_assets.run import DOWNSTREAM, load_recipe, run_pipeline
-from whale_ml.io import ArtifactWriteError, is_temp_name
+from whale_ml.io import ArtifactWriteError, is_staging_name, is_temp_name
 from whale_ml.settings import HomeLayout
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="process groups, SIGKILL, setrlimit")
@@ -88,7 +88,8 @@ def _in_process(pipeline: dict, keys: list[str]) -> dg.ExecuteInProcessResult:
 def read_back(home: Path) -> dict[str, object]:
     """Open every artifact under ``home`` with the reader of its kind (raises on a broken one).
 
-    Returns counts per kind, and the hidden temp files found (never read: readers skip them).
+    Returns counts per kind, and the hidden temp files found, including those in staging
+    folders (never read: readers skip them).
     """
     import faiss
     import torch
@@ -99,8 +100,8 @@ def read_back(home: Path) -> dict[str, object]:
     for path in sorted(home.rglob("*")):
         if not path.is_file() or "dagster_home" in path.relative_to(home).parts:  # Dagster's own storage
             continue
-        if is_temp_name(path.name):
-            temps.append(path)
+        if is_temp_name(path.name) or any(is_staging_name(part) for part in path.relative_to(home).parts):
+            temps.append(path)  # a temp file, or a file in a folder not yet renamed into place
             continue
         kind = path.suffix.lower()
         try:
@@ -280,6 +281,64 @@ write(10)  # the complete earlier version
 print("ready", flush=True)
 write(1_000_000)  # 256 MB (the csv: 40 MB) to write: the kill lands inside it
 """
+
+
+_VERSION_WRITER = """
+import sys, numpy as np, pandas as pd
+from pathlib import Path
+from whale_ml.identify import FoldModel, GalleryLineage, write_version
+from whale_ml.settings import HomeLayout
+layout = HomeLayout(Path(sys.argv[1]))
+lineage = GalleryLineage(models=[FoldModel(fold="fold0", checkpoint_sha256="0" * 64)], detector_sha256=None,
+                         detector_imgsz=64, min_confidence=0.25, expand=1.2, crop_size=64, resize="pad")
+def write(n):
+    table = pd.DataFrame({"image": [f"{i}.jpg" for i in range(n)], "individual_id": "a", "species": "s",
+                          "crop_path": "", "source": "pipeline"})
+    x = np.zeros((n, 64), dtype=np.float32); x[:, 0] = 1
+    write_version(layout, table, x, lineage, made_by="test")
+write(10)  # v0001, complete
+print("ready", flush=True)
+write(1_000_000)  # 256 MB of index, as much of embeddings: the kill lands while it is staged
+"""
+
+
+def test_kill_while_a_gallery_version_is_staged(tmp_path: Path) -> None:
+    """SIGKILL while a new gallery version is being written: no version appears, the
+    current one still loads whole, and the next write (or prune) sweeps the dead
+    writer's folder."""
+    from whale_ml.identify import list_versions, load_version, prune_versions, write_version
+
+    layout = HomeLayout(tmp_path)
+    root = layout.gallery_versions_dir
+    proc = subprocess.Popen([PY, "-c", _VERSION_WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
+        deadline = time.monotonic() + 120
+        while True:
+            staged = [p for p in root.iterdir() if is_staging_name(p.name)]
+            if staged and any(f.stat().st_size > 1 << 20 for f in staged[0].iterdir()):
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, "no staged version seen growing"
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        _kill_group(proc)
+    assert staged[0].exists()  # the kill landed before the rename
+    assert list_versions(layout)["version"].tolist() == ["v0001"]
+    assert len(load_version(layout).table) == 10
+    found = read_back(tmp_path)
+    assert found["temps"] and all(staged[0] in p.parents for p in found["temps"])  # type: ignore[union-attr]
+
+    lineage = load_version(layout).lineage
+    table = pd.DataFrame({"image": ["x.jpg"], "individual_id": "b", "species": "s", "crop_path": "", "source": "pipeline"})
+    write_version(layout, table, np.eye(1, 64, dtype=np.float32), lineage, made_by="test")
+    assert not staged[0].exists(), "the dead writer's folder was swept"
+    assert list_versions(layout)["version"].tolist() == ["v0001", "v0002"]
+    # A prune killed between its rename and its delete leaves a folder of the same kind.
+    leftover = root / f".deleting.p{proc.pid}.v0000.partial"
+    (leftover / "sub").mkdir(parents=True)
+    assert prune_versions(layout, 1) == ["v0001"] and not leftover.exists()
+    assert sorted(p.name for p in root.iterdir()) == ["current.json", "v0002"]
 
 
 @pytest.mark.parametrize("what, name", [("npy", "queries.npy"), ("faiss", "index.faiss"), ("csv", "submission.csv")])

@@ -22,12 +22,16 @@ import json
 import os
 import re
 import resource
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 _TEMP = re.compile(r"^\.(?P<stem>.*?)\.(?:p(?P<pid>\d+)\.)?[^.]*\.tmp(?P<suffix>\.[^.]*)?$")
+# Whole folders built beside their final place (a gallery version, a download):
+# ``.<tag>.p<pid>.<random>.partial``.
+_STAGING = re.compile(r"^\.(?P<tag>[\w-]+)\.p(?P<pid>\d+)\.[^.]*\.partial$")
 
 
 class ArtifactWriteError(OSError):
@@ -47,6 +51,11 @@ class ArtifactWriteError(OSError):
 def is_temp_name(name: str) -> bool:
     """True for the hidden temp files :func:`atomic_path` writes (readers skip them)."""
     return _TEMP.match(name) is not None
+
+
+def is_staging_name(name: str) -> bool:
+    """True for the hidden folders :func:`staging_dir` makes (their files are not artifacts yet)."""
+    return _STAGING.match(name) is not None
 
 
 def pid_alive(pid: int) -> bool:
@@ -83,6 +92,38 @@ def remove_stale_temps(folder: str | os.PathLike[str], stem: str | None = None, 
         with contextlib.suppress(FileNotFoundError):  # a concurrent sweep got it first
             os.unlink(entry.path)
             removed.append(Path(entry.path))
+    return removed
+
+
+def staging_dir(parent: str | os.PathLike[str], tag: str, name: str | None = None) -> Path:
+    """A hidden folder ``.<tag>.p<pid>.<name or random>.partial`` in ``parent``.
+
+    For a folder that must appear whole (build it here, then rename it into place)
+    or disappear whole (rename it here, then delete it). The pid in the name lets
+    :func:`remove_stale_staging` delete what a killed process left, and only that;
+    it is called here first. With ``name`` the path is returned without creating it
+    (for a rename target); otherwise a new empty folder is made.
+    """
+    parent = Path(parent)
+    remove_stale_staging(parent, tag)
+    if name is not None:
+        return parent / f".{tag}.p{os.getpid()}.{name}.partial"
+    return Path(tempfile.mkdtemp(prefix=f".{tag}.p{os.getpid()}.", suffix=".partial", dir=parent))
+
+
+def remove_stale_staging(parent: str | os.PathLike[str], tag: str) -> list[Path]:
+    """Delete the :func:`staging_dir` folders of ``tag`` in ``parent`` whose process is gone."""
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(parent))
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    for entry in entries:
+        m = _STAGING.match(entry.name)
+        if m is None or m["tag"] != tag or pid_alive(int(m["pid"])) or not entry.is_dir(follow_symlinks=False):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(Path(entry.path))
     return removed
 
 

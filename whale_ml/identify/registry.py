@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from whale_ml.identify.lineage import FoldModel, GalleryLineage, LineageError
-from whale_ml.io import atomic_path, sha256_file
+from whale_ml.io import atomic_path, sha256_file, staging_dir
 
 CHECKPOINT_ARTIFACT = "checkpoint/best.pt"
 SHA_TAG = "checkpoint_sha256"
@@ -54,11 +53,13 @@ def _fetch(client: object, tracking_uri: str, run_id: str, sha: str, cache_dir: 
     target = cache_dir / f"{sha}.pt"
     if target.exists() and sha256_file(target) == sha:
         return target
-    with tempfile.TemporaryDirectory(dir=cache_dir.parent if cache_dir.parent.exists() else None) as tmp:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = staging_dir(cache_dir, "download")  # a killed download is swept by the next one
+    try:
         try:
             got = Path(
                 mlflow.artifacts.download_artifacts(
-                    run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT, dst_path=tmp, tracking_uri=tracking_uri
+                    run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT, dst_path=str(tmp), tracking_uri=tracking_uri
                 )
             )
         except Exception as exc:
@@ -70,6 +71,8 @@ def _fetch(client: object, tracking_uri: str, run_id: str, sha: str, cache_dir: 
             raise LineageError(f"{what}: the downloaded checkpoint's sha256 is not the one tagged on the version ({sha[:12]})")
         with atomic_path(target) as part:
             shutil.copyfile(got, part)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

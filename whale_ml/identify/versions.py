@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from whale_ml.identify.lineage import GalleryLineage, LineageError
-from whale_ml.io import read_json, write_json
+from whale_ml.io import read_json, staging_dir, write_json
 from whale_ml.retrieval.gallery import build_index, load_index
 from whale_ml.settings import HomeLayout
 
@@ -141,7 +140,7 @@ def write_version(
     }
     root = layout.gallery_versions_dir
     root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+    staging = staging_dir(root, "staging")
     try:
         if index is None:
             index = build_index(embeddings, lineage.index, **lineage.index_options)
@@ -184,7 +183,7 @@ def prune_versions(layout: HomeLayout, keep: int, dry_run: bool = False) -> list
     current = current_version(layout)
     doomed = [name for name in _names(layout)[:-keep] if name != current]
     for name in [] if dry_run else doomed:
-        trash = root / f".deleting-{name}-{os.getpid()}"
+        trash = staging_dir(root, "deleting", name)
         os.rename(root / name, trash)
         shutil.rmtree(trash)
     return doomed
