@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -609,6 +610,8 @@ from whale_ml.retrieval.store import save_embeddings
 from whale_ml.retrieval.gallery import save_index
 from whale_ml.submission import write_submission
 from whale_ml.training.trainer import save_checkpoint
+from whale_ml.identify import FoldModel, GalleryLineage, write_version
+from whale_ml.settings import HomeLayout
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the file-size limit then fails with EFBIG
 big = np.random.default_rng(0).random((20000, 64), dtype=np.float32)  # 5 MB
 index = faiss.IndexFlatIP(64); index.add(big)
@@ -623,6 +626,16 @@ writers = {
     "submission.csv": lambda p: write_submission(pd.DataFrame({"image": range(200000), "predictions": "new_individual a b c d"}), p),
     "crop.jpg": lambda p: save_image(photo, p),
     "gallery.json": lambda p: write_json(p, {"rows": list(range(300000))}),
+    # A whole folder: a gallery version (index, embeddings, table) staged, then renamed.
+    "home": lambda p: write_version(
+        HomeLayout(p),
+        pd.DataFrame({"image": [f"{i}.jpg" for i in range(len(big))], "individual_id": "a", "species": "s", "crop_path": "", "source": "pipeline"}),
+        big,
+        GalleryLineage(models=[FoldModel(fold="fold0", checkpoint_sha256="0" * 64)], detector_sha256=None, detector_imgsz=64,
+                       min_confidence=0.25, expand=1.2, crop_size=64, resize="pad"),
+        made_by="test",
+        index=index,
+    ),
 }
 out = {}
 for case in json.loads(sys.argv[1]):
@@ -647,7 +660,8 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def refused_writes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[Path, dict[str, str]]]]:
-    """Six real writers (numpy, faiss, torch, pandas, PIL, json) each write a 1-5 MB artifact in
+    """Seven real writers (numpy, faiss, torch, pandas, PIL, json, and a gallery version: a
+    folder of three files staged, then renamed) each write a 1-5 MB artifact in
     three places the kernel refuses, in one child process:
 
     - ``size_limit``: RLIMIT_FSIZE of 1 MiB (EFBIG past it);
@@ -688,18 +702,24 @@ def refused_writes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
         shutil.rmtree(shared)
 
 
+def _left_behind(folder: Path) -> list[Path]:
+    """Files, and staging folders, under ``folder`` (empty parent folders do not count)."""
+    return [p for p in folder.rglob("*") if p.is_file() or is_staging_name(p.name)]
+
+
 def test_file_size_limit_gives_a_clear_error_and_no_temp_file(refused_writes: dict) -> None:
     folder, results = refused_writes["size_limit"]
-    assert len(results) == 6
+    assert len(results) == 7
     for name, message in results.items():
-        assert message.startswith(f"could not write {folder / name}: "), message
+        # The version's error names the staged file that could not be written.
+        assert re.match(rf"could not write {re.escape(str(folder / name))}(: |/gallery/versions/\.staging\.p\d+\.)", message), message
         assert "file-size limit (ulimit -f) of 1048576 bytes" in message, message
-    assert not list(folder.iterdir()), "nothing left behind: no temp file, no partial artifact"
+    assert not _left_behind(folder), "nothing left behind: no temp file, no partial artifact"
 
 
 def test_permission_denied_names_the_folder(refused_writes: dict) -> None:
     folder, results = refused_writes["permission"]
-    assert len(results) == 6
+    assert len(results) == 7
     for name, message in results.items():
         assert message.startswith(f"could not write {folder / name}: no permission to write in {folder}"), message
     assert not list(folder.iterdir())
@@ -709,10 +729,11 @@ def test_full_disk_gives_a_clear_error_and_no_temp_file(refused_writes: dict) ->
     if "full_disk" not in refused_writes:
         pytest.skip(f"cannot mount a small tmpfs here ({refused_writes['full_disk_skip'][1]['why']}); the size-limit test covers the path")
     folder, results = refused_writes["full_disk"]
-    assert len(results) == 6
+    assert len(results) == 7
     for name, message in results.items():
-        assert message.startswith(f"could not write {folder / name}: no space left on the disk holding {folder}"), message
-    assert not list(folder.iterdir())
+        assert message.startswith(f"could not write {folder / name}"), message
+        assert f"no space left on the disk holding {folder}" in message, message
+    assert not _left_behind(folder)
 
 
 def test_a_file_where_a_folder_should_be_fails_the_asset_naming_it(pipeline: dict) -> None:

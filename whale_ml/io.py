@@ -179,7 +179,8 @@ def _cause(target: Path, exc: BaseException) -> str:
     return "the write failed"
 
 
-def _write_error(target: Path, exc: BaseException) -> ArtifactWriteError:
+def write_error(target: Path, exc: BaseException) -> ArtifactWriteError:
+    """The :class:`ArtifactWriteError` for ``exc``, raised while writing ``target``."""
     return ArtifactWriteError(
         getattr(exc, "errno", None) or errno.EIO,
         f"could not write {target}: {_cause(target, exc)} ({type(exc).__name__}: {exc})",
@@ -221,14 +222,14 @@ def atomic_path(path: str | os.PathLike[str], sweep: bool = True) -> Iterator[Pa
         finally:
             os.close(fd)
     except OSError as exc:
-        raise _write_error(target, exc) from exc
+        raise write_error(target, exc) from exc
     tmp = Path(tmp_name)
     try:
         yield tmp
         os.replace(tmp, target)
     except (OSError, RuntimeError) as exc:
         # Diagnose before the temp file goes: its size is part of a full disk.
-        error = None if isinstance(exc, ArtifactWriteError) or _about_other_file(exc, tmp, target) else _write_error(target, exc)
+        error = None if isinstance(exc, ArtifactWriteError) or _about_other_file(exc, tmp, target) else write_error(target, exc)
         tmp.unlink(missing_ok=True)
         if error is None:
             raise

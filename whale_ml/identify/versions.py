@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from whale_ml.identify.lineage import GalleryLineage, LineageError
-from whale_ml.io import read_json, staging_dir, write_json
+from whale_ml.io import read_json, staging_dir, write_error, write_json
 from whale_ml.retrieval.gallery import build_index, load_index
 from whale_ml.settings import HomeLayout
 
@@ -139,14 +140,24 @@ def write_version(
         **(extra or {}),
     }
     root = layout.gallery_versions_dir
-    root.mkdir(parents=True, exist_ok=True)
-    staging = staging_dir(root, "staging")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        staging = staging_dir(root, "staging")
+    except OSError as exc:  # name the folder that refused, not the one below it
+        raise write_error(Path(exc.filename) if exc.filename else root, exc) from exc
     try:
         if index is None:
             index = build_index(embeddings, lineage.index, **lineage.index_options)
-        faiss.write_index(index, str(staging / "index.faiss"))
-        np.save(staging / "embeddings.npy", np.ascontiguousarray(embeddings, dtype=np.float32))
-        table.to_csv(staging / "gallery.csv", index=False)
+        writers: dict[str, Callable[[Path], object]] = {
+            "index.faiss": lambda p: faiss.write_index(index, str(p)),
+            "embeddings.npy": lambda p: np.save(p, np.ascontiguousarray(embeddings, dtype=np.float32)),
+            "gallery.csv": lambda p: table.to_csv(p, index=False),
+        }
+        for file_name, write in writers.items():
+            try:
+                write(staging / file_name)
+            except (OSError, RuntimeError) as exc:  # faiss reports a failed write as a RuntimeError
+                raise write_error(staging / file_name, exc) from exc
         # The name is claimed by the rename itself: a parallel writer that took the same
         # number makes ours fail, and we take the next one.
         while True:
