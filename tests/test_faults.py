@@ -9,6 +9,7 @@ tests/test_kill_resume.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -63,6 +64,21 @@ def _kill_group(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
+
+
+def _kill_when(proc: subprocess.Popen, seen: Callable[[], bool], what: str, timeout_s: float, interval_s: float) -> None:
+    """SIGKILL ``proc``'s process group as soon as ``seen()`` holds, polled every
+    ``interval_s``; fail if the process ends first or ``timeout_s`` passes. A
+    FileNotFoundError from ``seen`` (a file renamed away meanwhile) counts as not yet."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(FileNotFoundError):
+            if seen():
+                break
+        assert proc.poll() is None, f"the process ended (exit {proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"not seen in {timeout_s:.0f} s: {what}"
+        time.sleep(interval_s)
+    os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _in_process(pipeline: dict, keys: list[str]) -> dg.ExecuteInProcessResult:
@@ -157,12 +173,13 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Itera
     n_train = len(pd.read_csv(tiny_data / "train.csv"))
     n_photos = n_train + len(pd.read_csv(tiny_data / "sample_submission.csv"))
     try:
-        deadline = time.monotonic() + 180
-        while not (crops_dir.is_dir() and any(n.endswith(".jpg") and not is_temp_name(n) for n in os.listdir(crops_dir))):
-            assert proc.poll() is None, f"whale run ended (exit {proc.returncode}) before writing a crop"
-            assert time.monotonic() < deadline, "no crop written in 180 s"
-            time.sleep(0.0005)
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_when(
+            proc,
+            lambda: crops_dir.is_dir() and any(n.endswith(".jpg") and not is_temp_name(n) for n in os.listdir(crops_dir)),
+            "a crop was written",
+            timeout_s=180,
+            interval_s=0.0005,
+        )
     finally:
         _kill_group(proc)
     assert proc.returncode == -signal.SIGKILL
@@ -312,19 +329,15 @@ def test_kill_while_a_gallery_version_is_staged(tmp_path: Path) -> None:
     layout = HomeLayout(tmp_path)
     root = layout.gallery_versions_dir
     proc = subprocess.Popen([PY, "-c", _VERSION_WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    staged: list[Path] = []
+
+    def grown() -> bool:
+        staged[:] = [p for p in root.iterdir() if is_staging_name(p.name)]
+        return bool(staged) and any(f.stat().st_size > 1 << 20 for f in staged[0].iterdir())
+
     try:
         assert proc.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
-        deadline = time.monotonic() + 120
-        while True:
-            staged = [p for p in root.iterdir() if is_staging_name(p.name)]
-            try:
-                if staged and any(f.stat().st_size > 1 << 20 for f in staged[0].iterdir()):
-                    break
-            except FileNotFoundError:  # renamed meanwhile: the write finished (the assert below says so)
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "no staged version seen growing"
-            time.sleep(0.01)
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_when(proc, grown, "a staged version grew past 1 MB", timeout_s=120, interval_s=0.01)
     finally:
         _kill_group(proc)
     assert staged[0].exists()  # the kill landed before the rename
@@ -351,19 +364,15 @@ def test_kill_mid_write_keeps_the_old_file_whole(tmp_path: Path, what: str, name
     version, and the next write of that file removes the dead writer's temp file."""
     stem = name.rsplit(".", 1)[0]
     proc = subprocess.Popen([PY, "-c", _WRITER, str(tmp_path), what], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    temps: list[Path] = []
+
+    def grown() -> bool:
+        temps[:] = [p for p in tmp_path.iterdir() if is_temp_name(p.name) and p.name.startswith(f".{stem}.")]
+        return bool(temps) and temps[0].stat().st_size > 1 << 20
+
     try:
         assert proc.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
-        deadline = time.monotonic() + 60
-        while True:
-            temps = [p for p in tmp_path.iterdir() if is_temp_name(p.name) and p.name.startswith(f".{stem}.")]
-            try:
-                if temps and temps[0].stat().st_size > 1 << 20:
-                    break
-            except FileNotFoundError:  # renamed meanwhile: the write finished (the assert below says so)
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "no temp file seen growing"
-            time.sleep(0.001)
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_when(proc, grown, "a temp file grew past 1 MB", timeout_s=60, interval_s=0.001)
     finally:
         _kill_group(proc)
     assert temps[0].exists()  # the kill really landed mid-write

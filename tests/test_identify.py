@@ -15,6 +15,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
+from chromium import SKIP_REASON, browser, chromium_command
 from PIL import ImageEnhance
 
 from whale_assets.cli import main as whale
@@ -234,10 +235,6 @@ def test_enroll_rejects_a_bad_file_whole_and_changes_nothing(home: dict, capsys:
     pd.testing.assert_frame_equal(before[1], after[1])
 
 
-def _browser() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 @pytest.fixture(scope="module")
 def report(home: dict) -> Path:
     """The HTML report of the test photos and one unreadable photo."""
@@ -259,7 +256,7 @@ def test_report_is_self_contained(home: dict, report: Path) -> None:
     assert "broken_for_report.jpg" in page and "could not be identified" in page
 
 
-@pytest.mark.skipif(_browser() is None, reason="needs headless Chromium (make test installs it from Debian packages when it can)")
+@pytest.mark.skipif(browser() is None, reason=SKIP_REASON)
 def test_report_images_load_in_headless_chromium(home: dict, report: Path, tmp_path: Path) -> None:
     # A copy with a probe that records, once the page has loaded, how many images decoded.
     probe = (
@@ -271,15 +268,12 @@ def test_report_images_load_in_headless_chromium(home: dict, report: Path, tmp_p
     page.write_text(report.read_text().replace("</body>", probe + "</body>"))
     dom = subprocess.run(
         [
-            str(_browser()),
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--virtual-time-budget=10000",
-            "--host-resolver-rules=MAP * ~NOTFOUND",  # offline: anything external would fail to load
-            f"--user-data-dir={tmp_path / 'profile'}",
-            "--dump-dom",
+            *chromium_command(
+                tmp_path / "profile",
+                "--virtual-time-budget=10000",
+                "--host-resolver-rules=MAP * ~NOTFOUND",  # offline: anything external would fail to load
+                "--dump-dom",
+            ),
             page.as_uri(),
         ],
         capture_output=True,

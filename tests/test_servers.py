@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from chromium import SKIP_REASON, browser, chromium_command
 
 from whale_assets.run import DOWNSTREAM, PER_FOLD, UPSTREAM
 
@@ -208,25 +208,12 @@ def test_single_fold_rerun_through_graphql(dagster_dev: Dagster) -> None:
 GROUPS = ("raw", "detection", "splits", "training", "retrieval", "submission")
 
 
-def _browser() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.mark.skipif(_browser() is None, reason="needs headless Chromium (make test installs it from Debian packages when it can)")
+@pytest.mark.skipif(browser() is None, reason=SKIP_REASON)
 def test_lineage_pages_in_headless_chromium(dagster_dev: Dagster, tmp_path: Path) -> None:
     """The pages a user opens first, rendered by a real browser: the global lineage lists the
     asset groups, each group's lineage its assets, the catalog every asset. Screenshots are kept."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    common = [
-        str(_browser()),
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--window-size=1600,1000",
-        "--virtual-time-budget=20000",
-        f"--user-data-dir={tmp_path / 'profile'}",
-    ]
+    common = chromium_command(tmp_path / "profile", "--window-size=1600,1000", "--virtual-time-budget=20000")
 
     def page(path: str, shot: str | None = None) -> str:
         url = f"{dagster_dev.url}/{path}"

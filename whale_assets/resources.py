@@ -306,31 +306,29 @@ def retry_only_if_transient(fn: Callable[..., Any]) -> Callable[..., Any]:
     becomes a ``dg.Failure`` that disallows retries (its cause keeps the original
     traceback), so a bug or bad input fails in seconds, not after minutes of backoff."""
 
-    def final(exc: Exception) -> Exception:
-        if isinstance(exc, (dg.Failure, dg.RetryRequested)) or is_transient(exc):
-            return exc
-        return dg.Failure(description=f"{type(exc).__name__}: {exc}", allow_retries=False)
+    @contextmanager
+    def only_transient_retried() -> Iterator[None]:
+        try:
+            yield
+        except (dg.Failure, dg.RetryRequested):
+            raise
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            raise dg.Failure(description=f"{type(exc).__name__}: {exc}", allow_retries=False) from exc
 
     if inspect.isgeneratorfunction(fn):
 
         @functools.wraps(fn)
         def gen_wrapper(*args: Any, **kwargs: Any) -> Any:
-            try:
+            with only_transient_retried():
                 yield from fn(*args, **kwargs)
-            except Exception as exc:
-                if (converted := final(exc)) is exc:
-                    raise
-                raise converted from exc
 
         return gen_wrapper
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
+        with only_transient_retried():
             return fn(*args, **kwargs)
-        except Exception as exc:
-            if (converted := final(exc)) is exc:
-                raise
-            raise converted from exc
 
     return wrapper

@@ -71,6 +71,19 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def _left_by_dead_writers(folder: str | os.PathLike[str], pattern: re.Pattern[str]) -> Iterator[tuple[os.DirEntry[str], re.Match[str]]]:
+    """The entries of ``folder`` named by ``pattern`` whose writing process is gone (its
+    pid is in the name; a name without one is from before pids were recorded)."""
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m is not None and (m["pid"] is None or not pid_alive(int(m["pid"]))):
+            yield entry, m
+
+
 def remove_stale_temps(folder: str | os.PathLike[str], stem: str | None = None, suffix: str | None = None) -> list[Path]:
     """Delete the temp files in ``folder`` whose writer is gone (a killed or crashed run).
 
@@ -78,16 +91,8 @@ def remove_stale_temps(folder: str | os.PathLike[str], stem: str | None = None, 
     process (another run writing beside this one) are kept. Returns what was removed.
     """
     removed: list[Path] = []
-    try:
-        entries = list(os.scandir(folder))
-    except (FileNotFoundError, NotADirectoryError):
-        return removed
-    for entry in entries:
-        m = _TEMP.match(entry.name)
-        if m is None or (stem is not None and m["stem"] != stem) or (suffix is not None and (m["suffix"] or "") != suffix):
-            continue
-        pid = m["pid"]
-        if pid is not None and pid_alive(int(pid)):
+    for entry, m in _left_by_dead_writers(folder, _TEMP):
+        if (stem is not None and m["stem"] != stem) or (suffix is not None and (m["suffix"] or "") != suffix):
             continue
         with contextlib.suppress(FileNotFoundError):  # a concurrent sweep got it first
             os.unlink(entry.path)
@@ -114,16 +119,10 @@ def staging_dir(parent: str | os.PathLike[str], tag: str, name: str | None = Non
 def remove_stale_staging(parent: str | os.PathLike[str], tag: str) -> list[Path]:
     """Delete the :func:`staging_dir` folders of ``tag`` in ``parent`` whose process is gone."""
     removed: list[Path] = []
-    try:
-        entries = list(os.scandir(parent))
-    except (FileNotFoundError, NotADirectoryError):
-        return removed
-    for entry in entries:
-        m = _STAGING.match(entry.name)
-        if m is None or m["tag"] != tag or pid_alive(int(m["pid"])) or not entry.is_dir(follow_symlinks=False):
-            continue
-        shutil.rmtree(entry.path, ignore_errors=True)
-        removed.append(Path(entry.path))
+    for entry, m in _left_by_dead_writers(parent, _STAGING):
+        if m["tag"] == tag and entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(Path(entry.path))
     return removed
 
 

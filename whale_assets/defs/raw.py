@@ -10,7 +10,7 @@ from whale_assets.resources import WhaleHome
 from whale_assets.settings import MetadataSettings
 from whale_ml.data.demo import ensure_demo_data
 from whale_ml.data.metadata import SPECIES_ALIASES, MetadataError, find_train_overlap, read_test_metadata, read_train_metadata
-from whale_ml.identify.enroll import ledger_path, ledger_train_rows
+from whale_ml.identify.enroll import with_ledger
 
 
 def _ensure_data(context: dg.AssetExecutionContext, whale: WhaleHome) -> None:
@@ -37,18 +37,7 @@ def train_metadata(context: dg.AssetExecutionContext, config: MetadataSettings, 
     df = read_train_metadata(whale.data_path, check_files=config.check_files, warn=notes.append)
     for note in notes:
         context.log.warning(note)
-    enrolled = ledger_train_rows(whale.layout)
-    if len(enrolled):
-        clash = sorted(set(enrolled["image"]) & set(df["image"]))
-        if clash:
-            raise MetadataError(
-                f"{ledger_path(whale.layout)}: enrolled photo name(s) also in {whale.data_path / 'train.csv'}: {', '.join(clash[:10])}"
-            )
-        df = pd.concat([df.drop(columns="label"), enrolled], ignore_index=True)
-        # Labels number the individuals in sorted id order, now including the enrolled ones.
-        ids = sorted(df["individual_id"].unique())
-        df["label"] = df["individual_id"].map({k: i for i, k in enumerate(ids)}).astype("int64")
-        df = df[["image", "species", "species_raw", "individual_id", "label", "path"]]
+    df, enrolled = with_ledger(df, whale.layout, whale.data_path / "train.csv")
     species = (
         df.groupby("species")
         .agg(images=("image", "size"), individuals=("individual_id", "nunique"))

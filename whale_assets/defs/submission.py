@@ -11,7 +11,7 @@ from whale_assets.metadata import image_md, table_md
 from whale_assets.resources import WhaleHome
 from whale_ml.data.metadata import NEW_INDIVIDUAL, read_truth
 from whale_ml.io import atomic_path, read_json
-from whale_ml.retrieval import load_index, nearest_species, predict_top5, search_gallery
+from whale_ml.retrieval import load_index, predict_top5, query_thresholds, search_gallery
 from whale_ml.retrieval.review import best_photo_per_prediction, review_sheet
 from whale_ml.retrieval.store import load_embeddings
 from whale_ml.submission import make_submission, prior_predictions, score_submission, submission_problems, write_submission
@@ -52,8 +52,8 @@ def submission_csv(
     queries, query_images = load_embeddings(g, "queries")
     sims, ids = search_gallery(index, gallery_ids, queries, k=int(read_json(g / "gallery.json")["k"]))
     by_species: dict[str, float] = match_threshold.get("species_thresholds") or {}
-    species = nearest_species(ids, dict(zip(train_metadata["individual_id"], train_metadata["species"], strict=True)))
-    thresholds = np.array([by_species.get(s, match_threshold["threshold"]) for s in species], dtype=np.float64)
+    species_of = dict(zip(train_metadata["individual_id"], train_metadata["species"], strict=True))
+    thresholds = query_thresholds(ids, species_of, match_threshold["threshold"], by_species)
     found = dict(zip(query_images, predict_top5(sims, ids, thresholds), strict=True))
     prior = prior_predictions(train_metadata["individual_id"].tolist())
     missing = [img for img in test_metadata["image"] if img not in found]

@@ -149,6 +149,22 @@ def _row_numbers(mask: pd.Series) -> list[int]:
     return [int(i) for i in mask[mask].index]
 
 
+def lines_listed(mask: pd.Series) -> str:
+    """``3, 7, 9`` (at most ten, then how many more): the lines where ``mask`` holds."""
+    return _listed(_row_numbers(mask))
+
+
+def values_listed(df: pd.DataFrame, mask: pd.Series, col: str) -> str:
+    """``line 3: 'a b', line 7: ...``: the offending values of ``col`` with their lines."""
+    return _listed([f"line {n}: {v!r}" for n, v in zip(_row_numbers(mask), df.loc[mask, col], strict=True)])
+
+
+def label_individuals(ids: pd.Series) -> pd.Series:
+    """One integer label per individual, 0..n-1 in sorted id order (stable across reruns)."""
+    order = {k: i for i, k in enumerate(sorted(ids.unique()))}
+    return ids.map(order).astype("int64")
+
+
 def is_plain_file_name(names: pd.Series) -> pd.Series:
     """True where a name can only mean a file directly inside its image folder: no
     folder parts (``/`` or ``\\``), no ``..``, not hidden, no control characters, not empty.
@@ -166,16 +182,16 @@ def image_name_problems(df: pd.DataFrame) -> list[str]:
     empty = df["image"] == ""
     bad = ~is_plain_file_name(df["image"]) & ~empty
     if empty.any():
-        problems.append(f"empty image name on line(s) {_listed(_row_numbers(empty))}")
+        problems.append(f"empty image name on line(s) {lines_listed(empty)}")
     if bad.any():
-        problems.append(
-            "image names must be plain file names (no folders, '..' or hidden files): "
-            + _listed([f"line {n}: {v!r}" for n, v in zip(_row_numbers(bad), df.loc[bad, "image"], strict=True)])
-        )
+        problems.append("image names must be plain file names (no folders, '..' or hidden files): " + values_listed(df, bad, "image"))
     return problems
 
 
-def _check_names_and_files(df: pd.DataFrame, csv_file: Path, image_dir: Path, check_files: bool) -> list[str]:
+def check_names_and_files(df: pd.DataFrame, image_dir: Path, check_files: bool) -> list[str]:
+    """The problems of a line-indexed table's ``image`` column: empty or non-plain names,
+    repeated rows, and (with ``check_files``, when the names are sound) photos missing
+    from ``image_dir``. Empty when there are none."""
     problems = image_name_problems(df)
     empty = df["image"] == ""
     dup = df["image"].duplicated(keep=False) & ~empty
@@ -206,22 +222,19 @@ def _check_ids(df: pd.DataFrame) -> list[str]:
     for col in ("species", "individual_id"):
         blank = df[col] == ""
         if blank.any():
-            problems.append(f"empty {col} on line(s) {_listed(_row_numbers(blank))}")
+            problems.append(f"empty {col} on line(s) {lines_listed(blank)}")
     breaking = id_breaks_submission(df["individual_id"])
     if breaking.any():
         problems.append(
             "individual_id with whitespace or control characters inside (the submission separates ids by spaces): "
-            + _listed([f"line {n}: {v!r}" for n, v in zip(_row_numbers(breaking), df.loc[breaking, "individual_id"], strict=True)])
+            + values_listed(df, breaking, "individual_id")
         )
     control = df["species"].str.contains(_CONTROL)
     if control.any():
-        problems.append(
-            "species with control characters: "
-            + _listed([f"line {n}: {v!r}" for n, v in zip(_row_numbers(control), df.loc[control, "species"], strict=True)])
-        )
+        problems.append("species with control characters: " + values_listed(df, control, "species"))
     reserved = df["individual_id"] == NEW_INDIVIDUAL
     if reserved.any():
-        problems.append(f"'{NEW_INDIVIDUAL}' is reserved and cannot be a training id (line(s) {_listed(_row_numbers(reserved))})")
+        problems.append(f"'{NEW_INDIVIDUAL}' is reserved and cannot be a training id (line(s) {lines_listed(reserved)})")
     return problems
 
 
@@ -247,15 +260,14 @@ def read_train_metadata(data_dir: str | Path, check_files: bool = True, warn: Wa
     data_dir = Path(data_dir)
     csv_file = data_dir / "train.csv"
     df = read_csv_rows(csv_file, TRAIN_COLUMNS, warn)
-    problems = _check_names_and_files(df, csv_file, data_dir / "train_images", check_files)
+    problems = check_names_and_files(df, data_dir / "train_images", check_files)
     problems += _check_ids(df)
     if problems:
         raise MetadataError(f"{csv_file}: " + "; ".join(problems))
 
     out = df[list(TRAIN_COLUMNS)].rename(columns={"species": "species_raw"})
     out["species"] = normalise_species(out["species_raw"])
-    ids = sorted(out["individual_id"].unique())
-    out["label"] = out["individual_id"].map({k: i for i, k in enumerate(ids)}).astype("int64")
+    out["label"] = label_individuals(out["individual_id"])
     out["path"] = [str(data_dir / "train_images" / name) for name in out["image"]]
     return out[["image", "species", "species_raw", "individual_id", "label", "path"]].reset_index(drop=True)
 
@@ -285,7 +297,7 @@ def read_test_metadata(data_dir: str | Path, check_files: bool = True, warn: War
         df = pd.DataFrame({"image": names})
     else:
         raise MetadataError(f"{data_dir}: neither {csv_file.name} nor test_images/ found")
-    problems = _check_names_and_files(df, csv_file, image_dir, check_files)
+    problems = check_names_and_files(df, image_dir, check_files)
     if problems:
         raise MetadataError(f"{csv_file}: " + "; ".join(problems))
     df = df.reset_index(drop=True)
@@ -299,7 +311,7 @@ def read_truth(data_dir: str | Path, warn: WarnFn | None = None) -> pd.DataFrame
     if not csv_file.exists():
         return None
     df = read_csv_rows(csv_file, ("image", "individual_id"), warn)
-    problems = _check_names_and_files(df, csv_file, Path(data_dir) / "test_images", check_files=False)
+    problems = check_names_and_files(df, Path(data_dir) / "test_images", check_files=False)
     if problems:
         raise MetadataError(f"{csv_file}: " + "; ".join(problems))
     return df[["image", "individual_id"]].reset_index(drop=True)

@@ -27,10 +27,13 @@ from whale_ml.data.images import ImageReadError, load_rgb
 from whale_ml.data.metadata import (
     NEW_INDIVIDUAL,
     MetadataError,
-    _check_names_and_files,
+    check_names_and_files,
     id_breaks_submission,
+    label_individuals,
+    lines_listed,
     normalise_species,
     read_csv_rows,
+    values_listed,
 )
 from whale_ml.identify.lineage import GalleryLineage
 from whale_ml.identify.photos import crop_photos, embed_crops
@@ -71,6 +74,24 @@ def ledger_train_rows(layout: HomeLayout) -> pd.DataFrame:
     )
 
 
+def with_ledger(train: pd.DataFrame, layout: HomeLayout, train_csv: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The training metadata (:func:`read_train_metadata`'s columns) plus the enrolled
+    photos, with the labels renumbered over both; and the enrolled rows on their own.
+
+    Raises:
+        MetadataError: an enrolled photo has the name of a photo in ``train_csv``.
+    """
+    enrolled = ledger_train_rows(layout)
+    if enrolled.empty:
+        return train, enrolled
+    clash = sorted(set(enrolled["image"]) & set(train["image"]))
+    if clash:
+        raise MetadataError(f"{ledger_path(layout)}: enrolled photo name(s) also in {train_csv}: {', '.join(clash[:10])}")
+    out = pd.concat([train.drop(columns="label"), enrolled], ignore_index=True)
+    out["label"] = label_individuals(out["individual_id"])  # over the enrolled individuals too
+    return out[list(train.columns)], enrolled
+
+
 def ledger_fingerprint(layout: HomeLayout) -> str:
     """A digest of the ledger file: it changes with every enrollment."""
     path = ledger_path(layout)
@@ -105,21 +126,19 @@ def read_confirmed(csv: str | Path, image_dir: str | Path, catalogue: pd.DataFra
     """
     csv, image_dir = Path(csv), Path(image_dir)
     df = read_csv_rows(csv, CONFIRMED_COLUMNS)  # indexed by line number in the file
-    problems = _check_names_and_files(df, csv, image_dir, check_files=True)
+    problems = check_names_and_files(df, image_dir, check_files=True)
     blank = df["individual_id"] == ""
     if blank.any():
-        problems.append(f"empty individual_id on line(s) {', '.join(str(int(i)) for i in df.index[blank])}")
+        problems.append(f"empty individual_id on line(s) {lines_listed(blank)}")
     breaking = id_breaks_submission(df["individual_id"]) & ~blank
     if breaking.any():
         problems.append(
             "individual_id with whitespace or control characters (the submission separates ids by spaces): "
-            + ", ".join(f"line {int(i)}: {v!r}" for i, v in df.loc[breaking, "individual_id"].head(10).items())
+            + values_listed(df, breaking, "individual_id")
         )
     reserved = df["individual_id"] == NEW_INDIVIDUAL
     if reserved.any():
-        problems.append(
-            f"'{NEW_INDIVIDUAL}' is not an identity: give the new animal an id (line(s) {', '.join(str(int(i)) for i in df.index[reserved])})"
-        )
+        problems.append(f"'{NEW_INDIVIDUAL}' is not an identity: give the new animal an id (line(s) {lines_listed(reserved)})")
     known_images = set(catalogue["image"]) | set(ledger["image"])
     again = df["image"].isin(known_images)
     if again.any():

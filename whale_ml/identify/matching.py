@@ -18,18 +18,10 @@ from whale_ml.identify.photos import crop_photos, embed_crops
 from whale_ml.identify.registry import ResolvedModel
 from whale_ml.identify.versions import GalleryVersion
 from whale_ml.retrieval.gallery import search_gallery
-from whale_ml.retrieval.ranking import TOP, nearest_species, predict_top5
+from whale_ml.retrieval.ranking import TOP, predict_top5, query_thresholds
 from whale_ml.settings import HomeLayout
 
 SCHEMA_VERSION = 1
-
-
-def thresholds_for(ids: np.ndarray, gallery: GalleryVersion, match_threshold: dict[str, Any]) -> np.ndarray:
-    """Each query's threshold: its nearest individual's species' own one where tuned, else the global one."""
-    by_species: dict[str, float] = match_threshold.get("species_thresholds") or {}
-    species_of = dict(zip(gallery.table["individual_id"], gallery.table["species"], strict=True))
-    species = nearest_species(ids, species_of) if len(ids) else []
-    return np.array([by_species.get(s, match_threshold["threshold"]) for s in species], dtype=np.float64)
 
 
 def rows_by_individual(gallery: GalleryVersion) -> dict[str, np.ndarray]:
@@ -74,7 +66,8 @@ def identify_photos(
     gallery_ids = gallery.table["individual_id"].to_numpy(dtype=object)
     if len(emb):
         sims, ids = search_gallery(gallery.index, gallery_ids, emb, k=lineage.k)
-        thresholds = thresholds_for(ids, gallery, match_threshold)
+        species_of = dict(zip(gallery.table["individual_id"], gallery.table["species"], strict=True))
+        thresholds = query_thresholds(ids, species_of, match_threshold["threshold"], match_threshold.get("species_thresholds"))
         predictions = predict_top5(sims, ids, thresholds)
     rows: list[dict[str, Any]] = []
     rows_of = rows_by_individual(gallery)

@@ -45,7 +45,7 @@ class ResolvedModel:
         }
 
 
-def _fetch(client: object, tracking_uri: str, run_id: str, sha: str, cache_dir: Path, what: str) -> Path:
+def _fetch(tracking_uri: str, run_id: str, sha: str, cache_dir: Path, what: str) -> Path:
     """The checkpoint artifact of ``run_id``, cached as ``<sha>.pt`` and checked against ``sha``."""
     import mlflow
 
@@ -105,7 +105,6 @@ def resolve_models(
         raise LineageError(
             f"{len(versions)} model version(s) given; the gallery has {len(lineage.models)} fold models (one each, fold order)"
         )
-    cache_dir.mkdir(parents=True, exist_ok=True)
     out = []
     for i, want in enumerate(lineage.models):
         name = want.registered_model
@@ -131,7 +130,7 @@ def resolve_models(
                 + " ".join(m.version or "?" for m in lineage.models)
                 + ")"
             )
-        path = _fetch(client, tracking_uri, mv.run_id, sha, cache_dir, what)
+        path = _fetch(tracking_uri, mv.run_id, sha, cache_dir, what)
         out.append(ResolvedModel(want.fold, path, sha, name, str(mv.version), label, want.flip_tta))
     return out
 
@@ -155,7 +154,7 @@ def gallery_models(lineage: GalleryLineage, model_dir: object, tracking_uri: str
 
         client = mlflow.MlflowClient(tracking_uri=tracking_uri)
         mv = client.get_model_version(want.registered_model, want.version)
-        path = _fetch(client, tracking_uri, mv.run_id, want.checkpoint_sha256, cache_dir, f"{want.registered_model} v{want.version}")
+        path = _fetch(tracking_uri, mv.run_id, want.checkpoint_sha256, cache_dir, f"{want.registered_model} v{want.version}")
         out.append(_resolved(want, path, None))
     return out
 

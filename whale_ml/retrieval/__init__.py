@@ -14,6 +14,7 @@ from whale_ml.retrieval.ranking import (
     map_at_5,
     nearest_species,
     predict_top5,
+    query_thresholds,
     tune_species_thresholds,
     tune_threshold,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "map_at_5",
     "nearest_species",
     "predict_top5",
+    "query_thresholds",
     "save_index",
     "search_gallery",
     "tune_species_thresholds",

@@ -14,7 +14,7 @@ exact optimum, not a grid -- with one sort and one cumulative sum.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -295,6 +295,16 @@ def nearest_species(ids: np.ndarray, species_of: dict[str, str]) -> list[str]:
     first = np.asarray(ids, dtype=object)
     first = first[:, 0] if first.ndim == 2 else first
     return [species_of.get(i, "") for i in first]
+
+
+def query_thresholds(
+    ids: np.ndarray, species_of: Mapping[str, str], threshold: float, by_species: Mapping[str, float] | None = None
+) -> np.ndarray:
+    """Each query's new_individual threshold, for :func:`predict_top5`: the own threshold
+    of its nearest individual's species where one was tuned (``by_species``, as the
+    ``match_threshold`` asset stores it), the global ``threshold`` elsewhere."""
+    by_species = by_species or {}
+    return np.array([by_species.get(s, threshold) for s in nearest_species(ids, species_of)], dtype=np.float64)
 
 
 def tune_species_thresholds(
