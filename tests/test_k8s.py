@@ -187,7 +187,8 @@ def test_gpu_assets_keep_the_gpu_pool(loaded: dict) -> None:
 def test_unknown_executor_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(k8s.EXECUTOR_ENV, "kubernetes")
     with pytest.raises(ValueError, match="WHALE_EXECUTOR='kubernetes'.*default, k8s"):
-        k8s.executor_name()
+        k8s.configured_executor()
+    monkeypatch.setenv(k8s.EXECUTOR_ENV, "k8s")
     monkeypatch.setenv(k8s.TRAIN_GPUS_ENV, "two")
     with pytest.raises(ValueError, match="WHALE_K8S_TRAIN_GPUS='two': expected a whole number >= 1"):
         k8s.k8s_executor_config()

@@ -17,10 +17,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-EXECUTOR_ENV = "WHALE_EXECUTOR"
-EXECUTORS = ("default", "k8s")
+from whale_ml.environment import Environment, read_environment
 
-# Settings a deployment changes, all optional: read when the definitions load.
+# The variables (parsed in whale_ml/environment.py), all optional: read when the definitions load.
+EXECUTOR_ENV = "WHALE_EXECUTOR"
 NAMESPACE_ENV = "WHALE_K8S_NAMESPACE"  # where step Jobs go (default: the K8sRunLauncher's namespace)
 HOME_CLAIM_ENV = "WHALE_K8S_HOME_CLAIM"  # ReadWriteMany PVC for WHALE_HOME, when no launcher/Helm mount gives it
 PULL_POLICY_ENV = "WHALE_K8S_IMAGE_PULL_POLICY"
@@ -52,55 +52,43 @@ GPU_STEP_TAGS: dict[str, Any] = {
 CPU_STEP_RESOURCES: dict[str, Any] = {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"memory": "16Gi"}}
 
 
-def executor_name() -> str:
-    """The executor asked for by ``$WHALE_EXECUTOR`` (``default`` when unset)."""
-    name = os.environ.get(EXECUTOR_ENV, "").strip().lower() or "default"
-    if name not in EXECUTORS:
-        raise ValueError(f"{EXECUTOR_ENV}={name!r}: expected one of {', '.join(EXECUTORS)} (or unset)")
-    return name
-
-
-def _positive_int(name: str) -> int:
-    value = os.environ[name]
-    if not value.strip().isdigit() or int(value) < 1:
-        raise ValueError(f"{name}={value!r}: expected a whole number >= 1")
-    return int(value)
-
-
-def k8s_executor_config() -> dict[str, Any]:
-    """The ``k8s_job_executor`` run config this deployment uses, from the environment."""
+def k8s_executor_config(env: Environment | None = None) -> dict[str, Any]:
+    """The ``k8s_job_executor`` run config this deployment uses, from its environment."""
+    env = env or read_environment()
+    k = env.k8s
     config: dict[str, Any] = {
-        "image_pull_policy": os.environ.get(PULL_POLICY_ENV, "IfNotPresent"),
+        "image_pull_policy": k.image_pull_policy,
         "step_k8s_config": {"container_config": {"resources": CPU_STEP_RESOURCES}},
     }
-    if os.environ.get(HOME_CLAIM_ENV):
+    if k.home_claim:
         # Every step reads what the steps before it wrote under WHALE_HOME: one shared volume.
         # Only when nothing else mounts it: the Helm user deployment's (or the K8sRunLauncher's)
         # volumes already reach step pods, and a second volume of the same name is rejected.
         home = os.environ.get("WHALE_HOME", IMAGE_HOME)
         config["env_vars"] = [f"WHALE_HOME={home}"]
-        config["volumes"] = [{"name": "whale-home", "persistent_volume_claim": {"claim_name": os.environ[HOME_CLAIM_ENV]}}]
+        config["volumes"] = [{"name": "whale-home", "persistent_volume_claim": {"claim_name": k.home_claim}}]
         config["volume_mounts"] = [{"name": "whale-home", "mount_path": home}]
-    if os.environ.get(NAMESPACE_ENV):
-        config["job_namespace"] = os.environ[NAMESPACE_ENV]
-    if os.environ.get(MAX_CONCURRENT_ENV):
-        config["max_concurrent"] = _positive_int(MAX_CONCURRENT_ENV)
-    if os.environ.get(TRAIN_GPUS_ENV):
+    if k.namespace:
+        config["job_namespace"] = k.namespace
+    if k.max_concurrent:
+        config["max_concurrent"] = k.max_concurrent
+    if k.train_gpus:
         # Overrides the op tag's one GPU for training only (dagster-k8s applies per-step config last).
-        gpus = _positive_int(TRAIN_GPUS_ENV)
-        config["per_step_k8s_config"] = {"arcface_model": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}}}
-    if os.environ.get(KUBECONFIG_ENV):  # otherwise the in-cluster service account (or the K8sRunLauncher's setting)
+        limits = {"nvidia.com/gpu": str(k.train_gpus)}
+        config["per_step_k8s_config"] = {"arcface_model": {"container_config": {"resources": {"limits": limits}}}}
+    if k.kubeconfig:  # otherwise the in-cluster service account (or the K8sRunLauncher's setting)
         config["load_incluster_config"] = False
-        config["kubeconfig_file"] = os.environ[KUBECONFIG_ENV]
+        config["kubeconfig_file"] = k.kubeconfig
     return config
 
 
-def configured_executor() -> Any | None:
+def configured_executor(env: Environment | None = None) -> Any | None:
     """The executor for the code location: ``None`` keeps Dagster's default."""
-    if executor_name() == "default":
+    env = env or read_environment()
+    if env.executor == "default":
         return None
     try:
         from dagster_k8s import k8s_job_executor
     except ImportError as err:
         raise ImportError(f"{EXECUTOR_ENV}=k8s needs dagster-k8s: pip install 'whale-photo-id[k8s]'") from err
-    return k8s_job_executor.configured(k8s_executor_config(), name="whale_k8s")
+    return k8s_job_executor.configured(k8s_executor_config(env), name="whale_k8s")

@@ -2,11 +2,10 @@
 
 Runs go through the Dagster instance in ``$DAGSTER_HOME`` (default
 ``$WHALE_HOME/dagster_home``), so the UI shows them afterwards with their
-materialisations, checks and logs. Three stages, in-process:
-
-1. the unpartitioned assets up to the folds;
-2. each fold partition's model and embeddings;
-3. the gallery, threshold, submission and score.
+materialisations, checks and logs. The stages of ``whale_assets/stages.py``, in
+order and in-process: ``prepare_data`` (everything up to the folds), ``train_folds``
+once per fold partition, then ``ensemble_and_submit`` (gallery, threshold,
+submission and score).
 """
 
 from __future__ import annotations
@@ -24,9 +23,6 @@ import yaml
 from whale_assets.instance import prepare_dagster_home
 from whale_ml.settings import default_data_dir, default_home
 
-UPSTREAM = ["train_metadata", "test_metadata", "fluke_detector", "bboxes", "crops", "cv_folds"]
-PER_FOLD = ["arcface_model", "fold_embeddings"]
-DOWNSTREAM = ["champion_models", "gallery", "match_threshold", "submission_csv", "submission_score"]
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
@@ -38,7 +34,9 @@ def load_recipe(path: str | Path | None) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"recipe {path} not found")
     recipe = yaml.safe_load(path.read_text()) or {}
-    unknown = set(recipe.get("ops", {})) - set(UPSTREAM + PER_FOLD + DOWNSTREAM)
+    from whale_assets.stages import all_asset_names
+
+    unknown = set(recipe.get("ops", {})) - set(all_asset_names())
     if unknown:
         raise ValueError(f"{path}: unknown asset(s) in ops: {', '.join(sorted(unknown))}")
     return recipe
@@ -60,6 +58,7 @@ def run_pipeline(recipe: dict[str, Any], folds: Sequence[str] | None = None, log
     from whale_assets.definitions import defs as load_defs
     from whale_assets.instance import release_dead_cli_runs
     from whale_assets.partitions import fold_partitions
+    from whale_assets.stages import STAGES, asset_names
 
     defs = load_defs()
     job = defs.resolve_implicit_global_asset_job_def()
@@ -88,15 +87,12 @@ def run_pipeline(recipe: dict[str, Any], folds: Sequence[str] | None = None, log
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    stage(UPSTREAM)
-    timings["upstream_s"] = time.perf_counter() - t0
-    for fold in folds:
-        t1 = time.perf_counter()
-        stage(PER_FOLD, fold)
-        timings[f"{fold}_s"] = time.perf_counter() - t1
-    t1 = time.perf_counter()
-    final = stage(DOWNSTREAM)
-    timings["downstream_s"] = time.perf_counter() - t1
+    for each in STAGES:
+        keys = asset_names(each.selection)
+        for partition in folds if each.per_fold else [None]:
+            t1 = time.perf_counter()
+            final = stage(keys, partition)
+            timings[f"{each.name}[{partition}]_s" if partition else f"{each.name}_s"] = time.perf_counter() - t1
     timings["total_s"] = time.perf_counter() - t0
 
     summary: dict[str, Any] = {"timings": timings}

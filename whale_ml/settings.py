@@ -8,27 +8,10 @@ setup; set them to run on your own data or to keep artifacts elsewhere.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-
-
-def default_home() -> Path:
-    """``$WHALE_HOME``, else ``whale_home/`` in the checkout (or the cwd when installed)."""
-    if env := os.environ.get("WHALE_HOME"):
-        return Path(env).expanduser().resolve()
-    root = _PACKAGE_ROOT if (_PACKAGE_ROOT / "pyproject.toml").exists() else Path.cwd()
-    return root / "whale_home"
-
-
-def default_data_dir() -> Path:
-    """``$WHALE_DATA_DIR``, else the generated demo data set inside the home."""
-    if env := os.environ.get("WHALE_DATA_DIR"):
-        return Path(env).expanduser().resolve()
-    return default_home() / "demo_data"
-
+from whale_ml.environment import default_data_dir, default_home  # noqa: F401  (moved; importers follow at merge)
 
 @dataclass(frozen=True)
 class HomeLayout:

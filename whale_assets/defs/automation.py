@@ -2,14 +2,15 @@
 that rebuilds everything after the fold models. All are off until switched on."""
 
 import hashlib
-import os
 
 import dagster as dg
 
 from whale_assets.defs.jobs import prepare_data, train_folds
 from whale_assets.partitions import fold_partitions
 from whale_assets.resources import WhaleHome
+from whale_assets.stages import ENSEMBLE_AND_SUBMIT
 from whale_ml.data.metadata import training_data_fingerprint
+from whale_ml.environment import read_environment
 from whale_ml.identify.enroll import ledger_fingerprint
 
 
@@ -34,18 +35,13 @@ def training_data_changed(context: dg.SensorEvaluationContext, whale: WhaleHome)
 
 rebuild_after_folds = dg.AutomationConditionSensorDefinition(
     "rebuild_after_folds",
-    target=dg.AssetSelection.assets("champion_models", "gallery", "match_threshold", "submission_csv", "submission_score"),
+    target=ENSEMBLE_AND_SUBMIT,
     default_status=dg.DefaultSensorStatus.STOPPED,
     description="Rebuilds champion/challenger, gallery, threshold and submission once fold models are newer (off until switched on).",
 )
 
 
-def _retrain_cron() -> str:
-    """``$WHALE_RETRAIN_CRON``; default weekly, Sunday 03:00."""
-    return os.environ.get("WHALE_RETRAIN_CRON", "0 3 * * 0")
-
-
-@dg.schedule(job=train_folds, cron_schedule=_retrain_cron(), default_status=dg.DefaultScheduleStatus.STOPPED)
+@dg.schedule(job=train_folds, cron_schedule=read_environment().retrain_cron, default_status=dg.DefaultScheduleStatus.STOPPED)
 def weekly_retrain(context: dg.ScheduleEvaluationContext) -> list[dg.RunRequest]:
     """Retrains every fold model (one run per fold partition) on the schedule's cron
     (``$WHALE_RETRAIN_CRON``, default weekly); with ``rebuild_after_folds`` on, the

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from whale_assets.automation import AFTER_FOLDS
+from whale_assets.stages import REBUILD_AFTER_FOLDS
 from whale_assets.k8s import GPU_STEP_TAGS
 from whale_assets.metadata import figure_md, progress_logger, table_md
 from whale_assets.partitions import fold_partitions
@@ -30,7 +30,7 @@ from whale_ml.training.trainer import load_model, resolve_device
 
 
 @dg.asset(
-    group_name="retrieval",
+    group_name="training",
     kinds={"pytorch", "numpy"},
     partitions_def=fold_partitions,
     deps=["arcface_model"],
@@ -98,7 +98,7 @@ def fold_embeddings(
     )
 
 
-@dg.asset(group_name="retrieval", kinds={"faiss"}, deps=[fold_embeddings], code_version="3", automation_condition=AFTER_FOLDS)
+@dg.asset(group_name="retrieval", kinds={"faiss"}, deps=[fold_embeddings], code_version="3", automation_condition=REBUILD_AFTER_FOLDS)
 def gallery(
     context: dg.AssetExecutionContext,
     config: GallerySettings,
@@ -240,7 +240,7 @@ def _curve_plot(thresholds: np.ndarray, curve: np.ndarray, chosen: float) -> obj
     kinds={"numpy", "mlflow"},
     deps=[fold_embeddings],
     code_version="2",
-    automation_condition=AFTER_FOLDS,
+    automation_condition=REBUILD_AFTER_FOLDS,
     retry_policy=mlflow_retry_policy(),
 )
 @retry_only_if_transient

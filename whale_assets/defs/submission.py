@@ -6,7 +6,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from whale_assets.automation import AFTER_FOLDS
+from whale_assets.stages import REBUILD_AFTER_FOLDS
 from whale_assets.metadata import image_md, table_md
 from whale_assets.resources import WhaleHome
 from whale_ml.data.metadata import NEW_INDIVIDUAL, read_truth
@@ -22,7 +22,7 @@ from whale_ml.submission import make_submission, prior_predictions, score_submis
     kinds={"csv"},
     deps=["gallery"],
     code_version="1",
-    automation_condition=AFTER_FOLDS,
+    automation_condition=REBUILD_AFTER_FOLDS,
     check_specs=[
         dg.AssetCheckSpec(
             "submission_format",
@@ -86,7 +86,7 @@ def submission_csv(
     )
 
 
-@dg.asset(group_name="submission", kinds={"pandas"}, deps=[submission_csv], code_version="1", automation_condition=AFTER_FOLDS)
+@dg.asset(group_name="submission", kinds={"pandas"}, deps=[submission_csv], code_version="1", automation_condition=REBUILD_AFTER_FOLDS)
 def submission_score(context: dg.AssetExecutionContext, whale: WhaleHome) -> dg.MaterializeResult:
     """MAP@5 of the submission against ``test_truth.csv`` when the data set has one
     (the demo set does; Kaggle's does not)."""

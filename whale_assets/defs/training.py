@@ -6,7 +6,7 @@ import json
 import dagster as dg
 import pandas as pd
 
-from whale_assets.automation import AFTER_FOLDS
+from whale_assets.stages import REBUILD_AFTER_FOLDS
 from whale_assets.k8s import GPU_STEP_TAGS
 from whale_assets.metadata import figure_md, table_md
 from whale_assets.partitions import fold_index, fold_partitions
@@ -147,11 +147,11 @@ def _curves_plot(history: pd.DataFrame) -> object:
 
 
 @dg.asset(
-    group_name="training",
+    group_name="registry",
     kinds={"mlflow"},
     deps=[arcface_model],
     code_version="1",
-    automation_condition=AFTER_FOLDS,
+    automation_condition=REBUILD_AFTER_FOLDS,
     retry_policy=mlflow_retry_policy(),
 )
 @retry_only_if_transient

@@ -1,0 +1,71 @@
+"""The pipeline's stages, defined once as asset selections.
+
+An asset belongs to a stage through its group (``group_name``), so a new asset joins
+the right job, sensor and ``whale run`` stage by being put in its group; nothing else
+lists asset names. The jobs (``defs/jobs.py``), the rebuild sensor
+(``defs/automation.py``), ``whale run`` and the tests all select through these.
+
+Stages and groups::
+
+    prepare_data         raw, detection, splits      unpartitioned, before the folds
+    train_folds          training                    one run per fold partition
+    ensemble_and_submit  registry, retrieval,        unpartitioned, after every fold
+                         submission
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import dagster as dg
+
+PREPARE_DATA = dg.AssetSelection.groups("raw", "detection", "splits")
+TRAIN_FOLDS = dg.AssetSelection.groups("training")
+ENSEMBLE_AND_SUBMIT = dg.AssetSelection.groups("registry", "retrieval", "submission")
+# Re-tune the threshold and rewrite the submission: the threshold and what follows it.
+RETHRESHOLD_AND_SUBMIT = dg.AssetSelection.assets("match_threshold").downstream()
+
+# Dagster's eager condition on the stages after the folds: a parent was updated since the
+# last run, no parent is missing, and none is still being materialised (so all folds
+# finish first). It acts only while the ``rebuild_after_folds`` sensor is switched on.
+REBUILD_AFTER_FOLDS = dg.AutomationCondition.eager()
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of ``whale run``: a selection, run once or once per fold partition."""
+
+    name: str
+    selection: dg.AssetSelection
+    per_fold: bool
+    description: str
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("prepare_data", PREPARE_DATA, False, "Metadata, detector, boxes, crops and folds: everything before the fold models."),
+    Stage("train_folds", TRAIN_FOLDS, True, "One fold's model and embeddings per run (launch a backfill for all folds)."),
+    Stage(
+        "ensemble_and_submit",
+        ENSEMBLE_AND_SUBMIT,
+        False,
+        "After the folds: champion/challenger, the ensemble gallery, the threshold, the submission and its score.",
+    ),
+)
+
+
+@cache
+def _asset_graph() -> object:
+    from whale_assets.definitions import defs
+
+    return defs().resolve_asset_graph()
+
+
+def asset_names(selection: dg.AssetSelection) -> list[str]:
+    """The asset names a selection holds in this code location, sorted."""
+    return sorted(key.to_user_string() for key in selection.resolve(_asset_graph()))  # type: ignore[arg-type]
+
+
+def all_asset_names() -> list[str]:
+    """Every asset of the code location, sorted."""
+    return asset_names(dg.AssetSelection.all())
