@@ -114,9 +114,8 @@ def test_bad_settings_fail_before_tracking_opens(
 
 
 def _box_rows(rows: list[tuple[str, str, str, float]]) -> pd.DataFrame:
-    return pd.DataFrame(
-        [{"image": i, "split": s, "source": src, "confidence": c, "note": "" if src == "detector" else f"{i}: why"} for i, s, src, c in rows]
-    )
+    records = [{"image": i, "split": s, "source": src, "confidence": c} for i, s, src, c in rows]
+    return pd.DataFrame([{**r, "note": "" if r["source"] == "detector" else f"{r['image']}: why"} for r in records])
 
 
 def test_photos_to_box_puts_train_first_and_hides_test_species(tiny_data: Path) -> None:
