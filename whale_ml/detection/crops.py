@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -18,6 +19,9 @@ from whale_ml.data.images import ImageReadError, load_rgb
 from whale_ml.io import ArtifactWriteError, atomic_path, remove_stale_temps
 
 RESIZE_MODES = ("stretch", "letterbox")
+SPLITS = ("train", "test")
+CONTACT_SHEET_FILE = "contact_sheet.png"
+ProgressFn = Callable[[int, int], None]
 
 
 def crop_key(path: str | Path, box: tuple[int, int, int, int], size: int, resize: str = "stretch") -> str:
@@ -125,4 +129,97 @@ def contact_sheet(rows: pd.DataFrame, paths: dict[str, str], thumb: int = 160, c
         if row.get("crop_path"):
             sheet.paste(Image.open(row["crop_path"]).convert("RGB").resize((thumb, thumb)), (x + thumb, y))
         draw.text((x + 3, y + thumb - 12), str(row["image"])[:24], fill=(255, 255, 0))
+    return sheet
+
+
+def photo_paths(train_metadata: pd.DataFrame, test_metadata: pd.DataFrame) -> dict[str, str]:
+    """Image name -> photo path over both splits (a test name shadows a training one)."""
+    paths = dict(zip(train_metadata["image"], train_metadata["path"], strict=True))
+    paths.update(zip(test_metadata["image"], test_metadata["path"], strict=True))
+    return paths
+
+
+def crop_every_split(
+    boxes: pd.DataFrame,
+    paths: dict[str, str],
+    crops_dir: str | Path,
+    size: int,
+    resize: str = "stretch",
+    progress: Callable[[str], ProgressFn] | None = None,
+) -> pd.DataFrame:
+    """:func:`write_crops` for the train then the test rows of ``boxes``, each split in its own folder.
+
+    Args:
+        boxes: box rows with a ``split`` column.
+        crops_dir: the crops folder; a split's crops go to ``crops_dir/<split>``.
+        progress: given a split's name, the progress callback for that split.
+
+    Returns:
+        ``image, crop_path, written, error, split``, train rows first.
+    """
+    parts = []
+    for split in SPLITS:
+        rows = boxes[boxes["split"] == split]
+        written = write_crops(rows, paths, Path(crops_dir) / split, size, progress(split) if progress else None, resize)
+        parts.append(written.assign(split=split))
+    return pd.concat(parts, ignore_index=True)
+
+
+@dataclass
+class CropReport:
+    """What :func:`crop_report` found in a crop table.
+
+    Attributes:
+        failed: the rows (``image, crop_path, written, error, split``) of the photos
+            that could not be cropped; ``train_failed`` and ``test_failed`` split them.
+        written: crops written by this run.
+        reused: crops already on disk from an earlier run.
+    """
+
+    failed: pd.DataFrame
+    train_failed: pd.DataFrame
+    test_failed: pd.DataFrame
+    written: int
+    reused: int
+
+
+def crop_report(table: pd.DataFrame, bad_train_image: str = "fail") -> CropReport:
+    """Counts and failures of a :func:`crop_every_split` table.
+
+    A training photo without a crop cannot be learnt from: with ``bad_train_image='fail'``
+    the run stops and names them (up to ten), with ``'exclude'`` the folds leave them out.
+    A test photo without a crop keeps its row and gets the prior answer.
+
+    Raises:
+        RuntimeError: a training photo could not be read and ``bad_train_image`` is ``fail``.
+    """
+    failed = table[table["crop_path"] == ""]
+    train_failed = failed[failed["split"] == "train"]
+    if len(train_failed) and bad_train_image == "fail":
+        raise RuntimeError(
+            f"{len(train_failed)} training photo(s) could not be read (set crops' bad_train_image to 'exclude' to train "
+            "without them): " + "; ".join(train_failed["error"].head(10))
+        )
+    return CropReport(
+        failed=failed,
+        train_failed=train_failed,
+        test_failed=failed[failed["split"] == "test"],
+        written=int(table["written"].sum()),
+        reused=int((~table["written"] & (table["crop_path"] != "")).sum()),
+    )
+
+
+def write_contact_sheet(boxes: pd.DataFrame, table: pd.DataFrame, paths: dict[str, str], n: int, path: str | Path) -> Image.Image:
+    """A :func:`contact_sheet` of ``n`` photos drawn at random (the same ones on every run,
+    in name order), written to ``path``.
+
+    Args:
+        boxes: box rows.
+        table: the crop table (``image, crop_path``).
+    """
+    sample = boxes.merge(table[["image", "crop_path"]], on="image")
+    sample = sample.sample(min(n, len(sample)), random_state=0).sort_values("image")
+    sheet = contact_sheet(sample, paths)
+    with atomic_path(path) as tmp:
+        sheet.save(tmp)
     return sheet
