@@ -118,8 +118,9 @@ class CheckpointSaver:
         num_classes: size of the ArcFace head, saved for loading.
         fingerprint: :func:`~whale_ml.training.trainer.data_fingerprint` of the fold's data;
             a checkpoint made on other data is not resumed.
-        modules: the stateful parts by checkpoint key (``model``, ``loss``, optionally
-            ``species_loss``, ``optimizer``, ``scheduler``, ``scaler``).
+        modules: the stateful parts (anything with ``state_dict``/``load_state_dict``) by
+            checkpoint key: ``model``, ``loss``, optionally ``species_loss`` and ``sampler``,
+            ``optimizer``, ``scheduler``, ``scaler``.
         extra: other values saved in ``last.pt`` (e.g. the species names of the species head).
         write: False on the processes of a DDP run other than rank 0, which only resume.
     """
@@ -150,6 +151,10 @@ class CheckpointSaver:
         ckpt = load_checkpoint(self.last_path, map_location=map_location)
         if not (ckpt.get("config") == self.config and ckpt.get("num_classes") == self.num_classes and ckpt.get("data") == self.fingerprint):
             log(f"{self.last_path} was made with another recipe or other data; starting afresh")
+            return FitProgress()
+        missing = [key for key in self.modules if key not in ckpt]
+        if missing:  # an older layout, which did not save all a resume needs
+            log(f"{self.last_path} has no {', '.join(missing)} state to resume from; starting afresh")
             return FitProgress()
         for key, module in self.modules.items():
             module.load_state_dict(ckpt[key])

@@ -186,6 +186,25 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Em
     return model.to(device).eval(), cfg
 
 
+class _SamplerOrder:
+    """The state an MPerClassSampler carries from epoch to epoch, for ``last.pt``.
+
+    It shuffles its own list of labels in place each epoch (with numpy's global RNG), so
+    the next epoch's batches depend on that order as well as on the RNG: a resumed run
+    needs both to draw the batches the uninterrupted run would have drawn.
+    """
+
+    def __init__(self, sampler: MPerClassSampler) -> None:
+        self.sampler = sampler
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"labels": torch.tensor([int(label) for label in self.sampler.labels], dtype=torch.int64)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        by_value = {int(label): label for label in self.sampler.labels}  # the sampler's own key objects
+        self.sampler.labels = [by_value[int(v)] for v in state["labels"].tolist()]
+
+
 @dataclass
 class TrainParts:
     """What one run trains with: built once, then restored from ``last.pt`` on resume.
@@ -207,10 +226,12 @@ class TrainParts:
     def checkpointed(self) -> dict[str, Any]:
         """The stateful parts by their key in ``last.pt`` (the order they are saved and restored in)."""
         species = {"species_loss": self.species_fn} if self.species_fn is not None else {}
+        sampler = {"sampler": _SamplerOrder(self.loader.sampler)} if isinstance(self.loader.sampler, MPerClassSampler) else {}
         return {
             "model": self.model,
             "loss": self.loss_fn,
             **species,
+            **sampler,
             "optimizer": self.optimizer,
             "scheduler": self.scheduler,
             "scaler": self.scaler,
@@ -269,7 +290,10 @@ def build_train_loader(
         drop_last=len(dataset) > cfg.batch_size * world,  # BatchNorm needs >1 image per batch
         num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=cfg.num_workers > 0,
+        # Workers start afresh each epoch, seeded from the main process's RNG (which last.pt
+        # saves): persistent workers would carry their RNG streams across epochs, out of reach
+        # of a checkpoint, and a resumed run would augment differently from an uninterrupted one.
+        persistent_workers=False,
     )
 
 
