@@ -245,9 +245,8 @@ def _train_sampler(
     n_individuals = len(np.unique(labels))
     use_sampler = cfg.m_per_class > 1 and cfg.batch_size % cfg.m_per_class == 0 and n_individuals * cfg.m_per_class >= cfg.batch_size
     if cfg.m_per_class > 1 and not use_sampler:
-        log(
-            f"m-per-class sampler off: batch {cfg.batch_size}, m {cfg.m_per_class}, {n_individuals} individuals do not fit; shuffling instead"
-        )
+        fit = f"batch {cfg.batch_size}, m {cfg.m_per_class}, {n_individuals} individuals do not fit"
+        log(f"m-per-class sampler off: {fit}; shuffling instead")
     if use_sampler and world > 1:
         log("m-per-class sampler off under DDP: each process takes its shard of a shuffled epoch")
         use_sampler = False
@@ -352,6 +351,19 @@ class EpochStats:
     seconds: float
 
 
+def _optimizer_step(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler, grad_clip: float
+) -> None:
+    """Clip (on unscaled gradients), step, clear the gradients, and step the schedule with the optimiser."""
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+
+
 def train_one_epoch(
     epoch: int,
     step: torch.nn.Module,
@@ -401,13 +413,7 @@ def train_one_epoch(
             loss = step(images, targets, species_targets)
             scaler.scale(loss / window).backward()
         if last_of_window:
-            if grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            _optimizer_step(optimizer, scheduler, scaler, grad_clip)
         running += float(loss.detach()) * len(images)
         seen += len(images)
     if device.type == "cuda":
@@ -532,7 +538,8 @@ def train_fold(
         if on_epoch_end is not None:
             on_epoch_end(epoch, metrics)
         if _stop_everywhere(progress.stopped(cfg.patience), world):
-            log(f"early stop: no validation gain for {progress.stale} epochs (best {progress.best_map5:.4f} at epoch {progress.best_epoch})")
+            best = f"best {progress.best_map5:.4f} at epoch {progress.best_epoch}"
+            log(f"early stop: no validation gain for {progress.stale} epochs ({best})")
             break
     return TrainResult(
         checkpoint=saver.best_path,
