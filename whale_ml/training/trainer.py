@@ -437,7 +437,7 @@ def validate(
     validation photo a query whose truth may be ``new_individual``.
 
     Args:
-        model: the embedding model (left in eval mode).
+        model: the embedding model (embedded in eval mode, its mode restored).
         cfg: the recipe (image size, DataLoader workers).
         gallery: ``path, individual_id`` of the known photos.
         queries: ``path, truth`` of the validation photos.
