@@ -79,7 +79,7 @@ def test_saver_writes_both_layouts_and_a_new_run_resumes_the_same_state(tmp_path
     assert list(last) == [
         "model", "loss", "species", "optimizer", "scheduler", "scaler", "rng", "config", "num_classes", "data",
         "epoch", "best_map5", "best_epoch", "best_threshold", "stale", "history",
-    ]  # fmt: skip
+    ]
 
     fresh = _modules(1)  # another initialisation, as a new process would build
     messages: list[str] = []

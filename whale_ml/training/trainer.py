@@ -48,14 +48,9 @@ from whale_ml.models.embedding import EmbeddingNet, create_embedding_model
 from whale_ml.retrieval.embeddings import autocast_for, embed_paths
 from whale_ml.retrieval.gallery import build_index, search_gallery
 from whale_ml.retrieval.ranking import tune_threshold
-from whale_ml.training.checkpoint_saver import CheckpointSaver, load_checkpoint, save_checkpoint
+from whale_ml.training.checkpoint_saver import CheckpointSaver, load_checkpoint
+from whale_ml.training.checkpoint_saver import save_checkpoint as save_checkpoint  # callers import it from here
 from whale_ml.training.losses import create_loss, create_species_loss
-
-__all__ = [  # save_checkpoint, load_checkpoint and create_loss are re-exported: callers import them from here
-    "EpochStats", "TrainParts", "TrainResult", "build_train_loader", "build_training", "create_loss", "create_optimizer",
-    "create_scheduler", "data_fingerprint", "load_checkpoint", "load_model", "resolve_device", "save_checkpoint",
-    "seed_everything", "train_fold", "train_one_epoch", "validate", "warmup_cosine",
-]
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 LogFn = Callable[[str], None]
