@@ -155,3 +155,61 @@ def test_tampered_checkpoint_is_refused(tmp_path: Path) -> None:
     bad.write_bytes(pickle.dumps({"model": Exploit()}))
     with pytest.raises(RuntimeError, match="best.pt"):
         load_checkpoint(bad)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _same(a: object, b: object, where: str = "") -> None:
+    """Checkpoint contents equal to the bit: tensors by value and dtype, containers recursively."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), where
+        for key in a:
+            _same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        {},
+        {"m_per_class": 2, "species_head": True, "accumulate": 2, "augment": "autoaugment"},  # numpy-drawn batches, two heads
+        {"num_workers": 1},  # augmentation drawn in a worker process
+    ],
+    ids=["shuffle", "m_per_class_species_accumulate", "worker"],
+)
+def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(fold, tmp_path: Path, recipe: dict) -> None:
+    """Stopped after epoch 1 and resumed, a run trains epochs 2-3 on the same batches with the same
+    augmentations as if it had never stopped: the RNG states restored from last.pt in effect."""
+    train, val, n_classes = fold
+    cfg = TrainConfig(**{**TINY, **recipe}, epochs=3)
+    straight = train_fold(cfg, train, val, n_classes, tmp_path / "straight", log=lambda _m: None)
+
+    def stop_after_one(epoch: int, _metrics: dict) -> None:
+        if epoch == 1:
+            raise _Interrupted
+
+    with pytest.raises(_Interrupted):
+        train_fold(cfg, train, val, n_classes, tmp_path / "resumed", on_epoch_end=stop_after_one, log=lambda _m: None)
+    torch.manual_seed(12345)  # whatever state the next process starts in
+    messages: list[str] = []
+    resumed = train_fold(cfg, train, val, n_classes, tmp_path / "resumed", log=messages.append)
+    assert any("after epoch 1" in m for m in messages)
+
+    timing = "images_per_second"  # the one metric that is not a function of the data and the seed
+    assert [{k: v for k, v in h.items() if k != timing} for h in resumed.history] == [
+        {k: v for k, v in h.items() if k != timing} for h in straight.history
+    ]
+    assert (resumed.best_epoch, resumed.best_map5, resumed.threshold) == (straight.best_epoch, straight.best_map5, straight.threshold)
+    for name in ("last.pt", "best.pt"):
+        a, b = load_checkpoint(tmp_path / "straight" / name), load_checkpoint(tmp_path / "resumed" / name)
+        a.pop("history", None), b.pop("history", None)
+        _same(a, b, name)

@@ -12,9 +12,13 @@ The recipe avoids the reference notebook's defects by construction:
 * validation is MAP@5 with new_individual, through the same retrieval code
   as the submission, on folds that hold out whole individuals.
 
-Checkpoints are written atomically every epoch with the optimiser,
-scheduler, scaler and RNG states, so an interrupted run resumes from the last
-complete epoch.
+The loop is split as timm's ``train.py`` splits its own: :func:`build_training`
+makes the parts, :func:`train_one_epoch` trains one pass over the data,
+:func:`validate` scores the model, a
+:class:`~whale_ml.training.checkpoint_saver.CheckpointSaver` writes ``best.pt``
+and ``last.pt`` (atomically, every epoch, with the optimiser, scheduler, scaler
+and RNG states, so an interrupted run resumes from the last complete epoch as
+if it had never stopped), and :func:`train_fold` runs them in order.
 """
 
 from __future__ import annotations
@@ -37,14 +41,15 @@ from torch import distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from whale_ml.checkpoints import load_weights_only
 from whale_ml.config import TrainConfig
 from whale_ml.data.images import ImageDataset, autoaugment_transform, train_transform
-from whale_ml.io import atomic_path, remove_stale_temps
+from whale_ml.io import remove_stale_temps
 from whale_ml.models.embedding import EmbeddingNet, create_embedding_model
 from whale_ml.retrieval.embeddings import autocast_for, embed_paths
 from whale_ml.retrieval.gallery import build_index, search_gallery
 from whale_ml.retrieval.ranking import tune_threshold
+from whale_ml.training.checkpoint_saver import CheckpointSaver, load_checkpoint
+from whale_ml.training.checkpoint_saver import save_checkpoint as save_checkpoint  # callers import it from here
 from whale_ml.training.losses import create_loss, create_species_loss
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -98,6 +103,7 @@ class _TrainStep(torch.nn.Module):
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global RNGs (the CUDA ones with torch's)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -157,27 +163,6 @@ class TrainResult:
     images_per_second: float = 0.0
 
 
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
-        "numpy_pos": int(np_state[2]),
-        "python": list(random.getstate()[1]),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def data_fingerprint(train: pd.DataFrame, val: pd.DataFrame) -> str:
     """Digest of a fold's photos and labels: a checkpoint is only resumed on the same data."""
     h = hashlib.sha1()
@@ -185,21 +170,6 @@ def data_fingerprint(train: pd.DataFrame, val: pd.DataFrame) -> str:
         rows = sorted(map(tuple, frame[cols].astype(str).to_numpy().tolist())) if len(frame) else []
         h.update(repr(rows).encode())
     return h.hexdigest()
-
-
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> Path:
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-    return path
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint without unpickling arbitrary objects (``weights_only``).
-
-    Raises:
-        CheckpointError: a tampered, foreign or truncated file, named, with the reason.
-    """
-    return load_weights_only(path, map_location)
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[EmbeddingNet, TrainConfig]:
@@ -211,24 +181,304 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Em
     return model.to(device).eval(), cfg
 
 
-def evaluate_fold(
+class _SamplerOrder:
+    """The state an MPerClassSampler carries from epoch to epoch, for ``last.pt``.
+
+    It shuffles its own list of labels in place each epoch (with numpy's global RNG), so
+    the next epoch's batches depend on that order as well as on the RNG: a resumed run
+    needs both to draw the batches the uninterrupted run would have drawn.
+    """
+
+    def __init__(self, sampler: MPerClassSampler) -> None:
+        self.sampler = sampler
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"labels": torch.tensor([int(label) for label in self.sampler.labels], dtype=torch.int64)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        by_value = {int(label): label for label in self.sampler.labels}  # the sampler's own key objects
+        self.sampler.labels = [by_value[int(v)] for v in state["labels"].tolist()]
+
+
+@dataclass
+class TrainParts:
+    """What one run trains with: built once, then restored from ``last.pt`` on resume.
+
+    ``step`` is the :class:`_TrainStep` over ``model`` and the losses, wrapped in
+    DistributedDataParallel under torchrun.
+    """
+
+    model: EmbeddingNet
+    loss_fn: torch.nn.Module
+    species_fn: torch.nn.Module | None
+    species_names: list[str]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    step: torch.nn.Module
+    loader: DataLoader
+
+    def checkpointed(self) -> dict[str, Any]:
+        """The stateful parts by their key in ``last.pt`` (the order they are saved and restored in)."""
+        species = {"species_loss": self.species_fn} if self.species_fn is not None else {}
+        sampler = {"sampler": _SamplerOrder(self.loader.sampler)} if isinstance(self.loader.sampler, MPerClassSampler) else {}
+        return {
+            "model": self.model,
+            "loss": self.loss_fn,
+            **species,
+            **sampler,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "scaler": self.scaler,
+        }
+
+
+def _train_sampler(
+    cfg: TrainConfig, dataset: ImageDataset, labels: np.ndarray, rank: int, world: int, log: LogFn
+) -> torch.utils.data.Sampler | None:
+    """m-per-class batches when they fit, a DDP shard of a shuffled epoch under torchrun, else None (shuffle)."""
+    n_individuals = len(np.unique(labels))
+    use_sampler = cfg.m_per_class > 1 and cfg.batch_size % cfg.m_per_class == 0 and n_individuals * cfg.m_per_class >= cfg.batch_size
+    if cfg.m_per_class > 1 and not use_sampler:
+        fit = f"batch {cfg.batch_size}, m {cfg.m_per_class}, {n_individuals} individuals do not fit"
+        log(f"m-per-class sampler off: {fit}; shuffling instead")
+    if use_sampler and world > 1:
+        log("m-per-class sampler off under DDP: each process takes its shard of a shuffled epoch")
+        use_sampler = False
+    if use_sampler:
+        return MPerClassSampler(labels, m=cfg.m_per_class, batch_size=cfg.batch_size, length_before_new_iter=len(labels))
+    if world > 1:
+        return DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    return None
+
+
+def build_train_loader(
+    cfg: TrainConfig,
+    train: pd.DataFrame,
+    species_codes: np.ndarray | None,
+    device: torch.device,
+    log: LogFn = print,
+    rank: int = 0,
+    world: int = 1,
+) -> DataLoader:
+    """The augmented training batches of one process: ``(images, labels[, species])``.
+
+    Args:
+        cfg: the recipe (augmentation, batch size, sampler, workers).
+        train: ``path, label`` of the training images.
+        species_codes: each image's species code, for the species head; None without one.
+        device: where the batches go (pinned memory on CUDA).
+        log: why a sampler was turned off.
+        rank: this process's rank under DDP.
+        world: the number of DDP processes (1 without DDP).
+    """
+    labels = train["label"].to_numpy()
+    augment = autoaugment_transform(cfg.image_size) if cfg.augment == "autoaugment" else train_transform(cfg.image_size)
+    dataset = ImageDataset(train["path"].tolist(), augment, labels, species_codes)
+    sampler = _train_sampler(cfg, dataset, labels, rank, world, log)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        shuffle=sampler is None,
+        drop_last=len(dataset) > cfg.batch_size * world,  # BatchNorm needs >1 image per batch
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+        # Workers start afresh each epoch, seeded from the main process's RNG (which last.pt
+        # saves): persistent workers would carry their RNG streams across epochs, out of reach
+        # of a checkpoint, and a resumed run would augment differently from an uninterrupted one.
+        persistent_workers=False,
+    )
+
+
+def build_training(
+    cfg: TrainConfig,
+    train: pd.DataFrame,
+    num_classes: int,
+    device: torch.device,
+    log: LogFn = print,
+    rank: int = 0,
+    world: int = 1,
+) -> TrainParts:
+    """Model, losses, optimiser, loader, schedule and scaler of a fresh run, in the order that fixes their initial weights.
+
+    Args:
+        cfg: the recipe.
+        train: ``path, label`` (and ``species`` with the species head) of the training images.
+        num_classes: size of the ArcFace head (all individuals' labels).
+        device: where the run trains.
+        log: progress messages.
+        rank: this process's rank under DDP.
+        world: the number of DDP processes (1 without DDP).
+
+    Raises:
+        ValueError: the species head without a ``species`` column.
+    """
+    labels = train["label"].to_numpy()
+    if cfg.species_head and "species" not in train.columns:
+        raise ValueError("species_head needs a 'species' column in the training table")
+    model = create_embedding_model(cfg).to(device)
+    loss_fn = create_loss(cfg, num_classes, np.bincount(labels, minlength=num_classes)).to(device)
+    species_codes, species_names = pd.factorize(train["species"], sort=True) if cfg.species_head else (None, [])
+    species_fn = create_species_loss(cfg, len(species_names)).to(device) if cfg.species_head else None
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = create_optimizer(cfg, model, loss_fn, *([species_fn] if species_fn is not None else []))
+    loader = build_train_loader(cfg, train, species_codes, device, log, rank, world)
+    scheduler = create_scheduler(cfg, optimizer, math.ceil(len(loader) / cfg.accumulate))
+    amp_dtype, needs_scaler = autocast_for(device, cfg.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)
+    # One module computes the loss, so that DDP all-reduces the gradients of the class
+    # centres too, not only the backbone's.
+    step: torch.nn.Module = _TrainStep(model, loss_fn, species_fn, cfg.species_weight, amp_dtype)
+    if world > 1:
+        step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
+        log(f"DDP: {world} processes, {len(loader)} batches of {cfg.batch_size} each per epoch ({dist.get_backend()})")
+    return TrainParts(model, loss_fn, species_fn, list(species_names), optimizer, scheduler, scaler, step, loader)
+
+
+@dataclass
+class EpochStats:
+    """One epoch of training: mean loss per image, images trained by all processes, wall time."""
+
+    train_loss: float
+    images: int
+    seconds: float
+
+
+def _optimizer_step(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler, grad_clip: float
+) -> None:
+    """Clip (on unscaled gradients), step, clear the gradients, and step the schedule with the optimiser."""
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+
+
+def train_one_epoch(
+    epoch: int,
+    step: torch.nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    accumulate: int = 1,
+    grad_clip: float = 0.0,
+    world: int = 1,
+) -> EpochStats:
+    """One pass over ``loader``: an optimiser (and scheduler) step every ``accumulate`` batches.
+
+    The last window of an epoch may be shorter; it steps too, with its losses averaged
+    over its own length. Under DDP, gradients are all-reduced once per optimiser step.
+
+    Args:
+        epoch: 1-based; reshuffles a DistributedSampler (the same shuffle on every rank).
+        step: images, labels (and species) in, the loss out; DDP-wrapped under torchrun.
+        loader: the training batches.
+        optimizer: steps every window.
+        scheduler: steps with the optimiser.
+        scaler: the fp16 gradient scaler (a no-op when disabled).
+        device: where the batches go.
+        accumulate: batches per optimiser step.
+        grad_clip: max gradient norm; 0 disables clipping.
+        world: the number of DDP processes (1 without DDP).
+    """
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)  # another shuffle each epoch, the same on every rank
+    step.train()
+    batches = len(loader)
+    t0 = time.perf_counter()
+    running, seen = 0.0, 0
+    optimizer.zero_grad(set_to_none=True)
+    for i, (images, targets, *species) in enumerate(loader):
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        window_start = (i // accumulate) * accumulate
+        window = min(accumulate, batches - window_start)  # the last window may be short
+        last_of_window = i - window_start + 1 == window
+        species_targets = species[0].to(device, non_blocking=True) if species else None
+        # Under DDP, all-reduce once per optimiser step, not once per accumulated batch.
+        with step.no_sync() if world > 1 and not last_of_window else nullcontext():  # type: ignore[operator]
+            loss = step(images, targets, species_targets)
+            scaler.scale(loss / window).backward()
+        if last_of_window:
+            _optimizer_step(optimizer, scheduler, scaler, grad_clip)
+        running += float(loss.detach()) * len(images)
+        seen += len(images)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    seen *= world  # every rank trained as many images
+    return EpochStats(train_loss=running / max(1, seen / world), images=seen, seconds=elapsed)
+
+
+def validate(
     model: EmbeddingNet,
     cfg: TrainConfig,
     gallery: pd.DataFrame,
     queries: pd.DataFrame,
     device: torch.device,
     batch_size: int = 64,
-) -> tuple[float, float]:
+) -> dict[str, float]:
     """Validation MAP@5 with new_individual (at its tuned threshold), and that threshold.
 
-    ``gallery`` needs ``path, individual_id``; ``queries`` needs ``path, truth``.
+    The same retrieval as the submission: the training photos are the gallery, each
+    validation photo a query whose truth may be ``new_individual``.
+
+    Args:
+        model: the embedding model (embedded in eval mode, its mode restored).
+        cfg: the recipe (image size, DataLoader workers).
+        gallery: ``path, individual_id`` of the known photos.
+        queries: ``path, truth`` of the validation photos.
+        device: where to embed.
+        batch_size: images per embedding batch.
+
+    Returns:
+        ``val_map5`` and ``val_threshold``.
     """
     kw = {"image_size": cfg.image_size, "device": device, "batch_size": batch_size, "num_workers": cfg.num_workers}
     g = embed_paths(model, gallery["path"].tolist(), **kw)
     q = embed_paths(model, queries["path"].tolist(), **kw)
     sims, ids = search_gallery(build_index(g), gallery["individual_id"].to_numpy(), q)
     result = tune_threshold(sims, ids, queries["truth"].tolist(), gallery_ids=gallery["individual_id"].tolist())
-    return result.map5, result.threshold
+    return {"val_map5": result.map5, "val_threshold": result.threshold}
+
+
+def _epoch_metrics(stats: EpochStats, parts: TrainParts) -> dict[str, float]:
+    return {
+        "train_loss": stats.train_loss,
+        "images_per_second": stats.images / max(stats.seconds, 1e-9),
+        "lr_backbone": parts.optimizer.param_groups[0]["lr"],
+        "lr_head": parts.optimizer.param_groups[1]["lr"],
+        "gem_p": float(parts.model.pool.p.detach()),
+    }
+
+
+def _stop_everywhere(stop: bool, world: int) -> bool:
+    """Rank 0 alone validated: its decision holds for every process (and keeps them in step)."""
+    if world > 1:
+        decision = [stop]
+        dist.broadcast_object_list(decision, src=0)
+        stop = bool(decision[0])
+    return stop
+
+
+def _prepare_run(cfg: TrainConfig, out_dir: str | Path, rank: int, world: int, log: LogFn) -> tuple[Path, torch.device]:
+    """The run's folder (cleared of half-written checkpoints) and its device."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_temps(out) if rank == 0 else []:  # half-written checkpoints of a killed run (never renamed)
+        log(f"removed {stale.name}, left by an interrupted checkpoint write")
+    device = resolve_device(cfg.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # set per rank by the launcher
+    return out, device
 
 
 def train_fold(
@@ -241,6 +491,9 @@ def train_fold(
     log: LogFn = print,
 ) -> TrainResult:
     """Train one fold model; resume from ``out_dir/last.pt`` when it exists.
+
+    Under DDP (a process group set up by torchrun), rank 0 alone logs, validates and
+    writes checkpoints.
 
     Args:
         cfg: the recipe.
@@ -255,203 +508,40 @@ def train_fold(
         The best checkpoint (by validation MAP@5, else the last epoch) and history.
     """
     rank, world = _rank_world()
-    if rank != 0:  # under DDP, rank 0 alone logs, validates and writes checkpoints
+    if rank != 0:
         log, on_epoch_end = (lambda _m: None), None
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in remove_stale_temps(out) if rank == 0 else []:  # half-written checkpoints of a killed run (never renamed)
-        log(f"removed {stale.name}, left by an interrupted checkpoint write")
-    device = resolve_device(cfg.device)
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())  # set per rank by the launcher
+    out, device = _prepare_run(cfg, out_dir, rank, world, log)
     seed_everything(cfg.seed)
-
-    labels = train["label"].to_numpy()
-    if cfg.species_head and "species" not in train.columns:
-        raise ValueError("species_head needs a 'species' column in the training table")
-    model = create_embedding_model(cfg).to(device)
-    loss_fn = create_loss(cfg, num_classes, np.bincount(labels, minlength=num_classes)).to(device)
-    species_codes, species_names = pd.factorize(train["species"], sort=True) if cfg.species_head else (None, [])
-    species_fn = create_species_loss(cfg, len(species_names)).to(device) if cfg.species_head else None
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = create_optimizer(cfg, model, loss_fn, *([species_fn] if species_fn is not None else []))
-
-    augment = autoaugment_transform(cfg.image_size) if cfg.augment == "autoaugment" else train_transform(cfg.image_size)
-    dataset = ImageDataset(train["path"].tolist(), augment, labels, species_codes)
-    n_individuals = len(np.unique(labels))
-    use_sampler = cfg.m_per_class > 1 and cfg.batch_size % cfg.m_per_class == 0 and n_individuals * cfg.m_per_class >= cfg.batch_size
-    if cfg.m_per_class > 1 and not use_sampler:
-        log(
-            f"m-per-class sampler off: batch {cfg.batch_size}, m {cfg.m_per_class}, {n_individuals} individuals do not fit; shuffling instead"
+    parts = build_training(cfg, train, num_classes, device, log, rank, world)
+    species = {"species": parts.species_names} if parts.species_fn is not None else None
+    saver = CheckpointSaver(out, cfg, num_classes, data_fingerprint(train, val), parts.checkpointed(), species, write=rank == 0)
+    progress = saver.resume(cfg.epochs, cfg.patience, device, log)
+    images, seconds = 0, 0.0
+    for epoch in range(progress.epoch + 1, 0 if progress.stopped(cfg.patience) else cfg.epochs + 1):
+        stats = train_one_epoch(
+            epoch, parts.step, parts.loader, parts.optimizer, parts.scheduler, parts.scaler, device, cfg.accumulate, cfg.grad_clip, world
         )
-    if use_sampler and world > 1:
-        log("m-per-class sampler off under DDP: each process takes its shard of a shuffled epoch")
-        use_sampler = False
-    sampler: torch.utils.data.Sampler | None = None
-    if use_sampler:
-        sampler = MPerClassSampler(labels, m=cfg.m_per_class, batch_size=cfg.batch_size, length_before_new_iter=len(labels))
-    elif world > 1:
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        shuffle=sampler is None,
-        drop_last=len(dataset) > cfg.batch_size * world,  # BatchNorm needs >1 image per batch
-        num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=cfg.num_workers > 0,
-    )
-    batches = len(loader)
-    steps_per_epoch = math.ceil(batches / cfg.accumulate)
-    scheduler = create_scheduler(cfg, optimizer, steps_per_epoch)
-    amp_dtype, needs_scaler = autocast_for(device, cfg.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)
-    # One module computes the loss, so that DDP all-reduces the gradients of the class
-    # centres too, not only the backbone's.
-    step: torch.nn.Module = _TrainStep(model, loss_fn, species_fn, cfg.species_weight, amp_dtype)
-    if world > 1:
-        step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
-        log(f"DDP: {world} processes, {batches} batches of {cfg.batch_size} each per epoch ({dist.get_backend()})")
-
-    start_epoch, best_map5, best_epoch, best_threshold, stale = 1, None, 0, None, 0
-    history: list[dict[str, float]] = []
-    last_path, best_path = out / "last.pt", out / "best.pt"
-    config_dump = cfg.model_dump()
-    fingerprint = data_fingerprint(train, val)
-    if last_path.exists():
-        ckpt = load_checkpoint(last_path, map_location=device)
-        if ckpt.get("config") == config_dump and ckpt.get("num_classes") == num_classes and ckpt.get("data") == fingerprint:
-            model.load_state_dict(ckpt["model"])
-            loss_fn.load_state_dict(ckpt["loss"])
-            if species_fn is not None:
-                species_fn.load_state_dict(ckpt["species_loss"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
-            _set_rng_state(ckpt["rng"])
-            start_epoch = int(ckpt["epoch"]) + 1
-            best_map5, best_epoch, best_threshold = ckpt["best_map5"], int(ckpt["best_epoch"]), ckpt["best_threshold"]
-            stale = int(ckpt["stale"])
-            history = list(ckpt["history"])
-            if start_epoch > cfg.epochs or (cfg.patience and stale >= cfg.patience):  # a finished run
-                log(f"{last_path}: already trained with this recipe on this data ({start_epoch - 1} epochs); reusing {best_path}")
-            else:
-                log(f"resuming from {last_path} after epoch {start_epoch - 1}")
-        else:
-            log(f"{last_path} was made with another recipe or other data; starting afresh")
-
-    total_images = 0
-    total_time = 0.0
-    stopped_early = bool(cfg.patience and stale >= cfg.patience)
-    for epoch in range(start_epoch, 0 if stopped_early else cfg.epochs + 1):
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)  # another shuffle each epoch, the same on every rank
-        model.train()
-        t0 = time.perf_counter()
-        running, seen = 0.0, 0
-        optimizer.zero_grad(set_to_none=True)
-        for i, (images, targets, *species) in enumerate(loader):
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            if device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
-            window_start = (i // cfg.accumulate) * cfg.accumulate
-            window = min(cfg.accumulate, batches - window_start)  # the last window may be short
-            last_of_window = i - window_start + 1 == window
-            species_targets = species[0].to(device, non_blocking=True) if species else None
-            # Under DDP, all-reduce once per optimiser step, not once per accumulated batch.
-            with step.no_sync() if world > 1 and not last_of_window else nullcontext():  # type: ignore[operator]
-                loss = step(images, targets, species_targets)
-                scaler.scale(loss / window).backward()
-            if last_of_window:
-                if cfg.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-            running += float(loss.detach()) * len(images)
-            seen += len(images)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - t0
-        seen *= world  # every rank trained as many images
-        total_images += seen
-        total_time += elapsed
-        metrics: dict[str, float] = {
-            "train_loss": running / max(1, seen / world),
-            "images_per_second": seen / max(elapsed, 1e-9),
-            "lr_backbone": optimizer.param_groups[0]["lr"],
-            "lr_head": optimizer.param_groups[1]["lr"],
-            "gem_p": float(model.pool.p.detach()),
-        }
-        improved = True
+        images, seconds = images + stats.images, seconds + stats.seconds
+        metrics = _epoch_metrics(stats, parts)
         if len(val) and rank == 0:
-            map5, threshold = evaluate_fold(model, cfg, train, val, device)
-            metrics["val_map5"], metrics["val_threshold"] = map5, threshold
-            improved = best_map5 is None or map5 > best_map5
-            if improved:
-                best_map5, best_threshold = map5, threshold
-        if improved:
-            best_epoch, stale = epoch, 0
-        else:
-            stale += 1
-        if improved and rank == 0:
-            save_checkpoint(
-                best_path,
-                {
-                    "model": model.state_dict(),
-                    "config": config_dump,
-                    "num_classes": num_classes,
-                    "epoch": epoch,
-                    "val_map5": best_map5,
-                    "threshold": best_threshold,
-                },
-            )
-        history.append({"epoch": epoch, **metrics})
-        if rank == 0:
-            save_checkpoint(
-                last_path,
-                {
-                    "model": model.state_dict(),
-                    "loss": loss_fn.state_dict(),
-                    **({"species_loss": species_fn.state_dict(), "species": list(species_names)} if species_fn is not None else {}),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": _rng_state(),
-                    "config": config_dump,
-                    "num_classes": num_classes,
-                    "data": fingerprint,
-                    "epoch": epoch,
-                    "best_map5": best_map5,
-                    "best_epoch": best_epoch,
-                    "best_threshold": best_threshold,
-                    "stale": stale,
-                    "history": history,
-                },
-            )
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        log(f"epoch {epoch}/{cfg.epochs}: {shown}")
+            metrics.update(validate(parts.model, cfg, train, val, device))
+        improved = progress.observe(epoch, metrics.get("val_map5"), metrics.get("val_threshold"))
+        progress.epoch = epoch
+        progress.history.append({"epoch": epoch, **metrics})
+        saver.save(progress, improved)
+        log(f"epoch {epoch}/{cfg.epochs}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         if on_epoch_end is not None:
             on_epoch_end(epoch, metrics)
-        stop = bool(cfg.patience and stale >= cfg.patience)
-        if world > 1:  # rank 0 alone validated: its decision holds for all (and keeps them in step)
-            decision = [stop]
-            dist.broadcast_object_list(decision, src=0)
-            stop = bool(decision[0])
-        if stop:
-            log(f"early stop: no validation gain for {stale} epochs (best {best_map5:.4f} at epoch {best_epoch})")
+        if _stop_everywhere(progress.stopped(cfg.patience), world):
+            best = f"best {progress.best_map5:.4f} at epoch {progress.best_epoch}"
+            log(f"early stop: no validation gain for {progress.stale} epochs ({best})")
             break
-
     return TrainResult(
-        checkpoint=best_path,
-        best_epoch=best_epoch,
-        best_map5=best_map5,
-        threshold=best_threshold,
-        epochs_run=len(history),
-        history=history,
-        images_per_second=total_images / total_time if total_time else 0.0,
+        checkpoint=saver.best_path,
+        best_epoch=progress.best_epoch,
+        best_map5=progress.best_map5,
+        threshold=progress.best_threshold,
+        epochs_run=len(progress.history),
+        history=progress.history,
+        images_per_second=images / seconds if seconds else 0.0,
     )
