@@ -37,7 +37,7 @@ from whale_assets.run import DOWNSTREAM, load_recipe, run_pipeline
 from whale_ml.io import ArtifactWriteError, is_staging_name, is_temp_name
 from whale_ml.settings import HomeLayout
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="process groups, SIGKILL, setrlimit")
+pytestmark = [pytest.mark.kill, pytest.mark.skipif(sys.platform == "win32", reason="process groups, SIGKILL, setrlimit")]
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
