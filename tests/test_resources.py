@@ -134,6 +134,30 @@ def test_a_missing_input_fails_at_the_first_attempt_whatever_the_retry_policy(tm
     assert dg.materialize([upstream, needs_folds], selection=[needs_folds], resources={"io_manager": io_manager}).success
 
 
+class _Store(dg.ConfigurableResource):
+    """A resource that cannot start."""
+
+    root: str
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        raise ValueError(f"no store at {self.root}")
+
+
+def test_a_resource_that_cannot_start_fails_at_once() -> None:
+    """A resource's setup error (here a bad setting) is raised outside the step's retry
+    policy: one failure, no retry, under the same policy that retries a body's error."""
+
+    @dg.asset(retry_policy=dg.RetryPolicy(max_retries=2, delay=0.05))
+    def uses_store(store: _Store) -> None:
+        pass
+
+    result = dg.materialize([uses_store], resources={"store": _Store(root="/nowhere")}, raise_on_error=False)
+    assert not result.success
+    events = result.all_events
+    assert not any(e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY for e in events)
+    assert any("no store at /nowhere" in str(e.event_specific_data) for e in events if e.is_failure or e.event_type_value.startswith("RESOURCE"))
+
+
 def test_a_fold_model_without_its_folds_fails_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The real ``arcface_model``, under its own MLflow retry policy, launched before ``cv_folds``
     exists (``train_folds`` before ``prepare_data``): it fails at the first attempt, in seconds
