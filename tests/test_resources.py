@@ -16,6 +16,7 @@ from whale_assets.retries import mlflow_retry_policy
 from whale_ml.settings import HomeLayout
 
 
+@pytest.mark.slow
 def test_each_home_gets_its_own_mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """mlflow.set_tracking_uri writes $MLFLOW_TRACKING_URI; that must not pin later homes to the first store."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -48,6 +49,7 @@ def test_whale_home_follows_the_environment(tmp_path: Path, monkeypatch: pytest.
     assert WhaleHome(home=str(tmp_path / "x"), data_dir=str(tmp_path / "d")).data_path == tmp_path / "d"
 
 
+@pytest.mark.slow
 def test_champion_challenger_rules_on_a_real_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A challenger replaces the champion only with a score at least as good on the same fold data."""
     monkeypatch.setenv("WHALE_HOME", str(tmp_path / "home"))
@@ -155,7 +157,8 @@ def test_a_resource_that_cannot_start_fails_at_once() -> None:
     assert not result.success
     events = result.all_events
     assert not any(e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY for e in events)
-    assert any("no store at /nowhere" in str(e.event_specific_data) for e in events if e.is_failure or e.event_type_value.startswith("RESOURCE"))
+    failures = [str(e.event_specific_data) for e in events if e.is_failure or e.event_type_value.startswith("RESOURCE")]
+    assert any("no store at /nowhere" in f for f in failures), failures
 
 
 def test_a_fold_model_without_its_folds_fails_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
