@@ -136,6 +136,19 @@ def test_a_missing_input_fails_at_the_first_attempt_whatever_the_retry_policy(tm
     assert dg.materialize([upstream, needs_folds], selection=[needs_folds], resources={"io_manager": io_manager}).success
 
 
+def test_an_output_the_io_manager_cannot_store_fails_at_once(tmp_path: Path) -> None:
+    @dg.asset(retry_policy=dg.RetryPolicy(max_retries=2, delay=0.05))
+    def a_list() -> list:
+        return [1, 2]
+
+    io_manager = TableIOManager(base_dir=str(tmp_path / "tables"))
+    result = dg.materialize([a_list], resources={"io_manager": io_manager}, raise_on_error=False)
+    retries, failures = _attempts(result, "a_list")
+    assert not result.success and retries == 0 and len(failures) == 1, failures
+    assert "stores DataFrames and dicts, not list" in failures[0]
+    assert not (tmp_path / "tables").exists() or not any((tmp_path / "tables").iterdir())
+
+
 class _Store(dg.ConfigurableResource):
     """A resource that cannot start."""
 
