@@ -12,7 +12,7 @@ export YOLO_OFFLINE := 1
 export YOLO_AUTOINSTALL := 0
 RECIPE ?= configs/demo.yaml
 
-.PHONY: venv demo test ui clean-home browser
+.PHONY: venv demo test test-fast ui clean-home browser
 
 # One pip command with exact pins (requirements/constraints.txt, a full freeze of a
 # working environment): installing packages separately lets pip downgrade dagster.
@@ -44,6 +44,11 @@ browser:
 
 test: venv browser
 	$(BIN)/python -m pytest -q
+
+# The edit-test loop: everything but the end-to-end, server, fault-injection and slow tests
+# (their marks: pyproject.toml). CI runs `make test`.
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not e2e and not server and not kill and not slow"
 
 ui: venv
 	scripts/ui.sh

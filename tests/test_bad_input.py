@@ -117,6 +117,7 @@ def bad_data(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     return {"data": data, "home": home, "bad_train": bad_train, "bad_test": bad_test, "box_rows": train_names[:2]}
 
 
+@pytest.mark.e2e
 def test_default_policy_fails_on_a_bad_training_photo_after_reading_all(bad_data: dict) -> None:
     """A training photo that cannot be read stops the run, naming it; the other photos were all processed."""
     from whale_assets.definitions import defs
@@ -145,6 +146,7 @@ def test_default_policy_fails_on_a_bad_training_photo_after_reading_all(bad_data
     assert all(name in skipped for name in bad_data["box_rows"])
 
 
+@pytest.mark.e2e
 def test_exclude_policy_trains_without_it_and_every_test_photo_gets_a_row(bad_data: dict) -> None:
     recipe = load_recipe(REPO / "configs" / "tiny.yaml")
     recipe["ops"]["crops"]["config"]["bad_train_image"] = "exclude"

@@ -16,6 +16,7 @@ from whale_ml.training.trainer import load_checkpoint, load_model
 TINY = {"backbone": "test_resnet", "image_size": 32, "embedding_size": 16, "batch_size": 4, "m_per_class": 1, "device": "cpu"}
 
 
+@pytest.mark.slow
 def test_two_process_ddp_training_on_cpu(tiny_data: Path, tmp_path: Path) -> None:
     train = read_train_metadata(tiny_data)
     tr, val = fold_split(make_folds(train, 2, 0.2, 0), 0)
@@ -39,6 +40,7 @@ def test_two_process_ddp_training_on_cpu(tiny_data: Path, tmp_path: Path) -> Non
         assert model(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 16)
 
 
+@pytest.mark.slow
 def test_ddp_worker_failure_is_reported_with_its_output(tiny_data: Path, tmp_path: Path) -> None:
     train = read_train_metadata(tiny_data)
     tr, val = fold_split(make_folds(train, 2, 0.2, 0), 0)

@@ -42,6 +42,7 @@ def test_yolo_dataset_clips_and_skips_bad_boxes(tiny_data: Path, tmp_path: Path)
     assert [float(v) for v in label[1:]] == pytest.approx([0.5, 0.5, 1.0, 1.0])
 
 
+@pytest.mark.slow
 def test_yolo_trains_from_yaml_and_reports_map(trained: tuple[Path, dict]) -> None:
     weights, metrics = trained
     assert weights.exists() and weights.suffix == ".pt"
@@ -49,6 +50,7 @@ def test_yolo_trains_from_yaml_and_reports_map(trained: tuple[Path, dict]) -> No
     assert 0.0 <= metrics["map50"] <= 1.0
 
 
+@pytest.mark.slow
 def test_boxes_for_every_image_with_fallback_and_unreadable_rows(trained: tuple[Path, dict], tiny_data: Path, tmp_path: Path) -> None:
     weights, _ = trained
     images = read_train_metadata(tiny_data)[["image", "path"]].head(6).copy()
@@ -114,6 +116,7 @@ def test_letterbox_keeps_the_aspect_ratio() -> None:
         cut_crop(wide, (0, 0, 10, 10), 8, "squash")
 
 
+@pytest.mark.slow
 def test_detector_trains_on_an_existing_yolo_data_set(tiny_data: Path, tmp_path: Path) -> None:
     """source='dataset': a YOLO-format folder made elsewhere, with a relative path in its yaml."""
     made = write_yolo_dataset(read_box_file(tiny_data / "fluke_boxes.csv"), tiny_data / "train_images", tmp_path / "theirs", 0.25, 0)

@@ -37,7 +37,7 @@ from whale_assets.run import DOWNSTREAM, load_recipe, run_pipeline
 from whale_ml.io import ArtifactWriteError, is_staging_name, is_temp_name
 from whale_ml.settings import HomeLayout
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="process groups, SIGKILL, setrlimit")
+pytestmark = [pytest.mark.kill, pytest.mark.skipif(sys.platform == "win32", reason="process groups, SIGKILL, setrlimit")]
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -549,7 +549,7 @@ def test_only_transient_mlflow_failures_are_retried(pipeline: dict, tmp_path: Pa
     unknown backbone) fails at the first attempt, without minutes of backoff, naming the cause."""
     import requests
 
-    from whale_assets.resources import is_transient
+    from whale_assets.retries import is_transient
 
     with pytest.raises(requests.ConnectionError) as dead:
         requests.get(f"http://127.0.0.1:{_free_port()}/health", timeout=2)

@@ -332,6 +332,7 @@ def test_prune_keeps_the_newest_versions_and_always_the_current_one(tmp_path: Pa
         prune_versions(layout, 0)
 
 
+@pytest.mark.slow
 def test_prune_gallery_command(tmp_path: Path) -> None:
     import os
     import subprocess

@@ -26,6 +26,8 @@ from whale_ml.identify import list_versions, read_ledger
 from whale_ml.io import read_json
 from whale_ml.settings import HomeLayout
 
+pytestmark = pytest.mark.e2e  # one real pipeline run, shared by the module
+
 REPO = Path(__file__).resolve().parent.parent
 NEW_ID = "cafe0000beef"
 
@@ -257,6 +259,7 @@ def test_report_is_self_contained(home: dict, report: Path) -> None:
 
 
 @pytest.mark.skipif(browser() is None, reason=SKIP_REASON)
+@pytest.mark.server
 def test_report_images_load_in_headless_chromium(home: dict, report: Path, tmp_path: Path) -> None:
     # A copy with a probe that records, once the page has loaded, how many images decoded.
     probe = (

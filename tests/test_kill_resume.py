@@ -19,6 +19,8 @@ from whale_ml.data.folds import fold_split, make_folds
 from whale_ml.data.metadata import read_train_metadata
 from whale_ml.training.trainer import load_checkpoint, train_fold
 
+pytestmark = pytest.mark.kill
+
 TINY = {"backbone": "test_resnet", "image_size": 32, "embedding_size": 16, "batch_size": 4, "m_per_class": 1, "device": "cpu"}
 EPOCHS = 6
 

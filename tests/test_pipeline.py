@@ -1,8 +1,15 @@
-"""The whole graph, materialised for real on the tiny data set (in-process executor)."""
+"""The whole graph, materialised for real on the tiny data set (in-process executor).
+
+One run of the graph (``pipeline_run``) is shared by the tests that only read it; a test
+that materialises again works on its own copy of that home (``own_pipeline``), so every
+test sees the run as it was made, alone or in any order.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -36,6 +43,20 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> I
         yield {"home": home, "data": tiny_data, "summary": summary}
 
 
+@pytest.fixture
+def own_pipeline(pipeline_run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """A copy of the shared run's home (tables, models, Dagster instance, MLflow store) for a
+    test that materialises again. MLflow keeps the experiment's artifact root in the shared
+    home, so new runs store their artifacts there, under new run ids that no other test lists."""
+    home = tmp_path / "home"
+    shutil.copytree(pipeline_run["home"], home, symlinks=True)
+    monkeypatch.setenv("WHALE_HOME", str(home))
+    monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster_home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return {**pipeline_run, "home": home}
+
+
+@pytest.mark.e2e
 def test_whole_graph_materialises_and_writes_a_valid_submission(pipeline_run: dict) -> None:
     home, data, summary = pipeline_run["home"], pipeline_run["data"], pipeline_run["summary"]
     layout = HomeLayout(home)
@@ -81,6 +102,7 @@ def test_whole_graph_materialises_and_writes_a_valid_submission(pipeline_run: di
         assert history and history[0].status.value == "SUCCEEDED", (asset, check)
 
 
+@pytest.mark.e2e
 def test_one_mlflow_run_per_fold_with_epoch_metrics_and_model(pipeline_run: dict) -> None:
     layout = HomeLayout(pipeline_run["home"])
     client = mlflow.MlflowClient(tracking_uri=layout.mlflow_uri)
@@ -92,6 +114,7 @@ def test_one_mlflow_run_per_fold_with_epoch_metrics_and_model(pipeline_run: dict
     assert any(r.data.tags.get("stage") == "detection" and "map50" in r.data.metrics for r in every_run)
     runs = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'training'")
     assert sorted(r.data.tags["dagster.partition"] for r in runs) == ["fold0", "fold1"]
+    mlflow.set_tracking_uri(layout.mlflow_uri)  # models:/ URIs resolve in this home's registry
     for run in runs:
         assert run.data.params["backbone"] == "test_resnet"
         history = client.get_metric_history(run.info.run_id, "val_map5")
@@ -112,6 +135,7 @@ def test_one_mlflow_run_per_fold_with_epoch_metrics_and_model(pipeline_run: dict
         assert out.shape == (2, 32)
 
 
+@pytest.mark.e2e
 def test_each_fold_has_a_champion_in_the_registry(pipeline_run: dict) -> None:
     client = mlflow.MlflowClient(tracking_uri=HomeLayout(pipeline_run["home"]).mlflow_uri)
     for fold in ("fold0", "fold1"):
@@ -123,6 +147,7 @@ def test_each_fold_has_a_champion_in_the_registry(pipeline_run: dict) -> None:
     assert "first model of this fold" in mat.metadata["champions"].value
 
 
+@pytest.mark.e2e
 def test_threshold_is_reproducible_from_the_fold_embeddings(pipeline_run: dict) -> None:
     """match_threshold's MAP@5 is what the public API scores on the saved fold embeddings, and
     its curve, threshold and settings are in MLflow."""
@@ -158,12 +183,13 @@ def test_threshold_is_reproducible_from_the_fold_embeddings(pipeline_run: dict) 
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"map5_curve.png", "map5_curve.json"}
 
 
-def test_approximate_gallery_and_per_species_thresholds(pipeline_run: dict) -> None:
+@pytest.mark.e2e
+def test_approximate_gallery_and_per_species_thresholds(own_pipeline: dict) -> None:
     """The options of the retrieval stage, materialised: an HNSW gallery reports its recall
     against flat, per-species thresholds are tuned and used, and the submission stays valid."""
     from whale_assets.definitions import defs
 
-    layout = HomeLayout(pipeline_run["home"])
+    layout = HomeLayout(own_pipeline["home"])
     job = defs().resolve_implicit_global_asset_job_def()
     result = job.execute_in_process(
         run_config={
@@ -184,12 +210,14 @@ def test_approximate_gallery_and_per_species_thresholds(pipeline_run: dict) -> N
     assert "species" in threshold.metadata
     assert threshold.metadata["oof_map5"].value >= threshold.metadata["oof_map5_global_only"].value - 1e-12
     (sub,) = result.asset_materializations_for_node("submission_csv")
-    assert sub.metadata["species_thresholds"].value >= 0
-    check = result.get_asset_check_evaluations()[0]
-    assert check.passed
+    stored = json.loads((layout.tables / "match_threshold.json").read_text())
+    assert sub.metadata["species_thresholds"].value == len(stored["species_thresholds"])
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks == {"threshold_in_range": True, "submission_format": True}
 
 
-def test_fold_model_trained_with_ddp_from_the_asset(pipeline_run: dict) -> None:
+@pytest.mark.e2e
+def test_fold_model_trained_with_ddp_from_the_asset(own_pipeline: dict) -> None:
     """``processes: 2`` trains the partition under torchrun; its epochs still reach MLflow and the registry."""
     from whale_assets.definitions import defs
 
@@ -205,14 +233,15 @@ def test_fold_model_trained_with_ddp_from_the_asset(pipeline_run: dict) -> None:
     assert result.success
     (mat,) = result.asset_materializations_for_node("arcface_model")
     assert mat.metadata["epochs_run"].value == 1
-    client = mlflow.MlflowClient(tracking_uri=HomeLayout(pipeline_run["home"]).mlflow_uri)
+    client = mlflow.MlflowClient(tracking_uri=HomeLayout(own_pipeline["home"]).mlflow_uri)
     run_id = mat.metadata["mlflow_run"].value.rsplit("/", 1)[-1]
     assert client.get_run(run_id).data.params["processes"] == "2"
     assert [m.step for m in client.get_metric_history(run_id, "val_map5")] == [1]
     assert client.get_model_version_by_alias("whale-arcface", "fold0").run_id == run_id
 
 
-def test_rethreshold_job_reruns_only_its_stage(pipeline_run: dict) -> None:
+@pytest.mark.e2e
+def test_rethreshold_job_reruns_only_its_stage(own_pipeline: dict) -> None:
     """The named jobs resolve; the cheap re-threshold job touches the threshold and submission only."""
     from whale_assets.definitions import defs
 
@@ -229,7 +258,8 @@ def test_rethreshold_job_reruns_only_its_stage(pipeline_run: dict) -> None:
     assert materialised == {"match_threshold", "submission_csv", "submission_score"}
 
 
-def test_a_fold_rerun_makes_the_ensemble_stages_due(pipeline_run: dict) -> None:
+@pytest.mark.e2e
+def test_a_fold_rerun_makes_the_ensemble_stages_due(own_pipeline: dict) -> None:
     """With the pipeline up to date nothing is due; after one fold is retrained, the stages
     after the folds are (what rebuild_after_folds then materialises)."""
     from whale_assets.definitions import defs
@@ -249,7 +279,8 @@ def test_a_fold_rerun_makes_the_ensemble_stages_due(pipeline_run: dict) -> None:
     assert {"champion_models", "gallery", "match_threshold"} <= due
 
 
-def test_rerunning_reuses_crops(pipeline_run: dict) -> None:
+@pytest.mark.e2e
+def test_rerunning_reuses_crops(own_pipeline: dict) -> None:
     """A second materialisation of the crops rewrites nothing when photos, boxes and size are unchanged."""
     from whale_assets.definitions import defs
 
@@ -261,9 +292,10 @@ def test_rerunning_reuses_crops(pipeline_run: dict) -> None:
     )
     (mat,) = result.asset_materializations_for_node("crops")
     assert mat.metadata["written"].value == 0
-    assert mat.metadata["reused"].value == len(pd.read_parquet(HomeLayout(pipeline_run["home"]).tables / "crops.parquet"))
+    assert mat.metadata["reused"].value == len(pd.read_parquet(HomeLayout(own_pipeline["home"]).tables / "crops.parquet"))
 
 
+@pytest.mark.slow
 def test_definitions_validate(whale_env: Path) -> None:
     """`dagster definitions validate` loads the code location from workspace.yaml."""
     dagster = Path(sys.executable).with_name("dagster")
@@ -296,6 +328,7 @@ def test_recipe_with_a_bad_value_is_rejected() -> None:
         dg.validate_run_config(job, {"ops": {"arcface_model": {"config": {"epochs": "many"}}}})
 
 
+@pytest.mark.e2e
 def test_runs_on_a_data_set_with_only_the_kaggle_files(tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No box file, no truth, no sample_submission: full frames, every test photo, no score."""
     import shutil

@@ -17,6 +17,7 @@ from whale_assets.instance import prepare_dagster_home, release_dead_cli_runs
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
+@pytest.mark.kill
 def test_killed_cli_run_gives_its_gpu_slot_back(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     home = tmp_path / "home"
     env = {**os.environ, "WHALE_HOME": str(home), "WHALE_DATA_DIR": str(tiny_data), "DAGSTER_HOME": str(home / "dagster_home")}

@@ -11,6 +11,7 @@ from whale_ml.retrieval.ranking import (
     map_at_5,
     nearest_species,
     predict_top5,
+    query_thresholds,
     tune_species_thresholds,
     tune_threshold,
 )
@@ -414,3 +415,72 @@ def test_species_thresholds_reproduce_their_map5(seed: int) -> None:
     assert map_at_5(predict_top5(sims, ids, result.for_queries(species)), scored) == pytest.approx(result.map5, abs=1e-12)
     assert result.global_map5 == pytest.approx(tune_threshold(sims, ids, truths, gallery_ids=gallery).map5, abs=1e-12)
     assert result.table["queries"].sum() == len(sims)
+
+
+# ---------------------------------------------------------------- query_thresholds (the rule the submission and whale identify use)
+
+
+def _brute_force_query_thresholds(
+    ids: np.ndarray, species_of: dict[str, str], threshold: float, by_species: dict[str, float]
+) -> list[float]:
+    """Row by row: the species of the first neighbour, its own threshold if tuned, else the global one."""
+    out = []
+    for row in ids:
+        species = species_of[row[0]] if row[0] in species_of else None
+        out.append(by_species[species] if species in by_species else threshold)
+    return out
+
+
+def test_query_thresholds_hand_worked() -> None:
+    """Nearest individual a (humpback, tuned) -> 0.8; b (orca, not tuned) and an unknown id -> global 0.5."""
+    ids = np.array([["a", "b"], ["b", "a"], ["zz", "a"], ["a", ""]], dtype=object)
+    species_of = {"a": "humpback", "b": "orca"}
+    got = query_thresholds(ids, species_of, 0.5, {"humpback": 0.8, "beluga": 0.1})
+    assert got.dtype == np.float64 and got.tolist() == [0.8, 0.5, 0.5, 0.8]
+    # Only the first neighbour decides: a tuned species further down the row changes nothing.
+    assert query_thresholds(np.array([["b", "a", "a"]], dtype=object), species_of, 0.5, {"humpback": 0.8}).tolist() == [0.5]
+
+
+@pytest.mark.parametrize("by_species", [None, {}])
+def test_query_thresholds_without_species_thresholds_is_the_global_one(by_species: dict[str, float] | None) -> None:
+    ids = np.array([["a"], ["b"], ["zz"]], dtype=object)
+    assert query_thresholds(ids, {"a": "x", "b": "y"}, 0.3, by_species).tolist() == [0.3, 0.3, 0.3]
+
+
+def test_query_thresholds_no_queries() -> None:
+    got = query_thresholds(np.empty((0, 5), dtype=object), {"a": "x"}, 0.3, {"x": 0.9})
+    assert got.shape == (0,) and got.dtype == np.float64
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_query_thresholds_matches_brute_force(seed: int) -> None:
+    """Random neighbour ids (some unknown to species_of, some padded rows) and random tuned species."""
+    rng = np.random.default_rng(300 + seed)
+    _, ids, _, gallery = _random_problem(rng, n=40)
+    species_names = ["x", "y", "z", "w"]
+    known = gallery[: len(gallery) - 2]  # the last two ids have no species
+    species_of = {g: str(rng.choice(species_names)) for g in known}
+    tuned = [s for s in species_names if rng.random() < 0.5]
+    by_species = {s: float(rng.uniform(-0.2, 1.0)) for s in tuned}
+    threshold = float(rng.uniform(-0.2, 1.0))
+    got = query_thresholds(ids, species_of, threshold, by_species)
+    assert got.tolist() == _brute_force_query_thresholds(ids, species_of, threshold, by_species)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])  # seeds where some species gets its own threshold
+def test_query_thresholds_apply_what_species_tuning_scored(seed: int) -> None:
+    """Tuned on validation queries grouped by nearest_species, the thresholds production applies through
+    query_thresholds are the tuner's own per query, and predict_top5 with them scores the tuner's MAP@5;
+    each query's prediction is the one a scalar threshold gives that query alone."""
+    rng = np.random.default_rng(400 + seed)
+    sims, ids, truths, gallery = _random_problem(rng, n=60)
+    species_of = {g: ["x", "y", "z"][i % 3] for i, g in enumerate(gallery)}
+    species = nearest_species(ids, species_of)
+    tuned = tune_species_thresholds(sims, ids, truths, species, gallery_ids=gallery, min_queries=10)
+    assert tuned.by_species, "a species with its own threshold, or the test shows nothing"
+    applied = query_thresholds(ids, species_of, tuned.default, tuned.by_species)
+    assert applied.tolist() == tuned.for_queries(species).tolist()
+    predictions = predict_top5(sims, ids, applied)
+    assert map_at_5(predictions, _scored_truths(truths, set(gallery))) == pytest.approx(tuned.map5, abs=1e-12)
+    for q in range(len(sims)):
+        assert predictions[q] == predict_top5(sims[q : q + 1], ids[q : q + 1], float(applied[q]))[0]

@@ -171,6 +171,7 @@ def _tampered(clean: Path, out: Path, extra: object, protocol: int = 2) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_real_detector_weights_pass_and_detect(yolo_weights: Path, tiny_data: Path) -> None:
     check_detector_weights(yolo_weights)
     photos = pd.read_csv(tiny_data / "train.csv").head(2)
@@ -179,6 +180,7 @@ def test_real_detector_weights_pass_and_detect(yolo_weights: Path, tiny_data: Pa
     assert len(boxes) == 2 and set(boxes["source"]) <= {"detector", "full_frame"}
 
 
+@pytest.mark.slow
 def test_tampered_detector_weights_are_refused_before_ultralytics_sees_them(yolo_weights: Path, tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     bad = _tampered(yolo_weights, tmp_path / "fluke.pt", Payload(marker))
@@ -194,6 +196,7 @@ def test_tampered_detector_weights_are_refused_before_ultralytics_sees_them(yolo
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_gadget_in_an_allowlisted_package_is_refused(yolo_weights: Path, tmp_path: Path) -> None:
     """Only nn.Module classes of ultralytics.nn pass: a function there (a loader that unpickles
     another file in full) does not."""
@@ -205,6 +208,7 @@ def test_gadget_in_an_allowlisted_package_is_refused(yolo_weights: Path, tmp_pat
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_detector_weights_the_scan_cannot_read_are_refused(yolo_weights: Path, tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     hidden = _tampered(yolo_weights, tmp_path / "p4.pt", Payload(marker), protocol=4)
@@ -216,6 +220,7 @@ def test_detector_weights_the_scan_cannot_read_are_refused(yolo_weights: Path, t
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_tampered_weights_fail_the_detector_asset_with_the_reason(yolo_weights: Path, tmp_path: Path, tiny_data: Path) -> None:
     """source='weights' with a tampered .pt: the real fluke_detector materialisation fails, naming file and payload."""
     from whale_assets.defs.detection import fluke_detector
@@ -270,6 +275,7 @@ def _option(args: list[str], *names: str) -> str:
     return args[i + 1]
 
 
+@pytest.mark.slow
 def test_ui_script_binds_localhost_unless_told_otherwise(tmp_path: Path) -> None:
     default = _ui_sh_args(tmp_path / "default", {})
     assert _option(default["mlflow"], "--host") == "127.0.0.1"

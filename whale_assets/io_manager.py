@@ -2,6 +2,9 @@
 
 Models, crops, embeddings and indexes are files under the data home, written
 by the assets themselves and passed on as paths; nothing is pickled here.
+
+Errors raised here are final: a missing input or an unstorable value fails the step
+at its first attempt, whatever its retry policy (docs/reliability.md, "Retry policy").
 """
 
 from __future__ import annotations
@@ -38,7 +41,10 @@ class TableIOManager(dg.ConfigurableIOManager):
         elif isinstance(obj, dict):
             write_json(stem.with_suffix(".json"), obj)
         else:
-            raise TypeError(f"{context.asset_key.to_user_string()}: TableIOManager stores DataFrames and dicts, not {type(obj).__name__}")
+            raise dg.Failure(
+                f"{context.asset_key.to_user_string()}: TableIOManager stores DataFrames and dicts, not {type(obj).__name__}",
+                allow_retries=False,
+            )
 
     def load_input(self, context: dg.InputContext) -> Any:
         stem = self._stem(context)
@@ -46,4 +52,21 @@ class TableIOManager(dg.ConfigurableIOManager):
             return pd.read_parquet(stem.with_suffix(".parquet"))
         if stem.with_suffix(".json").exists():
             return json.loads(stem.with_suffix(".json").read_text())
-        raise FileNotFoundError(f"{context.asset_key.to_user_string()} has not been materialised yet (nothing at {stem}.parquet/.json)")
+        raise missing_input(context, stem)
+
+
+def missing_input(context: dg.InputContext, stem: Path) -> dg.Failure:
+    """The error for an input whose upstream asset was never materialised (or whose files
+    were removed): a ``dg.Failure`` that disallows retries, since no retry can create the
+    input, naming the asset, its partition and what to materialise first."""
+    asset = context.asset_key.to_user_string()
+    one_partition = context.has_asset_partitions and len(context.asset_partition_keys) == 1
+    part = f" partition {context.asset_partition_keys[0]}" if one_partition else ""
+    return dg.Failure(
+        description=(
+            f"input {asset}{part} has not been materialised yet (nothing at {stem}.parquet/.json): materialise {asset} first "
+            "(in the UI, with the job of its stage, or all stages in order with `whale run`), then this step again."
+        ),
+        metadata={"missing_asset": asset, "expected_at": dg.MetadataValue.path(f"{stem}.parquet")},
+        allow_retries=False,
+    )

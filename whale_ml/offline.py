@@ -31,7 +31,7 @@ def configure_environment(home: Path) -> None:
     os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
     # MLflow's HTTP client retries a failing server 7 times with doubling waits (minutes)
     # before a step sees the error; fewer, shorter tries here, and Dagster's retry policy
-    # retries the whole step later (whale_assets.resources.mlflow_retry_policy).
+    # retries the whole step later (whale_assets.retries.mlflow_retry_policy).
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")

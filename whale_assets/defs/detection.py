@@ -8,7 +8,8 @@ import pandas as pd
 
 from whale_assets.k8s import GPU_STEP_TAGS
 from whale_assets.metadata import image_md, progress_logger, table_md
-from whale_assets.resources import MlflowTracking, WhaleHome, mlflow_retry_policy, retry_only_if_transient
+from whale_assets.resources import MlflowTracking, WhaleHome
+from whale_assets.retries import mlflow_retry_policy, retry_only_if_transient
 from whale_assets.settings import BoxSettings, CropSettings, DetectorSettings
 from whale_ml.detection.box_summary import photos_to_box, summarise_boxes
 from whale_ml.detection.crops import CONTACT_SHEET_FILE, crop_every_split, crop_report, photo_paths, write_contact_sheet

@@ -9,7 +9,8 @@ from whale_assets.stages import REBUILD_AFTER_FOLDS
 from whale_assets.k8s import GPU_STEP_TAGS
 from whale_assets.metadata import figure_md, progress_logger, table_md
 from whale_assets.partitions import fold_partitions
-from whale_assets.resources import MlflowTracking, WhaleHome, mlflow_retry_policy, retry_only_if_transient
+from whale_assets.resources import MlflowTracking, WhaleHome
+from whale_assets.retries import mlflow_retry_policy, retry_only_if_transient
 from whale_assets.settings import EmbedSettings, GallerySettings, ThresholdSettings
 from whale_ml.identify.enroll import with_enrolled
 from whale_ml.identify.lineage import gather_lineage, record_embeddings
