@@ -304,7 +304,7 @@ write(1_000_000)  # 256 MB (the csv: 40 MB) to write: the kill lands inside it
 _VERSION_WRITER = """
 import sys, numpy as np, pandas as pd
 from pathlib import Path
-from whale_ml.identify import FoldModel, GalleryLineage, write_version
+from whale_ml.gallery import FoldModel, GalleryLineage, write_version
 from whale_ml.settings import HomeLayout
 layout = HomeLayout(Path(sys.argv[1]))
 lineage = GalleryLineage(models=[FoldModel(fold="fold0", checkpoint_sha256="0" * 64)], detector_sha256=None,
@@ -324,7 +324,7 @@ def test_kill_while_a_gallery_version_is_staged(tmp_path: Path) -> None:
     """SIGKILL while a new gallery version is being written: no version appears, the
     current one still loads whole, and the next write (or prune) sweeps the dead
     writer's folder."""
-    from whale_ml.identify import list_versions, load_version, prune_versions, write_version
+    from whale_ml.gallery import list_versions, load_version, prune_versions, write_version
 
     layout = HomeLayout(tmp_path)
     root = layout.gallery_versions_dir
@@ -619,7 +619,7 @@ from whale_ml.retrieval.store import save_embeddings
 from whale_ml.retrieval.gallery import save_index
 from whale_ml.submission import write_submission
 from whale_ml.training.trainer import save_checkpoint
-from whale_ml.identify import FoldModel, GalleryLineage, write_version
+from whale_ml.gallery import FoldModel, GalleryLineage, write_version
 from whale_ml.settings import HomeLayout
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the file-size limit then fails with EFBIG
 big = np.random.default_rng(0).random((20000, 64), dtype=np.float32)  # 5 MB
@@ -760,7 +760,7 @@ def test_a_file_where_a_folder_should_be_fails_the_asset_naming_it(pipeline: dic
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     message = failure.event_specific_data.error.to_string()
     assert ArtifactWriteError.__name__ in message
-    assert f"could not write {gallery_dir / 'index.faiss'}: {gallery_dir} is a file where a folder is needed" in message, message
+    assert f"could not write {gallery_dir / 'versions'}: {gallery_dir} is a file where a folder is needed" in message, message
 
 
 def test_artifacts_get_the_usual_file_mode_not_the_temp_files_private_one(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from whale_ml.detection.yolo import (
     train_yolo,
     write_yolo_dataset,
 )
-from whale_ml.identify.lineage import record_boxes, record_crops
+from whale_ml.gallery.lineage import record_boxes, record_crops
 from whale_ml.io import atomic_path, read_json, write_json
 
 

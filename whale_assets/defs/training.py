@@ -13,8 +13,8 @@ from whale_assets.partitions import fold_index, fold_partitions
 from whale_assets.resources import MlflowTracking, WhaleHome, mlflow_retry_policy, retry_only_if_transient
 from whale_assets.settings import TrainSettings
 from whale_ml.data.folds import fold_split
-from whale_ml.identify.lineage import record_registered
-from whale_ml.identify.registry import CHECKPOINT_ARTIFACT, SHA_TAG
+from whale_ml.gallery.lineage import record_registered
+from whale_ml.registry import CHECKPOINT_ARTIFACT, SHA_TAG
 from whale_ml.io import atomic_path, sha256_file, write_json
 from whale_ml.training.launch import train_fold_distributed
 from whale_ml.training.trainer import data_fingerprint, load_model, train_fold
