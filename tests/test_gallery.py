@@ -405,3 +405,15 @@ def test_prune_gallery_command(tmp_path: Path) -> None:
     assert not (tmp_path / "gallery" / "versions" / "v0001").exists()
     done = whale("prune-gallery", "--keep", "0")
     assert done.returncode == 2 and "--keep must be at least 1" in done.stderr
+
+
+def test_index_options_are_build_index_keywords_and_gallery_settings() -> None:
+    """The gallery settings reach build_index by these names: a renamed option on either side fails here."""
+    import inspect
+
+    from whale_ml.config import GalleryConfig
+    from whale_ml.retrieval.gallery import INDEX_OPTIONS
+
+    keywords = [p.name for p in inspect.signature(build_index).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    assert sorted(INDEX_OPTIONS) == sorted(set(keywords) - {"seed"})
+    assert set(INDEX_OPTIONS) <= set(GalleryConfig.model_fields)

@@ -148,7 +148,7 @@ def build_gallery(
     """
     embeddings, images = fold_ensemble(layout, folds, "train")
     table = gallery_table(train_metadata, crops, images)
-    options = settings.model_dump(include=set(INDEX_OPTIONS))  # in the settings' field order
+    options = settings.model_dump(include=set(INDEX_OPTIONS))
     index = build_index(embeddings, settings.index, **options)
     stats = GalleryStats(
         photos=len(table),

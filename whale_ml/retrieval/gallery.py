@@ -29,7 +29,8 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
 
 
 INDEX_KINDS = ("flat", "hnsw", "ivf", "ivfpq")
-# build_index's options of the index itself, as named in the gallery settings (GalleryConfig).
+# build_index's options of the index itself, as GalleryConfig names them (a gallery
+# version's lineage records them, so that a rebuilt index is the same).
 INDEX_OPTIONS = ("hnsw_m", "ef_search", "nlist", "nprobe", "pq_m", "pq_nbits")
 _ADD_BLOCK = 65_536  # rows normalised and added at a time (128 MiB at 512 dimensions)
 
