@@ -107,7 +107,7 @@ def gallery(
     measured on the test photos. Every enrolled photo (``whale enroll``) the fold
     embeddings do not cover yet is embedded here by the same models and added.
     ``versions`` lists them all; with ``keep_versions`` set, older ones beyond that
-    many are deleted. See docs/retrieval.md."""
+    many are deleted. The value names the version. See docs/retrieval.md."""
     layout = whale.layout
     version, stats = build_gallery(
         layout,
@@ -147,7 +147,7 @@ def gallery(
             "pruned_versions": len(stats.pruned),
         }
     )
-    return dg.MaterializeResult(metadata=metadata)
+    return dg.MaterializeResult(value={"version": version.name}, metadata=metadata)
 
 
 def _curve_plot(thresholds: np.ndarray, curve: np.ndarray, chosen: float) -> object:

@@ -20,8 +20,7 @@ from whale_ml.submission import make_submission, prior_predictions, score_submis
 @dg.asset(
     group_name="submission",
     kinds={"csv"},
-    deps=["gallery"],
-    code_version="1",
+    code_version="2",
     automation_condition=AFTER_FOLDS,
     check_specs=[
         dg.AssetCheckSpec(
@@ -38,15 +37,16 @@ def submission_csv(
     test_metadata: pd.DataFrame,
     train_metadata: pd.DataFrame,
     match_threshold: dict[str, Any],
+    gallery: dict[str, Any],
     crops: pd.DataFrame,
 ) -> dg.MaterializeResult:
     """``submission.csv`` in Kaggle's format: for each test photo in
-    ``sample_submission.csv`` order, five ids from the current gallery version (the one
-    the gallery stage wrote, searched as ``whale identify`` searches it) by the
-    new_individual rule at the tuned threshold (its species' own one where tuned); a
-    photo that could not be read gets the prior answer. A match-review sheet shows
-    sample test photos beside the gallery photos they were matched to."""
-    version = load_version(whale.layout)
+    ``sample_submission.csv`` order, five ids from the gallery version the gallery stage
+    wrote (searched as ``whale identify`` searches it; a later ``whale enroll`` version
+    does not change the submission) by the new_individual rule at the tuned threshold
+    (its species' own one where tuned); a photo that could not be read gets the prior
+    answer. A match-review sheet shows sample test photos beside their matches."""
+    version = load_version(whale.layout, gallery["version"])
     queries, query_images = query_embeddings(whale.layout, version)
     found = dict(zip(query_images, match_queries(version, queries, match_threshold).predictions, strict=True))
     prior = prior_predictions(train_metadata["individual_id"].tolist())
