@@ -283,7 +283,8 @@ def test_best_photo_per_candidate_points_at_the_most_similar_photo() -> None:
     assert [f[0] for f in found[1:2] + found[3:]] == [-1, -1, -1]  # new_individual, an unknown id, padding
     assert all(np.isnan(f[1]) for f in found[1:2] + found[3:])
     assert found[2] == (3, pytest.approx(0.8))
-    sheet = review_sheet(["/nonexistent.jpg"], [["b", "new_individual", "c", "zz", "a"]], [[*found[:4], (0, 0.0)]], ["/x"] * 4, ["b"], tile=32)
+    preds, matches = [["b", "new_individual", "c", "zz", "a"]], [[*found[:4], (0, 0.0)]]
+    sheet = review_sheet(["/nonexistent.jpg"], preds, matches, ["/x"] * 4, ["b"], tile=32)
     assert sheet.size == (6 * 32, 32 + 14)  # unreadable photos are framed, not fatal
 
 
