@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from whale_ml.config import TrainConfig
+from whale_ml.stage_configs import TrainConfig
 from whale_ml.data.demo import DemoDataConfig, generate_demo_data
 from whale_ml.data.metadata import read_train_metadata
 from whale_ml.detection.crops import write_crops

@@ -29,12 +29,13 @@ import pandas as pd
 import torch
 import yaml
 
-from whale_ml.config import TrainConfig
+from whale_ml.stage_configs import TrainConfig
 from whale_ml.data.folds import fold_split
 from whale_ml.data.metadata import NEW_INDIVIDUAL, read_truth
 from whale_ml.retrieval import build_index, map_at_5, predict_top5, search_gallery
 from whale_ml.retrieval.embeddings import embed_paths
-from whale_ml.settings import HomeLayout, default_data_dir, default_home
+from whale_ml.environment import default_data_dir, default_home
+from whale_ml.home import HomeLayout
 from whale_ml.training.trainer import load_model, train_fold
 
 HERE = Path(__file__).resolve().parent

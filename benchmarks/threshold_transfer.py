@@ -42,8 +42,10 @@ import pandas as pd
 
 from whale_ml.data.metadata import NEW_INDIVIDUAL, read_train_metadata, read_truth
 from whale_ml.retrieval import build_index, map_at_5, predict_top5, search_gallery, tune_threshold
-from whale_ml.retrieval.store import ensemble, load_embeddings, out_of_fold_search
-from whale_ml.settings import HomeLayout, default_data_dir, default_home
+from whale_ml.retrieval.store import ensemble, load_embeddings
+from whale_ml.retrieval.threshold import out_of_fold_search
+from whale_ml.environment import default_data_dir, default_home
+from whale_ml.home import HomeLayout
 
 DEPTH = 50  # individuals kept per model before fusing
 

@@ -67,7 +67,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from whale_ml import cli
-from whale_ml.config import TrainConfig
+from whale_ml.stage_configs import TrainConfig
 from whale_ml.data.images import ImageDataset, train_transform
 from whale_ml.data.metadata import read_train_metadata
 from whale_ml.detection.crops import write_crops

@@ -19,7 +19,7 @@ from whale_assets.run import load_recipe, run_pipeline
 from whale_ml.data.images import ImageReadError, load_rgb
 from whale_ml.data.metadata import NEW_INDIVIDUAL, MetadataError, read_train_metadata
 from whale_ml.detection.yolo import write_yolo_dataset
-from whale_ml.settings import HomeLayout
+from whale_ml.home import HomeLayout
 from whale_ml.submission import prior_predictions
 
 REPO = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from whale_ml.config import TrainConfig
+from whale_ml.stage_configs import TrainConfig
 from whale_ml.training.checkpoint_saver import (
     CheckpointSaver,
     FitProgress,

@@ -267,7 +267,7 @@ def test_eval_transform_deterministic(tmp_path: Path) -> None:
 
 def test_model_normalises_its_input_on_the_device() -> None:
     """uint8 images and [0, 1] floats give the same embedding: the model applies mean/std."""
-    from whale_ml.config import TrainConfig
+    from whale_ml.stage_configs import TrainConfig
     from whale_ml.models.embedding import create_embedding_model
 
     model = create_embedding_model(TrainConfig(backbone="test_resnet", embedding_size=8)).eval()

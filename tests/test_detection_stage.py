@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from whale_ml.config import DetectorConfig
+from whale_ml.stage_configs import DetectorConfig
 from whale_ml.data.metadata import read_test_metadata, read_train_metadata
 from whale_ml.detection.box_summary import TEST_SPECIES, photos_to_box, summarise_boxes
 from whale_ml.detection.crops import crop_every_split, crop_report, photo_paths, write_contact_sheet

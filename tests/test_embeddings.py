@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from whale_ml.config import TrainConfig
+from whale_ml.stage_configs import TrainConfig
 from whale_ml.models.embedding import create_embedding_model
 from whale_ml.retrieval.embeddings import embed_paths
 

@@ -33,9 +33,13 @@ import pytest
 import yaml
 
 from whale_assets.instance import prepare_dagster_home
-from whale_assets.run import DOWNSTREAM, load_recipe, run_pipeline
+from whale_assets.run import load_recipe, run_pipeline
+from whale_assets.stages import ENSEMBLE_AND_SUBMIT, asset_names
 from whale_ml.io import ArtifactWriteError, is_staging_name, is_temp_name
-from whale_ml.settings import HomeLayout
+from whale_ml.home import HomeLayout
+
+# The stages' assets, resolved from their groups (whale_assets/stages.py).
+DOWNSTREAM = asset_names(ENSEMBLE_AND_SUBMIT)
 
 pytestmark = [pytest.mark.kill, pytest.mark.skipif(sys.platform == "win32", reason="process groups, SIGKILL, setrlimit")]
 
@@ -84,7 +88,7 @@ def _kill_when(proc: subprocess.Popen, seen: Callable[[], bool], what: str, time
 def _in_process(pipeline: dict, keys: list[str]) -> dg.ExecuteInProcessResult:
     """Materialise ``keys`` in this process, on the pipeline's home and recipe (not raising on failure)."""
     from whale_assets.definitions import defs
-    from whale_assets.run import _run_config
+    from whale_assets.run import stage_run_config
 
     with pytest.MonkeyPatch.context() as mp:
         for k, v in _env(pipeline["home"], pipeline["data"]).items():
@@ -94,7 +98,7 @@ def _in_process(pipeline: dict, keys: list[str]) -> dg.ExecuteInProcessResult:
             defs()
             .resolve_implicit_global_asset_job_def()
             .execute_in_process(
-                run_config=_run_config(load_recipe(pipeline["recipe"]), keys),
+                run_config=stage_run_config(load_recipe(pipeline["recipe"]), keys),
                 instance=dg.DagsterInstance.get(),
                 asset_selection=[dg.AssetKey(k) for k in keys],
                 raise_on_error=False,
@@ -237,9 +241,9 @@ def test_kill_during_crop_writing_then_rerun_reuses_the_crops_written(pipeline: 
 _LOOP = """
 import os, sys, dagster as dg
 from whale_assets.definitions import defs
-from whale_assets.run import _run_config, load_recipe
+from whale_assets.run import stage_run_config, load_recipe
 job = defs().resolve_implicit_global_asset_job_def()
-config = _run_config(load_recipe(sys.argv[1]), ["gallery", "submission_csv"])
+config = stage_run_config(load_recipe(sys.argv[1]), ["gallery", "submission_csv"])
 instance = dg.DagsterInstance.get()
 for i in range(1000):
     job.execute_in_process(run_config=config, instance=instance, asset_selection=[dg.AssetKey("gallery"), dg.AssetKey("submission_csv")])
@@ -304,8 +308,8 @@ write(1_000_000)  # 256 MB (the csv: 40 MB) to write: the kill lands inside it
 _VERSION_WRITER = """
 import sys, numpy as np, pandas as pd
 from pathlib import Path
-from whale_ml.identify import FoldModel, GalleryLineage, write_version
-from whale_ml.settings import HomeLayout
+from whale_ml.gallery import FoldModel, GalleryLineage, write_version
+from whale_ml.home import HomeLayout
 layout = HomeLayout(Path(sys.argv[1]))
 lineage = GalleryLineage(models=[FoldModel(fold="fold0", checkpoint_sha256="0" * 64)], detector_sha256=None,
                          detector_imgsz=64, min_confidence=0.25, expand=1.2, crop_size=64, resize="pad")
@@ -324,7 +328,7 @@ def test_kill_while_a_gallery_version_is_staged(tmp_path: Path) -> None:
     """SIGKILL while a new gallery version is being written: no version appears, the
     current one still loads whole, and the next write (or prune) sweeps the dead
     writer's folder."""
-    from whale_ml.identify import list_versions, load_version, prune_versions, write_version
+    from whale_ml.gallery import list_versions, load_version, prune_versions, write_version
 
     layout = HomeLayout(tmp_path)
     root = layout.gallery_versions_dir
@@ -408,12 +412,12 @@ def test_kill_mid_write_keeps_the_old_file_whole(tmp_path: Path, what: str, name
 _MATERIALISE = """
 import json, sys, time, dagster as dg
 from whale_assets.definitions import defs
-from whale_assets.run import _run_config, load_recipe
+from whale_assets.run import stage_run_config, load_recipe
 keys, partition = sys.argv[2].split(","), sys.argv[3]
 job = defs().resolve_implicit_global_asset_job_def()
 t0 = time.time()
 result = job.execute_in_process(
-    run_config=_run_config(load_recipe(sys.argv[1]), keys), instance=dg.DagsterInstance.get(),
+    run_config=stage_run_config(load_recipe(sys.argv[1]), keys), instance=dg.DagsterInstance.get(),
     asset_selection=[dg.AssetKey(k) for k in keys], partition_key=partition, raise_on_error=False)
 events = result.all_events
 records = dg.DagsterInstance.get().all_logs(result.run_id)
@@ -619,8 +623,8 @@ from whale_ml.retrieval.store import save_embeddings
 from whale_ml.retrieval.gallery import save_index
 from whale_ml.submission import write_submission
 from whale_ml.training.trainer import save_checkpoint
-from whale_ml.identify import FoldModel, GalleryLineage, write_version
-from whale_ml.settings import HomeLayout
+from whale_ml.gallery import FoldModel, GalleryLineage, write_version
+from whale_ml.home import HomeLayout
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the file-size limit then fails with EFBIG
 big = np.random.default_rng(0).random((20000, 64), dtype=np.float32)  # 5 MB
 index = faiss.IndexFlatIP(64); index.add(big)
@@ -760,7 +764,7 @@ def test_a_file_where_a_folder_should_be_fails_the_asset_naming_it(pipeline: dic
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     message = failure.event_specific_data.error.to_string()
     assert ArtifactWriteError.__name__ in message
-    assert f"could not write {gallery_dir / 'index.faiss'}: {gallery_dir} is a file where a folder is needed" in message, message
+    assert f"could not write {gallery_dir / 'versions'}: {gallery_dir} is a file where a folder is needed" in message, message
 
 
 def test_artifacts_get_the_usual_file_mode_not_the_temp_files_private_one(tmp_path: Path) -> None:

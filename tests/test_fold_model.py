@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from whale_ml.config import TrainConfig
+from whale_ml.stage_configs import TrainConfig
 from whale_ml.data.folds import make_folds
 from whale_ml.data.metadata import NEW_INDIVIDUAL, read_train_metadata
 from whale_ml.training.fold_model import FoldData, curves_figure, recipe_version, train_fold_model

@@ -1,4 +1,5 @@
-"""The faiss gallery search and the embedding store (whale_ml.retrieval.gallery / .store)."""
+"""The faiss gallery search, the embedding store and gallery versions (whale_ml.retrieval.gallery /
+.store / .review, whale_ml.gallery.versions)."""
 
 from __future__ import annotations
 
@@ -271,26 +272,78 @@ def test_ensemble_of_nothing_raises() -> None:
         store.ensemble([])
 
 
-def test_best_photo_per_prediction_points_at_the_most_similar_photo() -> None:
-    from whale_ml.retrieval.review import best_photo_per_prediction, review_sheet
+def test_best_photo_per_candidate_points_at_the_most_similar_photo() -> None:
+    from whale_ml.retrieval.gallery import best_photo_per_candidate
+    from whale_ml.retrieval.review import review_sheet
 
     gallery = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [0.6, 0.8]])
     ids = np.array(["a", "b", "b", "c"], dtype=object)
-    index = build_index(gallery)
-    (found,) = best_photo_per_prediction(index, ids, np.array([[0.0, 1.0]]), [["b", "new_individual", "c", "zz"]])
+    (found,) = best_photo_per_candidate(gallery, ids, np.array([[0.0, 1.0]]), [["b", "new_individual", "c", "zz", ""]])
     assert found[0] == (2, pytest.approx(1.0))  # b's photo 2, not photo 1
-    assert found[1][0] == -1 and found[3][0] == -1  # new_individual, and an id never retrieved
+    assert [f[0] for f in found[1:2] + found[3:]] == [-1, -1, -1]  # new_individual, an unknown id, padding
+    assert all(np.isnan(f[1]) for f in found[1:2] + found[3:])
     assert found[2] == (3, pytest.approx(0.8))
-    sheet = review_sheet(["/nonexistent.jpg"], [["b", "new_individual", "c", "zz", "a"]], [[*found, (0, 0.0)]], ["/x"] * 4, ["b"], tile=32)
+    preds, matches = [["b", "new_individual", "c", "zz", "a"]], [[*found[:4], (0, 0.0)]]
+    sheet = review_sheet(["/nonexistent.jpg"], preds, matches, ["/x"] * 4, ["b"], tile=32)
     assert sheet.size == (6 * 32, 32 + 14)  # unreadable photos are framed, not fatal
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_best_photo_per_candidate_against_brute_force(seed: int) -> None:
+    """Random galleries: each candidate's row is the argmax of the similarity over that
+    individual's rows, found by looping over every gallery row."""
+    from whale_ml.retrieval.gallery import best_photo_per_candidate
+
+    rng = np.random.default_rng(seed)
+    gallery = l2_normalise(rng.normal(size=(40, 6)))
+    ids = rng.choice(["a", "b", "c", "d", "e", "f"], size=40).astype(object)
+    queries = l2_normalise(rng.normal(size=(7, 6)))
+    candidates = [list(rng.choice(["a", "b", "c", "d", "e", "f", "new_individual"], size=5, replace=False)) for _ in queries]
+    found = best_photo_per_candidate(gallery, ids, queries, candidates)
+    for q, (query, cands) in enumerate(zip(queries, candidates, strict=True)):
+        for c, ind in enumerate(cands):
+            best_row, best_sim = -1, float("nan")
+            for row in range(len(gallery)):
+                sim = float(gallery[row] @ query)
+                if ids[row] == ind and (best_row < 0 or sim > best_sim):
+                    best_row, best_sim = row, sim
+            assert found[q][c][0] == best_row
+            assert found[q][c][1] == pytest.approx(best_sim, abs=1e-6) if best_row >= 0 else np.isnan(found[q][c][1])
+
+
+def test_best_photo_per_candidate_empty_gallery_and_mismatch() -> None:
+    from whale_ml.retrieval.gallery import best_photo_per_candidate
+
+    assert best_photo_per_candidate(np.zeros((0, 3)), np.array([], dtype=object), np.ones((1, 3)), [["a"]])[0][0][0] == -1
+    with pytest.raises(ValueError, match="2 gallery embeddings for 1 ids"):
+        best_photo_per_candidate(np.zeros((2, 3)), np.array(["a"], dtype=object), np.ones((1, 3)), [["a"]])
+
+
+def test_sample_review_draws_the_same_queries_every_time(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from whale_ml.retrieval.review import sample_review
+
+    crop = tmp_path / "c.jpg"
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(crop)
+    gallery = np.eye(3, dtype=np.float32)
+    ids = np.array(["a", "b", "c"], dtype=object)
+    names = [f"q{i}.jpg" for i in range(12)]
+    queries = np.tile(gallery, (4, 1))
+    preds = [[ids[i % 3], "new_individual", "x", "y", "z"] for i in range(12)]
+    args = (names, queries, preds, dict.fromkeys(names, str(crop)), gallery, ids, [str(crop)] * 3)
+    sheet = sample_review(*args, truth_of={"q0.jpg": "a"}, n=5)
+    assert sheet is not None and sheet.size == (6 * 112, 5 * (112 + 14))
+    assert np.array_equal(np.asarray(sheet), np.asarray(sample_review(*args, truth_of={"q0.jpg": "a"}, n=5)))  # seeded
+    assert sample_review([], queries[:0], [], {}, gallery, ids, [str(crop)] * 3) is None
 
 
 def _write_versions(home: Path, n: int) -> object:
     """``n`` real gallery versions (index, embeddings, table) of random unit vectors."""
     import pandas as pd
 
-    from whale_ml.identify import FoldModel, GalleryLineage, write_version
-    from whale_ml.settings import HomeLayout
+    from whale_ml.gallery import FoldModel, GalleryLineage, write_version
+    from whale_ml.home import HomeLayout
 
     layout = HomeLayout(home)
     lineage = GalleryLineage(
@@ -313,7 +366,7 @@ def _write_versions(home: Path, n: int) -> object:
 
 
 def test_prune_keeps_the_newest_versions_and_always_the_current_one(tmp_path: Path) -> None:
-    from whale_ml.identify import list_versions, load_version, prune_versions
+    from whale_ml.gallery import list_versions, load_version, prune_versions
     from whale_ml.io import write_json
 
     layout = _write_versions(tmp_path, 5)
@@ -354,3 +407,15 @@ def test_prune_gallery_command(tmp_path: Path) -> None:
     assert not (tmp_path / "gallery" / "versions" / "v0001").exists()
     done = whale("prune-gallery", "--keep", "0")
     assert done.returncode == 2 and "--keep must be at least 1" in done.stderr
+
+
+def test_index_options_are_build_index_keywords_and_gallery_settings() -> None:
+    """The gallery settings reach build_index by these names: a renamed option on either side fails here."""
+    import inspect
+
+    from whale_ml.stage_configs import GalleryConfig
+    from whale_ml.retrieval.gallery import INDEX_OPTIONS
+
+    keywords = [p.name for p in inspect.signature(build_index).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    assert sorted(INDEX_OPTIONS) == sorted(set(keywords) - {"seed"})
+    assert set(INDEX_OPTIONS) <= set(GalleryConfig.model_fields)

@@ -22,9 +22,9 @@ from whale_assets.cli import main as whale
 from whale_assets.instance import prepare_dagster_home
 from whale_assets.run import load_recipe, run_pipeline
 from whale_ml.data.demo import SPECIES_LABELS, Individual, render_individual, render_photo
-from whale_ml.identify import list_versions, read_ledger
+from whale_ml.gallery import list_versions, read_ledger
 from whale_ml.io import read_json
-from whale_ml.settings import HomeLayout
+from whale_ml.home import HomeLayout
 
 pytestmark = pytest.mark.e2e  # one real pipeline run, shared by the module
 

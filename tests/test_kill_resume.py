@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from whale_ml.config import TrainConfig
+from whale_ml.stage_configs import TrainConfig
 from whale_ml.data.folds import fold_split, make_folds
 from whale_ml.data.metadata import read_train_metadata
 from whale_ml.training.trainer import load_checkpoint, train_fold
@@ -37,7 +37,7 @@ def test_sigkill_mid_epoch_then_resume(tiny_data: Path, tmp_path: Path) -> None:
     child = textwrap.dedent(
         f"""
         import pandas as pd, sys
-        from whale_ml.config import TrainConfig
+        from whale_ml.stage_configs import TrainConfig
         from whale_ml.training.trainer import train_fold
         cfg = TrainConfig.model_validate_json({cfg.model_dump_json()!r})
         train_fold(cfg, pd.read_parquet({str(tmp_path / "train.parquet")!r}), pd.read_parquet({str(tmp_path / "val.parquet")!r}),

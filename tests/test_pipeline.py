@@ -23,9 +23,13 @@ import pytest
 import torch
 
 from whale_assets.instance import prepare_dagster_home
-from whale_assets.run import DOWNSTREAM, PER_FOLD, UPSTREAM, load_recipe, run_pipeline
+from whale_assets.run import load_recipe, run_pipeline
+from whale_assets.stages import ENSEMBLE_AND_SUBMIT, PREPARE_DATA, TRAIN_FOLDS, asset_names
 from whale_ml.data.metadata import NEW_INDIVIDUAL
-from whale_ml.settings import HomeLayout
+from whale_ml.home import HomeLayout
+
+# The stages' assets, resolved from their groups (whale_assets/stages.py).
+UPSTREAM, PER_FOLD, DOWNSTREAM = (asset_names(s) for s in (PREPARE_DATA, TRAIN_FOLDS, ENSEMBLE_AND_SUBMIT))
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -153,25 +157,16 @@ def test_threshold_is_reproducible_from_the_fold_embeddings(pipeline_run: dict) 
     its curve, threshold and settings are in MLflow."""
     import numpy as np
 
-    from whale_ml.data.folds import fold_split
-    from whale_ml.retrieval import build_index, map_at_5, predict_top5, search_gallery
-    from whale_ml.retrieval.store import load_embeddings
+    from whale_ml.retrieval import map_at_5, predict_top5
+    from whale_ml.retrieval.threshold import tune_out_of_fold
 
     layout = HomeLayout(pipeline_run["home"])
     instance = dg.DagsterInstance.get()
     mat = instance.get_latest_materialization_event(dg.AssetKey("match_threshold")).asset_materialization
     threshold, oof_map5 = mat.metadata["threshold"].value, mat.metadata["oof_map5"].value
-    folds = pd.read_parquet(layout.tables / "cv_folds.parquet")
-    preds, truths = [], []
-    for i, fold in enumerate(["fold0", "fold1"]):
-        emb, images = load_embeddings(layout.embeddings_dir(fold), "train")
-        row = {img: j for j, img in enumerate(images)}
-        train, val = fold_split(folds, i)
-        sims, ids = search_gallery(
-            build_index(emb[[row[x] for x in train["image"]]]), train["individual_id"].to_numpy(), emb[[row[x] for x in val["image"]]]
-        )
-        preds += predict_top5(sims, ids, threshold)
-        truths += val["truth"].tolist()
+    tuned = tune_out_of_fold(pd.read_parquet(layout.tables / "cv_folds.parquet"), layout.embeddings_dir, ["fold0", "fold1"])
+    assert tuned.result.threshold == threshold
+    preds, truths = predict_top5(tuned.sims, tuned.ids, threshold), tuned.truths
     assert map_at_5(preds, truths) == pytest.approx(oof_map5, abs=1e-12)
     assert np.mean([p[0] == NEW_INDIVIDUAL for p in preds]) == pytest.approx(mat.metadata["top1_new_share"].value)
 
@@ -188,6 +183,7 @@ def test_approximate_gallery_and_per_species_thresholds(own_pipeline: dict) -> N
     """The options of the retrieval stage, materialised: an HNSW gallery reports its recall
     against flat, per-species thresholds are tuned and used, and the submission stays valid."""
     from whale_assets.definitions import defs
+    from whale_ml.gallery import load_version
 
     layout = HomeLayout(own_pipeline["home"])
     job = defs().resolve_implicit_global_asset_job_def()
@@ -205,7 +201,7 @@ def test_approximate_gallery_and_per_species_thresholds(own_pipeline: dict) -> N
     (gallery,) = result.asset_materializations_for_node("gallery")
     assert gallery.metadata["index_kind"].value == "hnsw"
     assert 0.9 <= gallery.metadata["individual_recall_at_k_vs_flat"].value <= 1.0
-    assert '"index": "hnsw"' in (layout.gallery_dir / "gallery.json").read_text()
+    assert load_version(layout).lineage.index == "hnsw"
     (threshold,) = result.asset_materializations_for_node("match_threshold")
     assert "species" in threshold.metadata
     assert threshold.metadata["oof_map5"].value >= threshold.metadata["oof_map5_global_only"].value - 1e-12

@@ -13,7 +13,7 @@ import torch
 from pytorch_metric_learning import losses
 from torchvision.transforms import v2
 
-from whale_ml.config import TrainConfig
+from whale_ml.stage_configs import TrainConfig
 from whale_ml.data.folds import fold_split, make_folds
 from whale_ml.data.images import eval_transform, load_rgb, train_transform
 from whale_ml.data.metadata import read_train_metadata

@@ -13,7 +13,7 @@ import pytest
 from whale_assets.io_manager import TableIOManager
 from whale_assets.resources import MlflowTracking, WhaleHome
 from whale_assets.retries import mlflow_retry_policy
-from whale_ml.settings import HomeLayout
+from whale_ml.home import HomeLayout
 
 
 @pytest.mark.slow

@@ -22,7 +22,10 @@ import pytest
 import yaml
 from chromium import SKIP_REASON, browser, chromium_command
 
-from whale_assets.run import DOWNSTREAM, PER_FOLD, UPSTREAM
+from whale_assets.stages import ENSEMBLE_AND_SUBMIT, PREPARE_DATA, TRAIN_FOLDS, asset_names
+
+# The stages' assets, resolved from their groups (whale_assets/stages.py).
+UPSTREAM, PER_FOLD, DOWNSTREAM = (asset_names(s) for s in (PREPARE_DATA, TRAIN_FOLDS, ENSEMBLE_AND_SUBMIT))
 
 pytestmark = [pytest.mark.server, pytest.mark.e2e]
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from pytorch_metric_learning.samplers import MPerClassSampler
 
-from whale_ml.config import TrainConfig
+from whale_ml.stage_configs import TrainConfig
 from whale_ml.data.folds import fold_split, make_folds
 from whale_ml.data.metadata import read_train_metadata
 from whale_ml.training.trainer import build_train_loader, build_training, seed_everything, train_one_epoch, validate

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from whale_ml.config import TrainConfig
+from whale_ml.stage_configs import TrainConfig
 from whale_ml.data.folds import fold_split, make_folds
 from whale_ml.data.metadata import read_train_metadata
 from whale_ml.models.embedding import GeM, create_embedding_model

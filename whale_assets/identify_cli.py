@@ -1,8 +1,9 @@
 """``whale identify`` and ``whale enroll``: the researcher's daily loop on the command line.
 
-Thin: the work is in :mod:`whale_ml.identify`. This layer finds the home, the MLflow
-store and the Dagster instance, and reports each enrollment to Dagster as a
-materialisation of the ``gallery`` asset, so the UI shows every gallery version.
+Thin: the work is in :mod:`whale_ml.identify`, on the gallery versions of
+:mod:`whale_ml.gallery` and the models of :mod:`whale_ml.registry`. This layer finds
+the home, the MLflow store and the Dagster instance, and reports each enrollment to
+Dagster as a materialisation of the ``gallery`` asset, so the UI shows every gallery version.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from whale_ml.settings import HomeLayout, default_home
+from whale_ml.environment import default_home
+from whale_ml.home import HomeLayout
 
 
 def _alias_template(alias: str) -> str:
@@ -40,7 +42,7 @@ def _tracking_uri() -> str:
 
 
 def _match_threshold(layout: HomeLayout) -> dict[str, Any]:
-    from whale_ml.identify.lineage import LineageError
+    from whale_ml.gallery.lineage import LineageError
     from whale_ml.io import read_json
 
     path = layout.tables / "match_threshold.json"
@@ -67,7 +69,9 @@ def identify_main(argv: Sequence[str]) -> int:
     parser.add_argument("--device", default="cpu", help="cpu (default), auto, cuda or cuda:N")
     args = parser.parse_args(argv)
 
-    from whale_ml.identify import LineageError, expand_inputs, format_text, identify_photos, load_version, resolve_models, write_report
+    from whale_ml.gallery import LineageError, load_version
+    from whale_ml.identify import expand_inputs, format_text, identify_photos, write_report
+    from whale_ml.registry import resolve_models
     from whale_ml.training.trainer import resolve_device
 
     layout = _setup()
@@ -109,7 +113,7 @@ def report_gallery_version(layout: HomeLayout, summary: dict[str, Any]) -> None:
 
     from whale_assets.instance import prepare_dagster_home
     from whale_assets.metadata import table_md
-    from whale_ml.identify import list_versions
+    from whale_ml.gallery import list_versions
 
     prepare_dagster_home(layout.home)
     instance = dg.DagsterInstance.get()
@@ -145,7 +149,9 @@ def enroll_main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
 
     from whale_ml.data.metadata import MetadataError
-    from whale_ml.identify import LineageError, enroll, gallery_models, load_version
+    from whale_ml.gallery import LineageError, load_version
+    from whale_ml.identify import enroll
+    from whale_ml.registry import gallery_models
     from whale_ml.training.trainer import resolve_device
 
     layout = _setup()
@@ -182,7 +188,7 @@ def prune_main(argv: Sequence[str]) -> int:
     if args.keep < 1:
         parser.error(f"--keep must be at least 1, not {args.keep}")
 
-    from whale_ml.identify import list_versions, prune_versions
+    from whale_ml.gallery import list_versions, prune_versions
 
     layout = _setup()
     before = list_versions(layout)

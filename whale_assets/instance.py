@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 from whale_ml.io import pid_alive, write_text
-from whale_ml.settings import HomeLayout, default_home
+from whale_ml.environment import default_home
+from whale_ml.home import HomeLayout
 
 DAGSTER_YAML = """\
 # Written by whale_assets.instance; edit freely, it is not overwritten.

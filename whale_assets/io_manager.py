@@ -18,7 +18,8 @@ import pandas as pd
 from pydantic import Field
 
 from whale_ml.io import atomic_path, write_json
-from whale_ml.settings import HomeLayout, default_home
+from whale_ml.environment import default_home
+from whale_ml.home import HomeLayout
 
 
 class TableIOManager(dg.ConfigurableIOManager):

@@ -1,8 +1,8 @@
-"""The resources every asset shares: the data home and the MLflow store."""
+"""The resources every asset shares: the data home and the MLflow store (runs here; the
+model registry itself is :mod:`whale_ml.registry`)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +14,8 @@ from pydantic import Field
 
 from whale_assets.retries import mlflow_retry_policy
 from whale_ml.offline import configure_environment
-from whale_ml.settings import HomeLayout, default_data_dir, default_home
+from whale_ml.environment import default_data_dir, default_home, read_environment
+from whale_ml.home import HomeLayout
 
 
 class WhaleHome(dg.ConfigurableResource):
@@ -55,7 +56,7 @@ _HOME_URIS: set[str] = set()
 
 
 def _default_tracking_uri() -> str:
-    env = os.environ.get("MLFLOW_TRACKING_URI")
+    env = read_environment().mlflow_tracking_uri
     if env and env not in _HOME_URIS:
         return env
     uri = HomeLayout(default_home()).mlflow_uri
@@ -80,7 +81,7 @@ class MlflowTracking(dg.ConfigurableResource):
         "tracking server, the server's own artifact store).",
     )
     ui_url: str = Field(
-        default_factory=lambda: os.environ.get("WHALE_MLFLOW_UI", "http://127.0.0.1:5000"),
+        default_factory=lambda: read_environment().mlflow_ui,
         description="Where the MLflow UI is served (for links in asset metadata).",
     )
     registered_model: str = Field("whale-arcface", description="Model registry name of the fold embedding models.")
@@ -162,99 +163,21 @@ class MlflowTracking(dg.ConfigurableResource):
             yield run
 
     def log_embedding_model(self, model: Any, image_size: int, embedding_size: int, alias: str, tags: dict[str, str]) -> Any:
-        """Log a trained embedding model to the active run, with its signature, and register
-        it under :attr:`registered_model` with ``alias`` pointing at the new version.
+        """Log a trained embedding model to the active run and register it under
+        :attr:`registered_model` with ``tags`` and ``alias`` (:func:`whale_ml.registry.register_model`)."""
+        from whale_ml.registry import register_model
 
-        The signature says what serving gets and gives: uint8 RGB images (N, 3, S, S) in,
-        float32 embeddings (N, D) out. Aliases, not the deprecated registry stages.
-        """
-        import mlflow
-        import numpy as np
-        import torch
-        from mlflow.models import infer_signature
-
-        signature = infer_signature(
-            np.zeros((1, 3, image_size, image_size), dtype=np.uint8), np.zeros((1, embedding_size), dtype=np.float32)
-        )
-        # Explicit requirements: inferring them imports and inspects the environment (~4 s).
-        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"timm=={_version('timm')}"]
-        info = mlflow.pytorch.log_model(
-            model.cpu().eval(),
-            name="embedding_model",
-            signature=signature,
-            registered_model_name=self.registered_model,
-            pip_requirements=requirements,
-            # 'pt2' (MLflow 3's default) traces one fixed input shape; the pickled module
-            # embeds any batch size. Loading it needs whale_ml importable, as here.
-            serialization_format="pickle",
-        )
-        client = mlflow.MlflowClient(tracking_uri=self.uri)
-        version = str(info.registered_model_version)
-        for key, value in tags.items():
-            client.set_model_version_tag(self.registered_model, version, key, value)
-        client.set_registered_model_alias(self.registered_model, alias, version)
-        return info
+        return register_model(self.uri, self.registered_model, model, image_size, embedding_size, alias, tags)
 
     def promote_challengers(self, folds: list[str]) -> list[dict[str, object]]:
-        """Champion/challenger per fold: the newest version (alias ``<fold>``) becomes
-        ``challenger_<fold>``, and ``champion_<fold>`` too when its validation MAP@5 is at
-        least the champion's on the same fold data (``data_version`` tag). A champion
-        validated on other data is not comparable, so the challenger replaces it.
-
-        Returns one row per fold: both versions, their scores and the decision.
-        """
-        import mlflow
-        from mlflow.exceptions import MlflowException
+        """Champion/challenger per fold in :attr:`registered_model`
+        (:func:`whale_ml.registry.promote_challengers`): one row per fold, with the decision."""
+        from whale_ml.registry import promote_challengers
 
         self.check_reachable()
-        client = mlflow.MlflowClient(tracking_uri=self.uri)
-        name = self.registered_model
-
-        def by_alias(alias: str) -> Any:
-            try:
-                return client.get_model_version_by_alias(name, alias)
-            except MlflowException:
-                return None
-
-        def score(version: Any) -> float:
-            try:
-                return float(version.tags.get("val_map5", "nan"))
-            except ValueError:
-                return float("nan")
-
-        rows: list[dict[str, object]] = []
-        for fold in folds:
-            new, champion = by_alias(fold), by_alias(f"champion_{fold}")
-            row: dict[str, object] = {"fold": fold, "challenger": None, "challenger_map5": None, "champion_before": None}
-            if new is None:
-                rows.append({**row, "decision": "no registered model for this fold"})
-                continue
-            client.set_registered_model_alias(name, f"challenger_{fold}", new.version)
-            row.update({"challenger": int(new.version), "challenger_map5": score(new)})
-            if champion is not None:
-                row.update({"champion_before": int(champion.version), "champion_map5": score(champion)})
-            if champion is None:
-                promote, why = True, "first model of this fold"
-            elif champion.version == new.version:
-                promote, why = True, "already champion"
-            elif champion.tags.get("data_version") != new.tags.get("data_version"):
-                promote, why = True, "champion was validated on other data: not comparable"
-            elif score(new) >= score(champion):
-                promote, why = True, f"val MAP@5 {score(new):.4f} >= champion's {score(champion):.4f}"
-            else:
-                promote, why = False, f"val MAP@5 {score(new):.4f} < champion's {score(champion):.4f}: champion kept"
-            if promote:
-                client.set_registered_model_alias(name, f"champion_{fold}", new.version)
-            row.update({"champion_after": int(new.version if promote else champion.version), "decision": why})
-            rows.append(row)
-        return rows
+        return promote_challengers(self.uri, self.registered_model, folds)
 
 
 class MlflowUnreachableError(ConnectionError):
     """The MLflow tracking server named in the message did not answer."""
 
-
-def _version(package: str) -> str:
-    from importlib.metadata import version
-
-    return version(package)

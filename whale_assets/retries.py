@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import dagster as dg
+
+from whale_ml.environment import read_environment
 
 
 def mlflow_retry_policy() -> dg.RetryPolicy:
@@ -32,13 +33,8 @@ def mlflow_retry_policy() -> dg.RetryPolicy:
     fails at once. (A resource that fails to initialise is never retried: Dagster
     raises that outside the policy.) ``WHALE_MLFLOW_RETRIES=0`` turns retries off.
     """
-    try:
-        retries = int(os.environ.get("WHALE_MLFLOW_RETRIES", "3"))
-        delay = float(os.environ.get("WHALE_MLFLOW_RETRY_DELAY_S", "30"))
-    except ValueError as exc:
-        raise ValueError(f"WHALE_MLFLOW_RETRIES must be an integer and WHALE_MLFLOW_RETRY_DELAY_S a number of seconds: {exc}") from exc
-    if retries < 0 or delay < 0:
-        raise ValueError(f"WHALE_MLFLOW_RETRIES ({retries}) and WHALE_MLFLOW_RETRY_DELAY_S ({delay}) must not be negative")
+    env = read_environment()
+    retries, delay = env.mlflow_retries, env.mlflow_retry_delay_s
     return dg.RetryPolicy(max_retries=retries, delay=delay, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from whale_assets.instance import prepare_dagster_home
-from whale_ml.settings import default_data_dir, default_home
+from whale_ml.environment import default_data_dir, default_home
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -42,7 +42,7 @@ def load_recipe(path: str | Path | None) -> dict[str, Any]:
     return recipe
 
 
-def _run_config(recipe: dict[str, Any], keys: Sequence[str], log_level: str = "INFO") -> dict[str, Any]:
+def stage_run_config(recipe: dict[str, Any], keys: Sequence[str], log_level: str = "INFO") -> dict[str, Any]:
     """The recipe's config for the selected assets, with the console log at ``log_level``."""
     ops = {k: v for k, v in recipe.get("ops", {}).items() if k in keys}
     config: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": log_level}}}}
@@ -76,7 +76,7 @@ def run_pipeline(recipe: dict[str, Any], folds: Sequence[str] | None = None, log
         log(f"==> materialising {label}")
         t0 = time.perf_counter()
         result = job.execute_in_process(
-            run_config=_run_config(recipe, keys),
+            run_config=stage_run_config(recipe, keys),
             instance=instance,
             partition_key=partition,
             asset_selection=[dg.AssetKey(k) for k in keys],

@@ -11,7 +11,7 @@ from whale_assets.resources import WhaleHome
 from whale_assets.stages import ENSEMBLE_AND_SUBMIT
 from whale_ml.data.metadata import training_data_fingerprint
 from whale_ml.environment import read_environment
-from whale_ml.identify.enroll import ledger_fingerprint
+from whale_ml.gallery.ledger import ledger_fingerprint
 
 
 @dg.sensor(job=prepare_data, minimum_interval_seconds=300, default_status=dg.DefaultSensorStatus.STOPPED)

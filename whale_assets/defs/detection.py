@@ -10,12 +10,12 @@ from whale_assets.k8s import GPU_STEP_TAGS
 from whale_assets.metadata import image_md, progress_logger, table_md
 from whale_assets.resources import MlflowTracking, WhaleHome
 from whale_assets.retries import mlflow_retry_policy, retry_only_if_transient
-from whale_assets.settings import BoxSettings, CropSettings, DetectorSettings
+from whale_assets.launchpad import BoxSettings, CropSettings, DetectorSettings
 from whale_ml.detection.box_summary import photos_to_box, summarise_boxes
 from whale_ml.detection.crops import CONTACT_SHEET_FILE, crop_every_split, crop_report, photo_paths, write_contact_sheet
 from whale_ml.detection.detector import MetricsFn, prepare_detector, read_detector
 from whale_ml.detection.yolo import detect_boxes
-from whale_ml.identify.lineage import record_boxes, record_crops
+from whale_ml.gallery.lineage import record_boxes, record_crops
 
 
 @dg.asset(

@@ -7,10 +7,10 @@ import pandas as pd
 
 from whale_assets.metadata import table_md
 from whale_assets.resources import WhaleHome
-from whale_assets.settings import MetadataSettings
+from whale_assets.launchpad import MetadataSettings
 from whale_ml.data.demo import ensure_demo_data
 from whale_ml.data.metadata import SPECIES_ALIASES, MetadataError, find_train_overlap, read_test_metadata, read_train_metadata
-from whale_ml.identify.enroll import with_ledger
+from whale_ml.gallery.ledger import with_ledger
 
 
 def _ensure_data(context: dg.AssetExecutionContext, whale: WhaleHome) -> None:

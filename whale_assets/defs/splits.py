@@ -5,7 +5,7 @@ import pandas as pd
 
 from whale_assets.metadata import table_md
 from whale_assets.partitions import n_folds
-from whale_assets.settings import FoldSettings
+from whale_assets.launchpad import FoldSettings
 from whale_ml.data.folds import fold_summary, make_folds
 
 

@@ -3,25 +3,24 @@
 from typing import Any
 
 import dagster as dg
-import numpy as np
 import pandas as pd
 
 from whale_assets.stages import REBUILD_AFTER_FOLDS
 from whale_assets.metadata import image_md, table_md
 from whale_assets.resources import WhaleHome
 from whale_ml.data.metadata import NEW_INDIVIDUAL, read_truth
-from whale_ml.io import atomic_path, read_json
-from whale_ml.retrieval import load_index, predict_top5, query_thresholds, search_gallery
-from whale_ml.retrieval.review import best_photo_per_prediction, review_sheet
-from whale_ml.retrieval.store import load_embeddings
+from whale_ml.gallery.build import query_embeddings
+from whale_ml.gallery.search import match_queries
+from whale_ml.gallery.versions import load_version
+from whale_ml.io import atomic_path
+from whale_ml.retrieval.review import sample_review
 from whale_ml.submission import make_submission, prior_predictions, score_submission, submission_problems, write_submission
 
 
 @dg.asset(
     group_name="submission",
     kinds={"csv"},
-    deps=["gallery"],
-    code_version="1",
+    code_version="2",
     automation_condition=REBUILD_AFTER_FOLDS,
     check_specs=[
         dg.AssetCheckSpec(
@@ -38,23 +37,18 @@ def submission_csv(
     test_metadata: pd.DataFrame,
     train_metadata: pd.DataFrame,
     match_threshold: dict[str, Any],
+    gallery: dict[str, Any],
     crops: pd.DataFrame,
 ) -> dg.MaterializeResult:
     """``submission.csv`` in Kaggle's format: for each test photo in
-    ``sample_submission.csv`` order, five ids by the new_individual rule at the tuned
-    threshold (its species' own one where tuned); a photo that could not be read gets
-    the prior answer. A match-review sheet shows sample test photos beside the gallery
-    photos they were matched to."""
-    g = whale.layout.gallery_dir
-    index = load_index(g / "index.faiss")
-    gallery = pd.read_csv(g / "gallery_ids.csv", dtype=str, keep_default_na=False)
-    gallery_ids = gallery["individual_id"].to_numpy()
-    queries, query_images = load_embeddings(g, "queries")
-    sims, ids = search_gallery(index, gallery_ids, queries, k=int(read_json(g / "gallery.json")["k"]))
-    by_species: dict[str, float] = match_threshold.get("species_thresholds") or {}
-    species_of = dict(zip(train_metadata["individual_id"], train_metadata["species"], strict=True))
-    thresholds = query_thresholds(ids, species_of, match_threshold["threshold"], by_species)
-    found = dict(zip(query_images, predict_top5(sims, ids, thresholds), strict=True))
+    ``sample_submission.csv`` order, five ids from the gallery version the gallery stage
+    wrote (searched as ``whale identify`` searches it; a later ``whale enroll`` version
+    does not change the submission) by the new_individual rule at the tuned threshold
+    (its species' own one where tuned); a photo that could not be read gets the prior
+    answer. A match-review sheet shows sample test photos beside their matches."""
+    version = load_version(whale.layout, gallery["version"])
+    queries, query_images = query_embeddings(whale.layout, version)
+    found = dict(zip(query_images, match_queries(version, queries, match_threshold).predictions, strict=True))
     prior = prior_predictions(train_metadata["individual_id"].tolist())
     missing = [img for img in test_metadata["image"] if img not in found]
     for img in missing:
@@ -63,17 +57,27 @@ def submission_csv(
     sub = make_submission(test_metadata["image"].tolist(), predictions)
     path = write_submission(sub, whale.layout.submission)
 
-    expected_ids = min(5, 1 + len(set(gallery_ids)))
+    expected_ids = min(5, 1 + version.table["individual_id"].nunique())
     problems = submission_problems(path, test_metadata["image"].tolist(), expected_ids)
     top1_new = float(sum(p[0] == NEW_INDIVIDUAL for p in predictions) / max(1, len(predictions)))
-    review = _match_review(whale, index, gallery, queries, query_images, found, crops)
+    sheet = sample_review(
+        query_images,
+        queries,
+        [found[img] for img in query_images],
+        dict(zip(crops["image"], crops["crop_path"], strict=True)),
+        version.embeddings,
+        version.table["individual_id"].to_numpy(),
+        version.table["crop_path"].tolist(),
+        _truth_of(whale),
+    )
     return dg.MaterializeResult(
         metadata={
-            **review,
+            **(_review_metadata(whale, sheet) if sheet is not None else {}),
             "path": dg.MetadataValue.path(str(path)),
             "dagster/row_count": len(sub),
+            "gallery_version": version.name,
             "threshold": float(match_threshold["threshold"]),
-            "species_thresholds": len(by_species),
+            "species_thresholds": len(match_threshold.get("species_thresholds") or {}),
             "top1_new_individual_share": top1_new,
             "prior_only_rows": len(missing),
             "preview": table_md(sub.head(10)),
@@ -108,31 +112,13 @@ def submission_score(context: dg.AssetExecutionContext, whale: WhaleHome) -> dg.
     )
 
 
-def _match_review(
-    whale: WhaleHome,
-    index: Any,
-    gallery: pd.DataFrame,
-    queries: np.ndarray,
-    query_images: list[str],
-    found: dict[str, list[str]],
-    crops: pd.DataFrame,
-    n: int = 8,
-) -> dict[str, Any]:
-    """Metadata entries for the match-review sheet of ``n`` sample test photos."""
-    if not query_images:
-        return {}
-    crop_of = dict(zip(crops["image"], crops["crop_path"], strict=True))
-    rows = sorted(np.random.default_rng(0).choice(len(query_images), min(n, len(query_images)), replace=False).tolist())
-    names = [query_images[r] for r in rows]
-    preds = [found[name] for name in names]
-    matches = best_photo_per_prediction(index, gallery["individual_id"].to_numpy(), queries[rows], preds)
+def _truth_of(whale: WhaleHome) -> dict[str, str] | None:
     truth = read_truth(whale.data_path)
-    truths = None
-    if truth is not None:
-        known = set(gallery["individual_id"])
-        truth_of = dict(zip(truth["image"], truth["individual_id"], strict=True))
-        truths = [t if (t := truth_of.get(name, "?")) in known else NEW_INDIVIDUAL for name in names]
-    sheet = review_sheet([crop_of[x] for x in names], preds, matches, [crop_of.get(x, "") for x in gallery["image"]], truths)
+    return None if truth is None else dict(zip(truth["image"], truth["individual_id"], strict=True))
+
+
+def _review_metadata(whale: WhaleHome, sheet: Any) -> dict[str, Any]:
+    """The match-review sheet, saved beside the submission and shown in the UI."""
     path = whale.layout.home / "match_review.png"
     with atomic_path(path) as tmp:
         sheet.save(tmp)

@@ -9,11 +9,11 @@ from whale_assets.metadata import figure_md, table_md
 from whale_assets.partitions import fold_index, fold_partitions
 from whale_assets.resources import MlflowTracking, WhaleHome
 from whale_assets.retries import mlflow_retry_policy, retry_only_if_transient
-from whale_assets.settings import TrainSettings
-from whale_ml.identify.lineage import record_registered
-from whale_ml.identify.registry import CHECKPOINT_ARTIFACT, SHA_TAG
+from whale_assets.launchpad import TrainSettings
+from whale_ml.gallery.lineage import record_registered
+from whale_ml.registry import CHECKPOINT_ARTIFACT, SHA_TAG
 from whale_ml.io import sha256_file
-from whale_ml.settings import HomeLayout
+from whale_ml.home import HomeLayout
 from whale_ml.training.fold_model import FoldData, TrainedFold, recipe_version, train_fold_model
 from whale_ml.training.trainer import load_model
 

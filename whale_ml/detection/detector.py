@@ -3,7 +3,7 @@
 A home holds at most one detector: ``detector.pt`` (absent when the source is
 ``none``) beside ``detector.json``, which records the source, the input size
 the boxes stage must predict at, and the validation scores of a trained one.
-The four sources (see :class:`whale_ml.config.DetectorConfig`) are chosen here,
+The four sources (see :class:`whale_ml.stage_configs.DetectorConfig`) are chosen here,
 so the Dagster asset only opens the tracking run and reports the result.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from whale_ml.config import DetectorConfig
+from whale_ml.stage_configs import DetectorConfig
 from whale_ml.detection.yolo import (
     YoloDataset,
     box_iou_report,

@@ -14,31 +14,15 @@ from typing import Any
 import numpy as np
 
 from whale_ml.data.metadata import NEW_INDIVIDUAL
-from whale_ml.identify.photos import crop_photos, embed_crops
-from whale_ml.identify.registry import ResolvedModel
-from whale_ml.identify.versions import GalleryVersion
-from whale_ml.retrieval.gallery import search_gallery
-from whale_ml.retrieval.ranking import TOP, predict_top5, query_thresholds
-from whale_ml.settings import HomeLayout
+from whale_ml.gallery.embed import crop_photos, embed_crops
+from whale_ml.gallery.search import match_queries
+from whale_ml.gallery.versions import GalleryVersion
+from whale_ml.registry import ResolvedModel
+from whale_ml.retrieval.gallery import best_photo_per_candidate
+from whale_ml.retrieval.ranking import TOP
+from whale_ml.home import HomeLayout
 
 SCHEMA_VERSION = 1
-
-
-def rows_by_individual(gallery: GalleryVersion) -> dict[str, np.ndarray]:
-    """Gallery row numbers of each individual."""
-    ids = gallery.table["individual_id"].to_numpy()
-    order = np.argsort(ids, kind="stable")
-    names, starts = np.unique(ids[order], return_index=True)
-    return dict(zip(names, np.split(order, starts[1:]), strict=True))
-
-
-def best_gallery_rows(gallery: GalleryVersion, query: np.ndarray, ids: Sequence[str], rows_of: dict[str, np.ndarray]) -> list[int | None]:
-    """For each candidate id, the gallery row (photo) most similar to ``query``."""
-    best: list[int | None] = []
-    for ind in ids:
-        where = rows_of.get(ind)
-        best.append(int(where[np.argmax(gallery.embeddings[where] @ query)]) if where is not None and len(where) else None)
-    return best
 
 
 def identify_photos(
@@ -63,14 +47,11 @@ def identify_photos(
     photos = crop_photos(paths, lineage, layout, work_dir, device)
     ok = photos["crop_path"] != ""
     emb = embed_crops(photos.loc[ok, "crop_path"].tolist(), models, device) if ok.any() else np.zeros((0, 1), np.float32)
-    gallery_ids = gallery.table["individual_id"].to_numpy(dtype=object)
     if len(emb):
-        sims, ids = search_gallery(gallery.index, gallery_ids, emb, k=lineage.k)
-        species_of = dict(zip(gallery.table["individual_id"], gallery.table["species"], strict=True))
-        thresholds = query_thresholds(ids, species_of, match_threshold["threshold"], match_threshold.get("species_thresholds"))
-        predictions = predict_top5(sims, ids, thresholds)
+        found = match_queries(gallery, emb, match_threshold)
+        sims, ids, thresholds, predictions = found.sims, found.ids, found.thresholds, found.predictions
+        matched = best_photo_per_candidate(gallery.embeddings, gallery.table["individual_id"].to_numpy(), emb, ids.tolist())
     rows: list[dict[str, Any]] = []
-    rows_of = rows_by_individual(gallery)
     q = 0
     for photo in photos.itertuples():
         row: dict[str, Any] = {
@@ -89,9 +70,8 @@ def identify_photos(
             "predictions": [],
         }
         if photo.crop_path:
-            matched = best_gallery_rows(gallery, emb[q], list(ids[q]), rows_of)
             candidates = []
-            for rank, (ind, sim, grow) in enumerate(zip(ids[q], sims[q], matched, strict=True), start=1):
+            for rank, (ind, sim, (grow, _)) in enumerate(zip(ids[q], sims[q], matched[q], strict=True), start=1):
                 if not ind:  # a gallery with fewer than five individuals
                     continue
                 g = gallery.table.iloc[grow]

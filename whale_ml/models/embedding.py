@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from whale_ml.checkpoints import load_weights_only
-from whale_ml.config import TrainConfig
+from whale_ml.stage_configs import TrainConfig
 
 
 class GeM(nn.Module):

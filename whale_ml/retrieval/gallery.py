@@ -11,6 +11,7 @@ ids whenever the gallery has them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import faiss
@@ -28,6 +29,9 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
 
 
 INDEX_KINDS = ("flat", "hnsw", "ivf", "ivfpq")
+# build_index's options of the index itself, as GalleryConfig names them (a gallery
+# version's lineage records them, so that a rebuilt index is the same).
+INDEX_OPTIONS = ("hnsw_m", "ef_search", "nlist", "nprobe", "pq_m", "pq_nbits")
 _ADD_BLOCK = 65_536  # rows normalised and added at a time (128 MiB at 512 dimensions)
 
 
@@ -130,6 +134,47 @@ def index_recall(
     _, got_ids = search_gallery(index, gallery_ids, q, top=k)
     per_query = [len(set(a) & set(b) - {""}) / max(1, len(set(a) - {""})) for a, b in zip(want_ids, got_ids, strict=True)]
     return {"image_recall_at_k": float(image_recall), "individual_recall_at_k": float(np.mean(per_query)), "queries": len(q), "k": k}
+
+
+def best_photo_per_candidate(
+    embeddings: np.ndarray, gallery_ids: np.ndarray, queries: np.ndarray, candidates: Sequence[Sequence[str]]
+) -> list[list[tuple[int, float]]]:
+    """For each query and each of its candidate individuals, the gallery photo of that
+    individual most similar to the query, and that similarity.
+
+    What a person checks a match by: the candidate's photo that looks most like the
+    query. Exact over every photo of the candidate (not limited to a search's first
+    neighbours), so it holds for approximate indexes and deep candidates alike.
+
+    Args:
+        embeddings: (n, d) gallery embeddings, unit length as a gallery version stores them.
+        gallery_ids: individual id of each gallery row.
+        queries: (q, d) unit-length query embeddings.
+        candidates: per query, individual ids (``new_individual`` and ``""`` allowed).
+
+    Returns:
+        Per query, per candidate: ``(gallery row, similarity)``; ``(-1, nan)`` for an id
+        with no photo in the gallery (``new_individual``, padding).
+    """
+    gallery_ids = np.asarray(gallery_ids, dtype=object)
+    if len(embeddings) != len(gallery_ids):
+        raise ValueError(f"{len(embeddings)} gallery embeddings for {len(gallery_ids)} ids")
+    order = np.argsort(gallery_ids, kind="stable")
+    names, starts = np.unique(gallery_ids[order], return_index=True)
+    rows_of = dict(zip(names, np.split(order, starts[1:]), strict=True)) if len(order) else {}
+    out = []
+    for query, ids in zip(queries, candidates, strict=True):
+        found = []
+        for ind in ids:
+            rows = rows_of.get(ind)
+            if rows is None:
+                found.append((-1, float("nan")))
+                continue
+            sims = embeddings[rows] @ query
+            best = int(np.argmax(sims))
+            found.append((int(rows[best]), float(sims[best])))
+        out.append(found)
+    return out
 
 
 def save_index(index: faiss.Index, path: str | Path) -> Path:

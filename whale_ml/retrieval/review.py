@@ -9,33 +9,14 @@ whether the matches are the same animal.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-import faiss
 import numpy as np
 from PIL import Image, ImageDraw
 
 from whale_ml.data.images import ImageReadError, load_rgb
 from whale_ml.data.metadata import NEW_INDIVIDUAL
-from whale_ml.retrieval.gallery import l2_normalise
-
-
-def best_photo_per_prediction(
-    index: faiss.Index, gallery_ids: np.ndarray, queries: np.ndarray, predictions: Sequence[Sequence[str]], k: int = 200
-) -> list[list[tuple[int, float]]]:
-    """For each query and each predicted id, its most similar gallery row and that similarity.
-
-    ``(-1, nan)`` for ``new_individual`` and for an id not among the first ``k`` neighbours.
-    """
-    sims, rows = index.search(l2_normalise(queries), min(k, index.ntotal))
-    out = []
-    for q, preds in enumerate(predictions):
-        first: dict[str, tuple[int, float]] = {}
-        for row, sim in zip(rows[q], sims[q], strict=True):
-            if row >= 0:
-                first.setdefault(str(gallery_ids[row]), (int(row), float(sim)))
-        out.append([first.get(p, (-1, float("nan"))) for p in preds])
-    return out
+from whale_ml.retrieval.gallery import best_photo_per_candidate
 
 
 def review_sheet(
@@ -73,3 +54,41 @@ def review_sheet(
             if truths is not None and pred == truths[r]:
                 draw.rectangle([x, y, x + tile - 1, y + tile - 1], outline=(0, 170, 0), width=4)
     return sheet
+
+
+def sample_review(
+    query_images: Sequence[str],
+    queries: np.ndarray,
+    predictions: Sequence[Sequence[str]],
+    query_crops: Mapping[str, str],
+    gallery_embeddings: np.ndarray,
+    gallery_ids: np.ndarray,
+    gallery_crops: Sequence[str],
+    truth_of: Mapping[str, str] | None = None,
+    n: int = 8,
+) -> Image.Image | None:
+    """The review sheet of ``n`` queries drawn at random (seeded: the same ones every time),
+    each prediction shown by its best-matching gallery photo.
+
+    Args:
+        query_images, queries, predictions: the queries' names, unit-length embeddings and
+            five predictions, row for row.
+        query_crops: image name -> crop file of each query.
+        gallery_embeddings, gallery_ids, gallery_crops: the gallery's rows.
+        truth_of: image -> true individual, when known; an individual the gallery lacks
+            is shown as ``new_individual`` (what a correct prediction says).
+
+    Returns:
+        The sheet, or None when there are no queries.
+    """
+    if not len(query_images):
+        return None
+    rows = sorted(np.random.default_rng(0).choice(len(query_images), min(n, len(query_images)), replace=False).tolist())
+    names = [query_images[r] for r in rows]
+    preds = [predictions[r] for r in rows]
+    matches = best_photo_per_candidate(gallery_embeddings, gallery_ids, queries[rows], preds)
+    truths = None
+    if truth_of is not None:
+        known = set(gallery_ids)
+        truths = [t if (t := truth_of.get(name, "?")) in known else NEW_INDIVIDUAL for name in names]
+    return review_sheet([query_crops[name] for name in names], preds, matches, gallery_crops, truths)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -45,33 +44,3 @@ def ensemble(embeddings: list[np.ndarray]) -> np.ndarray:
         raise ValueError("no embeddings to combine")
     parts = [e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12) for e in embeddings]
     return (np.concatenate(parts, axis=1) / np.sqrt(len(parts))).astype(np.float32)
-
-
-def out_of_fold_search(
-    folds: pd.DataFrame, embeddings_dir: Callable[[str], Path], fold_keys: list[str], k: int = 50
-) -> Iterator[tuple[str, pd.DataFrame, pd.DataFrame, np.ndarray, np.ndarray]]:
-    """Per fold with validation photos: its training and validation rows, and the validation
-    photos' best five individuals among that fold's training photos, by that fold's model.
-
-    Args:
-        folds: the ``cv_folds`` table.
-        embeddings_dir: fold key -> the folder of its ``train`` embeddings.
-        fold_keys: ``fold0``, ``fold1``, ... in order.
-
-    Yields:
-        ``(fold, train, val, sims, ids)`` as :func:`search_gallery` returns them; ``val``
-        has the ``truth`` column (``new_individual`` where the fold's training lacks the id).
-    """
-    from whale_ml.data.folds import fold_split
-    from whale_ml.retrieval.gallery import build_index, search_gallery
-
-    for i, fold in enumerate(fold_keys):
-        train, val = fold_split(folds, i)
-        if val.empty:
-            continue
-        emb, images = load_embeddings(embeddings_dir(fold), "train")
-        row_of = {img: r for r, img in enumerate(images)}
-        gallery = emb[[row_of[x] for x in train["image"]]]
-        queries = emb[[row_of[x] for x in val["image"]]]
-        sims, ids = search_gallery(build_index(gallery), train["individual_id"].to_numpy(), queries, k=k)
-        yield fold, train, val, sims, ids

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from whale_ml.checkpoints import load_weights_only
-from whale_ml.config import TrainConfig
+from whale_ml.stage_configs import TrainConfig
 from whale_ml.io import atomic_path
 
 LAST, BEST = "last.pt", "best.pt"

@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from whale_ml.config import TrainConfig
+from whale_ml.stage_configs import TrainConfig
 from whale_ml.data.folds import fold_split
 from whale_ml.io import atomic_path, write_json
 from whale_ml.training.launch import train_fold_distributed

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from torch import distributed as dist
 
-from whale_ml.config import TrainConfig
+from whale_ml.stage_configs import TrainConfig
 from whale_ml.io import atomic_path, write_text
 from whale_ml.training.trainer import LogFn, TrainResult, load_checkpoint, train_fold
 

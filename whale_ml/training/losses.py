@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from pytorch_metric_learning import losses
 
-from whale_ml.config import TrainConfig
+from whale_ml.stage_configs import TrainConfig
 
 
 def dynamic_margins(counts: Sequence[int] | np.ndarray, a: float, b: float, c: float) -> np.ndarray:

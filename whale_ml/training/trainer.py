@@ -41,7 +41,7 @@ from torch import distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from whale_ml.config import TrainConfig
+from whale_ml.stage_configs import TrainConfig
 from whale_ml.data.images import ImageDataset, autoaugment_transform, train_transform
 from whale_ml.io import remove_stale_temps
 from whale_ml.models.embedding import EmbeddingNet, create_embedding_model

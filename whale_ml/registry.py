@@ -1,11 +1,14 @@
-"""The fold models of a gallery, fetched from the MLflow model registry.
+"""The MLflow model registry of the fold embedding models: register, promote, find, download.
 
-Each registered version of ``whale-arcface`` carries its checkpoint (``best.pt``)
-as an artifact of its run and the checkpoint's sha256 as a version tag. Models are
-picked by alias (``champion_<fold>`` by default) or by version, checked against
-the checkpoints the gallery was embedded with, downloaded once into a cache named
-by their digest, and loaded by ``whale_ml.checkpoints`` (torch's weights-only loader): nothing is
-unpickled.
+The one module of ``whale_ml`` that talks to MLflow (imported lazily, so the rest of
+the core runs without it). Each registered version of ``whale-arcface`` carries its
+checkpoint (``best.pt``) as an artifact of its run and the checkpoint's sha256 as a
+version tag. Aliases, not the deprecated stages: ``<fold>`` is the newest version,
+``challenger_<fold>`` and ``champion_<fold>`` the champion/challenger rule's picks
+(:func:`promote_challengers`). Models are found by alias or version, checked against
+the checkpoints a gallery was embedded with, downloaded once into a cache named by
+their digest, and loaded by ``whale_ml.checkpoints`` (torch's weights-only loader):
+nothing is unpickled. See docs/identify.md.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from whale_ml.identify.lineage import FoldModel, GalleryLineage, LineageError
+from whale_ml.gallery.lineage import FoldModel, GalleryLineage, LineageError
 from whale_ml.io import atomic_path, sha256_file, staging_dir
 
 CHECKPOINT_ARTIFACT = "checkpoint/best.pt"
@@ -45,7 +49,109 @@ class ResolvedModel:
         }
 
 
-def _fetch(tracking_uri: str, run_id: str, sha: str, cache_dir: Path, what: str) -> Path:
+def register_model(
+    tracking_uri: str, registered_model: str, model: Any, image_size: int, embedding_size: int, alias: str, tags: dict[str, str]
+) -> Any:
+    """Log a trained embedding model to the active run, with its signature, and register
+    it under ``registered_model`` with ``tags`` on the new version and ``alias`` pointing at it.
+
+    The signature says what serving gets and gives: uint8 RGB images (N, 3, S, S) in,
+    float32 embeddings (N, D) out.
+
+    Returns:
+        MLflow's ``ModelInfo`` (``registered_model_version`` is the new version).
+    """
+    from importlib.metadata import version as package_version
+
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+
+    signature = infer_signature(np.zeros((1, 3, image_size, image_size), dtype=np.uint8), np.zeros((1, embedding_size), dtype=np.float32))
+    # Explicit requirements: inferring them imports and inspects the environment (~4 s).
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"timm=={package_version('timm')}"]
+    info = mlflow.pytorch.log_model(
+        model.cpu().eval(),
+        name="embedding_model",
+        signature=signature,
+        registered_model_name=registered_model,
+        pip_requirements=requirements,
+        # 'pt2' (MLflow 3's default) traces one fixed input shape; the pickled module
+        # embeds any batch size. Loading it needs whale_ml importable, as here.
+        serialization_format="pickle",
+    )
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    version = str(info.registered_model_version)
+    for key, value in tags.items():
+        client.set_model_version_tag(registered_model, version, key, value)
+    client.set_registered_model_alias(registered_model, alias, version)
+    return info
+
+
+def _val_map5(version: Any) -> float:
+    try:
+        return float(version.tags.get("val_map5", "nan"))
+    except ValueError:
+        return float("nan")
+
+
+def promotion(new: Any, champion: Any | None) -> tuple[bool, str]:
+    """The champion/challenger rule: whether the challenger ``new`` becomes champion, and why.
+
+    It does when there is no champion yet, when its validation MAP@5 is at least the
+    champion's on the same fold data (``data_version`` tag), or when the champion was
+    validated on other data (not comparable, so the newer model wins).
+    """
+    if champion is None:
+        return True, "first model of this fold"
+    if champion.version == new.version:
+        return True, "already champion"
+    if champion.tags.get("data_version") != new.tags.get("data_version"):
+        return True, "champion was validated on other data: not comparable"
+    if _val_map5(new) >= _val_map5(champion):
+        return True, f"val MAP@5 {_val_map5(new):.4f} >= champion's {_val_map5(champion):.4f}"
+    return False, f"val MAP@5 {_val_map5(new):.4f} < champion's {_val_map5(champion):.4f}: champion kept"
+
+
+def promote_challengers(tracking_uri: str, registered_model: str, folds: list[str]) -> list[dict[str, object]]:
+    """Champion/challenger per fold: the newest version (alias ``<fold>``) becomes
+    ``challenger_<fold>``, and ``champion_<fold>`` too when :func:`promotion` says so.
+
+    Returns:
+        One row per fold: both versions, their scores and the decision.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+
+    def by_alias(alias: str) -> Any:
+        try:
+            return client.get_model_version_by_alias(registered_model, alias)
+        except MlflowException:
+            return None
+
+    rows: list[dict[str, object]] = []
+    for fold in folds:
+        new, champion = by_alias(fold), by_alias(f"champion_{fold}")
+        row: dict[str, object] = {"fold": fold, "challenger": None, "challenger_map5": None, "champion_before": None}
+        if new is None:
+            rows.append({**row, "decision": "no registered model for this fold"})
+            continue
+        client.set_registered_model_alias(registered_model, f"challenger_{fold}", new.version)
+        row.update({"challenger": int(new.version), "challenger_map5": _val_map5(new)})
+        if champion is not None:
+            row.update({"champion_before": int(champion.version), "champion_map5": _val_map5(champion)})
+        promote, why = promotion(new, champion)
+        if promote:
+            client.set_registered_model_alias(registered_model, f"champion_{fold}", new.version)
+        row.update({"champion_after": int(new.version if promote else champion.version), "decision": why})
+        rows.append(row)
+    return rows
+
+
+def fetch_checkpoint(tracking_uri: str, run_id: str, sha: str, cache_dir: Path, what: str) -> Path:
     """The checkpoint artifact of ``run_id``, cached as ``<sha>.pt`` and checked against ``sha``."""
     import mlflow
 
@@ -130,7 +236,7 @@ def resolve_models(
                 + " ".join(m.version or "?" for m in lineage.models)
                 + ")"
             )
-        path = _fetch(tracking_uri, mv.run_id, sha, cache_dir, what)
+        path = fetch_checkpoint(tracking_uri, mv.run_id, sha, cache_dir, what)
         out.append(ResolvedModel(want.fold, path, sha, name, str(mv.version), label, want.flip_tta))
     return out
 
@@ -154,7 +260,7 @@ def gallery_models(lineage: GalleryLineage, model_dir: object, tracking_uri: str
 
         client = mlflow.MlflowClient(tracking_uri=tracking_uri)
         mv = client.get_model_version(want.registered_model, want.version)
-        path = _fetch(tracking_uri, mv.run_id, want.checkpoint_sha256, cache_dir, f"{want.registered_model} v{want.version}")
+        path = fetch_checkpoint(tracking_uri, mv.run_id, want.checkpoint_sha256, cache_dir, f"{want.registered_model} v{want.version}")
         out.append(_resolved(want, path, None))
     return out
 

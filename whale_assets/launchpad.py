@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from whale_ml.config import (
+from whale_ml.stage_configs import (
     BoxConfig,
     CropConfig,
     DetectorConfig,

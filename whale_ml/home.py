@@ -1,9 +1,8 @@
-"""Where data and artifacts live, resolved from the environment.
+"""The home: every path the pipeline writes to, below one folder.
 
-``WHALE_DATA_DIR`` is the data set in the Kaggle layout; ``WHALE_HOME`` holds
-everything the pipeline writes (artifacts, MLflow store, ``DAGSTER_HOME``).
-Both default to places inside the checkout so that a fresh clone runs with no
-setup; set them to run on your own data or to keep artifacts elsewhere.
+``WHALE_HOME`` (resolved in whale_ml/environment.py) holds everything the pipeline
+writes: tables, crops, models, embeddings, gallery versions, the MLflow store and
+``DAGSTER_HOME``. The data set it reads (``WHALE_DATA_DIR``) is separate.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from whale_ml.environment import default_data_dir, default_home  # noqa: F401  (moved; importers follow at merge)
 
 @dataclass(frozen=True)
 class HomeLayout:

@@ -3,7 +3,7 @@
 A version is a folder ``gallery/versions/vNNNN/`` holding the index, the
 embeddings (to find each candidate's best-matching photo), one row per photo
 (``gallery.csv``) and ``version.json`` (counts, where it came from, its
-:class:`~whale_ml.identify.lineage.GalleryLineage`). The folder is written under
+:class:`~whale_ml.gallery.lineage.GalleryLineage`). The folder is written under
 a temp name and renamed into place whole; ``current.json`` names the newest and is
 replaced atomically, so a reader sees the old version or the new one, never half.
 """
@@ -23,10 +23,10 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from whale_ml.identify.lineage import GalleryLineage, LineageError
+from whale_ml.gallery.lineage import GalleryLineage, LineageError
 from whale_ml.io import read_json, staging_dir, write_error, write_json
 from whale_ml.retrieval.gallery import build_index, load_index
-from whale_ml.settings import HomeLayout
+from whale_ml.home import HomeLayout
 
 GALLERY_COLUMNS = ("image", "individual_id", "species", "crop_path", "source")
 _VERSION = re.compile(r"^v(\d{4,})$")

@@ -14,7 +14,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from whale_ml.io import read_json, sha256_file, write_json
-from whale_ml.settings import HomeLayout
+from whale_ml.home import HomeLayout
 
 # The records each stage writes beside its artifacts.
 BOXES_RECORD = "boxes.json"  # in detector_dir, by the bboxes stage

@@ -1,0 +1,157 @@
+"""The ensemble gallery builder and the searches of a gallery version (whale_ml.gallery.build,
+.search), on a tiny home of random fold embeddings and the stages' records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from whale_ml.stage_configs import GalleryConfig
+from whale_ml.data.metadata import NEW_INDIVIDUAL
+from whale_ml.gallery import LineageError, build_gallery, current_version, fold_ensemble, load_version, match_queries, query_embeddings
+from whale_ml.gallery.ledger import LEDGER_COLUMNS, write_ledger
+from whale_ml.gallery.lineage import record_boxes, record_crops, record_embeddings
+from whale_ml.retrieval.store import save_embeddings
+from whale_ml.home import HomeLayout
+
+FOLDS = ["fold0", "fold1"]
+
+
+def _no_models(lineage: object) -> list:
+    raise AssertionError("no enrolled photo needs embedding here: the models must not be fetched")
+
+
+def _parts(layout: HomeLayout, split: str) -> list[np.ndarray]:
+    return [np.load(layout.embeddings_dir(f) / f"{split}.npy") for f in FOLDS]
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> dict:
+    """Fold embeddings of 24 training photos of 6 individuals (two species) and 5 test
+    photos, and the bboxes, crops and fold embeddings stages' records."""
+    layout = HomeLayout(tmp_path)
+    rng = np.random.default_rng(0)
+    train = pd.DataFrame(
+        {
+            "image": [f"t{i:02d}.jpg" for i in range(24)],
+            "individual_id": [f"ind{i % 6}" for i in range(24)],
+            "species": ["orca" if i % 6 < 3 else "beluga" for i in range(24)],
+        }
+    )
+    order = rng.permutation(24)  # the embeddings' row order is not train.csv's
+    images = train["image"].to_numpy()[order].tolist()
+    tests = [f"q{i}.jpg" for i in range(5)]
+    record_boxes(layout, 0.25, 1.2, 64, None)
+    record_crops(layout, 64, "pad")
+    for k, fold in enumerate(FOLDS):
+        save_embeddings(layout.embeddings_dir(fold), "train", rng.normal(size=(24, 4 + k)).astype(np.float32), images)
+        save_embeddings(layout.embeddings_dir(fold), "test", rng.normal(size=(5, 4 + k)).astype(np.float32), tests)
+        checkpoint = layout.model_dir(fold) / "best.pt"
+        checkpoint.parent.mkdir(parents=True)
+        checkpoint.write_bytes(fold.encode())
+        record_embeddings(layout, fold, checkpoint, flip_tta=False)
+    crops = pd.DataFrame({"image": [*train["image"], *tests], "crop_path": [f"/crops/{x}" for x in [*train["image"], *tests]]})
+    return {"layout": layout, "train": train.sample(frac=1.0, random_state=1), "crops": crops, "images": images, "tests": tests}
+
+
+def test_build_gallery_writes_the_ensemble_as_the_current_version(home: dict) -> None:
+    layout = home["layout"]
+    version, stats = build_gallery(layout, FOLDS, home["train"], home["crops"], GalleryConfig(), _no_models)
+    parts = [p / np.linalg.norm(p, axis=1, keepdims=True) for p in _parts(layout, "train")]
+    want = np.concatenate(parts, axis=1) / np.sqrt(2)
+    np.testing.assert_allclose(version.embeddings, want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.linalg.norm(version.embeddings, axis=1), 1.0, rtol=1e-6)
+    truth = home["train"].set_index("image")
+    assert version.table["image"].tolist() == home["images"]
+    assert version.table["individual_id"].tolist() == truth.loc[home["images"], "individual_id"].tolist()
+    assert version.table["species"].tolist() == truth.loc[home["images"], "species"].tolist()
+    assert version.table["crop_path"].tolist() == [f"/crops/{x}" for x in home["images"]]
+    assert set(version.table["source"]) == {"pipeline"}
+    assert current_version(layout) == version.name == "v0001" and load_version(layout).name == "v0001"
+    assert version.index.ntotal == 24 and version.info["carried_enrolled"] == 0
+    lineage = version.lineage
+    assert [m.fold for m in lineage.models] == FOLDS and lineage.index == "flat" and lineage.k == 50
+    assert lineage.index_options == {"hnsw_m": 32, "ef_search": 128, "nlist": None, "nprobe": 16, "pq_m": 64, "pq_nbits": 8}
+    assert (stats.photos, stats.individuals, stats.models, stats.dimension, stats.index) == (24, 6, FOLDS, 9, "flat")
+    assert stats.recall is None and stats.pruned == []
+
+
+def test_query_embeddings_are_the_folds_test_ensemble_of_the_versions_models(home: dict) -> None:
+    layout = home["layout"]
+    version, _ = build_gallery(layout, FOLDS, home["train"], home["crops"], GalleryConfig(), _no_models)
+    queries, images = query_embeddings(layout, version)
+    parts = [p / np.linalg.norm(p, axis=1, keepdims=True) for p in _parts(layout, "test")]
+    np.testing.assert_allclose(queries, np.concatenate(parts, axis=1) / np.sqrt(2), rtol=1e-6, atol=1e-7)
+    assert images == home["tests"] and queries.dtype == np.float32
+    assert np.array_equal(queries, fold_ensemble(layout, FOLDS, "test")[0])
+    # fold1 re-embedded by another checkpoint since: its test vectors would not match the gallery's.
+    other = layout.model_dir("fold1") / "retrained.pt"
+    other.write_bytes(b"another model")
+    record_embeddings(layout, "fold1", other, flip_tta=False)
+    with pytest.raises(LineageError, match="fold1 embeddings were not made by the model gallery v0001 was built with"):
+        query_embeddings(layout, version)
+
+
+def test_folds_embedded_on_other_images_are_refused(home: dict) -> None:
+    layout = home["layout"]
+    emb = np.load(layout.embeddings_dir("fold1") / "train.npy")
+    save_embeddings(layout.embeddings_dir("fold1"), "train", emb[:-1], home["images"][:-1])
+    with pytest.raises(ValueError, match="fold1's embeddings cover other images than fold0's"):
+        build_gallery(layout, FOLDS, home["train"], home["crops"], GalleryConfig(), _no_models)
+    assert current_version(layout) is None
+
+
+def test_approximate_index_recall_settings_and_pruning(home: dict) -> None:
+    layout = home["layout"]
+    build_gallery(layout, FOLDS, home["train"], home["crops"], GalleryConfig(), _no_models)
+    settings = GalleryConfig(index="hnsw", hnsw_m=8, ef_search=16, k=7, keep_versions=1)
+    version, stats = build_gallery(layout, FOLDS, home["train"], home["crops"], settings, _no_models)
+    assert version.name == "v0002" and stats.pruned == ["v0001"]
+    assert not (layout.gallery_versions_dir / "v0001").exists()
+    assert version.lineage.index == "hnsw" and version.lineage.k == 7
+    assert version.lineage.index_options["hnsw_m"] == 8 and version.lineage.index_options["ef_search"] == 16
+    assert version.index.hnsw.efSearch == 16
+    assert stats.recall is not None and stats.recall["queries"] == 5 and 0.0 <= stats.recall["individual_recall_at_k"] <= 1.0
+
+
+def test_enrolled_photos_already_in_the_fold_embeddings_are_marked_not_embedded_again(home: dict) -> None:
+    layout = home["layout"]
+    enrolled = home["images"][:2]
+    write_ledger(layout, pd.DataFrame({c: [""] * 2 for c in LEDGER_COLUMNS}).assign(image=enrolled, individual_id="ind0"))
+    version, stats = build_gallery(layout, FOLDS, home["train"], home["crops"], GalleryConfig(), _no_models)
+    assert stats.carried_enrolled == 0 and len(version.table) == 24
+    assert version.table.loc[version.table["source"] == "enrolled", "image"].tolist() == enrolled
+    assert version.info["enrolled_photos"] == 2
+
+
+def _brute_force_predictions(version: object, queries: np.ndarray, threshold: float, by_species: dict[str, float]) -> list[list[str]]:
+    """Every gallery photo compared in float64, best similarity per individual, the rule by hand."""
+    table = version.table
+    species_of = dict(zip(table["individual_id"], table["species"], strict=True))
+    out = []
+    for q in queries / np.linalg.norm(queries, axis=1, keepdims=True):
+        best: dict[str, float] = {}
+        for row, ind in enumerate(table["individual_id"]):
+            best[ind] = max(best.get(ind, -np.inf), float(version.embeddings[row].astype(np.float64) @ q))
+        ranked = sorted(best.items(), key=lambda kv: -kv[1])[:5]
+        cut = by_species.get(species_of[ranked[0][0]], threshold)
+        above = [ind for ind, sim in ranked if sim >= cut]
+        out.append(([*above, NEW_INDIVIDUAL] + [ind for ind, sim in ranked if sim < cut])[:5])
+    return out
+
+
+@pytest.mark.parametrize("by_species", [{}, {"orca": -1.0}, {"beluga": 1.5, "orca": 0.2}])
+def test_match_queries_against_brute_force(home: dict, by_species: dict[str, float]) -> None:
+    layout = home["layout"]
+    version, _ = build_gallery(layout, FOLDS, home["train"], home["crops"], GalleryConfig(k=3), _no_models)
+    queries, _ = query_embeddings(layout, version)
+    queries = np.concatenate([queries, version.embeddings[:4]])  # and gallery photos, which find themselves
+    matches = match_queries(version, queries, {"threshold": 0.3, "species_thresholds": by_species})
+    assert matches.predictions == _brute_force_predictions(version, queries, 0.3, by_species)
+    assert matches.sims.shape == matches.ids.shape == (9, 5)
+    np.testing.assert_allclose(matches.sims[5:, 0], 1.0, atol=1e-5)
+    species_of = dict(zip(version.table["individual_id"], version.table["species"], strict=True))
+    assert matches.thresholds.tolist() == [by_species.get(species_of[i], 0.3) for i in matches.ids[:, 0]]

@@ -1,0 +1,126 @@
+"""The model registry (whale_ml.registry) on a real SQLite MLflow store: register a model,
+the champion/challenger rule, find versions by alias or number, download checked checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import pytest
+import torch
+
+from whale_ml.gallery.lineage import FoldModel, GalleryLineage, LineageError
+from whale_ml.io import sha256_file
+from whale_ml.registry import (
+    CHECKPOINT_ARTIFACT,
+    SHA_TAG,
+    fetch_checkpoint,
+    gallery_models,
+    promotion,
+    register_model,
+    resolve_models,
+)
+
+NAME = "test-arcface"
+
+
+def _version(number: str, score: str, data: str = "d1") -> SimpleNamespace:
+    return SimpleNamespace(version=number, tags={"val_map5": score, "data_version": data})
+
+
+@pytest.mark.parametrize(
+    ("new", "champion", "promoted", "why"),
+    [
+        (_version("2", "0.5"), None, True, "first model of this fold"),
+        (_version("2", "0.5"), _version("2", "0.5"), True, "already champion"),
+        (_version("3", "0.1", "d2"), _version("2", "0.9"), True, "champion was validated on other data: not comparable"),
+        (_version("3", "0.5"), _version("2", "0.5"), True, "val MAP@5 0.5000 >= champion's 0.5000"),
+        (_version("3", "0.4"), _version("2", "0.5"), False, "val MAP@5 0.4000 < champion's 0.5000: champion kept"),
+        (_version("3", "0.4"), _version("2", "oops"), False, "val MAP@5 0.4000 < champion's nan: champion kept"),
+    ],
+)
+def test_promotion_rule(new: SimpleNamespace, champion: SimpleNamespace | None, promoted: bool, why: str) -> None:
+    assert promotion(new, champion) == (promoted, why)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """A registry with one fold0 version: a tiny model registered from a run that also
+    logged the fold's checkpoint, tagged with its digest. Shared (a store takes seconds
+    to create): the tests only read it."""
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    checkpoint = root / "best.pt"
+    torch.save({"w": torch.arange(4)}, checkpoint)
+    sha = sha256_file(checkpoint)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        mlflow.set_tracking_uri(uri)
+        try:
+            experiment = mlflow.create_experiment("registry-test", artifact_location=(root / "artifacts").as_uri())
+            with mlflow.start_run(experiment_id=experiment) as run:
+                mlflow.log_artifact(str(checkpoint), artifact_path=CHECKPOINT_ARTIFACT.rsplit("/", 1)[0])
+                info = register_model(uri, NAME, torch.nn.Linear(3, 2), 8, 2, alias="fold0", tags={"fold": "fold0", SHA_TAG: sha})
+            yield {"uri": uri, "run": run, "info": info, "sha": sha, "checkpoint": checkpoint}
+        finally:
+            mlflow.set_tracking_uri(None)
+
+
+def _lineage(sha: str, version: str | None = "1") -> GalleryLineage:
+    return GalleryLineage(
+        models=[FoldModel(fold="fold0", checkpoint_sha256=sha, registered_model=NAME, version=version)],
+        detector_sha256=None,
+        detector_imgsz=64,
+        min_confidence=0.25,
+        expand=1.2,
+        crop_size=64,
+        resize="pad",
+    )
+
+
+def test_register_model_tags_the_version_and_points_the_alias(store: dict) -> None:
+    client = mlflow.MlflowClient(tracking_uri=store["uri"])
+    version = client.get_model_version_by_alias(NAME, "fold0")
+    assert str(store["info"].registered_model_version) == str(version.version) == "1"
+    assert version.tags == {"fold": "fold0", SHA_TAG: store["sha"]} and version.run_id == store["run"].info.run_id
+    signature = mlflow.models.get_model_info(f"models:/{NAME}@fold0").signature
+    spec = signature.inputs.to_dict()[0]["tensor-spec"]
+    assert spec["dtype"] == "uint8" and list(spec["shape"]) == [-1, 3, 8, 8]
+
+
+def test_resolve_models_downloads_the_checked_checkpoint_once(store: dict, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    (model,) = resolve_models(_lineage(store["sha"]), store["uri"], cache, "v0001", alias="{fold}")
+    assert (model.version, model.alias, model.checkpoint) == ("1", "fold0", cache / f"{store['sha']}.pt")
+    assert model.checkpoint.read_bytes() == store["checkpoint"].read_bytes()
+    assert [p.name for p in cache.iterdir()] == [model.checkpoint.name], "no staging folder left behind"
+    stamp = model.checkpoint.stat().st_mtime_ns
+    (again,) = resolve_models(_lineage(store["sha"]), store["uri"], cache, "v0001", versions=["1"])
+    assert again.checkpoint == model.checkpoint and again.checkpoint.stat().st_mtime_ns == stamp  # from the cache
+    with pytest.raises(LineageError, match=f"{NAME}@champion_fold0 not found"):
+        resolve_models(_lineage(store["sha"]), store["uri"], cache, "v0001")
+    with pytest.raises(LineageError, match=f"{NAME}@fold0 \\(v1\\) is not the fold0 model gallery v0002 was built with"):
+        resolve_models(_lineage("f" * 64), store["uri"], cache, "v0002", alias="{fold}")
+
+
+def test_fetch_checkpoint_refuses_a_file_of_another_digest(store: dict, tmp_path: Path) -> None:
+    with pytest.raises(LineageError, match="is not the one tagged on the version"):
+        fetch_checkpoint(store["uri"], store["run"].info.run_id, "0" * 64, tmp_path / "cache", "the test model")
+    assert not (tmp_path / "cache" / f"{'0' * 64}.pt").exists()
+
+
+def test_gallery_models_prefer_the_homes_own_checkpoint(store: dict, tmp_path: Path) -> None:
+    model_dir = lambda fold: tmp_path / "models" / fold  # noqa: E731
+    local_file = model_dir("fold0") / "best.pt"
+    local_file.parent.mkdir(parents=True)
+    local_file.write_bytes(store["checkpoint"].read_bytes())
+    (local,) = gallery_models(_lineage(store["sha"]), model_dir, None, tmp_path / "cache")
+    assert local.checkpoint == local_file
+    local_file.write_bytes(b"retrained since")  # the home's file is another model now: the registry's
+    (fetched,) = gallery_models(_lineage(store["sha"]), model_dir, store["uri"], tmp_path / "cache")
+    assert fetched.checkpoint == tmp_path / "cache" / f"{store['sha']}.pt" and sha256_file(fetched.checkpoint) == store["sha"]
+    with pytest.raises(LineageError, match="the fold0 model the gallery was built with is gone"):
+        gallery_models(_lineage(store["sha"]), model_dir, None, tmp_path / "cache")
