@@ -21,7 +21,7 @@ import numpy as np
 n, d, kind, how = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 import faiss
 faiss.omp_set_num_threads(2)
-from whale_ml.retrieval.gallery import build_index, l2_normalise
+from whale_ml.retrieval.faiss_index import build_index, l2_normalise
 rng = np.random.default_rng(0)
 emb = np.empty((n, d), np.float32)
 for s in range(0, n, 100_000):  # unnormalised, as a model's raw outputs would be

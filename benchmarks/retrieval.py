@@ -367,7 +367,7 @@ def _time_blocked_matmul(queries: np.ndarray, gallery: np.ndarray, repeats: int)
 
 def _time_ours(queries, gallery, gallery_ids, k: int, repeats: int):
     """Times of build_index, search_gallery and the raw index.search; top-1 sanity check."""
-    from whale_ml.retrieval.gallery import build_index, search_gallery
+    from whale_ml.retrieval.faiss_index import build_index, search_gallery
 
     build_times, index = _timed(lambda: build_index(gallery), repeats)
     search_times, (sims, _) = _timed(lambda: search_gallery(index, gallery_ids, queries, k=k), repeats)
@@ -488,7 +488,7 @@ def _child_memory(args) -> None:
     """Runs in a fresh interpreter: generate the matrices, then search; print JSON."""
     import faiss
 
-    from whale_ml.retrieval.gallery import build_index, search_gallery
+    from whale_ml.retrieval.faiss_index import build_index, search_gallery
 
     if args._child == "notebook":
         import torch

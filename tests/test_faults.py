@@ -287,7 +287,7 @@ def test_kill_during_gallery_and_submission_writing(pipeline: dict) -> None:
 _WRITER = """
 import sys, numpy as np, pandas as pd, faiss
 from whale_ml.retrieval.store import save_embeddings
-from whale_ml.retrieval.gallery import save_index
+from whale_ml.retrieval.faiss_index import save_index
 from whale_ml.submission import write_submission
 folder, what = sys.argv[1], sys.argv[2]
 def write(n):
@@ -401,7 +401,7 @@ def test_kill_mid_write_keeps_the_old_file_whole(tmp_path: Path, what: str, name
     else:
         import faiss
 
-        from whale_ml.retrieval.gallery import save_index
+        from whale_ml.retrieval.faiss_index import save_index
 
         save_index(faiss.IndexFlatIP(64), tmp_path / name)
     assert not read_back(tmp_path)["temps"]
@@ -620,7 +620,7 @@ from pathlib import Path
 from PIL import Image
 from whale_ml.io import ArtifactWriteError, atomic_path, write_json
 from whale_ml.retrieval.store import save_embeddings
-from whale_ml.retrieval.gallery import save_index
+from whale_ml.retrieval.faiss_index import save_index
 from whale_ml.submission import write_submission
 from whale_ml.training.trainer import save_checkpoint
 from whale_ml.gallery import FoldModel, GalleryLineage, write_version

@@ -1,4 +1,4 @@
-"""The faiss gallery search, the embedding store and gallery versions (whale_ml.retrieval.gallery /
+"""The faiss gallery search, the embedding store and gallery versions (whale_ml.retrieval.faiss_index /
 .store / .review, whale_ml.gallery.versions)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from whale_ml.retrieval import store
-from whale_ml.retrieval.gallery import build_index, index_recall, l2_normalise, load_index, save_index, search_gallery
+from whale_ml.retrieval.faiss_index import build_index, index_recall, l2_normalise, load_index, save_index, search_gallery
 
 
 def _brute_force(gallery: np.ndarray, gallery_ids: np.ndarray, queries: np.ndarray, top: int = 5):
@@ -273,7 +273,7 @@ def test_ensemble_of_nothing_raises() -> None:
 
 
 def test_best_photo_per_candidate_points_at_the_most_similar_photo() -> None:
-    from whale_ml.retrieval.gallery import best_photo_per_candidate
+    from whale_ml.retrieval.faiss_index import best_photo_per_candidate
     from whale_ml.retrieval.review import review_sheet
 
     gallery = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [0.6, 0.8]])
@@ -292,7 +292,7 @@ def test_best_photo_per_candidate_points_at_the_most_similar_photo() -> None:
 def test_best_photo_per_candidate_against_brute_force(seed: int) -> None:
     """Random galleries: each candidate's row is the argmax of the similarity over that
     individual's rows, found by looping over every gallery row."""
-    from whale_ml.retrieval.gallery import best_photo_per_candidate
+    from whale_ml.retrieval.faiss_index import best_photo_per_candidate
 
     rng = np.random.default_rng(seed)
     gallery = l2_normalise(rng.normal(size=(40, 6)))
@@ -312,7 +312,7 @@ def test_best_photo_per_candidate_against_brute_force(seed: int) -> None:
 
 
 def test_best_photo_per_candidate_empty_gallery_and_mismatch() -> None:
-    from whale_ml.retrieval.gallery import best_photo_per_candidate
+    from whale_ml.retrieval.faiss_index import best_photo_per_candidate
 
     assert best_photo_per_candidate(np.zeros((0, 3)), np.array([], dtype=object), np.ones((1, 3)), [["a"]])[0][0][0] == -1
     with pytest.raises(ValueError, match="2 gallery embeddings for 1 ids"):
@@ -414,7 +414,7 @@ def test_index_options_are_build_index_keywords_and_gallery_settings() -> None:
     import inspect
 
     from whale_ml.stage_configs import GalleryConfig
-    from whale_ml.retrieval.gallery import INDEX_OPTIONS
+    from whale_ml.retrieval.faiss_index import INDEX_OPTIONS
 
     keywords = [p.name for p in inspect.signature(build_index).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
     assert sorted(INDEX_OPTIONS) == sorted(set(keywords) - {"seed"})

@@ -1,6 +1,6 @@
 """Cross-validation folds by individual, with whole individuals held out.
 
-A random image split (the reference notebook's) leaves no ``new_individual``
+A random image split (the reference notebook's: docs/training.md) leaves no ``new_individual``
 case in validation, so the threshold that decides "new" is never learnt. Here
 each fold's validation set has two parts:
 

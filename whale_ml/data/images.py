@@ -87,7 +87,7 @@ def eval_transform(size: int) -> v2.Compose:
 
 
 def autoaugment_transform(size: int) -> v2.Compose:
-    """The reference notebook's training augmentation: torchvision's ImageNet AutoAugment
+    """The reference notebook's training augmentation (docs/training.md): torchvision's ImageNet AutoAugment
     policy (which includes colour inversions, posterising and solarising)."""
     return v2.Compose(
         [v2.Resize((size, size), antialias=True), v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET), v2.ToImage(), v2.ToPureTensor()]

@@ -23,7 +23,7 @@ from whale_ml.gallery.ledger import ledger_gallery_rows, read_ledger
 from whale_ml.gallery.lineage import EMBEDDINGS_RECORD, FoldModel, GalleryLineage, LineageError, gather_lineage
 from whale_ml.gallery.versions import GalleryVersion, prune_versions, write_version
 from whale_ml.io import read_json
-from whale_ml.retrieval.gallery import INDEX_OPTIONS, build_index, index_recall
+from whale_ml.retrieval.faiss_index import INDEX_OPTIONS, build_index, index_recall
 from whale_ml.retrieval.store import ensemble, load_embeddings
 from whale_ml.home import HomeLayout
 

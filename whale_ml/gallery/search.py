@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from whale_ml.gallery.versions import GalleryVersion
-from whale_ml.retrieval.gallery import search_gallery
+from whale_ml.retrieval.faiss_index import search_gallery
 from whale_ml.retrieval.ranking import predict_top5, query_thresholds
 
 

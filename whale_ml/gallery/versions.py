@@ -25,7 +25,7 @@ import pandas as pd
 
 from whale_ml.gallery.lineage import GalleryLineage, LineageError
 from whale_ml.io import read_json, staging_dir, write_error, write_json
-from whale_ml.retrieval.gallery import build_index, load_index
+from whale_ml.retrieval.faiss_index import build_index, load_index
 from whale_ml.home import HomeLayout
 
 GALLERY_COLUMNS = ("image", "individual_id", "species", "crop_path", "source")

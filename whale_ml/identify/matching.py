@@ -18,7 +18,7 @@ from whale_ml.gallery.embed import crop_photos, embed_crops
 from whale_ml.gallery.search import match_queries
 from whale_ml.gallery.versions import GalleryVersion
 from whale_ml.registry import ResolvedModel
-from whale_ml.retrieval.gallery import best_photo_per_candidate
+from whale_ml.retrieval.faiss_index import best_photo_per_candidate
 from whale_ml.retrieval.ranking import TOP
 from whale_ml.home import HomeLayout
 

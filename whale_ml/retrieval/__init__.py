@@ -6,7 +6,7 @@ Public API, stable for notebook users::
     from whale_ml.retrieval import build_index, search_gallery
 """
 
-from whale_ml.retrieval.gallery import INDEX_KINDS, build_index, index_recall, l2_normalise, load_index, save_index, search_gallery
+from whale_ml.retrieval.faiss_index import INDEX_KINDS, build_index, index_recall, l2_normalise, load_index, save_index, search_gallery
 from whale_ml.retrieval.ranking import (
     SpeciesThresholds,
     ThresholdResult,

@@ -27,7 +27,7 @@ def autocast_for(device: torch.device, precision: str = "auto") -> tuple[torch.d
     ``"auto"``: bf16 on GPUs that support it (no scaler needed: bf16 has fp32's
     range), fp16 on older GPUs, full fp32 on CPU. An explicit ``"fp16"``
     always comes with a scaler: without one, small fp16 gradients underflow to
-    zero (one of the reference notebook's defects).
+    zero (one of the reference notebook's defects: docs/training.md).
     """
     if precision == "fp32":
         return None, False

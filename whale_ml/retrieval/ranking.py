@@ -1,6 +1,6 @@
 """MAP@5, the new_individual rule, and exact threshold tuning.
 
-The rule (the reference notebook's, in similarity terms): rank the gallery's
+The rule (the reference notebook's, in similarity terms: docs/retrieval.md): rank the gallery's
 individuals by their best similarity to the query, insert ``new_individual``
 before the first individual whose similarity is below the threshold, and keep
 the first five.

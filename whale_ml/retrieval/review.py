@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 
 from whale_ml.data.images import ImageReadError, load_rgb
 from whale_ml.data.metadata import NEW_INDIVIDUAL
-from whale_ml.retrieval.gallery import best_photo_per_candidate
+from whale_ml.retrieval.faiss_index import best_photo_per_candidate
 
 
 def review_sheet(

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from whale_ml.data.folds import fold_split
-from whale_ml.retrieval.gallery import build_index, search_gallery
+from whale_ml.retrieval.faiss_index import build_index, search_gallery
 from whale_ml.retrieval.ranking import SpeciesThresholds, ThresholdResult, nearest_species, tune_species_thresholds, tune_threshold
 from whale_ml.retrieval.store import load_embeddings
 

@@ -1,6 +1,7 @@
 """Training one ArcFace fold model.
 
-The recipe avoids the reference notebook's defects by construction:
+The recipe avoids the reference notebook's defects by construction (docs/training.md,
+"The reference notebook" and the table of tests after it):
 
 * one optimiser over the backbone *and* the heads (embedding layer, GeM, the
   ArcFace class centres), with the heads at their own (higher) learning rate,
@@ -46,7 +47,7 @@ from whale_ml.data.images import ImageDataset, autoaugment_transform, train_tran
 from whale_ml.io import remove_stale_temps
 from whale_ml.models.embedding import EmbeddingNet, create_embedding_model
 from whale_ml.retrieval.embeddings import autocast_for, embed_paths
-from whale_ml.retrieval.gallery import build_index, search_gallery
+from whale_ml.retrieval.faiss_index import build_index, search_gallery
 from whale_ml.retrieval.ranking import tune_threshold
 from whale_ml.training.checkpoint_saver import CheckpointSaver, load_checkpoint
 from whale_ml.training.checkpoint_saver import save_checkpoint as save_checkpoint  # callers import it from here

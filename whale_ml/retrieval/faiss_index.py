@@ -1,4 +1,4 @@
-"""The faiss gallery: inner-product search on L2-normalised embeddings.
+"""The faiss index under a gallery: inner-product search on L2-normalised embeddings.
 
 Exact (flat) by default; HNSW, IVF or IVF-PQ (compressed) as options for
 galleries past ~1M images, with :func:`index_recall` to measure what they lose.
