@@ -8,7 +8,8 @@ from collections.abc import Sequence
 USAGE = """usage: whale COMMAND [ARGS]
 
 commands:
-  demo-data OUT [--preset demo|tiny] [--seed N]   write a synthetic data set in the Kaggle layout
+  demo-data OUT [--preset demo|tiny|kaggle] [--seed N] [--scale F] [--photo-px MIN MAX] [--workers N]
+                                                  write a synthetic data set in the Kaggle layout (kaggle: the real shape at scale F)
   run [--recipe YAML] [--fold foldN ...]          materialise the whole pipeline on $WHALE_DATA_DIR
   identify PHOTO_OR_DIR... [--json] [--report OUT.html]
                                                   the five most likely individuals per photo, from the newest gallery
