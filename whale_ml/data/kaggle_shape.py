@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, ImageChops
 from pydantic import BaseModel, Field, model_validator
 
 from whale_ml.data.demo import Individual, render_individual, render_photo
@@ -257,8 +257,9 @@ def _draw_photo(task: tuple[str, str, int, int, int, int, int]) -> tuple[str, tu
     if width > drawn_width:
         factor = width / drawn_width
         image = image.resize((width, round(image.height * factor)), Image.BILINEAR)
-        grain = rng.integers(-6, 7, size=(image.height, width, 1), dtype=np.int16)
-        image = Image.fromarray(np.clip(np.asarray(image, dtype=np.int16) + grain, 0, 255).astype(np.uint8))
+        # Grain of +-6 levels, the same on the three channels (luminance noise), clipped to 0..255.
+        grain = Image.fromarray(rng.integers(0, 13, size=(image.height, width), dtype=np.uint8)).convert("RGB")
+        image = ImageChops.add(image, grain, scale=1.0, offset=-6)
         box = (
             math.floor(box[0] * factor), math.floor(box[1] * factor),
             min(width, math.ceil(box[2] * factor)), min(image.height, math.ceil(box[3] * factor)),
