@@ -14,6 +14,10 @@ stage for real:
 * species labels include the misspellings of the real ``train.csv``;
 * some test photos show individuals absent from train (``new_individual``).
 
+The ``kaggle`` preset, the real competition's counts and long tail at any scale
+drawn with this module's photos, lives in whale_ml/data/kaggle_shape.py
+(docs/kaggle_scale.md).
+
 Everything is deterministic given the seed: individual ``i`` and photo ``j``
 draw from their own seeded generators, so the set does not depend on the
 order or number of workers that render it.
