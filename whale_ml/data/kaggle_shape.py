@@ -45,7 +45,7 @@ KAGGLE_TRAIN_PHOTOS = 51_033
 KAGGLE_INDIVIDUALS = 15_587
 KAGGLE_TEST_PHOTOS = 27_956
 KAGGLE_SINGLETONS = 9_258  # individuals with exactly one training photo
-KAGGLE_MAX_PHOTOS = 400  # photos of the most photographed individual (37c7aba965a5)
+KAGGLE_MAX_PHOTOS = 400  # cap of the tail: "a few individuals with hundreds" of photos (an assumption, not a checked count)
 KAGGLE_NEW_SHARE = 0.16  # test photos of individuals absent from train (1st and 3rd place estimates)
 KAGGLE_BOXES = 1_200  # the public whale-fluke box set
 
@@ -126,8 +126,8 @@ def photos_per_individual_law(
     and ``P(k) ∝ k^-a`` for ``2 <= k <= max_photos``, with the exponent ``a`` solved
     (bisection) so that the mean is ``mean``. With the defaults it is fitted to three
     facts of the real ``train.csv``: 9,258 of 15,587 individuals seen once, 51,033
-    photos (mean 3.27 per individual, which gives ``a`` about 2.16) and 400 photos of
-    the most photographed individual. Photo-ID catalogues are long-tailed because
+    photos (mean 3.27 per individual, which gives ``a`` about 2.16), and a tail capped
+    at 400 photos (an assumption: "a few individuals with hundreds"). Photo-ID catalogues are long-tailed because
     sightings are: most animals are met once, a few resident ones again and again;
     a power law is the usual model of that, and the singleton weight is set apart
     because a pure Zipf law cannot match both the singleton share and the mean.
