@@ -32,7 +32,7 @@ def fold_names(n_folds: int) -> list[str]:
     return [f"fold{i}" for i in range(n_folds)]
 
 
-def make_folds(train: pd.DataFrame, n_folds: int, new_individual_share: float = 0.2, seed: int = 0) -> pd.DataFrame:
+def make_folds(train: pd.DataFrame, n_folds: int, new_individual_share: float = 0.16, seed: int = 0) -> pd.DataFrame:
     """Assign each training image the fold it is validated in.
 
     Args:
