@@ -125,6 +125,13 @@ def test_too_few_folds_raise(hand_table: pd.DataFrame, n_folds: int) -> None:
         make_folds(hand_table, n_folds)
 
 
+@pytest.mark.parametrize("share", [1.0, 1.5, -0.1])
+def test_share_outside_zero_one_raises(hand_table: pd.DataFrame, share: float) -> None:
+    """A share of 1 would leave no known validation case (and no fold target to balance against)."""
+    with pytest.raises(ValueError, match="new_individual_share"):
+        make_folds(hand_table, 3, new_individual_share=share)
+
+
 @pytest.mark.parametrize("target", [0.1, 0.2, 0.35])
 def test_new_individual_share_close_to_target(target: float) -> None:
     """On 500 individuals the share of validation photos with truth new_individual is ~ the target, in every fold."""

@@ -48,6 +48,8 @@ def make_folds(train: pd.DataFrame, n_folds: int, new_individual_share: float = 
     """
     if n_folds < 2:
         raise ValueError(f"n_folds must be at least 2, got {n_folds}")
+    if not 0.0 <= new_individual_share < 1.0:
+        raise ValueError(f"new_individual_share must be in [0, 1), got {new_individual_share}")
     rng = np.random.default_rng(seed)
     df = train.reset_index(drop=True).copy()
     counts = df["individual_id"].value_counts()
