@@ -10,6 +10,7 @@ import torch
 from whale_ml.stage_configs import TrainConfig
 from whale_ml.data.folds import fold_split, make_folds
 from whale_ml.data.metadata import read_train_metadata
+from whale_ml.threads import pipeline_threads
 from whale_ml.training.launch import train_fold_distributed
 from whale_ml.training.trainer import load_checkpoint, load_model
 
@@ -30,6 +31,7 @@ def test_two_process_ddp_training_on_cpu(tiny_data: Path, tmp_path: Path) -> Non
     assert f"DDP: 2 processes, {per_rank} batches of 4 each per epoch (gloo)" in text
     assert text.count("epoch 1/2") == 1, "rank 0 alone logs"
     assert [h["epoch"] for h in result.history] == [1, 2]
+    assert [h["threads"] for h in result.history] == [max(1, pipeline_threads() // 2)] * 2, "the pipeline's threads shared out"
     assert result.best_map5 is not None and 0.0 <= result.best_map5 <= 1.0
     state = load_checkpoint(tmp_path / "model" / "last.pt")
     # Both processes' steps are in the schedule exactly once: optimiser steps per rank, not per process sum.

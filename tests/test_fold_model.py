@@ -12,6 +12,7 @@ import pytest
 from whale_ml.stage_configs import TrainConfig
 from whale_ml.data.folds import make_folds
 from whale_ml.data.metadata import NEW_INDIVIDUAL, read_train_metadata
+from whale_ml.threads import pipeline_threads
 from whale_ml.training.fold_model import FoldData, curves_figure, recipe_version, train_fold_model
 
 TINY = {"backbone": "test_resnet", "image_size": 32, "embedding_size": 16, "batch_size": 4, "m_per_class": 1, "device": "cpu"}
@@ -30,7 +31,8 @@ def test_fold_data_trains_on_the_crops_with_a_head_for_every_individual(folds: p
     assert set(data.train["fold"]) == set(folds["fold"]) - {1} and set(data.val["fold"]) == {1}
     assert data.num_classes == folds["label"].max() + 1 > data.train["label"].nunique()
     assert set(data.val["truth"]) - set(data.train["individual_id"]) == {NEW_INDIVIDUAL}
-    assert data.params() == {"num_classes": data.num_classes, "train_images": len(data.train), "val_images": len(data.val)}
+    sizes = {"num_classes": data.num_classes, "train_images": len(data.train), "val_images": len(data.val)}
+    assert data.params() == {**sizes, "threads": pipeline_threads()}
     assert data.describe() == (
         f"{len(data.train)} training photos of {data.train['individual_id'].nunique()} individuals, {len(data.val)} validation photos"
     )

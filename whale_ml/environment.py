@@ -52,6 +52,7 @@ class Environment:
     retrain_cron: str = "0 3 * * 0"
     executor: str = "default"
     k8s: K8sEnvironment = field(default_factory=K8sEnvironment)
+    threads: int | None = None  # torch/OpenMP threads of a stage; None: every core this process may use
 
 
 def default_home(environ: Mapping[str, str] | None = None) -> Path:
@@ -69,6 +70,19 @@ def default_data_dir(environ: Mapping[str, str] | None = None) -> Path:
     if env := environ.get("WHALE_DATA_DIR"):
         return Path(env).expanduser().resolve()
     return default_home(environ) / "demo_data"
+
+
+def threads_setting(environ: Mapping[str, str] | None = None) -> int | None:
+    """``$WHALE_THREADS``: the CPU threads each torch-heavy stage runs with (None: every core).
+
+    The count is the machine's, not the recipe's: one value for every stage of a
+    deployment (a step pod's CPU request, a shared workstation's share), read when a
+    stage starts, so that the step's own machine decides (whale_ml/threads.py applies it).
+
+    Raises:
+        BadEnvironmentVariable: not a whole number >= 1.
+    """
+    return _integer(os.environ if environ is None else environ, "WHALE_THREADS", None, minimum=1)
 
 
 def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
@@ -104,6 +118,7 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         retrain_cron=environ.get("WHALE_RETRAIN_CRON") or "0 3 * * 0",
         executor=executor,
         k8s=k8s,
+        threads=threads_setting(environ),
     )
 
 

@@ -2,14 +2,21 @@
 
 Every switch here was measured (see the project docs): with them, YOLO
 training, MLflow and Dagster make no network attempts. Call
-:func:`configure_environment` before importing ultralytics.
+:func:`configure_environment` before importing ultralytics, and run every
+ultralytics call inside :func:`ultralytics_session`, which keeps its thread
+settings from outliving it (whale_ml/threads.py).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+from whale_ml.threads import set_thread_env_defaults, using_threads
 
 _done_for: set[Path] = set()
 
@@ -19,6 +26,7 @@ def configure_environment(home: Path) -> None:
 
     Values a user has already set in the environment are kept.
     """
+    set_thread_env_defaults()  # before ultralytics' import would write OMP_NUM_THREADS=1
     home = Path(home)
     if home in _done_for:
         return
@@ -54,3 +62,37 @@ def disable_ultralytics_integrations() -> None:
 
     if settings.get("mlflow") or settings.get("sync"):
         settings.update({"mlflow": False, "sync": False})
+
+
+@contextmanager
+def ultralytics_session(home: Path, threads: int | None = None) -> Iterator[int]:
+    """Import ultralytics (offline, integrations off) and run with ``threads`` torch threads.
+
+    Ultralytics' import turns OpenCV's threads off, and every training or prediction
+    sets torch to ``cpu_count - 1`` threads; the settings found on entry come back on
+    leaving, whatever happened inside. Pass the yielded count to :func:`keep_torch_threads`
+    so that the model runs with it too.
+
+    Yields:
+        The torch thread count in force inside (:func:`whale_ml.threads.pipeline_threads`).
+    """
+    configure_environment(home)
+    with using_threads(threads) as n:
+        disable_ultralytics_integrations()
+        yield n
+
+
+def keep_torch_threads(model: Any, threads: int) -> None:
+    """Make an ultralytics ``YOLO`` model train, validate and predict with ``threads`` torch threads.
+
+    Its ``select_device`` sets torch's count each time a trainer, validator or
+    predictor starts; these callbacks run right after it and set it back.
+    """
+    import torch
+
+    def restore(_: object) -> None:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+    for event in ("on_pretrain_routine_start", "on_train_start", "on_val_start", "on_predict_start"):
+        model.add_callback(event, restore)

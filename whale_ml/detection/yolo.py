@@ -21,7 +21,7 @@ from whale_ml.data.images import ImageReadError, load_rgb
 from whale_ml.data.metadata import MetadataError, image_name_problems, is_plain_file_name, read_csv_rows
 from whale_ml.detection.weights import check_detector_weights
 from whale_ml.io import atomic_path, write_text
-from whale_ml.offline import configure_environment, disable_ultralytics_integrations
+from whale_ml.offline import keep_torch_threads, ultralytics_session
 
 BOX_COLUMNS = ("image", "x_min", "y_min", "x_max", "y_max")
 ProgressFn = Callable[[int, int], None]
@@ -189,19 +189,40 @@ def train_yolo(
     seed: int = 0,
     home: Path | None = None,
     log: Callable[[str], None] | None = None,
+    threads: int | None = None,
 ) -> tuple[Path, dict[str, float]]:
     """Train a YOLO detector from its yaml; return the best weights and validation metrics.
 
     ``log`` receives a line per epoch (mAP so far), since training takes minutes.
+    Training runs with ``threads`` torch threads (default ``$WHALE_THREADS`` or every
+    core: :func:`whale_ml.threads.pipeline_threads`), and the process's thread settings
+    are as they were afterwards (ultralytics would leave torch on ``cpu_count - 1``).
     """
-    work = Path(work_dir)
-    configure_environment(home or work)
-    disable_ultralytics_integrations()
-    from ultralytics import YOLO
-
     if model_yaml.endswith(".pt"):  # fine-tuning a user's weights: ultralytics unpickles them in full
         check_detector_weights(model_yaml)
+    work = Path(work_dir)
+    with ultralytics_session(home or work, threads) as n:
+        return _train_yolo(dataset, work, model_yaml, epochs, imgsz, batch, device, seed, n, log)
+
+
+def _train_yolo(
+    dataset: YoloDataset,
+    work: Path,
+    model_yaml: str,
+    epochs: int,
+    imgsz: int,
+    batch: int,
+    device: str,
+    seed: int,
+    threads: int,
+    log: Callable[[str], None] | None,
+) -> tuple[Path, dict[str, float]]:
+    import cv2
+    from ultralytics import YOLO
+
+    cv2.setNumThreads(0)  # as ultralytics' first import does: its DataLoader workers fork (restored by the session)
     model = YOLO(model_yaml)
+    keep_torch_threads(model, threads)
     if log is not None:
 
         def report(trainer: object) -> None:
@@ -281,6 +302,7 @@ def detect_boxes(
     device: str = "auto",
     home: Path | None = None,
     progress: ProgressFn | None = None,
+    threads: int | None = None,
 ) -> pd.DataFrame:
     """One crop box per image: the most confident detection, expanded, or the full frame.
 
@@ -289,20 +311,35 @@ def detect_boxes(
         weights: detector ``.pt``; None means no detector (full frames).
         min_confidence: detections below it fall back to the full frame.
         expand: factor on the box's width and height.
+        threads: torch threads to predict with (default ``$WHALE_THREADS`` or every core);
+            the process's thread settings are as they were afterwards.
 
     Returns:
         ``image, width, height, x_min, y_min, x_max, y_max, confidence, source, note``:
         ``source`` is ``detector``, ``full_frame`` or ``unreadable``; ``note``
         says why a row fell back.
     """
-    model = None
-    if weights is not None:
-        check_detector_weights(weights)  # ultralytics unpickles it in full
-        configure_environment(home or Path(weights).parent)
-        disable_ultralytics_integrations()
+    if weights is None:
+        return _detect_in_batches(images, None, min_confidence, expand, imgsz, batch, device, progress)
+    check_detector_weights(weights)  # ultralytics unpickles it in full
+    with ultralytics_session(home or Path(weights).parent, threads) as n:
         from ultralytics import YOLO
 
         model = YOLO(str(weights))
+        keep_torch_threads(model, n)
+        return _detect_in_batches(images, model, min_confidence, expand, imgsz, batch, device, progress)
+
+
+def _detect_in_batches(
+    images: pd.DataFrame,
+    model: object | None,
+    min_confidence: float,
+    expand: float,
+    imgsz: int,
+    batch: int,
+    device: str,
+    progress: ProgressFn | None,
+) -> pd.DataFrame:
     rows: list[dict[str, object]] = []
     records = list(images[["image", "path"]].itertuples(index=False))
     for start in range(0, len(records), batch):

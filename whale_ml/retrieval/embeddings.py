@@ -19,6 +19,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from whale_ml.data.images import ImageDataset, eval_transform, load_rgb
 from whale_ml.models.embedding import EmbeddingNet
+from whale_ml.threads import using_threads
 
 
 def autocast_for(device: torch.device, precision: str = "auto") -> tuple[torch.dtype | None, bool]:
@@ -94,8 +95,12 @@ def embed_paths(
     num_workers: int = 0,
     progress: Callable[[int, int], None] | None = None,
     decode: str = "cpu",
+    threads: int | None = None,
 ) -> np.ndarray:
     """Embeddings of images, in the order of ``paths``.
+
+    The model runs with ``threads`` torch threads (default ``$WHALE_THREADS`` or every
+    core: :func:`whale_ml.threads.pipeline_threads`), whatever a library left behind.
 
     Returns:
         (len(paths), embedding_size) float32 with unit-length rows. With
@@ -119,21 +124,22 @@ def embed_paths(
     amp_dtype, _ = autocast_for(device)
     chunks = []
     done = 0
-    for images, rows in loader:
-        if on_device:
-            images = _decode_on_device(images, rows, paths, image_size, device)
-        images = images.to(device, non_blocking=True)
-        if device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-            emb = torch.nn.functional.normalize(model(images).float(), dim=1)
-            if flip_tta:
-                flipped = torch.nn.functional.normalize(model(torch.flip(images, dims=[3])).float(), dim=1)
-                emb = torch.nn.functional.normalize(emb + flipped, dim=1)
-        chunks.append(emb.cpu().numpy().astype(np.float32))
-        done += len(images)
-        if progress is not None:
-            progress(done, len(paths))
+    with using_threads(threads):
+        for images, rows in loader:
+            if on_device:
+                images = _decode_on_device(images, rows, paths, image_size, device)
+            images = images.to(device, non_blocking=True)
+            if device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+                emb = torch.nn.functional.normalize(model(images).float(), dim=1)
+                if flip_tta:
+                    flipped = torch.nn.functional.normalize(model(torch.flip(images, dims=[3])).float(), dim=1)
+                    emb = torch.nn.functional.normalize(emb + flipped, dim=1)
+            chunks.append(emb.cpu().numpy().astype(np.float32))
+            done += len(images)
+            if progress is not None:
+                progress(done, len(paths))
     model.train(was_training)
     if not chunks:
         return np.zeros((0, model.fc.out_features), dtype=np.float32)

@@ -20,6 +20,7 @@ import pandas as pd
 from whale_ml.stage_configs import TrainConfig
 from whale_ml.data.folds import fold_split
 from whale_ml.io import atomic_path, write_json
+from whale_ml.threads import pipeline_threads
 from whale_ml.training.launch import train_fold_distributed
 from whale_ml.training.trainer import EpochCallback, LogFn, TrainResult, data_fingerprint, train_fold
 
@@ -56,8 +57,10 @@ class FoldData:
         )
 
     def params(self) -> dict[str, int]:
-        """Sizes worth logging beside the recipe."""
-        return {"num_classes": self.num_classes, "train_images": len(self.train), "val_images": len(self.val)}
+        """Sizes worth logging beside the recipe, and the CPU threads training will run with
+        (``$WHALE_THREADS`` or every core: a CPU run's floats depend on it, docs/deployment.md)."""
+        sizes = {"num_classes": self.num_classes, "train_images": len(self.train), "val_images": len(self.val)}
+        return {**sizes, "threads": pipeline_threads()}
 
 
 def recipe_version(cfg: TrainConfig) -> str:

@@ -27,6 +27,7 @@ from torch import distributed as dist
 
 from whale_ml.stage_configs import TrainConfig
 from whale_ml.io import atomic_path, write_text
+from whale_ml.threads import pipeline_threads
 from whale_ml.training.trainer import LogFn, TrainResult, load_checkpoint, train_fold
 
 
@@ -76,7 +77,10 @@ def train_fold_distributed(
         str(out),
     ]
     log(f"starting {processes} training processes: {' '.join(cmd[2:])}")
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))}
+    # The pipeline's threads shared out: each worker's train_fold takes WHALE_THREADS, and
+    # OMP_NUM_THREADS keeps its OpenMP from starting one thread per core in every process.
+    per_process = str(max(1, pipeline_threads() // processes))
+    env = {**os.environ, "OMP_NUM_THREADS": per_process, "WHALE_THREADS": per_process}
     tail: deque[str] = deque(maxlen=15)
     errors: list[str] = []  # the workers' own exceptions: torchrun's summary buries them
     # Its own process group, so that stopping this run stops every worker with it.

@@ -49,6 +49,7 @@ from whale_ml.models.embedding import EmbeddingNet, create_embedding_model
 from whale_ml.retrieval.embeddings import autocast_for, embed_paths
 from whale_ml.retrieval.faiss_index import build_index, search_gallery
 from whale_ml.retrieval.ranking import tune_threshold
+from whale_ml.threads import using_threads
 from whale_ml.training.checkpoint_saver import CheckpointSaver, load_checkpoint
 from whale_ml.training.checkpoint_saver import save_checkpoint as save_checkpoint  # callers import it from here
 from whale_ml.training.losses import create_loss, create_species_loss
@@ -458,6 +459,7 @@ def _epoch_metrics(stats: EpochStats, parts: TrainParts) -> dict[str, float]:
         "lr_backbone": parts.optimizer.param_groups[0]["lr"],
         "lr_head": parts.optimizer.param_groups[1]["lr"],
         "gem_p": float(parts.model.pool.p.detach()),
+        "threads": float(torch.get_num_threads()),  # what this epoch ran with (whale_ml/threads.py)
     }
 
 
@@ -494,7 +496,9 @@ def train_fold(
     """Train one fold model; resume from ``out_dir/last.pt`` when it exists.
 
     Under DDP (a process group set up by torchrun), rank 0 alone logs, validates and
-    writes checkpoints.
+    writes checkpoints. The run uses ``$WHALE_THREADS`` torch threads, default every core
+    (:func:`whale_ml.threads.pipeline_threads`), whatever an earlier stage in this process
+    left behind; each epoch's ``threads`` in the history says what it ran with.
 
     Args:
         cfg: the recipe.
@@ -508,6 +512,19 @@ def train_fold(
     Returns:
         The best checkpoint (by validation MAP@5, else the last epoch) and history.
     """
+    with using_threads():
+        return _fit(cfg, train, val, num_classes, out_dir, on_epoch_end, log)
+
+
+def _fit(
+    cfg: TrainConfig,
+    train: pd.DataFrame,
+    val: pd.DataFrame,
+    num_classes: int,
+    out_dir: str | Path,
+    on_epoch_end: EpochCallback | None,
+    log: LogFn,
+) -> TrainResult:
     rank, world = _rank_world()
     if rank != 0:
         log, on_epoch_end = (lambda _m: None), None
