@@ -125,16 +125,17 @@ def test_default_policy_fails_on_a_bad_training_photo_after_reading_all(bad_data
     recipe = load_recipe(REPO / "configs" / "tiny.yaml")
     job = defs().resolve_implicit_global_asset_job_def()
     result = job.execute_in_process(
-        run_config={"ops": {k: v for k, v in recipe["ops"].items() if k in ("fluke_detector", "bboxes", "crops")}},
+        run_config={"ops": {k: v for k, v in recipe["ops"].items() if k in ("fluke_detector", "boxes_and_crops")}},
         instance=dg.DagsterInstance.get(),
         asset_selection=[dg.AssetKey(k) for k in ("train_metadata", "test_metadata", "fluke_detector", "bboxes", "crops")],
         raise_on_error=False,
     )
     assert not result.success
-    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE" and e.step_key == "crops")
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE" and e.step_key == "boxes_and_crops")
     message = failure.event_specific_data.error.to_string()  # the cause chain, with our RuntimeError
     assert bad_data["bad_train"] in message and "bad_train_image" in message
-    (boxes,) = result.asset_materializations_for_node("bboxes")  # bboxes finished every photo before that
+    # The boxes were materialised, for every photo, before the crops failed the step.
+    (boxes,) = [m for m in result.asset_materializations_for_node("boxes_and_crops") if m.asset_key == dg.AssetKey("bboxes")]
     listed = boxes.metadata["unreadable"].value
     assert boxes.metadata["unreadable_photos"].value == 4  # truncated train, empty, missing, bomb
     for name in [bad_data["bad_train"], *(bad_data["bad_test"][k] for k in ("empty", "missing", "bomb"))]:
@@ -149,7 +150,7 @@ def test_default_policy_fails_on_a_bad_training_photo_after_reading_all(bad_data
 @pytest.mark.e2e
 def test_exclude_policy_trains_without_it_and_every_test_photo_gets_a_row(bad_data: dict) -> None:
     recipe = load_recipe(REPO / "configs" / "tiny.yaml")
-    recipe["ops"]["crops"]["config"]["bad_train_image"] = "exclude"
+    recipe["ops"]["boxes_and_crops"]["config"]["crops"]["bad_train_image"] = "exclude"
     recipe["ops"]["arcface_model"]["config"]["epochs"] = 1
     run_pipeline(recipe, log=lambda _m: None)
     layout = HomeLayout(bad_data["home"])

@@ -9,10 +9,10 @@ from PIL import Image
 
 from whale_ml.data.metadata import read_train_metadata
 from whale_ml.detection.crops import cut_crop, write_crops
+from whale_ml.detection.photo_pass import expand_box
 from whale_ml.detection.yolo import (
     box_iou,
     detect_boxes,
-    expand_box,
     read_box_file,
     read_yolo_dataset,
     train_yolo,

@@ -23,8 +23,8 @@ from dagster_k8s.job import DagsterK8sJobConfig, UserDefinedDagsterK8sConfig, co
 
 from whale_assets import k8s
 
-GPU_STEPS = ["fluke_detector", "bboxes", "arcface_model", "fold_embeddings"]
-CPU_STEPS = ["crops", "cv_folds", "gallery", "match_threshold"]
+GPU_STEPS = ["fluke_detector", "boxes_and_crops", "arcface_model", "fold_embeddings"]
+CPU_STEPS = ["cv_folds", "gallery", "match_threshold"]
 
 KUBECONFIG = """\
 apiVersion: v1
@@ -179,7 +179,7 @@ def test_gpu_assets_keep_the_gpu_pool(loaded: dict) -> None:
     """The GPU tag adds pod resources; the pool (one GPU step at a time by default) stays."""
     defs = loaded["k8s"]
     for step in GPU_STEPS:
-        spec = defs.resolve_assets_def(step)
+        spec = defs.resolve_assets_def("bboxes" if step == "boxes_and_crops" else step)  # one op makes bboxes and crops
         assert spec.op.pool == "gpu", step
         assert spec.op.tags["dagster-k8s/config"], step
 

@@ -281,12 +281,13 @@ def test_rerunning_reuses_crops(own_pipeline: dict) -> None:
     from whale_assets.definitions import defs
 
     job = defs().resolve_implicit_global_asset_job_def()
+    recipe = load_recipe(REPO / "configs" / "tiny.yaml")
     result = job.execute_in_process(
-        run_config={"ops": {"crops": {"config": {"size": 32}}}},
+        run_config={"ops": {"boxes_and_crops": recipe["ops"]["boxes_and_crops"]}},
         instance=dg.DagsterInstance.get(),
-        asset_selection=[dg.AssetKey("crops")],
+        asset_selection=[dg.AssetKey("bboxes"), dg.AssetKey("crops")],  # one pass makes both
     )
-    (mat,) = result.asset_materializations_for_node("crops")
+    (mat,) = [m for m in result.asset_materializations_for_node("boxes_and_crops") if m.asset_key == dg.AssetKey("crops")]
     assert mat.metadata["written"].value == 0
     assert mat.metadata["reused"].value == len(pd.read_parquet(HomeLayout(own_pipeline["home"]).tables / "crops.parquet"))
 

@@ -7,6 +7,7 @@ config straight to the core and the field descriptions show in the launchpad.
 from __future__ import annotations
 
 import dagster as dg
+from pydantic import Field
 
 from whale_ml.stage_configs import (
     BoxConfig,
@@ -35,6 +36,16 @@ class BoxSettings(dg.Config, BoxConfig):
 
 class CropSettings(dg.Config, CropConfig):
     """The crops written to disk."""
+
+
+class BoxesAndCropsSettings(dg.Config):
+    """The one pass over the photos that boxes and crops each of them (decoded once)."""
+
+    boxes: BoxSettings = BoxSettings()
+    crops: CropSettings = CropSettings()
+    workers: int = Field(
+        0, ge=0, description="Threads that decode, cut and write the photos (0: $WHALE_THREADS or every core); results do not depend on it."
+    )
 
 
 class FoldSettings(dg.Config, FoldConfig):

@@ -26,25 +26,42 @@ from whale_ml.environment import default_data_dir, default_home
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
+# Recipes written before boxes and crops became one pass name them as two ops.
+LEGACY_OPS = {"bboxes": "boxes", "crops": "crops"}
+PHOTO_PASS_OP = "boxes_and_crops"
+
+
 def load_recipe(path: str | Path | None) -> dict[str, Any]:
-    """A run-config recipe (``ops: {asset: {config: ...}}``); empty when no file is given."""
+    """A run-config recipe (``ops: {op: {config: ...}}``); empty when no file is given.
+
+    The ``bboxes`` and ``crops`` sections of older recipes become the ``boxes`` and
+    ``crops`` parts of ``boxes_and_crops``.
+    """
     if path is None:
         return {}
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"recipe {path} not found")
     recipe = yaml.safe_load(path.read_text()) or {}
-    from whale_assets.stages import all_asset_names
+    ops = recipe.get("ops", {})
+    for old, part in LEGACY_OPS.items():
+        if old in ops:
+            merged = ops.setdefault(PHOTO_PASS_OP, {}).setdefault("config", {})
+            merged.setdefault(part, (ops.pop(old) or {}).get("config", {}))
+    from whale_assets.stages import op_assets
 
-    unknown = set(recipe.get("ops", {})) - set(all_asset_names())
+    unknown = set(ops) - set(op_assets())
     if unknown:
-        raise ValueError(f"{path}: unknown asset(s) in ops: {', '.join(sorted(unknown))}")
+        raise ValueError(f"{path}: unknown op(s) in ops: {', '.join(sorted(unknown))} (known: {', '.join(sorted(op_assets()))})")
     return recipe
 
 
 def stage_run_config(recipe: dict[str, Any], keys: Sequence[str], log_level: str = "INFO") -> dict[str, Any]:
-    """The recipe's config for the selected assets, with the console log at ``log_level``."""
-    ops = {k: v for k, v in recipe.get("ops", {}).items() if k in keys}
+    """The recipe's config for the ops that compute the selected assets, with the console log at ``log_level``."""
+    from whale_assets.stages import op_assets
+
+    computes = op_assets()
+    ops = {k: v for k, v in recipe.get("ops", {}).items() if set(computes.get(k, [k])) & set(keys)}
     config: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     if ops:
         config["ops"] = ops

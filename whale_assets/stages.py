@@ -69,3 +69,14 @@ def asset_names(selection: dg.AssetSelection) -> list[str]:
 def all_asset_names() -> list[str]:
     """Every asset of the code location, sorted."""
     return asset_names(dg.AssetSelection.all())
+
+
+def op_assets() -> dict[str, list[str]]:
+    """Op name -> the assets it computes: what a run config's ``ops`` section is keyed by.
+    Each asset is its own op, except ``boxes_and_crops``, one pass that makes ``bboxes`` and ``crops``."""
+    graph = _asset_graph()
+    return {
+        ad.node_def.name: sorted(k.to_user_string() for k in ad.keys)
+        for ad in graph.assets_defs  # type: ignore[attr-defined]
+        if ad.keys
+    }

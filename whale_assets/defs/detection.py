@@ -1,7 +1,8 @@
-"""Stage 2 -- detection: the animal detector, a box for every photo, and the crops."""
+"""Stage 2 -- detection: the animal detector, then one pass that boxes and crops every photo."""
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import dagster as dg
 import pandas as pd
@@ -10,11 +11,12 @@ from whale_assets.k8s import GPU_STEP_TAGS
 from whale_assets.metadata import image_md, progress_logger, table_md
 from whale_assets.resources import MlflowTracking, WhaleHome
 from whale_assets.retries import mlflow_retry_policy, retry_only_if_transient
-from whale_assets.launchpad import BoxSettings, CropSettings, DetectorSettings
-from whale_ml.detection.box_summary import photos_to_box, summarise_boxes
-from whale_ml.detection.crops import CONTACT_SHEET_FILE, crop_every_split, crop_report, photo_paths, write_contact_sheet
+from whale_assets.launchpad import BoxesAndCropsSettings, CropSettings, DetectorSettings
+from whale_ml.detection.box_summary import BoxSummary, photos_to_box, summarise_boxes
+from whale_ml.detection.crops import CONTACT_SHEET_FILE, CropReport, crop_report, photo_paths, write_contact_sheet
 from whale_ml.detection.detector import MetricsFn, prepare_detector, read_detector
-from whale_ml.detection.yolo import detect_boxes
+from whale_ml.detection.photo_pass import BoxRule, CropRule, PassStats
+from whale_ml.detection.yolo import box_and_crop
 from whale_ml.gallery.lineage import record_boxes, record_crops
 
 
@@ -67,11 +69,24 @@ def fluke_detector(
     return dg.MaterializeResult(metadata=metadata)
 
 
-@dg.asset(
-    group_name="detection",
-    kinds={"pandas", "ultralytics"},
+@dg.multi_asset(
+    name="boxes_and_crops",
+    outs={
+        "bboxes": dg.AssetOut(
+            group_name="detection",
+            kinds={"pandas", "ultralytics"},
+            code_version="4",
+            description="A crop box for every train and test photo: the detector's most confident box, enlarged by "
+            "``expand``; the full frame when nothing passes ``min_confidence`` (the row's ``note`` says why).",
+        ),
+        "crops": dg.AssetOut(
+            group_name="detection",
+            kinds={"pandas"},
+            code_version="4",
+            description="Square crops of every photo at the training size (stretched or letterboxed), written once.",
+        ),
+    },
     deps=[fluke_detector],
-    code_version="3",
     pool="gpu",
     op_tags=GPU_STEP_TAGS,
     check_specs=[
@@ -82,36 +97,85 @@ def fluke_detector(
         )
     ],
 )
-def bboxes(
+def boxes_and_crops(
     context: dg.AssetExecutionContext,
-    config: BoxSettings,
+    config: BoxesAndCropsSettings,
     whale: WhaleHome,
     train_metadata: pd.DataFrame,
     test_metadata: pd.DataFrame,
 ) -> Iterator[dg.Output[pd.DataFrame] | dg.AssetCheckResult]:
-    """A crop box for every train and test photo: the detector's most confident box,
-    enlarged by ``expand``; the full frame when nothing passes ``min_confidence``
-    (the row's ``note`` says why). Fallback shares per split and species, and every
-    unreadable photo, are listed."""
+    """One pass over every photo, on every core: each is decoded once, at the smallest JPEG
+    scale that still gives the detector its input size and the crop its size, boxed by the
+    detector (or the full frame) and cropped. A crop whose photo, box, size and mode are
+    unchanged is reused. A training photo that cannot be read stops the run
+    (``bad_train_image: fail``, the default) or is left out (``exclude``); a test photo that
+    cannot be read keeps its row and gets the prior answer. Fallback shares per split and
+    species, every unreadable photo and a contact sheet of sample boxes and crops are shown."""
     detector = read_detector(whale.layout.detector_dir)
     photos = photos_to_box(train_metadata, test_metadata)
-    boxes = detect_boxes(
-        photos,
+    boxes_cfg, crops_cfg = config.boxes, config.crops
+    done = box_and_crop(
+        photos[["image", "path", "split"]],
         detector.weights,
-        config.min_confidence,
-        config.expand,
-        detector.imgsz,
-        config.batch,
+        BoxRule(boxes_cfg.min_confidence, boxes_cfg.expand, detector.imgsz),
+        CropRule(whale.layout.crops_dir, crops_cfg.size, crops_cfg.resize),
+        boxes_cfg.batch,
         home=whale.layout.home,
-        progress=progress_logger(context, "boxes"),
-    ).assign(split=photos["split"].to_numpy())
-    summary = summarise_boxes(boxes, photos["species"], config.warn_full_frame_share, detector.weights is not None)
+        progress=progress_logger(context, "boxes and crops"),
+        workers=config.workers or None,
+    )
+    boxes = done.boxes.assign(split=photos["split"].to_numpy())
+    table = done.crops.assign(split=photos["split"].to_numpy())  # type: ignore[union-attr]
+    summary = summarise_boxes(boxes, photos["species"], boxes_cfg.warn_full_frame_share, detector.weights is not None)
     for row in summary.unreadable.itertuples():
         context.log.warning(f"unreadable {row.split} photo: {row.note}")
-    # Photos identified later are boxed exactly like these: the settings and detector are recorded.
-    record_boxes(whale.layout, config.min_confidence, config.expand, detector.imgsz, detector.weights)
+    # Photos identified later are boxed and cropped exactly like these: the settings and detector are recorded.
+    record_boxes(whale.layout, boxes_cfg.min_confidence, boxes_cfg.expand, detector.imgsz, detector.weights)
+    record_crops(whale.layout, crops_cfg.size, crops_cfg.resize)
+    # The boxes are materialised before the crops are judged: an unreadable training photo
+    # fails the step, but every photo's box (and its reason) is on record.
+    yield dg.Output(boxes, output_name="bboxes", metadata={**box_metadata(summary, len(boxes)), **pass_metadata(done.stats)})
+    yield box_check(summary, boxes_cfg.warn_full_frame_share, detector.weights is not None)
+    report = crop_report(table, crops_cfg.bad_train_image)
+    for row in report.train_failed.itertuples():
+        context.log.warning(f"training photo left out: {row.error}")
+    for row in report.test_failed.itertuples():
+        context.log.warning(f"test photo without crop (it gets a prior-only prediction): {row.error}")
+    paths = photo_paths(train_metadata, test_metadata)
+    yield dg.Output(table, output_name="crops", metadata=crop_metadata(report, table, crops_cfg, boxes, paths, whale.layout.crops_dir))
+
+
+def box_check(summary: BoxSummary, threshold: float, detector: bool) -> dg.AssetCheckResult:
+    """``full_frame_share_is_low``: a warning when a split falls back to the full frame too often."""
+    return dg.AssetCheckResult(
+        check_name="full_frame_share_is_low",
+        asset_key="bboxes",
+        passed=not summary.too_high,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "threshold": threshold,
+            "detector": detector,
+            **{f"{s}_share": v for s, v in summary.per_split.items()},
+            "too_high": summary.too_high_text,
+        },
+    )
+
+
+def pass_metadata(stats: PassStats) -> dict[str, object]:
+    """How the pass went: decodes (one per photo, plus the redecoded small boxes), scales and speed."""
+    return {
+        "decodes": stats.decodes,
+        "redecoded_photos": stats.redecodes,
+        "decode_scales": ", ".join(f"1/{r}: {n}" for r, n in sorted(stats.by_reduction.items())),
+        "workers": stats.workers,
+        "photos_per_second": round(stats.photos_per_second, 2),
+    }
+
+
+def box_metadata(summary: BoxSummary, rows: int) -> dict[str, object]:
+    """The box table's shares and fallbacks, as small tables (never the 80k rows)."""
     metadata: dict[str, object] = {
-        "dagster/row_count": len(boxes),
+        "dagster/row_count": rows,
         "full_frame_share": summary.full_frame_share,
         **{f"full_frame_share_{s}": v for s, v in summary.per_split.items()},
         "mean_confidence": summary.mean_confidence,
@@ -121,46 +185,13 @@ def bboxes(
     }
     if len(summary.unreadable):
         metadata["unreadable"] = table_md(summary.unreadable.head(50))
-    # Output + check result, yielded: a returned MaterializeResult with a value and a
-    # check spec trips Dagster's output typing.
-    yield dg.Output(boxes, metadata=metadata)
-    yield dg.AssetCheckResult(
-        check_name="full_frame_share_is_low",
-        passed=not summary.too_high,
-        severity=dg.AssetCheckSeverity.WARN,
-        metadata={
-            "threshold": config.warn_full_frame_share,
-            "detector": detector.weights is not None,
-            **{f"{s}_share": v for s, v in summary.per_split.items()},
-            "too_high": summary.too_high_text,
-        },
-    )
+    return metadata
 
 
-@dg.asset(group_name="detection", kinds={"pandas"}, code_version="3")
-def crops(
-    context: dg.AssetExecutionContext,
-    config: CropSettings,
-    whale: WhaleHome,
-    bboxes: pd.DataFrame,
-    train_metadata: pd.DataFrame,
-    test_metadata: pd.DataFrame,
-) -> dg.MaterializeResult:
-    """Square crops of every photo at the training size (stretched or letterboxed),
-    written once: a crop whose photo, box, size and mode are unchanged is reused. A
-    training photo that cannot be read stops the run (``bad_train_image: fail``, the
-    default) or is left out (``exclude``); a test photo that cannot be read keeps its
-    row and gets the prior answer. A contact sheet shows sample boxes and crops."""
-    paths = photo_paths(train_metadata, test_metadata)
-    table = crop_every_split(
-        bboxes, paths, whale.layout.crops_dir, config.size, config.resize, lambda split: progress_logger(context, f"crops for {split}")
-    )
-    record_crops(whale.layout, config.size, config.resize)  # photos identified later are cropped the same way
-    report = crop_report(table, config.bad_train_image)
-    for row in report.train_failed.itertuples():
-        context.log.warning(f"training photo left out: {row.error}")
-    for row in report.test_failed.itertuples():
-        context.log.warning(f"test photo without crop (it gets a prior-only prediction): {row.error}")
+def crop_metadata(
+    report: CropReport, table: pd.DataFrame, config: CropSettings, boxes: pd.DataFrame, paths: dict[str, str], crops_dir: Path
+) -> dict[str, object]:
+    """Counts, the first failures and the contact sheet of the crop table."""
     metadata: dict[str, object] = {
         "dagster/row_count": len(table),
         "written": report.written,
@@ -169,12 +200,12 @@ def crops(
         "excluded_train_photos": len(report.train_failed),
         "size": config.size,
         "resize": config.resize,
-        "crop_dir": dg.MetadataValue.path(str(whale.layout.crops_dir)),
+        "crop_dir": dg.MetadataValue.path(str(crops_dir)),
     }
     if len(report.failed):
         metadata["failed_photos"] = table_md(report.failed[["image", "split", "error"]].head(50))
     if config.contact_sheet:
-        sheet_file = whale.layout.crops_dir / CONTACT_SHEET_FILE
-        metadata["contact_sheet"] = image_md(write_contact_sheet(bboxes, table, paths, config.contact_sheet, sheet_file))
+        sheet_file = crops_dir / CONTACT_SHEET_FILE
+        metadata["contact_sheet"] = image_md(write_contact_sheet(boxes, table, paths, config.contact_sheet, sheet_file))
         metadata["contact_sheet_file"] = dg.MetadataValue.path(str(sheet_file))
-    return dg.MaterializeResult(value=table, metadata=metadata)
+    return metadata

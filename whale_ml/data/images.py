@@ -11,11 +11,13 @@ from __future__ import annotations
 import random
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageFilter, ImageOps
+from PIL import ExifTags, Image, ImageFilter, ImageOps
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
@@ -35,23 +37,61 @@ def _pil_open(path: Path) -> Image.Image:
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Open a photo as RGB with its EXIF orientation applied.
+    """Open a photo as RGB, fully decoded, with its EXIF orientation applied.
 
     Raises:
         ImageReadError: missing, empty, truncated, not an image, or too large.
     """
-    path = Path(path)
+    return decode_photo(path).image
+
+
+# JPEG's DCT scaling decodes straight to 1/1, 1/2, 1/4 or 1/8 of the stored size
+# (Pillow's ``draft``): at 1/4 it costs well under half of a full decode, and the
+# reduced image is a proper low-pass of the photo, not an aliased subsample.
+DRAFT_SCALES = (8, 4, 2, 1)
+
+
+@dataclass(frozen=True)
+class DecodedPhoto:
+    """A photo decoded as RGB, EXIF orientation applied, perhaps at a reduced scale.
+
+    Attributes:
+        image: the decoded pixels (``reduction`` times smaller than the photo on each side, rounded up).
+        full_size: the photo's oriented width and height at full scale; boxes are given in these.
+        reduction: 1 (full decode), 2, 4 or 8.
+    """
+
+    image: Image.Image
+    full_size: tuple[int, int]
+    reduction: int
+
+    def box_in_image(self, box: Sequence[float]) -> tuple[float, float, float, float]:
+        """A full-scale box ``(x0, y0, x1, y1)`` in this image's pixel coordinates."""
+        sx, sy = self.image.width / self.full_size[0], self.image.height / self.full_size[1]
+        return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+
+
+def reduction_for(size: tuple[int, int], min_long: int = 0, min_short: int = 0) -> int:
+    """The largest JPEG reduction (8, 4, 2 or 1) at which an image of ``size`` keeps a long
+    side of at least ``min_long`` and a short side of at least ``min_short`` pixels."""
+    long_side, short_side = max(size), min(size)
+    for r in DRAFT_SCALES:
+        if -(-long_side // r) >= min_long and -(-short_side // r) >= min_short:
+            return r
+    return 1
+
+
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turns every way a photo can fail to open or decode into an :class:`ImageReadError`
+    naming the file and why. PIL warns above ~89 MP and refuses at twice that; this
+    refuses at the warning, so that a hostile or absurd file is never decoded."""
     try:
         if path.stat().st_size == 0:
             raise ImageReadError(f"{path}: file is empty")
-        # PIL warns above ~89 MP and refuses at twice that; refuse at the warning,
-        # so that a hostile or absurd file is never decoded.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with _pil_open(path) as im:
-                im.load()
-                im = ImageOps.exif_transpose(im)
-                return im.convert("RGB")
+            yield
     except ImageReadError:
         raise
     except FileNotFoundError as exc:
@@ -62,6 +102,50 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise ImageReadError(f"{path}: not an image format Pillow can read (corrupt, or not a photo)") from exc
     except Exception as exc:
         raise ImageReadError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
+
+
+def decode_photo(path: str | Path, reduction: int = 1, *, min_size: tuple[int, int] | None = None) -> DecodedPhoto:
+    """Decode a photo once, as small as its use allows.
+
+    A JPEG is decoded with DCT scaling at ``reduction`` (1, 2, 4 or 8), or, with
+    ``min_size=(long, short)``, at the largest reduction that keeps that many pixels on
+    its long and short sides (:func:`reduction_for`). Other formats are decoded at full
+    size. EXIF orientation is applied after decoding; ``full_size`` is the oriented size
+    at full scale.
+
+    Raises:
+        ImageReadError: missing, empty, truncated, not an image, or too large.
+    """
+    path = Path(path)
+    with _reading(path), _pil_open(path) as im:
+        stored = im.size
+        if min_size is not None:
+            reduction = reduction_for(stored, *min_size)
+        if reduction > 1 and im.format == "JPEG":
+            im.draft("RGB", (-(-stored[0] // reduction), -(-stored[1] // reduction)))
+        im.load()
+        reduction = max(1, round(stored[0] / im.size[0]))
+        oriented = ImageOps.exif_transpose(im)
+        full = stored[::-1] if oriented.size == im.size[::-1] != im.size else stored
+        return DecodedPhoto(oriented.convert("RGB"), (int(full[0]), int(full[1])), reduction)
+
+
+# EXIF orientations 5-8 turn the stored image by 90 degrees: width and height swap.
+_SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
+
+
+def photo_size(path: str | Path) -> tuple[int, int]:
+    """A photo's oriented width and height, read from its header: no pixel is decoded.
+
+    Raises:
+        ImageReadError: as :func:`decode_photo`, for what the header alone can show
+            (a truncated body is only found when the pixels are decoded).
+    """
+    path = Path(path)
+    with _reading(path), _pil_open(path) as im:
+        w, h = im.size
+        orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
+    return (h, w) if orientation in _SWAPPING_ORIENTATIONS else (w, h)
 
 
 class RandomBoxBlur:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from whale_ml.data.images import ImageReadError, load_rgb
+from whale_ml.data.images import DRAFT_SCALES, ImageReadError, decode_photo
 from whale_ml.io import ArtifactWriteError, atomic_path, remove_stale_temps
 
 RESIZE_MODES = ("stretch", "letterbox")
@@ -24,31 +24,51 @@ CONTACT_SHEET_FILE = "contact_sheet.png"
 ProgressFn = Callable[[int, int], None]
 
 
+# Crops cut since photos are decoded once, at a reduced JPEG scale (photo_pass.py), are
+# resampled from a sub-pixel box: a new digest, so older crops are cut again, not reused.
+CROP_METHOD = "v2"
+
+
 def crop_key(path: str | Path, box: tuple[int, int, int, int], size: int, resize: str = "stretch") -> str:
-    """Digest of the source file's identity, the box, the output size and the resize mode."""
+    """Digest of the source file's identity, the box, the output size, the resize mode and the cutting method."""
     st = Path(path).stat()
-    text = f"{Path(path).name}|{st.st_size}|{st.st_mtime_ns}|{box}|{size}"
-    if resize != "stretch":  # (stretch keeps the digests of crops written before the option existed)
-        text += f"|{resize}"
+    text = f"{Path(path).name}|{st.st_size}|{st.st_mtime_ns}|{box}|{size}|{resize}|{CROP_METHOD}"
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
-def cut_crop(image: Image.Image, box: tuple[int, int, int, int], size: int, resize: str = "stretch") -> Image.Image:
+def crop_reduction(box: tuple[int, int, int, int], size: int, resize: str = "stretch") -> int:
+    """The largest JPEG reduction (8, 4, 2, 1) at which ``box`` (full-scale pixels) still
+    holds ``size`` pixels where the crop needs them: both sides for ``stretch``, the long
+    side for ``letterbox``; 1 when even the full scale has fewer (the crop is upsampled)."""
+    w, h = box[2] - box[0], box[3] - box[1]
+    side = min(w, h) if resize == "stretch" else max(w, h)
+    return next((r for r in DRAFT_SCALES if side / r >= size), 1)
+
+
+def cut_crop(
+    image: Image.Image, box: tuple[int, int, int, int], size: int, resize: str = "stretch", full_size: tuple[int, int] | None = None
+) -> Image.Image:
     """The box of ``image`` as a ``size`` x ``size`` RGB image.
 
     ``stretch`` scales width and height independently (what the winning Kaggle
     solutions fed their models); ``letterbox`` keeps the aspect ratio and pads
     the short side with black.
+
+    Args:
+        box: in full-scale pixels of the photo.
+        full_size: the photo's full-scale size when ``image`` was decoded smaller (JPEG
+            draft): the box is then resampled from its sub-pixel place in ``image``.
     """
     if resize not in RESIZE_MODES:
         raise ValueError(f"unknown resize mode {resize!r}: expected one of {', '.join(RESIZE_MODES)}")
-    crop = image.crop(box)
+    sx, sy = (image.width / full_size[0], image.height / full_size[1]) if full_size else (1.0, 1.0)
+    region = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
     if resize == "stretch":
-        return crop.resize((size, size), Image.BICUBIC)
-    scale = size / max(crop.size)
-    w, h = max(1, round(crop.width * scale)), max(1, round(crop.height * scale))
+        return image.resize((size, size), Image.BICUBIC, box=region)
+    scale = size / max(box[2] - box[0], box[3] - box[1])
+    w, h = max(1, round((box[2] - box[0]) * scale)), max(1, round((box[3] - box[1]) * scale))
     canvas = Image.new("RGB", (size, size))
-    canvas.paste(crop.resize((w, h), Image.BICUBIC), ((size - w) // 2, (size - h) // 2))
+    canvas.paste(image.resize((w, h), Image.BICUBIC, box=region), ((size - w) // 2, (size - h) // 2))
     return canvas
 
 
@@ -60,7 +80,10 @@ def write_crops(
     progress: Callable[[int, int], None] | None = None,
     resize: str = "stretch",
 ) -> pd.DataFrame:
-    """Write a ``size`` x ``size`` crop per box row; skip crops already written.
+    """Write a ``size`` x ``size`` crop per box row of known boxes; skip crops already written.
+
+    Each photo is decoded at the scale its box needs (:func:`crop_reduction`). The
+    pipeline boxes and crops in one pass instead (:mod:`whale_ml.detection.photo_pass`).
 
     Args:
         boxes: rows of :func:`detect_boxes` (``image``, the box, ``source``).
@@ -85,7 +108,8 @@ def write_crops(
                 raise ImageReadError(row.note)
             target = out / f"{Path(row.image).stem}_{crop_key(src, box, size, resize)}.jpg"
             if not target.exists():
-                image = cut_crop(load_rgb(src), box, size, resize)
+                photo = decode_photo(src, crop_reduction(box, size, resize))
+                image = cut_crop(photo.image, box, size, resize, full_size=photo.full_size)
                 with atomic_path(target, sweep=False) as tmp:
                     image.save(tmp, quality=95)
                 record["written"] = True
@@ -116,12 +140,12 @@ def contact_sheet(rows: pd.DataFrame, paths: dict[str, str], thumb: int = 160, c
     for i, row in rows.iterrows():
         x, y = (i % columns) * 2 * thumb, (i // columns) * thumb
         try:
-            photo = load_rgb(paths[row["image"]])
+            photo = decode_photo(paths[row["image"]], min_size=(thumb, 0))  # a thumbnail needs no full decode
         except ImageReadError:
             draw.text((x + 4, y + 4), f"unreadable:\n{row['image']}", fill=(200, 0, 0))
             continue
-        scale = thumb / max(photo.size)
-        small = photo.resize((max(1, round(photo.width * scale)), max(1, round(photo.height * scale))))
+        scale = thumb / max(photo.full_size)
+        small = photo.image.resize((max(1, round(photo.full_size[0] * scale)), max(1, round(photo.full_size[1] * scale))))
         sheet.paste(small, (x, y))
         colour = (0, 200, 0) if row["source"] == "detector" else (230, 120, 0)
         box = [row["x_min"] * scale + x, row["y_min"] * scale + y, row["x_max"] * scale + x - 1, row["y_max"] * scale + y - 1]

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from whale_ml.data.images import ImageReadError, load_rgb
+from whale_ml.data.images import ImageReadError, photo_size
 from whale_ml.data.metadata import MetadataError, image_name_problems, is_plain_file_name, read_csv_rows
+from whale_ml.detection.photo_pass import BoxRule, CropRule, PassResult, run_photo_pass
 from whale_ml.detection.weights import check_detector_weights
 from whale_ml.io import atomic_path, write_text
 from whale_ml.offline import keep_torch_threads, ultralytics_session
@@ -84,7 +85,7 @@ def write_yolo_dataset(boxes: pd.DataFrame, image_dir: str | Path, out_dir: str 
             continue
         if name not in sizes:
             try:
-                sizes[name] = load_rgb(image_dir / name).size
+                sizes[name] = photo_size(image_dir / name)  # the header: no pixel needs decoding here
             except ImageReadError as exc:
                 skipped.append(f"{name}: {exc}")
                 sizes[name] = (0, 0)
@@ -271,19 +272,6 @@ def install_weights(source: str | Path, target: str | Path) -> Path:
     return Path(target)
 
 
-def expand_box(box: Sequence[float], factor: float, width: int, height: int) -> tuple[int, int, int, int]:
-    """Scale a box's width and height by ``factor`` about its centre, clipped to the image."""
-    x0, y0, x1, y1 = box
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    hw, hh = (x1 - x0) * factor / 2, (y1 - y0) * factor / 2
-    return (
-        int(max(0, np.floor(cx - hw))),
-        int(max(0, np.floor(cy - hh))),
-        int(min(width, np.ceil(cx + hw))),
-        int(min(height, np.ceil(cy + hh))),
-    )
-
-
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -303,6 +291,7 @@ def detect_boxes(
     home: Path | None = None,
     progress: ProgressFn | None = None,
     threads: int | None = None,
+    workers: int | None = None,
 ) -> pd.DataFrame:
     """One crop box per image: the most confident detection, expanded, or the full frame.
 
@@ -313,102 +302,54 @@ def detect_boxes(
         expand: factor on the box's width and height.
         threads: torch threads to predict with (default ``$WHALE_THREADS`` or every core);
             the process's thread settings are as they were afterwards.
+        workers: decode threads (default ``$WHALE_THREADS`` or every core).
 
     Returns:
         ``image, width, height, x_min, y_min, x_max, y_max, confidence, source, note``:
         ``source`` is ``detector``, ``full_frame`` or ``unreadable``; ``note``
         says why a row fell back.
     """
+    rule = BoxRule(min_confidence, expand, imgsz)
+    return box_and_crop(images, weights, rule, None, batch, device, home, progress, threads, workers).boxes
+
+
+def box_and_crop(
+    images: pd.DataFrame,
+    weights: str | Path | None,
+    rule: BoxRule,
+    crop: CropRule | None,
+    batch: int = 32,
+    device: str = "auto",
+    home: Path | None = None,
+    progress: ProgressFn | None = None,
+    threads: int | None = None,
+    workers: int | None = None,
+) -> PassResult:
+    """The box of every photo and, with ``crop``, its crop, in one pass that decodes each
+    photo once (:func:`whale_ml.detection.photo_pass.run_photo_pass`) with the detector
+    ``weights`` (None: full frames).
+
+    Args:
+        images: ``image, path`` rows (and ``split``: each split's crops in its own folder).
+        threads: torch threads to predict with (default ``$WHALE_THREADS`` or every core);
+            the process's thread settings are as they were afterwards.
+        workers: decode and crop threads (default ``$WHALE_THREADS`` or every core).
+    """
     if weights is None:
-        return _detect_in_batches(images, None, min_confidence, expand, imgsz, batch, device, progress)
+        return run_photo_pass(images, None, rule, crop, batch, workers, progress)
     check_detector_weights(weights)  # ultralytics unpickles it in full
     with ultralytics_session(home or Path(weights).parent, threads) as n:
         from ultralytics import YOLO
 
         model = YOLO(str(weights))
         keep_torch_threads(model, n)
-        return _detect_in_batches(images, model, min_confidence, expand, imgsz, batch, device, progress)
+        dev = _device_arg(device)
 
+        def predict(batch_images: list[object]) -> list[object]:
+            conf = min(0.01, rule.min_confidence)
+            return model.predict(batch_images, imgsz=rule.imgsz, device=dev, verbose=False, conf=conf, max_det=5)
 
-def _detect_in_batches(
-    images: pd.DataFrame,
-    model: object | None,
-    min_confidence: float,
-    expand: float,
-    imgsz: int,
-    batch: int,
-    device: str,
-    progress: ProgressFn | None,
-) -> pd.DataFrame:
-    rows: list[dict[str, object]] = []
-    records = list(images[["image", "path"]].itertuples(index=False))
-    for start in range(0, len(records), batch):
-        chunk = records[start : start + batch]
-        loaded = []
-        for rec in chunk:
-            try:
-                loaded.append((rec, load_rgb(rec.path), None))
-            except ImageReadError as exc:
-                loaded.append((rec, None, str(exc)))
-        readable = [im for _, im, _ in loaded if im is not None]
-        results = (
-            model.predict(readable, imgsz=imgsz, device=_device_arg(device), verbose=False, conf=min(0.01, min_confidence), max_det=5)
-            if model is not None and readable
-            else [None] * len(readable)
-        )
-        it = iter(results)
-        for rec, im, error in loaded:
-            if im is None:
-                rows.append(
-                    {
-                        "image": rec.image,
-                        "width": 0,
-                        "height": 0,
-                        "x_min": 0,
-                        "y_min": 0,
-                        "x_max": 0,
-                        "y_max": 0,
-                        "confidence": 0.0,
-                        "source": "unreadable",
-                        "note": error,
-                    }
-                )
-                continue
-            w, h = im.size
-            res = next(it)
-            row = {
-                "image": rec.image,
-                "width": w,
-                "height": h,
-                "x_min": 0,
-                "y_min": 0,
-                "x_max": w,
-                "y_max": h,
-                "confidence": 0.0,
-                "source": "full_frame",
-                "note": "",
-            }
-            if res is None:
-                row["note"] = "no detector"
-            elif len(res.boxes) == 0:
-                row["note"] = "nothing detected"
-            else:
-                confs = res.boxes.conf.cpu().numpy()
-                best = int(confs.argmax())
-                conf = float(confs[best])
-                row["confidence"] = conf
-                if conf < min_confidence:
-                    row["note"] = f"best confidence {conf:.2f} < {min_confidence:.2f}"
-                else:
-                    x0, y0, x1, y1 = expand_box(res.boxes.xyxy[best].cpu().numpy().tolist(), expand, w, h)
-                    if x1 - x0 >= 2 and y1 - y0 >= 2:
-                        row.update({"x_min": x0, "y_min": y0, "x_max": x1, "y_max": y1, "source": "detector"})
-                    else:
-                        row["note"] = "degenerate box"
-            rows.append(row)
-        if progress is not None:
-            progress(min(start + batch, len(records)), len(records))
-    return pd.DataFrame(rows)
+        return run_photo_pass(images, predict, rule, crop, batch, workers, progress)
 
 
 def box_iou_report(boxes: pd.DataFrame, truth: pd.DataFrame) -> dict[str, float]:

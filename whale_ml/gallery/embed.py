@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from whale_ml.detection.crops import write_crops
-from whale_ml.detection.yolo import detect_boxes
+from whale_ml.detection.photo_pass import BoxRule, CropRule
+from whale_ml.detection.yolo import box_and_crop
 from whale_ml.gallery.lineage import GalleryLineage, LineageError
 from whale_ml.io import sha256_file
 from whale_ml.retrieval.embeddings import embed_paths
@@ -50,16 +50,16 @@ def crop_photos(paths: Sequence[Path], lineage: GalleryLineage, layout: HomeLayo
     photos["key"] = [f"{i:05d}_{name}" for i, name in enumerate(photos["image"])]
     if photos.empty:
         return photos.assign(box=[], full_frame=[], box_note=[], crop_path=[], error=[])
-    boxes = detect_boxes(
+    done = box_and_crop(
         photos[["key", "path"]].rename(columns={"key": "image"}),
         detector_for(lineage, layout),
-        lineage.min_confidence,
-        lineage.expand,
-        lineage.detector_imgsz,
+        BoxRule(lineage.min_confidence, lineage.expand, lineage.detector_imgsz),
+        CropRule(Path(out_dir), lineage.crop_size, lineage.resize),
         device=device,
         home=layout.home,
     )
-    crops = write_crops(boxes, dict(zip(photos["key"], photos["path"], strict=True)), out_dir, lineage.crop_size, resize=lineage.resize)
+    boxes, crops = done.boxes, done.crops
+    assert crops is not None
     photos["box"] = [
         (int(r.x_min), int(r.y_min), int(r.x_max), int(r.y_max)) if r.source != "unreadable" else None for r in boxes.itertuples()
     ]
