@@ -122,7 +122,8 @@ def decode_photo(path: str | Path, reduction: int = 1, *, min_size: tuple[int, i
         if min_size is not None:
             reduction = reduction_for(stored, *min_size)
         if reduction > 1 and im.format == "JPEG":
-            im.draft("RGB", (-(-stored[0] // reduction), -(-stored[1] // reduction)))
+            # Pillow picks the scale from the floor of the ratio; libjpeg then rounds the size up.
+            im.draft("RGB", (max(1, stored[0] // reduction), max(1, stored[1] // reduction)))
         im.load()
         reduction = max(1, round(stored[0] / im.size[0]))
         oriented = ImageOps.exif_transpose(im)
