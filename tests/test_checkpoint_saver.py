@@ -47,6 +47,16 @@ def test_fit_progress_counts_gains_and_runs_out_of_patience() -> None:
     assert p.observe(5, None, None) and (p.best_epoch, p.best_map5, p.stale) == (5, 0.6, 0)
 
 
+def test_a_skipped_validation_neither_gains_nor_uses_up_patience() -> None:
+    """val_every > 1: NaN marks an epoch without validation; patience counts validations."""
+    p = FitProgress()
+    assert p.observe(2, 0.5, 0.7)
+    assert not p.observe(3, float("nan"), float("nan")) and (p.best_epoch, p.best_map5, p.stale) == (2, 0.5, 0)
+    assert not p.observe(4, 0.4, 0.6) and p.stale == 1
+    assert not p.observe(5, float("nan"), float("nan")) and p.stale == 1 and not p.stopped(2)
+    assert not p.observe(6, 0.5, 0.6) and p.stopped(2) and (p.best_epoch, p.best_threshold) == (2, 0.7)
+
+
 def _modules(seed: int) -> dict:
     torch.manual_seed(seed)
     model, loss = torch.nn.Linear(3, 2), torch.nn.Linear(2, 2, bias=False)

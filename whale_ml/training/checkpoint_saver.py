@@ -10,6 +10,7 @@ kill leaves either the previous file or the new one, never half of one.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -78,7 +79,8 @@ class FitProgress:
         best_map5: the best validation MAP@5 so far (None without validation).
         best_epoch: the epoch ``best.pt`` holds.
         best_threshold: the new_individual threshold tuned at the best epoch.
-        stale: epochs since the last gain, for early stopping.
+        stale: validations since the last gain, for early stopping (epochs without
+            validation, when ``val_every`` skips them, do not count).
         history: one row of metrics per epoch, ``epoch`` first.
     """
 
@@ -94,7 +96,11 @@ class FitProgress:
 
         Without a score (no validation set, or a process that does not validate) every
         epoch counts as a gain, so the last epoch is the one kept and patience never runs out.
+        A NaN score is a validation skipped (``val_every``): the epoch neither gains nor
+        uses up patience, so ``best.pt`` is only ever a validated epoch.
         """
+        if map5 is not None and math.isnan(map5):
+            return False
         improved = map5 is None or self.best_map5 is None or map5 > self.best_map5
         if improved and map5 is not None:
             self.best_map5, self.best_threshold = map5, threshold
@@ -105,7 +111,7 @@ class FitProgress:
         return improved
 
     def stopped(self, patience: int) -> bool:
-        """True once ``patience`` epochs in a row brought no gain (0: never)."""
+        """True once ``patience`` validations in a row brought no gain (0: never)."""
         return bool(patience and self.stale >= patience)
 
 
