@@ -123,6 +123,23 @@ def test_saver_does_not_resume_a_finished_foreign_or_incomplete_checkpoint(tmp_p
     assert messages[-1].endswith("has no sampler state to resume from; starting afresh")
 
 
+def test_a_checkpoint_from_before_a_setting_existed_resumes_with_its_default(tmp_path: Path) -> None:
+    """last.pt written before val_every and val_sample were settings: the run validated every
+    epoch on all photos, which is what their defaults do, so it resumes (and is not retrained)."""
+    CheckpointSaver(tmp_path, CFG, 7, "d", _modules(0)).save(FitProgress(epoch=1), improved=True)
+    last = load_checkpoint(tmp_path / "last.pt")
+    last["config"] = {k: v for k, v in last["config"].items() if k not in ("val_every", "val_sample")}
+    save_checkpoint(tmp_path / "last.pt", last)
+    messages: list[str] = []
+    assert CheckpointSaver(tmp_path, CFG, 7, "d", _modules(1)).resume(3, 0, "cpu", messages.append).epoch == 1
+    assert messages == [f"resuming from {tmp_path / 'last.pt'} after epoch 1"]
+    other = CFG.model_copy(update={"val_every": 2})
+    assert CheckpointSaver(tmp_path, other, 7, "d", _modules(1)).resume(3, 0, "cpu", messages.append) == FitProgress()
+    last["config"] = {**last["config"], "epochs": "many"}  # a recipe today's settings cannot read
+    save_checkpoint(tmp_path / "last.pt", last)
+    assert CheckpointSaver(tmp_path, CFG, 7, "d", _modules(1)).resume(3, 0, "cpu", messages.append) == FitProgress()
+
+
 def test_a_saver_that_does_not_write_leaves_no_files(tmp_path: Path) -> None:
     """The DDP processes other than rank 0 resume, but never write."""
     saver = CheckpointSaver(tmp_path, CFG, 7, "d", _modules(0), write=False)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from whale_ml.checkpoints import load_weights_only
 from whale_ml.stage_configs import TrainConfig
@@ -146,6 +147,19 @@ class CheckpointSaver:
         self.num_classes, self.fingerprint = num_classes, fingerprint
         self.modules, self.extra, self.write = modules, extra or {}, write
 
+    def _same_recipe(self, saved: Any) -> bool:
+        """True when a checkpoint's recipe is this run's, read as today's TrainConfig.
+
+        A setting added since the checkpoint was written takes its default, which by this
+        project's rule is what runs did before the setting existed (``val_every: 1`` is
+        validating every epoch): a run interrupted or finished before an upgrade resumes
+        or is reused instead of training again from scratch.
+        """
+        try:
+            return TrainConfig(**saved).model_dump() == self.config
+        except (TypeError, ValidationError):
+            return False
+
     def resume(self, epochs: int, patience: int, map_location: str | torch.device, log: Callable[[str], None]) -> FitProgress:
         """Load ``last.pt`` into the modules and the RNGs when it was made by this recipe on this data.
 
@@ -155,7 +169,7 @@ class CheckpointSaver:
         if not self.last_path.exists():
             return FitProgress()
         ckpt = load_checkpoint(self.last_path, map_location=map_location)
-        if not (ckpt.get("config") == self.config and ckpt.get("num_classes") == self.num_classes and ckpt.get("data") == self.fingerprint):
+        if not (self._same_recipe(ckpt.get("config")) and ckpt.get("num_classes") == self.num_classes and ckpt.get("data") == self.fingerprint):
             log(f"{self.last_path} was made with another recipe or other data; starting afresh")
             return FitProgress()
         missing = [key for key in self.modules if key not in ckpt]

@@ -530,10 +530,11 @@ def _fit(
     progress = saver.resume(cfg.epochs, cfg.patience, device, log)
     validates = len(val) > 0 and rank == 0
     vset = validation_set(train, val, cfg.val_sample, cfg.seed)
-    if len(val):
+    epochs = range(progress.epoch + 1, 0 if progress.stopped(cfg.patience) else cfg.epochs + 1)
+    if len(val) and len(epochs):
         log(f"validation every {cfg.val_every} epoch(s) and after the last, on {vset.describe()}")
     images, seconds = 0, 0.0
-    for epoch in range(progress.epoch + 1, 0 if progress.stopped(cfg.patience) else cfg.epochs + 1):
+    for epoch in epochs:
         stats = train_one_epoch(
             epoch, parts.step, parts.loader, parts.optimizer, parts.scheduler, parts.scaler, device, cfg.accumulate, cfg.grad_clip, world
         )
