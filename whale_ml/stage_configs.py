@@ -127,7 +127,8 @@ class TrainConfig(BaseModel):
         1,
         ge=1,
         description="Validate every this many epochs, and always after the last; epochs in between record NaN "
-        "validation metrics and cannot become best.pt. Training itself is the same for any value.",
+        "validation metrics and cannot become best.pt. Each epoch trains the same for any value; only what is "
+        "measured, which epoch is kept and when patience runs out change.",
     )
     val_sample: int = Field(
         0,
