@@ -47,6 +47,16 @@ def test_fit_progress_counts_gains_and_runs_out_of_patience() -> None:
     assert p.observe(5, None, None) and (p.best_epoch, p.best_map5, p.stale) == (5, 0.6, 0)
 
 
+def test_a_skipped_validation_neither_gains_nor_uses_up_patience() -> None:
+    """val_every > 1: NaN marks an epoch without validation; patience counts validations."""
+    p = FitProgress()
+    assert p.observe(2, 0.5, 0.7)
+    assert not p.observe(3, float("nan"), float("nan")) and (p.best_epoch, p.best_map5, p.stale) == (2, 0.5, 0)
+    assert not p.observe(4, 0.4, 0.6) and p.stale == 1
+    assert not p.observe(5, float("nan"), float("nan")) and p.stale == 1 and not p.stopped(2)
+    assert not p.observe(6, 0.5, 0.6) and p.stopped(2) and (p.best_epoch, p.best_threshold) == (2, 0.7)
+
+
 def _modules(seed: int) -> dict:
     torch.manual_seed(seed)
     model, loss = torch.nn.Linear(3, 2), torch.nn.Linear(2, 2, bias=False)
@@ -111,6 +121,23 @@ def test_saver_does_not_resume_a_finished_foreign_or_incomplete_checkpoint(tmp_p
     with_sampler = {**_modules(0), "sampler": torch.nn.Linear(1, 1)}
     assert CheckpointSaver(tmp_path, CFG, 7, "data-digest", with_sampler).resume(3, 0, "cpu", messages.append) == FitProgress()
     assert messages[-1].endswith("has no sampler state to resume from; starting afresh")
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_with_its_default(tmp_path: Path) -> None:
+    """last.pt written before val_every and val_sample were settings: the run validated every
+    epoch on all photos, which is what their defaults do, so it resumes (and is not retrained)."""
+    CheckpointSaver(tmp_path, CFG, 7, "d", _modules(0)).save(FitProgress(epoch=1), improved=True)
+    last = load_checkpoint(tmp_path / "last.pt")
+    last["config"] = {k: v for k, v in last["config"].items() if k not in ("val_every", "val_sample")}
+    save_checkpoint(tmp_path / "last.pt", last)
+    messages: list[str] = []
+    assert CheckpointSaver(tmp_path, CFG, 7, "d", _modules(1)).resume(3, 0, "cpu", messages.append).epoch == 1
+    assert messages == [f"resuming from {tmp_path / 'last.pt'} after epoch 1"]
+    other = CFG.model_copy(update={"val_every": 2})
+    assert CheckpointSaver(tmp_path, other, 7, "d", _modules(1)).resume(3, 0, "cpu", messages.append) == FitProgress()
+    last["config"] = {**last["config"], "epochs": "many"}  # a recipe today's settings cannot read
+    save_checkpoint(tmp_path / "last.pt", last)
+    assert CheckpointSaver(tmp_path, CFG, 7, "d", _modules(1)).resume(3, 0, "cpu", messages.append) == FitProgress()
 
 
 def test_a_saver_that_does_not_write_leaves_no_files(tmp_path: Path) -> None:

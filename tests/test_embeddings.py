@@ -68,7 +68,9 @@ def test_progress_is_reported_to_the_end(model: torch.nn.Module, photos: tuple[l
 
 
 def test_no_paths_gives_an_empty_matrix(model: torch.nn.Module) -> None:
-    assert embed_paths(model, [], SIZE).shape == (0, 16)
+    seen: list[tuple[int, int]] = []
+    assert embed_paths(model, [], SIZE, progress=lambda done, total: seen.append((done, total))).shape == (0, 16)
+    assert seen == [(0, 0)], "the loop's end is reported even when it had nothing to do"
 
 
 def test_decoding_on_the_device_matches_the_pil_path(model: torch.nn.Module, tmp_path: Path) -> None:

@@ -120,7 +120,23 @@ class TrainConfig(BaseModel):
     )
     warmup_epochs: float = Field(1.0, ge=0.0, description="Warm-up length (one-cycle: its rising phase).")
     grad_clip: float = Field(0.0, ge=0.0, description="Max gradient norm; 0 disables clipping.")
-    patience: int = Field(0, ge=0, description="Stop after this many epochs without validation gain; 0 disables.")
+    patience: int = Field(
+        0, ge=0, description="Stop after this many validations without gain (epochs when val_every is 1); 0 disables."
+    )
+    val_every: int = Field(
+        1,
+        ge=1,
+        description="Validate every this many epochs, and always after the last; epochs in between record NaN "
+        "validation metrics and cannot become best.pt. Each epoch trains the same for any value; only what is "
+        "measured, which epoch is kept and when patience runs out change.",
+    )
+    val_sample: int = Field(
+        0,
+        ge=0,
+        description="0: validate on all the fold's validation photos against all its training photos. N: on a fixed, "
+        "seeded sample of N validation photos, against every training photo of their individuals plus the same share "
+        "of the others; the same photos every time, so its scores compare with each other, not with the full fold's.",
+    )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     processes: int = Field(

@@ -5,7 +5,7 @@ import pandas as pd
 
 from whale_assets.stages import REBUILD_AFTER_FOLDS
 from whale_assets.k8s import GPU_STEP_TAGS
-from whale_assets.metadata import figure_md, table_md
+from whale_assets.metadata import figure_md, progress_logger, table_md
 from whale_assets.partitions import fold_index, fold_partitions
 from whale_assets.resources import MlflowTracking, WhaleHome
 from whale_assets.retries import mlflow_retry_policy, retry_only_if_transient
@@ -38,9 +38,10 @@ def arcface_model(
     """The fold's embedding model: a timm backbone with GeM pooling and a BatchNorm
     embedding head, trained with pytorch-metric-learning's ArcFace loss (one optimiser
     over backbone, head and class centres). Validation MAP@5 with new_individual every
-    epoch; the best epoch is kept. One MLflow run per fold (tagged with the fold's data
-    version) with parameters, per-epoch metrics, curves, and the best model logged with
-    its signature and registered as ``whale-arcface@<fold>``."""
+    ``val_every`` epochs (on the fold or a fixed sample); the best validated epoch is
+    kept. One MLflow run per fold (tagged with the fold's data version) with parameters,
+    per-epoch metrics, curves, and the best model logged with its signature and
+    registered as ``whale-arcface@<fold>``."""
     import mlflow as mlf
 
     fold = context.partition_key
@@ -50,7 +51,8 @@ def arcface_model(
     with mlflow.start_run(context, run_name=f"arcface_{fold}", tags=tags) as run:
         mlf.log_params({**config.model_dump(), "fold": fold, **data.params()})
         trained = train_fold_model(
-            config, data, whale.layout.model_dir(fold), config.processes, lambda e, m: mlf.log_metrics(m, step=e), context.log.info
+            config, data, whale.layout.model_dir(fold), config.processes, lambda e, m: mlf.log_metrics(m, step=e), context.log.info,
+            val_progress=lambda epoch: progress_logger(context, f"{fold} validation after epoch {epoch}"),
         )
         version = _log_and_register(context, mlflow, whale.layout, config, fold, data, trained)
         url = mlflow.run_url(run.info.experiment_id, run.info.run_id)

@@ -21,6 +21,9 @@ from whale_ml.data.images import ImageDataset, eval_transform, load_rgb
 from whale_ml.models.embedding import EmbeddingNet
 from whale_ml.threads import using_threads
 
+# Called as progress(done, total) after each batch of a loop over photos (the last call has done == total).
+ProgressFn = Callable[[int, int], None]
+
 
 def autocast_for(device: torch.device, precision: str = "auto") -> tuple[torch.dtype | None, bool]:
     """Mixed precision for a device: (autocast dtype or None, whether a grad scaler is needed).
@@ -93,7 +96,7 @@ def embed_paths(
     batch_size: int = 64,
     flip_tta: bool = False,
     num_workers: int = 0,
-    progress: Callable[[int, int], None] | None = None,
+    progress: ProgressFn | None = None,
     decode: str = "cpu",
     threads: int | None = None,
 ) -> np.ndarray:
@@ -101,6 +104,8 @@ def embed_paths(
 
     The model runs with ``threads`` torch threads (default ``$WHALE_THREADS`` or every
     core: :func:`whale_ml.threads.pipeline_threads`), whatever a library left behind.
+    ``progress(done, total)`` is called after every batch, and once with ``(0, 0)`` for
+    no paths, so that a caller always sees its loop end.
 
     Returns:
         (len(paths), embedding_size) float32 with unit-length rows. With
@@ -141,6 +146,8 @@ def embed_paths(
             if progress is not None:
                 progress(done, len(paths))
     model.train(was_training)
+    if progress is not None and not paths:
+        progress(0, 0)
     if not chunks:
         return np.zeros((0, model.fc.out_features), dtype=np.float32)
     return np.concatenate(chunks)

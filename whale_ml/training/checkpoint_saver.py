@@ -10,6 +10,7 @@ kill leaves either the previous file or the new one, never half of one.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from whale_ml.checkpoints import load_weights_only
 from whale_ml.stage_configs import TrainConfig
@@ -78,7 +80,8 @@ class FitProgress:
         best_map5: the best validation MAP@5 so far (None without validation).
         best_epoch: the epoch ``best.pt`` holds.
         best_threshold: the new_individual threshold tuned at the best epoch.
-        stale: epochs since the last gain, for early stopping.
+        stale: validations since the last gain, for early stopping (epochs without
+            validation, when ``val_every`` skips them, do not count).
         history: one row of metrics per epoch, ``epoch`` first.
     """
 
@@ -94,7 +97,11 @@ class FitProgress:
 
         Without a score (no validation set, or a process that does not validate) every
         epoch counts as a gain, so the last epoch is the one kept and patience never runs out.
+        A NaN score is a validation skipped (``val_every``): the epoch neither gains nor
+        uses up patience, so ``best.pt`` is only ever a validated epoch.
         """
+        if map5 is not None and math.isnan(map5):
+            return False
         improved = map5 is None or self.best_map5 is None or map5 > self.best_map5
         if improved and map5 is not None:
             self.best_map5, self.best_threshold = map5, threshold
@@ -105,7 +112,7 @@ class FitProgress:
         return improved
 
     def stopped(self, patience: int) -> bool:
-        """True once ``patience`` epochs in a row brought no gain (0: never)."""
+        """True once ``patience`` validations in a row brought no gain (0: never)."""
         return bool(patience and self.stale >= patience)
 
 
@@ -140,6 +147,19 @@ class CheckpointSaver:
         self.num_classes, self.fingerprint = num_classes, fingerprint
         self.modules, self.extra, self.write = modules, extra or {}, write
 
+    def _same_recipe(self, saved: Any) -> bool:
+        """True when a checkpoint's recipe is this run's, read as today's TrainConfig.
+
+        A setting added since the checkpoint was written takes its default, which by this
+        project's rule is what runs did before the setting existed (``val_every: 1`` is
+        validating every epoch): a run interrupted or finished before an upgrade resumes
+        or is reused instead of training again from scratch.
+        """
+        try:
+            return TrainConfig(**saved).model_dump() == self.config
+        except (TypeError, ValidationError):
+            return False
+
     def resume(self, epochs: int, patience: int, map_location: str | torch.device, log: Callable[[str], None]) -> FitProgress:
         """Load ``last.pt`` into the modules and the RNGs when it was made by this recipe on this data.
 
@@ -149,7 +169,7 @@ class CheckpointSaver:
         if not self.last_path.exists():
             return FitProgress()
         ckpt = load_checkpoint(self.last_path, map_location=map_location)
-        if not (ckpt.get("config") == self.config and ckpt.get("num_classes") == self.num_classes and ckpt.get("data") == self.fingerprint):
+        if not (self._same_recipe(ckpt.get("config")) and ckpt.get("num_classes") == self.num_classes and ckpt.get("data") == self.fingerprint):
             log(f"{self.last_path} was made with another recipe or other data; starting afresh")
             return FitProgress()
         missing = [key for key in self.modules if key not in ckpt]

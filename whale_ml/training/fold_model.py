@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from whale_ml.data.folds import fold_split
 from whale_ml.io import atomic_path, write_json
 from whale_ml.threads import pipeline_threads
 from whale_ml.training.launch import train_fold_distributed
-from whale_ml.training.trainer import EpochCallback, LogFn, TrainResult, data_fingerprint, train_fold
+from whale_ml.training.trainer import EpochCallback, LogFn, TrainResult, ValProgress, data_fingerprint, train_fold
 
 
 @dataclass
@@ -69,7 +70,10 @@ def recipe_version(cfg: TrainConfig) -> str:
 
 
 def curves_figure(history: pd.DataFrame) -> Any:
-    """Training loss and validation MAP@5 per epoch, one matplotlib figure (closed by the caller)."""
+    """Training loss and validation MAP@5 per epoch, one matplotlib figure (closed by the caller).
+
+    The MAP@5 curve joins the validated epochs (with ``val_every`` > 1 the others are NaN).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,7 +85,8 @@ def curves_figure(history: pd.DataFrame) -> Any:
     ax.set_ylabel("train loss")
     if "val_map5" in history:
         right = ax.twinx()
-        right.plot(history["epoch"], history["val_map5"], color="tab:red", label="val MAP@5")
+        validated = history.dropna(subset=["val_map5"])
+        right.plot(validated["epoch"], validated["val_map5"], color="tab:red", label="val MAP@5")
         right.set_ylabel("validation MAP@5")
     fig.legend(loc="upper center", ncol=2, fontsize=8)
     return fig
@@ -105,6 +110,7 @@ def train_fold_model(
     processes: int = 1,
     on_epoch_end: EpochCallback | None = None,
     log: LogFn = print,
+    val_progress: ValProgress | None = None,
 ) -> TrainedFold:
     """Train (or resume, or reuse) one fold model and write its recipe and curves beside it.
 
@@ -118,8 +124,11 @@ def train_fold_model(
         data: the fold's photos.
         out_dir: the model's folder (``best.pt``, ``last.pt``, ``config.json``, ``history.csv``).
         processes: more than 1 trains with DistributedDataParallel under torchrun.
-        on_epoch_end: called with each epoch (1-based) and its metrics.
+        on_epoch_end: called with each epoch (1-based) and the metrics it measured (no
+            NaN: an epoch that ``val_every`` leaves unvalidated reports no validation metrics).
         log: progress messages.
+        val_progress: given an epoch, the progress callback of its validation (one process
+            only: DDP workers report their epochs through ``log``).
     """
     out = Path(out_dir)
     reported: set[int] = set()
@@ -132,10 +141,10 @@ def train_fold_model(
     if processes > 1:  # the workers run in their own processes: their epochs are reported below
         result = train_fold_distributed(cfg, data.train, data.val, data.num_classes, out, processes, log=log)
     else:
-        result = train_fold(cfg, data.train, data.val, data.num_classes, out, on_epoch_end=report, log=log)
+        result = train_fold(cfg, data.train, data.val, data.num_classes, out, on_epoch_end=report, log=log, val_progress=val_progress)
     for row in result.history:
         if row["epoch"] not in reported and on_epoch_end is not None:
-            on_epoch_end(int(row["epoch"]), {k: v for k, v in row.items() if k != "epoch"})
+            on_epoch_end(int(row["epoch"]), {k: v for k, v in row.items() if k != "epoch" and not math.isnan(v)})
     config_path = write_json(out / "config.json", cfg.model_dump())
     history = pd.DataFrame(result.history)
     with atomic_path(out / "history.csv") as tmp:

@@ -15,7 +15,8 @@ The recipe avoids the reference notebook's defects by construction (docs/trainin
 
 The loop is split as timm's ``train.py`` splits its own: :func:`build_training`
 makes the parts, :func:`train_one_epoch` trains one pass over the data,
-:func:`validate` scores the model, a
+:func:`validate` scores the model (every ``val_every`` epochs, on the fold or a
+fixed sample of it: :mod:`whale_ml.training.validation`), a
 :class:`~whale_ml.training.checkpoint_saver.CheckpointSaver` writes ``best.pt``
 and ``last.pt`` (atomically, every epoch, with the optimiser, scheduler, scaler
 and RNG states, so an interrupted run resumes from the last complete epoch as
@@ -46,16 +47,18 @@ from whale_ml.stage_configs import TrainConfig
 from whale_ml.data.images import ImageDataset, autoaugment_transform, train_transform
 from whale_ml.io import remove_stale_temps
 from whale_ml.models.embedding import EmbeddingNet, create_embedding_model
-from whale_ml.retrieval.embeddings import autocast_for, embed_paths
-from whale_ml.retrieval.faiss_index import build_index, search_gallery
-from whale_ml.retrieval.ranking import tune_threshold
+from whale_ml.retrieval.embeddings import ProgressFn, autocast_for
 from whale_ml.threads import using_threads
 from whale_ml.training.checkpoint_saver import CheckpointSaver, load_checkpoint
 from whale_ml.training.checkpoint_saver import save_checkpoint as save_checkpoint  # callers import it from here
 from whale_ml.training.losses import create_loss, create_species_loss
+from whale_ml.training.validation import ValidationSet, skip_validation, validation_due, validation_set
+from whale_ml.training.validation import validate as validate  # callers import it from here
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 LogFn = Callable[[str], None]
+# Given an epoch, the progress callback of that epoch's validation (a fresh count each time).
+ValProgress = Callable[[int], ProgressFn]
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -420,38 +423,6 @@ def train_one_epoch(
     return EpochStats(train_loss=running / max(1, seen / world), images=seen, seconds=elapsed)
 
 
-def validate(
-    model: EmbeddingNet,
-    cfg: TrainConfig,
-    gallery: pd.DataFrame,
-    queries: pd.DataFrame,
-    device: torch.device,
-    batch_size: int = 64,
-) -> dict[str, float]:
-    """Validation MAP@5 with new_individual (at its tuned threshold), and that threshold.
-
-    The same retrieval as the submission: the training photos are the gallery, each
-    validation photo a query whose truth may be ``new_individual``.
-
-    Args:
-        model: the embedding model (embedded in eval mode, its mode restored).
-        cfg: the recipe (image size, DataLoader workers).
-        gallery: ``path, individual_id`` of the known photos.
-        queries: ``path, truth`` of the validation photos.
-        device: where to embed.
-        batch_size: images per embedding batch.
-
-    Returns:
-        ``val_map5`` and ``val_threshold``.
-    """
-    kw = {"image_size": cfg.image_size, "device": device, "batch_size": batch_size, "num_workers": cfg.num_workers}
-    g = embed_paths(model, gallery["path"].tolist(), **kw)
-    q = embed_paths(model, queries["path"].tolist(), **kw)
-    sims, ids = search_gallery(build_index(g), gallery["individual_id"].to_numpy(), q)
-    result = tune_threshold(sims, ids, queries["truth"].tolist(), gallery_ids=gallery["individual_id"].tolist())
-    return {"val_map5": result.map5, "val_threshold": result.threshold}
-
-
 def _epoch_metrics(stats: EpochStats, parts: TrainParts) -> dict[str, float]:
     return {
         "train_loss": stats.train_loss,
@@ -484,6 +455,21 @@ def _prepare_run(cfg: TrainConfig, out_dir: str | Path, rank: int, world: int, l
     return out, device
 
 
+def _measured(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics an epoch actually measured: without the NaN of a skipped validation."""
+    return {k: v for k, v in metrics.items() if not math.isnan(v)}
+
+
+def _validation_metrics(
+    epoch: int, cfg: TrainConfig, model: EmbeddingNet, vset: ValidationSet, device: torch.device, val_progress: ValProgress | None
+) -> dict[str, float]:
+    """This epoch's validation metrics, or NaN for them when ``val_every`` skips it."""
+    if not validation_due(epoch, cfg):
+        return skip_validation()
+    progress = val_progress(epoch) if val_progress is not None else None
+    return validate(model, cfg, vset.gallery, vset.queries, device, progress=progress)
+
+
 def train_fold(
     cfg: TrainConfig,
     train: pd.DataFrame,
@@ -492,6 +478,7 @@ def train_fold(
     out_dir: str | Path,
     on_epoch_end: EpochCallback | None = None,
     log: LogFn = print,
+    val_progress: ValProgress | None = None,
 ) -> TrainResult:
     """Train one fold model; resume from ``out_dir/last.pt`` when it exists.
 
@@ -499,6 +486,9 @@ def train_fold(
     writes checkpoints. The run uses ``$WHALE_THREADS`` torch threads, default every core
     (:func:`whale_ml.threads.pipeline_threads`), whatever an earlier stage in this process
     left behind; each epoch's ``threads`` in the history says what it ran with.
+    Validation runs every ``cfg.val_every`` epochs and after the last, on the fold or on
+    ``cfg.val_sample`` of it (:mod:`whale_ml.training.validation`); an epoch without it has
+    NaN validation metrics in the history and cannot become ``best.pt``.
 
     Args:
         cfg: the recipe.
@@ -506,14 +496,17 @@ def train_fold(
         val: ``path, truth`` of its validation images (may be empty).
         num_classes: size of the ArcFace head (all individuals' labels).
         out_dir: where ``last.pt`` (resume) and ``best.pt`` (the model) go.
-        on_epoch_end: called with the epoch (1-based) and its metrics.
+        on_epoch_end: called with the epoch (1-based) and the metrics it measured (no
+            validation metrics on an epoch without validation).
         log: progress messages.
+        val_progress: given an epoch, the ``progress(done, total)`` callback of its
+            validation (photos embedded, gallery and queries together).
 
     Returns:
         The best checkpoint (by validation MAP@5, else the last epoch) and history.
     """
     with using_threads():
-        return _fit(cfg, train, val, num_classes, out_dir, on_epoch_end, log)
+        return _fit(cfg, train, val, num_classes, out_dir, on_epoch_end, log, val_progress)
 
 
 def _fit(
@@ -524,6 +517,7 @@ def _fit(
     out_dir: str | Path,
     on_epoch_end: EpochCallback | None,
     log: LogFn,
+    val_progress: ValProgress | None,
 ) -> TrainResult:
     rank, world = _rank_world()
     if rank != 0:
@@ -534,25 +528,30 @@ def _fit(
     species = {"species": parts.species_names} if parts.species_fn is not None else None
     saver = CheckpointSaver(out, cfg, num_classes, data_fingerprint(train, val), parts.checkpointed(), species, write=rank == 0)
     progress = saver.resume(cfg.epochs, cfg.patience, device, log)
+    validates = len(val) > 0 and rank == 0
+    vset = validation_set(train, val, cfg.val_sample, cfg.seed)
+    epochs = range(progress.epoch + 1, 0 if progress.stopped(cfg.patience) else cfg.epochs + 1)
+    if len(val) and len(epochs):
+        log(f"validation every {cfg.val_every} epoch(s) and after the last, on {vset.describe()}")
     images, seconds = 0, 0.0
-    for epoch in range(progress.epoch + 1, 0 if progress.stopped(cfg.patience) else cfg.epochs + 1):
+    for epoch in epochs:
         stats = train_one_epoch(
             epoch, parts.step, parts.loader, parts.optimizer, parts.scheduler, parts.scaler, device, cfg.accumulate, cfg.grad_clip, world
         )
         images, seconds = images + stats.images, seconds + stats.seconds
         metrics = _epoch_metrics(stats, parts)
-        if len(val) and rank == 0:
-            metrics.update(validate(parts.model, cfg, train, val, device))
+        if validates:
+            metrics.update(_validation_metrics(epoch, cfg, parts.model, vset, device, val_progress))
         improved = progress.observe(epoch, metrics.get("val_map5"), metrics.get("val_threshold"))
         progress.epoch = epoch
         progress.history.append({"epoch": epoch, **metrics})
         saver.save(progress, improved)
-        log(f"epoch {epoch}/{cfg.epochs}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        log(f"epoch {epoch}/{cfg.epochs}: " + ", ".join(f"{k} {v:.4g}" for k, v in _measured(metrics).items()))
         if on_epoch_end is not None:
-            on_epoch_end(epoch, metrics)
+            on_epoch_end(epoch, _measured(metrics))
         if _stop_everywhere(progress.stopped(cfg.patience), world):
             best = f"best {progress.best_map5:.4f} at epoch {progress.best_epoch}"
-            log(f"early stop: no validation gain for {progress.stale} epochs ({best})")
+            log(f"early stop: no validation gain in {progress.stale} validations ({best})")
             break
     return TrainResult(
         checkpoint=saver.best_path,
