@@ -15,9 +15,10 @@ from PIL import Image
 from whale_ml.stage_configs import DetectorConfig
 from whale_ml.data.metadata import read_test_metadata, read_train_metadata
 from whale_ml.detection.box_summary import TEST_SPECIES, photos_to_box, summarise_boxes
-from whale_ml.detection.crops import crop_every_split, crop_report, photo_paths, write_contact_sheet
+from whale_ml.detection.crops import crop_report, photo_paths, write_contact_sheet
 from whale_ml.detection.detector import MetricsFn, prepare_detector, read_detector
-from whale_ml.detection.yolo import detect_boxes, read_box_file
+from whale_ml.detection.photo_pass import BoxRule, CropRule
+from whale_ml.detection.yolo import box_and_crop, detect_boxes, read_box_file
 from whale_ml.io import read_json
 
 TINY_DETECTOR = {"epochs": 1, "imgsz": 64, "batch": 8, "device": "cpu", "val_share": 0.25}
@@ -175,9 +176,9 @@ def cropped(tiny_data: Path, tmp_path: Path) -> tuple[pd.DataFrame, pd.DataFrame
         (tmp_path / name).write_bytes(b"\xff\xd8\xff not a jpeg")
         table.loc[table.index[-1], ["image", "path"]] = [name, str(tmp_path / name)]
     photos = photos_to_box(train, test)
-    boxes = detect_boxes(photos, None, 0.25, 1.0, 64).assign(split=photos["split"].to_numpy())
-    paths = photo_paths(train, test)
-    return boxes, crop_every_split(boxes, paths, tmp_path / "crops", 32), paths, tmp_path / "crops"
+    done = box_and_crop(photos[["image", "path", "split"]], None, BoxRule(0.25, 1.0, 64), CropRule(tmp_path / "crops", 32))
+    split = photos["split"].to_numpy()
+    return done.boxes.assign(split=split), done.crops.assign(split=split), photo_paths(train, test), tmp_path / "crops"
 
 
 def test_crops_of_every_split_go_to_their_folders(cropped: tuple) -> None:
@@ -200,7 +201,9 @@ def test_crop_report_excludes_and_counts(cropped: tuple) -> None:
     assert report.train_failed["image"].tolist() == ["bad_train.jpg"] and report.test_failed["image"].tolist() == ["bad_test.jpg"]
     assert report.failed["image"].tolist() == ["bad_train.jpg", "bad_test.jpg"]
     assert (report.written, report.reused) == (3, 0)
-    again = crop_report(crop_every_split(boxes, paths, crops_dir, 32), "exclude")
+    photos = pd.DataFrame({"image": boxes["image"], "path": boxes["image"].map(paths), "split": boxes["split"]})
+    rerun = box_and_crop(photos, None, BoxRule(0.25, 1.0, 64), CropRule(crops_dir, 32)).crops
+    again = crop_report(rerun.assign(split=boxes["split"].to_numpy()), "exclude")
     assert (again.written, again.reused) == (0, 3)
     assert crop_report(table[table["image"] != "bad_train.jpg"]).train_failed.empty  # nothing to fail on
 

@@ -23,7 +23,7 @@ from whale_ml.data.kaggle_shape import KaggleShapeConfig, generate_kaggle_shape
 from whale_ml.detection.crops import crop_reduction, cut_crop
 from whale_ml.detection.photo_pass import BoxRule, CropRule, expand_box
 from whale_ml.detection.yolo import box_and_crop, read_box_file, train_yolo, write_yolo_dataset
-from whale_assets.metadata import progress_printer
+from whale_ml.progress import progress_printer
 
 # Survey-like photos, narrower than the real 1,500-4,000 px so that the tests stay quick;
 # wide enough that the pass decodes them at 1/4 and 1/8 scale.

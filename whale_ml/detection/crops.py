@@ -8,20 +8,18 @@ whose inputs changed and reuses the rest.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from whale_ml.progress import ProgressFn
 from whale_ml.data.images import DRAFT_SCALES, ImageReadError, decode_photo
 from whale_ml.io import ArtifactWriteError, atomic_path, remove_stale_temps
 
 RESIZE_MODES = ("stretch", "letterbox")
-SPLITS = ("train", "test")
 CONTACT_SHEET_FILE = "contact_sheet.png"
-ProgressFn = Callable[[int, int], None]
 
 
 # Crops cut since photos are decoded once, at a reduced JPEG scale (photo_pass.py), are
@@ -77,7 +75,7 @@ def write_crops(
     paths: dict[str, str],
     out_dir: str | Path,
     size: int,
-    progress: Callable[[int, int], None] | None = None,
+    progress: ProgressFn | None = None,
     resize: str = "stretch",
 ) -> pd.DataFrame:
     """Write a ``size`` x ``size`` crop per box row of known boxes; skip crops already written.
@@ -161,32 +159,6 @@ def photo_paths(train_metadata: pd.DataFrame, test_metadata: pd.DataFrame) -> di
     paths = dict(zip(train_metadata["image"], train_metadata["path"], strict=True))
     paths.update(zip(test_metadata["image"], test_metadata["path"], strict=True))
     return paths
-
-
-def crop_every_split(
-    boxes: pd.DataFrame,
-    paths: dict[str, str],
-    crops_dir: str | Path,
-    size: int,
-    resize: str = "stretch",
-    progress: Callable[[str], ProgressFn] | None = None,
-) -> pd.DataFrame:
-    """:func:`write_crops` for the train then the test rows of ``boxes``, each split in its own folder.
-
-    Args:
-        boxes: box rows with a ``split`` column.
-        crops_dir: the crops folder; a split's crops go to ``crops_dir/<split>``.
-        progress: given a split's name, the progress callback for that split.
-
-    Returns:
-        ``image, crop_path, written, error, split``, train rows first.
-    """
-    parts = []
-    for split in SPLITS:
-        rows = boxes[boxes["split"] == split]
-        written = write_crops(rows, paths, Path(crops_dir) / split, size, progress(split) if progress else None, resize)
-        parts.append(written.assign(split=split))
-    return pd.concat(parts, ignore_index=True)
 
 
 @dataclass

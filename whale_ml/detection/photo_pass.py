@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from whale_ml.progress import ProgressFn
 from whale_ml.data.images import DecodedPhoto, ImageReadError, decode_photo
 from whale_ml.detection.crops import crop_key, crop_reduction, cut_crop
 from whale_ml.io import ArtifactWriteError, atomic_path, remove_stale_temps
 from whale_ml.threads import pipeline_threads
 
-ProgressFn = Callable[[int, int], None]
 PredictFn = Callable[[list[object]], list[object]]
 
 

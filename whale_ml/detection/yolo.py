@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from whale_ml.progress import ProgressFn
 from whale_ml.data.images import ImageReadError, photo_size
 from whale_ml.data.metadata import MetadataError, image_name_problems, is_plain_file_name, read_csv_rows
 from whale_ml.detection.photo_pass import BoxRule, CropRule, PassResult, run_photo_pass
@@ -25,7 +26,6 @@ from whale_ml.io import atomic_path, write_text
 from whale_ml.offline import keep_torch_threads, ultralytics_session
 
 BOX_COLUMNS = ("image", "x_min", "y_min", "x_max", "y_max")
-ProgressFn = Callable[[int, int], None]
 
 
 @dataclass

@@ -17,12 +17,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from whale_ml.progress import ProgressFn
 from whale_ml.data.images import ImageDataset, eval_transform, load_rgb
 from whale_ml.models.embedding import EmbeddingNet
 from whale_ml.threads import using_threads
 
 # Called as progress(done, total) after each batch of a loop over photos (the last call has done == total).
-ProgressFn = Callable[[int, int], None]
 
 
 def autocast_for(device: torch.device, precision: str = "auto") -> tuple[torch.dtype | None, bool]:
