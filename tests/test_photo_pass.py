@@ -21,7 +21,7 @@ from PIL import Image, ImageFile
 from whale_ml.data.images import decode_photo, photo_size, reduction_for
 from whale_ml.data.kaggle_shape import KaggleShapeConfig, generate_kaggle_shape
 from whale_ml.detection.crops import crop_reduction, cut_crop
-from whale_ml.detection.photo_pass import BoxRule, CropRule, expand_box
+from whale_ml.detection.photo_pass import DECODE_COST, BoxRule, CropRule, ScalePlan, expand_box
 from whale_ml.detection.yolo import box_and_crop, read_box_file, train_yolo, write_yolo_dataset
 from whale_ml.progress import progress_printer
 
@@ -96,6 +96,20 @@ def test_the_decode_scale_gives_the_detector_and_the_crop_their_sizes(photos: pd
                 assert coarser.max() < max(imgsz, size) or coarser.min() < size
 
 
+def test_the_first_scale_weighs_a_second_decode_against_a_finer_first_one() -> None:
+    """Coarsest allowed scale without boxes or when every box fills the photo; finer when
+    most boxes seen so far are too small for the crop at the coarsest scale."""
+    stored = (4000, 2667)
+    assert ScalePlan(640, 512, 512)(stored) == 4  # 1000 x 667: both sides hold 512 and 640
+    assert ScalePlan(640, 512, 512, shares=(1.0,) * 50)(stored) == 4
+    # Boxes of half the short side: 333 px at 1/4, 667 at 1/2. Decoding at 1/2 first is cheaper
+    # than 1/4 and then 1/2 again for nearly every photo.
+    assert ScalePlan(640, 512, 512, shares=(0.5,) * 50)(stored) == 2
+    assert ScalePlan(640, 512, 512, shares=(0.5,) * 5 + (1.0,) * 95)(stored) == 4  # rarely: decode again
+    assert ScalePlan(128, 64, 64, shares=(0.1,) * 50)(stored) == 4  # 267 px boxes at full scale: 67 px at 1/4
+    assert DECODE_COST[8] < DECODE_COST[4] < DECODE_COST[2] < DECODE_COST[1] == 1.0
+
+
 def test_draft_decoded_crops_are_within_a_small_difference_of_fully_decoded_ones(big_data: Path) -> None:
     """Crops cut from the draft decode the pass uses differ from crops of the fully decoded
     photo by under 2 grey levels (of 255) per photo on average, under 1 over the set."""
@@ -160,10 +174,10 @@ def test_with_a_trained_detector_results_do_not_depend_on_workers(
     for a, b in zip(one.crops["crop_path"], two.crops["crop_path"], strict=True):  # type: ignore[index]
         assert Path(a).name == Path(b).name and Path(a).read_bytes() == Path(b).read_bytes()
     # Decodes: one per photo, plus one for each box too small at the first scale.
-    first = {n: reduction_for(photo_size(p), 160, 160) for n, p in zip(photos["image"], photos["path"], strict=True)}
-    for row in one.boxes.itertuples():
+    for row, path in zip(one.boxes.itertuples(), photos["path"], strict=True):
         box = (row.x_min, row.y_min, row.x_max, row.y_max)
-        assert counted[row.image] == 1 + (crop_reduction(box, 160) < first[row.image]), row
+        assert counted[row.image] == 1 + (crop_reduction(box, 160) < row.decode_reduction), row
+        assert row.decode_reduction <= reduction_for(photo_size(path), 160, 160)  # never coarser than the crop allows
     assert one.stats.decodes == sum(counted.values()) and one.stats.redecodes == sum(counted.values()) - len(photos)
 
 

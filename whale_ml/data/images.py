@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,12 +104,19 @@ def _reading(path: Path) -> Iterator[None]:
         raise ImageReadError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
 
 
-def decode_photo(path: str | Path, reduction: int = 1, *, min_size: tuple[int, int] | None = None) -> DecodedPhoto:
+def decode_photo(
+    path: str | Path,
+    reduction: int = 1,
+    *,
+    min_size: tuple[int, int] | None = None,
+    choose: Callable[[tuple[int, int]], int] | None = None,
+) -> DecodedPhoto:
     """Decode a photo once, as small as its use allows.
 
-    A JPEG is decoded with DCT scaling at ``reduction`` (1, 2, 4 or 8), or, with
+    A JPEG is decoded with DCT scaling at ``reduction`` (1, 2, 4 or 8); with
     ``min_size=(long, short)``, at the largest reduction that keeps that many pixels on
-    its long and short sides (:func:`reduction_for`). Other formats are decoded at full
+    its long and short sides (:func:`reduction_for`); with ``choose``, at the reduction it
+    returns for the stored size (read from the header). Other formats are decoded at full
     size. EXIF orientation is applied after decoding; ``full_size`` is the oriented size
     at full scale.
 
@@ -121,6 +128,8 @@ def decode_photo(path: str | Path, reduction: int = 1, *, min_size: tuple[int, i
         stored = im.size
         if min_size is not None:
             reduction = reduction_for(stored, *min_size)
+        if choose is not None:
+            reduction = choose(stored)
         if reduction > 1 and im.format == "JPEG":
             # Pillow picks the scale from the floor of the ratio; libjpeg then rounds the size up.
             im.draft("RGB", (max(1, stored[0] // reduction), max(1, stored[1] // reduction)))

@@ -19,14 +19,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from whale_ml.progress import ProgressFn
-from whale_ml.data.images import DecodedPhoto, ImageReadError, decode_photo
+from whale_ml.data.images import DRAFT_SCALES, DecodedPhoto, ImageReadError, decode_photo, reduction_for
 from whale_ml.detection.crops import crop_key, crop_reduction, cut_crop
 from whale_ml.io import ArtifactWriteError, atomic_path, remove_stale_temps
 from whale_ml.threads import pipeline_threads
@@ -99,6 +99,60 @@ class PassResult:
     stats: PassStats
 
 
+# Relative cost of decoding one survey JPEG at each reduction (a full decode = 1),
+# measured on Kaggle-shaped 1,500-2,700 px photos on this project's 2-core machine
+# (docs/benchmarks.md): a 1/2 decode costs about a third of a full one, because the
+# inverse DCT and the full-size pixel buffer dominate, not the entropy decoding.
+DECODE_COST = {1: 1.0, 2: 0.35, 4: 0.29, 8: 0.2}
+
+
+@dataclass(frozen=True)
+class ScalePlan:
+    """The first decode scale of a photo, from its stored size (the header).
+
+    The coarsest allowed scale is the one that still gives the detector its input size
+    and the full frame the crop's size. A photo whose box turns out too small at that
+    scale must be decoded again, finer. So with the boxes already found (``shares``: each
+    box's side over the photo's, the short sides for ``stretch``, the long ones for
+    ``letterbox``), the plan picks the scale of least expected cost: its own decode,
+    plus a second one for the share of boxes that would not fit. On survey photos with
+    small crops that is the coarsest scale; with 512 px crops it is usually 1/2, not 1/4.
+    Without boxes yet (the first two batches), it takes the coarsest allowed scale.
+    """
+
+    min_long: int
+    min_short: int
+    crop_size: int = 0
+    resize: str = "stretch"
+    shares: tuple[float, ...] = ()
+
+    def __call__(self, stored_size: tuple[int, int]) -> int:
+        coarsest = reduction_for(stored_size, self.min_long, self.min_short)
+        if not self.shares or not self.crop_size:
+            return coarsest
+        shares = np.sort(np.asarray(self.shares))
+        side = min(stored_size) if self.resize == "stretch" else max(stored_size)
+
+        def below(share: float) -> float:  # the share of boxes smaller than this share of the side
+            return float(np.searchsorted(shares, share, side="left")) / len(shares)
+
+        def cost(r: int) -> float:  # decode at r, then again at the scale each box needs when finer
+            again = sum(DECODE_COST[q] * (below(2 * q * self.crop_size / side) - (below(q * self.crop_size / side) if q > 1 else 0.0))
+                        for q in DRAFT_SCALES if q < r)
+            return DECODE_COST[r] + again
+
+        return min((r for r in DRAFT_SCALES if r <= coarsest), key=lambda r: (cost(r), -r))
+
+
+def box_share(row: dict[str, object], resize: str) -> float | None:
+    """A box's side over its photo's (short sides for ``stretch``, long for ``letterbox``); None when unreadable."""
+    w, h = int(row["width"]), int(row["height"])  # type: ignore[call-overload]
+    if not w or not h:
+        return None
+    bw, bh = int(row["x_max"]) - int(row["x_min"]), int(row["y_max"]) - int(row["y_min"])  # type: ignore[call-overload]
+    return min(bw, bh) / min(w, h) if resize == "stretch" else max(bw, bh) / max(w, h)
+
+
 def expand_box(box: Sequence[float], factor: float, width: int, height: int) -> tuple[int, int, int, int]:
     """Scale a box's width and height by ``factor`` about its centre, clipped to the image."""
     x0, y0, x1, y1 = box
@@ -117,7 +171,7 @@ def box_row(image: str, photo: DecodedPhoto | None, error: str, result: object |
     coordinates, or the full frame with the reason in ``note`` (``unreadable``: the error)."""
     w, h = photo.full_size if photo is not None else (0, 0)
     row: dict[str, object] = {"image": image, "width": w, "height": h, "x_min": 0, "y_min": 0, "x_max": w, "y_max": h}
-    row.update({"confidence": 0.0, "source": "full_frame", "note": ""})
+    row.update({"confidence": 0.0, "source": "full_frame", "note": "", "decode_reduction": photo.reduction if photo else 0})
     if photo is None:
         row.update({"source": "unreadable", "note": error})
     elif not detector:
@@ -154,9 +208,9 @@ class _Photo:
     error: str = ""
 
 
-def _decode(photo: _Photo, min_long: int, min_short: int) -> _Photo:
+def _decode(photo: _Photo, plan: ScalePlan) -> _Photo:
     try:
-        photo.decoded = decode_photo(photo.path, min_size=(min_long, min_short))
+        photo.decoded = decode_photo(photo.path, choose=plan)
     except ImageReadError as exc:
         photo.error = str(exc)
     return photo
@@ -218,7 +272,8 @@ def run_photo_pass(
 
     Returns:
         The box rows (``image, width, height, x_min, y_min, x_max, y_max, confidence,
-        source, note``), the crop rows (``image, crop_path, written, error``) and the stats.
+        source, note, decode_reduction``: the scale of the photo's first decode, 0 when
+        unreadable), the crop rows (``image, crop_path, written, error``) and the stats.
     """
     start = time.perf_counter()
     n_workers = pipeline_threads(workers)
@@ -226,7 +281,8 @@ def run_photo_pass(
     items = [_Photo(str(i), str(p), s) for i, p, s in zip(photos["image"], photos["path"], split, strict=True)]
     # The smallest decode that still gives the detector its input size and the full frame the crop's size.
     min_long = max(rule.imgsz if predict is not None else 0, crop.size if crop else 0)
-    min_short = crop.size if crop else 0
+    base = ScalePlan(min_long, crop.size if crop else 0, crop.size if crop else 0, crop.resize if crop else "stretch")
+    shares: list[float] = []
     if crop is not None:
         for folder in {crop.out_dir / s if s is not None else crop.out_dir for s in split} or {crop.out_dir}:
             folder.mkdir(parents=True, exist_ok=True)
@@ -236,16 +292,20 @@ def run_photo_pass(
     crop_rows: list[dict[str, object]] = []
     with ThreadPoolExecutor(n_workers, thread_name_prefix="photo-pass") as pool:
         chunks = list(_chunks(items, batch))
-        pending: list[Future[_Photo]] = [pool.submit(_decode, p, min_long, min_short) for p in chunks[0]] if chunks else []
+        pending: list[Future[_Photo]] = [pool.submit(_decode, p, base) for p in chunks[0]] if chunks else []
         for k in range(len(chunks)):
             done = [f.result() for f in pending]
-            # The next batch decodes while the detector looks at this one.
-            pending = [pool.submit(_decode, p, min_long, min_short) for p in chunks[k + 1]] if k + 1 < len(chunks) else []
+            # The next batch decodes while the detector looks at this one, at scales planned from
+            # the boxes of the batches before this one: the same for any number of workers.
+            plan = replace(base, shares=tuple(shares))
+            pending = [pool.submit(_decode, p, plan) for p in chunks[k + 1]] if k + 1 < len(chunks) else []
             readable = [p for p in done if p.decoded is not None]
             results = predict([p.decoded.image for p in readable]) if predict is not None and readable else []  # type: ignore[union-attr]
             by_photo = dict(zip(map(id, readable), results, strict=False))
             batch_rows = [box_row(p.image, p.decoded, p.error, by_photo.get(id(p)), rule, predict is not None) for p in done]
             rows += batch_rows
+            if crop is not None:
+                shares += [q for q in (box_share(r, crop.resize) for r in batch_rows) if q is not None]
             for p in readable:
                 stats.decodes += 1
                 stats.by_reduction[p.decoded.reduction] = stats.by_reduction.get(p.decoded.reduction, 0) + 1  # type: ignore[union-attr]
@@ -264,5 +324,5 @@ def run_photo_pass(
     return PassResult(boxes, crops, stats)
 
 
-BOX_TABLE_COLUMNS = ("image", "width", "height", "x_min", "y_min", "x_max", "y_max", "confidence", "source", "note")
+BOX_TABLE_COLUMNS = ("image", "width", "height", "x_min", "y_min", "x_max", "y_max", "confidence", "source", "note", "decode_reduction")
 CROP_TABLE_COLUMNS = ("image", "crop_path", "written", "error")
