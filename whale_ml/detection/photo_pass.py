@@ -124,13 +124,13 @@ class ScalePlan:
     min_short: int
     crop_size: int = 0
     resize: str = "stretch"
-    shares: tuple[float, ...] = ()
+    shares: Sequence[float] = ()  # sorted (np.sort once per batch, not per photo)
 
     def __call__(self, stored_size: tuple[int, int]) -> int:
         coarsest = reduction_for(stored_size, self.min_long, self.min_short)
-        if not self.shares or not self.crop_size:
+        if not len(self.shares) or not self.crop_size:
             return coarsest
-        shares = np.sort(np.asarray(self.shares))
+        shares = self.shares
         side = min(stored_size) if self.resize == "stretch" else max(stored_size)
 
         def below(share: float) -> float:  # the share of boxes smaller than this share of the side
@@ -297,7 +297,7 @@ def run_photo_pass(
             done = [f.result() for f in pending]
             # The next batch decodes while the detector looks at this one, at scales planned from
             # the boxes of the batches before this one: the same for any number of workers.
-            plan = replace(base, shares=tuple(shares))
+            plan = replace(base, shares=np.sort(np.asarray(shares, dtype=float)))
             pending = [pool.submit(_decode, p, plan) for p in chunks[k + 1]] if k + 1 < len(chunks) else []
             readable = [p for p in done if p.decoded is not None]
             results = predict([p.decoded.image for p in readable]) if predict is not None and readable else []  # type: ignore[union-attr]
