@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, required=True, help="a Kaggle-shaped set with photos")
     ap.add_argument("--photos", type=int, default=0, help="use the first N photos (0: all)")
     ap.add_argument("--detector-epochs", type=int, default=30)
+    ap.add_argument("--weights", type=Path, help="a trained ultralytics detector to use instead of training one here")
     ap.add_argument(
         "--min-confidence",
         type=float,
@@ -115,7 +116,7 @@ def main() -> None:
     cores = sorted(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory(prefix="kaggle_images_") as tmp:
         work = Path(tmp)
-        weights, detector_s = _detector(args.data, work, args.detector_epochs)
+        weights, detector_s = (args.weights, 0.0) if args.weights else _detector(args.data, work, args.detector_epochs)
         rows = {"baseline_1core": _child("baseline", photos, cores[:1])}
         for size in (64, 512):
             for name, cpus in ((f"pass_{size}_1core", cores[:1]), (f"pass_{size}_{len(cores)}cores", cores)):
@@ -142,7 +143,8 @@ def main() -> None:
         "photos": len(photos),
         "photo_width_px": [min(widths), int(sum(widths) / len(widths)), max(widths)],
         "detector_training_s": detector_s,
-        "detector_epochs": args.detector_epochs,
+        "detector_epochs": 0 if args.weights else args.detector_epochs,
+        "detector_weights": str(args.weights or "trained here"),
         "min_confidence": args.min_confidence,
         "rows": rows,
     }

@@ -257,6 +257,7 @@ def run_photo_pass(
     batch: int = 32,
     workers: int | None = None,
     progress: ProgressFn | None = None,
+    overlap: bool = True,
 ) -> PassResult:
     """Box (and, with ``crop``, crop) every photo, decoding each once.
 
@@ -269,6 +270,10 @@ def run_photo_pass(
         batch: photos per detector call (fixed, so results do not depend on ``workers``).
         workers: decode/crop threads (default ``$WHALE_THREADS`` or every core).
         progress: called with (photos done, total) after each batch.
+        overlap: decode the next batch while the detector looks at this one (for a detector
+            on a GPU); False when it runs on the CPU, whose cores its threads already use:
+            there the overlap made the pass 1.2-3x slower on 2 cores (docs/benchmarks.md).
+            Results do not depend on it.
 
     Returns:
         The box rows (``image, width, height, x_min, y_min, x_max, y_max, confidence,
@@ -298,9 +303,13 @@ def run_photo_pass(
             # The next batch decodes while the detector looks at this one, at scales planned from
             # the boxes of the batches before this one: the same for any number of workers.
             plan = replace(base, shares=np.sort(np.asarray(shares, dtype=float)))
-            pending = [pool.submit(_decode, p, plan) for p in chunks[k + 1]] if k + 1 < len(chunks) else []
+            following = chunks[k + 1] if k + 1 < len(chunks) else []
+            if overlap:
+                pending = [pool.submit(_decode, p, plan) for p in following]
             readable = [p for p in done if p.decoded is not None]
             results = predict([p.decoded.image for p in readable]) if predict is not None and readable else []  # type: ignore[union-attr]
+            if not overlap:  # the detector had the cores: decode the next batch while this one is cut
+                pending = [pool.submit(_decode, p, plan) for p in following]
             by_photo = dict(zip(map(id, readable), results, strict=False))
             batch_rows = [box_row(p.image, p.decoded, p.error, by_photo.get(id(p)), rule, predict is not None) for p in done]
             rows += batch_rows
