@@ -208,7 +208,18 @@ def child_versions(p: dict[str, Any]) -> dict[str, Any]:
 
     versions = {"numpy": np.__version__, "pandas": pd.__version__, "torch": torch.__version__, "faiss": faiss.__version__,
                 "pillow": PIL.__version__, "timm": timm.__version__}  # fmt: skip
-    return {"versions": versions, "torch_threads_default": torch.get_num_threads()}
+    return {"versions": versions, "torch_threads_default": torch.get_num_threads(), "blas": _blas_libraries()}
+
+
+def _blas_libraries() -> list[dict[str, Any]]:
+    """Each BLAS loaded (numpy's, faiss's, torch's) with the CPU kernel it chose: an OpenBLAS too old
+    to know the CPU falls back to a slow generic one (``OPENBLAS_CORETYPE`` overrides it)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return []
+    keys = ("internal_api", "version", "architecture", "num_threads", "filepath")
+    return [{k: info.get(k) for k in keys} for info in threadpool_info() if info.get("user_api") == "blas"]
 
 
 def child_tables(p: dict[str, Any]) -> dict[str, Any]:
@@ -587,6 +598,7 @@ def environment() -> dict[str, Any]:
         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+        "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
     }
 
 
