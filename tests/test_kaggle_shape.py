@@ -144,6 +144,17 @@ def test_identical_for_any_worker_count(small_sets: tuple[Path, Path]) -> None:
         assert (one / rel).read_bytes() == (two / rel).read_bytes(), rel
 
 
+def test_tables_only_are_the_full_sets_tables(small_sets: tuple[Path, Path], tmp_path: Path) -> None:
+    """``images=False``: the same CSV bytes as the drawn set, no photo and no box file (boxes come from drawing)."""
+    drawn, _ = small_sets
+    tables = generate_kaggle_shape(tmp_path / "tables", SMALL, images=False)
+    assert sorted(p.name for p in tables.iterdir()) == ["sample_submission.csv", "test_truth.csv", "train.csv"]
+    for name in ("train.csv", "test_truth.csv", "sample_submission.csv"):
+        assert (tables / name).read_bytes() == (drawn / name).read_bytes(), name
+    assert len(read_train_metadata(tables, check_files=False)) == 102
+    assert len(read_test_metadata(tables, check_files=False)) == 56
+
+
 def test_written_set_is_the_plan_in_kaggle_layout(small_sets: tuple[Path, Path]) -> None:
     """Counts, columns, readers, new share and boxes of a written set."""
     data, _ = small_sets

@@ -284,6 +284,7 @@ def generate_kaggle_shape(
     config: KaggleShapeConfig | None = None,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    images: bool = True,
 ) -> Path:
     """Write a Kaggle-shaped set to ``out_dir``: the files and columns of the demo set (whale_ml/data/demo.py).
 
@@ -297,6 +298,11 @@ def generate_kaggle_shape(
         config: scale, photo widths and seed (default: the real counts at survey size).
         workers: processes drawing photos; ``None`` for ``os.cpu_count()``.
         progress: called as ``progress(done, total)`` as photos are written.
+        images: ``False`` writes the tables alone, in seconds at the real counts where the
+            photos take hours: ``train.csv``, ``test_truth.csv`` and ``sample_submission.csv``
+            byte-identical to a full set's, no image folders and no ``fluke_boxes.csv`` (the
+            boxes come from drawing). For the stages whose cost depends on counts, not pixels
+            (benchmarks/kaggle_scale.py).
 
     Returns:
         The folder written.
@@ -311,19 +317,21 @@ def generate_kaggle_shape(
     individuals, photos = plan_kaggle_shape(cfg)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        (tmp / "train_images").mkdir()
-        (tmp / "test_images").mkdir()
         who = individuals.iloc[photos["individual"].to_numpy()].reset_index(drop=True)
-        tasks = [
-            (str(tmp / f"{split}_images" / image), part, int(ind_seed), int(photo), cfg.seed, cfg.min_width, cfg.max_width)
-            for image, split, part, ind_seed, photo in zip(photos["image"], photos["split"], who["part"], who["seed"],
-                                                          photos["photo"], strict=True)
-        ]  # fmt: skip
-        boxes: dict[str, tuple[int, int, int, int]] = {}
-        for done, (name, box) in enumerate(_drawn(tasks, workers or os.cpu_count() or 1), start=1):
-            boxes[name] = box
-            if progress is not None:
-                progress(done, len(tasks))
+        boxes: dict[str, tuple[int, int, int, int]] | None = None
+        if images:
+            (tmp / "train_images").mkdir()
+            (tmp / "test_images").mkdir()
+            tasks = [
+                (str(tmp / f"{split}_images" / image), part, int(ind_seed), int(photo), cfg.seed, cfg.min_width, cfg.max_width)
+                for image, split, part, ind_seed, photo in zip(photos["image"], photos["split"], who["part"], who["seed"],
+                                                              photos["photo"], strict=True)
+            ]  # fmt: skip
+            boxes = {}
+            for done, (name, box) in enumerate(_drawn(tasks, workers or os.cpu_count() or 1), start=1):
+                boxes[name] = box
+                if progress is not None:
+                    progress(done, len(tasks))
         _write_tables(tmp, individuals, photos.assign(**who[["individual_id", "label", "species", "known"]]), boxes)
         tmp.rename(out)
     except BaseException:
@@ -332,8 +340,8 @@ def generate_kaggle_shape(
     return out
 
 
-def _write_tables(folder: Path, individuals: pd.DataFrame, photos: pd.DataFrame, boxes: dict[str, tuple[int, ...]]) -> None:
-    """train.csv, test_truth.csv, sample_submission.csv and fluke_boxes.csv, each in image order."""
+def _write_tables(folder: Path, individuals: pd.DataFrame, photos: pd.DataFrame, boxes: dict[str, tuple[int, ...]] | None) -> None:
+    """train.csv, test_truth.csv, sample_submission.csv and (with ``boxes``) fluke_boxes.csv, each in image order."""
     photos = photos.sort_values("image", kind="stable")
     train = photos[photos["split"] == "train"]
     train[["image", "label", "individual_id"]].rename(columns={"label": "species"}).to_csv(folder / "train.csv", index=False)
@@ -347,6 +355,8 @@ def _write_tables(folder: Path, individuals: pd.DataFrame, photos: pd.DataFrame,
     top += [f"{i:012x}" for i in range(4 - len(top))]
     sample = pd.DataFrame({"image": truth["image"], "predictions": " ".join([NEW_INDIVIDUAL, *top])})
     sample.to_csv(folder / "sample_submission.csv", index=False)
+    if boxes is None:
+        return
     rows = [(name, *boxes[name]) for name in train.loc[train["boxed"], "image"]]
     pd.DataFrame(rows, columns=["image", "x_min", "y_min", "x_max", "y_max"]).to_csv(folder / "fluke_boxes.csv", index=False)
 
