@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import faiss
+from whale_ml.retrieval.faiss_import import faiss
 import numpy as np
 import pandas as pd
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import faiss
+from whale_ml.retrieval.faiss_import import faiss
 import numpy as np
 
 from whale_ml.io import atomic_path
