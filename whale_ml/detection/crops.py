@@ -15,7 +15,7 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from whale_ml.progress import ProgressFn
-from whale_ml.data.images import DRAFT_SCALES, ImageReadError, decode_photo
+from whale_ml.data.images import DRAFT_SCALES, DecodedPhoto, ImageReadError, decode_photo
 from whale_ml.io import ArtifactWriteError, atomic_path, remove_stale_temps
 
 RESIZE_MODES = ("stretch", "letterbox")
@@ -70,6 +70,41 @@ def cut_crop(
     return canvas
 
 
+def write_crop(
+    src: str | Path,
+    image: str,
+    box: tuple[int, int, int, int],
+    out_dir: Path,
+    size: int,
+    resize: str = "stretch",
+    decoded: DecodedPhoto | None = None,
+) -> tuple[Path, bool, bool]:
+    """Cut ``box`` of the photo at ``src`` into ``out_dir`` unless that crop is already there.
+
+    With ``decoded`` (the photo's pixels from an earlier, perhaps reduced, decode) the crop
+    is cut from them, unless the box is too small at their scale
+    (:func:`crop_reduction`): then, as without them, the photo is decoded at the scale the
+    box needs.
+
+    Returns:
+        The crop's path, whether it was written now, and whether ``decoded`` was too coarse.
+
+    Raises:
+        ImageReadError: the photo could not be read; ArtifactWriteError: the crop could not be written.
+    """
+    target = out_dir / f"{Path(image).stem}_{crop_key(src, box, size, resize)}.jpg"
+    if target.exists():
+        return target, False, False
+    needed = crop_reduction(box, size, resize)
+    too_coarse = decoded is not None and needed < decoded.reduction
+    if decoded is None or too_coarse:
+        decoded = decode_photo(src, needed)
+    crop = cut_crop(decoded.image, box, size, resize, full_size=decoded.full_size)
+    with atomic_path(target, sweep=False) as tmp:
+        crop.save(tmp, quality=95)
+    return target, True, too_coarse
+
+
 def write_crops(
     boxes: pd.DataFrame,
     paths: dict[str, str],
@@ -104,13 +139,7 @@ def write_crops(
         try:
             if row.source == "unreadable":
                 raise ImageReadError(row.note)
-            target = out / f"{Path(row.image).stem}_{crop_key(src, box, size, resize)}.jpg"
-            if not target.exists():
-                photo = decode_photo(src, crop_reduction(box, size, resize))
-                image = cut_crop(photo.image, box, size, resize, full_size=photo.full_size)
-                with atomic_path(target, sweep=False) as tmp:
-                    image.save(tmp, quality=95)
-                record["written"] = True
+            target, record["written"], _ = write_crop(src, row.image, box, out, size, resize)
             record["crop_path"] = str(target)
         except ArtifactWriteError:
             raise  # the home, not the photo, is at fault: stop rather than mark every photo bad

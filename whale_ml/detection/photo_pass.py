@@ -27,8 +27,8 @@ import pandas as pd
 
 from whale_ml.progress import ProgressFn
 from whale_ml.data.images import DRAFT_SCALES, DecodedPhoto, ImageReadError, decode_photo, reduction_for
-from whale_ml.detection.crops import crop_key, crop_reduction, cut_crop
-from whale_ml.io import ArtifactWriteError, atomic_path, remove_stale_temps
+from whale_ml.detection.crops import write_crop
+from whale_ml.io import ArtifactWriteError, remove_stale_temps
 from whale_ml.threads import pipeline_threads
 
 PredictFn = Callable[[list[object]], list[object]]
@@ -226,16 +226,8 @@ def _crop(photo: _Photo, row: dict[str, object], rule: CropRule) -> tuple[dict[s
     out = rule.out_dir / photo.split if photo.split is not None else rule.out_dir
     redecoded = False
     try:
-        target = out / f"{Path(photo.image).stem}_{crop_key(photo.path, box, rule.size, rule.resize)}.jpg"
-        if not target.exists():
-            source = photo.decoded
-            needed = crop_reduction(box, rule.size, rule.resize)
-            if needed < source.reduction:  # the box is too small at the first scale: decode finer
-                source, redecoded = decode_photo(photo.path, reduction=needed), True
-            image = cut_crop(source.image, box, rule.size, rule.resize, full_size=source.full_size)
-            with atomic_path(target, sweep=False) as tmp:
-                image.save(tmp, quality=95)
-            record["written"] = True
+        # From the pass's own pixels; decoded again, finer, only when the box is too small at their scale.
+        target, record["written"], redecoded = write_crop(photo.path, photo.image, box, out, rule.size, rule.resize, photo.decoded)
         record["crop_path"] = str(target)
     except ArtifactWriteError:
         raise  # the home, not the photo, is at fault: stop rather than mark every photo bad
