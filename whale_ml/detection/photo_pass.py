@@ -100,8 +100,8 @@ class PassResult:
 
 
 # Relative cost of decoding one survey JPEG at each reduction (a full decode = 1),
-# measured on Kaggle-shaped 1,500-2,700 px photos on this project's 2-core machine
-# (docs/benchmarks.md): a 1/2 decode costs about a third of a full one, because the
+# measured on Kaggle-shaped 1,500-4,000 px photos on this project's 2-core machine
+# (docs/benchmarks.md, "the per-scale decode costs"): a 1/2 decode costs about a third of a full one, because the
 # inverse DCT and the full-size pixel buffer dominate, not the entropy decoding.
 DECODE_COST = {1: 1.0, 2: 0.35, 4: 0.29, 8: 0.2}
 
