@@ -34,12 +34,17 @@ def crop_key(path: str | Path, box: tuple[int, int, int, int], size: int, resize
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
+def crop_side(width: float, height: float, resize: str = "stretch") -> float:
+    """The side of a box that must hold the crop's ``size`` pixels: the short one for
+    ``stretch`` (both sides are scaled to ``size``), the long one for ``letterbox``."""
+    return min(width, height) if resize == "stretch" else max(width, height)
+
+
 def crop_reduction(box: tuple[int, int, int, int], size: int, resize: str = "stretch") -> int:
     """The largest JPEG reduction (8, 4, 2, 1) at which ``box`` (full-scale pixels) still
     holds ``size`` pixels where the crop needs them: both sides for ``stretch``, the long
     side for ``letterbox``; 1 when even the full scale has fewer (the crop is upsampled)."""
-    w, h = box[2] - box[0], box[3] - box[1]
-    side = min(w, h) if resize == "stretch" else max(w, h)
+    side = crop_side(box[2] - box[0], box[3] - box[1], resize)
     return next((r for r in DRAFT_SCALES if side / r >= size), 1)
 
 

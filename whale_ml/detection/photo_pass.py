@@ -27,7 +27,7 @@ import pandas as pd
 
 from whale_ml.progress import ProgressFn
 from whale_ml.data.images import DRAFT_SCALES, DecodedPhoto, ImageReadError, decode_photo, reduction_for
-from whale_ml.detection.crops import write_crop
+from whale_ml.detection.crops import crop_side, write_crop
 from whale_ml.io import ArtifactWriteError, remove_stale_temps
 from whale_ml.threads import pipeline_threads
 
@@ -131,7 +131,7 @@ class ScalePlan:
         if not len(self.shares) or not self.crop_size:
             return coarsest
         shares = self.shares
-        side = min(stored_size) if self.resize == "stretch" else max(stored_size)
+        side = crop_side(*stored_size, self.resize)
 
         def below(share: float) -> float:  # the share of boxes smaller than this share of the side
             return float(np.searchsorted(shares, share, side="left")) / len(shares)
@@ -150,7 +150,7 @@ def box_share(row: dict[str, object], resize: str) -> float | None:
     if not w or not h:
         return None
     bw, bh = int(row["x_max"]) - int(row["x_min"]), int(row["y_max"]) - int(row["y_min"])  # type: ignore[call-overload]
-    return min(bw, bh) / min(w, h) if resize == "stretch" else max(bw, bh) / max(w, h)
+    return crop_side(bw, bh, resize) / crop_side(w, h, resize)
 
 
 def expand_box(box: Sequence[float], factor: float, width: int, height: int) -> tuple[int, int, int, int]:
