@@ -47,7 +47,8 @@ from whale_ml.stage_configs import TrainConfig
 from whale_ml.data.images import ImageDataset, autoaugment_transform, train_transform
 from whale_ml.io import remove_stale_temps
 from whale_ml.models.embedding import EmbeddingNet, create_embedding_model
-from whale_ml.retrieval.embeddings import ProgressFn, autocast_for
+from whale_ml.progress import ProgressFn
+from whale_ml.retrieval.embeddings import autocast_for
 from whale_ml.threads import using_threads
 from whale_ml.training.checkpoint_saver import CheckpointSaver, load_checkpoint
 from whale_ml.training.checkpoint_saver import save_checkpoint as save_checkpoint  # callers import it from here

@@ -21,7 +21,8 @@ import pandas as pd
 import torch
 
 from whale_ml.models.embedding import EmbeddingNet
-from whale_ml.retrieval.embeddings import ProgressFn, embed_paths
+from whale_ml.progress import ProgressFn
+from whale_ml.retrieval.embeddings import embed_paths
 from whale_ml.retrieval.faiss_index import build_index, search_gallery
 from whale_ml.retrieval.ranking import tune_threshold
 from whale_ml.stage_configs import TrainConfig
