@@ -117,7 +117,9 @@ def test_identify_lists_five_candidates_per_photo_and_an_error_row_per_bad_photo
     assert {name: " ".join(rows[name]["predictions"]) for name in test_images} == submission.loc[test_images].to_dict()
     # A gallery photo finds itself: the query went through exactly the gallery's crop and models.
     own = rows[train_photo.name]["candidates"][0]
-    assert own["gallery_image"] == train_photo.name and own["similarity"] > 0.9999
+    assert own["gallery_image"] == train_photo.name and own["embedding_similarity"] > 0.9999
+    if result["local_rerank"]:  # described as the gallery's photos were: it matches itself point for point
+        assert own["inliers"] >= 4 and own["inliers"] == max(c["inliers"] for c in rows[train_photo.name]["candidates"])
 
     for name, why in [("broken.jpg", "not an image format Pillow can read"), ("missing.jpg", "file not found")]:
         assert rows[name]["status"] == "error" and why in rows[name]["error"] and name in rows[name]["error"]
@@ -156,7 +158,7 @@ def test_enrolled_animal_is_identified_from_its_other_photos(home: dict, capsys:
         assert row["candidates"][0]["individual_id"] == NEW_ID and row["candidates"][0]["gallery_source"] == "enrolled"
         assert row["decision"] == NEW_ID, row
     for frame, row in zip(frames[:3], result["photos"][:3], strict=True):  # enrolled embeddings are in the query space
-        assert row["candidates"][0]["gallery_image"] == frame.name and row["candidates"][0]["similarity"] > 0.9999
+        assert row["candidates"][0]["gallery_image"] == frame.name and row["candidates"][0]["embedding_similarity"] > 0.9999
 
     # The Dagster instance shows the new gallery version on the gallery asset.
     instance = dg.DagsterInstance.get()

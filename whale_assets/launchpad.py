@@ -16,6 +16,7 @@ from whale_ml.stage_configs import (
     EmbedConfig,
     FoldConfig,
     GalleryConfig,
+    LocalFeatureConfig,
     MetadataConfig,
     ThresholdConfig,
     TrainConfig,
@@ -66,3 +67,7 @@ class GallerySettings(dg.Config, GalleryConfig):
 
 class ThresholdSettings(dg.Config, ThresholdConfig):
     """Tuning the new_individual threshold: global, or per species."""
+
+
+class LocalFeatureSettings(dg.Config, LocalFeatureConfig):
+    """Keypoints of every photo's box, for local-feature re-ranking."""

@@ -45,6 +45,10 @@ class HomeLayout:
     def crops_dir(self) -> Path:
         return self.home / "crops"
 
+    def local_features_dir(self, split: str) -> Path:
+        """Keypoints of every photo's box, one folder per split (whale_ml/retrieval/local_features.py)."""
+        return self.home / "local_features" / split
+
     def model_dir(self, fold: str) -> Path:
         return self.home / "models" / fold
 

@@ -191,3 +191,27 @@ class ThresholdConfig(BaseModel):
         False, description="A threshold per species (of the nearest individual) with enough validation photos; global elsewhere."
     )
     species_min_queries: int = Field(100, ge=1, description="The fewest validation photos for a species' own threshold.")
+    rerank: bool = Field(
+        True,
+        description="Re-rank each query's first candidates by local-feature matches (the local_features asset), fused with "
+        "the embedding similarity by a weight tuned out of fold with the threshold; a weight of 0 is kept when fusion does not help.",
+    )
+    candidates: int = Field(10, ge=5, description="Candidate individuals per query that local matching re-ranks.")
+    photos_per_candidate: int = Field(4, ge=1, description="A candidate's gallery photos matched: those most like the query by embedding.")
+    fusion_weights: int = Field(21, ge=2, description="Fusion weights tried between 0 and 1 (evenly spaced), each with its exact best threshold.")
+
+
+class LocalFeatureConfig(BaseModel):
+    """Keypoints of each photo's box, for local-feature re-ranking (HotSpotter-style)."""
+
+    method: Literal["sift", "orb"] = Field("sift", description="OpenCV's SIFT (stored as RootSIFT) or ORB (faster, less distinctive).")
+    size: int = Field(256, ge=32, description="Long side, in pixels, of the box taken from the original photo.")
+    max_keypoints: int = Field(400, ge=8, description="Strongest keypoints kept per photo.")
+    contrast_threshold: float = Field(
+        0.01,
+        gt=0.0,
+        description="SIFT's contrast threshold (OpenCV's default 0.04 finds too few keypoints on smooth skin and low-contrast marks).",
+    )
+    ratio: float = Field(0.8, gt=0.0, le=1.0, description="Lowe's ratio test: best match distance below this times the second best.")
+    ransac_tolerance: float = Field(0.03, gt=0.0, description="RANSAC reprojection tolerance, as a share of `size`.")
+    workers: int = Field(0, ge=0, description="Threads (0: $WHALE_THREADS or every core).")

@@ -1,22 +1,25 @@
-"""Stage 2 -- detection: the animal detector, then one pass that boxes and crops every photo."""
+"""Stage 2 -- detection: the animal detector, one pass that boxes and crops every photo, and the
+local features of every box (for re-ranking)."""
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 import pandas as pd
 
 from whale_assets.k8s import GPU_STEP_TAGS
 from whale_assets.metadata import image_md, progress_logger, table_md
 from whale_assets.resources import MlflowTracking, WhaleHome
 from whale_assets.retries import mlflow_retry_policy, retry_only_if_transient
-from whale_assets.launchpad import BoxesAndCropsSettings, CropSettings, DetectorSettings
+from whale_assets.launchpad import BoxesAndCropsSettings, CropSettings, DetectorSettings, LocalFeatureSettings
 from whale_ml.detection.box_summary import BoxSummary, photos_to_box, summarise_boxes
 from whale_ml.detection.crops import CONTACT_SHEET_FILE, CropReport, crop_report, photo_paths, write_contact_sheet
 from whale_ml.detection.detector import MetricsFn, prepare_detector, read_detector
 from whale_ml.detection.photo_pass import BoxRule, CropRule, PassStats
 from whale_ml.detection.yolo import box_and_crop
+from whale_ml.retrieval.local_features import FeatureStore, extract_features, home_feature_store, save_features
 from whale_ml.gallery.lineage import record_boxes, record_crops
 
 
@@ -209,3 +212,52 @@ def crop_metadata(
         metadata["contact_sheet"] = image_md(write_contact_sheet(boxes, table, paths, config.contact_sheet, sheet_file))
         metadata["contact_sheet_file"] = dg.MetadataValue.path(str(sheet_file))
     return metadata
+
+
+@dg.asset(group_name="detection", kinds={"opencv", "numpy"}, code_version="1")
+def local_features(
+    context: dg.AssetExecutionContext,
+    config: LocalFeatureSettings,
+    whale: WhaleHome,
+    bboxes: pd.DataFrame,
+    train_metadata: pd.DataFrame,
+    test_metadata: pd.DataFrame,
+) -> dg.MaterializeResult:
+    """Keypoints (SIFT, stored as RootSIFT; or ORB) of every photo's box, taken from the
+    original photo at ``size`` pixels: more than the models' crops keep, so marks still
+    match. The threshold stage re-ranks each query's first candidates by how many of
+    these match geometrically (HotSpotter-style), and the submission and ``whale
+    identify`` do the same. One folder per split; a photo that cannot be read gets none."""
+    photos = photos_to_box(train_metadata, test_metadata).set_index("image")
+    counts: dict[str, int] = {}
+    keypoints: list[int] = []
+    failed = 0
+    for split in ("train", "test"):
+        rows = bboxes[bboxes["split"] == split]
+        boxes = rows[["x_min", "y_min", "x_max", "y_max"]].to_numpy(dtype=float).tolist()
+        paths = photos.loc[rows["image"], "path"].tolist()
+        feats, failures = extract_features(paths, boxes, config, config.workers, progress_logger(context, f"{split} local features"))
+        for failure in failures:
+            context.log.warning(f"no local features for {split} photo {failure.image}: {failure.error}")
+        save_features(whale.layout.local_features_dir(split), rows["image"].tolist(), feats, config)
+        counts[split], failed = len(rows), failed + len(failures)
+        keypoints += [len(f) for f in feats if f is not None]
+    kp = np.asarray(keypoints or [0])
+    return dg.MaterializeResult(
+        metadata={
+            "train_photos": counts["train"],
+            "test_photos": counts["test"],
+            "photos_without_features": failed,
+            "keypoints_median": int(np.median(kp)),
+            "keypoints_p10": int(np.percentile(kp, 10)),
+            "photos_under_20_keypoints": int((kp < 20).sum()),
+            "method": config.method,
+            "size": config.size,
+            "folder": dg.MetadataValue.path(str(whale.layout.local_features_dir("train").parent)),
+        }
+    )
+
+
+def feature_store(whale: WhaleHome) -> FeatureStore:
+    """The ``local_features`` asset's store over both splits, and the enrolled photos' features."""
+    return home_feature_store(whale.layout)

@@ -11,14 +11,16 @@ from whale_assets.metadata import figure_md, progress_logger, table_md
 from whale_assets.partitions import fold_partitions
 from whale_assets.resources import MlflowTracking, WhaleHome
 from whale_assets.retries import mlflow_retry_policy, retry_only_if_transient
+from whale_assets.defs.detection import feature_store, local_features
 from whale_assets.launchpad import EmbedSettings, GallerySettings, ThresholdSettings
 from whale_ml.gallery.build import build_gallery
 from whale_ml.gallery.lineage import record_embeddings
 from whale_ml.gallery.versions import list_versions
 from whale_ml.registry import gallery_models
 from whale_ml.retrieval.embeddings import embed_paths
+from whale_ml.retrieval.rerank import LocalRerank
 from whale_ml.retrieval.store import save_embeddings
-from whale_ml.retrieval.threshold import tune_out_of_fold
+from whale_ml.retrieval.threshold import OutOfFoldThreshold, tune_out_of_fold
 from whale_ml.training.trainer import load_model, resolve_device
 
 
@@ -151,7 +153,25 @@ def gallery(
     return dg.MaterializeResult(value={"version": version.name}, metadata=metadata)
 
 
-def _curve_plot(thresholds: np.ndarray, curve: np.ndarray, chosen: float) -> object:
+def _rerank_metadata(context: dg.AssetExecutionContext, tuned: OutOfFoldThreshold) -> dict[str, object]:
+    """What local re-ranking changed out of fold, and what it cost (nothing without it)."""
+    if tuned.fusion is None or tuned.plain is None or tuned.rerank_cost is None:
+        return {}
+    cost, weight = tuned.rerank_cost, tuned.fusion.fusion.weight
+    context.log.info(
+        f"local re-ranking: out-of-fold MAP@5 {tuned.plain.map5:.4f} -> {tuned.result.map5:.4f} at fusion weight "
+        f"{weight:.2f} ({cost.ms_per_query:.1f} ms per query, {cost.pairs} photo pairs)"
+    )
+    return {
+        "oof_map5_without_rerank": tuned.plain.map5,
+        "fusion_weight": weight,
+        "fusion_by_weight": table_md(tuned.fusion.table),
+        "rerank_ms_per_query": round(cost.ms_per_query, 2),
+        "rerank_pairs_matched": cost.pairs,
+    }
+
+
+def _curve_plot(thresholds: np.ndarray, curve: np.ndarray, chosen: float, fused: bool = False) -> object:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -160,7 +180,7 @@ def _curve_plot(thresholds: np.ndarray, curve: np.ndarray, chosen: float) -> obj
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot(thresholds, curve, lw=1.2)
     ax.axvline(chosen, color="tab:red", ls="--", lw=1, label=f"chosen {chosen:.3f}")
-    ax.set_xlabel("cosine similarity threshold")
+    ax.set_xlabel("fused score threshold" if fused else "cosine similarity threshold")
     ax.set_ylabel("validation MAP@5")
     ax.legend()
     return fig
@@ -169,7 +189,7 @@ def _curve_plot(thresholds: np.ndarray, curve: np.ndarray, chosen: float) -> obj
 @dg.asset(
     group_name="retrieval",
     kinds={"numpy", "mlflow"},
-    deps=[fold_embeddings],
+    deps=[fold_embeddings, local_features],
     code_version="2",
     automation_condition=REBUILD_AFTER_FOLDS,
     retry_policy=mlflow_retry_policy(),
@@ -189,8 +209,19 @@ def match_threshold(
     validation photos. The curve goes to the UI and to MLflow. See docs/retrieval.md."""
     import mlflow as mlf
 
-    folds = fold_partitions.get_partition_keys()
-    tuned = tune_out_of_fold(cv_folds, whale.layout.embeddings_dir, folds, config.k, config.per_species, config.species_min_queries)
+    store = feature_store(whale) if config.rerank else None
+    tuned = tune_out_of_fold(
+        cv_folds,
+        whale.layout.embeddings_dir,
+        fold_partitions.get_partition_keys(),
+        config.k,
+        config.per_species,
+        config.species_min_queries,
+        rerank=LocalRerank(store.config, config.candidates, config.photos_per_candidate) if store and store.config else None,
+        features=store,
+        fusion_weights=config.fusion_weights,
+        progress=progress_logger(context, "out-of-fold local matching"),
+    )
     result = tuned.result
     metadata: dict[str, object] = {
         "threshold": result.threshold,
@@ -199,15 +230,19 @@ def match_threshold(
         "queries": tuned.queries,
         "per_fold": table_md(pd.DataFrame(tuned.per_fold)),
     }
+    metadata.update(_rerank_metadata(context, tuned))
     if tuned.species is not None:
         metadata.update({"oof_map5": tuned.species.map5, "oof_map5_global_only": result.map5, "species": table_md(tuned.species.table)})
         context.log.info(f"own thresholds for {len(tuned.species.by_species)} species: out-of-fold MAP@5 {tuned.species.map5:.4f}")
     context.log.info(f"threshold {result.threshold:.4f}: out-of-fold MAP@5 {result.map5:.4f} over {tuned.queries} photos")
 
-    fig = _curve_plot(result.thresholds, result.map5_curve, result.threshold)
+    fig = _curve_plot(result.thresholds, result.map5_curve, result.threshold, fused=tuned.fusion is not None)
     with mlflow.start_run(context, run_name="match_threshold", tags={"stage": "retrieval"}) as run:
         mlf.log_params({**config.model_dump(), "folds": len(tuned.per_fold), "queries": tuned.queries})
         mlf.log_metrics({"threshold": result.threshold, "oof_map5": tuned.map5, "oof_map5_global": result.map5})
+        if tuned.fusion is not None and tuned.plain is not None:
+            mlf.log_metrics({"oof_map5_without_rerank": tuned.plain.map5, "fusion_weight": tuned.fusion.fusion.weight})
+            mlf.log_table(tuned.fusion.table, "fusion_by_weight.json")
         mlf.log_figure(fig, "map5_curve.png")
         mlf.log_table(result.curve(), "map5_curve.json")
         if tuned.species is not None:

@@ -7,10 +7,11 @@ import pandas as pd
 
 from whale_assets.stages import REBUILD_AFTER_FOLDS
 from whale_assets.metadata import image_md, table_md
+from whale_assets.defs.detection import feature_store
 from whale_assets.resources import WhaleHome
 from whale_ml.data.metadata import NEW_INDIVIDUAL, read_truth
 from whale_ml.gallery.build import query_embeddings
-from whale_ml.gallery.search import match_queries
+from whale_ml.gallery.search import Matches, match_queries
 from whale_ml.gallery.versions import load_version
 from whale_ml.io import atomic_path
 from whale_ml.retrieval.review import sample_review
@@ -20,7 +21,8 @@ from whale_ml.submission import make_submission, prior_predictions, score_submis
 @dg.asset(
     group_name="submission",
     kinds={"csv"},
-    code_version="2",
+    deps=["local_features"],
+    code_version="3",
     automation_condition=REBUILD_AFTER_FOLDS,
     check_specs=[
         dg.AssetCheckSpec(
@@ -48,7 +50,8 @@ def submission_csv(
     answer. A match-review sheet shows sample test photos beside their matches."""
     version = load_version(whale.layout, gallery["version"])
     queries, query_images = query_embeddings(whale.layout, version)
-    found = dict(zip(query_images, match_queries(version, queries, match_threshold).predictions, strict=True))
+    matches = _match_test_photos(whale, version, queries, query_images, match_threshold)
+    found = dict(zip(query_images, matches.predictions, strict=True))
     prior = prior_predictions(train_metadata["individual_id"].tolist())
     missing = [img for img in test_metadata["image"] if img not in found]
     for img in missing:
@@ -80,6 +83,7 @@ def submission_csv(
             "species_thresholds": len(match_threshold.get("species_thresholds") or {}),
             "top1_new_individual_share": top1_new,
             "prior_only_rows": len(missing),
+            **_rerank_md(matches),
             "preview": table_md(sub.head(10)),
         },
         check_results=[
@@ -110,6 +114,19 @@ def submission_score(context: dg.AssetExecutionContext, whale: WhaleHome) -> dg.
             "truth_new_share": always_new,
         }
     )
+
+
+def _match_test_photos(whale: WhaleHome, version: Any, queries: Any, images: list[str], match_threshold: dict[str, Any]) -> Matches:
+    """The test photos matched as ``whale identify`` matches them, re-ranked by local features
+    (from the ``local_features`` asset) when the threshold was tuned so."""
+    store = feature_store(whale) if match_threshold.get("rerank") else None
+    return match_queries(version, queries, match_threshold, None if store is None else [store.get(img) for img in images], store)
+
+
+def _rerank_md(matches: Matches) -> dict[str, Any]:
+    if matches.rerank_ms_per_query is None:
+        return {"local_rerank": False}
+    return {"local_rerank": True, "rerank_ms_per_query": round(matches.rerank_ms_per_query, 2)}
 
 
 def _truth_of(whale: WhaleHome) -> dict[str, str] | None:

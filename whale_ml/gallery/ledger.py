@@ -25,6 +25,7 @@ from whale_ml.gallery.embed import crop_photos, embed_crops
 from whale_ml.gallery.lineage import GalleryLineage
 from whale_ml.io import atomic_path
 from whale_ml.home import HomeLayout
+from whale_ml.retrieval.local_features import add_enrolled_features
 
 if TYPE_CHECKING:
     from whale_ml.registry import ResolvedModel
@@ -120,6 +121,8 @@ def ledger_gallery_rows(
     if len(failed):
         raise ImageReadError("enrolled photo(s) could not be cropped: " + "; ".join(failed["error"].head(10)))
     emb = embed_crops(photos["crop_path"].tolist(), models, device)
+    # Their local features too, so that re-ranking sees enrolled photos as it sees the catalogue's.
+    add_enrolled_features(layout, rows["image"].tolist(), [str(p) for p in paths], [list(b) for b in photos["box"]])
     table = pd.DataFrame(
         {
             "image": rows["image"].to_numpy(),

@@ -3,41 +3,87 @@
 The submission and ``whale identify`` both call :func:`match_queries`, so a test photo
 gets the same answer from either: the same index, search depth (the version's
 ``k``), per-query threshold (:func:`query_thresholds`, the species of a candidate
-taken from the version's rows) and new_individual rule (:func:`predict_top5`).
+taken from the version's rows), local-feature re-ranking when the threshold was tuned
+with it (:mod:`whale_ml.retrieval.rerank`) and new_individual rule (:func:`predict_top5`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from whale_ml.gallery.versions import GalleryVersion
-from whale_ml.retrieval.faiss_index import search_gallery
-from whale_ml.retrieval.ranking import predict_top5, query_thresholds
+from whale_ml.retrieval.faiss_index import l2_normalise, search_gallery
+from whale_ml.retrieval.fusion import Fusion, sort_rows
+from whale_ml.retrieval.local_features import FeatureStore, PhotoFeatures
+from whale_ml.retrieval.ranking import TOP, predict_top5, query_thresholds
+from whale_ml.retrieval.rerank import LocalRerank, match_candidates
 
 
 @dataclass
 class Matches:
     """What :func:`match_queries` found, row for row with the queries."""
 
-    sims: np.ndarray  # (q, 5) best similarity of each candidate individual, best first
+    sims: np.ndarray  # (q, 5) each candidate individual's score (the fused one when re-ranked), best first
     ids: np.ndarray  # (q, 5) the candidates ("" where the gallery has fewer individuals)
     thresholds: np.ndarray  # (q,) each query's new_individual threshold
     predictions: list[list[str]]  # five ids per query, new_individual placed by the threshold
+    inliers: np.ndarray | None = None  # (q, 5) local-feature inliers of each candidate, when re-ranked
+    rerank_ms_per_query: float | None = None
 
 
-def match_queries(version: GalleryVersion, queries: np.ndarray, match_threshold: dict[str, Any]) -> Matches:
+def match_queries(
+    version: GalleryVersion,
+    queries: np.ndarray,
+    match_threshold: dict[str, Any],
+    query_features: Sequence[PhotoFeatures | None] | None = None,
+    gallery_features: FeatureStore | None = None,
+    workers: int = 0,
+) -> Matches:
     """Search ``queries`` in ``version`` and decide new_individual for each.
 
     Args:
         queries: (q, d) embeddings in the version's space (its fold models' ensemble).
-        match_threshold: the ``match_threshold`` asset's value (``threshold`` and
-            optional ``species_thresholds``).
+        match_threshold: the ``match_threshold`` asset's value (``threshold``, optional
+            ``species_thresholds``, and ``rerank`` when it was tuned with local re-ranking).
+        query_features: with re-ranking, each query's local features (``None`` for none).
+        gallery_features: with re-ranking, the store holding the gallery photos' features
+            (a photo it lacks, e.g. one enrolled later, gives no local evidence).
+
+    Raises:
+        ValueError: the threshold was tuned with re-ranking but no features were given.
     """
     gallery_ids = version.table["individual_id"].to_numpy(dtype=object)
-    sims, ids = search_gallery(version.index, gallery_ids, queries, k=version.lineage.k)
+    rerank = match_threshold.get("rerank")
+    if rerank is None:
+        sims, ids = search_gallery(version.index, gallery_ids, queries, k=version.lineage.k)
+        inliers, cost = None, None
+    else:
+        if query_features is None or gallery_features is None:
+            raise ValueError(
+                "this match_threshold was tuned with local-feature re-ranking: its threshold applies to fused scores, "
+                "so the queries' and the gallery's local features are needed"
+            )
+        settings = LocalRerank.from_dict(rerank, workers)
+        raw, cand = search_gallery(version.index, gallery_ids, queries, k=version.lineage.k, top=settings.candidates)
+        found = match_candidates(
+            settings,
+            version.embeddings,
+            gallery_ids,
+            [gallery_features.get(img) for img in version.table["image"]],
+            l2_normalise(queries),
+            query_features,
+            cand,
+        )
+        scores, ranked, counts = sort_rows(Fusion.from_dict(rerank["fusion"]).scores(raw, found.counts), cand, found.counts)
+        sims, ids, inliers, cost = scores[:, :TOP], ranked[:, :TOP], counts[:, :TOP], found.ms_per_query
+    thresholds = _thresholds(version, ids, match_threshold)
+    return Matches(sims, ids, thresholds, predict_top5(sims, ids, thresholds), inliers, cost)
+
+
+def _thresholds(version: GalleryVersion, ids: np.ndarray, match_threshold: dict[str, Any]) -> np.ndarray:
     species_of = dict(zip(version.table["individual_id"], version.table["species"], strict=True))
-    thresholds = query_thresholds(ids, species_of, match_threshold["threshold"], match_threshold.get("species_thresholds"))
-    return Matches(sims, ids, thresholds, predict_top5(sims, ids, thresholds))
+    return query_thresholds(ids, species_of, match_threshold["threshold"], match_threshold.get("species_thresholds"))

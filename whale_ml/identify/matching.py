@@ -19,6 +19,8 @@ from whale_ml.gallery.search import match_queries
 from whale_ml.gallery.versions import GalleryVersion
 from whale_ml.registry import ResolvedModel
 from whale_ml.retrieval.faiss_index import best_photo_per_candidate
+from whale_ml.retrieval.local_features import extract_features, home_feature_store
+from whale_ml.stage_configs import LocalFeatureConfig
 from whale_ml.retrieval.ranking import TOP
 from whale_ml.home import HomeLayout
 
@@ -48,8 +50,16 @@ def identify_photos(
     ok = photos["crop_path"] != ""
     emb = embed_crops(photos.loc[ok, "crop_path"].tolist(), models, device) if ok.any() else np.zeros((0, 1), np.float32)
     if len(emb):
-        found = match_queries(gallery, emb, match_threshold)
+        query_features, store = None, None
+        if match_threshold.get("rerank"):
+            # The threshold applies to fused scores: describe the queries as the gallery's photos were.
+            store = home_feature_store(layout)
+            settings = store.config or LocalFeatureConfig(**match_threshold["rerank"]["features"])
+            cropped = photos.loc[ok]
+            query_features, _ = extract_features(cropped["path"].tolist(), [list(b) for b in cropped["box"]], settings)
+        found = match_queries(gallery, emb, match_threshold, query_features, store)
         sims, ids, thresholds, predictions = found.sims, found.ids, found.thresholds, found.predictions
+        inliers = found.inliers
         matched = best_photo_per_candidate(gallery.embeddings, gallery.table["individual_id"].to_numpy(), emb, ids.tolist())
     rows: list[dict[str, Any]] = []
     q = 0
@@ -71,7 +81,7 @@ def identify_photos(
         }
         if photo.crop_path:
             candidates = []
-            for rank, (ind, sim, (grow, _)) in enumerate(zip(ids[q], sims[q], matched[q], strict=True), start=1):
+            for rank, (ind, sim, (grow, photo_sim)) in enumerate(zip(ids[q], sims[q], matched[q], strict=True), start=1):
                 if not ind:  # a gallery with fewer than five individuals
                     continue
                 g = gallery.table.iloc[grow]
@@ -79,7 +89,10 @@ def identify_photos(
                     {
                         "rank": rank,
                         "individual_id": str(ind),
+                        # The score the threshold applies to: the fused one when re-ranked by local features.
                         "similarity": round(float(sim), 6),
+                        "embedding_similarity": round(float(photo_sim), 6),
+                        "inliers": int(inliers[q, rank - 1]) if inliers is not None else None,
                         "above_threshold": bool(sim >= thresholds[q]),
                         "gallery_image": g["image"],
                         "gallery_crop": g["crop_path"],
@@ -108,6 +121,7 @@ def identify_photos(
             "enrolled_photos": int((gallery.table["source"] == "enrolled").sum()),
         },
         "threshold": float(match_threshold["threshold"]),
+        "local_rerank": bool(match_threshold.get("rerank")),
         "species_thresholds": dict(match_threshold.get("species_thresholds") or {}),
         "models": [m.describe() for m in models],
         "top": TOP,

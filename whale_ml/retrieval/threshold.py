@@ -10,6 +10,7 @@ one per species (:func:`tune_species_thresholds`). See docs/retrieval.md.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,26 +20,52 @@ import numpy as np
 import pandas as pd
 
 from whale_ml.data.folds import fold_split
+from whale_ml.progress import ProgressFn
 from whale_ml.retrieval.faiss_index import build_index, search_gallery
-from whale_ml.retrieval.ranking import SpeciesThresholds, ThresholdResult, nearest_species, tune_species_thresholds, tune_threshold
+from whale_ml.retrieval.fusion import FusionResult, NotCalibratable, fused_ranking, tune_fusion
+from whale_ml.retrieval.local_features import FeatureStore
+from whale_ml.retrieval.rerank import Inliers, LocalRerank, match_candidates
+from whale_ml.retrieval.ranking import TOP, SpeciesThresholds, ThresholdResult, nearest_species, tune_species_thresholds, tune_threshold
 from whale_ml.retrieval.store import load_embeddings
 
 
 def out_of_fold_search(
-    folds: pd.DataFrame, embeddings_dir: Callable[[str], Path], fold_keys: Sequence[str], k: int = 50
+    folds: pd.DataFrame, embeddings_dir: Callable[[str], Path], fold_keys: Sequence[str], k: int = 50, top: int = TOP
 ) -> Iterator[tuple[str, pd.DataFrame, pd.DataFrame, np.ndarray, np.ndarray]]:
     """Per fold with validation photos: its training and validation rows, and the validation
-    photos' best five individuals among that fold's training photos, by that fold's model.
+    photos' best ``top`` individuals among that fold's training photos, by that fold's model.
 
     Args:
         folds: the ``cv_folds`` table.
         embeddings_dir: fold key -> the folder of its ``train`` embeddings.
         fold_keys: ``fold0``, ``fold1``, ... in order.
+        top: candidate individuals per validation photo.
 
     Yields:
         ``(fold, train, val, sims, ids)`` as :func:`search_gallery` returns them; ``val``
         has the ``truth`` column (``new_individual`` where the fold's training lacks the id).
     """
+    for found in fold_searches(folds, embeddings_dir, fold_keys, k, top):
+        yield found.fold, found.train, found.val, found.sims, found.ids
+
+
+@dataclass
+class FoldSearch:
+    """One fold's out-of-fold search, with the embeddings it searched (for re-ranking)."""
+
+    fold: str
+    train: pd.DataFrame
+    val: pd.DataFrame
+    sims: np.ndarray  # (n_val, top)
+    ids: np.ndarray
+    gallery: np.ndarray  # (n_train, d) the fold model's embeddings of its training photos
+    queries: np.ndarray  # (n_val, d)
+
+
+def fold_searches(
+    folds: pd.DataFrame, embeddings_dir: Callable[[str], Path], fold_keys: Sequence[str], k: int = 50, top: int = TOP
+) -> Iterator[FoldSearch]:
+    """:func:`out_of_fold_search`, with each fold's embeddings."""
     for i, fold in enumerate(fold_keys):
         train, val = fold_split(folds, i)
         if val.empty:
@@ -47,8 +74,8 @@ def out_of_fold_search(
         row_of = {img: r for r, img in enumerate(images)}
         gallery = emb[[row_of[x] for x in train["image"]]]
         queries = emb[[row_of[x] for x in val["image"]]]
-        sims, ids = search_gallery(build_index(gallery), train["individual_id"].to_numpy(), queries, k=k)
-        yield fold, train, val, sims, ids
+        sims, ids = search_gallery(build_index(gallery), train["individual_id"].to_numpy(), queries, k=k, top=top)
+        yield FoldSearch(fold, train, val, sims, ids, gallery, queries)
 
 
 @dataclass
@@ -58,9 +85,13 @@ class OutOfFoldThreshold:
     result: ThresholdResult  # the global threshold over all folds' validation photos
     per_fold: list[dict[str, Any]]  # fold, queries, and each fold's own best threshold and MAP@5
     species: SpeciesThresholds | None  # per-species thresholds, when asked for
-    sims: np.ndarray  # (n, 5) pooled over folds, in fold order
+    sims: np.ndarray  # (n, K) pooled over folds, in fold order: the scores the threshold applies to
     ids: np.ndarray
     truths: list[str]
+    plain: ThresholdResult | None = None  # with re-ranking: the embedding similarity alone, for comparison
+    fusion: FusionResult | None = None  # with re-ranking: the tuned fusion and its per-weight table
+    rerank: LocalRerank | None = None
+    rerank_cost: Inliers | None = None
 
     @property
     def queries(self) -> int:
@@ -73,7 +104,7 @@ class OutOfFoldThreshold:
 
     def value(self) -> dict[str, Any]:
         """The ``match_threshold`` asset's value: what the submission and ``whale identify`` read."""
-        return {
+        value: dict[str, Any] = {
             "threshold": self.result.threshold,
             "map5": self.map5,
             "new_share": self.result.new_share,
@@ -81,6 +112,11 @@ class OutOfFoldThreshold:
             "per_fold": self.per_fold,
             "species_thresholds": self.species.by_species if self.species is not None else {},
         }
+        if self.fusion is not None and self.rerank is not None:
+            # The threshold then applies to the fused score: whoever reads it must re-rank alike.
+            value["rerank"] = {**self.rerank.to_dict(), "fusion": self.fusion.fusion.to_dict()}
+            value["map5_without_rerank"] = self.plain.map5 if self.plain is not None else None
+        return value
 
 
 def tune_out_of_fold(
@@ -90,6 +126,10 @@ def tune_out_of_fold(
     k: int = 50,
     per_species: bool = False,
     species_min_queries: int = 100,
+    rerank: LocalRerank | None = None,
+    features: FeatureStore | None = None,
+    fusion_weights: int = 21,
+    progress: ProgressFn | None = None,
 ) -> OutOfFoldThreshold:
     """The new_individual threshold that maximises out-of-fold MAP@5 (see the module docstring).
 
@@ -100,14 +140,40 @@ def tune_out_of_fold(
         k: neighbours fetched per validation photo at first.
         per_species: also tune a threshold per species (of the nearest individual).
         species_min_queries: the fewest validation photos for a species' own threshold.
+        rerank: re-rank each validation photo's first ``rerank.candidates`` individuals by
+            local features (from ``features``, the ``local_features`` asset's store) and tune
+            the fusion weight together with the threshold (:func:`tune_fusion`).
+        fusion_weights: how many weights in [0, 1] are tried.
+        progress: called as local matching proceeds (validation photos done, total).
 
     Raises:
-        ValueError: no fold has validation photos.
+        ValueError: no fold has validation photos, or ``rerank`` without ``features``.
     """
-    sims_all, ids_all, truths, per_fold = [], [], [], []
-    for fold, train, val, sims, ids in out_of_fold_search(cv_folds, embeddings_dir, folds, k=k):
+    if rerank is not None and features is None:
+        raise ValueError("re-ranking needs the local_features store")
+    top = rerank.candidates if rerank is not None else TOP
+    sims_all, ids_all, inliers_all, truths, per_fold = [], [], [], [], []
+    seconds, pairs = 0.0, 0
+    searches = list(fold_searches(cv_folds, embeddings_dir, folds, k=k, top=top))
+    total = sum(len(f.val) for f in searches)
+    for found in searches:
+        fold, train, val, sims, ids = found.fold, found.train, found.val, found.sims, found.ids
         own = tune_threshold(sims, ids, val["truth"].tolist(), gallery_ids=train["individual_id"].tolist())
         per_fold.append({"fold": fold, "queries": len(val), "best_threshold": own.threshold, "best_map5": own.map5})
+        if rerank is not None and features is not None:
+            done = len(truths)
+            matched = match_candidates(
+                rerank,
+                found.gallery,
+                train["individual_id"].to_numpy(dtype=object),
+                [features.get(img) for img in train["image"]],
+                found.queries,
+                [features.get(img) for img in val["image"]],
+                ids,
+                None if progress is None else (lambda d, _t, done=done: progress(done + d, total)),
+            )
+            inliers_all.append(matched.counts)
+            seconds, pairs = seconds + matched.seconds, pairs + matched.pairs
         sims_all.append(sims)
         ids_all.append(ids)
         truths += val["truth"].tolist()
@@ -118,11 +184,25 @@ def tune_out_of_fold(
     # every other truth is known. Passing all ids matters: by default only ids found in
     # the (top-5) lists count as known, and a missed known individual would score as new.
     known = cv_folds["individual_id"].unique().tolist()
-    result = tune_threshold(sims, ids, truths, gallery_ids=known)
+    plain = tune_threshold(sims, ids, truths, gallery_ids=known)
+    result, fusion, cost = plain, None, None
+    if rerank is not None:
+        inliers = np.concatenate(inliers_all)
+        try:
+            fusion = tune_fusion(sims, ids, inliers, truths, known, fusion_weights)
+        except NotCalibratable as exc:
+            # E.g. no validation photo's individual among its candidates: nothing to learn a
+            # fusion from. The embedding ranking alone is what such folds support.
+            warnings.warn(f"local re-ranking left out: {exc}", stacklevel=2)
+            rerank = None
+        else:
+            result = fusion.threshold
+            sims, ids = fused_ranking(sims, ids, inliers, fusion.fusion)
+            cost = Inliers(inliers, seconds, pairs)
     species = None
     if per_species:
         species_of = dict(zip(cv_folds["individual_id"], cv_folds["species"], strict=True))
         species = tune_species_thresholds(
             sims, ids, truths, nearest_species(ids, species_of), gallery_ids=known, min_queries=species_min_queries
         )
-    return OutOfFoldThreshold(result, per_fold, species, sims, ids, truths)
+    return OutOfFoldThreshold(result, per_fold, species, sims, ids, truths, plain if fusion else None, fusion, rerank, cost)
