@@ -93,6 +93,7 @@ def test_identify_lists_five_candidates_per_photo_and_an_error_row_per_bad_photo
     test_images = sorted(p.name for p in (data / "test_images").iterdir())
     assert [p["image"] for p in result["photos"]] == [*test_images, "broken.jpg", "missing.jpg", train_photo.name]
     assert result["schema_version"] == 1 and result["gallery"]["version"] == "v0001"
+    assert result["local_rerank"], "the default recipe re-ranks by local features"
     threshold = read_json(layout.tables / "match_threshold.json")["threshold"]
     assert result["threshold"] == pytest.approx(threshold)
     assert [(m["fold"], m["alias"]) for m in result["models"]] == [("fold0", "champion_fold0"), ("fold1", "champion_fold1")]

@@ -158,13 +158,25 @@ def test_threshold_is_reproducible_from_the_fold_embeddings(pipeline_run: dict) 
     import numpy as np
 
     from whale_ml.retrieval import map_at_5, predict_top5
+    from whale_ml.retrieval.local_features import home_feature_store
+    from whale_ml.retrieval.rerank import LocalRerank
     from whale_ml.retrieval.threshold import tune_out_of_fold
 
     layout = HomeLayout(pipeline_run["home"])
     instance = dg.DagsterInstance.get()
     mat = instance.get_latest_materialization_event(dg.AssetKey("match_threshold")).asset_materialization
     threshold, oof_map5 = mat.metadata["threshold"].value, mat.metadata["oof_map5"].value
-    tuned = tune_out_of_fold(pd.read_parquet(layout.tables / "cv_folds.parquet"), layout.embeddings_dir, ["fold0", "fold1"])
+    store = home_feature_store(layout)
+    tuned = tune_out_of_fold(
+        pd.read_parquet(layout.tables / "cv_folds.parquet"),
+        layout.embeddings_dir,
+        ["fold0", "fold1"],
+        rerank=LocalRerank(store.config, 10, 4),
+        features=store,
+    )
+    assert tuned.fusion is not None, "the default recipe re-ranks by local features"
+    assert mat.metadata["oof_map5_without_rerank"].value == pytest.approx(tuned.plain.map5)
+    assert mat.metadata["fusion_weight"].value == pytest.approx(tuned.fusion.fusion.weight)
     assert tuned.result.threshold == threshold
     preds, truths = predict_top5(tuned.sims, tuned.ids, threshold), tuned.truths
     assert map_at_5(preds, truths) == pytest.approx(oof_map5, abs=1e-12)
