@@ -15,7 +15,7 @@ Variants:
 
 Usage::
 
-    python benchmarks/identification_ablation.py HOME [--quick] [--out results.json]
+    python benchmarks/identification_ablation.py HOME [--quick] [--truth test_truth.csv] [--out results.json]
 """
 
 from __future__ import annotations
@@ -108,11 +108,12 @@ def main() -> None:
     ap.add_argument("home", type=Path)
     ap.add_argument("--quick", action="store_true", help="only the default re-ranking and ORB")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--truth", type=Path, help="test_truth.csv (default: HOME/demo_data/test_truth.csv, where make demo puts it)")
     args = ap.parse_args()
     home, layout = args.home, HomeLayout(args.home)
     cv = pd.read_parquet(home / "tables/cv_folds.parquet")
     folds = sorted(p.name for p in (home / "embeddings").iterdir())
-    truth_df = pd.read_csv(next(home.glob("**/test_truth.csv")) if not (home / "demo_data").exists() else home / "demo_data/test_truth.csv")
+    truth_df = pd.read_csv(args.truth or home / "demo_data" / "test_truth.csv")
     truth = dict(zip(truth_df["image"], truth_df["individual_id"], strict=True))
     rows = []
 
