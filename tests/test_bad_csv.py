@@ -328,6 +328,7 @@ def test_test_photo_also_in_train_is_kept_warned_and_listed(tmp_path: Path) -> N
     assert result.output_for_node("test_metadata")["image"].tolist() == ["a.jpg", "copy_of_b.jpg", "new.jpg", "c.jpg"]
     (mat,) = result.asset_materializations_for_node("test_metadata")
     assert mat.metadata["also_in_train"].value == 3
-    assert "copy_of_b.jpg" in mat.metadata["also_in_train_pairs"].value
+    pairs = [r.data for r in mat.metadata["also_in_train_pairs"].records]  # a table in the UI
+    assert {"test_image": "copy_of_b.jpg", "train_image": "b.jpg", "match": "bytes"} in pairs
     assert "3 test photo(s) share a name or identical bytes" in mat.metadata["warnings"].value
     assert any("copy_of_b.jpg = train b.jpg (bytes)" in w for w in warnings)

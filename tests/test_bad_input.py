@@ -136,14 +136,14 @@ def test_default_policy_fails_on_a_bad_training_photo_after_reading_all(bad_data
     assert bad_data["bad_train"] in message and "bad_train_image" in message
     # The boxes were materialised, for every photo, before the crops failed the step.
     (boxes,) = [m for m in result.asset_materializations_for_node("boxes_and_crops") if m.asset_key == dg.AssetKey("bboxes")]
-    listed = boxes.metadata["unreadable"].value
+    listed = {r.data["image"] for r in boxes.metadata["unreadable"].records}  # a table in the UI
     assert boxes.metadata["unreadable_photos"].value == 4  # truncated train, empty, missing, bomb
     for name in [bad_data["bad_train"], *(bad_data["bad_test"][k] for k in ("empty", "missing", "bomb"))]:
         assert name in listed
     (check,) = [c for c in result.get_asset_check_evaluations() if c.check_name == "full_frame_share_is_low"]
     assert check.metadata["threshold"].value == 0.3 and "test_share" in check.metadata
     (detector,) = result.asset_materializations_for_node("fluke_detector")
-    skipped = detector.metadata["skipped_boxes"].value
+    skipped = {r.data["image"] for r in detector.metadata["skipped_boxes"].records}
     assert all(name in skipped for name in bad_data["box_rows"])
 
 
@@ -172,7 +172,7 @@ def test_exclude_policy_trains_without_it_and_every_test_photo_gets_a_row(bad_da
     assert crops.set_index("image").loc[bad_data["bad_test"]["png"], "crop_path"] != ""
     instance = dg.DagsterInstance.get()
     mat = instance.get_latest_materialization_event(dg.AssetKey("crops")).asset_materialization
-    failed = mat.metadata["failed_photos"].value
+    failed = {r.data["image"] for r in mat.metadata["failed_photos"].records}
     assert mat.metadata["excluded_train_photos"].value == 1
     for name in [bad_data["bad_train"], *(bad_data["bad_test"][k] for k in ("empty", "missing", "bomb"))]:
         assert name in failed

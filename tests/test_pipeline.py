@@ -148,7 +148,9 @@ def test_each_fold_has_a_champion_in_the_registry(pipeline_run: dict) -> None:
         assert client.get_model_version_by_alias("whale-arcface", f"champion_{fold}").version == newest.version
         assert {"recipe", "backbone", "data_version", "val_map5"} <= set(newest.tags)
     mat = dg.DagsterInstance.get().get_latest_materialization_event(dg.AssetKey("champion_models")).asset_materialization
-    assert "first model of this fold" in mat.metadata["champions"].value
+    champions = {r.data["fold"]: r.data for r in mat.metadata["champions"].records}  # a table in the UI
+    assert sorted(champions) == ["fold0", "fold1"]
+    assert all("first model of this fold" in row["decision"] and row["champion_after"] == row["challenger"] for row in champions.values())
 
 
 @pytest.mark.e2e

@@ -112,7 +112,7 @@ def report_gallery_version(layout: HomeLayout, summary: dict[str, Any]) -> None:
     import dagster as dg
 
     from whale_assets.instance import prepare_dagster_home
-    from whale_assets.metadata import table_md
+    from whale_assets.metadata import table_meta
     from whale_ml.gallery import list_versions
 
     prepare_dagster_home(layout.home)
@@ -130,7 +130,7 @@ def report_gallery_version(layout: HomeLayout, summary: dict[str, Any]) -> None:
                 "enrolled_individuals": summary["enrolled_individuals"],
                 "enrolled_now": summary["enrolled_photos_now"],
                 "new_individuals_now": len(summary["new_individuals_now"]),
-                "versions": table_md(list_versions(layout)),
+                "versions": table_meta(list_versions(layout)),
                 "folder": dg.MetadataValue.path(str(layout.gallery_versions_dir / summary["version"])),
             },
         )

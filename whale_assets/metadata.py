@@ -4,16 +4,69 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping, Sequence
 
 import dagster as dg
+import numpy as np
 import pandas as pd
 
 from whale_ml.progress import progress_printer
 
+Cell = str | int | float | bool | None
+
+
+def table_meta(table: pd.DataFrame | Sequence[Mapping[str, object]], digits: int | None = 4) -> dg.MetadataValue:
+    """A small table (per-fold results, species, thresholds, versions, a preview) as Dagster
+    table metadata: the UI shows it as a table with typed columns, and the values stay
+    values (an API reader gets numbers, not Markdown). Rows may be a DataFrame or a list
+    of dicts (a list keeps ``None`` beside integers, where a DataFrame would make them
+    floats). Floats are rounded to ``digits`` significant digits for reading (``None``:
+    kept); NaN becomes an empty cell and infinities the strings ``inf``/``-inf`` (JSON,
+    which carries the table to the UI, has neither)."""
+    if isinstance(table, pd.DataFrame):
+        columns = [str(c) for c in table.columns]
+        rows: list[dict[str, object]] = [{str(k): v for k, v in r.items()} for r in table.to_dict("records")]
+    else:
+        rows = [{str(k): v for k, v in r.items()} for r in table]
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+    cells = [{c: _cell(r.get(c), digits) for c in columns} for r in rows]
+    schema = dg.TableSchema(columns=[dg.TableColumn(c, _column_type([r[c] for r in cells])) for c in columns])
+    return dg.MetadataValue.table([dg.TableRecord(r) for r in cells], schema)
+
+
+def _cell(value: object, digits: int | None) -> Cell:
+    if value is None or value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        x = float(value)
+        if math.isnan(x):
+            return None
+        if math.isinf(x):
+            return "inf" if x > 0 else "-inf"
+        return float(f"{x:.{digits}g}") if digits else x
+    return value if isinstance(value, str) else str(value)
+
+
+def _column_type(values: list[Cell]) -> str:
+    """The UI's column type: bool, int, float (ints and floats), else string."""
+    present = [v for v in values if v is not None]
+    if present and all(isinstance(v, bool) for v in present):
+        return "bool"
+    if present and all(isinstance(v, int) and not isinstance(v, bool) for v in present):
+        return "int"
+    if present and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
+        return "float"
+    return "string"
+
 
 def table_md(df: pd.DataFrame, floatfmt: str = ".4g") -> dg.MetadataValue:
-    """A DataFrame as a Markdown table."""
+    """A DataFrame as a Markdown table: only for cells that carry Markdown (links, inline
+    images); a plain table goes through :func:`table_meta`."""
     return dg.MetadataValue.md(df.to_markdown(index=False, floatfmt=floatfmt))
 
 

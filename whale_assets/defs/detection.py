@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from whale_assets.k8s import GPU_STEP_TAGS
-from whale_assets.metadata import image_md, progress_logger, table_md
+from whale_assets.metadata import image_md, progress_logger, table_meta
 from whale_assets.resources import MlflowTracking, WhaleHome
 from whale_assets.retries import mlflow_retry_policy, retry_only_if_transient
 from whale_assets.launchpad import BoxesAndCropsSettings, CropSettings, DetectorSettings, LocalFeatureSettings
@@ -58,7 +58,7 @@ def fluke_detector(
         metadata["weights_from"] = dg.MetadataValue.path(config.weights_path)
     if result.dataset is not None:
         if len(result.skipped):
-            metadata["skipped_boxes"] = table_md(result.skipped.head(50))
+            metadata["skipped_boxes"] = table_meta(result.skipped.head(50))
         metadata.update(
             {
                 "boxes_train": result.dataset.n_train,
@@ -182,12 +182,12 @@ def box_metadata(summary: BoxSummary, rows: int) -> dict[str, object]:
         "full_frame_share": summary.full_frame_share,
         **{f"full_frame_share_{s}": v for s, v in summary.per_split.items()},
         "mean_confidence": summary.mean_confidence,
-        "by_split_and_source": table_md(summary.by_split_and_source),
-        "full_frame_by_species": table_md(summary.full_frame_by_species),
+        "by_split_and_source": table_meta(summary.by_split_and_source),
+        "full_frame_by_species": table_meta(summary.full_frame_by_species),
         "unreadable_photos": len(summary.unreadable),
     }
     if len(summary.unreadable):
-        metadata["unreadable"] = table_md(summary.unreadable.head(50))
+        metadata["unreadable"] = table_meta(summary.unreadable.head(50))
     return metadata
 
 
@@ -206,7 +206,7 @@ def crop_metadata(
         "crop_dir": dg.MetadataValue.path(str(crops_dir)),
     }
     if len(report.failed):
-        metadata["failed_photos"] = table_md(report.failed[["image", "split", "error"]].head(50))
+        metadata["failed_photos"] = table_meta(report.failed[["image", "split", "error"]].head(50))
     if config.contact_sheet:
         sheet_file = crops_dir / CONTACT_SHEET_FILE
         metadata["contact_sheet"] = image_md(write_contact_sheet(boxes, table, paths, config.contact_sheet, sheet_file))

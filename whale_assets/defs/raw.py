@@ -5,7 +5,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from whale_assets.metadata import table_md
+from whale_assets.metadata import table_meta
 from whale_assets.resources import WhaleHome
 from whale_assets.launchpad import MetadataSettings
 from whale_ml.data.demo import ensure_demo_data
@@ -56,7 +56,7 @@ def train_metadata(context: dg.AssetExecutionContext, config: MetadataSettings, 
             "enrolled_photos": len(enrolled),
             "enrolled_individuals": int(enrolled["individual_id"].nunique()),
             "alias_rows_merged": int(merged.sum()),
-            "species_table": table_md(species),
+            "species_table": table_meta(species),
             "data_dir": dg.MetadataValue.path(str(whale.data_path)),
             **({"warnings": _warnings_md(notes)} if notes else {}),
         },
@@ -98,7 +98,7 @@ def test_metadata(context: dg.AssetExecutionContext, config: MetadataSettings, w
                 "(kept and predicted like any other; a validation or truth score on them is optimistic): "
                 + ", ".join(f"{r.test_image} = train {r.train_image} ({r.match})" for r in overlap.head(10).itertuples())
             )
-            metadata["also_in_train_pairs"] = table_md(overlap.head(50))
+            metadata["also_in_train_pairs"] = table_meta(overlap.head(50))
     for note in notes:
         context.log.warning(note)
     if notes:

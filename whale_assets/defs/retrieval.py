@@ -7,7 +7,7 @@ import torch
 
 from whale_assets.stages import REBUILD_AFTER_FOLDS
 from whale_assets.k8s import GPU_STEP_TAGS
-from whale_assets.metadata import figure_md, progress_logger, table_md
+from whale_assets.metadata import figure_md, progress_logger, table_meta
 from whale_assets.partitions import fold_partitions
 from whale_assets.resources import MlflowTracking, WhaleHome
 from whale_assets.retries import mlflow_retry_policy, retry_only_if_transient
@@ -146,7 +146,7 @@ def gallery(
             "enrolled_photos": int(info["enrolled_photos"]),
             "enrolled_individuals": int(info["enrolled_individuals"]),
             "model_versions": ", ".join(f"{m.fold}: v{m.version}" for m in version.lineage.models),
-            "versions": table_md(list_versions(layout)),
+            "versions": table_meta(list_versions(layout)),
             "pruned_versions": len(stats.pruned),
         }
     )
@@ -165,7 +165,7 @@ def _rerank_metadata(context: dg.AssetExecutionContext, tuned: OutOfFoldThreshol
     return {
         "oof_map5_without_rerank": tuned.plain.map5,
         "fusion_weight": weight,
-        "fusion_by_weight": table_md(tuned.fusion.table),
+        "fusion_by_weight": table_meta(tuned.fusion.table),
         "rerank_ms_per_query": round(cost.ms_per_query, 2),
         "rerank_pairs_matched": cost.pairs,
     }
@@ -228,11 +228,11 @@ def match_threshold(
         "oof_map5": result.map5,
         "top1_new_share": result.new_share,
         "queries": tuned.queries,
-        "per_fold": table_md(pd.DataFrame(tuned.per_fold)),
+        "per_fold": table_meta(tuned.per_fold),
     }
     metadata.update(_rerank_metadata(context, tuned))
     if tuned.species is not None:
-        metadata.update({"oof_map5": tuned.species.map5, "oof_map5_global_only": result.map5, "species": table_md(tuned.species.table)})
+        metadata.update({"oof_map5": tuned.species.map5, "oof_map5_global_only": result.map5, "species": table_meta(tuned.species.table)})
         context.log.info(f"own thresholds for {len(tuned.species.by_species)} species: out-of-fold MAP@5 {tuned.species.map5:.4f}")
     context.log.info(f"threshold {result.threshold:.4f}: out-of-fold MAP@5 {result.map5:.4f} over {tuned.queries} photos")
 

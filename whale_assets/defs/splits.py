@@ -3,7 +3,7 @@
 import dagster as dg
 import pandas as pd
 
-from whale_assets.metadata import table_md
+from whale_assets.metadata import table_meta
 from whale_assets.partitions import n_folds
 from whale_assets.launchpad import FoldSettings
 from whale_ml.data.folds import fold_summary, make_folds
@@ -30,7 +30,7 @@ def cv_folds(config: FoldSettings, train_metadata: pd.DataFrame, crops: pd.DataF
             "held_out_individuals": int(folds.loc[folds["held_out"], "individual_id"].nunique()),
             "never_validated_images": int((folds["fold"] < 0).sum()),
             "excluded_images": int(excluded.sum()),
-            "fold_table": table_md(summary),
+            "fold_table": table_meta(summary),
         },
     )
 

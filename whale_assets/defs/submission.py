@@ -6,7 +6,7 @@ import dagster as dg
 import pandas as pd
 
 from whale_assets.stages import REBUILD_AFTER_FOLDS
-from whale_assets.metadata import image_md, table_md
+from whale_assets.metadata import image_md, table_meta
 from whale_assets.defs.detection import feature_store
 from whale_assets.resources import WhaleHome
 from whale_ml.data.metadata import NEW_INDIVIDUAL, read_truth
@@ -84,7 +84,7 @@ def submission_csv(
             "top1_new_individual_share": top1_new,
             "prior_only_rows": len(missing),
             **_rerank_md(matches),
-            "preview": table_md(sub.head(10)),
+            "preview": table_meta(sub.head(10)),
         },
         check_results=[
             dg.AssetCheckResult(

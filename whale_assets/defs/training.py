@@ -5,7 +5,7 @@ import pandas as pd
 
 from whale_assets.stages import REBUILD_AFTER_FOLDS
 from whale_assets.k8s import GPU_STEP_TAGS
-from whale_assets.metadata import figure_md, progress_logger, table_md
+from whale_assets.metadata import figure_md, progress_logger, table_meta
 from whale_assets.partitions import fold_index, fold_partitions
 from whale_assets.resources import MlflowTracking, WhaleHome
 from whale_assets.retries import mlflow_retry_policy, retry_only_if_transient
@@ -69,7 +69,7 @@ def arcface_model(
             "registered_model": f"{mlflow.registered_model} v{version} @{fold}",
             "data_version": data.version,
             "curves": figure_md(trained.curves),
-            "history": table_md(trained.history),
+            "history": table_meta(trained.history),
         }
     )
 
@@ -129,11 +129,10 @@ def champion_models(context: dg.AssetExecutionContext, mlflow: MlflowTracking) -
     rows = mlflow.promote_challengers(fold_partitions.get_partition_keys())
     for row in rows:
         context.log.info(f"{row['fold']}: {row['decision']}")
-    table = pd.DataFrame(rows)
     return dg.MaterializeResult(
         metadata={
             "registered_model": mlflow.registered_model,
             "promoted": int(sum(r.get("champion_after") == r.get("challenger") and r["challenger"] is not None for r in rows)),
-            "champions": table_md(table),
+            "champions": table_meta(rows),
         }
     )
