@@ -1,4 +1,5 @@
-"""What the assets report besides their value: tables as Dagster table metadata (``table_meta``)."""
+"""What the assets report besides their value: tables as Dagster table metadata
+(``table_meta``) and data versions from the tables' content (``table_version``)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import math
 import dagster as dg
 import numpy as np
 import pandas as pd
+import pytest
 
 from whale_assets.metadata import table_meta
+from whale_assets.versions import table_version
 
 
 def _table(value: dg.MetadataValue) -> tuple[dict[str, str], list[dict[str, object]]]:
@@ -83,3 +86,59 @@ def test_a_table_survives_a_real_materialisation() -> None:
     types, rows = _table(stored["fold_table"])
     assert types == {"fold": "int", "val_images": "int", "val_new_share": "float"}
     assert rows == summary.to_dict("records")
+
+
+# --- table_version ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def crops() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "image": ["a.jpg", "b.jpg", "c.jpg"],
+            "crop_path": ["/home1/crops/train/a_1f2e3d4c5b.jpg", "/home1/crops/train/b_99aa88bb77.jpg", ""],
+            "written": [True, True, False],
+            "error": ["", "", "c.jpg: cannot identify image file"],
+            "split": ["train", "train", "test"],
+        }
+    )
+
+
+def test_same_content_same_version(crops: pd.DataFrame) -> None:
+    version = table_version(crops)
+    assert isinstance(version, dg.DataVersion) and version == table_version(crops.copy())
+    # Read back from parquet (the IO manager), the table keeps its version.
+    assert table_version(pd.read_parquet(_parquet_roundtrip(crops))) == version
+
+
+def _parquet_roundtrip(df: pd.DataFrame) -> object:
+    import io
+
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    buf.seek(0)
+    return buf
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda d: d.assign(split=["train", "train", "train"]),  # a value
+        lambda d: d.iloc[[1, 0, 2]].reset_index(drop=True),  # the order
+        lambda d: d.iloc[:2],  # a row fewer
+        lambda d: d.rename(columns={"split": "part"}),  # a column's name
+        lambda d: d.assign(crop_path=d["crop_path"].str.replace("1f2e3d4c5b", "0000000000")),  # another crop file
+        lambda d: d.drop(columns="error"),  # a column fewer
+    ],
+)
+def test_other_content_another_version(crops: pd.DataFrame, change: object) -> None:
+    assert table_version(change(crops)) != table_version(crops)  # type: ignore[operator]
+
+
+def test_run_flags_and_directories_are_not_content(crops: pd.DataFrame) -> None:
+    """Reused crops (``written`` False) in a moved home are the same crops; a table's index is not stored."""
+    again = crops.assign(written=False, crop_path=crops["crop_path"].str.replace("/home1/", "/mnt/big/home/"))
+    assert table_version(again, ignore=["written"]) == table_version(crops, ignore=["written"])
+    assert table_version(again) != table_version(crops)  # without ignore, the flag counts
+    assert table_version(crops.set_index(pd.Index([5, 6, 7]))) == table_version(crops)
+    assert crops["crop_path"].iloc[0].startswith("/home1/")  # the caller's table is left as it was

@@ -12,7 +12,7 @@ import math
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -289,13 +289,86 @@ def test_a_fold_rerun_makes_the_ensemble_stages_due(own_pipeline: dict) -> None:
     assert {"champion_models", "gallery", "match_threshold"} <= due
 
 
+def _stale_resolver() -> object:
+    """What the UI asks for stale status and data versions, made now (it caches)."""
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver
+    from dagster._core.loader import LoadingContextForTest
+
+    from whale_assets.definitions import defs
+
+    instance = dg.DagsterInstance.get()
+    return CachingStaleStatusResolver(instance, defs().resolve_asset_graph(), LoadingContextForTest(instance))
+
+
+def _stale_status() -> Callable[..., str]:
+    """``status(asset, partition=None)``: FRESH, STALE or MISSING, as the UI shows it now."""
+    resolver = _stale_resolver()
+    return lambda name, partition=None: resolver.get_status(dg.AssetKey(name), partition).value  # type: ignore[attr-defined]
+
+
+def _data_versions(*names: str) -> dict[str, str]:
+    resolver = _stale_resolver()
+    return {n: resolver.get_current_data_version(dg.AssetKey(n)).value for n in names}  # type: ignore[attr-defined]
+
+
+@pytest.mark.e2e
+def test_identical_tables_keep_fold_models_fresh_and_changed_ones_make_them_stale(
+    own_pipeline: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The metadata tables and the folds report a digest of their content as data version:
+    rematerialised with the same content they keep it, and nothing after them (the fold
+    models above all) goes stale; with other content they get a new one, and what reads
+    them is stale."""
+    from whale_assets.definitions import defs
+
+    job, instance = defs().resolve_implicit_global_asset_job_def(), dg.DagsterInstance.get()
+
+    def materialise(*names: str, run_config: dict | None = None) -> None:
+        keys = [dg.AssetKey(n) for n in names]
+        assert job.execute_in_process(run_config=run_config or {}, instance=instance, asset_selection=keys).success
+
+    tables = ("train_metadata", "test_metadata", "cv_folds")
+    before = _data_versions(*tables)
+    status = _stale_status()
+    assert {status("arcface_model", f) for f in ("fold0", "fold1")} == {"FRESH"}
+
+    materialise(*tables)  # the same data, the same settings
+    assert _data_versions(*tables) == before
+    status = _stale_status()
+    up_to_date = [(n, None) for n in UPSTREAM + DOWNSTREAM] + [(n, f) for n in PER_FOLD for f in ("fold0", "fold1")]
+    assert {key: status(*key) for key in up_to_date} == {key: "FRESH" for key in up_to_date}
+
+    materialise("cv_folds", run_config={"ops": {"cv_folds": {"config": {"seed": 1}}}})  # other folds
+    assert _data_versions("cv_folds")["cv_folds"] != before["cv_folds"]
+    status = _stale_status()
+    assert {status("arcface_model", f) for f in ("fold0", "fold1")} == {"STALE"}
+    assert status("match_threshold") == "STALE" and status("cv_folds") == "FRESH"
+
+    # The data set copied (new paths: new metadata, folds made from it), then one training
+    # photo fewer in train.csv: new metadata again, so those folds are stale.
+    data = tmp_path / "data"
+    shutil.copytree(own_pipeline["data"], data)
+    monkeypatch.setenv("WHALE_DATA_DIR", str(data))
+    materialise("train_metadata", "cv_folds", run_config={"ops": {"cv_folds": {"config": {"seed": 1}}}})
+    copied = _data_versions("train_metadata")["train_metadata"]
+    assert _stale_status()("cv_folds") == "FRESH"
+    train = pd.read_csv(data / "train.csv")
+    train.iloc[:-1].to_csv(data / "train.csv", index=False)
+    materialise("train_metadata")
+    assert _data_versions("train_metadata")["train_metadata"] != copied
+    assert _stale_status()("cv_folds") == "STALE"
+
+
 @pytest.mark.e2e
 def test_rerunning_reuses_crops(own_pipeline: dict) -> None:
-    """A second materialisation of the crops rewrites nothing when photos, boxes and size are unchanged."""
+    """A second materialisation of the crops rewrites nothing when photos, boxes and size are
+    unchanged, and keeps the crops' data version: what reads them (folds, fold embeddings,
+    gallery, submission) stays up to date."""
     from whale_assets.definitions import defs
 
     job = defs().resolve_implicit_global_asset_job_def()
     recipe = load_recipe(REPO / "configs" / "tiny.yaml")
+    before = _data_versions("bboxes", "crops")
     result = job.execute_in_process(
         run_config={"ops": {"boxes_and_crops": recipe["ops"]["boxes_and_crops"]}},
         instance=dg.DagsterInstance.get(),
@@ -304,6 +377,10 @@ def test_rerunning_reuses_crops(own_pipeline: dict) -> None:
     (mat,) = [m for m in result.asset_materializations_for_node("boxes_and_crops") if m.asset_key == dg.AssetKey("crops")]
     assert mat.metadata["written"].value == 0
     assert mat.metadata["reused"].value == len(pd.read_parquet(HomeLayout(own_pipeline["home"]).tables / "crops.parquet"))
+    assert _data_versions("bboxes", "crops") == before  # "written" (now False everywhere) is not content
+    status = _stale_status()
+    readers = ["cv_folds", "gallery", "submission_csv"] + [f"fold_embeddings[{f}]" for f in ("fold0", "fold1")]
+    assert {r: status(*r.rstrip("]").split("[")) for r in readers} == dict.fromkeys(readers, "FRESH")
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from whale_assets.k8s import GPU_STEP_TAGS
 from whale_assets.metadata import image_md, progress_logger, table_meta
 from whale_assets.resources import MlflowTracking, WhaleHome
 from whale_assets.retries import mlflow_retry_policy, retry_only_if_transient
+from whale_assets.versions import table_version
 from whale_assets.launchpad import BoxesAndCropsSettings, CropSettings, DetectorSettings, LocalFeatureSettings
 from whale_ml.detection.box_summary import BoxSummary, photos_to_box, summarise_boxes
 from whale_ml.detection.crops import CONTACT_SHEET_FILE, CropReport, crop_report, photo_paths, write_contact_sheet
@@ -106,7 +107,7 @@ def boxes_and_crops(
     whale: WhaleHome,
     train_metadata: pd.DataFrame,
     test_metadata: pd.DataFrame,
-) -> Iterator[dg.Output[pd.DataFrame] | dg.AssetCheckResult]:
+) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     """One pass over every photo, on every core: each is decoded once, at the smallest JPEG
     scale that still gives the detector its input size and the crop its size, boxed by the
     detector (or the full frame) and cropped. A crop whose photo, box, size and mode are
@@ -137,7 +138,8 @@ def boxes_and_crops(
     record_crops(whale.layout, crops_cfg.size, crops_cfg.resize)
     # The boxes are materialised before the crops are judged: an unreadable training photo
     # fails the step, but every photo's box (and its reason) is on record.
-    yield dg.Output(boxes, output_name="bboxes", metadata={**box_metadata(summary, len(boxes)), **pass_metadata(done.stats)})
+    box_meta = {**box_metadata(summary, len(boxes)), **pass_metadata(done.stats)}
+    yield dg.MaterializeResult(asset_key="bboxes", value=boxes, metadata=box_meta, data_version=table_version(boxes))
     yield box_check(summary, boxes_cfg.warn_full_frame_share, detector.weights is not None)
     report = crop_report(table, crops_cfg.bad_train_image)
     for row in report.train_failed.itertuples():
@@ -145,7 +147,9 @@ def boxes_and_crops(
     for row in report.test_failed.itertuples():
         context.log.warning(f"test photo without crop (it gets a prior-only prediction): {row.error}")
     paths = photo_paths(train_metadata, test_metadata)
-    yield dg.Output(table, output_name="crops", metadata=crop_metadata(report, table, crops_cfg, boxes, paths, whale.layout.crops_dir))
+    crop_meta = crop_metadata(report, table, crops_cfg, boxes, paths, whale.layout.crops_dir)
+    # A crop's file name is a digest of its photo, box, size and mode: the table is its content.
+    yield dg.MaterializeResult(asset_key="crops", value=table, metadata=crop_meta, data_version=table_version(table, ignore=["written"]))
 
 
 def box_check(summary: BoxSummary, threshold: float, detector: bool) -> dg.AssetCheckResult:

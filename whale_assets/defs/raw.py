@@ -7,6 +7,7 @@ import pandas as pd
 
 from whale_assets.metadata import table_meta
 from whale_assets.resources import WhaleHome
+from whale_assets.versions import table_version
 from whale_assets.launchpad import MetadataSettings
 from whale_ml.data.demo import ensure_demo_data
 from whale_ml.data.metadata import SPECIES_ALIASES, MetadataError, find_train_overlap, read_test_metadata, read_train_metadata
@@ -48,6 +49,7 @@ def train_metadata(context: dg.AssetExecutionContext, config: MetadataSettings, 
     per_individual = df["individual_id"].value_counts()
     return dg.MaterializeResult(
         value=df,
+        data_version=table_version(df),
         metadata={
             "dagster/row_count": len(df),
             "individuals": int(df["individual_id"].nunique()),
@@ -103,7 +105,7 @@ def test_metadata(context: dg.AssetExecutionContext, config: MetadataSettings, w
         context.log.warning(note)
     if notes:
         metadata["warnings"] = _warnings_md(notes[:50])
-    return dg.MaterializeResult(value=df, metadata=metadata)
+    return dg.MaterializeResult(value=df, metadata=metadata, data_version=table_version(df))
 
 
 @dg.asset_check(asset=train_metadata, blocking=True)

@@ -6,6 +6,7 @@ import pandas as pd
 from whale_assets.metadata import table_meta
 from whale_assets.partitions import n_folds
 from whale_assets.launchpad import FoldSettings
+from whale_assets.versions import table_version
 from whale_ml.data.folds import fold_summary, make_folds
 
 
@@ -24,6 +25,7 @@ def cv_folds(config: FoldSettings, train_metadata: pd.DataFrame, crops: pd.DataF
     summary = fold_summary(folds)
     return dg.MaterializeResult(
         value=folds,
+        data_version=table_version(folds),
         metadata={
             "dagster/row_count": len(folds),
             "folds": n_folds(),
