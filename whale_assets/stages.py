@@ -28,8 +28,13 @@ RETHRESHOLD_AND_SUBMIT = dg.AssetSelection.assets("match_threshold").downstream(
 
 # Dagster's eager condition on the stages after the folds: a parent was updated since the
 # last run, no parent is missing, and none is still being materialised (so all folds
-# finish first). It acts only while the ``rebuild_after_folds`` sensor is switched on.
-REBUILD_AFTER_FOLDS = dg.AutomationCondition.eager()
+# finish first); and every blocking check of every parent passed (or runs in the same
+# request), so a parent whose blocking check failed (folds that leak, unclean metadata, a
+# malformed submission) is not rebuilt on. It acts only while the ``rebuild_after_folds``
+# sensor is switched on.
+REBUILD_AFTER_FOLDS = (dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()).with_label(
+    "eager, after blocking checks"
+)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
+from whale_assets.freshness import RETRAIN_FRESHNESS
 from whale_assets.stages import REBUILD_AFTER_FOLDS
 from whale_assets.metadata import image_md, table_meta
 from whale_assets.defs.detection import feature_store
@@ -24,6 +25,7 @@ from whale_ml.submission import make_submission, prior_predictions, score_submis
     deps=["local_features"],
     code_version="3",
     automation_condition=REBUILD_AFTER_FOLDS,
+    freshness_policy=RETRAIN_FRESHNESS,
     check_specs=[
         dg.AssetCheckSpec(
             "submission_format",

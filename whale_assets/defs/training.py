@@ -3,6 +3,7 @@
 import dagster as dg
 import pandas as pd
 
+from whale_assets.freshness import RETRAIN_FRESHNESS
 from whale_assets.stages import REBUILD_AFTER_FOLDS
 from whale_assets.k8s import GPU_STEP_TAGS
 from whale_assets.metadata import figure_md, progress_logger, table_meta
@@ -26,6 +27,7 @@ from whale_ml.training.trainer import load_model
     pool="gpu",
     retry_policy=mlflow_retry_policy(),
     op_tags=GPU_STEP_TAGS,
+    freshness_policy=RETRAIN_FRESHNESS,
 )
 @retry_only_if_transient
 def arcface_model(
