@@ -70,6 +70,7 @@ def longest_cron_gap(cron: str) -> dt.timedelta:
 
 
 def retrain_window(cron: str) -> RetrainWindow:
+    """The windows for a retraining cron: its longest gap, and a grace of at most a day."""
     period = longest_cron_gap(cron)
     return RetrainWindow(cron, period, min(period, GRACE_CAP))
 
