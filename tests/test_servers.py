@@ -281,8 +281,9 @@ def mlflow_ui(dagster_dev: Dagster, tmp_path: Path) -> Iterator[str]:
     home, url = dagster_dev.home, f"http://127.0.0.1:{dagster_dev.mlflow_port}"
     log = open(tmp_path / "mlflow_ui.log", "w")  # noqa: SIM115 - open for the server's lifetime
     store = ["--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}", "--artifacts-destination", str(home / "mlartifacts")]
+    address = ["--host", "127.0.0.1", "--port", str(dagster_dev.mlflow_port), "--workers", "1"]
     proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "ui", *store, "--host", "127.0.0.1", "--port", str(dagster_dev.mlflow_port), "--workers", "1"],
+        [str(Path(sys.executable).with_name("mlflow")), "ui", *store, *address],
         env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         stdout=log,
         stderr=subprocess.STDOUT,
