@@ -102,9 +102,7 @@ def register_model(
     info = _log_model(model, image_size, embedding_size, serialization)
     if metrics:
         mlflow.log_metrics(metrics, model_id=info.model_id, dataset=dataset)
-    version = mlflow.register_model(
-        info.model_uri, registered_model, tags={**tags, SERIALIZATION_TAG: serialization}
-    ).version
+    version = mlflow.register_model(info.model_uri, registered_model, tags={**tags, SERIALIZATION_TAG: serialization}).version
     mlflow.MlflowClient(tracking_uri=tracking_uri).set_registered_model_alias(registered_model, alias, str(version))
     return RegisteredEmbeddingModel(str(version), info.model_id, serialization, export_error)
 
@@ -150,8 +148,9 @@ def _log_model(model: Any, image_size: int, embedding_size: int, serialization: 
     if serialization == "pickle":  # the pickled module names timm's (and whale_ml's) classes
         requirements.append(f"timm=={package_version('timm')}")
     # pt2 traces the input example; with 2 images its batch dimension stays dynamic
-    # (MLflow exports with Dim.AUTO, which fixes a dimension of size 1).
-    example = np.random.default_rng(0).integers(0, 256, (2, 3, image_size, image_size), dtype=np.uint8)
+    # (MLflow exports with Dim.AUTO, which fixes a dimension of size 1). MLflow stores the
+    # example twice as JSON (25 MB at 512 px): black images, whose zeros print shortest.
+    example = np.zeros((2, 3, image_size, image_size), dtype=np.uint8)
     return mlflow.pytorch.log_model(
         model,
         name="embedding_model",
