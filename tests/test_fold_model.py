@@ -45,6 +45,24 @@ def test_data_version_follows_the_photos_not_the_row_order(folds: pd.DataFrame) 
     assert FoldData.from_folds(folds.iloc[1:], 0).version != data.version
 
 
+def test_data_set_digests_follow_the_photos_and_their_crops_not_the_row_order_or_the_home(folds: pd.DataFrame) -> None:
+    data = FoldData.from_folds(folds, 0)
+    sets = data.datasets()
+    assert set(sets) == {"training", "validation"}
+    for use, rows in (("training", data.train), ("validation", data.val)):
+        table, digest = sets[use]
+        assert len(digest) == 12 and len(table) == len(rows)
+        assert list(table.columns) == ["image", "individual_id", "species", "crop"] + (["truth"] if use == "validation" else [])
+        assert table["crop"].tolist() == sorted(Path(p).name for p in rows["crop_path"])  # sorted by image = by file here
+    assert sets["training"][1] != sets["validation"][1]
+    moved = folds.assign(crop_path=[str(Path("/elsewhere/crops") / Path(p).name) for p in folds["crop_path"]])
+    assert {u: d for u, (_, d) in FoldData.from_folds(moved.iloc[::-1], 0).datasets().items()} == {u: d for u, (_, d) in sets.items()}
+    recut = folds.copy()
+    recut.loc[recut.index[recut["fold"] == 0][0], "crop_path"] = "/crops/another_cut.jpg"
+    assert FoldData.from_folds(recut, 0).datasets()["validation"][1] != sets["validation"][1]
+    assert FoldData.from_folds(recut, 0).datasets()["training"][1] == sets["training"][1]
+
+
 def test_recipe_version_is_a_digest_of_the_sorted_settings() -> None:
     cfg = TrainConfig(**TINY)
     assert recipe_version(cfg) == hashlib.sha1(json.dumps(cfg.model_dump(), sort_keys=True).encode()).hexdigest()[:12]

@@ -131,12 +131,133 @@ def test_one_mlflow_run_per_fold_with_epoch_metrics_and_model(pipeline_run: dict
     for fold in ("fold0", "fold1"):
         version = client.get_model_version_by_alias("whale-arcface", fold)
         assert version.tags["fold"] == fold and version.run_id in {r.info.run_id for r in runs}
+        assert version.tags["serialization_format"] == "pt2"  # test_resnet exports: no pickle
         model = mlflow.pytorch.load_model(f"models:/whale-arcface@{fold}")
         info = mlflow.models.get_model_info(f"models:/whale-arcface@{fold}")
         assert info.signature.inputs.to_dict()[0]["tensor-spec"]["dtype"] == "uint8"
         with torch.no_grad():
             out = model(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
         assert out.shape == (2, 32)
+
+
+@pytest.mark.e2e
+def test_training_runs_log_their_photos_system_metrics_and_ranked_models(pipeline_run: dict) -> None:
+    """The MLflow 3 side of each fold run: marked as model training, the fold's training and
+    validation photos as data sets (digest: the photos, recomputed here from the fold table),
+    CPU and memory samples, and a logged model carrying its validation MAP@5 that
+    mlflow.search_logged_models ranks across the fold runs."""
+    from whale_assets.partitions import fold_index
+    from whale_ml.training.fold_model import FoldData
+
+    layout = HomeLayout(pipeline_run["home"])
+    client = mlflow.MlflowClient(tracking_uri=layout.mlflow_uri)
+    experiment = client.get_experiment_by_name("whale-photo-id")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = {
+        r.data.tags["fold"]: r
+        for r in client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'training'")
+    }
+    folds = pd.read_parquet(layout.tables / "cv_folds.parquet")
+    for fold, run in runs.items():
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+        logged = {
+            d.dataset.name: (d.dataset.digest, {t.key: t.value for t in d.tags}.get("mlflow.data.context"), json.loads(d.dataset.profile))
+            for d in run.inputs.dataset_inputs
+        }
+        want = FoldData.from_folds(folds, fold_index(fold)).datasets()
+        assert logged == {
+            f"{fold}-{use}": (digest, use, {"num_rows": len(table), "num_elements": table.size}) for use, (table, digest) in want.items()
+        }
+
+    mlflow.set_tracking_uri(layout.mlflow_uri)
+    try:
+        ranked = mlflow.search_logged_models(
+            experiment_ids=[experiment.experiment_id],
+            order_by=[{"field_name": "metrics.best_val_map5", "ascending": False}],
+            output_format="list",
+        )
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert sorted(m.source_run_id for m in ranked) == sorted(r.info.run_id for r in runs.values())
+    scores = [{m.key: m for m in model.metrics}["best_val_map5"] for model in ranked]
+    assert [m.value for m in scores] == sorted((m.value for m in scores), reverse=True)
+    for model, score in zip(ranked, scores, strict=True):
+        run = client.get_run(model.source_run_id)
+        assert score.value == run.data.metrics["best_val_map5"]
+        assert score.dataset_name == f"{run.data.tags['fold']}-validation"
+        assert score.dataset_digest == FoldData.from_folds(folds, fold_index(run.data.tags["fold"])).datasets()["validation"][1]
+
+
+@pytest.mark.e2e
+def test_embedding_runs_record_the_machine_while_embedding(pipeline_run: dict) -> None:
+    """fold_embeddings has its own MLflow run per fold, with system metrics, linked from the asset."""
+    layout = HomeLayout(pipeline_run["home"])
+    client = mlflow.MlflowClient(tracking_uri=layout.mlflow_uri)
+    experiment = client.get_experiment_by_name("whale-photo-id")
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'embedding'")
+    assert sorted(r.data.tags["fold"] for r in runs) == ["fold0", "fold1"]
+    crops = pd.read_parquet(layout.tables / "crops.parquet")
+    for run in runs:
+        assert "system/cpu_utilization_percentage" in run.data.metrics
+        assert run.data.metrics["photos"] == int((crops["crop_path"] != "").sum())
+        assert run.data.metrics["photos_per_second"] > 0
+    mat = dg.DagsterInstance.get().get_latest_materialization_event(dg.AssetKey("fold_embeddings")).asset_materialization
+    assert mat.metadata["mlflow_run"].value.endswith("?workflowType=machine_learning")
+
+
+# Run in a fresh interpreter that cannot import this project (its packages are installed
+# editable in the venv, so they are blocked outright), with pickle refused by MLflow: the
+# registered model must come back from the registry alone.
+_LOAD_WITHOUT_PROJECT = """
+import sys
+for name in ("whale_ml", "whale_assets"):
+    sys.modules[name] = None
+import mlflow.pyfunc, mlflow.pytorch, numpy as np, torch
+uri, out = sys.argv[1], sys.argv[2]
+images = np.load(out + "/images.npy")
+pyfunc = mlflow.pyfunc.load_model(uri)
+module = mlflow.pytorch.load_model(uri)
+for n in (2, 3):
+    np.save(f"{out}/pyfunc_{n}.npy", np.asarray(pyfunc.predict(images[:n])))
+    with torch.no_grad():
+        np.save(f"{out}/module_{n}.npy", module(torch.from_numpy(images[:n])).numpy())
+assert not any(m.startswith(("whale_ml", "whale_assets")) for m in sys.modules if sys.modules[m] is not None)
+"""
+
+
+@pytest.mark.e2e
+def test_registered_model_loads_without_this_projects_code(pipeline_run: dict, tmp_path: Path) -> None:
+    """Pickle-free: the registered fold model loads in a process that cannot import whale_ml
+    (with MLflow's pickle loading off), through pyfunc and the pytorch flavour, and embeds
+    batches of 2 and 3 images (the batch dimension stays dynamic) as the trained model does."""
+    import os
+
+    import numpy as np
+
+    from whale_ml.training.trainer import load_model
+
+    layout = HomeLayout(pipeline_run["home"])
+    images = np.random.default_rng(7).integers(0, 256, (3, 3, 32, 32), dtype=np.uint8)
+    np.save(tmp_path / "images.npy", images)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update({"MLFLOW_TRACKING_URI": layout.mlflow_uri, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"})
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", _LOAD_WITHOUT_PROJECT, "models:/whale-arcface@fold0", str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    model, _ = load_model(layout.model_dir("fold0") / "best.pt")
+    for n in (2, 3):
+        with torch.no_grad():
+            want = model(torch.from_numpy(images[:n])).numpy()
+        for flavour in ("pyfunc", "module"):
+            got = np.load(tmp_path / f"{flavour}_{n}.npy")
+            assert got.shape == (n, 32), (flavour, got.shape)
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=f"{flavour}, {n} images")
 
 
 @pytest.mark.e2e

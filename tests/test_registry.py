@@ -15,7 +15,9 @@ from whale_ml.gallery.lineage import FoldModel, GalleryLineage, LineageError
 from whale_ml.io import sha256_file
 from whale_ml.registry import (
     CHECKPOINT_ARTIFACT,
+    SERIALIZATION_TAG,
     SHA_TAG,
+    export_check,
     fetch_checkpoint,
     gallery_models,
     promotion,
@@ -24,6 +26,24 @@ from whale_ml.registry import (
 )
 
 NAME = "test-arcface"
+
+
+class TinyEmbedder(torch.nn.Module):
+    """uint8 images (N, 3, 8, 8) -> (N, 2) embeddings, as the fold models take and give them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3 * 8 * 8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.float().flatten(1) / 255.0)
+
+
+class FixedBatchEmbedder(TinyEmbedder):
+    """The same, written for batches of exactly two: torch.export cannot keep its batch dynamic."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.float().reshape(2, -1) / 255.0)
 
 
 def _version(number: str, score: str, data: str = "d1") -> SimpleNamespace:
@@ -63,7 +83,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             experiment = mlflow.create_experiment("registry-test", artifact_location=(root / "artifacts").as_uri())
             with mlflow.start_run(experiment_id=experiment) as run:
                 mlflow.log_artifact(str(checkpoint), artifact_path=CHECKPOINT_ARTIFACT.rsplit("/", 1)[0])
-                info = register_model(uri, NAME, torch.nn.Linear(3, 2), 8, 2, alias="fold0", tags={"fold": "fold0", SHA_TAG: sha})
+                info = register_model(uri, NAME, TinyEmbedder(), 8, 2, alias="fold0", tags={"fold": "fold0", SHA_TAG: sha})
             yield {"uri": uri, "run": run, "info": info, "sha": sha, "checkpoint": checkpoint}
         finally:
             mlflow.set_tracking_uri(None)
@@ -84,11 +104,33 @@ def _lineage(sha: str, version: str | None = "1") -> GalleryLineage:
 def test_register_model_tags_the_version_and_points_the_alias(store: dict) -> None:
     client = mlflow.MlflowClient(tracking_uri=store["uri"])
     version = client.get_model_version_by_alias(NAME, "fold0")
-    assert str(store["info"].registered_model_version) == str(version.version) == "1"
-    assert version.tags == {"fold": "fold0", SHA_TAG: store["sha"]} and version.run_id == store["run"].info.run_id
+    assert store["info"].version == str(version.version) == "1"
+    assert version.tags == {"fold": "fold0", SHA_TAG: store["sha"], SERIALIZATION_TAG: "pt2"}
+    assert version.run_id == store["run"].info.run_id and version.source == f"models:/{store['info'].model_id}"
+    assert (store["info"].serialization, store["info"].export_error) == ("pt2", None)
     signature = mlflow.models.get_model_info(f"models:/{NAME}@fold0").signature
     spec = signature.inputs.to_dict()[0]["tensor-spec"]
     assert spec["dtype"] == "uint8" and list(spec["shape"]) == [-1, 3, 8, 8]
+
+
+def test_a_model_torch_export_cannot_keep_batch_dynamic_is_registered_pickled_and_says_why(store: dict) -> None:
+    """The fallback: MLflow's own export (Dim.AUTO) would keep a fixed batch of 2 silently;
+    the check exports with a dynamic batch first, so the model is pickled instead, and the
+    log line and the version's tag say so."""
+    assert export_check(TinyEmbedder(), 8) is None
+    why = export_check(FixedBatchEmbedder(), 8)
+    assert why is not None
+    said: list[str] = []
+    mlflow.set_tracking_uri(store["uri"])
+    try:
+        with mlflow.start_run(experiment_id=store["run"].info.experiment_id):
+            got = register_model(store["uri"], NAME, FixedBatchEmbedder(), 8, 2, alias="fixed", tags={}, log=said.append)
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert (got.serialization, got.export_error) == ("pickle", why)
+    assert len(said) == 1 and why in said[0] and "pickled" in said[0]
+    version = mlflow.MlflowClient(tracking_uri=store["uri"]).get_model_version_by_alias(NAME, "fixed")
+    assert version.tags[SERIALIZATION_TAG] == "pickle"
 
 
 def test_resolve_models_downloads_the_checked_checkpoint_once(store: dict, tmp_path: Path) -> None:

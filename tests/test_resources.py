@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from whale_assets.io_manager import TableIOManager
-from whale_assets.resources import MlflowTracking, WhaleHome
+from whale_assets.resources import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, MlflowTracking, WhaleHome
 from whale_assets.retries import mlflow_retry_policy
 from whale_ml.home import HomeLayout
 
@@ -28,6 +28,25 @@ def test_each_home_gets_its_own_mlflow_store(tmp_path: Path, monkeypatch: pytest
         resource._experiment_id()
         assert mlflow.get_tracking_uri() == HomeLayout(home).mlflow_uri
         assert (home / "mlflow.db").exists()
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.slow
+def test_the_experiment_is_marked_as_model_training_and_links_open_that_view(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's experiment kind tag on a new experiment and on one made before the tag existed;
+    the UI links name the model-training view (MLflow 3.17's UI opens its GenAI view otherwise)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("WHALE_HOME", str(tmp_path / "home"))
+    tracking = MlflowTracking(ui_url="http://127.0.0.1:5000/")
+    client = mlflow.MlflowClient(tracking_uri=tracking.uri)
+    new = tracking._experiment_id()
+    assert client.get_experiment(new).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
+    old = client.create_experiment("made-by-hand", artifact_location=(tmp_path / "art").as_uri())
+    assert EXPERIMENT_KIND_TAG not in client.get_experiment(old).tags
+    assert MlflowTracking(experiment="made-by-hand")._experiment_id() == old
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    assert tracking.run_url("3", "abc") == "http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+    assert tracking.experiment_url("3") == "http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning"
     mlflow.set_tracking_uri(None)
 
 

@@ -1,5 +1,6 @@
 """The real Dagster server: `dagster dev` on 127.0.0.1, driven through its GraphQL API as
-the UI drives it, and its lineage page opened in headless Chromium.
+the UI drives it, and its lineage page opened in headless Chromium; the MLflow UI on the
+same home, reached through the links the assets' metadata gives.
 
 The server runs in its own process group with a temporary DAGSTER_HOME and WHALE_HOME
 on the tiny data set, and is stopped by process group at the end.
@@ -18,10 +19,12 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
 from chromium import SKIP_REASON, browser, chromium_command
 
+from whale_assets.resources import MlflowTracking
 from whale_assets.stages import ENSEMBLE_AND_SUBMIT, PREPARE_DATA, TRAIN_FOLDS, asset_names
 
 # The stages' assets, resolved from their groups (whale_assets/stages.py).
@@ -41,8 +44,10 @@ def _free_port() -> int:
 
 
 class Dagster:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, home: Path, mlflow_port: int) -> None:
         self.url = url
+        self.home = home
+        self.mlflow_port = mlflow_port  # where the asset metadata's MLflow links point (WHALE_MLFLOW_UI)
 
     def graphql(self, query: str, variables: dict | None = None) -> dict:
         body = json.dumps({"query": query, "variables": variables or {}}).encode()
@@ -91,8 +96,10 @@ class Dagster:
 @pytest.fixture(scope="module")
 def dagster_dev(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dagster]:
     home = tmp_path_factory.mktemp("server") / "home"
+    mlflow_port = _free_port()
     env = {
         **os.environ,
+        "WHALE_MLFLOW_UI": f"http://127.0.0.1:{mlflow_port}",
         "WHALE_HOME": str(home),
         "WHALE_DATA_DIR": str(tiny_data),
         "DAGSTER_HOME": str(home / "dagster_home"),
@@ -115,7 +122,7 @@ def dagster_dev(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    server = Dagster(f"http://127.0.0.1:{port}")
+    server = Dagster(f"http://127.0.0.1:{port}", home, mlflow_port)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -208,13 +215,18 @@ def _materialised_before(server: Dagster, asset: str) -> bool:
     return data["__typename"] == "Asset" and bool(data["assetMaterializations"])
 
 
+def _prepare_data(server: Dagster) -> None:
+    """The folds, from the test above when it ran, else from the prepare_data job launched now."""
+    if not _materialised_before(server, "cv_folds"):
+        prepared = server.wait(server.launch("prepare_data", _config(*UPSTREAM)))
+        assert prepared["status"] == "SUCCESS", [e for e in prepared["eventConnection"]["events"] if "error" in e]
+
+
 def test_single_fold_rerun_through_graphql(dagster_dev: Dagster) -> None:
     """Rerun fold1 alone from the launchpad: only fold1's partitions are materialised, and the
     graph still knows every asset. Its input (the folds) comes from the test above when it ran,
     or from the prepare_data job launched here first, so that the test passes alone too."""
-    if not _materialised_before(dagster_dev, "cv_folds"):
-        prepared = dagster_dev.wait(dagster_dev.launch("prepare_data", _config(*UPSTREAM)))
-        assert prepared["status"] == "SUCCESS", [e for e in prepared["eventConnection"]["events"] if "error" in e]
+    _prepare_data(dagster_dev)
     run = dagster_dev.wait(dagster_dev.launch("train_folds", _config(*PER_FOLD), "fold1"))
     assert run["status"] == "SUCCESS", [e for e in run["eventConnection"]["events"] if "error" in e]
     assert _materialised(run) == {("arcface_model", "fold1"), ("fold_embeddings", "fold1")}
@@ -248,3 +260,96 @@ def test_lineage_pages_in_headless_chromium(dagster_dev: Dagster, tmp_path: Path
     catalog = page("assets")
     missing = [a for a in UPSTREAM + PER_FOLD + DOWNSTREAM if a not in catalog]
     assert not missing, f"not in the catalog: {missing}"
+
+
+def _latest_mlflow_link(server: Dagster, asset: str) -> str | None:
+    """The ``mlflow_run`` link of the asset's latest materialisation, as the Dagster UI shows it."""
+    data = server.graphql(
+        """query($k: AssetKeyInput!) { assetOrError(assetKey: $k) { __typename
+             ... on Asset { assetMaterializations(limit: 1) { metadataEntries { label ... on UrlMetadataEntry { url } } } } } }""",
+        {"k": {"path": [asset]}},
+    )["assetOrError"]
+    if data["__typename"] != "Asset" or not data["assetMaterializations"]:
+        return None
+    return next((e["url"] for e in data["assetMaterializations"][0]["metadataEntries"] if e["label"] == "mlflow_run"), None)
+
+
+@pytest.fixture
+def mlflow_ui(dagster_dev: Dagster, tmp_path: Path) -> Iterator[str]:
+    """``mlflow ui`` on the server's home store (as scripts/ui.sh starts it), at the port the
+    asset metadata links to; its background job runner is off (not needed, 7 processes fewer)."""
+    home, url = dagster_dev.home, f"http://127.0.0.1:{dagster_dev.mlflow_port}"
+    log = open(tmp_path / "mlflow_ui.log", "w")  # noqa: SIM115 - open for the server's lifetime
+    store = ["--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}", "--artifacts-destination", str(home / "mlartifacts")]
+    address = ["--host", "127.0.0.1", "--port", str(dagster_dev.mlflow_port), "--workers", "1"]
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "ui", *store, *address],
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:  # uvicorn waits for idle keep-alive clients
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def _wait_healthy(url: str, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"mlflow ui did not answer in {timeout:.0f} s: {log.read_text()[-2000:]}"
+        time.sleep(0.5)
+
+
+@pytest.mark.skipif(browser() is None, reason=SKIP_REASON)
+def test_mlflow_links_open_the_training_runs_in_headless_chromium(dagster_dev: Dagster, mlflow_ui: str, tmp_path: Path) -> None:
+    """The MLflow link of a fold model's materialisation, followed in a real browser: the run
+    opens in MLflow's model-training view (Runs, Models, Model registry), not its GenAI view
+    (Overview, Traces, Evaluation runs), where MLflow 3.17 opens any experiment otherwise; the
+    experiment's page lists the fold runs. Trains fold1 first when no fold model exists yet."""
+    link = _latest_mlflow_link(dagster_dev, "arcface_model")
+    if link is None:
+        _prepare_data(dagster_dev)
+        run = dagster_dev.wait(dagster_dev.launch("train_folds", _config(*PER_FOLD), "fold1"))
+        assert run["status"] == "SUCCESS", [e for e in run["eventConnection"]["events"] if "error" in e]
+        link = _latest_mlflow_link(dagster_dev, "arcface_model")
+    assert link is not None and link.startswith(f"{mlflow_ui}/#/experiments/"), link
+    experiment_id = link.split("/#/experiments/")[1].split("/")[0]
+    _wait_healthy(mlflow_ui, tmp_path / "mlflow_ui.log")
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{dagster_dev.home / 'mlflow.db'}")
+    assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    run_names = {r.info.run_name for r in client.search_runs([experiment_id], filter_string="tags.stage = 'training'")}
+    assert run_names, "no training run in the store"
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    common = chromium_command(tmp_path / "profile", "--window-size=1600,1000", "--virtual-time-budget=20000")
+
+    def dom(url: str, *flags: str) -> str:
+        return subprocess.run([*common, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=False).stdout
+
+    training_view, genai_view = ("Model registry",), ("Evaluation runs", "Judges", "Token Usage")
+    run_page = dom(link)
+    run_id = link.split("/runs/")[1].split("?")[0]
+    assert client.get_run(run_id).info.run_name in run_page and "System metrics" in run_page
+    assert all(t in run_page for t in training_view) and not any(t in run_page for t in genai_view), "run page not in the training view"
+
+    experiment_url = MlflowTracking(ui_url=mlflow_ui).experiment_url(experiment_id)
+    shot = ARTIFACTS / "mlflow_experiment.png"
+    experiment_page = dom(experiment_url, f"--screenshot={shot}")
+    assert shot.stat().st_size > 10_000, f"no screenshot of {experiment_url}"
+    assert all(name in experiment_page for name in run_names), (run_names, experiment_page[-2000:])
+    assert all(t in experiment_page for t in training_view) and not any(t in experiment_page for t in genai_view)

@@ -3,7 +3,7 @@ model registry itself is :mod:`whale_ml.registry`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,14 @@ class WhaleHome(dg.ConfigurableResource):
         configure_environment(self.home_path)
 
 
+# MLflow's kind of an experiment (the UI's `mlflow.experimentKind` tag, values from its
+# ExperimentKind enum): these are model-training runs, not GenAI traces.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# MLflow 3.17's UI opens an experiment in its GenAI view (Overview, Traces) whatever the tag
+# says, unless the link names the view or the user switched to "Model training" before.
+UI_VIEW = "?workflowType=machine_learning"
+
 # Home stores this process pointed MLflow at. ``mlflow.set_tracking_uri`` also writes
 # $MLFLOW_TRACKING_URI (for subprocesses), which must not then pass for the user's choice
 # when the home changes (several homes in one process: tests, a long-lived server).
@@ -88,6 +96,12 @@ class MlflowTracking(dg.ConfigurableResource):
     probe_timeout_s: float = Field(
         5.0, gt=0, description="Seconds to wait for a tracking server to answer before the step fails (and is retried)."
     )
+    system_metrics_interval_s: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds between two samples of CPU, memory, disk, network and GPU use on the runs that log them "
+        "(training, embeddings); the end of a run is always sampled ($MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL wins).",
+    )
 
     @property
     def uri(self) -> str:
@@ -124,6 +138,8 @@ class MlflowTracking(dg.ConfigurableResource):
         mlflow.set_tracking_uri(self.uri)
         found = mlflow.get_experiment_by_name(self.experiment)
         if found is not None:
+            if EXPERIMENT_KIND_TAG not in found.tags:  # made before the tag was set, or by hand
+                mlflow.MlflowClient(self.uri).set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return found.experiment_id
         if self.artifact_root:
             root = self.artifact_root
@@ -133,19 +149,35 @@ class MlflowTracking(dg.ConfigurableResource):
             root = str(HomeLayout(default_home()).mlflow_artifacts)
         location = None if root is None else root if "://" in root else Path(root).resolve().as_uri()
         try:
-            return mlflow.create_experiment(self.experiment, artifact_location=location)
+            return mlflow.create_experiment(
+                self.experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
         except Exception:  # created meanwhile by a parallel step
             found = mlflow.get_experiment_by_name(self.experiment)
             if found is None:
                 raise
             return found.experiment_id
 
+    def experiment_url(self, experiment_id: str) -> str:
+        """The experiment's runs in the MLflow UI, in its model-training view."""
+        return f"{self.ui_url.rstrip('/')}/#/experiments/{experiment_id}{UI_VIEW}"
+
     def run_url(self, experiment_id: str, run_id: str) -> str:
-        return f"{self.ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        """One run in the MLflow UI, in its model-training view."""
+        return f"{self.ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}{UI_VIEW}"
 
     @contextmanager
-    def start_run(self, context: dg.AssetExecutionContext, run_name: str, tags: dict[str, str] | None = None) -> Iterator[Any]:
-        """Start (or resume) the MLflow run of this step and make it the active run."""
+    def start_run(
+        self, context: dg.AssetExecutionContext, run_name: str, tags: dict[str, str] | None = None, system_metrics: bool = False
+    ) -> Iterator[Any]:
+        """Start (or resume) the MLflow run of this step and make it the active run.
+
+        Args:
+            system_metrics: sample CPU, memory, disk, network (and GPU, where ``pynvml``
+                finds one) every :attr:`system_metrics_interval_s` while the run is open,
+                and once more at its end, as MLflow's ``system/*`` metrics (psutil; a
+                resumed run continues their steps).
+        """
         import mlflow
 
         experiment_id = self._experiment_id()
@@ -159,15 +191,84 @@ class MlflowTracking(dg.ConfigurableResource):
         query = " and ".join(f"tags.`{k}` = '{run_tags[k]}'" for k in ("dagster.run_id", "dagster.asset", "dagster.partition"))
         existing = mlflow.search_runs([experiment_id], filter_string=query, max_results=1, output_format="list")
         run_id = existing[0].info.run_id if existing else None
-        with mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=run_name, tags=run_tags) as run:
-            yield run
+        # log_system_metrics=False: MLflow's own monitor (were it switched on globally) would drop the run's end.
+        with mlflow.start_run(
+            run_id=run_id, experiment_id=experiment_id, run_name=run_name, tags=run_tags, log_system_metrics=False
+        ) as run:
+            if not system_metrics:
+                yield run
+                return
+            with self._system_metrics(run.info.run_id, run_id is not None, context.log.warning):
+                yield run
 
-    def log_embedding_model(self, model: Any, image_size: int, embedding_size: int, alias: str, tags: dict[str, str]) -> Any:
-        """Log a trained embedding model to the active run and register it under
-        :attr:`registered_model` with ``tags`` and ``alias`` (:func:`whale_ml.registry.register_model`)."""
+    @contextmanager
+    def _system_metrics(self, run_id: str, resumed: bool, warn: Callable[[str], None]) -> Iterator[None]:
+        """MLflow's system metrics monitor on ``run_id`` while the block runs, and a last sample at its end.
+
+        The monitor (what ``log_system_metrics=True`` starts) publishes a window of samples
+        only once the window is full, so the end of every run, and all of a run shorter
+        than one interval, would be lost; the last, partial window is published here. A
+        monitor that cannot start (no psutil) or a last sample that cannot be logged is
+        reported, never fatal: it is instrumentation, and must not hide the block's own error.
+        """
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(
+                run_id, sampling_interval=self.system_metrics_interval_s, resume_logging=resumed, tracking_uri=self.uri
+            )
+            monitor.start()
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            warn(f"system metrics are not recorded on MLflow run {run_id}: {type(exc).__name__}: {exc}")
+            yield
+            return
+        try:
+            yield
+        finally:
+            try:
+                monitor.finish()
+                monitor.collect_metrics()
+                monitor.publish_metrics(monitor.aggregate_metrics())
+                monitor.mlflow_logger.flush()
+            except Exception as exc:  # noqa: BLE001 - see the docstring
+                warn(f"the last system metrics of MLflow run {run_id} were not logged: {type(exc).__name__}: {exc}")
+
+    def log_dataset(self, table: Any, name: str, digest: str, context: str, source: str | None = None) -> Any:
+        """Log ``table`` (a DataFrame) to the active run as an input data set, under
+        ``name`` with ``digest`` (the caller's content hash of its rows, so that the same
+        photos show as the same data set in every run), used as ``context``
+        (``training``, ``validation``). Returns MLflow's data set, for metrics measured on it."""
+        import warnings
+
+        import mlflow
+
+        with warnings.catch_warnings():
+            # A local path matches MLflow's local artifact source twice (schemes '' and 'file',
+            # one class): it warns that the source "can be interpreted in multiple ways".
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+            dataset = mlflow.data.from_pandas(table, source=source, name=name, digest=digest)
+        mlflow.log_input(dataset, context=context)
+        return dataset
+
+    def log_embedding_model(
+        self,
+        model: Any,
+        image_size: int,
+        embedding_size: int,
+        alias: str,
+        tags: dict[str, str],
+        metrics: dict[str, float] | None = None,
+        dataset: Any = None,
+        log: Callable[[str], None] = print,
+    ) -> Any:
+        """Log a trained embedding model to the active run, with ``metrics`` measured on
+        ``dataset`` attached to it, and register it under :attr:`registered_model` with
+        ``tags`` and ``alias`` (:func:`whale_ml.registry.register_model`)."""
         from whale_ml.registry import register_model
 
-        return register_model(self.uri, self.registered_model, model, image_size, embedding_size, alias, tags)
+        return register_model(
+            self.uri, self.registered_model, model, image_size, embedding_size, alias, tags, metrics=metrics, dataset=dataset, log=log
+        )
 
     def promote_challengers(self, folds: list[str]) -> list[dict[str, object]]:
         """Champion/challenger per fold in :attr:`registered_model`

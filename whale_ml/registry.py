@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from whale_ml.io import atomic_path, sha256_file, staging_dir
 
 CHECKPOINT_ARTIFACT = "checkpoint/best.pt"
 SHA_TAG = "checkpoint_sha256"
+SERIALIZATION_TAG = "serialization_format"
 DEFAULT_ALIAS = "champion_{fold}"
 
 
@@ -49,18 +51,90 @@ class ResolvedModel:
         }
 
 
+@dataclass(frozen=True)
+class RegisteredEmbeddingModel:
+    """A fold model as logged and registered: the registry version, MLflow's logged model,
+    and how it was saved (``pt2``; ``pickle`` when torch.export could not export it, why in
+    ``export_error``)."""
+
+    version: str
+    model_id: str
+    serialization: str
+    export_error: str | None
+
+
 def register_model(
-    tracking_uri: str, registered_model: str, model: Any, image_size: int, embedding_size: int, alias: str, tags: dict[str, str]
-) -> Any:
+    tracking_uri: str,
+    registered_model: str,
+    model: Any,
+    image_size: int,
+    embedding_size: int,
+    alias: str,
+    tags: dict[str, str],
+    metrics: dict[str, float] | None = None,
+    dataset: Any = None,
+    log: Callable[[str], None] = print,
+) -> RegisteredEmbeddingModel:
     """Log a trained embedding model to the active run, with its signature, and register
     it under ``registered_model`` with ``tags`` on the new version and ``alias`` pointing at it.
 
     The signature says what serving gets and gives: uint8 RGB images (N, 3, S, S) in,
-    float32 embeddings (N, D) out.
+    float32 embeddings (N, D) out. The model is saved as a torch.export program
+    (``pt2``: weights and graph, no pickle, loadable without this project's code) with a
+    dynamic batch dimension, when :func:`export_check` finds that it exports; else
+    pickled (loading it then needs ``whale_ml`` importable), and ``log`` says why.
+
+    Args:
+        metrics: attached to MLflow's logged model as well as to the run, so that
+            ``mlflow.search_logged_models`` can rank models by them.
+        dataset: the MLflow data set ``metrics`` were measured on (the fold's validation photos).
 
     Returns:
-        MLflow's ``ModelInfo`` (``registered_model_version`` is the new version).
+        The registry version, the logged model's id and how it was saved.
     """
+    import mlflow
+
+    model = model.cpu().eval()
+    export_error = export_check(model, image_size)
+    serialization = "pickle" if export_error else "pt2"
+    if export_error:
+        log(f"torch.export cannot export this model ({export_error}): registered pickled instead (loading it needs whale_ml)")
+    info = _log_model(model, image_size, embedding_size, serialization)
+    if metrics:
+        mlflow.log_metrics(metrics, model_id=info.model_id, dataset=dataset)
+    version = mlflow.register_model(info.model_uri, registered_model, tags={**tags, SERIALIZATION_TAG: serialization}).version
+    mlflow.MlflowClient(tracking_uri=tracking_uri).set_registered_model_alias(registered_model, alias, str(version))
+    return RegisteredEmbeddingModel(str(version), info.model_id, serialization, export_error)
+
+
+def export_check(model: Any, image_size: int) -> str | None:
+    """Why ``model`` cannot be saved as a ``pt2`` program with a dynamic batch, or None when it can.
+
+    It exports the model with a batch dimension that must stay symbolic (a model whose
+    code fixes the batch size fails here, where MLflow's own export would silently keep
+    the example's size) and checks that the program gives the model's embeddings for 1
+    and 3 images. Pure torch: any error is the model's, not the tracking server's.
+    """
+    import torch
+    from torch.export import Dim
+
+    try:
+        images = torch.randint(0, 256, (2, 3, image_size, image_size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        program = torch.export.export(model, (images,), dynamic_shapes=({0: Dim("batch", min=1)},))
+        exported = program.module()
+        with torch.no_grad():
+            for n in (1, 3):
+                batch = torch.randint(0, 256, (n, 3, image_size, image_size), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+                want, got = model(batch), exported(batch)
+                if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+                    return f"the exported program's embeddings of {n} image(s) differ from the model's"
+    except Exception as exc:  # noqa: BLE001 - any export failure means: save it another way
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return f"{type(exc).__name__}: {first[:300]}"
+    return None
+
+
+def _log_model(model: Any, image_size: int, embedding_size: int, serialization: str) -> Any:
     from importlib.metadata import version as package_version
 
     import mlflow
@@ -70,23 +144,21 @@ def register_model(
 
     signature = infer_signature(np.zeros((1, 3, image_size, image_size), dtype=np.uint8), np.zeros((1, embedding_size), dtype=np.float32))
     # Explicit requirements: inferring them imports and inspects the environment (~4 s).
-    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"timm=={package_version('timm')}"]
-    info = mlflow.pytorch.log_model(
-        model.cpu().eval(),
+    requirements = [f"torch=={torch.__version__.split('+')[0]}"]
+    if serialization == "pickle":  # the pickled module names timm's (and whale_ml's) classes
+        requirements.append(f"timm=={package_version('timm')}")
+    # pt2 traces the input example; with 2 images its batch dimension stays dynamic
+    # (MLflow exports with Dim.AUTO, which fixes a dimension of size 1). MLflow stores the
+    # example twice as JSON (25 MB at 512 px): black images, whose zeros print shortest.
+    example = np.zeros((2, 3, image_size, image_size), dtype=np.uint8)
+    return mlflow.pytorch.log_model(
+        model,
         name="embedding_model",
         signature=signature,
-        registered_model_name=registered_model,
+        input_example=example if serialization == "pt2" else None,
         pip_requirements=requirements,
-        # 'pt2' (MLflow 3's default) traces one fixed input shape; the pickled module
-        # embeds any batch size. Loading it needs whale_ml importable, as here.
-        serialization_format="pickle",
+        serialization_format=serialization,
     )
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    version = str(info.registered_model_version)
-    for key, value in tags.items():
-        client.set_model_version_tag(registered_model, version, key, value)
-    client.set_registered_model_alias(registered_model, alias, version)
-    return info
 
 
 def _val_map5(version: Any) -> float:

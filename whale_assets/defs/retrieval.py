@@ -1,5 +1,7 @@
 """Stage 5 -- retrieval: embeddings per fold, the ensemble gallery, the new_individual threshold."""
 
+import time
+
 import dagster as dg
 import numpy as np
 import pandas as pd
@@ -26,12 +28,13 @@ from whale_ml.training.trainer import load_model, resolve_device
 
 @dg.asset(
     group_name="training",
-    kinds={"pytorch", "numpy"},
+    kinds={"pytorch", "numpy", "mlflow"},
     partitions_def=fold_partitions,
     deps=["arcface_model"],
     code_version="2",
     pool="gpu",
     op_tags=GPU_STEP_TAGS,
+    retry_policy=mlflow_retry_policy(),
     check_specs=[
         dg.AssetCheckSpec(
             "embeddings_are_unit_vectors",
@@ -40,36 +43,45 @@ from whale_ml.training.trainer import load_model, resolve_device
         )
     ],
 )
+@retry_only_if_transient
 def fold_embeddings(
-    context: dg.AssetExecutionContext, config: EmbedSettings, whale: WhaleHome, crops: pd.DataFrame
+    context: dg.AssetExecutionContext, config: EmbedSettings, whale: WhaleHome, mlflow: MlflowTracking, crops: pd.DataFrame
 ) -> dg.MaterializeResult:
-    """The fold model's L2-normalised embeddings of every train and test crop
-    (float32 ``.npy`` with the image order beside it)."""
+    """The fold model's L2-normalised embeddings of every train and test crop (float32
+    ``.npy`` with the image order beside it), in an MLflow run with the settings, the
+    rate and the machine's use while embedding (system metrics: CPU, memory, GPU)."""
+    import mlflow as mlf
+
     fold = context.partition_key
     device = resolve_device(config.device)
     checkpoint = whale.layout.model_dir(fold) / "best.pt"
     model, cfg = load_model(checkpoint, device)
     out = whale.layout.embeddings_dir(fold)
     counts, worst = {}, 0.0
-    for split in ("train", "test"):
-        rows = crops[(crops["split"] == split) & (crops["crop_path"] != "")]
-        emb = embed_paths(
-            model,
-            rows["crop_path"].tolist(),
-            cfg.image_size,
-            device,
-            config.batch_size,
-            config.flip_tta,
-            config.num_workers,
-            progress=progress_logger(context, f"{fold} {split} embeddings"),
-            decode=config.decode,
-        )
-        if not np.isfinite(emb).all():
-            raise FloatingPointError(f"{fold}: non-finite {split} embeddings; the model checkpoint is broken")
-        save_embeddings(out, split, emb, rows["image"].tolist())
-        counts[split] = len(emb)
-        if len(emb):
-            worst = max(worst, float(np.abs(np.linalg.norm(emb, axis=1) - 1.0).max()))
+    with mlflow.start_run(context, run_name=f"embed_{fold}", tags={"stage": "embedding", "fold": fold}, system_metrics=True) as run:
+        mlf.log_params({**config.model_dump(), "device": str(device), "fold": fold})
+        started = time.perf_counter()
+        for split in ("train", "test"):
+            rows = crops[(crops["split"] == split) & (crops["crop_path"] != "")]
+            emb = embed_paths(
+                model,
+                rows["crop_path"].tolist(),
+                cfg.image_size,
+                device,
+                config.batch_size,
+                config.flip_tta,
+                config.num_workers,
+                progress=progress_logger(context, f"{fold} {split} embeddings"),
+                decode=config.decode,
+            )
+            if not np.isfinite(emb).all():
+                raise FloatingPointError(f"{fold}: non-finite {split} embeddings; the model checkpoint is broken")
+            save_embeddings(out, split, emb, rows["image"].tolist())
+            counts[split] = len(emb)
+            if len(emb):
+                worst = max(worst, float(np.abs(np.linalg.norm(emb, axis=1) - 1.0).max()))
+        photos, seconds = sum(counts.values()), time.perf_counter() - started
+        mlf.log_metrics({"photos": photos, "seconds": seconds, "photos_per_second": photos / max(seconds, 1e-9)})
     if device.type == "cuda":
         torch.cuda.empty_cache()  # give the memory back before the next partition's training
     # Which checkpoint (and registry version) made these embeddings: the gallery's lineage.
@@ -82,6 +94,7 @@ def fold_embeddings(
             "dimension": cfg.embedding_size,
             "flip_tta": config.flip_tta,
             "folder": dg.MetadataValue.path(str(out)),
+            "mlflow_run": dg.MetadataValue.url(mlflow.run_url(run.info.experiment_id, run.info.run_id)),
         },
         check_results=[
             dg.AssetCheckResult(

@@ -12,7 +12,7 @@ from whale_assets.resources import MlflowTracking, WhaleHome
 from whale_assets.retries import mlflow_retry_policy, retry_only_if_transient
 from whale_assets.launchpad import TrainSettings
 from whale_ml.gallery.lineage import record_registered
-from whale_ml.registry import CHECKPOINT_ARTIFACT, SHA_TAG
+from whale_ml.registry import CHECKPOINT_ARTIFACT, SHA_TAG, RegisteredEmbeddingModel
 from whale_ml.io import sha256_file
 from whale_ml.home import HomeLayout
 from whale_ml.training.fold_model import FoldData, TrainedFold, recipe_version, train_fold_model
@@ -42,21 +42,26 @@ def arcface_model(
     over backbone, head and class centres). Validation MAP@5 with new_individual every
     ``val_every`` epochs (on the fold or a fixed sample); the best validated epoch is
     kept. One MLflow run per fold (tagged with the fold's data version) with parameters,
-    per-epoch metrics, curves, and the best model logged with its signature and
-    registered as ``whale-arcface@<fold>``."""
+    the fold's training and validation photos as data sets, per-epoch and system metrics,
+    curves, and the best model logged (a torch.export program where the backbone exports)
+    with its signature and validation MAP@5, and registered as ``whale-arcface@<fold>``."""
     import mlflow as mlf
 
     fold = context.partition_key
     data = FoldData.from_folds(cv_folds, fold_index(fold))
     context.log.info(f"{fold}: {data.describe()}")
     tags = {"stage": "training", "fold": fold, "data_version": data.version}
-    with mlflow.start_run(context, run_name=f"arcface_{fold}", tags=tags) as run:
+    with mlflow.start_run(context, run_name=f"arcface_{fold}", tags=tags, system_metrics=True) as run:
         mlf.log_params({**config.model_dump(), "fold": fold, **data.params()})
+        datasets = {
+            use: mlflow.log_dataset(table, f"{fold}-{use}", digest, use, source=str(whale.layout.crops_dir))
+            for use, (table, digest) in data.datasets().items()
+        }
         trained = train_fold_model(
             config, data, whale.layout.model_dir(fold), config.processes, lambda e, m: mlf.log_metrics(m, step=e), context.log.info,
             val_progress=lambda epoch: progress_logger(context, f"{fold} validation after epoch {epoch}"),
         )
-        version = _log_and_register(context, mlflow, whale.layout, config, fold, data, trained)
+        registered = _log_and_register(context, mlflow, whale.layout, config, fold, data, trained, datasets["validation"])
         url = mlflow.run_url(run.info.experiment_id, run.info.run_id)
     result = trained.result
     return dg.MaterializeResult(
@@ -68,7 +73,8 @@ def arcface_model(
             "train_images_per_second": float(result.images_per_second),
             "checkpoint": dg.MetadataValue.path(str(result.checkpoint)),
             "mlflow_run": dg.MetadataValue.url(url),
-            "registered_model": f"{mlflow.registered_model} v{version} @{fold}",
+            "registered_model": f"{mlflow.registered_model} v{registered.version} @{fold}",
+            "model_format": registered.serialization,
             "data_version": data.version,
             "curves": figure_md(trained.curves),
             "history": table_meta(trained.history),
@@ -84,16 +90,18 @@ def _log_and_register(
     fold: str,
     data: FoldData,
     trained: TrainedFold,
-) -> str:
+    validation: object,
+) -> RegisteredEmbeddingModel:
     """Log the recipe, curves and checkpoint to the active MLflow run and register the best
-    model as ``<registered_model>@<fold>``; returns the registered version."""
+    model as ``<registered_model>@<fold>``, its validation scores attached to it (measured
+    on the ``validation`` data set); returns the registered version."""
     import mlflow as mlf
 
     result = trained.result
     mlf.log_artifact(str(trained.config_path), artifact_path="model")
     mlf.log_artifact(str(trained.history_path), artifact_path="curves")
     mlf.log_figure(trained.curves, "curves/training_curves.png")
-    mlf.log_metrics({"best_val_map5": result.best_map5 or 0.0, "best_epoch": result.best_epoch})
+    mlf.log_metric("best_epoch", result.best_epoch)
     # The checkpoint itself travels with the registered version (loaded later with
     # weights_only, never unpickled); its digest tags the version so that
     # `whale identify` can tell which models a gallery was built with.
@@ -109,10 +117,16 @@ def _log_and_register(
         "val_map5": f"{result.best_map5}",
         SHA_TAG: checkpoint_sha,
     }
-    registered = mlflow.log_embedding_model(model, config.image_size, config.embedding_size, alias=fold, tags=tags)
-    version = str(registered.registered_model_version)
-    record_registered(layout, fold, result.checkpoint, mlflow.registered_model, version)
-    return version
+    # Measured on the validation photos, on the logged model too: mlflow.search_logged_models
+    # ranks the fold models by them (on the same data set: its digest).
+    scores = {"best_val_map5": result.best_map5 or 0.0}
+    if result.threshold is not None:
+        scores["best_val_threshold"] = float(result.threshold)
+    registered = mlflow.log_embedding_model(
+        model, config.image_size, config.embedding_size, alias=fold, tags=tags, metrics=scores, dataset=validation, log=context.log.warning
+    )
+    record_registered(layout, fold, result.checkpoint, mlflow.registered_model, registered.version)
+    return registered
 
 
 @dg.asset(

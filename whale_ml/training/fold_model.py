@@ -57,11 +57,40 @@ class FoldData:
             f"{len(self.val)} validation photos"
         )
 
+    def datasets(self) -> dict[str, tuple[pd.DataFrame, str]]:
+        """The training and validation photos as tables a tracker logs, each with a digest.
+
+        One row a photo: ``image``, ``individual_id``, ``species`` when known, ``crop``
+        (the crop's file name, which holds its key: source file, box, size, cutting
+        method) and, for validation, ``truth``. The digest (12 hex characters) covers
+        image, individual and crop of every row, in any row order and in any home: the
+        same photos cut the same way give the same digest, so the data set of two runs
+        is seen to be the same one.
+
+        Returns:
+            ``{"training": (table, digest), "validation": (table, digest)}``.
+        """
+        return {"training": photo_table(self.train), "validation": photo_table(self.val)}
+
     def params(self) -> dict[str, int]:
         """Sizes worth logging beside the recipe, and the CPU threads training will run with
         (``$WHALE_THREADS`` or every core: a CPU run's floats depend on it, docs/deployment.md)."""
         sizes = {"num_classes": self.num_classes, "train_images": len(self.train), "val_images": len(self.val)}
         return {**sizes, "threads": pipeline_threads()}
+
+
+def photo_table(rows: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """Rows of a fold (``image``, ``individual_id``, ``crop_path``) as :meth:`FoldData.datasets`
+    logs them, sorted by image, and the digest of their photos."""
+    table = pd.DataFrame({"image": rows["image"].astype(str), "individual_id": rows["individual_id"].astype(str)})
+    if "species" in rows:
+        table["species"] = rows["species"].astype(str)
+    table["crop"] = [Path(p).name for p in rows["crop_path"].astype(str)]
+    if "truth" in rows:
+        table["truth"] = rows["truth"].astype(str)
+    table = table.sort_values(["image", "crop"], kind="stable").reset_index(drop=True)
+    digest = hashlib.sha1(table[["image", "individual_id", "crop"]].to_csv(index=False).encode()).hexdigest()[:12]
+    return table, digest
 
 
 def recipe_version(cfg: TrainConfig) -> str:
