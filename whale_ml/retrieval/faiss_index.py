@@ -169,7 +169,7 @@ def build_index(
             f"faiss cannot build index {spec!r} for {d}-dimensional embeddings: {_faiss_reason(exc)} "
             f"(expected one of {', '.join(INDEX_KINDS)} or a faiss index_factory string such as 'IVF256,SQ8')"
         ) from exc
-    if kind == "hnsw":  # the preset's graph: a longer candidate list while building than faiss's 40 for M > 20
+    if kind.strip() == "hnsw":  # the preset's graph: a longer candidate list while building than faiss's 40 for M > 20
         index.hnsw.efConstruction = max(40, 2 * hnsw_m)
     if not index.is_trained:
         _seed(index, seed)
