@@ -35,6 +35,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from whale_ml.environment import fsync_setting
+
 try:
     import fcntl
 except ImportError:  # Windows
@@ -139,8 +141,9 @@ def remove_stale_staging(parent: str | os.PathLike[str], tag: str) -> list[Path]
 
 
 def fsync_enabled() -> bool:
-    """Whether writes are flushed to disk (``WHALE_FSYNC``, default on; ``0`` turns it off)."""
-    return os.environ.get("WHALE_FSYNC", "1").strip().lower() not in ("0", "false", "no", "off")
+    """Whether writes are flushed to disk (``WHALE_FSYNC``, default on; ``0`` turns it off:
+    :func:`whale_ml.environment.fsync_setting`)."""
+    return fsync_setting()
 
 
 def _flush(fd: int) -> None:
