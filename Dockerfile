@@ -5,6 +5,10 @@
 # Exact tag, with the Python requirements/constraints.txt was frozen with (3.11.7; tests/test_security.py
 # checks both). A digest pin (python:3.11.7-slim-bookworm@sha256:...) would also fix the Debian layer;
 # it could not be looked up offline here: add it with `docker buildx imagetools inspect <tag>`.
+# Licences: this project's source is Apache-2.0, but the image also ships ultralytics
+# (AGPL-3.0), so the image as a whole is conveyed under AGPL-3.0: whoever distributes it,
+# or lets others use it over a network, takes on the AGPL's source obligations (or needs
+# an Ultralytics Enterprise licence). README.md, "Licence", says what that means.
 FROM python:3.11.7-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
@@ -22,7 +26,7 @@ RUN useradd --create-home --uid 1000 whale
 WORKDIR /app
 
 # Dependencies first (exact pins), so code changes do not reinstall them.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY requirements/constraints.txt requirements/constraints.txt
 COPY whale_ml whale_ml
 COPY whale_assets whale_assets

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -11,8 +13,9 @@ from whale_ml.data.metadata import read_train_metadata
 from whale_ml.detection.crops import cut_crop, write_crops
 from whale_ml.detection.photo_pass import expand_box
 from whale_ml.detection.yolo import (
-    box_iou,
+    box_iou_report,
     detect_boxes,
+    paired_box_iou,
     read_box_file,
     read_yolo_dataset,
     train_yolo,
@@ -76,7 +79,31 @@ def test_boxes_for_every_image_with_fallback_and_unreadable_rows(trained: tuple[
 def test_expand_box_scales_about_the_centre_and_clips() -> None:
     assert expand_box((40, 40, 60, 60), 2.0, 100, 100) == (30, 30, 70, 70)
     assert expand_box((0, 0, 50, 50), 1.5, 60, 60) == (0, 0, 60, 60)
-    assert box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
+
+
+def test_paired_box_iou_against_hand_computed_overlaps() -> None:
+    a = [(0, 0, 10, 10), (0, 0, 10, 10), (0, 0, 10, 10), (2, 2, 4, 4), (0, 0, 0, 0)]
+    b = [(5, 0, 15, 10), (20, 20, 30, 30), (0, 0, 10, 10), (0, 0, 10, 10), (0, 0, 0, 0)]
+    # half overlap: 50 / 150; apart; the same box; 2x2 inside 10x10: 4 / 100; two empty boxes: 0, not NaN
+    assert paired_box_iou(a, b).tolist() == pytest.approx([50 / 150, 0.0, 1.0, 0.04, 0.0])
+    many = np.tile(np.array([[0, 0, 10, 10]], dtype=float), (2500, 1))  # more rows than one torchvision block
+    shifted = many + [5, 0, 5, 0]
+    assert paired_box_iou(many, shifted).tolist() == pytest.approx([50 / 150] * 2500)
+    with pytest.raises(ValueError, match="3 boxes against 2"):
+        paired_box_iou(a[:3], b[:2])
+
+
+def test_box_iou_report_scores_the_detector_and_the_full_frame() -> None:
+    truth = pd.DataFrame({"image": ["a", "b"], "x_min": [0, 10], "y_min": [0, 10], "x_max": [50, 30], "y_max": [100, 30]})
+    boxes = pd.DataFrame(
+        {"image": ["b", "a", "c"], "width": [100, 100, 9], "height": [100, 100, 9],
+         "x_min": [10, 25, 0], "y_min": [10, 0, 0], "x_max": [30, 75, 9], "y_max": [30, 100, 9]}
+    )
+    report = box_iou_report(boxes, truth)
+    # b: exact (1.0); a: half of a 50x100 box against its 75-wide union (2500 / 7500)
+    assert report["images"] == 2 and report["iou_detector"] == pytest.approx((1.0 + 2500 / 7500) / 2)
+    # The full frame: a covers half the photo (0.5); b is 400 of 10,000 pixels (0.04)
+    assert report["iou_full_frame"] == pytest.approx((0.5 + 0.04) / 2)
 
 
 def test_crops_are_written_once_and_redone_when_the_box_changes(tiny_data: Path, tmp_path: Path) -> None:

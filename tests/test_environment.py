@@ -19,6 +19,7 @@ def test_defaults_with_an_empty_environment(tmp_path: Path) -> None:
     assert env.executor == "default"
     assert env.mlflow_tracking_uri is None
     assert env.k8s.max_concurrent is None and env.k8s.image_pull_policy == "IfNotPresent"
+    assert env.fsync is True
 
 
 def test_every_setting_is_read(tmp_path: Path) -> None:
@@ -36,6 +37,7 @@ def test_every_setting_is_read(tmp_path: Path) -> None:
             "WHALE_K8S_MAX_CONCURRENT": "4",
             "WHALE_K8S_TRAIN_GPUS": "2",
             "WHALE_K8S_NAMESPACE": "whale",
+            "WHALE_FSYNC": " Off ",
         }
     )
     assert env.home == (tmp_path / "h").resolve() and env.data_dir == (tmp_path / "d").resolve()
@@ -43,6 +45,7 @@ def test_every_setting_is_read(tmp_path: Path) -> None:
     assert env.mlflow_tracking_uri == "http://127.0.0.1:5001" and env.mlflow_ui == "http://mlflow.example:80"
     assert env.retrain_cron == "0 4 * * 1" and env.executor == "k8s"
     assert (env.k8s.max_concurrent, env.k8s.train_gpus, env.k8s.namespace) == (4, 2, "whale")
+    assert env.fsync is False
 
 
 @pytest.mark.parametrize(
@@ -55,6 +58,7 @@ def test_every_setting_is_read(tmp_path: Path) -> None:
         ("WHALE_MLFLOW_RETRY_DELAY_S", "-3", "WHALE_MLFLOW_RETRY_DELAY_S='-3'"),
         ("WHALE_EXECUTOR", "kubernetes", "WHALE_EXECUTOR='kubernetes': expected one of default, k8s"),
         ("WHALE_K8S_TRAIN_GPUS", "0", "WHALE_K8S_TRAIN_GPUS='0': expected a whole number >= 1"),
+        ("WHALE_FSYNC", "sometimes", "WHALE_FSYNC='sometimes': expected 1 or 0"),
     ],
 )
 def test_a_malformed_value_names_its_variable(name: str, value: str, expected: str) -> None:

@@ -117,6 +117,25 @@ def test_approximate_index_recall_settings_and_pruning(home: dict) -> None:
     assert stats.recall is not None and stats.recall["queries"] == 5 and 0.0 <= stats.recall["individual_recall_at_k"] <= 1.0
 
 
+def test_a_faiss_factory_string_is_a_gallery_index_like_a_preset(home: dict) -> None:
+    """GalleryConfig.index takes any faiss index_factory string: built, searched with the
+    configured nprobe, recorded in the lineage, and a bad one fails naming itself."""
+    from whale_ml.retrieval.faiss_import import faiss
+
+    layout = home["layout"]
+    settings = GalleryConfig(index="IVF2,SQ8", nprobe=2)
+    version, stats = build_gallery(layout, FOLDS, home["train"], home["crops"], settings, _no_models)
+    assert version.lineage.index == "IVF2,SQ8" and stats.index == "IVF2,SQ8"
+    assert stats.recall is not None and stats.recall["queries"] == 5
+    loaded = load_version(layout)  # read back from index.faiss: the search settings went with it
+    assert loaded.index.ntotal == 24 and faiss.extract_index_ivf(loaded.index).nprobe == 2
+    matches = match_queries(loaded, query_embeddings(layout, loaded)[0], {"threshold": 0.3})
+    assert len(matches.predictions) == 5 and all(len(set(p)) == 5 for p in matches.predictions)
+    with pytest.raises(ValueError, match="faiss cannot build index 'IVF2,Flatt'"):
+        build_gallery(layout, FOLDS, home["train"], home["crops"], GalleryConfig(index="IVF2,Flatt"), _no_models)
+    assert current_version(layout) == version.name  # the failed build left the current version alone
+
+
 def test_enrolled_photos_already_in_the_fold_embeddings_are_marked_not_embedded_again(home: dict) -> None:
     layout = home["layout"]
     enrolled = home["images"][:2]

@@ -61,3 +61,19 @@ def test_make_refuses_a_disk_too_small_for_the_venv(tmp_path: Path) -> None:
     # The same check passes where there is room (0 GB needed).
     ok = subprocess.run(["python3", str(REPO / "scripts" / "check_disk.py"), str(venv), "0"], capture_output=True, check=False)
     assert ok.returncode == 0
+
+
+def test_the_licence_is_declared_and_ultralytics_agpl_is_explained() -> None:
+    """pyproject's SPDX licence is the LICENSE file's; the README's Licence section names the
+    AGPL of the ultralytics actually installed (a relicensed release would make it stale)."""
+    import tomllib
+    from importlib.metadata import metadata
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
+    assert (REPO / "LICENSE").read_text().split()[:4] == ["Apache", "License", "Version", "2.0,"]
+    assert re.search(r"^COPY .*\bLICENSE\b", (REPO / "Dockerfile").read_text(), flags=re.MULTILINE), "pip install needs LICENSE"
+    installed = metadata("ultralytics")
+    assert "AGPL-3.0" in (installed.get("License") or installed.get("License-Expression") or "")
+    section = (REPO / "README.md").read_text().split("## Licence", 1)[1]
+    assert "AGPL-3.0" in section and "§13" in section and "Enterprise" in section

@@ -53,6 +53,7 @@ class Environment:
     executor: str = "default"
     k8s: K8sEnvironment = field(default_factory=K8sEnvironment)
     threads: int | None = None  # torch/OpenMP threads of a stage; None: every core this process may use
+    fsync: bool = True  # flush every artifact to disk before and after its rename (whale_ml/io.py)
 
 
 def default_home(environ: Mapping[str, str] | None = None) -> Path:
@@ -83,6 +84,27 @@ def threads_setting(environ: Mapping[str, str] | None = None) -> int | None:
         BadEnvironmentVariable: not a whole number >= 1.
     """
     return _integer(os.environ if environ is None else environ, "WHALE_THREADS", None, minimum=1)
+
+
+_FALSE, _TRUE = ("0", "false", "no", "off"), ("1", "true", "yes", "on")
+
+
+def fsync_setting(environ: Mapping[str, str] | None = None) -> bool:
+    """``$WHALE_FSYNC``: whether artifacts are flushed to disk around their rename (default
+    on), so that a power cut cannot leave an empty file under a real name. ``0`` for a
+    scratch home where that does not matter (the cost: docs/benchmarks.md, "Durable writes").
+    Read at each write, so that the storage of the step's own machine decides.
+
+    Raises:
+        BadEnvironmentVariable: not one of 1/0, true/false, yes/no, on/off.
+    """
+    environ = os.environ if environ is None else environ
+    raw = environ.get("WHALE_FSYNC", "").strip().lower()
+    if not raw or raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise BadEnvironmentVariable(f"WHALE_FSYNC={raw!r}: expected 1 or 0 (or true/false, yes/no, on/off)")
 
 
 def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
@@ -119,6 +141,7 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         executor=executor,
         k8s=k8s,
         threads=threads_setting(environ),
+        fsync=fsync_setting(environ),
     )
 
 

@@ -4,6 +4,13 @@ A crash (or a kill -9) in the middle of a write leaves at most a hidden temp
 file behind, never a truncated artifact under its real name, because the final
 name is only ever produced by ``os.replace`` of a complete file.
 
+A power loss needs more than that: the kernel may write the rename to disk before
+the file's data, so that after a reboot the real name holds an empty or partial
+file. :func:`durable_replace` therefore flushes the file's data to disk
+(``fsync``) before the rename, and the folder after it, so that the new name
+itself survives. ``WHALE_FSYNC=0`` turns both off (a scratch home on tmpfs, a
+throw-away run); the costs are in docs/benchmarks.md ("Durable writes").
+
 Temp files are named ``.<stem>.p<pid>.<random>.tmp<suffix>``: the writing
 process's id lets a later write remove the leftovers of a process that died,
 and only those (a live writer's temp file beside it is left alone).
@@ -27,6 +34,13 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from whale_ml.environment import fsync_setting
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 _TEMP = re.compile(r"^\.(?P<stem>.*?)\.(?:p(?P<pid>\d+)\.)?[^.]*\.tmp(?P<suffix>\.[^.]*)?$")
 # Whole folders built beside their final place (a gallery version, a download):
@@ -126,6 +140,84 @@ def remove_stale_staging(parent: str | os.PathLike[str], tag: str) -> list[Path]
     return removed
 
 
+def fsync_enabled() -> bool:
+    """Whether writes are flushed to disk (``WHALE_FSYNC``, default on; ``0`` turns it off:
+    :func:`whale_ml.environment.fsync_setting`)."""
+    return fsync_setting()
+
+
+def _flush(fd: int) -> None:
+    # macOS's fsync leaves the data in the drive's cache; F_FULLFSYNC is its real flush.
+    full = getattr(fcntl, "F_FULLFSYNC", None) if fcntl is not None else None
+    if full is not None:
+        with contextlib.suppress(OSError):  # not every file system supports it: fsync then
+            fcntl.fcntl(fd, full)
+            return
+    os.fsync(fd)
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """Flush a file's data and size to disk (``fsync``), so that a power loss cannot empty it."""
+    # Windows flushes only a handle open for writing; POSIX any descriptor.
+    fd = os.open(path, os.O_RDWR | os.O_BINARY if os.name == "nt" else os.O_RDONLY)
+    try:
+        _flush(fd)
+    finally:
+        os.close(fd)
+
+
+# fsync of a folder: file systems that do not support it answer EINVAL (or ENOTSUP),
+# and Windows cannot open a folder as a file at all (EACCES) and needs no folder flush
+# (NTFS journals the rename with the file's metadata).
+_NO_DIR_FSYNC = {errno.EINVAL, errno.EBADF, errno.EACCES, errno.EISDIR, getattr(errno, "ENOTSUP", errno.EINVAL), getattr(errno, "EOPNOTSUPP", errno.EINVAL)}
+
+
+def fsync_dir(folder: str | os.PathLike[str]) -> bool:
+    """Flush a folder's entries to disk, so that a file renamed or created in it keeps
+    its name after a power loss. Returns False, doing nothing, where the system cannot
+    (Windows, file systems without folder fsync)."""
+    if os.name == "nt":
+        return False
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as exc:
+        if exc.errno in _NO_DIR_FSYNC:
+            return False
+        raise
+    try:
+        _flush(fd)
+    except OSError as exc:
+        if exc.errno in _NO_DIR_FSYNC:
+            return False
+        raise
+    finally:
+        os.close(fd)
+    return True
+
+
+def durable_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, sync_dir: bool = True) -> tuple[bool, bool]:
+    """``os.replace(src, dst)`` that survives a power loss, not only a killed process.
+
+    The file's data are flushed to disk before the rename, so that ``dst`` never names
+    data the disk does not hold yet (ext4, XFS and others may otherwise commit the rename
+    first: an empty file after a reboot); then the folder, so that the rename itself is
+    on disk when this returns. With ``sync_dir=False`` the caller flushes the folder once
+    after many renames (:func:`fsync_dir`): until then a power loss may undo a rename,
+    which leaves the old file (or none), never a partial one. Both flushes are skipped
+    when :func:`fsync_enabled` says so.
+
+    Returns:
+        Whether the file and whether the folder were flushed.
+    """
+    dst = Path(dst)
+    if not fsync_enabled():
+        os.replace(src, dst)
+        return False, False
+    fsync_file(src)
+    os.replace(src, dst)
+    return True, fsync_dir(dst.parent) if sync_dir else False
+
+
 def _umask() -> int:
     """This process's umask (the only way to read it is to set it, then set it back)."""
     mask = os.umask(0o022)
@@ -195,13 +287,16 @@ def _about_other_file(exc: BaseException, *ours: Path) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str], sweep: bool = True) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], sweep: bool = True, sync_dir: bool = True) -> Iterator[Path]:
     """Yield a temp path beside ``path``; rename it onto ``path`` on success.
 
     The temp file keeps the target's suffix so that writers which infer the
     format from the name (PIL, pandas, faiss, torch) behave as usual. With
     ``sweep``, temp files of this target left by a dead process are removed first
     (pass ``False`` in loops over huge folders, and sweep the folder once instead).
+    The rename is :func:`durable_replace`: the file is on disk before it gets its name,
+    and with ``sync_dir`` the name is on disk when the block ends (pass ``False`` in
+    loops writing many files to one folder, and :func:`fsync_dir` it once after them).
 
     Raises:
         ArtifactWriteError: the file could not be written (disk full, no
@@ -225,7 +320,7 @@ def atomic_path(path: str | os.PathLike[str], sweep: bool = True) -> Iterator[Pa
     tmp = Path(tmp_name)
     try:
         yield tmp
-        os.replace(tmp, target)
+        durable_replace(tmp, target, sync_dir=sync_dir)
     except (OSError, RuntimeError) as exc:
         # Diagnose before the temp file goes: its size is part of a full disk.
         error = None if isinstance(exc, ArtifactWriteError) or _about_other_file(exc, tmp, target) else write_error(target, exc)

@@ -164,9 +164,12 @@ class EmbedConfig(BaseModel):
 class GalleryConfig(BaseModel):
     """The faiss index of the training photos, and how it is searched."""
 
-    index: Literal["flat", "hnsw", "ivf", "ivfpq"] = Field(
+    index: str = Field(
         "flat",
-        description="'flat' is exact; 'hnsw', 'ivf' or 'ivfpq' (compressed: ~pq_m bytes a photo) are approximate, for galleries past ~1M photos.",
+        min_length=1,
+        description="'flat' is exact; 'hnsw', 'ivf' or 'ivfpq' (compressed: ~pq_m bytes a photo) are approximate, for galleries "
+        "past ~1M photos; or any faiss index_factory string, e.g. 'OPQ64,IVF1024,PQ64', 'IVF256,SQ8', 'IVF1024_HNSW32,Flat' "
+        "(inner product; nprobe and ef_search apply to its IVF and HNSW parts; hnsw_m, nlist, pq_m, pq_nbits only to the presets).",
     )
     k: int = Field(50, ge=1, description="Neighbours fetched per query at first (deepened when they hold fewer than 5 individuals).")
     hnsw_m: int = Field(32, ge=4, description="HNSW links per node.")

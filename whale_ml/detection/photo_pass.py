@@ -27,7 +27,7 @@ import pandas as pd
 
 from whale_ml.progress import ProgressFn
 from whale_ml.data.images import DRAFT_SCALES, DecodedPhoto, ImageReadError, decode_photo, reduction_for
-from whale_ml.detection.crops import crop_side, write_crop
+from whale_ml.detection.crops import crop_side, flush_folders, write_crop
 from whale_ml.io import ArtifactWriteError, remove_stale_temps
 from whale_ml.threads import pipeline_threads
 
@@ -62,6 +62,11 @@ class CropRule:
     out_dir: Path
     size: int
     resize: str = "stretch"
+
+
+def rule_folder(rule: CropRule, split: str | None) -> Path:
+    """The folder of a split's crops: ``out_dir/<split>``, or ``out_dir`` without splits."""
+    return rule.out_dir / split if split is not None else rule.out_dir
 
 
 @dataclass
@@ -223,7 +228,7 @@ def _crop(photo: _Photo, row: dict[str, object], rule: CropRule) -> tuple[dict[s
         record["error"] = photo.error
         return record, False
     box = (int(row["x_min"]), int(row["y_min"]), int(row["x_max"]), int(row["y_max"]))  # type: ignore[call-overload]
-    out = rule.out_dir / photo.split if photo.split is not None else rule.out_dir
+    out = rule_folder(rule, photo.split)
     redecoded = False
     try:
         # From the pass's own pixels; decoded again, finer, only when the box is too small at their scale.
@@ -281,7 +286,7 @@ def run_photo_pass(
     base = ScalePlan(min_long, crop.size if crop else 0, crop.size if crop else 0, crop.resize if crop else "stretch")
     shares: list[float] = []
     if crop is not None:
-        for folder in {crop.out_dir / s if s is not None else crop.out_dir for s in split} or {crop.out_dir}:
+        for folder in {rule_folder(crop, s) for s in split} or {crop.out_dir}:
             folder.mkdir(parents=True, exist_ok=True)
             remove_stale_temps(folder)  # once per folder (it can hold a crop per photo), not once per crop
     stats = PassStats(photos=len(items), workers=n_workers)
@@ -315,6 +320,8 @@ def run_photo_pass(
                     crop_rows.append(record)
                     stats.redecodes += redecoded
                     stats.decodes += redecoded
+                # Each crop was flushed before its rename; the renames, once a batch (docs/benchmarks.md, "Durable writes").
+                flush_folders({rule_folder(crop, p.split) for p in done})
             for p in done:
                 p.decoded = None  # the pixels are done with: keep at most two batches in memory
             if progress is not None:

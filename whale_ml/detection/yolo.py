@@ -65,6 +65,19 @@ def read_box_file(path: str | Path) -> pd.DataFrame:
     return out
 
 
+def yolo_labels(boxes: np.ndarray, sizes: np.ndarray) -> list[str]:
+    """YOLO label lines (class 0) of ``x_min, y_min, x_max, y_max`` boxes in images of
+    ``width, height``: centre and size over the image's, by ``torchvision.ops.box_convert``."""
+    import torch
+    from torchvision.ops import box_convert
+
+    if not len(boxes):
+        return []
+    cxcywh = box_convert(torch.as_tensor(boxes, dtype=torch.float64), "xyxy", "cxcywh")
+    cxcywh /= torch.as_tensor(sizes, dtype=torch.float64).repeat(1, 2)  # (w, h, w, h) per row
+    return [f"0 {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}" for cx, cy, w, h in cxcywh.tolist()]
+
+
 def write_yolo_dataset(boxes: pd.DataFrame, image_dir: str | Path, out_dir: str | Path, val_share: float, seed: int) -> YoloDataset:
     """Turn a box table into an ultralytics data set (images/ + labels/ + data.yaml).
 
@@ -75,7 +88,7 @@ def write_yolo_dataset(boxes: pd.DataFrame, image_dir: str | Path, out_dir: str 
     image_dir, out = Path(image_dir), Path(out_dir)
     shutil.rmtree(out, ignore_errors=True)
     skipped: list[str] = []
-    labelled: dict[str, list[str]] = {}
+    kept: list[tuple[str, float, float, float, float, int, int]] = []  # image, clipped box, image size
     sizes: dict[str, tuple[int, int]] = {}
     plain = is_plain_file_name(boxes["image"]).tolist()
     for row, is_plain in zip(boxes.itertuples(index=False), plain, strict=True):
@@ -104,7 +117,11 @@ def write_yolo_dataset(boxes: pd.DataFrame, image_dir: str | Path, out_dir: str 
         if x1 - x0 < 1 or y1 - y0 < 1:
             skipped.append(f"{name}: box ({row.x_min}, {row.y_min}, {row.x_max}, {row.y_max}) lies outside the {w}x{h} image")
             continue
-        labelled.setdefault(name, []).append(f"0 {(x0 + x1) / 2 / w:.6f} {(y0 + y1) / 2 / h:.6f} {(x1 - x0) / w:.6f} {(y1 - y0) / h:.6f}")
+        kept.append((name, x0, y0, x1, y1, w, h))
+    labelled: dict[str, list[str]] = {}
+    lines = yolo_labels(np.array([k[1:5] for k in kept]), np.array([k[5:] for k in kept]))
+    for k, line in zip(kept, lines, strict=True):
+        labelled.setdefault(k[0], []).append(line)
     names = sorted(labelled)
     if not names:
         raise ValueError("no usable boxes to train the detector on" + (f" (skipped: {'; '.join(skipped[:5])})" if skipped else ""))
@@ -272,12 +289,27 @@ def install_weights(source: str | Path, target: str | Path) -> Path:
     return Path(target)
 
 
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+_IOU_BLOCK = 1024  # rows per torchvision box_iou call: its pairwise matrix is block x block
+
+
+def paired_box_iou(a: np.ndarray | Sequence[Sequence[float]], b: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
+    """IoU of each ``x_min, y_min, x_max, y_max`` box of ``a`` with the box in the same row of ``b``.
+
+    ``torchvision.ops.box_iou`` (pairwise) on blocks of rows, keeping the diagonal.
+    torchvision rather than ultralytics' ``bbox_iou``: importing ultralytics has side effects
+    (settings file, network checks) that must wait for :func:`whale_ml.offline.configure_environment`.
+    Two empty boxes (an unreadable photo's full frame against nothing) have IoU 0, not NaN.
+    """
+    import torch
+    from torchvision.ops import box_iou
+
+    ta = torch.as_tensor(np.asarray(a, dtype=np.float64).reshape(-1, 4))
+    tb = torch.as_tensor(np.asarray(b, dtype=np.float64).reshape(-1, 4))
+    if len(ta) != len(tb):
+        raise ValueError(f"{len(ta)} boxes against {len(tb)}: paired IoU needs one box of each per row")
+    blocks = [torch.diagonal(box_iou(ta[i : i + _IOU_BLOCK], tb[i : i + _IOU_BLOCK])) for i in range(0, len(ta), _IOU_BLOCK)]
+    iou = torch.cat(blocks).numpy() if blocks else np.zeros(0)
+    return np.nan_to_num(iou, nan=0.0)
 
 
 def detect_boxes(
@@ -363,7 +395,9 @@ def box_iou_report(boxes: pd.DataFrame, truth: pd.DataFrame) -> dict[str, float]
     merged = boxes.merge(truth, on="image", suffixes=("", "_true"))
     if merged.empty:
         return {"iou_detector": float("nan"), "iou_full_frame": float("nan"), "images": 0}
-    true_cols = ["x_min_true", "y_min_true", "x_max_true", "y_max_true"]
-    det = [box_iou(r[["x_min", "y_min", "x_max", "y_max"]].tolist(), r[true_cols].tolist()) for _, r in merged.iterrows()]
-    full = [box_iou([0, 0, r["width"], r["height"]], r[true_cols].tolist()) for _, r in merged.iterrows()]
-    return {"iou_detector": float(np.mean(det)), "iou_full_frame": float(np.mean(full)), "images": len(merged)}
+    true = merged[["x_min_true", "y_min_true", "x_max_true", "y_max_true"]].to_numpy(dtype=np.float64)
+    det = paired_box_iou(merged[["x_min", "y_min", "x_max", "y_max"]].to_numpy(dtype=np.float64), true)
+    frame = np.zeros((len(merged), 4))
+    frame[:, 2], frame[:, 3] = merged["width"], merged["height"]
+    full = paired_box_iou(frame, true)
+    return {"iou_detector": float(det.mean()), "iou_full_frame": float(full.mean()), "images": len(merged)}

@@ -1,7 +1,9 @@
 """The faiss index under a gallery: inner-product search on L2-normalised embeddings.
 
-Exact (flat) by default; HNSW, IVF or IVF-PQ (compressed) as options for
-galleries past ~1M images, with :func:`index_recall` to measure what they lose.
+Exact (flat) by default; HNSW, IVF or IVF-PQ (compressed) as named presets for
+galleries past ~1M images, or any faiss ``index_factory`` string (OPQ, scalar
+quantisers, an HNSW coarse quantizer, ...), with :func:`index_recall` to measure
+what they lose.
 
 Searches return neighbours already collapsed per individual (best similarity
 per individual), and search deeper for the queries whose first ``k``
@@ -28,11 +30,93 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-INDEX_KINDS = ("flat", "hnsw", "ivf", "ivfpq")
+INDEX_KINDS = ("flat", "hnsw", "ivf", "ivfpq")  # the named presets; any faiss index_factory string works too
 # build_index's options of the index itself, as GalleryConfig names them (a gallery
 # version's lineage records them, so that a rebuilt index is the same).
 INDEX_OPTIONS = ("hnsw_m", "ef_search", "nlist", "nprobe", "pq_m", "pq_nbits")
 _ADD_BLOCK = 65_536  # rows normalised and added at a time (128 MiB at 512 dimensions)
+# Rows an index's codebooks (PQ, OPQ, SQ) train on at least: faiss caps a k-means at 256
+# points a centroid, and an 8-bit PQ has 256 centroids per sub-vector.
+_CODEBOOK_TRAINING_ROWS = 256 * 256
+
+
+def ivf_cells(n: int, nlist: int | None = None) -> int:
+    """The IVF cell count of the presets: ``nlist`` or ``4 * sqrt(n)``, at most ``n / 39``
+    (faiss's minimum training points per cell), at least 1."""
+    cells = nlist or int(4 * np.sqrt(n))
+    return max(1, min(cells, n // 39 or 1))
+
+
+def factory_string(
+    kind: str, n: int, d: int, *, hnsw_m: int = 32, nlist: int | None = None, pq_m: int = 64, pq_nbits: int = 8
+) -> str:
+    """The faiss ``index_factory`` string of a preset ``kind`` for ``n`` vectors of dimension ``d``;
+    any other ``kind`` is taken to be a factory string already and returned as it is.
+
+    ``flat`` -> ``Flat``, ``hnsw`` -> ``HNSW{hnsw_m},Flat``, ``ivf`` -> ``IVF{cells},Flat``,
+    ``ivfpq`` -> ``IVF{cells},PQ{pq_m}x{pq_nbits}`` (cells: :func:`ivf_cells`).
+
+    Raises:
+        ValueError: an ``ivfpq`` that cannot be built (``pq_m`` not dividing ``d``, too few
+            vectors for the codes), or an empty ``kind``.
+    """
+    kind = kind.strip()
+    if not kind:
+        raise ValueError("empty index kind: expected one of " + ", ".join(INDEX_KINDS) + " or a faiss index_factory string")
+    if kind == "flat":
+        return "Flat"
+    if kind == "hnsw":
+        return f"HNSW{hnsw_m},Flat"
+    if kind == "ivf":
+        return f"IVF{ivf_cells(n, nlist)},Flat"
+    if kind == "ivfpq":
+        if d % pq_m:
+            raise ValueError(f"ivfpq: pq_m={pq_m} must divide the embedding dimension {d}")
+        if n < 2**pq_nbits:
+            raise ValueError(f"ivfpq: {n} gallery vectors cannot train {2**pq_nbits} codes (pq_nbits={pq_nbits}); use flat or ivf")
+        return f"IVF{ivf_cells(n, nlist)},PQ{pq_m}x{pq_nbits}"
+    return kind
+
+
+def _inner(index: faiss.Index) -> faiss.Index:
+    """The index under any pre-transforms (OPQ, PCA, ...), as its own class."""
+    while isinstance(index, faiss.IndexPreTransform):
+        index = index.index
+    return faiss.downcast_index(index)
+
+
+def _training_rows(index: faiss.Index, n: int, seed: int) -> np.ndarray | slice:
+    """Which gallery rows an untrained index learns from: a seeded sample, as small as its
+    parts allow (k-means uses at most 256 points a cell; codebooks want 65,536 rows)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    cells = ivf.nlist if ivf is not None else 0
+    # A plain IVF-Flat trains its cells only; anything else (PQ, SQ, OPQ, PCA ...) trains more.
+    plain_ivf = ivf is not None and isinstance(_inner(index), faiss.IndexIVFFlat) and not isinstance(index, faiss.IndexPreTransform)
+    limit = max(256 * cells, 0 if plain_ivf else _CODEBOOK_TRAINING_ROWS)
+    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False)) if n > limit else slice(None)
+
+
+def _seed(index: faiss.Index, seed: int) -> None:
+    """Seed the k-means of the IVF cells and of a product quantizer, so that a rebuilt index is the same."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.cp.seed = seed
+    inner = _inner(index)
+    if hasattr(inner, "pq"):
+        inner.pq.cp.seed = seed
+
+
+def _set_search_options(index: faiss.Index, nprobe: int, ef_search: int) -> None:
+    """nprobe (IVF; at most its cells) and efSearch (HNSW graph, or an HNSW coarse quantizer),
+    through faiss's ParameterSpace, which reaches through pre-transforms."""
+    space = faiss.ParameterSpace()
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        space.set_index_parameter(index, "nprobe", min(nprobe, ivf.nlist))
+        if hasattr(faiss.downcast_index(ivf.quantizer), "hnsw"):
+            space.set_index_parameter(index, "quantizer_efSearch", ef_search)
+    if hasattr(_inner(index), "hnsw"):
+        space.set_index_parameter(index, "efSearch", ef_search)
 
 
 def build_index(
@@ -51,54 +135,59 @@ def build_index(
 
     Args:
         embeddings: (n, d) gallery embeddings (normalised here).
-        kind: ``"flat"`` (exact; the default, and right up to ~1M images),
+        kind: a preset: ``"flat"`` (exact; the default, and right up to ~1M images),
             ``"hnsw"`` (graph, no training, fast queries, ~1.1x the memory) or
             ``"ivf"`` (inverted lists over k-means cells; trained here) or
             ``"ivfpq"`` (the same cells, each vector stored as ``pq_m`` codes of
-            ``pq_nbits`` bits: ~``pq_m`` bytes a photo instead of ``4 * d``).
-        hnsw_m: HNSW links per node (more: better recall, more memory).
-        ef_search: HNSW candidate list length at query time (raised to ``k`` when smaller).
-        nlist: IVF cells; default ``4 * sqrt(n)``, at most ``n / 39`` (faiss's
-            minimum training points per cell).
-        nprobe: IVF cells visited per query.
+            ``pq_nbits`` bits: ~``pq_m`` bytes a photo instead of ``4 * d``); or any
+            faiss ``index_factory`` string (``"OPQ64,IVF1024,PQ64"``, ``"IVF256,SQ8"``,
+            ``"IVF1024_HNSW32,Flat"``, ...; :func:`factory_string` gives a preset's).
+        hnsw_m: HNSW links per node (the ``hnsw`` preset).
+        ef_search: HNSW candidate list length at query time, for an HNSW index or an
+            HNSW coarse quantizer (raised to ``k`` when smaller).
+        nlist: IVF cells of the presets; default ``4 * sqrt(n)``, at most ``n / 39``
+            (faiss's minimum training points per cell).
+        nprobe: IVF cells visited per query (any index with IVF cells; at most their number).
         pq_m: IVF-PQ sub-vectors per embedding (must divide the dimension).
         pq_nbits: IVF-PQ bits per sub-vector code.
-        seed: IVF k-means seed, so that a rebuilt index is the same.
+        seed: the k-means seed of the IVF cells and PQ codebooks, and of the training
+            sample, so that a rebuilt index is the same.
+
+    Raises:
+        ValueError: a kind that faiss cannot build or train (the message names the string
+            and faiss's reason).
 
     Approximate indexes miss some neighbours: measure what they lose with
     :func:`index_recall` before using one.
     """
     n, d = embeddings.shape
-    if kind == "flat":
-        index = faiss.IndexFlatIP(d)
-    elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    spec = factory_string(kind, n, d, hnsw_m=hnsw_m, nlist=nlist, pq_m=pq_m, pq_nbits=pq_nbits)
+    try:
+        index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"faiss cannot build index {spec!r} for {d}-dimensional embeddings: {_faiss_reason(exc)} "
+            f"(expected one of {', '.join(INDEX_KINDS)} or a faiss index_factory string such as 'IVF256,SQ8')"
+        ) from exc
+    if kind.strip() == "hnsw":  # the preset's graph: a longer candidate list while building than faiss's 40 for M > 20
         index.hnsw.efConstruction = max(40, 2 * hnsw_m)
-        index.hnsw.efSearch = ef_search
-    elif kind in ("ivf", "ivfpq"):
-        cells = nlist or int(4 * np.sqrt(n))
-        cells = max(1, min(cells, n // 39 or 1))
-        if kind == "ivf":
-            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, cells, faiss.METRIC_INNER_PRODUCT)
-        else:
-            if d % pq_m:
-                raise ValueError(f"ivfpq: pq_m={pq_m} must divide the embedding dimension {d}")
-            if n < 2**pq_nbits:
-                raise ValueError(f"ivfpq: {n} gallery vectors cannot train {2**pq_nbits} codes (pq_nbits={pq_nbits}); use flat or ivf")
-            index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, cells, pq_m, pq_nbits, faiss.METRIC_INNER_PRODUCT)
-            index.pq.cp.seed = seed
-        index.cp.seed = seed
-        # k-means uses at most 256 points a cell (faiss's own cap): normalise only those.
-        limit = 256 * cells
-        rows = np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False)) if n > limit else slice(None)
-        index.train(l2_normalise(embeddings[rows]))
-        index.nprobe = min(nprobe, cells)
-    else:
-        raise ValueError(f"unknown index kind {kind!r}: expected one of {', '.join(INDEX_KINDS)}")
+    if not index.is_trained:
+        _seed(index, seed)
+        try:
+            index.train(l2_normalise(embeddings[_training_rows(index, n, seed)]))
+        except RuntimeError as exc:
+            raise ValueError(f"faiss cannot train index {spec!r} on {n} gallery vectors: {_faiss_reason(exc)}") from exc
+    _set_search_options(index, nprobe, ef_search)
     # Normalised and added in blocks: a million-photo gallery never exists twice in memory.
     for start in range(0, n, _ADD_BLOCK):
         index.add(l2_normalise(embeddings[start : start + _ADD_BLOCK]))
     return index
+
+
+def _faiss_reason(exc: RuntimeError) -> str:
+    """faiss's message without its C++ location (``Error in <signature> at <file>:<line>: <reason>``)."""
+    text = str(exc).strip()
+    return text.split(": ", 1)[1].strip() if text.startswith("Error in ") and ": " in text else text
 
 
 def index_recall(
