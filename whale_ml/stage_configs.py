@@ -145,6 +145,12 @@ class TrainConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="'auto': bf16 on GPUs that support it, else fp16 with a gradient scaler; fp32 on CPU."
     )
+    memory_format: Literal["auto", "channels_last", "contiguous"] = Field(
+        "auto",
+        description="Layout of the model's weights and input batches. 'auto': channels_last on GPUs and with bf16 on CPU "
+        "(the layout their convolution kernels take without a reorder), contiguous for fp32 on CPU, where channels_last "
+        "measured slower (docs/benchmarks.md, issue 15).",
+    )
     seed: int = 0
 
 

@@ -48,6 +48,21 @@ def autocast_for(device: torch.device, precision: str = "auto") -> tuple[torch.d
     return torch.float16, True
 
 
+def uses_channels_last(device: torch.device, memory_format: str = "auto", amp_dtype: torch.dtype | None = None) -> bool:
+    """Whether a model and its batches go channels_last (NHWC) on ``device``.
+
+    ``"auto"``: on GPUs (cuDNN's fast layout for convolutions under autocast) and for
+    bf16 autocast on CPU, where oneDNN's bf16 convolutions take NHWC and would otherwise
+    reorder every input; not for fp32 on CPU, where it measured slower
+    (docs/benchmarks.md, "Training step speed on 2 CPU cores").
+    """
+    if memory_format not in ("auto", "channels_last", "contiguous"):
+        raise ValueError(f"unknown memory_format {memory_format!r}: expected auto, channels_last or contiguous")
+    if memory_format != "auto":
+        return memory_format == "channels_last"
+    return device.type == "cuda" or amp_dtype == torch.bfloat16
+
+
 class _FileBytes(Dataset):
     """The raw bytes of each file (decoded later, on the device)."""
 

@@ -48,7 +48,7 @@ from whale_ml.data.images import ImageDataset, autoaugment_transform, train_tran
 from whale_ml.io import remove_stale_temps
 from whale_ml.models.embedding import EmbeddingNet, create_embedding_model
 from whale_ml.progress import ProgressFn
-from whale_ml.retrieval.embeddings import autocast_for
+from whale_ml.retrieval.embeddings import autocast_for, uses_channels_last
 from whale_ml.threads import using_threads
 from whale_ml.training.checkpoint_saver import CheckpointSaver, load_checkpoint
 from whale_ml.training.checkpoint_saver import save_checkpoint as save_checkpoint  # callers import it from here
@@ -93,12 +93,15 @@ class _TrainStep(torch.nn.Module):
         species_fn: torch.nn.Module | None,
         species_weight: float,
         amp_dtype: torch.dtype | None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.model, self.loss_fn, self.species_fn = model, loss_fn, species_fn
-        self.species_weight, self.amp_dtype = species_weight, amp_dtype
+        self.species_weight, self.amp_dtype, self.channels_last = species_weight, amp_dtype, channels_last
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor, species: torch.Tensor | None = None) -> torch.Tensor:
+        if self.channels_last:  # the layout the model's weights are in (build_training)
+            images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(images.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext():
             embeddings = self.model(images)
         embeddings = embeddings.float()  # the margin arithmetic in fp32
@@ -327,16 +330,17 @@ def build_training(
     loss_fn = create_loss(cfg, num_classes, np.bincount(labels, minlength=num_classes)).to(device)
     species_codes, species_names = pd.factorize(train["species"], sort=True) if cfg.species_head else (None, [])
     species_fn = create_species_loss(cfg, len(species_names)).to(device) if cfg.species_head else None
-    if device.type == "cuda":
+    amp_dtype, needs_scaler = autocast_for(device, cfg.precision)
+    channels_last = uses_channels_last(device, cfg.memory_format, amp_dtype)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer(cfg, model, loss_fn, *([species_fn] if species_fn is not None else []))
     loader = build_train_loader(cfg, train, species_codes, device, log, rank, world)
     scheduler = create_scheduler(cfg, optimizer, math.ceil(len(loader) / cfg.accumulate))
-    amp_dtype, needs_scaler = autocast_for(device, cfg.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)
     # One module computes the loss, so that DDP all-reduces the gradients of the class
     # centres too, not only the backbone's.
-    step: torch.nn.Module = _TrainStep(model, loss_fn, species_fn, cfg.species_weight, amp_dtype)
+    step: torch.nn.Module = _TrainStep(model, loss_fn, species_fn, cfg.species_weight, amp_dtype, channels_last)
     if world > 1:
         step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
         log(f"DDP: {world} processes, {len(loader)} batches of {cfg.batch_size} each per epoch ({dist.get_backend()})")
@@ -403,8 +407,6 @@ def train_one_epoch(
     optimizer.zero_grad(set_to_none=True)
     for i, (images, targets, *species) in enumerate(loader):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        if device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
         window_start = (i // accumulate) * accumulate
         window = min(accumulate, batches - window_start)  # the last window may be short
         last_of_window = i - window_start + 1 == window
