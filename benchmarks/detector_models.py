@@ -130,12 +130,16 @@ def _timing(args: argparse.Namespace) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"{result['date']}, {result['machine']}, medians over {args.rounds} interleaved rounds")
-    print(f"| model | train {args.timing_epochs} epochs: wall s (x base) | CPU s (x base) | predict 414 photos: wall s (x base) | CPU s (x base) |")
+    print(
+        f"| model | train {args.timing_epochs} epochs: wall s (x base) | CPU s (x base) | "
+        "predict 414 photos: wall s (x base) | CPU s (x base) |"
+    )
     print("|---|---:|---:|---:|---:|")
     for model in args.models:
         t, p = summary["train"][model], summary["predict"][model]
         print(
-            f"| {model} | {t['seconds_median']:.1f} ({t['seconds_ratio_median']:.2f}) | {t['cpu_s_median']:.1f} ({t['cpu_s_ratio_median']:.2f}) | "
+            f"| {model} | {t['seconds_median']:.1f} ({t['seconds_ratio_median']:.2f}) | "
+            f"{t['cpu_s_median']:.1f} ({t['cpu_s_ratio_median']:.2f}) | "
             f"{p['seconds_median']:.2f} ({p['seconds_ratio_median']:.2f}) | {p['cpu_s_median']:.2f} ({p['cpu_s_ratio_median']:.2f}) |"
         )
 
@@ -153,7 +157,9 @@ def _child(args: argparse.Namespace) -> None:
     settings = DetectorConfig(model_yaml=args.model, epochs=args.epochs, imgsz=128, batch=16, device="cpu", seed=args.seed)
     dataset, truth = training_set(settings, data, work)
     t, cpu = time.perf_counter(), _cpu_s()
-    best, scores = train_yolo(dataset, work, settings.model_yaml, settings.epochs, settings.imgsz, settings.batch, "cpu", settings.seed, work)
+    best, scores = train_yolo(
+        dataset, work, settings.model_yaml, settings.epochs, settings.imgsz, settings.batch, "cpu", settings.seed, work
+    )
     train_s, train_cpu_s = time.perf_counter() - t, _cpu_s() - cpu
     iou = held_out_iou(dataset, truth, best, data / "train_images", settings.imgsz, "cpu", work)
     photos = sorted((data / "train_images").glob("*.jpg")) + sorted((data / "test_images").glob("*.jpg"))
@@ -214,7 +220,8 @@ def main() -> None:
     ap.add_argument(
         "--from-rows",
         type=Path,
-        help="summarise the JSON lines of runs already made (each run prints one, and they are kept in <out>.rows.jsonl) instead of running",
+        help="summarise the JSON lines of runs already made (each run prints one, and they are kept in <out>.rows.jsonl) "
+        "instead of running",
     )
     ap.add_argument(
         "--timing",
@@ -271,7 +278,10 @@ def main() -> None:
         mine = [r for r in runs if r["model"] == model]
         summary[model] = {
             key: statistics.mean(r[key] for r in mine)
-            for key in ("train_s", "train_cpu_s", "map50", "map50_95", "iou_detector", "iou_full_frame", "full_frame_share", "params", "gflops_at_imgsz")
+            for key in (
+                *("train_s", "train_cpu_s", "map50", "map50_95", "iou_detector", "iou_full_frame"),
+                *("full_frame_share", "params", "gflops_at_imgsz"),
+            )
         }
         summary[model]["predict_s"] = statistics.mean(min(r["predict_s"]) for r in mine)
         summary[model]["predict_cpu_s"] = statistics.mean(min(r["predict_cpu_s"]) for r in mine)
@@ -305,7 +315,8 @@ def main() -> None:
         print(
             f"| {model} | {s['params']:,.0f} | {s['gflops_at_imgsz']:.2f} | {s['train_s']:.0f} ({s['train_ratio']:.2f}) | "
             f"{s['train_cpu_s']:.0f} ({s['train_cpu_ratio']:.2f}) | {s['map50']:.3f} | {s['map50_95']:.3f} | {s['iou_detector']:.3f} | "
-            f"{s['full_frame_share']:.3f} | {s['predict_s']:.2f} ({s['predict_ratio']:.2f}) | {s['predict_cpu_s']:.2f} ({s['predict_cpu_ratio']:.2f}) |"
+            f"{s['full_frame_share']:.3f} | {s['predict_s']:.2f} ({s['predict_ratio']:.2f}) | "
+            f"{s['predict_cpu_s']:.2f} ({s['predict_cpu_ratio']:.2f}) |"
         )
 
 

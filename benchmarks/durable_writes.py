@@ -122,7 +122,9 @@ def main() -> None:
     for px in args.crop_px:
         base = np.linspace(0, 255, px, dtype=np.float32)
         crop_sets[px] = [
-            Image.fromarray(np.clip(base[None, :, None] * 0.5 + base[:, None, None] * 0.3 + rng.normal(0, 20, (px, px, 3)), 0, 255).astype(np.uint8))
+            Image.fromarray(
+                np.clip(base[None, :, None] * 0.5 + base[:, None, None] * 0.3 + rng.normal(0, 20, (px, px, 3)), 0, 255).astype(np.uint8)
+            )
             for _ in range(16)
         ]
     sizes = {}
@@ -183,7 +185,10 @@ def main() -> None:
     print("| files | mode | count | best s | ms / file | x rename |")
     print("|---|---|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['what']} | {row['mode']} | {row['files']} | {row['best_s']:.3f} | {row['ms_per_file']:.2f} | {row['ratio_to_rename']:.2f} |")
+        print(
+            f"| {row['what']} | {row['mode']} | {row['files']} | {row['best_s']:.3f} | {row['ms_per_file']:.2f} | "
+            f"{row['ratio_to_rename']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -198,12 +198,14 @@ def test_index_recall_samples_queries() -> None:
 
 
 def test_build_index_rejects_a_string_faiss_cannot_build_naming_it() -> None:
-    with pytest.raises(ValueError, match=r"faiss cannot build index 'annoy' for 4-dimensional embeddings: could not parse index string annoy"):
+    cannot_parse = r"faiss cannot build index 'annoy' for 4-dimensional embeddings: could not parse index string annoy"
+    with pytest.raises(ValueError, match=cannot_parse):
         build_index(np.eye(4), "annoy")
     gallery, _, _ = _clustered(1, n=500, n_ind=50, n_q=5)
     with pytest.raises(ValueError, match=r"faiss cannot build index 'PQ5'.*multiple of the number of subquantizers"):
         build_index(gallery, "PQ5")
-    with pytest.raises(ValueError, match=r"faiss cannot train index 'IVF1024,Flat' on 500 gallery vectors: .*at least as large as number of clusters"):
+    too_few = r"faiss cannot train index 'IVF1024,Flat' on 500 gallery vectors: .*at least as large as number of clusters"
+    with pytest.raises(ValueError, match=too_few):
         build_index(gallery, "IVF1024,Flat")
     with pytest.raises(ValueError, match="empty index kind"):
         build_index(gallery, " ")

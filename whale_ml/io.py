@@ -169,7 +169,14 @@ def fsync_file(path: str | os.PathLike[str]) -> None:
 # fsync of a folder: file systems that do not support it answer EINVAL (or ENOTSUP),
 # and Windows cannot open a folder as a file at all (EACCES) and needs no folder flush
 # (NTFS journals the rename with the file's metadata).
-_NO_DIR_FSYNC = {errno.EINVAL, errno.EBADF, errno.EACCES, errno.EISDIR, getattr(errno, "ENOTSUP", errno.EINVAL), getattr(errno, "EOPNOTSUPP", errno.EINVAL)}
+_NO_DIR_FSYNC = {
+    errno.EINVAL,
+    errno.EBADF,
+    errno.EACCES,
+    errno.EISDIR,
+    getattr(errno, "ENOTSUP", errno.EINVAL),
+    getattr(errno, "EOPNOTSUPP", errno.EINVAL),
+}
 
 
 def fsync_dir(folder: str | os.PathLike[str]) -> bool:
