@@ -61,10 +61,15 @@ def arcface_model(
             config, data, whale.layout.model_dir(fold), config.processes, lambda e, m: mlf.log_metrics(m, step=e), context.log.info,
             val_progress=lambda epoch: progress_logger(context, f"{fold} validation after epoch {epoch}"),
         )
-        registered = _log_and_register(context, mlflow, whale.layout, config, fold, data, trained, datasets["validation"])
+        checkpoint_sha = sha256_file(trained.result.checkpoint)
+        registered = _log_and_register(context, mlflow, whale.layout, config, fold, data, trained, datasets["validation"], checkpoint_sha)
         url = mlflow.run_url(run.info.experiment_id, run.info.run_id)
     result = trained.result
     return dg.MaterializeResult(
+        # The weights' digest as the data version: a retrained fold (other weights) makes its
+        # embeddings, the gallery, threshold and submission stale in the UI until they are
+        # rebuilt; without it the version would be logical (code + inputs), unchanged by a rerun.
+        data_version=dg.DataVersion(checkpoint_sha[:24]),
         metadata={
             "val_map5": float(result.best_map5) if result.best_map5 is not None else float("nan"),
             "val_threshold": float(result.threshold) if result.threshold is not None else float("nan"),
@@ -76,6 +81,7 @@ def arcface_model(
             "registered_model": f"{mlflow.registered_model} v{registered.version} @{fold}",
             "model_format": registered.serialization,
             "data_version": data.version,
+            "checkpoint_sha256": checkpoint_sha,
             "curves": figure_md(trained.curves),
             "history": table_meta(trained.history),
         }
@@ -91,6 +97,7 @@ def _log_and_register(
     data: FoldData,
     trained: TrainedFold,
     validation: object,
+    checkpoint_sha: str,
 ) -> RegisteredEmbeddingModel:
     """Log the recipe, curves and checkpoint to the active MLflow run and register the best
     model as ``<registered_model>@<fold>``, its validation scores attached to it (measured
@@ -106,7 +113,6 @@ def _log_and_register(
     # weights_only, never unpickled); its digest tags the version so that
     # `whale identify` can tell which models a gallery was built with.
     mlf.log_artifact(str(result.checkpoint), artifact_path=CHECKPOINT_ARTIFACT.rsplit("/", 1)[0])
-    checkpoint_sha = sha256_file(result.checkpoint)
     model, _ = load_model(result.checkpoint)
     tags = {
         "fold": fold,
