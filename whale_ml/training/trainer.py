@@ -330,7 +330,7 @@ def build_training(
     loss_fn = create_loss(cfg, num_classes, np.bincount(labels, minlength=num_classes)).to(device)
     species_codes, species_names = pd.factorize(train["species"], sort=True) if cfg.species_head else (None, [])
     species_fn = create_species_loss(cfg, len(species_names)).to(device) if cfg.species_head else None
-    amp_dtype, needs_scaler = autocast_for(device, cfg.precision)
+    amp_dtype, needs_scaler = autocast_for(device, cfg.precision, training=True)
     channels_last = uses_channels_last(device, cfg.memory_format, amp_dtype)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
