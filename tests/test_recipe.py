@@ -118,11 +118,11 @@ def test_native_cpu_bf16_reads_the_cpu_flags() -> None:
     assert not native_cpu_bf16(SKYLAKE_FLAGS) and not native_cpu_bf16("")
 
 
-def test_auto_precision_on_cpu_trains_in_bf16_only_where_native_and_embeds_in_fp32() -> None:
+def test_auto_precision_is_fp32_on_cpu_whatever_the_cpu() -> None:
+    """bf16 is a choice on CPUs (it did not speed the demo up end to end): auto stays fp32."""
     cpu = torch.device("cpu")
-    assert autocast_for(cpu, "auto", training=True) == ((torch.bfloat16, False) if native_cpu_bf16() else (None, False))
-    assert autocast_for(cpu, "auto") == (None, False)  # embedding: the similarities the threshold is tuned on
-    assert autocast_for(cpu, "fp32", training=True) == (None, False)
+    assert autocast_for(cpu, "auto") == (None, False)
+    assert autocast_for(cpu, "bf16") == (torch.bfloat16, False)
 
 
 def test_fp16_training_runs_with_a_live_gradient_scaler(fold, tmp_path: Path) -> None:

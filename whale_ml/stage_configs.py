@@ -144,8 +144,8 @@ class TrainConfig(BaseModel):
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
-        description="'auto': bf16 on GPUs that support it, else fp16 with a gradient scaler; on a CPU bf16 where it has native "
-        "bf16 (AMX or AVX512-BF16: measured 1.2-1.9x faster), else fp32.",
+        description="'auto': bf16 on GPUs that support it, else fp16 with a gradient scaler; fp32 on CPU. 'bf16' on a CPU with "
+        "native bf16 (AMX or AVX512-BF16) made the step 1.2-1.9x faster but not the demo (docs/benchmarks.md).",
     )
     memory_format: Literal["auto", "channels_last", "contiguous"] = Field(
         "auto",

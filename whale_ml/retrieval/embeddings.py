@@ -46,17 +46,17 @@ def native_cpu_bf16(cpuinfo: str | None = None) -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def autocast_for(device: torch.device, precision: str = "auto", training: bool = False) -> tuple[torch.dtype | None, bool]:
+def autocast_for(device: torch.device, precision: str = "auto") -> tuple[torch.dtype | None, bool]:
     """Mixed precision for a device: (autocast dtype or None, whether a grad scaler is needed).
 
     ``"auto"``: bf16 on GPUs that support it (no scaler needed: bf16 has fp32's
-    range), fp16 on older GPUs. On a CPU: bf16 for ``training`` where the CPU has native
-    bf16 (:func:`native_cpu_bf16`; the training step measured 1.2x faster at 64 px and
-    1.8x at 96-128 px on 2 cores with AMX, docs/benchmarks.md "Training step speed"),
-    fp32 otherwise, and always fp32 for embedding (the gallery's similarities are what the
-    threshold is tuned on). An explicit ``"fp16"`` always comes with a scaler: without
-    one, small fp16 gradients underflow to zero (one of the reference notebook's
-    defects: docs/training.md).
+    range), fp16 on older GPUs, full fp32 on CPU. bf16 on a CPU is a choice, not the
+    default: with native bf16 (:func:`native_cpu_bf16`) the training step measured 1.2x
+    (64 px) to 1.9x (128 px) faster on 2 cores, but the demo pipeline, whose 64 px
+    training is bound by its loader, gained nothing end to end and scored lower out of
+    fold (docs/benchmarks.md, "Training step speed on 2 CPU cores"). An explicit
+    ``"fp16"`` always comes with a scaler: without one, small fp16 gradients underflow to
+    zero (one of the reference notebook's defects: docs/training.md).
     """
     if precision == "fp32":
         return None, False
@@ -67,14 +67,14 @@ def autocast_for(device: torch.device, precision: str = "auto", training: bool =
     if precision != "auto":
         raise ValueError(f"unknown precision {precision!r}: expected auto, fp32, bf16 or fp16")
     if device.type != "cuda":
-        return (torch.bfloat16, False) if training and device.type == "cpu" and _native_cpu_bf16() else (None, False)
+        return None, False
     if torch.cuda.is_bf16_supported():
         return torch.bfloat16, False
     return torch.float16, True
 
 
 @functools.cache
-def _native_cpu_bf16() -> bool:
+def native_cpu_bf16_here() -> bool:
     """:func:`native_cpu_bf16` of this machine, read once."""
     return native_cpu_bf16()
 
