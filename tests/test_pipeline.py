@@ -158,8 +158,10 @@ def test_training_runs_log_their_photos_system_metrics_and_ranked_models(pipelin
         for r in client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'training'")
     }
     folds = pd.read_parquet(layout.tables / "cv_folds.parquet")
-    for fold, run in runs.items():
+    (detector,) = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'detection'")
+    for run in [*runs.values(), detector]:  # the detector's training too
         assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    for fold, run in runs.items():
         logged = {
             d.dataset.name: (d.dataset.digest, {t.key: t.value for t in d.tags}.get("mlflow.data.context"), json.loads(d.dataset.profile))
             for d in run.inputs.dataset_inputs

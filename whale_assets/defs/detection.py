@@ -45,7 +45,7 @@ def fluke_detector(
     @contextmanager
     def tracked() -> Iterator[MetricsFn]:
         # Opened by prepare_detector once the training data is checked: bad settings open no run.
-        with mlflow.start_run(context, run_name="fluke_detector", tags={"stage": "detection"}) as run:
+        with mlflow.start_run(context, run_name="fluke_detector", tags={"stage": "detection"}, system_metrics=True) as run:
             import mlflow as mlf
 
             mlf.log_params({k: v for k, v in config.model_dump().items() if v is not None})
