@@ -174,6 +174,16 @@ def test_fold_summary_hand_table(hand_table: pd.DataFrame) -> None:
         assert row.val_new_share == pytest.approx((val["truth"] == NEW_INDIVIDUAL).mean())
 
 
+def test_the_fold_check_fails_plainly_when_no_photo_is_in_a_fold(hand_table: pd.DataFrame) -> None:
+    """Every photo excluded (fold -1): the blocking check fails with its counts, not a KeyError."""
+    from whale_assets.defs.splits import folds_hold_out_individuals
+
+    folds = make_folds(hand_table, 3, new_individual_share=0.25, seed=5).assign(fold=-1)
+    assert list(fold_summary(folds).columns) == ["fold", "train_images", "train_individuals", "val_images", "val_new_share"]
+    result = folds_hold_out_individuals(folds)
+    assert not result.passed and result.metadata["folds_with_validation"].value == 0
+
+
 def test_fold_names() -> None:
     """Partition keys of the fold models."""
     assert fold_names(3) == ["fold0", "fold1", "fold2"]

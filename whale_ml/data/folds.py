@@ -151,4 +151,5 @@ def fold_summary(folds: pd.DataFrame) -> pd.DataFrame:
                 "val_new_share": float((val["truth"] == NEW_INDIVIDUAL).mean()) if len(val) else 0.0,
             }
         )
-    return pd.DataFrame(rows)
+    # The columns even without a fold (every photo excluded): readers index them.
+    return pd.DataFrame(rows, columns=["fold", "train_images", "train_individuals", "val_images", "val_new_share"])
