@@ -19,11 +19,12 @@ from whale_ml.gallery.build import build_gallery
 from whale_ml.gallery.lineage import record_embeddings
 from whale_ml.gallery.versions import list_versions
 from whale_ml.registry import gallery_models
+from whale_ml.retrieval.centres import remove_centres
 from whale_ml.retrieval.embeddings import embed_paths
 from whale_ml.retrieval.rerank import LocalRerank
 from whale_ml.retrieval.store import save_embeddings
 from whale_ml.retrieval.threshold import OutOfFoldThreshold, tune_out_of_fold
-from whale_ml.training.trainer import load_model, resolve_device
+from whale_ml.training.trainer import load_class_centres, load_model, resolve_device
 
 
 @dg.asset(
@@ -31,7 +32,7 @@ from whale_ml.training.trainer import load_model, resolve_device
     kinds={"pytorch", "numpy", "mlflow"},
     partitions_def=fold_partitions,
     deps=["arcface_model"],
-    code_version="2",
+    code_version="3",
     pool="gpu",
     op_tags=GPU_STEP_TAGS,
     retry_policy=mlflow_retry_policy(),
@@ -48,7 +49,7 @@ def fold_embeddings(
     context: dg.AssetExecutionContext, config: EmbedSettings, whale: WhaleHome, mlflow: MlflowTracking, crops: pd.DataFrame
 ) -> dg.MaterializeResult:
     """The fold model's L2-normalised embeddings of every train and test crop (float32
-    ``.npy`` with the image order beside it), in an MLflow run with the settings, the
+    ``.npy`` with the image order beside it) and its ArcFace class centres, in an MLflow run with the settings, the
     rate and the machine's use while embedding (system metrics: CPU, memory, GPU)."""
     import mlflow as mlf
 
@@ -84,6 +85,13 @@ def fold_embeddings(
         mlf.log_metrics({"photos": photos, "seconds": seconds, "photos_per_second": photos / max(seconds, 1e-9)})
     if device.type == "cuda":
         torch.cuda.empty_cache()  # give the memory back before the next partition's training
+    # The same checkpoint's class centres beside its embeddings (none from a checkpoint made
+    # before they were kept: then no other model's may stay behind).
+    centres = load_class_centres(checkpoint)
+    if centres is not None:
+        centres.save(out)
+    else:
+        remove_centres(out)
     # Which checkpoint (and registry version) made these embeddings: the gallery's lineage.
     recorded = record_embeddings(whale.layout, fold, checkpoint, config.flip_tta)
     return dg.MaterializeResult(
@@ -92,6 +100,7 @@ def fold_embeddings(
             "train_embeddings": counts["train"],
             "test_embeddings": counts["test"],
             "dimension": cfg.embedding_size,
+            "class_centres": len(centres.ids) if centres is not None else 0,
             "flip_tta": config.flip_tta,
             "folder": dg.MetadataValue.path(str(out)),
             "mlflow_run": dg.MetadataValue.url(mlflow.run_url(run.info.experiment_id, run.info.run_id)),
