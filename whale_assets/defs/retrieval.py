@@ -175,19 +175,32 @@ def gallery(
     return dg.MaterializeResult(value={"version": version.name}, metadata=metadata)
 
 
-def _rerank_metadata(context: dg.AssetExecutionContext, tuned: OutOfFoldThreshold) -> dict[str, object]:
-    """What local re-ranking changed out of fold, and what it cost (nothing without it)."""
-    if tuned.fusion is None or tuned.plain is None or tuned.rerank_cost is None:
+def _fusion_metadata(context: dg.AssetExecutionContext, tuned: OutOfFoldThreshold) -> dict[str, object]:
+    """What the fusion (local re-ranking, class centres) changed out of fold, and what local
+    matching cost (nothing without a fusion)."""
+    if tuned.fusion is None or tuned.plain is None:
         return {}
-    cost, weight = tuned.rerank_cost, tuned.fusion.fusion.weight
+    fusion = tuned.fusion.fusion
+    found: dict[str, object] = {
+        "oof_map5_without_fusion": tuned.plain.map5,
+        "fusion_weights": ", ".join(f"{k} {v:.2f}" for k, v in fusion.weights.items()),
+        "class_centre_weight": fusion.centre_weight,
+        "fusion_by_weight": table_meta(tuned.fusion.table),
+    }
+    context.log.info(
+        f"fusion: out-of-fold MAP@5 {tuned.plain.map5:.4f} -> {tuned.result.map5:.4f} at weights {found['fusion_weights']}"
+    )
+    if tuned.rerank_cost is None:
+        return found
+    cost, weight = tuned.rerank_cost, fusion.weight
     context.log.info(
         f"local re-ranking: out-of-fold MAP@5 {tuned.plain.map5:.4f} -> {tuned.result.map5:.4f} at fusion weight "
         f"{weight:.2f} ({cost.ms_per_query:.1f} ms per query, {cost.pairs} photo pairs)"
     )
     return {
+        **found,
         "oof_map5_without_rerank": tuned.plain.map5,
         "fusion_weight": weight,
-        "fusion_by_weight": table_meta(tuned.fusion.table),
         "rerank_ms_per_query": round(cost.ms_per_query, 2),
         "rerank_pairs_matched": cost.pairs,
     }
@@ -228,7 +241,9 @@ def match_threshold(
     validation photos searched against that fold's training photos with that fold's
     model, pooled over folds, every distinct threshold considered (exact, no grid).
     Optionally one threshold per species (of the nearest individual) with enough
-    validation photos. The curve goes to the UI and to MLflow. See docs/retrieval.md."""
+    validation photos; with re-ranking and/or class centres, the threshold applies to the
+    fused score, its weights tuned with it. The curve goes to the UI and to MLflow. See
+    docs/retrieval.md."""
     import mlflow as mlf
 
     store = feature_store(whale) if config.rerank else None
@@ -243,7 +258,11 @@ def match_threshold(
         features=store,
         fusion_weights=config.fusion_weights,
         progress=progress_logger(context, "out-of-fold local matching"),
+        class_centres=config.class_centres,
+        candidates=config.candidates,
     )
+    if tuned.centres_note:
+        context.log.warning(tuned.centres_note)
     result = tuned.result
     metadata: dict[str, object] = {
         "threshold": result.threshold,
@@ -252,7 +271,7 @@ def match_threshold(
         "queries": tuned.queries,
         "per_fold": table_meta(tuned.per_fold),
     }
-    metadata.update(_rerank_metadata(context, tuned))
+    metadata.update(_fusion_metadata(context, tuned))
     if tuned.species is not None:
         metadata.update({"oof_map5": tuned.species.map5, "oof_map5_global_only": result.map5, "species": table_meta(tuned.species.table)})
         context.log.info(f"own thresholds for {len(tuned.species.by_species)} species: out-of-fold MAP@5 {tuned.species.map5:.4f}")
@@ -263,7 +282,10 @@ def match_threshold(
         mlf.log_params({**config.model_dump(), "folds": len(tuned.per_fold), "queries": tuned.queries})
         mlf.log_metrics({"threshold": result.threshold, "oof_map5": tuned.map5, "oof_map5_global": result.map5})
         if tuned.fusion is not None and tuned.plain is not None:
-            mlf.log_metrics({"oof_map5_without_rerank": tuned.plain.map5, "fusion_weight": tuned.fusion.fusion.weight})
+            fused = tuned.fusion.fusion
+            mlf.log_metrics({"oof_map5_without_fusion": tuned.plain.map5, "fusion_weight": fused.weight, "class_centre_weight": fused.centre_weight})
+            if tuned.rerank is not None:
+                mlf.log_metrics({"oof_map5_without_rerank": tuned.plain.map5})
             mlf.log_table(tuned.fusion.table, "fusion_by_weight.json")
         mlf.log_figure(fig, "map5_curve.png")
         mlf.log_table(result.curve(), "map5_curve.json")
