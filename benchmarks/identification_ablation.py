@@ -159,7 +159,9 @@ def main() -> None:
             print(rows[-1], flush=True)
             if n == 0 and has_centres:  # the default re-ranking plus class centres: the grid on the simplex
                 start = time.perf_counter()
-                both = tune_out_of_fold(cv, layout.embeddings_dir, folds, rerank=LocalRerank(cfg, k, per), features=store, class_centres=True)
+                both = tune_out_of_fold(
+                    cv, layout.embeddings_dir, folds, rerank=LocalRerank(cfg, k, per), features=store, class_centres=True
+                )
                 both_s = time.perf_counter() - start - oof_s
                 t_map, t_new, test_s = _test(layout, both.value(), store, truth)
                 assert both.fusion is not None and both.rerank_cost is not None

@@ -147,7 +147,9 @@ def test_class_centres_out_of_fold_and_identify_agrees_with_the_submission(home:
     store = home_feature_store(layout)
     rerank = LocalRerank(store.config, 10, 4)
     without = tune_out_of_fold(cv, layout.embeddings_dir, ["fold0", "fold1"], rerank=rerank, features=store, fusion_weights=11)
-    tuned = tune_out_of_fold(cv, layout.embeddings_dir, ["fold0", "fold1"], rerank=rerank, features=store, fusion_weights=11, class_centres=True)
+    tuned = tune_out_of_fold(
+        cv, layout.embeddings_dir, ["fold0", "fold1"], rerank=rerank, features=store, fusion_weights=11, class_centres=True
+    )
     assert tuned.fusion is not None and "centre_weight" in tuned.fusion.table and len(tuned.fusion.table) == 66
     assert tuned.result.map5 >= without.result.map5 - 1e-12, "the grid holds every point without centres"
     plain = tune_out_of_fold(cv, layout.embeddings_dir, ["fold0", "fold1"], candidates=10)

@@ -19,7 +19,7 @@ from whale_ml.gallery.build import build_gallery
 from whale_ml.gallery.lineage import record_embeddings
 from whale_ml.gallery.versions import list_versions
 from whale_ml.registry import gallery_models
-from whale_ml.retrieval.centres import remove_centres
+from whale_ml.retrieval.centres import replace_centres
 from whale_ml.retrieval.embeddings import embed_paths
 from whale_ml.retrieval.rerank import LocalRerank
 from whale_ml.retrieval.store import save_embeddings
@@ -48,9 +48,9 @@ from whale_ml.training.trainer import load_class_centres, load_model, resolve_de
 def fold_embeddings(
     context: dg.AssetExecutionContext, config: EmbedSettings, whale: WhaleHome, mlflow: MlflowTracking, crops: pd.DataFrame
 ) -> dg.MaterializeResult:
-    """The fold model's L2-normalised embeddings of every train and test crop (float32
-    ``.npy`` with the image order beside it) and its ArcFace class centres, in an MLflow run with the settings, the
-    rate and the machine's use while embedding (system metrics: CPU, memory, GPU)."""
+    """The fold model's L2-normalised embeddings of every train and test crop (float32 ``.npy``
+    with the image order beside it) and its ArcFace class centres, in an MLflow run with the
+    settings, the rate and the machine's use while embedding (system metrics: CPU, memory, GPU)."""
     import mlflow as mlf
 
     fold = context.partition_key
@@ -79,28 +79,20 @@ def fold_embeddings(
                 raise FloatingPointError(f"{fold}: non-finite {split} embeddings; the model checkpoint is broken")
             save_embeddings(out, split, emb, rows["image"].tolist())
             counts[split] = len(emb)
-            if len(emb):
-                worst = max(worst, float(np.abs(np.linalg.norm(emb, axis=1) - 1.0).max()))
+            worst = max(worst, float(np.abs(np.linalg.norm(emb, axis=1) - 1.0).max(initial=0.0)))
         photos, seconds = sum(counts.values()), time.perf_counter() - started
         mlf.log_metrics({"photos": photos, "seconds": seconds, "photos_per_second": photos / max(seconds, 1e-9)})
     if device.type == "cuda":
         torch.cuda.empty_cache()  # give the memory back before the next partition's training
-    # The same checkpoint's class centres beside its embeddings (none from a checkpoint made
-    # before they were kept: then no other model's may stay behind).
-    centres = load_class_centres(checkpoint)
-    if centres is not None:
-        centres.save(out)
-    else:
-        remove_centres(out)
-    # Which checkpoint (and registry version) made these embeddings: the gallery's lineage.
-    recorded = record_embeddings(whale.layout, fold, checkpoint, config.flip_tta)
+    centres = replace_centres(out, load_class_centres(checkpoint))  # the same checkpoint's, beside its embeddings
+    recorded = record_embeddings(whale.layout, fold, checkpoint, config.flip_tta)  # which checkpoint made them: the lineage
     return dg.MaterializeResult(
         metadata={
             "registered_version": recorded.version or "not registered",
             "train_embeddings": counts["train"],
             "test_embeddings": counts["test"],
             "dimension": cfg.embedding_size,
-            "class_centres": len(centres.ids) if centres is not None else 0,
+            "class_centres": centres,
             "flip_tta": config.flip_tta,
             "folder": dg.MetadataValue.path(str(out)),
             "mlflow_run": dg.MetadataValue.url(mlflow.run_url(run.info.experiment_id, run.info.run_id)),
@@ -206,6 +198,20 @@ def _fusion_metadata(context: dg.AssetExecutionContext, tuned: OutOfFoldThreshol
     }
 
 
+def _log_fusion(tuned: OutOfFoldThreshold) -> None:
+    """The fusion's weights, its gain and its table of weights, to the active MLflow run."""
+    import mlflow as mlf
+
+    if tuned.fusion is None or tuned.plain is None:
+        return
+    fused = tuned.fusion.fusion
+    metrics = {"oof_map5_without_fusion": tuned.plain.map5, "fusion_weight": fused.weight, "class_centre_weight": fused.centre_weight}
+    mlf.log_metrics(metrics)
+    if tuned.rerank is not None:
+        mlf.log_metrics({"oof_map5_without_rerank": tuned.plain.map5})
+    mlf.log_table(tuned.fusion.table, "fusion_by_weight.json")
+
+
 def _curve_plot(thresholds: np.ndarray, curve: np.ndarray, chosen: float, fused: bool = False) -> object:
     import matplotlib
 
@@ -241,9 +247,8 @@ def match_threshold(
     validation photos searched against that fold's training photos with that fold's
     model, pooled over folds, every distinct threshold considered (exact, no grid).
     Optionally one threshold per species (of the nearest individual) with enough
-    validation photos; with re-ranking and/or class centres, the threshold applies to the
-    fused score, its weights tuned with it. The curve goes to the UI and to MLflow. See
-    docs/retrieval.md."""
+    validation photos. With re-ranking and/or class centres it applies to the fused score,
+    tuned with its weights. The curve goes to the UI and to MLflow. See docs/retrieval.md."""
     import mlflow as mlf
 
     store = feature_store(whale) if config.rerank else None
@@ -281,12 +286,7 @@ def match_threshold(
     with mlflow.start_run(context, run_name="match_threshold", tags={"stage": "retrieval"}) as run:
         mlf.log_params({**config.model_dump(), "folds": len(tuned.per_fold), "queries": tuned.queries})
         mlf.log_metrics({"threshold": result.threshold, "oof_map5": tuned.map5, "oof_map5_global": result.map5})
-        if tuned.fusion is not None and tuned.plain is not None:
-            fused = tuned.fusion.fusion
-            mlf.log_metrics({"oof_map5_without_fusion": tuned.plain.map5, "fusion_weight": fused.weight, "class_centre_weight": fused.centre_weight})
-            if tuned.rerank is not None:
-                mlf.log_metrics({"oof_map5_without_rerank": tuned.plain.map5})
-            mlf.log_table(tuned.fusion.table, "fusion_by_weight.json")
+        _log_fusion(tuned)
         mlf.log_figure(fig, "map5_curve.png")
         mlf.log_table(result.curve(), "map5_curve.json")
         if tuned.species is not None:

@@ -54,7 +54,9 @@ class ClassCentres:
 
     def __post_init__(self) -> None:
         if self.vectors.ndim != 3 or len(self.vectors) != len(self.ids):
-            raise ValueError(f"class centres must be (individuals, sub_centers, d) with one id a row, got {self.vectors.shape} for {len(self.ids)} ids")
+            raise ValueError(
+                f"class centres must be (individuals, sub_centers, d) with one id a row, got {self.vectors.shape} for {len(self.ids)} ids"
+            )
         if len(set(self.ids.tolist())) != len(self.ids):
             raise ValueError("class centres hold an individual twice")
 
@@ -117,10 +119,23 @@ class ClassCentres:
 
 
 def remove_centres(folder: str | Path) -> None:
-    """Delete the centres in ``folder`` (embeddings remade by a model without them must not
-    keep another model's)."""
+    """Delete the centres in ``folder``."""
     for name in (CENTRES_FILE, CENTRE_IDS_FILE):
         (Path(folder) / name).unlink(missing_ok=True)
+
+
+def replace_centres(folder: str | Path, centres: ClassCentres | None) -> int:
+    """Make ``centres`` the ones in ``folder``: saved, or, for a model without them (a
+    checkpoint from before they were kept), none, so that no other model's stay behind.
+
+    Returns:
+        How many individuals have a centre now.
+    """
+    if centres is None:
+        remove_centres(folder)
+        return 0
+    centres.save(folder)
+    return len(centres.ids)
 
 
 def centre_similarity(queries: np.ndarray, centres: ClassCentres, candidates: np.ndarray) -> np.ndarray:

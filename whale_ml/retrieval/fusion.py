@@ -117,7 +117,8 @@ class Fusion:
     def of(cls, calibrations: dict[str, Calibration], **extra_weights: float) -> Fusion:
         """The fusion giving ``global`` what the other weights leave: ``Fusion.of(cals, local=0.25)``."""
         rest = max(0.0, 1.0 - sum(extra_weights.values()))
-        return cls({GLOBAL: rest, **{k: float(v) for k, v in extra_weights.items()}}, {k: calibrations[k] for k in (GLOBAL, *extra_weights)})
+        weights = {GLOBAL: rest, **{k: float(v) for k, v in extra_weights.items()}}
+        return cls(weights, {k: calibrations[k] for k in weights})
 
     @property
     def weight(self) -> float:

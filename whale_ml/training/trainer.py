@@ -544,9 +544,8 @@ def _fit(
     seed_everything(cfg.seed)
     parts = build_training(cfg, train, num_classes, device, log, rank, world)
     species = {"species": parts.species_names} if parts.species_fn is not None else None
-    saver = CheckpointSaver(
-        out, cfg, num_classes, data_fingerprint(train, val), parts.checkpointed(), species, write=rank == 0, centres=_centres_of(parts, train)
-    )
+    fingerprint, centres = data_fingerprint(train, val), _centres_of(parts, train)
+    saver = CheckpointSaver(out, cfg, num_classes, fingerprint, parts.checkpointed(), species, write=rank == 0, centres=centres)
     progress = saver.resume(cfg.epochs, cfg.patience, device, log)
     validates = len(val) > 0 and rank == 0
     vset = validation_set(train, val, cfg.val_sample, cfg.seed)
