@@ -18,7 +18,7 @@ Variants:
 
 Usage::
 
-    python benchmarks/identification_ablation.py HOME [--quick] [--truth test_truth.csv] [--out results.json]
+    python benchmarks/identification_ablation.py HOME [--quick | --only-centres] [--truth test_truth.csv] [--out results.json]
 """
 
 from __future__ import annotations
@@ -111,6 +111,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("home", type=Path)
     ap.add_argument("--quick", action="store_true", help="only the default re-ranking and ORB")
+    ap.add_argument("--only-centres", action="store_true", help="only the embedding, class centres, the default re-ranking and both")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--truth", type=Path, help="test_truth.csv (default: HOME/demo_data/test_truth.csv, where make demo puts it)")
     args = ap.parse_args()
@@ -142,7 +143,7 @@ def main() -> None:
         print("no class centres beside the fold embeddings (fold models trained before they were kept): option 1 left out", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for n, (name, over) in enumerate(RERANK_VARIANTS):
-            if args.quick and n not in QUICK:
+            if (args.quick and n not in QUICK) or (args.only_centres and n != 0):
                 continue
             over = dict(over)
             k, per = over.pop("candidates", 10), over.pop("per", 4)
@@ -171,7 +172,7 @@ def main() -> None:
                              "centre_weight": both.fusion.fusion.centre_weight, "ms_per_query": both.rerank_cost.ms_per_query,
                              "features_s": feat_s, "tune_s": both_s, "tune_s_without_centres": tune_s})
                 print(rows[-1], flush=True)
-    for how in ("qe", "dba", "centroid"):
+    for how in () if args.only_centres else ("qe", "dba", "centroid"):
         m, new = _augmented(layout, cv, folds, how)
         rows.append({"variant": f"{how} (option 4, embedding only)", "oof_map5": m, "oof_new_share": new, "test_map5": None,
                      "test_new_share": None, "added_s": None, "weight": None, "ms_per_query": None})

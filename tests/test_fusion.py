@@ -139,6 +139,9 @@ def test_a_missing_centre_scores_the_candidate_by_its_photos():
     assert missing[0, 0] == pytest.approx(G(0.5)) and with_centre[0, 0] == pytest.approx(0.6 * G(0.5) + 0.4 * C(0.5))
     with pytest.raises(ValueError, match="class-centre"):
         fusion.scores(np.array([[0.5]]))
+    # Tuned out (weight 0), the centres are not needed: what the submission reads then.
+    tuned_out = Fusion({"global": 0.8, "local": 0.2, "centre": 0.0}, {"global": G, "local": L, "centre": C})
+    assert tuned_out.scores(SIMS, INLIERS) == pytest.approx(Fusion.of({"global": G, "local": L}, local=0.2).scores(SIMS, INLIERS))
 
 
 def test_uninformative_centres_get_no_weight():

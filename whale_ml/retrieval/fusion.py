@@ -135,19 +135,20 @@ class Fusion:
 
         Args:
             sims: (n, K) each candidate's best-photo similarity.
-            inliers: (n, K) its local-feature inliers; needed when ``local`` is a matcher.
+            inliers: (n, K) its local-feature inliers; needed when ``local`` has weight.
             centre_sims: (n, K) its class-centre similarity, NaN where it has no centre;
-                needed when ``centre`` is a matcher.
+                needed when ``centre`` has weight.
         """
         sims = np.asarray(sims, dtype=np.float64)
         valid = np.isfinite(sims)
         p_global = self.calibrations[GLOBAL](np.where(valid, sims, 0.0))
         fused = self.weights[GLOBAL] * p_global
-        if LOCAL in self.weights:
+        # A matcher of weight 0 (tuned out: it did not help) needs no evidence.
+        if self.weights.get(LOCAL, 0.0) > 0:
             if inliers is None:
                 raise ValueError("this fusion weighs local-feature inliers: pass them")
             fused = fused + self.weights[LOCAL] * self.calibrations[LOCAL](inlier_evidence(inliers))
-        if CENTRE in self.weights:
+        if self.weights.get(CENTRE, 0.0) > 0:
             if centre_sims is None:
                 raise ValueError("this fusion weighs class-centre similarities: pass them")
             centre = np.asarray(centre_sims, dtype=np.float64)
