@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("home", type=Path)
     args = ap.parse_args()
     src, dst = HomeLayout(args.source), HomeLayout(args.home)
+    dst.home.mkdir(parents=True, exist_ok=True)
     for sub in ("tables", "demo_data"):
         if not (dst.home / sub).exists():
             (dst.home / sub).symlink_to((src.home / sub).resolve())
