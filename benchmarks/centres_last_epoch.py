@@ -56,6 +56,9 @@ def main() -> None:
     crops = pd.read_parquet(src.tables / "crops.parquet")
     folds = sorted(p.name for p in (src.home / "models").iterdir() if (p / "last.pt").exists())
     for i, fold in enumerate(folds):
+        if (dst.embeddings_dir(fold) / "test.npy").exists() and ClassCentres.load(dst.embeddings_dir(fold)) is not None:
+            print(f"{fold}: done before, kept", flush=True)  # a run cut short goes on where it stopped
+            continue
         start = time.perf_counter()
         last = load_checkpoint(src.model_dir(fold) / "last.pt")
         cfg = TrainConfig(**last["config"])
