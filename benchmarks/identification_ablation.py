@@ -12,10 +12,13 @@ Variants:
   the default and its settings one at a time.
 * ``qe``/``dba``/``centroid``: query expansion, database-side augmentation and
   individual-centroid augmentation of the embeddings (option 4), out of fold only.
+* ``class centres``: each candidate's cosine to its best ArcFace class sub-centre fused as
+  a third calibrated score (option 1, ``match_threshold: {config: {class_centres: true}}``),
+  alone and with the default re-ranking; needs fold models that kept their centres.
 
 Usage::
 
-    python benchmarks/identification_ablation.py HOME [--quick] [--truth test_truth.csv] [--out results.json]
+    python benchmarks/identification_ablation.py HOME [--quick | --only-centres] [--truth test_truth.csv] [--out results.json]
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from whale_ml.gallery.build import query_embeddings  # noqa: E402
+from whale_ml.retrieval.centres import ClassCentres  # noqa: E402
 from whale_ml.gallery.search import match_queries  # noqa: E402
 from whale_ml.gallery.versions import load_version  # noqa: E402
 from whale_ml.home import HomeLayout  # noqa: E402
@@ -107,6 +111,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("home", type=Path)
     ap.add_argument("--quick", action="store_true", help="only the default re-ranking and ORB")
+    ap.add_argument("--only-centres", action="store_true", help="only the embedding, class centres, the default re-ranking and both")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--truth", type=Path, help="test_truth.csv (default: HOME/demo_data/test_truth.csv, where make demo puts it)")
     args = ap.parse_args()
@@ -124,9 +129,21 @@ def main() -> None:
     rows.append({"variant": "embedding only (before issue 15)", "oof_map5": plain.map5, "oof_new_share": plain.result.new_share,
                  "test_map5": t_map, "test_new_share": t_new, "added_s": 0.0, "weight": None, "ms_per_query": None})
     print(rows[-1], flush=True)
+    has_centres = all(ClassCentres.load(layout.embeddings_dir(f)) is not None for f in folds)
+    if has_centres:
+        start = time.perf_counter()
+        tuned = tune_out_of_fold(cv, layout.embeddings_dir, folds, class_centres=True)
+        tune_s = time.perf_counter() - start
+        t_map, t_new, test_s = _test(layout, tuned.value(), None, truth)
+        rows.append({"variant": "class centres (option 1), no re-ranking", "oof_map5": tuned.map5, "oof_new_share": tuned.result.new_share,
+                     "test_map5": t_map, "test_new_share": t_new, "added_s": tune_s - oof_s + (test_s - t_s), "weight": None,
+                     "centre_weight": tuned.fusion.fusion.centre_weight if tuned.fusion else 0.0, "ms_per_query": None})
+        print(rows[-1], flush=True)
+    else:
+        print("no class centres beside the fold embeddings (fold models trained before they were kept): option 1 left out", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for n, (name, over) in enumerate(RERANK_VARIANTS):
-            if args.quick and n not in QUICK:
+            if (args.quick and n not in QUICK) or (args.only_centres and n != 0):
                 continue
             over = dict(over)
             k, per = over.pop("candidates", 10), over.pop("per", 4)
@@ -141,7 +158,21 @@ def main() -> None:
                          "test_new_share": t_new, "added_s": feat_s + tune_s + (test_s - t_s), "weight": tuned.fusion.fusion.weight,
                          "ms_per_query": tuned.rerank_cost.ms_per_query, "features_s": feat_s})
             print(rows[-1], flush=True)
-    for how in ("qe", "dba", "centroid"):
+            if n == 0 and has_centres:  # the default re-ranking plus class centres: the grid on the simplex
+                start = time.perf_counter()
+                both = tune_out_of_fold(
+                    cv, layout.embeddings_dir, folds, rerank=LocalRerank(cfg, k, per), features=store, class_centres=True
+                )
+                both_s = time.perf_counter() - start - oof_s
+                t_map, t_new, test_s = _test(layout, both.value(), store, truth)
+                assert both.fusion is not None and both.rerank_cost is not None
+                rows.append({"variant": f"{name} + class centres (option 1)", "oof_map5": both.result.map5,
+                             "oof_new_share": both.result.new_share, "test_map5": t_map, "test_new_share": t_new,
+                             "added_s": feat_s + both_s + (test_s - t_s), "weight": both.fusion.fusion.weight,
+                             "centre_weight": both.fusion.fusion.centre_weight, "ms_per_query": both.rerank_cost.ms_per_query,
+                             "features_s": feat_s, "tune_s": both_s, "tune_s_without_centres": tune_s})
+                print(rows[-1], flush=True)
+    for how in () if args.only_centres else ("qe", "dba", "centroid"):
         m, new = _augmented(layout, cv, folds, how)
         rows.append({"variant": f"{how} (option 4, embedding only)", "oof_map5": m, "oof_new_share": new, "test_map5": None,
                      "test_new_share": None, "added_s": None, "weight": None, "ms_per_query": None})

@@ -127,6 +127,58 @@ def test_identify_lists_five_candidates_per_photo_and_an_error_row_per_bad_photo
         assert rows[name]["candidates"] == [] and rows[name]["predictions"] == []
 
 
+def test_class_centres_out_of_fold_and_identify_agrees_with_the_submission(home: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    """The fold models kept their class centres; tuned with them out of fold (each fold's
+    validation photos against its own model's centres), and with a fusion that weighs them,
+    ``whale identify`` answers the test photos exactly as the submission's matching does."""
+    from whale_ml.data.folds import fold_split
+    from whale_ml.gallery import load_version, match_queries, query_embeddings
+    from whale_ml.io import write_json
+    from whale_ml.retrieval.centres import ClassCentres
+    from whale_ml.retrieval.local_features import home_feature_store
+    from whale_ml.retrieval.rerank import LocalRerank
+    from whale_ml.retrieval.threshold import tune_out_of_fold
+
+    layout, data = home["layout"], home["data"]
+    cv = pd.read_parquet(layout.tables / "cv_folds.parquet")
+    for i, fold in enumerate(["fold0", "fold1"]):  # each model's centres: exactly its training individuals
+        centres = ClassCentres.load(layout.embeddings_dir(fold))
+        assert centres is not None and sorted(centres.ids) == sorted(fold_split(cv, i)[0]["individual_id"].unique())
+    store = home_feature_store(layout)
+    rerank = LocalRerank(store.config, 10, 4)
+    without = tune_out_of_fold(cv, layout.embeddings_dir, ["fold0", "fold1"], rerank=rerank, features=store, fusion_weights=11)
+    tuned = tune_out_of_fold(
+        cv, layout.embeddings_dir, ["fold0", "fold1"], rerank=rerank, features=store, fusion_weights=11, class_centres=True
+    )
+    assert tuned.fusion is not None and "centre_weight" in tuned.fusion.table and len(tuned.fusion.table) == 66
+    assert tuned.result.map5 >= without.result.map5 - 1e-12, "the grid holds every point without centres"
+    plain = tune_out_of_fold(cv, layout.embeddings_dir, ["fold0", "fold1"], candidates=10)
+    alone = tune_out_of_fold(cv, layout.embeddings_dir, ["fold0", "fold1"], class_centres=True, fusion_weights=11)
+    assert alone.result.map5 >= plain.result.map5 - 1e-12
+    if alone.fusion is None:  # the centres did not help: the plain similarity and its threshold
+        assert alone.value().get("fusion") is None and alone.result.map5 == pytest.approx(plain.result.map5)
+
+    # A fusion that weighs the centres, whatever the tiny models' tuning chose, so the test path is exercised.
+    value = tuned.value()
+    value["fusion"]["weights"] = {"global": 0.5, "local": 0.2, "centre": 0.3}
+    value["class_centres"] = {"candidates": 10}
+    version = load_version(layout)
+    assert all(c is not None for c in version.centres)
+    queries, images = query_embeddings(layout, version)
+    expected = match_queries(version, queries, value, [store.get(img) for img in images], store)  # as submission_csv matches
+    saved = layout.tables / "match_threshold.json"
+    original = saved.read_bytes()
+    try:
+        write_json(saved, value)
+        code, out, _ = _whale(capsys, "identify", str(data / "test_images"), "--json")
+    finally:
+        saved.write_bytes(original)
+    assert code == 0
+    rows = {p["image"]: p for p in json.loads(out)["photos"]}
+    assert {img: rows[img]["predictions"] for img in images} == dict(zip(images, expected.predictions, strict=True))
+    assert [rows[img]["candidates"][0]["similarity"] for img in images] == pytest.approx(expected.sims[:, 0].tolist(), abs=1e-6)
+
+
 def test_enrolled_animal_is_identified_from_its_other_photos(home: dict, capsys: pytest.CaptureFixture[str]) -> None:
     from whale_assets.definitions import defs as load_defs
     from whale_assets.defs.automation import training_data_changed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -13,7 +14,15 @@ from whale_ml.stage_configs import TrainConfig
 from whale_ml.data.folds import fold_split, make_folds
 from whale_ml.data.metadata import read_train_metadata
 from whale_ml.models.embedding import GeM, create_embedding_model
-from whale_ml.training.trainer import create_loss, create_optimizer, load_checkpoint, load_model, train_fold, warmup_cosine
+from whale_ml.training.trainer import (
+    create_loss,
+    create_optimizer,
+    load_checkpoint,
+    load_class_centres,
+    load_model,
+    train_fold,
+    warmup_cosine,
+)
 
 TINY = {"backbone": "test_resnet", "image_size": 32, "embedding_size": 16, "batch_size": 4, "m_per_class": 1, "device": "cpu"}
 
@@ -97,6 +106,16 @@ def test_training_logs_epochs_and_saves_a_loadable_best_model(fold, tmp_path: Pa
     with torch.no_grad():
         out = model(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 16) and torch.isfinite(out).all()
+    # best.pt keeps the class centres of the fold's training individuals (the others' rows never had a photo).
+    centres = load_class_centres(result.checkpoint)
+    assert centres is not None and sorted(centres.ids) == sorted(train["individual_id"].unique())
+    assert centres.vectors.shape == (train["individual_id"].nunique(), 1, 16)
+    assert np.allclose(np.linalg.norm(centres.vectors, axis=2), 1.0, atol=1e-5)
+    if result.best_epoch == 2:  # then last.pt's loss state is the same epoch's: the centres are its W's columns
+        w = load_checkpoint(tmp_path / "last.pt")["loss"]["W"].numpy()
+        labels = train.drop_duplicates("individual_id").set_index("individual_id")["label"]
+        expected = w[:, labels[centres.ids].to_numpy()].T
+        assert np.allclose(centres.vectors[:, 0], expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=1e-6)
 
 
 def test_resume_continues_after_the_last_complete_epoch(fold, tmp_path: Path) -> None:

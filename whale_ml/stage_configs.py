@@ -209,7 +209,17 @@ class ThresholdConfig(BaseModel):
     )
     candidates: int = Field(10, ge=5, description="Candidate individuals per query that local matching re-ranks.")
     photos_per_candidate: int = Field(4, ge=1, description="A candidate's gallery photos matched: those most like the query by embedding.")
-    fusion_weights: int = Field(21, ge=2, description="Fusion weights tried between 0 and 1 (evenly spaced), each with its exact best threshold.")
+    fusion_weights: int = Field(
+        21,
+        ge=2,
+        description="Fusion weights tried between 0 and 1 (evenly spaced) per fused score, each point with its exact best threshold "
+        "(local features and class centres together: every point of that grid on the simplex).",
+    )
+    class_centres: bool = Field(
+        False,
+        description="Fuse each candidate's cosine to its best ArcFace class (sub-)centre of the fold models, calibrated out of fold, "
+        "with a weight tuned with the threshold (0 where it does not help). Needs fold models that kept their centres.",
+    )
 
 
 class LocalFeatureConfig(BaseModel):

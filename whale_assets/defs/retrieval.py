@@ -19,11 +19,12 @@ from whale_ml.gallery.build import build_gallery
 from whale_ml.gallery.lineage import record_embeddings
 from whale_ml.gallery.versions import list_versions
 from whale_ml.registry import gallery_models
+from whale_ml.retrieval.centres import replace_centres
 from whale_ml.retrieval.embeddings import embed_paths
 from whale_ml.retrieval.rerank import LocalRerank
 from whale_ml.retrieval.store import save_embeddings
 from whale_ml.retrieval.threshold import OutOfFoldThreshold, tune_out_of_fold
-from whale_ml.training.trainer import load_model, resolve_device
+from whale_ml.training.trainer import load_class_centres, load_model, resolve_device
 
 
 @dg.asset(
@@ -31,7 +32,7 @@ from whale_ml.training.trainer import load_model, resolve_device
     kinds={"pytorch", "numpy", "mlflow"},
     partitions_def=fold_partitions,
     deps=["arcface_model"],
-    code_version="2",
+    code_version="3",
     pool="gpu",
     op_tags=GPU_STEP_TAGS,
     retry_policy=mlflow_retry_policy(),
@@ -47,9 +48,9 @@ from whale_ml.training.trainer import load_model, resolve_device
 def fold_embeddings(
     context: dg.AssetExecutionContext, config: EmbedSettings, whale: WhaleHome, mlflow: MlflowTracking, crops: pd.DataFrame
 ) -> dg.MaterializeResult:
-    """The fold model's L2-normalised embeddings of every train and test crop (float32
-    ``.npy`` with the image order beside it), in an MLflow run with the settings, the
-    rate and the machine's use while embedding (system metrics: CPU, memory, GPU)."""
+    """The fold model's L2-normalised embeddings of every train and test crop (float32 ``.npy``
+    with the image order beside it) and its ArcFace class centres, in an MLflow run with the
+    settings, the rate and the machine's use while embedding (system metrics: CPU, memory, GPU)."""
     import mlflow as mlf
 
     fold = context.partition_key
@@ -78,20 +79,20 @@ def fold_embeddings(
                 raise FloatingPointError(f"{fold}: non-finite {split} embeddings; the model checkpoint is broken")
             save_embeddings(out, split, emb, rows["image"].tolist())
             counts[split] = len(emb)
-            if len(emb):
-                worst = max(worst, float(np.abs(np.linalg.norm(emb, axis=1) - 1.0).max()))
+            worst = max(worst, float(np.abs(np.linalg.norm(emb, axis=1) - 1.0).max(initial=0.0)))
         photos, seconds = sum(counts.values()), time.perf_counter() - started
         mlf.log_metrics({"photos": photos, "seconds": seconds, "photos_per_second": photos / max(seconds, 1e-9)})
     if device.type == "cuda":
         torch.cuda.empty_cache()  # give the memory back before the next partition's training
-    # Which checkpoint (and registry version) made these embeddings: the gallery's lineage.
-    recorded = record_embeddings(whale.layout, fold, checkpoint, config.flip_tta)
+    centres = replace_centres(out, load_class_centres(checkpoint))  # the same checkpoint's, beside its embeddings
+    recorded = record_embeddings(whale.layout, fold, checkpoint, config.flip_tta)  # which checkpoint made them: the lineage
     return dg.MaterializeResult(
         metadata={
             "registered_version": recorded.version or "not registered",
             "train_embeddings": counts["train"],
             "test_embeddings": counts["test"],
             "dimension": cfg.embedding_size,
+            "class_centres": centres,
             "flip_tta": config.flip_tta,
             "folder": dg.MetadataValue.path(str(out)),
             "mlflow_run": dg.MetadataValue.url(mlflow.run_url(run.info.experiment_id, run.info.run_id)),
@@ -166,22 +167,49 @@ def gallery(
     return dg.MaterializeResult(value={"version": version.name}, metadata=metadata)
 
 
-def _rerank_metadata(context: dg.AssetExecutionContext, tuned: OutOfFoldThreshold) -> dict[str, object]:
-    """What local re-ranking changed out of fold, and what it cost (nothing without it)."""
-    if tuned.fusion is None or tuned.plain is None or tuned.rerank_cost is None:
+def _fusion_metadata(context: dg.AssetExecutionContext, tuned: OutOfFoldThreshold) -> dict[str, object]:
+    """What the fusion (local re-ranking, class centres) changed out of fold, and what local
+    matching cost (nothing without a fusion)."""
+    if tuned.fusion is None or tuned.plain is None:
         return {}
-    cost, weight = tuned.rerank_cost, tuned.fusion.fusion.weight
+    fusion = tuned.fusion.fusion
+    found: dict[str, object] = {
+        "oof_map5_without_fusion": tuned.plain.map5,
+        "fusion_weights": ", ".join(f"{k} {v:.2f}" for k, v in fusion.weights.items()),
+        "class_centre_weight": fusion.centre_weight,
+        "fusion_by_weight": table_meta(tuned.fusion.table),
+    }
+    context.log.info(
+        f"fusion: out-of-fold MAP@5 {tuned.plain.map5:.4f} -> {tuned.result.map5:.4f} at weights {found['fusion_weights']}"
+    )
+    if tuned.rerank_cost is None:
+        return found
+    cost, weight = tuned.rerank_cost, fusion.weight
     context.log.info(
         f"local re-ranking: out-of-fold MAP@5 {tuned.plain.map5:.4f} -> {tuned.result.map5:.4f} at fusion weight "
         f"{weight:.2f} ({cost.ms_per_query:.1f} ms per query, {cost.pairs} photo pairs)"
     )
     return {
+        **found,
         "oof_map5_without_rerank": tuned.plain.map5,
         "fusion_weight": weight,
-        "fusion_by_weight": table_meta(tuned.fusion.table),
         "rerank_ms_per_query": round(cost.ms_per_query, 2),
         "rerank_pairs_matched": cost.pairs,
     }
+
+
+def _log_fusion(tuned: OutOfFoldThreshold) -> None:
+    """The fusion's weights, its gain and its table of weights, to the active MLflow run."""
+    import mlflow as mlf
+
+    if tuned.fusion is None or tuned.plain is None:
+        return
+    fused = tuned.fusion.fusion
+    metrics = {"oof_map5_without_fusion": tuned.plain.map5, "fusion_weight": fused.weight, "class_centre_weight": fused.centre_weight}
+    mlf.log_metrics(metrics)
+    if tuned.rerank is not None:
+        mlf.log_metrics({"oof_map5_without_rerank": tuned.plain.map5})
+    mlf.log_table(tuned.fusion.table, "fusion_by_weight.json")
 
 
 def _curve_plot(thresholds: np.ndarray, curve: np.ndarray, chosen: float, fused: bool = False) -> object:
@@ -219,7 +247,8 @@ def match_threshold(
     validation photos searched against that fold's training photos with that fold's
     model, pooled over folds, every distinct threshold considered (exact, no grid).
     Optionally one threshold per species (of the nearest individual) with enough
-    validation photos. The curve goes to the UI and to MLflow. See docs/retrieval.md."""
+    validation photos. With re-ranking and/or class centres it applies to the fused score,
+    tuned with its weights. The curve goes to the UI and to MLflow. See docs/retrieval.md."""
     import mlflow as mlf
 
     store = feature_store(whale) if config.rerank else None
@@ -234,7 +263,11 @@ def match_threshold(
         features=store,
         fusion_weights=config.fusion_weights,
         progress=progress_logger(context, "out-of-fold local matching"),
+        class_centres=config.class_centres,
+        candidates=config.candidates,
     )
+    if tuned.centres_note:
+        context.log.warning(tuned.centres_note)
     result = tuned.result
     metadata: dict[str, object] = {
         "threshold": result.threshold,
@@ -243,7 +276,7 @@ def match_threshold(
         "queries": tuned.queries,
         "per_fold": table_meta(tuned.per_fold),
     }
-    metadata.update(_rerank_metadata(context, tuned))
+    metadata.update(_fusion_metadata(context, tuned))
     if tuned.species is not None:
         metadata.update({"oof_map5": tuned.species.map5, "oof_map5_global_only": result.map5, "species": table_meta(tuned.species.table)})
         context.log.info(f"own thresholds for {len(tuned.species.by_species)} species: out-of-fold MAP@5 {tuned.species.map5:.4f}")
@@ -253,9 +286,7 @@ def match_threshold(
     with mlflow.start_run(context, run_name="match_threshold", tags={"stage": "retrieval"}) as run:
         mlf.log_params({**config.model_dump(), "folds": len(tuned.per_fold), "queries": tuned.queries})
         mlf.log_metrics({"threshold": result.threshold, "oof_map5": tuned.map5, "oof_map5_global": result.map5})
-        if tuned.fusion is not None and tuned.plain is not None:
-            mlf.log_metrics({"oof_map5_without_rerank": tuned.plain.map5, "fusion_weight": tuned.fusion.fusion.weight})
-            mlf.log_table(tuned.fusion.table, "fusion_by_weight.json")
+        _log_fusion(tuned)
         mlf.log_figure(fig, "map5_curve.png")
         mlf.log_table(result.curve(), "map5_curve.json")
         if tuned.species is not None:

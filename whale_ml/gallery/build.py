@@ -23,6 +23,7 @@ from whale_ml.gallery.ledger import ledger_gallery_rows, read_ledger
 from whale_ml.gallery.lineage import EMBEDDINGS_RECORD, FoldModel, GalleryLineage, LineageError, gather_lineage
 from whale_ml.gallery.versions import GalleryVersion, prune_versions, write_version
 from whale_ml.io import read_json
+from whale_ml.retrieval.centres import ClassCentres
 from whale_ml.retrieval.faiss_index import INDEX_OPTIONS, build_index, index_recall
 from whale_ml.retrieval.store import ensemble, load_embeddings
 from whale_ml.home import HomeLayout
@@ -171,6 +172,7 @@ def build_gallery(
         made_by="gallery asset",
         extra={"carried_enrolled": stats.carried_enrolled},
         index=index if stats.carried_enrolled == 0 else None,  # the same vectors: no second build
+        centres=[ClassCentres.load(layout.embeddings_dir(f)) for f in folds],  # written with the embeddings, by the same checkpoints
     )
     stats.pruned = prune_versions(layout, settings.keep_versions) if settings.keep_versions else []
     return version, stats

@@ -3,8 +3,9 @@
 The submission and ``whale identify`` both call :func:`match_queries`, so a test photo
 gets the same answer from either: the same index, search depth (the version's
 ``k``), per-query threshold (:func:`query_thresholds`, the species of a candidate
-taken from the version's rows), local-feature re-ranking when the threshold was tuned
-with it (:mod:`whale_ml.retrieval.rerank`) and new_individual rule (:func:`predict_top5`).
+taken from the version's rows), the fusion the threshold was tuned with (local-feature
+re-ranking, :mod:`whale_ml.retrieval.rerank`; class-centre scores from the version's fold
+models, :mod:`whale_ml.retrieval.centres`) and new_individual rule (:func:`predict_top5`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from whale_ml.gallery.versions import GalleryVersion
+from whale_ml.retrieval.centres import ensemble_centre_similarity
 from whale_ml.retrieval.faiss_index import l2_normalise, search_gallery
 from whale_ml.retrieval.fusion import Fusion, sort_rows
 from whale_ml.retrieval.local_features import FeatureStore, PhotoFeatures
@@ -48,38 +50,57 @@ def match_queries(
     Args:
         queries: (q, d) embeddings in the version's space (its fold models' ensemble).
         match_threshold: the ``match_threshold`` asset's value (``threshold``, optional
-            ``species_thresholds``, and ``rerank`` when it was tuned with local re-ranking).
+            ``species_thresholds``; ``fusion`` with ``rerank`` and/or ``class_centres`` when
+            it was tuned on fused scores).
         query_features: with re-ranking, each query's local features (``None`` for none).
         gallery_features: with re-ranking, the store holding the gallery photos' features
             (a photo it lacks, e.g. one enrolled later, gives no local evidence).
 
     Raises:
-        ValueError: the threshold was tuned with re-ranking but no features were given.
+        ValueError: the threshold was tuned with re-ranking but no features were given, or
+            with class centres but the version holds none.
     """
     gallery_ids = version.table["individual_id"].to_numpy(dtype=object)
-    rerank = match_threshold.get("rerank")
-    if rerank is None:
+    rerank, fusion = match_threshold.get("rerank"), Fusion.of_threshold(match_threshold)
+    if fusion is None:
         sims, ids = search_gallery(version.index, gallery_ids, queries, k=version.lineage.k)
         inliers, cost = None, None
     else:
-        if query_features is None or gallery_features is None:
+        if rerank is not None and (query_features is None or gallery_features is None):
             raise ValueError(
                 "this match_threshold was tuned with local-feature re-ranking: its threshold applies to fused scores, "
                 "so the queries' and the gallery's local features are needed"
             )
-        settings = LocalRerank.from_dict(rerank, workers)
-        raw, cand = search_gallery(version.index, gallery_ids, queries, k=version.lineage.k, top=settings.candidates)
-        found = match_candidates(
-            settings,
-            version.embeddings,
-            gallery_ids,
-            [gallery_features.get(img) for img in version.table["image"]],
-            l2_normalise(queries),
-            query_features,
-            cand,
-        )
-        scores, ranked, counts = sort_rows(Fusion.from_dict(rerank["fusion"]).scores(raw, found.counts), cand, found.counts)
-        sims, ids, inliers, cost = scores[:, :TOP], ranked[:, :TOP], counts[:, :TOP], found.ms_per_query
+        settings = LocalRerank.from_dict(rerank, workers) if rerank is not None else None
+        top = settings.candidates if settings is not None else int(match_threshold["class_centres"]["candidates"])
+        raw, cand = search_gallery(version.index, gallery_ids, queries, k=version.lineage.k, top=top)
+        counts, cost = None, None
+        if settings is not None:
+            assert query_features is not None and gallery_features is not None
+            found = match_candidates(
+                settings,
+                version.embeddings,
+                gallery_ids,
+                [gallery_features.get(img) for img in version.table["image"]],
+                l2_normalise(queries),
+                query_features,
+                cand,
+            )
+            counts, cost = found.counts, found.ms_per_query
+        centre_sims = None
+        if fusion.centre_weight > 0:
+            centres = version.centres
+            if all(c is None for c in centres):
+                raise ValueError(
+                    f"this match_threshold was tuned with class-centre scores, but gallery version {version.name} holds no "
+                    "class centres: rematerialise fold_embeddings and the gallery"
+                )
+            centre_sims = ensemble_centre_similarity(queries, centres, cand)
+        scores = fusion.scores(raw, counts, centre_sims)
+        extra = () if counts is None else (counts,)
+        sims, ids, *rest = sort_rows(scores, cand, *extra)
+        sims, ids = sims[:, :TOP], ids[:, :TOP]
+        inliers = rest[0][:, :TOP] if rest else None
     thresholds = _thresholds(version, ids, match_threshold)
     return Matches(sims, ids, thresholds, predict_top5(sims, ids, thresholds), inliers, cost)
 

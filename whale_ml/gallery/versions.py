@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,10 +25,12 @@ import pandas as pd
 
 from whale_ml.gallery.lineage import GalleryLineage, LineageError
 from whale_ml.io import read_json, staging_dir, write_error, write_json
+from whale_ml.retrieval.centres import ClassCentres
 from whale_ml.retrieval.faiss_index import build_index, load_index
 from whale_ml.home import HomeLayout
 
 GALLERY_COLUMNS = ("image", "individual_id", "species", "crop_path", "source")
+CENTRES_DIR = "centres"  # one folder per fold model: its ArcFace class centres
 _VERSION = re.compile(r"^v(\d{4,})$")
 
 
@@ -46,6 +48,12 @@ class GalleryVersion:
     @property
     def lineage(self) -> GalleryLineage:
         return GalleryLineage(**self.info["lineage"])
+
+    @property
+    def centres(self) -> list[ClassCentres | None]:
+        """Each fold model's class centres, in the lineage's model order (None: a model
+        without them, or a version written before they were kept)."""
+        return [ClassCentres.load(self.folder / CENTRES_DIR / m.fold) for m in self.lineage.models]
 
 
 def _names(layout: HomeLayout) -> list[str]:
@@ -109,6 +117,7 @@ def write_version(
     made_by: str,
     extra: dict[str, Any] | None = None,
     index: faiss.Index | None = None,
+    centres: Sequence[ClassCentres | None] = (),
 ) -> GalleryVersion:
     """Write a new gallery version and make it the current one.
 
@@ -119,6 +128,8 @@ def write_version(
         made_by: what made it (``gallery asset``, ``whale enroll``), shown in the version list.
         index: the index of exactly these embeddings when the caller has built it
             already; otherwise one is built with the lineage's index kind and settings.
+        centres: each lineage model's class centres (None or nothing: none), stored in
+            ``centres/<fold>/`` for class-centre scores.
     """
     if len(table) != len(embeddings):
         raise ValueError(f"{len(table)} gallery rows for {len(embeddings)} embeddings")
@@ -158,6 +169,10 @@ def write_version(
                 write(staging / file_name)
             except (OSError, RuntimeError) as exc:  # faiss reports a failed write as a RuntimeError
                 raise write_error(staging / file_name, exc) from exc
+        for model, model_centres in zip(lineage.models, centres, strict=False):
+            if model_centres is not None:
+                (staging / CENTRES_DIR / model.fold).mkdir(parents=True, exist_ok=True)
+                model_centres.save(staging / CENTRES_DIR / model.fold)
         # The name is claimed by the rename itself: a parallel writer that took the same
         # number makes ours fail, and we take the next one.
         while True:

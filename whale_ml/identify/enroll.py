@@ -133,6 +133,7 @@ def enroll(
             np.concatenate([gallery.embeddings, emb]),
             gallery.lineage,
             made_by="whale enroll",
+            centres=gallery.centres,  # the same models: enrolled individuals have no centre and are scored by their photos
             extra={
                 "enrolled_now": len(confirmed),
                 "new_individuals_now": int(confirmed.loc[confirmed["new_individual"], "individual_id"].nunique()),

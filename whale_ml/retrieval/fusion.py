@@ -1,25 +1,34 @@
-"""Calibrated fusion of the embedding similarity with local-feature evidence.
+"""Calibrated fusion of the embedding similarity with other evidence of identity.
 
 WildFusion's recipe (wildlife-tools): each matcher's raw score is turned into a
 probability that the pair shows the same individual by a calibration fitted out of
-fold, and the probabilities are averaged. Here the two matchers are the ensemble's
-cosine similarity to a candidate individual's best photo and the RANSAC inlier count
-of local features (:mod:`whale_ml.retrieval.local_features`); the calibrations are
-logistic (strictly monotone, so each matcher's own order is kept and no plateau of
-an isotonic fit turns distinct scores into ties), and the fused score is
+fold, and the probabilities are averaged with weights. The matchers, by name:
 
-    (1 - w) * P_global(similarity) + w * P_local(log1p(inliers))
+* ``global``: the ensemble's cosine similarity to a candidate individual's best photo
+  (always present);
+* ``local``: the RANSAC inlier count of local features
+  (:mod:`whale_ml.retrieval.local_features`), as ``log1p(inliers)``;
+* ``centre``: the cosine similarity to the candidate's best ArcFace sub-centre
+  (:mod:`whale_ml.retrieval.centres`).
 
-The weight ``w`` is chosen out of fold together with the new_individual threshold:
-for each weight on a grid, the exact best threshold (:func:`tune_threshold`, every
-distinct value) and its MAP@5; the best pair wins, the smallest weight among equals
-(so local matching is only used where it helps). The rule downstream is unchanged:
-individuals ranked by the fused score, ``new_individual`` inserted before the first
-below the threshold.
+The calibrations are logistic (strictly monotone, so each matcher's own order is kept
+and no plateau of an isotonic fit turns distinct scores into ties), and the fused score
+is ``sum_c w_c * P_c(score_c)`` with weights summing to 1. A candidate without a class
+centre (an individual no fold model trained on, e.g. enrolled later) takes its
+``global`` probability in place of the centre's: it is scored by its photos alone,
+neither rewarded nor punished for the missing evidence.
+
+The weights are chosen out of fold together with the new_individual threshold: for
+each point of a grid on the simplex, the exact best threshold (:func:`tune_threshold`,
+every distinct value) and its MAP@5; the best point wins, and among equally good ones
+the one with the largest embedding weight, then the smallest class-centre weight (so
+extra evidence is used only where it helps). The rule downstream is unchanged: individuals ranked by the
+fused score, ``new_individual`` inserted before the first below the threshold.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -80,27 +89,92 @@ class Calibration:
         return cls(float(d["slope"]), float(d["intercept"]))
 
 
+GLOBAL, LOCAL, CENTRE = "global", "local", "centre"
+COMPONENTS = (GLOBAL, LOCAL, CENTRE)
+
+
 @dataclass(frozen=True)
 class Fusion:
-    """The tuned fusion: weight of the local evidence and the two calibrations."""
+    """The tuned fusion: a weight and a calibration per matcher (``global`` always).
 
-    weight: float
-    global_calibration: Calibration
-    local_calibration: Calibration
+    Attributes:
+        weights: matcher -> weight, each in [0, 1], summing to 1.
+        calibrations: matcher -> its calibration, for the same matchers.
+    """
 
-    def scores(self, sims: np.ndarray, inliers: np.ndarray) -> np.ndarray:
-        """Fused scores, ``-inf`` where ``sims`` is (padding)."""
+    weights: dict[str, float]
+    calibrations: dict[str, Calibration]
+
+    def __post_init__(self) -> None:
+        names = set(self.weights)
+        if GLOBAL not in names or not names <= set(COMPONENTS) or names != set(self.calibrations):
+            raise ValueError(f"a fusion needs 'global' and only {COMPONENTS}, one calibration a weight; got {sorted(names)}")
+        w = np.array(list(self.weights.values()))
+        if (w < 0).any() or (w > 1).any() or abs(w.sum() - 1.0) > 1e-9:
+            raise ValueError(f"fusion weights must lie in [0, 1] and sum to 1, got {self.weights}")
+
+    @classmethod
+    def of(cls, calibrations: dict[str, Calibration], **extra_weights: float) -> Fusion:
+        """The fusion giving ``global`` what the other weights leave: ``Fusion.of(cals, local=0.25)``."""
+        rest = max(0.0, 1.0 - sum(extra_weights.values()))
+        weights = {GLOBAL: rest, **{k: float(v) for k, v in extra_weights.items()}}
+        return cls(weights, {k: calibrations[k] for k in weights})
+
+    @property
+    def weight(self) -> float:
+        """The local evidence's weight (0 without it)."""
+        return self.weights.get(LOCAL, 0.0)
+
+    @property
+    def centre_weight(self) -> float:
+        """The class centres' weight (0 without them)."""
+        return self.weights.get(CENTRE, 0.0)
+
+    def scores(self, sims: np.ndarray, inliers: np.ndarray | None = None, centre_sims: np.ndarray | None = None) -> np.ndarray:
+        """Fused scores, ``-inf`` where ``sims`` is (padding).
+
+        Args:
+            sims: (n, K) each candidate's best-photo similarity.
+            inliers: (n, K) its local-feature inliers; needed when ``local`` has weight.
+            centre_sims: (n, K) its class-centre similarity, NaN where it has no centre;
+                needed when ``centre`` has weight.
+        """
         sims = np.asarray(sims, dtype=np.float64)
-        fused = (1.0 - self.weight) * self.global_calibration(np.where(np.isfinite(sims), sims, 0.0))
-        fused = fused + self.weight * self.local_calibration(inlier_evidence(inliers))
-        return np.where(np.isfinite(sims), fused, -np.inf)
+        valid = np.isfinite(sims)
+        p_global = self.calibrations[GLOBAL](np.where(valid, sims, 0.0))
+        fused = self.weights[GLOBAL] * p_global
+        # A matcher of weight 0 (tuned out: it did not help) needs no evidence.
+        if self.weights.get(LOCAL, 0.0) > 0:
+            if inliers is None:
+                raise ValueError("this fusion weighs local-feature inliers: pass them")
+            fused = fused + self.weights[LOCAL] * self.calibrations[LOCAL](inlier_evidence(inliers))
+        if self.weights.get(CENTRE, 0.0) > 0:
+            if centre_sims is None:
+                raise ValueError("this fusion weighs class-centre similarities: pass them")
+            centre = np.asarray(centre_sims, dtype=np.float64)
+            has = np.isfinite(centre)
+            p_centre = np.where(has, self.calibrations[CENTRE](np.where(has, centre, 0.0)), p_global)
+            fused = fused + self.weights[CENTRE] * p_centre
+        return np.where(valid, fused, -np.inf)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"weight": self.weight, "global": self.global_calibration.to_dict(), "local": self.local_calibration.to_dict()}
+        return {"weights": dict(self.weights), "calibrations": {k: c.to_dict() for k, c in self.calibrations.items()}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Fusion:
-        return cls(float(d["weight"]), Calibration.from_dict(d["global"]), Calibration.from_dict(d["local"]))
+        """Reads :meth:`to_dict`, and the two-matcher form stored before class centres
+        (``weight``, ``global``, ``local``)."""
+        if "weights" not in d:
+            w = float(d["weight"])
+            return cls({GLOBAL: 1.0 - w, LOCAL: w}, {GLOBAL: Calibration.from_dict(d["global"]), LOCAL: Calibration.from_dict(d["local"])})
+        return cls({k: float(v) for k, v in d["weights"].items()}, {k: Calibration.from_dict(c) for k, c in d["calibrations"].items()})
+
+    @classmethod
+    def of_threshold(cls, value: dict[str, Any]) -> Fusion | None:
+        """The fusion a ``match_threshold`` value applies its threshold to; None: the plain
+        similarity. (Values stored before class centres keep it under ``rerank``.)"""
+        found = value.get("fusion") or (value.get("rerank") or {}).get("fusion")
+        return None if found is None else cls.from_dict(found)
 
 
 def sort_rows(scores: np.ndarray, ids: np.ndarray, *extra: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -109,49 +183,121 @@ def sort_rows(scores: np.ndarray, ids: np.ndarray, *extra: np.ndarray) -> tuple[
     return tuple(np.take_along_axis(np.asarray(a), order, axis=1) for a in (scores, ids, *extra))
 
 
-def fused_ranking(sims: np.ndarray, ids: np.ndarray, inliers: np.ndarray, fusion: Fusion) -> tuple[np.ndarray, np.ndarray]:
+def fused_ranking(
+    sims: np.ndarray, ids: np.ndarray, inliers: np.ndarray | None, fusion: Fusion, centre_sims: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Candidates re-ranked by the fused score: ``(scores, ids)``, each row descending,
     ready for :func:`~whale_ml.retrieval.ranking.predict_top5` at the fused threshold."""
-    scores, ranked = sort_rows(fusion.scores(sims, inliers), ids)[:2]
+    scores, ranked = sort_rows(fusion.scores(sims, inliers, centre_sims), ids)[:2]
     return scores, ranked
 
 
 @dataclass
 class FusionResult:
     fusion: Fusion
-    threshold: ThresholdResult  # the exact best threshold at the chosen weight
-    table: pd.DataFrame  # per weight: its best threshold, MAP@5, new share
+    threshold: ThresholdResult  # the exact best threshold at the chosen weights
+    table: pd.DataFrame  # per grid point: each matcher's weight, its best threshold, MAP@5, new share
 
 
 def tune_fusion(
     sims: np.ndarray,
     ids: np.ndarray,
-    inliers: np.ndarray,
+    inliers: np.ndarray | None,
     truths: Sequence[str],
     gallery_ids: Sequence[str],
     weights: Sequence[float] | int = 21,
+    centre_sims: np.ndarray | None = None,
 ) -> FusionResult:
-    """The calibrations, fusion weight and new_individual threshold that maximise MAP@5.
+    """The calibrations, fusion weights and new_individual threshold that maximise MAP@5.
 
-    Both calibrations are fitted on every (query, candidate) pair, labelled by whether
-    the candidate is the query's individual; then :func:`tune_weight`.
+    Each calibration is fitted on every (query, candidate) pair that has its score,
+    labelled by whether the candidate is the query's individual; then :func:`tune_weights`.
 
     Args:
         sims: (n, K) best similarity of each candidate individual, descending per row
             (``-inf`` padding).
         ids: (n, K) the candidates.
-        inliers: (n, K) local-feature inliers of each candidate.
+        inliers: (n, K) local-feature inliers of each candidate, or None (no local matcher).
         truths: each query's individual (``new_individual`` where unknown).
         gallery_ids: every known individual (a truth outside them scores as new).
-        weights: the weights tried, or how many evenly spaced in [0, 1].
+        weights: the weights tried per matcher, or how many evenly spaced in [0, 1].
+        centre_sims: (n, K) class-centre similarity of each candidate (NaN: none), or None.
+
+    Raises:
+        NotCalibratable: a matcher's pairs hold only one kind (or none).
+        ValueError: neither ``inliers`` nor ``centre_sims``: nothing to fuse.
     """
     sims, ids = np.asarray(sims, dtype=np.float64), np.asarray(ids, dtype=object)
     truth_arr = _known_truths(truths, len(sims), ids, gallery_ids)
     valid = np.isfinite(sims)
-    same = (ids == truth_arr[:, None])[valid]
-    global_cal = Calibration.fit(sims[valid], same)
-    local_cal = Calibration.fit(inlier_evidence(inliers)[valid], same)
-    return tune_weight(sims, ids, inliers, truth_arr.tolist(), gallery_ids, global_cal, local_cal, weights)
+    same = ids == truth_arr[:, None]
+    cals = {GLOBAL: Calibration.fit(sims[valid], same[valid])}
+    if inliers is not None:
+        cals[LOCAL] = Calibration.fit(inlier_evidence(inliers)[valid], same[valid])
+    if centre_sims is not None:
+        centre = np.asarray(centre_sims, dtype=np.float64)
+        has = valid & np.isfinite(centre)
+        cals[CENTRE] = Calibration.fit(centre[has], same[has])
+    if len(cals) == 1:
+        raise ValueError("nothing to fuse the similarity with: give inliers, class-centre similarities or both")
+    return tune_weights(sims, ids, truth_arr.tolist(), gallery_ids, cals, weights, inliers, centre_sims)
+
+
+def weight_grid(matchers: Sequence[str], weights: Sequence[float] | int = 21) -> list[dict[str, float]]:
+    """The points tried: each non-``global`` matcher's weight from ``weights`` (values in
+    [0, 1], or how many evenly spaced), ``global`` what is left, points with a negative
+    rest left out; in the order ties are broken in: the largest ``global`` weight first
+    (the extra evidence only where it helps), then the smallest ``centre`` weight, then
+    the smallest ``local``."""
+    if isinstance(weights, int):
+        if weights < 2:
+            raise ValueError(f"at least 2 fusion weights are needed, got {weights}")
+        steps = weights - 1  # multiples of 1/steps: exact sums, so the rest is exact too
+        grid = [i / steps for i in range(weights)]
+    else:
+        grid = sorted(float(w) for w in weights)
+        steps = 0
+    if len(grid) == 0 or min(grid) < 0 or max(grid) > 1:
+        raise ValueError(f"fusion weights must be a non-empty list in [0, 1], got {grid}")
+    extra = [m for m in (CENTRE, LOCAL) if m in matchers]
+    points: list[tuple[tuple[float, ...], dict[str, float]]] = []
+    for combo in itertools.product(range(len(grid)), repeat=len(extra)):
+        w = {m: grid[i] for m, i in zip(extra, combo, strict=True)}
+        rest = (steps - sum(combo)) / steps if steps else 1.0 - sum(w.values())
+        if rest < -1e-12:
+            continue
+        # Ties go to the largest embedding weight: only the ratios of the weights order a
+        # query's candidates (a threshold absorbs a common scale), so a constant piece of
+        # evidence with a large weight can imitate a smaller weight of the others.
+        points.append(((-rest, *w.values()), {GLOBAL: max(rest, 0.0), **w}))
+    return [point for _, point in sorted(points, key=lambda p: p[0])]
+
+
+def tune_weights(
+    sims: np.ndarray,
+    ids: np.ndarray,
+    truths: Sequence[str],
+    gallery_ids: Sequence[str],
+    calibrations: dict[str, Calibration],
+    weights: Sequence[float] | int = 21,
+    inliers: np.ndarray | None = None,
+    centre_sims: np.ndarray | None = None,
+) -> FusionResult:
+    """For each point of :func:`weight_grid`, the exact best threshold of the fused ranking;
+    the best point (the first of equally good ones in the grid's order: the extra
+    evidence only where it helps)."""
+    rows, best = [], None
+    extra = [m for m in calibrations if m != GLOBAL]
+    for point in weight_grid(list(calibrations), weights):
+        fusion = Fusion(point, calibrations)
+        scores, ranked = fused_ranking(sims, ids, inliers, fusion, centre_sims)
+        result = tune_threshold(scores, ranked, truths, gallery_ids=gallery_ids)
+        row = {f"{m}_weight": point[m] for m in extra}
+        rows.append({**row, "threshold": result.threshold, "map5": result.map5, "new_share": result.new_share})
+        if best is None or result.map5 > best[1].map5 + 1e-12:
+            best = (fusion, result)
+    assert best is not None
+    return FusionResult(best[0], best[1], pd.DataFrame(rows))
 
 
 def tune_weight(
@@ -164,18 +310,6 @@ def tune_weight(
     local_calibration: Calibration,
     weights: Sequence[float] | int = 21,
 ) -> FusionResult:
-    """For each weight, the exact best threshold of the fused ranking; the best weight
-    (the smallest among equally good ones: local matching only where it helps)."""
-    grid = np.linspace(0.0, 1.0, weights) if isinstance(weights, int) else np.asarray(weights, dtype=np.float64)
-    if len(grid) == 0 or (grid < 0).any() or (grid > 1).any():
-        raise ValueError(f"fusion weights must be a non-empty list in [0, 1], got {grid.tolist()}")
-    rows, best = [], None
-    for w in np.sort(grid):
-        fusion = Fusion(float(w), global_calibration, local_calibration)
-        scores, ranked = fused_ranking(sims, ids, inliers, fusion)
-        result = tune_threshold(scores, ranked, truths, gallery_ids=gallery_ids)
-        rows.append({"weight": float(w), "threshold": result.threshold, "map5": result.map5, "new_share": result.new_share})
-        if best is None or result.map5 > best[1].map5 + 1e-12:
-            best = (fusion, result)
-    assert best is not None
-    return FusionResult(best[0], best[1], pd.DataFrame(rows))
+    """:func:`tune_weights` for the embedding and local evidence alone."""
+    cals = {GLOBAL: global_calibration, LOCAL: local_calibration}
+    return tune_weights(sims, ids, truths, gallery_ids, cals, weights, inliers=inliers)

@@ -22,6 +22,7 @@ import pandas as pd
 from whale_ml.data.folds import fold_split
 from whale_ml.progress import ProgressFn
 from whale_ml.retrieval.faiss_index import build_index, search_gallery
+from whale_ml.retrieval.centres import ClassCentres, centre_similarity
 from whale_ml.retrieval.fusion import FusionResult, NotCalibratable, fused_ranking, tune_fusion
 from whale_ml.retrieval.local_features import FeatureStore
 from whale_ml.retrieval.rerank import Inliers, LocalRerank, match_candidates
@@ -92,6 +93,8 @@ class OutOfFoldThreshold:
     fusion: FusionResult | None = None  # with re-ranking: the tuned fusion and its per-weight table
     rerank: LocalRerank | None = None
     rerank_cost: Inliers | None = None
+    candidates: int = TOP  # candidate individuals per query that the fusion re-ranks
+    centres_note: str | None = None  # why class-centre scores were asked for but left out
 
     @property
     def queries(self) -> int:
@@ -112,10 +115,15 @@ class OutOfFoldThreshold:
             "per_fold": self.per_fold,
             "species_thresholds": self.species.by_species if self.species is not None else {},
         }
-        if self.fusion is not None and self.rerank is not None:
-            # The threshold then applies to the fused score: whoever reads it must re-rank alike.
-            value["rerank"] = {**self.rerank.to_dict(), "fusion": self.fusion.fusion.to_dict()}
-            value["map5_without_rerank"] = self.plain.map5 if self.plain is not None else None
+        if self.fusion is not None:
+            # The threshold then applies to the fused score: whoever reads it must fuse alike.
+            value["fusion"] = self.fusion.fusion.to_dict()
+            value["map5_without_fusion"] = self.plain.map5 if self.plain is not None else None
+            if self.rerank is not None:
+                value["rerank"] = self.rerank.to_dict()
+                value["map5_without_rerank"] = self.plain.map5 if self.plain is not None else None
+            if self.fusion.fusion.centre_weight > 0:
+                value["class_centres"] = {"candidates": self.candidates}
         return value
 
 
@@ -130,6 +138,8 @@ def tune_out_of_fold(
     features: FeatureStore | None = None,
     fusion_weights: int = 21,
     progress: ProgressFn | None = None,
+    class_centres: bool = False,
+    candidates: int = 10,
 ) -> OutOfFoldThreshold:
     """The new_individual threshold that maximises out-of-fold MAP@5 (see the module docstring).
 
@@ -143,16 +153,33 @@ def tune_out_of_fold(
         rerank: re-rank each validation photo's first ``rerank.candidates`` individuals by
             local features (from ``features``, the ``local_features`` asset's store) and tune
             the fusion weight together with the threshold (:func:`tune_fusion`).
-        fusion_weights: how many weights in [0, 1] are tried.
+        fusion_weights: how many weights in [0, 1] are tried per fused matcher (with
+            both local features and class centres: every point of that grid on the simplex).
         progress: called as local matching proceeds (validation photos done, total).
+        class_centres: fuse each candidate's class-centre similarity too: the validation
+            photos of fold k against fold k's model's centres (written beside its embeddings,
+            :class:`ClassCentres`; every candidate, a fold training individual, has one). Left
+            out, with a warning, when a fold model has none (trained before they were kept).
+        candidates: without ``rerank``, the first individuals per query the class centres
+            re-rank (with it, ``rerank.candidates``).
 
     Raises:
         ValueError: no fold has validation photos, or ``rerank`` without ``features``.
     """
     if rerank is not None and features is None:
         raise ValueError("re-ranking needs the local_features store")
-    top = rerank.candidates if rerank is not None else TOP
-    sims_all, ids_all, inliers_all, truths, per_fold = [], [], [], [], []
+    centres_note = None
+    if class_centres:
+        missing = [f for f in folds if ClassCentres.load(embeddings_dir(f)) is None]
+        if missing:
+            centres_note = (
+                f"class-centre scores left out: the {', '.join(missing)} model(s) kept no class centres (trained before "
+                "best.pt kept them): retrain the fold models and rematerialise fold_embeddings to use them"
+            )
+            warnings.warn(centres_note, stacklevel=2)
+            class_centres = False
+    top = rerank.candidates if rerank is not None else (candidates if class_centres else TOP)
+    sims_all, ids_all, inliers_all, centre_all, truths, per_fold = [], [], [], [], [], []
     seconds, pairs = 0.0, 0
     searches = list(fold_searches(cv_folds, embeddings_dir, folds, k=k, top=top))
     total = sum(len(f.val) for f in searches)
@@ -174,6 +201,10 @@ def tune_out_of_fold(
             )
             inliers_all.append(matched.counts)
             seconds, pairs = seconds + matched.seconds, pairs + matched.pairs
+        if class_centres:
+            fold_centres = ClassCentres.load(embeddings_dir(fold))
+            assert fold_centres is not None
+            centre_all.append(centre_similarity(found.queries, fold_centres, ids))
         sims_all.append(sims)
         ids_all.append(ids)
         truths += val["truth"].tolist()
@@ -186,23 +217,31 @@ def tune_out_of_fold(
     known = cv_folds["individual_id"].unique().tolist()
     plain = tune_threshold(sims, ids, truths, gallery_ids=known)
     result, fusion, cost = plain, None, None
-    if rerank is not None:
-        inliers = np.concatenate(inliers_all)
+    if rerank is not None or class_centres:
+        inliers = np.concatenate(inliers_all) if rerank is not None else None
+        centre_sims = np.concatenate(centre_all) if class_centres else None
         try:
-            fusion = tune_fusion(sims, ids, inliers, truths, known, fusion_weights)
+            fusion = tune_fusion(sims, ids, inliers, truths, known, fusion_weights, centre_sims)
         except NotCalibratable as exc:
             # E.g. no validation photo's individual among its candidates: nothing to learn a
             # fusion from. The embedding ranking alone is what such folds support.
-            warnings.warn(f"local re-ranking left out: {exc}", stacklevel=2)
+            warnings.warn(f"fusion left out (local re-ranking, class centres): {exc}", stacklevel=2)
             rerank = None
         else:
-            result = fusion.threshold
-            sims, ids = fused_ranking(sims, ids, inliers, fusion.fusion)
-            cost = Inliers(inliers, seconds, pairs)
+            if rerank is None and fusion.fusion.centre_weight == 0:
+                # The centres did not help: the fusion is a monotone map of the similarity,
+                # so the plain similarity and its threshold are the same ranking, simpler to read.
+                fusion = None
+            else:
+                result = fusion.threshold
+                sims, ids = fused_ranking(sims, ids, inliers, fusion.fusion, centre_sims)
+                cost = Inliers(inliers, seconds, pairs) if inliers is not None else None
     species = None
     if per_species:
         species_of = dict(zip(cv_folds["individual_id"], cv_folds["species"], strict=True))
         species = tune_species_thresholds(
             sims, ids, truths, nearest_species(ids, species_of), gallery_ids=known, min_queries=species_min_queries
         )
-    return OutOfFoldThreshold(result, per_fold, species, sims, ids, truths, plain if fusion else None, fusion, rerank, cost)
+    return OutOfFoldThreshold(
+        result, per_fold, species, sims, ids, truths, plain if fusion else None, fusion, rerank, cost, top, centres_note
+    )

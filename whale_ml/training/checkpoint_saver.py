@@ -4,7 +4,8 @@
 module, optimiser, scheduler and scaler states, the RNG states of torch, numpy
 and Python, and the run's progress (epoch, best so far, patience count,
 history). ``best.pt`` holds what later stages load: the weights of the best
-epoch with its recipe and validation score. Both are written atomically, so a
+epoch with its recipe and validation score, and the ArcFace class centres of the
+individuals it trained on (``class_centres``, for class-centre scores at search time). Both are written atomically, so a
 kill leaves either the previous file or the new one, never half of one.
 """
 
@@ -22,6 +23,8 @@ import torch
 from pydantic import ValidationError
 
 from whale_ml.checkpoints import load_weights_only
+from whale_ml.retrieval.centres import CHECKPOINT_KEY as CENTRES_KEY
+from whale_ml.retrieval.centres import ClassCentres
 from whale_ml.stage_configs import TrainConfig
 from whale_ml.io import atomic_path
 
@@ -130,6 +133,9 @@ class CheckpointSaver:
             ``optimizer``, ``scheduler``, ``scaler``.
         extra: other values saved in ``last.pt`` (e.g. the species names of the species head).
         write: False on the processes of a DDP run other than rank 0, which only resume.
+        centres: called at each ``best.pt``: the ArcFace class centres of the individuals
+            trained on, with their ids (:class:`~whale_ml.retrieval.centres.ClassCentres`),
+            kept for class-centre scores at search time. Older ``best.pt`` files lack them.
     """
 
     def __init__(
@@ -141,11 +147,13 @@ class CheckpointSaver:
         modules: dict[str, Any],
         extra: dict[str, Any] | None = None,
         write: bool = True,
+        centres: Callable[[], ClassCentres] | None = None,
     ) -> None:
         self.last_path, self.best_path = out_dir / LAST, out_dir / BEST
         self.config = cfg.model_dump()
         self.num_classes, self.fingerprint = num_classes, fingerprint
         self.modules, self.extra, self.write = modules, extra or {}, write
+        self.centres = centres
 
     def _same_recipe(self, saved: Any) -> bool:
         """True when a checkpoint's recipe is this run's, read as today's TrainConfig.
@@ -212,6 +220,7 @@ class CheckpointSaver:
                     "epoch": progress.epoch,
                     "val_map5": progress.best_map5,
                     "threshold": progress.best_threshold,
+                    **({CENTRES_KEY: self.centres().to_checkpoint()} if self.centres is not None else {}),
                 },
             )
         states = {key: module.state_dict() for key, module in self.modules.items() if key not in ("optimizer", "scheduler", "scaler")}

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from pytorch_metric_learning import losses
 
+from whale_ml.retrieval.centres import ClassCentres
 from whale_ml.stage_configs import TrainConfig
 
 
@@ -96,3 +97,15 @@ def create_loss(cfg: TrainConfig, num_classes: int, class_counts: Sequence[int] 
 def create_species_loss(cfg: TrainConfig, num_species: int) -> torch.nn.Module:
     """The optional species head: an ArcFace over species on the same embedding (as the 1st place did)."""
     return losses.ArcFaceLoss(num_classes=num_species, embedding_size=cfg.embedding_size, margin=math.degrees(cfg.margin), scale=cfg.scale)
+
+
+def class_centres(loss_fn: torch.nn.Module, individual_of_label: dict[int, str]) -> ClassCentres:
+    """The loss's learned class centres of the given labels (the individuals a fold model
+    trained on: the others' rows were never pulled towards any photo), unit length.
+
+    Works for pytorch-metric-learning's ArcFace and sub-center ArcFace (and the
+    dynamic-margin subclasses here): ``W`` is (d, classes * sub_centers).
+    """
+    sub_centers = int(getattr(loss_fn, "sub_centers", 1))
+    weights = loss_fn.W.detach().float().cpu().numpy()  # type: ignore[union-attr]
+    return ClassCentres.from_weights(weights, sub_centers, individual_of_label)

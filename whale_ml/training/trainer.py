@@ -48,11 +48,12 @@ from whale_ml.data.images import ImageDataset, autoaugment_transform, train_tran
 from whale_ml.io import remove_stale_temps
 from whale_ml.models.embedding import EmbeddingNet, create_embedding_model
 from whale_ml.progress import ProgressFn
+from whale_ml.retrieval.centres import ClassCentres
 from whale_ml.retrieval.embeddings import autocast_for, native_cpu_bf16_here, uses_channels_last
 from whale_ml.threads import using_threads
 from whale_ml.training.checkpoint_saver import CheckpointSaver, load_checkpoint
 from whale_ml.training.checkpoint_saver import save_checkpoint as save_checkpoint  # callers import it from here
-from whale_ml.training.losses import create_loss, create_species_loss
+from whale_ml.training.losses import class_centres, create_loss, create_species_loss
 from whale_ml.training.validation import ValidationSet, skip_validation, validation_due, validation_set
 from whale_ml.training.validation import validate as validate  # callers import it from here
 
@@ -188,6 +189,11 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Em
     model = create_embedding_model(cfg, pretrained=False)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), cfg
+
+
+def load_class_centres(path: str | Path) -> ClassCentres | None:
+    """The ArcFace class centres a ``best.pt`` keeps (None: made before they were kept)."""
+    return ClassCentres.from_checkpoint(load_checkpoint(path, map_location="cpu"))
 
 
 class _SamplerOrder:
@@ -514,6 +520,15 @@ def train_fold(
         return _fit(cfg, train, val, num_classes, out_dir, on_epoch_end, log, val_progress)
 
 
+def _centres_of(parts: TrainParts, train: pd.DataFrame) -> Callable[[], ClassCentres] | None:
+    """What ``best.pt`` keeps of the class centres: those of the fold's training individuals."""
+    if "individual_id" not in train or train.empty:
+        return None
+    firsts = train.drop_duplicates("label")
+    individual_of_label = dict(zip(firsts["label"].astype(int), firsts["individual_id"].astype(str), strict=True))
+    return lambda: class_centres(parts.loss_fn, individual_of_label)
+
+
 def _fit(
     cfg: TrainConfig,
     train: pd.DataFrame,
@@ -531,7 +546,8 @@ def _fit(
     seed_everything(cfg.seed)
     parts = build_training(cfg, train, num_classes, device, log, rank, world)
     species = {"species": parts.species_names} if parts.species_fn is not None else None
-    saver = CheckpointSaver(out, cfg, num_classes, data_fingerprint(train, val), parts.checkpointed(), species, write=rank == 0)
+    fingerprint, centres = data_fingerprint(train, val), _centres_of(parts, train)
+    saver = CheckpointSaver(out, cfg, num_classes, fingerprint, parts.checkpointed(), species, write=rank == 0, centres=centres)
     progress = saver.resume(cfg.epochs, cfg.patience, device, log)
     validates = len(val) > 0 and rank == 0
     vset = validation_set(train, val, cfg.val_sample, cfg.seed)
