@@ -8,9 +8,10 @@ Fields use only types Dagster's config system understands (no tuples).
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 
 class MetadataConfig(BaseModel):
@@ -208,6 +209,20 @@ class ThresholdConfig(BaseModel):
     candidates: int = Field(10, ge=5, description="Candidate individuals per query that local matching re-ranks.")
     photos_per_candidate: int = Field(4, ge=1, description="A candidate's gallery photos matched: those most like the query by embedding.")
     fusion_weights: int = Field(21, ge=2, description="Fusion weights tried between 0 and 1 (evenly spaced), each with its exact best threshold.")
+    margin_weights: list[float] = Field(
+        [0.0],
+        min_length=1,
+        description="Weights of the first candidate's lead over the second in the new_individual decision (the threshold applies "
+        "to s1 + weight * (s1 - s2), after any fusion), each tried with its exact best threshold; the smallest of the best wins, "
+        "and 0 (the plain rule) is always tried. [0.0]: the plain rule.",
+    )
+
+    @field_validator("margin_weights")
+    @classmethod
+    def _finite_non_negative(cls, weights: list[float]) -> list[float]:
+        if not all(math.isfinite(w) and w >= 0 for w in weights):
+            raise ValueError(f"margin_weights must be finite numbers >= 0, got {weights}")
+        return weights
 
 
 class LocalFeatureConfig(BaseModel):

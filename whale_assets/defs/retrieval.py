@@ -172,7 +172,7 @@ def _rerank_metadata(context: dg.AssetExecutionContext, tuned: OutOfFoldThreshol
         return {}
     cost, weight = tuned.rerank_cost, tuned.fusion.fusion.weight
     context.log.info(
-        f"local re-ranking: out-of-fold MAP@5 {tuned.plain.map5:.4f} -> {tuned.result.map5:.4f} at fusion weight "
+        f"local re-ranking: out-of-fold MAP@5 {tuned.plain.map5:.4f} -> {tuned.fusion.threshold.map5:.4f} at fusion weight "
         f"{weight:.2f} ({cost.ms_per_query:.1f} ms per query, {cost.pairs} photo pairs)"
     )
     return {
@@ -184,7 +184,18 @@ def _rerank_metadata(context: dg.AssetExecutionContext, tuned: OutOfFoldThreshol
     }
 
 
-def _curve_plot(thresholds: np.ndarray, curve: np.ndarray, chosen: float, fused: bool = False) -> object:
+def _margin_metadata(context: dg.AssetExecutionContext, tuned: OutOfFoldThreshold) -> dict[str, object]:
+    """What the margin rule changed out of fold (its weight, 0, when no margin weight was tried)."""
+    if tuned.margin is None:
+        return {"margin_weight": 0.0}
+    margin = tuned.margin
+    context.log.info(
+        f"margin rule: out-of-fold MAP@5 {margin.plain.map5:.4f} -> {margin.threshold.map5:.4f} at margin weight {margin.weight:g}"
+    )
+    return {"margin_weight": margin.weight, "oof_map5_without_margin": margin.plain.map5, "margin_by_weight": table_meta(margin.table)}
+
+
+def _curve_plot(thresholds: np.ndarray, curve: np.ndarray, chosen: float, fused: bool = False, margin: float = 0.0) -> object:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,7 +204,8 @@ def _curve_plot(thresholds: np.ndarray, curve: np.ndarray, chosen: float, fused:
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot(thresholds, curve, lw=1.2)
     ax.axvline(chosen, color="tab:red", ls="--", lw=1, label=f"chosen {chosen:.3f}")
-    ax.set_xlabel("fused score threshold" if fused else "cosine similarity threshold")
+    score = "fused score" if fused else "cosine similarity"
+    ax.set_xlabel(f"threshold on {score} + {margin:g} x lead over the 2nd" if margin else f"{score} threshold")
     ax.set_ylabel("validation MAP@5")
     ax.legend()
     return fig
@@ -203,7 +215,7 @@ def _curve_plot(thresholds: np.ndarray, curve: np.ndarray, chosen: float, fused:
     group_name="retrieval",
     kinds={"numpy", "mlflow"},
     deps=[fold_embeddings, local_features],
-    code_version="2",
+    code_version="3",
     automation_condition=REBUILD_AFTER_FOLDS,
     retry_policy=mlflow_retry_policy(),
 )
@@ -219,7 +231,9 @@ def match_threshold(
     validation photos searched against that fold's training photos with that fold's
     model, pooled over folds, every distinct threshold considered (exact, no grid).
     Optionally one threshold per species (of the nearest individual) with enough
-    validation photos. The curve goes to the UI and to MLflow. See docs/retrieval.md."""
+    validation photos, and a margin weight: the first candidate judged by its score plus
+    the weight times its lead over the second. The curve goes to the UI and to MLflow.
+    See docs/retrieval.md."""
     import mlflow as mlf
 
     store = feature_store(whale) if config.rerank else None
@@ -234,6 +248,7 @@ def match_threshold(
         features=store,
         fusion_weights=config.fusion_weights,
         progress=progress_logger(context, "out-of-fold local matching"),
+        margin_weights=config.margin_weights,
     )
     result = tuned.result
     metadata: dict[str, object] = {
@@ -244,18 +259,23 @@ def match_threshold(
         "per_fold": table_meta(tuned.per_fold),
     }
     metadata.update(_rerank_metadata(context, tuned))
+    metadata.update(_margin_metadata(context, tuned))
     if tuned.species is not None:
         metadata.update({"oof_map5": tuned.species.map5, "oof_map5_global_only": result.map5, "species": table_meta(tuned.species.table)})
         context.log.info(f"own thresholds for {len(tuned.species.by_species)} species: out-of-fold MAP@5 {tuned.species.map5:.4f}")
     context.log.info(f"threshold {result.threshold:.4f}: out-of-fold MAP@5 {result.map5:.4f} over {tuned.queries} photos")
 
-    fig = _curve_plot(result.thresholds, result.map5_curve, result.threshold, fused=tuned.fusion is not None)
+    margin = tuned.margin.weight if tuned.margin is not None else 0.0
+    fig = _curve_plot(result.thresholds, result.map5_curve, result.threshold, fused=tuned.fusion is not None, margin=margin)
     with mlflow.start_run(context, run_name="match_threshold", tags={"stage": "retrieval"}) as run:
         mlf.log_params({**config.model_dump(), "folds": len(tuned.per_fold), "queries": tuned.queries})
         mlf.log_metrics({"threshold": result.threshold, "oof_map5": tuned.map5, "oof_map5_global": result.map5})
         if tuned.fusion is not None and tuned.plain is not None:
             mlf.log_metrics({"oof_map5_without_rerank": tuned.plain.map5, "fusion_weight": tuned.fusion.fusion.weight})
             mlf.log_table(tuned.fusion.table, "fusion_by_weight.json")
+        if tuned.margin is not None:
+            mlf.log_metrics({"oof_map5_without_margin": tuned.margin.plain.map5, "margin_weight": tuned.margin.weight})
+            mlf.log_table(tuned.margin.table, "margin_by_weight.json")
         mlf.log_figure(fig, "map5_curve.png")
         mlf.log_table(result.curve(), "map5_curve.json")
         if tuned.species is not None:
@@ -269,7 +289,9 @@ def match_threshold(
 def threshold_in_range(match_threshold: dict) -> dg.AssetCheckResult:
     threshold, map5 = float(match_threshold["threshold"]), float(match_threshold["map5"])
     species = {k: float(v) for k, v in (match_threshold.get("species_thresholds") or {}).items()}
-    in_range = [t for t in [threshold, *species.values()] if np.isfinite(t) and -1.0 - 1e-5 <= t <= 1.0 + 1e-5]
+    # With a margin weight w the decision score s1 + w (s1 - s2) of scores in [-1, 1] lies in [-1, 1 + 2w].
+    top = 1.0 + 2.0 * float(match_threshold.get("margin") or 0.0)
+    in_range = [t for t in [threshold, *species.values()] if np.isfinite(t) and -1.0 - 1e-5 <= t <= top + 1e-5]
     return dg.AssetCheckResult(
         passed=len(in_range) == 1 + len(species) and 0.0 <= map5 <= 1.0,
         metadata={"threshold": threshold, "oof_map5": map5, "species_thresholds": len(species)},

@@ -4,7 +4,8 @@ The submission and ``whale identify`` both call :func:`match_queries`, so a test
 gets the same answer from either: the same index, search depth (the version's
 ``k``), per-query threshold (:func:`query_thresholds`, the species of a candidate
 taken from the version's rows), local-feature re-ranking when the threshold was tuned
-with it (:mod:`whale_ml.retrieval.rerank`) and new_individual rule (:func:`predict_top5`).
+with it (:mod:`whale_ml.retrieval.rerank`) and new_individual rule (:func:`predict_top5`, with the
+margin weight the threshold was tuned at).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from whale_ml.gallery.versions import GalleryVersion
 from whale_ml.retrieval.faiss_index import l2_normalise, search_gallery
 from whale_ml.retrieval.fusion import Fusion, sort_rows
 from whale_ml.retrieval.local_features import FeatureStore, PhotoFeatures
-from whale_ml.retrieval.ranking import TOP, predict_top5, query_thresholds
+from whale_ml.retrieval.ranking import TOP, decision_scores, predict_top5, query_thresholds
 from whale_ml.retrieval.rerank import LocalRerank, match_candidates
 
 
@@ -33,6 +34,13 @@ class Matches:
     predictions: list[list[str]]  # five ids per query, new_individual placed by the threshold
     inliers: np.ndarray | None = None  # (q, 5) local-feature inliers of each candidate, when re-ranked
     rerank_ms_per_query: float | None = None
+    margin: float = 0.0  # the weight of the first candidate's lead in its decision score
+
+    @property
+    def decisions(self) -> np.ndarray:
+        """(q, 5) what each candidate's score is compared with the threshold as: the first
+        candidate's plus ``margin`` times its lead over the second, the others' own."""
+        return decision_scores(self.sims, self.margin)
 
 
 def match_queries(
@@ -48,7 +56,8 @@ def match_queries(
     Args:
         queries: (q, d) embeddings in the version's space (its fold models' ensemble).
         match_threshold: the ``match_threshold`` asset's value (``threshold``, optional
-            ``species_thresholds``, and ``rerank`` when it was tuned with local re-ranking).
+            ``species_thresholds``, ``margin`` (0 when absent), and ``rerank`` when it was
+            tuned with local re-ranking).
         query_features: with re-ranking, each query's local features (``None`` for none).
         gallery_features: with re-ranking, the store holding the gallery photos' features
             (a photo it lacks, e.g. one enrolled later, gives no local evidence).
@@ -81,7 +90,8 @@ def match_queries(
         scores, ranked, counts = sort_rows(Fusion.from_dict(rerank["fusion"]).scores(raw, found.counts), cand, found.counts)
         sims, ids, inliers, cost = scores[:, :TOP], ranked[:, :TOP], counts[:, :TOP], found.ms_per_query
     thresholds = _thresholds(version, ids, match_threshold)
-    return Matches(sims, ids, thresholds, predict_top5(sims, ids, thresholds), inliers, cost)
+    margin = float(match_threshold.get("margin") or 0.0)
+    return Matches(sims, ids, thresholds, predict_top5(sims, ids, thresholds, margin=margin), inliers, cost, margin)
 
 
 def _thresholds(version: GalleryVersion, ids: np.ndarray, match_threshold: dict[str, Any]) -> np.ndarray:
