@@ -146,8 +146,11 @@ def test_enrolled_photos_already_in_the_fold_embeddings_are_marked_not_embedded_
     assert version.info["enrolled_photos"] == 2
 
 
-def _brute_force_predictions(version: object, queries: np.ndarray, threshold: float, by_species: dict[str, float]) -> list[list[str]]:
-    """Every gallery photo compared in float64, best similarity per individual, the rule by hand."""
+def _brute_force_predictions(
+    version: object, queries: np.ndarray, threshold: float, by_species: dict[str, float], margin: float = 0.0
+) -> list[list[str]]:
+    """Every gallery photo compared in float64, best similarity per individual, the rule by hand
+    (with a margin weight: the first individual judged by s1 + margin * (s1 - s2))."""
     table = version.table
     species_of = dict(zip(table["individual_id"], table["species"], strict=True))
     out = []
@@ -157,20 +160,33 @@ def _brute_force_predictions(version: object, queries: np.ndarray, threshold: fl
             best[ind] = max(best.get(ind, -np.inf), float(version.embeddings[row].astype(np.float64) @ q))
         ranked = sorted(best.items(), key=lambda kv: -kv[1])[:5]
         cut = by_species.get(species_of[ranked[0][0]], threshold)
-        above = [ind for ind, sim in ranked if sim >= cut]
-        out.append(([*above, NEW_INDIVIDUAL] + [ind for ind, sim in ranked if sim < cut])[:5])
+        if ranked[0][1] + margin * (ranked[0][1] - ranked[1][1]) < cut:
+            out.append([NEW_INDIVIDUAL] + [ind for ind, _ in ranked][:4])
+            continue
+        above = [ind for ind, sim in ranked[1:] if sim >= cut]
+        out.append(([ranked[0][0], *above, NEW_INDIVIDUAL] + [ind for ind, sim in ranked[1:] if sim < cut])[:5])
     return out
 
 
-@pytest.mark.parametrize("by_species", [{}, {"orca": -1.0}, {"beluga": 1.5, "orca": 0.2}])
-def test_match_queries_against_brute_force(home: dict, by_species: dict[str, float]) -> None:
+@pytest.mark.parametrize(("by_species", "margin"), [({}, 0.0), ({"orca": -1.0}, 0.0), ({"beluga": 1.5, "orca": 0.2}, 0.0), ({}, 2.0)])
+def test_match_queries_against_brute_force(home: dict, by_species: dict[str, float], margin: float) -> None:
     layout = home["layout"]
     version, _ = build_gallery(layout, FOLDS, home["train"], home["crops"], GalleryConfig(k=3), _no_models)
     queries, _ = query_embeddings(layout, version)
     queries = np.concatenate([queries, version.embeddings[:4]])  # and gallery photos, which find themselves
-    matches = match_queries(version, queries, {"threshold": 0.3, "species_thresholds": by_species})
-    assert matches.predictions == _brute_force_predictions(version, queries, 0.3, by_species)
+    threshold = 0.3
+    if margin:  # between a query's best similarity and its decision score: the margin makes it known
+        plain = match_queries(version, queries, {"threshold": threshold})
+        lead = plain.sims[:, 0] - plain.sims[:, 1]
+        q = int(np.argmax(lead))
+        threshold = float(plain.sims[q, 0] + margin * lead[q] / 2)
+        assert plain.sims[q, 0] < threshold < plain.sims[q, 0] + margin * lead[q]
+    matches = match_queries(version, queries, {"threshold": threshold, "species_thresholds": by_species, "margin": margin})
+    assert matches.predictions == _brute_force_predictions(version, queries, threshold, by_species, margin)
+    if margin:
+        assert matches.margin == margin and matches.predictions[q][0] == matches.ids[q, 0] != NEW_INDIVIDUAL
+        assert match_queries(version, queries, {"threshold": threshold}).predictions[q][0] == NEW_INDIVIDUAL
     assert matches.sims.shape == matches.ids.shape == (9, 5)
     np.testing.assert_allclose(matches.sims[5:, 0], 1.0, atol=1e-5)
     species_of = dict(zip(version.table["individual_id"], version.table["species"], strict=True))
-    assert matches.thresholds.tolist() == [by_species.get(species_of[i], 0.3) for i in matches.ids[:, 0]]
+    assert matches.thresholds.tolist() == [by_species.get(species_of[i], threshold) for i in matches.ids[:, 0]]

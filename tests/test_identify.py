@@ -110,7 +110,9 @@ def test_identify_lists_five_candidates_per_photo_and_an_error_row_per_bad_photo
         assert all(owner[c["gallery_image"]] == c["individual_id"] for c in cands), "best match is a photo of that individual"
         assert all(Path(c["gallery_crop"]).is_file() for c in cands)
         assert len(row["predictions"]) == 5 and row["decision"] == row["predictions"][0]
-        assert row["new_individual"] == (row["decision"] == "new_individual") == (sims[0] < row["threshold"])
+        lead = sims[0] - sims[1]  # the first candidate's decision score counts its lead when the threshold was tuned so
+        assert row["decision_score"] == pytest.approx(sims[0] + result["margin"] * lead, abs=1e-5)
+        assert row["new_individual"] == (row["decision"] == "new_individual") == (row["decision_score"] < row["threshold"])
         assert len(row["box"]) == 4 and isinstance(row["crop_is_full_frame"], bool)
 
     # The same photos, models and gallery as the pipeline's submission: the same answers.
@@ -177,6 +179,36 @@ def test_class_centres_out_of_fold_and_identify_agrees_with_the_submission(home:
     rows = {p["image"]: p for p in json.loads(out)["photos"]}
     assert {img: rows[img]["predictions"] for img in images} == dict(zip(images, expected.predictions, strict=True))
     assert [rows[img]["candidates"][0]["similarity"] for img in images] == pytest.approx(expected.sims[:, 0].tolist(), abs=1e-6)
+
+
+def test_identify_applies_the_margin_rule_it_reads(home: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    """A match_threshold tuned with a margin weight: `whale identify` judges the first candidate
+    by s1 + w (s1 - s2), the rule the submission applies through the same match_queries
+    (tests/test_gallery_build.py checks that rule against brute force)."""
+    layout, data = home["layout"], home["data"]
+    path = layout.tables / "match_threshold.json"
+    original = path.read_bytes()
+    code, out, _ = _whale(capsys, "identify", str(data / "test_images"), "--json")
+    rows = json.loads(out)["photos"]
+    leads = [r["candidates"][0]["similarity"] - r["candidates"][1]["similarity"] for r in rows]
+    q = int(np.argmax(leads))
+    s1 = rows[q]["candidates"][0]["similarity"]
+    value = {**json.loads(original), "margin": 2.0, "threshold": s1 + leads[q], "species_thresholds": {}}  # s1 < t < s1 + 2 lead
+    try:
+        path.write_text(json.dumps(value))
+        code, out, _ = _whale(capsys, "identify", str(data / "test_images"), "--json")
+    finally:
+        path.write_bytes(original)
+    assert code == 0
+    result = json.loads(out)
+    assert result["margin"] == 2.0 and result["photos"][q]["decision"] == rows[q]["candidates"][0]["individual_id"]
+    for row in result["photos"]:
+        sims = [c["similarity"] for c in row["candidates"]]
+        ids = [c["individual_id"] for c in row["candidates"]]
+        d = sims[0] + 2.0 * (sims[0] - sims[1])
+        cut = 0 if d < value["threshold"] else 1 + sum(s >= value["threshold"] for s in sims[1:])  # new_individual's place
+        assert row["predictions"] == [*ids[:cut], "new_individual", *ids[cut:]][:5] and row["new_individual"] == (cut == 0)
+        assert [c["above_threshold"] for c in row["candidates"][1:]] == [s >= value["threshold"] for s in sims[1:]]
 
 
 def test_enrolled_animal_is_identified_from_its_other_photos(home: dict, capsys: pytest.CaptureFixture[str]) -> None:

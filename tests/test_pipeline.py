@@ -318,7 +318,8 @@ def test_threshold_is_reproducible_from_the_fold_embeddings(pipeline_run: dict) 
 @pytest.mark.e2e
 def test_approximate_gallery_and_per_species_thresholds(own_pipeline: dict) -> None:
     """The options of the retrieval stage, materialised: an HNSW gallery reports its recall
-    against flat, per-species thresholds are tuned and used, and the submission stays valid."""
+    against flat, per-species thresholds and a margin weight are tuned and used, and the
+    submission stays valid."""
     from whale_assets.definitions import defs
     from whale_ml.gallery import load_version
 
@@ -328,7 +329,7 @@ def test_approximate_gallery_and_per_species_thresholds(own_pipeline: dict) -> N
         run_config={
             "ops": {
                 "gallery": {"config": {"index": "hnsw", "k": 10}},
-                "match_threshold": {"config": {"per_species": True, "species_min_queries": 3}},
+                "match_threshold": {"config": {"per_species": True, "species_min_queries": 3, "margin_weights": [0.0, 0.5, 2.0]}},
             }
         },
         instance=dg.DagsterInstance.get(),
@@ -345,6 +346,9 @@ def test_approximate_gallery_and_per_species_thresholds(own_pipeline: dict) -> N
     (sub,) = result.asset_materializations_for_node("submission_csv")
     stored = json.loads((layout.tables / "match_threshold.json").read_text())
     assert sub.metadata["species_thresholds"].value == len(stored["species_thresholds"])
+    # The weight chosen (0 included) is what the value carries and the submission applied.
+    assert stored["margin"] == threshold.metadata["margin_weight"].value == sub.metadata["margin_weight"].value
+    assert [r.data["weight"] for r in threshold.metadata["margin_by_weight"].records] == [0.0, 0.5, 2.0]
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"threshold_in_range": True, "submission_format": True}
 

@@ -89,8 +89,8 @@ def test_tune_out_of_fold_is_the_pooled_optimum(tmp_path: Path, seed: int) -> No
     assert [[ind for ind in row if ind] for row in tuned.ids.tolist()] == [[ind for ind, _ in r] for r in lists]
     assert tuned.species is None and tuned.map5 == tuned.result.map5
     value = tuned.value()
-    assert list(value) == ["threshold", "map5", "new_share", "queries", "per_fold", "species_thresholds"]
-    assert value["threshold"] == tuned.result.threshold and value["species_thresholds"] == {}
+    assert list(value) == ["threshold", "map5", "new_share", "queries", "per_fold", "species_thresholds", "margin"]
+    assert value["threshold"] == tuned.result.threshold and value["species_thresholds"] == {} and value["margin"] == 0.0
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -114,6 +114,61 @@ def test_per_species_thresholds_are_each_species_optimum(tmp_path: Path, seed: i
         )
     assert tuned.map5 >= tuned.result.map5 - 1e-12
     assert tuned.value()["map5"] == tuned.species.map5 and tuned.value()["species_thresholds"] == tuned.species.by_species
+
+
+def _score_with_margin(ranked: list[tuple[str, float]], truth: str, threshold: float, margin: float) -> float:
+    """:func:`_score` with the first individual judged by s1 + margin * (s1 - s2), by hand."""
+    (first, s1), rest = ranked[0], ranked[1:]
+    d = s1 + margin * (s1 - rest[0][1]) if rest else s1
+    if d < threshold:
+        preds = [NEW_INDIVIDUAL, first, *[ind for ind, _ in rest]][:5]
+    else:
+        preds = ([first, *[ind for ind, sim in rest if sim >= threshold], NEW_INDIVIDUAL] + [ind for ind, sim in rest if sim < threshold])[:5]
+    return 1.0 / (preds.index(truth) + 1) if truth in preds else 0.0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_margin_weight_and_threshold_are_the_pooled_optimum(tmp_path: Path, seed: int) -> None:
+    """With margin weights the pair (weight, threshold) is the best over every weight tried and
+    every threshold that can change an answer, the smallest weight among equals; weight 0 alone
+    is the plain tuning."""
+    cv, embeddings_dir = _home(tmp_path, seed)
+    weights = [0.0, 0.5, 2.0]
+    tuned = tune_out_of_fold(cv, embeddings_dir, FOLDS, margin_weights=weights[1:], per_species=True, species_min_queries=3)
+    lists, truths = [], []
+    for i, fold in enumerate(FOLDS):
+        fold_lists, fold_truths, _ = _oracle_fold(cv, tmp_path / fold, i)
+        lists += fold_lists
+        truths += fold_truths
+
+    def score(t: float, w: float) -> float:
+        return float(np.mean([_score_with_margin(r, tr, t, w) for r, tr in zip(lists, truths, strict=True)]))
+
+    best = []
+    for w in weights:
+        decisions = {sim for r in lists for _, sim in r} | {r[0][1] + w * (r[0][1] - r[1][1]) for r in lists if len(r) > 1}
+        best.append(max(score(t, w) for t in {np.inf} | decisions))
+    assert tuned.margin is not None and tuned.margin.table["map5"].tolist() == pytest.approx(best, abs=1e-9)
+    assert tuned.margin.weight == min(w for w, m in zip(weights, best, strict=True) if m >= max(best) - 1e-9)
+    assert tuned.result.map5 == pytest.approx(max(best), abs=1e-9)
+    assert score(tuned.result.threshold, tuned.margin.weight) == pytest.approx(tuned.result.map5, abs=1e-9)
+    assert tuned.margin.plain.map5 == pytest.approx(tune_out_of_fold(cv, embeddings_dir, FOLDS).result.map5, abs=1e-12)
+    value = tuned.value()
+    assert value["margin"] == tuned.margin.weight and value["map5_without_margin"] == tuned.margin.plain.map5
+    assert value["threshold"] == tuned.result.threshold
+    # Per-species thresholds apply to the same decision score.
+    species_of = dict(zip(cv["individual_id"], cv["species"], strict=True))
+    own = [tuned.species.by_species.get(species_of[r[0][0]], tuned.result.threshold) for r in lists]
+    mine = np.mean([_score_with_margin(r, tr, t, tuned.margin.weight) for r, tr, t in zip(lists, truths, own, strict=True)])
+    assert tuned.species.map5 == pytest.approx(float(mine), abs=1e-9)
+
+
+def test_margin_weight_zero_is_the_plain_tuning(tmp_path: Path) -> None:
+    cv, embeddings_dir = _home(tmp_path, 5)
+    plain, zero = tune_out_of_fold(cv, embeddings_dir, FOLDS), tune_out_of_fold(cv, embeddings_dir, FOLDS, margin_weights=[0.0])
+    assert zero.margin is None and zero.value() == plain.value()
+    with pytest.raises(ValueError, match="margin weights"):
+        tune_out_of_fold(cv, embeddings_dir, FOLDS, margin_weights=[-1.0])
 
 
 def test_out_of_fold_search_skips_folds_without_validation_photos(tmp_path: Path) -> None:

@@ -8,9 +8,10 @@ Fields use only types Dagster's config system understands (no tuples).
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 
 class MetadataConfig(BaseModel):
@@ -220,6 +221,20 @@ class ThresholdConfig(BaseModel):
         description="Fuse each candidate's cosine to its best ArcFace class (sub-)centre of the fold models, calibrated out of fold, "
         "with a weight tuned with the threshold (0 where it does not help). Needs fold models that kept their centres.",
     )
+    margin_weights: list[float] = Field(
+        [0.0],
+        min_length=1,
+        description="Weights of the first candidate's lead over the second in the new_individual decision (the threshold applies "
+        "to s1 + weight * (s1 - s2), after any fusion), each tried with its exact best threshold; the smallest of the best wins, "
+        "and 0 (the plain rule) is always tried. [0.0]: the plain rule.",
+    )
+
+    @field_validator("margin_weights")
+    @classmethod
+    def _finite_non_negative(cls, weights: list[float]) -> list[float]:
+        if not all(math.isfinite(w) and w >= 0 for w in weights):
+            raise ValueError(f"margin_weights must be finite numbers >= 0, got {weights}")
+        return weights
 
 
 class LocalFeatureConfig(BaseModel):

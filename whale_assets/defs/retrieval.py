@@ -180,13 +180,13 @@ def _fusion_metadata(context: dg.AssetExecutionContext, tuned: OutOfFoldThreshol
         "fusion_by_weight": table_meta(tuned.fusion.table),
     }
     context.log.info(
-        f"fusion: out-of-fold MAP@5 {tuned.plain.map5:.4f} -> {tuned.result.map5:.4f} at weights {found['fusion_weights']}"
+        f"fusion: out-of-fold MAP@5 {tuned.plain.map5:.4f} -> {tuned.fusion.threshold.map5:.4f} at weights {found['fusion_weights']}"
     )
     if tuned.rerank_cost is None:
         return found
     cost, weight = tuned.rerank_cost, fusion.weight
     context.log.info(
-        f"local re-ranking: out-of-fold MAP@5 {tuned.plain.map5:.4f} -> {tuned.result.map5:.4f} at fusion weight "
+        f"local re-ranking: out-of-fold MAP@5 {tuned.plain.map5:.4f} -> {tuned.fusion.threshold.map5:.4f} at fusion weight "
         f"{weight:.2f} ({cost.ms_per_query:.1f} ms per query, {cost.pairs} photo pairs)"
     )
     return {
@@ -199,9 +199,12 @@ def _fusion_metadata(context: dg.AssetExecutionContext, tuned: OutOfFoldThreshol
 
 
 def _log_fusion(tuned: OutOfFoldThreshold) -> None:
-    """The fusion's weights, its gain and its table of weights, to the active MLflow run."""
+    """The fusion's weights, its gain and its table of weights (and the margin rule's), to the active MLflow run."""
     import mlflow as mlf
 
+    if tuned.margin is not None:
+        mlf.log_metrics({"oof_map5_without_margin": tuned.margin.plain.map5, "margin_weight": tuned.margin.weight})
+        mlf.log_table(tuned.margin.table, "margin_by_weight.json")
     if tuned.fusion is None or tuned.plain is None:
         return
     fused = tuned.fusion.fusion
@@ -212,7 +215,18 @@ def _log_fusion(tuned: OutOfFoldThreshold) -> None:
     mlf.log_table(tuned.fusion.table, "fusion_by_weight.json")
 
 
-def _curve_plot(thresholds: np.ndarray, curve: np.ndarray, chosen: float, fused: bool = False) -> object:
+def _margin_metadata(context: dg.AssetExecutionContext, tuned: OutOfFoldThreshold) -> dict[str, object]:
+    """What the margin rule changed out of fold (its weight, 0, when no margin weight was tried)."""
+    if tuned.margin is None:
+        return {"margin_weight": 0.0}
+    margin = tuned.margin
+    context.log.info(
+        f"margin rule: out-of-fold MAP@5 {margin.plain.map5:.4f} -> {margin.threshold.map5:.4f} at margin weight {margin.weight:g}"
+    )
+    return {"margin_weight": margin.weight, "oof_map5_without_margin": margin.plain.map5, "margin_by_weight": table_meta(margin.table)}
+
+
+def _curve_plot(thresholds: np.ndarray, curve: np.ndarray, chosen: float, fused: bool = False, margin: float = 0.0) -> object:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -221,7 +235,8 @@ def _curve_plot(thresholds: np.ndarray, curve: np.ndarray, chosen: float, fused:
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot(thresholds, curve, lw=1.2)
     ax.axvline(chosen, color="tab:red", ls="--", lw=1, label=f"chosen {chosen:.3f}")
-    ax.set_xlabel("fused score threshold" if fused else "cosine similarity threshold")
+    score = "fused score" if fused else "cosine similarity"
+    ax.set_xlabel(f"threshold on {score} + {margin:g} x lead over the 2nd" if margin else f"{score} threshold")
     ax.set_ylabel("validation MAP@5")
     ax.legend()
     return fig
@@ -231,7 +246,7 @@ def _curve_plot(thresholds: np.ndarray, curve: np.ndarray, chosen: float, fused:
     group_name="retrieval",
     kinds={"numpy", "mlflow"},
     deps=[fold_embeddings, local_features],
-    code_version="2",
+    code_version="3",
     automation_condition=REBUILD_AFTER_FOLDS,
     retry_policy=mlflow_retry_policy(),
 )
@@ -248,7 +263,9 @@ def match_threshold(
     model, pooled over folds, every distinct threshold considered (exact, no grid).
     Optionally one threshold per species (of the nearest individual) with enough
     validation photos. With re-ranking and/or class centres it applies to the fused score,
-    tuned with its weights. The curve goes to the UI and to MLflow. See docs/retrieval.md."""
+    tuned with its weights; with a margin weight, the first candidate is judged by its score
+    plus the weight times its lead over the second. The curve goes to the UI and to MLflow.
+    See docs/retrieval.md."""
     import mlflow as mlf
 
     store = feature_store(whale) if config.rerank else None
@@ -265,6 +282,7 @@ def match_threshold(
         progress=progress_logger(context, "out-of-fold local matching"),
         class_centres=config.class_centres,
         candidates=config.candidates,
+        margin_weights=config.margin_weights,
     )
     if tuned.centres_note:
         context.log.warning(tuned.centres_note)
@@ -277,12 +295,14 @@ def match_threshold(
         "per_fold": table_meta(tuned.per_fold),
     }
     metadata.update(_fusion_metadata(context, tuned))
+    metadata.update(_margin_metadata(context, tuned))
     if tuned.species is not None:
         metadata.update({"oof_map5": tuned.species.map5, "oof_map5_global_only": result.map5, "species": table_meta(tuned.species.table)})
         context.log.info(f"own thresholds for {len(tuned.species.by_species)} species: out-of-fold MAP@5 {tuned.species.map5:.4f}")
     context.log.info(f"threshold {result.threshold:.4f}: out-of-fold MAP@5 {result.map5:.4f} over {tuned.queries} photos")
 
-    fig = _curve_plot(result.thresholds, result.map5_curve, result.threshold, fused=tuned.fusion is not None)
+    margin = tuned.margin.weight if tuned.margin is not None else 0.0
+    fig = _curve_plot(result.thresholds, result.map5_curve, result.threshold, fused=tuned.fusion is not None, margin=margin)
     with mlflow.start_run(context, run_name="match_threshold", tags={"stage": "retrieval"}) as run:
         mlf.log_params({**config.model_dump(), "folds": len(tuned.per_fold), "queries": tuned.queries})
         mlf.log_metrics({"threshold": result.threshold, "oof_map5": tuned.map5, "oof_map5_global": result.map5})
@@ -300,7 +320,9 @@ def match_threshold(
 def threshold_in_range(match_threshold: dict) -> dg.AssetCheckResult:
     threshold, map5 = float(match_threshold["threshold"]), float(match_threshold["map5"])
     species = {k: float(v) for k, v in (match_threshold.get("species_thresholds") or {}).items()}
-    in_range = [t for t in [threshold, *species.values()] if np.isfinite(t) and -1.0 - 1e-5 <= t <= 1.0 + 1e-5]
+    # With a margin weight w the decision score s1 + w (s1 - s2) of scores in [-1, 1] lies in [-1, 1 + 2w].
+    top = 1.0 + 2.0 * float(match_threshold.get("margin") or 0.0)
+    in_range = [t for t in [threshold, *species.values()] if np.isfinite(t) and -1.0 - 1e-5 <= t <= top + 1e-5]
     return dg.AssetCheckResult(
         passed=len(in_range) == 1 + len(species) and 0.0 <= map5 <= 1.0,
         metadata={"threshold": threshold, "oof_map5": map5, "species_thresholds": len(species)},

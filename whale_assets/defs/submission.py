@@ -83,6 +83,7 @@ def submission_csv(
             "gallery_version": version.name,
             "threshold": float(match_threshold["threshold"]),
             "species_thresholds": len(match_threshold.get("species_thresholds") or {}),
+            "margin_weight": matches.margin,
             "top1_new_individual_share": top1_new,
             "prior_only_rows": len(missing),
             **_rerank_md(matches),

@@ -5,7 +5,8 @@ gets the same answer from either: the same index, search depth (the version's
 ``k``), per-query threshold (:func:`query_thresholds`, the species of a candidate
 taken from the version's rows), the fusion the threshold was tuned with (local-feature
 re-ranking, :mod:`whale_ml.retrieval.rerank`; class-centre scores from the version's fold
-models, :mod:`whale_ml.retrieval.centres`) and new_individual rule (:func:`predict_top5`).
+models, :mod:`whale_ml.retrieval.centres`) and new_individual rule (:func:`predict_top5`, with
+the margin weight the threshold was tuned at).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from whale_ml.retrieval.centres import ensemble_centre_similarity
 from whale_ml.retrieval.faiss_index import l2_normalise, search_gallery
 from whale_ml.retrieval.fusion import Fusion, sort_rows
 from whale_ml.retrieval.local_features import FeatureStore, PhotoFeatures
-from whale_ml.retrieval.ranking import TOP, predict_top5, query_thresholds
+from whale_ml.retrieval.ranking import TOP, decision_scores, predict_top5, query_thresholds
 from whale_ml.retrieval.rerank import LocalRerank, match_candidates
 
 
@@ -35,6 +36,13 @@ class Matches:
     predictions: list[list[str]]  # five ids per query, new_individual placed by the threshold
     inliers: np.ndarray | None = None  # (q, 5) local-feature inliers of each candidate, when re-ranked
     rerank_ms_per_query: float | None = None
+    margin: float = 0.0  # the weight of the first candidate's lead in its decision score
+
+    @property
+    def decisions(self) -> np.ndarray:
+        """(q, 5) what each candidate's score is compared with the threshold as: the first
+        candidate's plus ``margin`` times its lead over the second, the others' own."""
+        return decision_scores(self.sims, self.margin)
 
 
 def match_queries(
@@ -50,8 +58,8 @@ def match_queries(
     Args:
         queries: (q, d) embeddings in the version's space (its fold models' ensemble).
         match_threshold: the ``match_threshold`` asset's value (``threshold``, optional
-            ``species_thresholds``; ``fusion`` with ``rerank`` and/or ``class_centres`` when
-            it was tuned on fused scores).
+            ``species_thresholds``, ``margin`` (0 when absent); ``fusion`` with ``rerank``
+            and/or ``class_centres`` when it was tuned on fused scores).
         query_features: with re-ranking, each query's local features (``None`` for none).
         gallery_features: with re-ranking, the store holding the gallery photos' features
             (a photo it lacks, e.g. one enrolled later, gives no local evidence).
@@ -102,7 +110,8 @@ def match_queries(
         sims, ids = sims[:, :TOP], ids[:, :TOP]
         inliers = rest[0][:, :TOP] if rest else None
     thresholds = _thresholds(version, ids, match_threshold)
-    return Matches(sims, ids, thresholds, predict_top5(sims, ids, thresholds), inliers, cost)
+    margin = float(match_threshold.get("margin") or 0.0)
+    return Matches(sims, ids, thresholds, predict_top5(sims, ids, thresholds, margin=margin), inliers, cost, margin)
 
 
 def _thresholds(version: GalleryVersion, ids: np.ndarray, match_threshold: dict[str, Any]) -> np.ndarray:

@@ -59,6 +59,7 @@ def identify_photos(
             query_features, _ = extract_features(cropped["path"].tolist(), [list(b) for b in cropped["box"]], settings)
         found = match_queries(gallery, emb, match_threshold, query_features, store)
         sims, ids, thresholds, predictions = found.sims, found.ids, found.thresholds, found.predictions
+        decisions = found.decisions
         inliers = found.inliers
         matched = best_photo_per_candidate(gallery.embeddings, gallery.table["individual_id"].to_numpy(), emb, ids.tolist())
     rows: list[dict[str, Any]] = []
@@ -74,6 +75,7 @@ def identify_photos(
             "box_note": photo.box_note or None,
             "crop_path": photo.crop_path or None,
             "threshold": None,
+            "decision_score": None,
             "decision": None,
             "new_individual": None,
             "candidates": [],
@@ -93,7 +95,8 @@ def identify_photos(
                         "similarity": round(float(sim), 6),
                         "embedding_similarity": round(float(photo_sim), 6),
                         "inliers": int(inliers[q, rank - 1]) if inliers is not None else None,
-                        "above_threshold": bool(sim >= thresholds[q]),
+                        # Its decision score at or above the threshold (the first candidate's counts its lead).
+                        "above_threshold": bool(decisions[q, rank - 1] >= thresholds[q]),
                         "gallery_image": g["image"],
                         "gallery_crop": g["crop_path"],
                         "gallery_source": g["source"],
@@ -104,6 +107,7 @@ def identify_photos(
                     "status": "ok",
                     "error": None,
                     "threshold": float(thresholds[q]),
+                    "decision_score": round(float(decisions[q, 0]), 6),
                     "decision": predictions[q][0],
                     "new_individual": predictions[q][0] == NEW_INDIVIDUAL,
                     "candidates": candidates,
@@ -122,6 +126,7 @@ def identify_photos(
         },
         "threshold": float(match_threshold["threshold"]),
         "local_rerank": bool(match_threshold.get("rerank")),
+        "margin": float(match_threshold.get("margin") or 0.0),
         "species_thresholds": dict(match_threshold.get("species_thresholds") or {}),
         "models": [m.describe() for m in models],
         "top": TOP,
@@ -141,8 +146,9 @@ def format_text(result: dict[str, Any]) -> str:
         if row["status"] != "ok":
             lines.append(f"\n{row['image']}: ERROR {row['error']}")
             continue
-        best = row["candidates"][0]["similarity"] if row["candidates"] else float("nan")
-        why = f"best {best:.4f} {'<' if row['new_individual'] else '>='} threshold {row['threshold']:.4f}"
+        best = row["decision_score"] if row["decision_score"] is not None else float("nan")
+        name = "best" if not result.get("margin") else "best + margin x lead"
+        why = f"{name} {best:.4f} {'<' if row['new_individual'] else '>='} threshold {row['threshold']:.4f}"
         crop = "full frame" if row["crop_is_full_frame"] else "detector box"
         lines.append(f"\n{row['image']}: {row['decision']}  ({why}; {crop})")
         for c in row["candidates"]:

@@ -7,10 +7,12 @@ Public API, stable for notebook users::
 """
 
 from whale_ml.retrieval.faiss_index import INDEX_KINDS, build_index, index_recall, l2_normalise, load_index, save_index, search_gallery
+from whale_ml.retrieval.margin import MarginResult, tune_margin
 from whale_ml.retrieval.ranking import (
     SpeciesThresholds,
     ThresholdResult,
     collapse_by_individual,
+    decision_scores,
     map_at_5,
     nearest_species,
     predict_top5,
@@ -21,10 +23,12 @@ from whale_ml.retrieval.ranking import (
 
 __all__ = [
     "INDEX_KINDS",
+    "MarginResult",
     "SpeciesThresholds",
     "ThresholdResult",
     "build_index",
     "collapse_by_individual",
+    "decision_scores",
     "index_recall",
     "l2_normalise",
     "load_index",
@@ -34,6 +38,7 @@ __all__ = [
     "query_thresholds",
     "save_index",
     "search_gallery",
+    "tune_margin",
     "tune_species_thresholds",
     "tune_threshold",
 ]

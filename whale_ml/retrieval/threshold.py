@@ -5,7 +5,8 @@ that fold's model (whose training never saw them), so a validation photo of an
 individual missing from the fold's training is a true ``new_individual`` case. The
 searches of all folds are pooled and the threshold that maximises their MAP@5 is
 found exactly (:func:`tune_threshold`: every distinct threshold, no grid); optionally
-one per species (:func:`tune_species_thresholds`). See docs/retrieval.md.
+with a margin weight (:func:`tune_margin`) and one per species
+(:func:`tune_species_thresholds`). See docs/retrieval.md.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from whale_ml.retrieval.faiss_index import build_index, search_gallery
 from whale_ml.retrieval.centres import ClassCentres, centre_similarity
 from whale_ml.retrieval.fusion import FusionResult, NotCalibratable, fused_ranking, tune_fusion
 from whale_ml.retrieval.local_features import FeatureStore
+from whale_ml.retrieval.margin import MarginResult, check_margin_weights, tune_margin
 from whale_ml.retrieval.rerank import Inliers, LocalRerank, match_candidates
 from whale_ml.retrieval.ranking import TOP, SpeciesThresholds, ThresholdResult, nearest_species, tune_species_thresholds, tune_threshold
 from whale_ml.retrieval.store import load_embeddings
@@ -86,7 +88,7 @@ class OutOfFoldThreshold:
     result: ThresholdResult  # the global threshold over all folds' validation photos
     per_fold: list[dict[str, Any]]  # fold, queries, and each fold's own best threshold and MAP@5
     species: SpeciesThresholds | None  # per-species thresholds, when asked for
-    sims: np.ndarray  # (n, K) pooled over folds, in fold order: the scores the threshold applies to
+    sims: np.ndarray  # (n, K) pooled over folds, in fold order: the scores the rule ranks by (the threshold: at ``margin``)
     ids: np.ndarray
     truths: list[str]
     plain: ThresholdResult | None = None  # with re-ranking: the embedding similarity alone, for comparison
@@ -95,6 +97,7 @@ class OutOfFoldThreshold:
     rerank_cost: Inliers | None = None
     candidates: int = TOP  # candidate individuals per query that the fusion re-ranks
     centres_note: str | None = None  # why class-centre scores were asked for but left out
+    margin: MarginResult | None = None  # when margin weights were tried: the chosen one and each weight's best
 
     @property
     def queries(self) -> int:
@@ -124,6 +127,10 @@ class OutOfFoldThreshold:
                 value["map5_without_rerank"] = self.plain.map5 if self.plain is not None else None
             if self.fusion.fusion.centre_weight > 0:
                 value["class_centres"] = {"candidates": self.candidates}
+        # The threshold applies to s1 + margin * (s1 - s2) (ranking.decision_scores); 0 is the plain rule.
+        value["margin"] = self.margin.weight if self.margin is not None else 0.0
+        if self.margin is not None:
+            value["map5_without_margin"] = self.margin.plain.map5
         return value
 
 
@@ -140,6 +147,7 @@ def tune_out_of_fold(
     progress: ProgressFn | None = None,
     class_centres: bool = False,
     candidates: int = 10,
+    margin_weights: Sequence[float] = (0.0,),
 ) -> OutOfFoldThreshold:
     """The new_individual threshold that maximises out-of-fold MAP@5 (see the module docstring).
 
@@ -155,6 +163,9 @@ def tune_out_of_fold(
             the fusion weight together with the threshold (:func:`tune_fusion`).
         fusion_weights: how many weights in [0, 1] are tried per fused matcher (with
             both local features and class centres: every point of that grid on the simplex).
+        margin_weights: weights of the first candidate's lead over the second in the
+            new_individual decision (:mod:`whale_ml.retrieval.margin`), tried on the final
+            (fused) ranking with the exact threshold each; ``(0.0,)`` is the plain rule.
         progress: called as local matching proceeds (validation photos done, total).
         class_centres: fuse each candidate's class-centre similarity too: the validation
             photos of fold k against fold k's model's centres (written beside its embeddings,
@@ -168,6 +179,7 @@ def tune_out_of_fold(
     """
     if rerank is not None and features is None:
         raise ValueError("re-ranking needs the local_features store")
+    margin_grid = check_margin_weights(margin_weights)
     centres_note = None
     if class_centres:
         missing = [f for f in folds if ClassCentres.load(embeddings_dir(f)) is None]
@@ -236,12 +248,22 @@ def tune_out_of_fold(
                 result = fusion.threshold
                 sims, ids = fused_ranking(sims, ids, inliers, fusion.fusion, centre_sims)
                 cost = Inliers(inliers, seconds, pairs) if inliers is not None else None
+    margin = None
+    if (margin_grid > 0).any():  # after any fusion: the decision reads the final ranking's scores
+        margin = tune_margin(sims, ids, truths, known, margin_grid)
+        result = margin.threshold
     species = None
     if per_species:
         species_of = dict(zip(cv_folds["individual_id"], cv_folds["species"], strict=True))
         species = tune_species_thresholds(
-            sims, ids, truths, nearest_species(ids, species_of), gallery_ids=known, min_queries=species_min_queries
+            sims,
+            ids,
+            truths,
+            nearest_species(ids, species_of),
+            gallery_ids=known,
+            min_queries=species_min_queries,
+            margin=margin.weight if margin is not None else 0.0,
         )
     return OutOfFoldThreshold(
-        result, per_fold, species, sims, ids, truths, plain if fusion else None, fusion, rerank, cost, top, centres_note
+        result, per_fold, species, sims, ids, truths, plain if fusion else None, fusion, rerank, cost, top, centres_note, margin
     )
