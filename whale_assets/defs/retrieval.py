@@ -226,6 +226,27 @@ def _margin_metadata(context: dg.AssetExecutionContext, tuned: OutOfFoldThreshol
     return {"margin_weight": margin.weight, "oof_map5_without_margin": margin.plain.map5, "margin_by_weight": table_meta(margin.table)}
 
 
+def _threshold_metadata(context: dg.AssetExecutionContext, tuned: OutOfFoldThreshold) -> dict[str, object]:
+    """The match_threshold asset's metadata (threshold, scores, folds, fusion, margin, species), logged as it goes."""
+    if tuned.centres_note:
+        context.log.warning(tuned.centres_note)
+    result = tuned.result
+    metadata: dict[str, object] = {
+        "threshold": result.threshold,
+        "oof_map5": result.map5,
+        "top1_new_share": result.new_share,
+        "queries": tuned.queries,
+        "per_fold": table_meta(tuned.per_fold),
+    }
+    metadata.update(_fusion_metadata(context, tuned))
+    metadata.update(_margin_metadata(context, tuned))
+    if tuned.species is not None:
+        metadata.update({"oof_map5": tuned.species.map5, "oof_map5_global_only": result.map5, "species": table_meta(tuned.species.table)})
+        context.log.info(f"own thresholds for {len(tuned.species.by_species)} species: out-of-fold MAP@5 {tuned.species.map5:.4f}")
+    context.log.info(f"threshold {result.threshold:.4f}: out-of-fold MAP@5 {result.map5:.4f} over {tuned.queries} photos")
+    return metadata
+
+
 def _curve_plot(thresholds: np.ndarray, curve: np.ndarray, chosen: float, fused: bool = False, margin: float = 0.0) -> object:
     import matplotlib
 
@@ -284,23 +305,7 @@ def match_threshold(
         candidates=config.candidates,
         margin_weights=config.margin_weights,
     )
-    if tuned.centres_note:
-        context.log.warning(tuned.centres_note)
-    result = tuned.result
-    metadata: dict[str, object] = {
-        "threshold": result.threshold,
-        "oof_map5": result.map5,
-        "top1_new_share": result.new_share,
-        "queries": tuned.queries,
-        "per_fold": table_meta(tuned.per_fold),
-    }
-    metadata.update(_fusion_metadata(context, tuned))
-    metadata.update(_margin_metadata(context, tuned))
-    if tuned.species is not None:
-        metadata.update({"oof_map5": tuned.species.map5, "oof_map5_global_only": result.map5, "species": table_meta(tuned.species.table)})
-        context.log.info(f"own thresholds for {len(tuned.species.by_species)} species: out-of-fold MAP@5 {tuned.species.map5:.4f}")
-    context.log.info(f"threshold {result.threshold:.4f}: out-of-fold MAP@5 {result.map5:.4f} over {tuned.queries} photos")
-
+    result, metadata = tuned.result, _threshold_metadata(context, tuned)
     margin = tuned.margin.weight if tuned.margin is not None else 0.0
     fig = _curve_plot(result.thresholds, result.map5_curve, result.threshold, fused=tuned.fusion is not None, margin=margin)
     with mlflow.start_run(context, run_name="match_threshold", tags={"stage": "retrieval"}) as run:

@@ -134,6 +134,32 @@ class OutOfFoldThreshold:
         return value
 
 
+def _missing_centres(folds: Sequence[str], embeddings_dir: Callable[[str], Path]) -> str | None:
+    """Why class-centre scores cannot be used (a fold model kept none), or None."""
+    missing = [f for f in folds if ClassCentres.load(embeddings_dir(f)) is None]
+    if not missing:
+        return None
+    return (
+        f"class-centre scores left out: the {', '.join(missing)} model(s) kept no class centres (trained before "
+        "best.pt kept them): retrain the fold models and rematerialise fold_embeddings to use them"
+    )
+
+
+def _match_fold(rerank: LocalRerank, features: FeatureStore, found: FoldSearch, progress: ProgressFn | None) -> Inliers:
+    """Local-feature inliers of one fold's validation photos against their candidates among its training photos."""
+    train, val = found.train, found.val
+    return match_candidates(
+        rerank,
+        found.gallery,
+        train["individual_id"].to_numpy(dtype=object),
+        [features.get(img) for img in train["image"]],
+        found.queries,
+        [features.get(img) for img in val["image"]],
+        found.ids,
+        progress,
+    )
+
+
 def tune_out_of_fold(
     cv_folds: pd.DataFrame,
     embeddings_dir: Callable[[str], Path],
@@ -180,16 +206,10 @@ def tune_out_of_fold(
     if rerank is not None and features is None:
         raise ValueError("re-ranking needs the local_features store")
     margin_grid = check_margin_weights(margin_weights)
-    centres_note = None
-    if class_centres:
-        missing = [f for f in folds if ClassCentres.load(embeddings_dir(f)) is None]
-        if missing:
-            centres_note = (
-                f"class-centre scores left out: the {', '.join(missing)} model(s) kept no class centres (trained before "
-                "best.pt kept them): retrain the fold models and rematerialise fold_embeddings to use them"
-            )
-            warnings.warn(centres_note, stacklevel=2)
-            class_centres = False
+    centres_note = _missing_centres(folds, embeddings_dir) if class_centres else None
+    if centres_note:
+        warnings.warn(centres_note, stacklevel=2)
+        class_centres = False
     top = rerank.candidates if rerank is not None else (candidates if class_centres else TOP)
     sims_all, ids_all, inliers_all, centre_all, truths, per_fold = [], [], [], [], [], []
     seconds, pairs = 0.0, 0
@@ -201,16 +221,8 @@ def tune_out_of_fold(
         per_fold.append({"fold": fold, "queries": len(val), "best_threshold": own.threshold, "best_map5": own.map5})
         if rerank is not None and features is not None:
             done = len(truths)
-            matched = match_candidates(
-                rerank,
-                found.gallery,
-                train["individual_id"].to_numpy(dtype=object),
-                [features.get(img) for img in train["image"]],
-                found.queries,
-                [features.get(img) for img in val["image"]],
-                ids,
-                None if progress is None else (lambda d, _t, done=done: progress(done + d, total)),
-            )
+            report = None if progress is None else (lambda d, _t, done=done: progress(done + d, total))
+            matched = _match_fold(rerank, features, found, report)
             inliers_all.append(matched.counts)
             seconds, pairs = seconds + matched.seconds, pairs + matched.pairs
         if class_centres:
