@@ -523,7 +523,9 @@ def test_pseudo_label_round_materialises_beside_the_first(own_pipeline: dict) ->
     recipe["ops"]["pseudo_labels"] = {"config": {"enabled": True, "min_precision": 0.05, "min_photos": 1}}
     job, instance = defs().resolve_implicit_global_asset_job_def(), dg.DagsterInstance.get()
     results = {}
-    for selection, partitions in [(PSEUDO_LABELS, [None]), (TRAIN_ROUND2_FOLDS, ["fold0", "fold1"]), (ROUND2_ENSEMBLE_AND_SUBMIT, [None])]:
+    stages = {"pseudo_labels": (PSEUDO_LABELS, [None]), "round2_folds": (TRAIN_ROUND2_FOLDS, ["fold0", "fold1"])}
+    stages["round2_ensemble"] = (ROUND2_ENSEMBLE_AND_SUBMIT, [None])
+    for name, (selection, partitions) in stages.items():
         keys = asset_names(selection)
         for partition in partitions:
             result = job.execute_in_process(
@@ -533,25 +535,25 @@ def test_pseudo_label_round_materialises_beside_the_first(own_pipeline: dict) ->
                 asset_selection=[dg.AssetKey.from_user_string(k) for k in keys],
             )
             assert result.success, keys
-            results[(selection, partition)] = result
+            results[(name, partition)] = result
 
-    (pseudo,) = results[(PSEUDO_LABELS, None)].asset_materializations_for_node("pseudo_labels")
+    (pseudo,) = results[("pseudo_labels", None)].asset_materializations_for_node("pseudo_labels")
     table = pd.read_parquet(layout.tables / "pseudo_labels.parquet")
     assert len(table) == pseudo.metadata["dagster/row_count"].value > 0
     assert pseudo.metadata["confidence"].value >= pseudo.metadata["floor"].value
     assert (table["score"] >= pseudo.metadata["confidence"].value).all()
     assert set(table["image"]) <= set(pd.read_parquet(layout.tables / "test_metadata.parquet")["image"])
-    checks = {e.check_name: e.passed for e in results[(PSEUDO_LABELS, None)].get_asset_check_evaluations()}
+    checks = {e.check_name: e.passed for e in results[("pseudo_labels", None)].get_asset_check_evaluations()}
     assert checks == {"pseudo_photos_never_validated": True}
 
-    trained = [results[(TRAIN_ROUND2_FOLDS, f)].asset_materializations_for_node("round2__arcface_model")[0] for f in ("fold0", "fold1")]
+    trained = [results[("round2_folds", f)].asset_materializations_for_node("round2__arcface_model")[0] for f in ("fold0", "fold1")]
     assert sum(m.metadata["pseudo_labelled_train_images"].value for m in trained) > 0
     assert [m.metadata["epochs_run"].value for m in trained] == [2, 2]  # the tiny recipe's, not the default 60
     assert (layout.in_round("round2").model_dir("fold0") / "best.pt").exists()
     assert client.get_model_version_by_alias("whale-arcface", "fold0").version == first_fold0
     assert client.get_model_version_by_alias("whale-arcface", "round2_fold0").version != first_fold0
 
-    final = results[(ROUND2_ENSEMBLE_AND_SUBMIT, None)]
+    final = results[("round2_ensemble", None)]
     (sub,) = final.asset_materializations_for_node("round2__submission_csv")
     round2_file = layout.in_round("round2").submission
     assert sub.metadata["path"].value == str(round2_file) == str(layout.home / "rounds" / "round2" / "submission.csv")
