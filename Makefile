@@ -43,7 +43,7 @@ browser:
 	  echo "note: no Chromium and no root apt-get: the browser test will be skipped"
 
 test: venv browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 # The edit-test loop: everything but the end-to-end, server, fault-injection and slow tests
 # (their marks: pyproject.toml). CI runs `make test`.

@@ -18,7 +18,7 @@ from whale_ml.data.folds import fold_split, make_folds
 from whale_ml.data.images import eval_transform, load_rgb, train_transform
 from whale_ml.data.metadata import read_train_metadata
 from whale_ml.models.embedding import IMAGENET_MEAN, create_embedding_model, normalisation
-from whale_ml.retrieval.embeddings import autocast_for
+from whale_ml.retrieval.embeddings import autocast_for, native_cpu_bf16
 from whale_ml.training.losses import DynamicMarginArcFaceLoss, DynamicMarginSubCenterArcFaceLoss, create_loss, dynamic_margins
 from whale_ml.training.trainer import create_optimizer, create_scheduler, load_checkpoint, train_fold
 
@@ -105,6 +105,24 @@ def test_onecycle_is_sized_in_optimiser_steps() -> None:
 )
 def test_precision_choices(precision: str, device: str, dtype: torch.dtype | None, scaler: bool) -> None:
     assert autocast_for(torch.device(device), precision) == (dtype, scaler)
+
+
+AMX_FLAGS = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512bw amx_bf16 amx_tile\n"
+AVX512_BF16_FLAGS = "flags\t\t: fpu avx2 avx512f avx512_bf16\n"
+SKYLAKE_FLAGS = "flags\t\t: fpu avx2 avx512f avx512bw avx512vl avx512dq\n"
+
+
+def test_native_cpu_bf16_reads_the_cpu_flags() -> None:
+    """bf16 only where the CPU has it natively: AVX512 alone emulates it (slower than fp32)."""
+    assert native_cpu_bf16(AMX_FLAGS) and native_cpu_bf16(AVX512_BF16_FLAGS)
+    assert not native_cpu_bf16(SKYLAKE_FLAGS) and not native_cpu_bf16("")
+
+
+def test_auto_precision_is_fp32_on_cpu_whatever_the_cpu() -> None:
+    """bf16 is a choice on CPUs (it did not speed the demo up end to end): auto stays fp32."""
+    cpu = torch.device("cpu")
+    assert autocast_for(cpu, "auto") == (None, False)
+    assert autocast_for(cpu, "bf16") == (torch.bfloat16, False)
 
 
 def test_fp16_training_runs_with_a_live_gradient_scaler(fold, tmp_path: Path) -> None:

@@ -143,7 +143,9 @@ class TrainConfig(BaseModel):
         1, ge=1, description="Training processes; >1 runs DistributedDataParallel under torchrun (one per GPU; gloo on CPU)."
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="'auto': bf16 on GPUs that support it, else fp16 with a gradient scaler; fp32 on CPU."
+        "auto",
+        description="'auto': bf16 on GPUs that support it, else fp16 with a gradient scaler; fp32 on CPU. 'bf16' on a CPU with "
+        "native bf16 (AMX or AVX512-BF16) made the step 1.2-1.9x faster but not the demo (docs/benchmarks.md).",
     )
     memory_format: Literal["auto", "channels_last", "contiguous"] = Field(
         "auto",

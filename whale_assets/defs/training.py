@@ -70,10 +70,19 @@ def arcface_model_asset(rnd: Round) -> dg.AssetsDefinition:
                 config, data, layout.model_dir(fold), config.processes, lambda e, m: mlf.log_metrics(m, step=e), context.log.info,
                 val_progress=lambda epoch: progress_logger(context, f"{label} validation after epoch {epoch}"),
             )
-            registered = _log_and_register(context, mlflow, layout, config, fold, data, trained, datasets["validation"], label)
+            sha = sha256_file(trained.result.checkpoint)
+            registered = _log_and_register(context, mlflow, layout, config, fold, data, trained, datasets["validation"], label, sha)
             url = mlflow.run_url(run.info.experiment_id, run.info.run_id)
-        return dg.MaterializeResult(metadata=_trained_metadata(trained, url, f"{mlflow.registered_model} v{registered.version} @{label}",
-                                                               registered.serialization, data))
+        return dg.MaterializeResult(
+            # The weights' digest as the data version: a retrained fold (other weights) makes its
+            # embeddings, the gallery, threshold and submission stale in the UI until they are
+            # rebuilt; without it the version would be logical (code + inputs), unchanged by a rerun.
+            data_version=dg.DataVersion(sha[:24]),
+            metadata={
+                **_trained_metadata(trained, url, f"{mlflow.registered_model} v{registered.version} @{label}", registered.serialization, data),
+                "checkpoint_sha256": sha,
+            },
+        )
 
     return arcface_model
 
@@ -111,6 +120,7 @@ def _log_and_register(
     trained: TrainedFold,
     validation: object,
     alias: str,
+    checkpoint_sha: str,
 ) -> RegisteredEmbeddingModel:
     """Log the recipe, curves and checkpoint to the active MLflow run and register the best
     model as ``<registered_model>@<alias>``, its validation scores attached to it (measured
@@ -126,7 +136,6 @@ def _log_and_register(
     # weights_only, never unpickled); its digest tags the version so that
     # `whale identify` can tell which models a gallery was built with.
     mlf.log_artifact(str(result.checkpoint), artifact_path=CHECKPOINT_ARTIFACT.rsplit("/", 1)[0])
-    checkpoint_sha = sha256_file(result.checkpoint)
     model, _ = load_model(result.checkpoint)
     tags = {
         "fold": fold,

@@ -9,6 +9,7 @@ that is not a JPEG, or fails to decode there, falls back to the PIL path.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
@@ -25,12 +26,36 @@ from whale_ml.threads import using_threads
 # Called as progress(done, total) after each batch of a loop over photos (the last call has done == total).
 
 
+def native_cpu_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bf16 natively (AMX-BF16 or AVX512-BF16), as oneDNN's bf16
+    convolutions need to be fast; elsewhere bf16 is emulated and slower than fp32.
+
+    Args:
+        cpuinfo: the text of ``/proc/cpuinfo`` (read when omitted; no such file, as on
+            macOS or Windows: False).
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+        if not torch.backends.mkldnn.is_available():
+            return False
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def autocast_for(device: torch.device, precision: str = "auto") -> tuple[torch.dtype | None, bool]:
     """Mixed precision for a device: (autocast dtype or None, whether a grad scaler is needed).
 
     ``"auto"``: bf16 on GPUs that support it (no scaler needed: bf16 has fp32's
-    range), fp16 on older GPUs, full fp32 on CPU. An explicit ``"fp16"``
-    always comes with a scaler: without one, small fp16 gradients underflow to
+    range), fp16 on older GPUs, full fp32 on CPU. bf16 on a CPU is a choice, not the
+    default: with native bf16 (:func:`native_cpu_bf16`) the training step measured 1.2x
+    (64 px) to 1.9x (128 px) faster on 2 cores, but the demo pipeline, whose 64 px
+    training is bound by its loader, gained nothing end to end and scored lower out of
+    fold (docs/benchmarks.md, "Training step speed on 2 CPU cores"). An explicit
+    ``"fp16"`` always comes with a scaler: without one, small fp16 gradients underflow to
     zero (one of the reference notebook's defects: docs/training.md).
     """
     if precision == "fp32":
@@ -46,6 +71,12 @@ def autocast_for(device: torch.device, precision: str = "auto") -> tuple[torch.d
     if torch.cuda.is_bf16_supported():
         return torch.bfloat16, False
     return torch.float16, True
+
+
+@functools.cache
+def native_cpu_bf16_here() -> bool:
+    """:func:`native_cpu_bf16` of this machine, read once."""
+    return native_cpu_bf16()
 
 
 def uses_channels_last(device: torch.device, memory_format: str = "auto", amp_dtype: torch.dtype | None = None) -> bool:

@@ -48,7 +48,7 @@ from whale_ml.data.images import ImageDataset, autoaugment_transform, train_tran
 from whale_ml.io import remove_stale_temps
 from whale_ml.models.embedding import EmbeddingNet, create_embedding_model
 from whale_ml.progress import ProgressFn
-from whale_ml.retrieval.embeddings import autocast_for, uses_channels_last
+from whale_ml.retrieval.embeddings import autocast_for, native_cpu_bf16_here, uses_channels_last
 from whale_ml.threads import using_threads
 from whale_ml.training.checkpoint_saver import CheckpointSaver, load_checkpoint
 from whale_ml.training.checkpoint_saver import save_checkpoint as save_checkpoint  # callers import it from here
@@ -331,6 +331,8 @@ def build_training(
     species_codes, species_names = pd.factorize(train["species"], sort=True) if cfg.species_head else (None, [])
     species_fn = create_species_loss(cfg, len(species_names)).to(device) if cfg.species_head else None
     amp_dtype, needs_scaler = autocast_for(device, cfg.precision)
+    if device.type == "cpu" and amp_dtype is not None and not native_cpu_bf16_here():
+        log(f"precision {cfg.precision}: this CPU has no native bf16 (AMX or AVX512-BF16): emulated, slower than fp32")
     channels_last = uses_channels_last(device, cfg.memory_format, amp_dtype)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
