@@ -153,7 +153,7 @@ def test_the_round_has_its_own_lineage_in_the_asset_graph() -> None:
     def parents(key: str) -> set[str]:
         return {p.to_user_string() for p in graph.get(dg.AssetKey.from_user_string(key)).parent_keys}
 
-    assert parents("pseudo_labels") == {"match_threshold", "gallery"}
+    assert parents("pseudo_labels") == {"match_threshold", "gallery", "local_features"}  # test photos matched as the submission's
     assert parents("pseudo_labelled_folds") == {"cv_folds", "pseudo_labels", "crops"}
     assert parents("round2/arcface_model") == {"pseudo_labelled_folds"}
     assert parents("round2/fold_embeddings") == {"round2/arcface_model", "crops"}

@@ -28,7 +28,7 @@ from whale_ml.retrieval.pseudo_labels import calibrate_confidence, pseudo_labell
 LISTED_PHOTOS = 500  # photos listed in the UI's table; all of them are in the asset's parquet file
 
 
-@dg.asset(group_name="pseudo_labels", kinds={"pandas"}, code_version="1")
+@dg.asset(group_name="pseudo_labels", kinds={"pandas"}, deps=["local_features"], code_version="1")
 def pseudo_labels(
     context: dg.AssetExecutionContext,
     config: PseudoLabelSettings,
