@@ -521,6 +521,67 @@ def test_rerunning_reuses_crops(own_pipeline: dict) -> None:
     assert {r: status(*r.rstrip("]").split("[")) for r in readers} == dict.fromkeys(readers, "FRESH")
 
 
+@pytest.mark.e2e
+def test_pseudo_label_round_materialises_beside_the_first(own_pipeline: dict) -> None:
+    """The pseudo-label round, its three stages run as `whale run` runs them when enabled:
+    pseudo-labelled test photos join the second round's training (never a validation side),
+    its fold models register under their own aliases, and its submission is its own file;
+    the first round's submission and registry aliases are left as they were."""
+    from whale_assets.definitions import defs
+    from whale_assets.run import stage_run_config
+    from whale_assets.stages import PSEUDO_LABELS, ROUND2_ENSEMBLE_AND_SUBMIT, TRAIN_ROUND2_FOLDS
+
+    layout = HomeLayout(own_pipeline["home"])
+    first_submission = layout.submission.read_bytes()
+    client = mlflow.MlflowClient(tracking_uri=layout.mlflow_uri)
+    first_fold0 = client.get_model_version_by_alias("whale-arcface", "fold0").version
+    recipe = load_recipe(REPO / "configs" / "tiny.yaml")
+    # A low precision target: the tiny models are barely trained, and the path needs photos.
+    recipe["ops"]["pseudo_labels"] = {"config": {"enabled": True, "min_precision": 0.05, "min_photos": 1}}
+    job, instance = defs().resolve_implicit_global_asset_job_def(), dg.DagsterInstance.get()
+    results = {}
+    stages = {"pseudo_labels": (PSEUDO_LABELS, [None]), "round2_folds": (TRAIN_ROUND2_FOLDS, ["fold0", "fold1"])}
+    stages["round2_ensemble"] = (ROUND2_ENSEMBLE_AND_SUBMIT, [None])
+    for name, (selection, partitions) in stages.items():
+        keys = asset_names(selection)
+        for partition in partitions:
+            result = job.execute_in_process(
+                run_config=stage_run_config(recipe, keys),  # round2__ ops take the tiny recipe's settings
+                instance=instance,
+                partition_key=partition,
+                asset_selection=[dg.AssetKey.from_user_string(k) for k in keys],
+            )
+            assert result.success, keys
+            results[(name, partition)] = result
+
+    (pseudo,) = results[("pseudo_labels", None)].asset_materializations_for_node("pseudo_labels")
+    table = pd.read_parquet(layout.tables / "pseudo_labels.parquet")
+    assert len(table) == pseudo.metadata["dagster/row_count"].value > 0
+    assert pseudo.metadata["confidence"].value >= pseudo.metadata["floor"].value
+    assert (table["score"] >= pseudo.metadata["confidence"].value).all()
+    assert set(table["image"]) <= set(pd.read_parquet(layout.tables / "test_metadata.parquet")["image"])
+    checks = {e.check_name: e.passed for e in results[("pseudo_labels", None)].get_asset_check_evaluations()}
+    assert checks == {"pseudo_photos_never_validated": True}
+
+    trained = [results[("round2_folds", f)].asset_materializations_for_node("round2__arcface_model")[0] for f in ("fold0", "fold1")]
+    assert sum(m.metadata["pseudo_labelled_train_images"].value for m in trained) > 0
+    assert [m.metadata["epochs_run"].value for m in trained] == [2, 2]  # the tiny recipe's, not the default 60
+    assert (layout.in_round("round2").model_dir("fold0") / "best.pt").exists()
+    assert client.get_model_version_by_alias("whale-arcface", "fold0").version == first_fold0
+    assert client.get_model_version_by_alias("whale-arcface", "round2_fold0").version != first_fold0
+
+    final = results[("round2_ensemble", None)]
+    (sub,) = final.asset_materializations_for_node("round2__submission_csv")
+    round2_file = layout.in_round("round2").submission
+    assert sub.metadata["path"].value == str(round2_file) == str(layout.home / "rounds" / "round2" / "submission.csv")
+    sample = pd.read_csv(own_pipeline["data"] / "sample_submission.csv")
+    assert pd.read_csv(round2_file)["image"].tolist() == sample["image"].tolist()
+    assert layout.submission.read_bytes() == first_submission
+    (score,) = final.asset_materializations_for_node("round2__submission_score")
+    assert 0.0 <= score.metadata["map5"].value <= 1.0
+    assert {e.check_name: e.passed for e in final.get_asset_check_evaluations()} == {"submission_format": True}
+
+
 @pytest.mark.slow
 def test_definitions_validate(whale_env: Path) -> None:
     """`dagster definitions validate` loads the code location from workspace.yaml."""

@@ -18,6 +18,7 @@ from whale_ml.stage_configs import (
     GalleryConfig,
     LocalFeatureConfig,
     MetadataConfig,
+    PseudoLabelConfig,
     ThresholdConfig,
     TrainConfig,
 )
@@ -71,3 +72,7 @@ class ThresholdSettings(dg.Config, ThresholdConfig):
 
 class LocalFeatureSettings(dg.Config, LocalFeatureConfig):
     """Keypoints of every photo's box, for local-feature re-ranking."""
+
+
+class PseudoLabelSettings(dg.Config, PseudoLabelConfig):
+    """The pseudo-label round: which confident test predictions train the second round."""

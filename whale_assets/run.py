@@ -5,7 +5,9 @@ Runs go through the Dagster instance in ``$DAGSTER_HOME`` (default
 materialisations, checks and logs. The stages of ``whale_assets/stages.py``, in
 order and in-process: ``prepare_data`` (everything up to the folds), ``train_folds``
 once per fold partition, then ``ensemble_and_submit`` (gallery, threshold,
-submission and score).
+submission and score); then, when the recipe enables it (``pseudo_labels: {config:
+{enabled: true}}``), the pseudo-label round's three stages, whose ``round2__<op>`` ops
+take the recipe's ``<op>`` settings unless the recipe gives them their own.
 """
 
 from __future__ import annotations
@@ -56,12 +58,24 @@ def load_recipe(path: str | Path | None) -> dict[str, Any]:
     return recipe
 
 
+def pseudo_label_round_enabled(recipe: dict[str, Any]) -> bool:
+    """Whether the recipe asks ``whale run`` for the pseudo-label round."""
+    return bool((((recipe.get("ops") or {}).get("pseudo_labels") or {}).get("config") or {}).get("enabled", False))
+
+
+def with_round_ops(ops: dict[str, Any], op_names: Sequence[str]) -> dict[str, Any]:
+    """``ops`` plus, for each later round's op (``round2__arcface_model``) the recipe does not
+    configure, the first round's settings (``arcface_model``): a round trains as the first did."""
+    inherited = {name: ops[name.split("__", 1)[1]] for name in op_names if "__" in name and name not in ops and name.split("__", 1)[1] in ops}
+    return {**ops, **inherited}
+
+
 def stage_run_config(recipe: dict[str, Any], keys: Sequence[str], log_level: str = "INFO") -> dict[str, Any]:
     """The recipe's config for the ops that compute the selected assets, with the console log at ``log_level``."""
     from whale_assets.stages import op_assets
 
     computes = op_assets()
-    ops = {k: v for k, v in recipe.get("ops", {}).items() if set(computes.get(k, [k])) & set(keys)}
+    ops = {k: v for k, v in with_round_ops(recipe.get("ops", {}), list(computes)).items() if set(computes.get(k, [k])) & set(keys)}
     config: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     if ops:
         config["ops"] = ops
@@ -96,36 +110,55 @@ def run_pipeline(recipe: dict[str, Any], folds: Sequence[str] | None = None, log
             run_config=stage_run_config(recipe, keys),
             instance=instance,
             partition_key=partition,
-            asset_selection=[dg.AssetKey(k) for k in keys],
+            asset_selection=[dg.AssetKey.from_user_string(k) for k in keys],
             tags={"whale/launched_by": "whale run", "whale/pid": str(os.getpid())},
         )
         log(f"    done in {time.perf_counter() - t0:.0f} s (run {result.run_id})")
         return result
 
     timings: dict[str, float] = {}
+    finals = []
     t0 = time.perf_counter()
     for each in STAGES:
+        if each.pseudo_label_round and not pseudo_label_round_enabled(recipe):
+            continue
         keys = asset_names(each.selection)
         for partition in folds if each.per_fold else [None]:
             t1 = time.perf_counter()
             final = stage(keys, partition)
             timings[f"{each.name}[{partition}]_s" if partition else f"{each.name}_s"] = time.perf_counter() - t1
+        if not each.per_fold:
+            finals.append(final)
     timings["total_s"] = time.perf_counter() - t0
+    return _summary(timings, finals)
 
+
+def _summary(timings: dict[str, float], finals: list[Any]) -> dict[str, Any]:
+    """The headline numbers of the unpartitioned stages' materialisations; the pseudo-label
+    round's under ``round2`` (its keys are ``round2/...``)."""
     summary: dict[str, Any] = {"timings": timings}
-    for event in final.get_asset_materialization_events():
+    for event in (e for final in finals for e in final.get_asset_materialization_events()):
         mat = event.step_materialization_data.materialization
         meta = {k: v.value for k, v in mat.metadata.items()}
         key = mat.asset_key.to_user_string()
-        if key == "submission_score":
-            summary["map5"] = meta.get("map5")
-            summary["baseline_all_new_map5"] = meta.get("baseline_all_new_map5")
-        elif key == "match_threshold":
-            summary["oof_map5"] = meta.get("oof_map5")
-            summary["threshold"] = meta.get("threshold")
-        elif key == "submission_csv":
-            summary["submission"] = meta.get("path")
+        if key.startswith("round2/"):
+            _headline(summary.setdefault("round2", {}), key.removeprefix("round2/"), meta)
+        elif key == "pseudo_labels":
+            summary["pseudo_labels"] = {"photos": meta.get("dagster/row_count"), "confidence": meta.get("confidence")}
+        else:
+            _headline(summary, key, meta)
     return summary
+
+
+def _headline(summary: dict[str, Any], key: str, meta: dict[str, Any]) -> None:
+    if key == "submission_score":
+        summary["map5"] = meta.get("map5")
+        summary["baseline_all_new_map5"] = meta.get("baseline_all_new_map5")
+    elif key == "match_threshold":
+        summary["oof_map5"] = meta.get("oof_map5")
+        summary["threshold"] = meta.get("threshold")
+    elif key == "submission_csv":
+        summary["submission"] = meta.get("path")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -149,6 +182,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     else:
         print("test MAP@5        : no test_truth.csv in the data set")
+    if "round2" in summary:
+        r2, pseudo = summary["round2"], summary.get("pseudo_labels", {})
+        print(f"pseudo-label round: {pseudo.get('photos')} test photos pseudo-labelled (confidence {pseudo.get('confidence')})")
+        print(f"  submission      : {r2.get('submission')}")
+        print(f"  validation MAP@5: {r2.get('oof_map5')}  test MAP@5: {r2.get('map5')}")
     print("open the UIs      : make ui   (Dagster http://127.0.0.1:3000, MLflow http://127.0.0.1:5000)")
     return 0
 

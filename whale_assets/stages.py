@@ -11,6 +11,14 @@ Stages and groups::
     train_folds          training                    one run per fold partition
     ensemble_and_submit  registry, retrieval,        unpartitioned, after every fold
                          submission
+
+The pseudo-label round (``whale_assets/rounds.py``), run by ``whale run`` only when the
+recipe enables it (``pseudo_labels: {config: {enabled: true}}``)::
+
+    pseudo_labels               pseudo_labels            unpartitioned, after the first submission
+    train_round2_folds          round2_training          one run per fold partition
+    round2_ensemble_and_submit  round2_retrieval,        unpartitioned, after every round-2 fold
+                                round2_submission
 """
 
 from __future__ import annotations
@@ -23,8 +31,12 @@ import dagster as dg
 PREPARE_DATA = dg.AssetSelection.groups("raw", "detection", "splits")
 TRAIN_FOLDS = dg.AssetSelection.groups("training")
 ENSEMBLE_AND_SUBMIT = dg.AssetSelection.groups("registry", "retrieval", "submission")
-# Re-tune the threshold and rewrite the submission: the threshold and what follows it.
-RETHRESHOLD_AND_SUBMIT = dg.AssetSelection.assets("match_threshold").downstream()
+PSEUDO_LABELS = dg.AssetSelection.groups("pseudo_labels")
+TRAIN_ROUND2_FOLDS = dg.AssetSelection.groups("round2_training")
+ROUND2_ENSEMBLE_AND_SUBMIT = dg.AssetSelection.groups("round2_retrieval", "round2_submission")
+# Re-tune the threshold and rewrite the submission: the threshold and what follows it in its
+# round (the pseudo-label round follows it too, but is a stage of its own).
+RETHRESHOLD_AND_SUBMIT = dg.AssetSelection.assets("match_threshold").downstream() & ENSEMBLE_AND_SUBMIT
 
 # Dagster's eager condition on the stages after the folds: a parent was updated since the
 # last run, no parent is missing, and none is still being materialised (so all folds
@@ -45,6 +57,7 @@ class Stage:
     selection: dg.AssetSelection
     per_fold: bool
     description: str
+    pseudo_label_round: bool = False  # run by `whale run` only when the recipe enables the round
 
 
 STAGES: tuple[Stage, ...] = (
@@ -55,6 +68,27 @@ STAGES: tuple[Stage, ...] = (
         ENSEMBLE_AND_SUBMIT,
         False,
         "After the folds: champion/challenger, the ensemble gallery, the threshold, the submission and its score.",
+    ),
+    Stage(
+        "pseudo_labels",
+        PSEUDO_LABELS,
+        False,
+        "Pseudo-label round: the test photos predicted confidently enough (calibrated out of fold), added to the folds' training side.",
+        pseudo_label_round=True,
+    ),
+    Stage(
+        "train_round2_folds",
+        TRAIN_ROUND2_FOLDS,
+        True,
+        "Pseudo-label round: one second-round fold model and its embeddings per run, trained with the pseudo-labelled photos.",
+        pseudo_label_round=True,
+    ),
+    Stage(
+        "round2_ensemble_and_submit",
+        ROUND2_ENSEMBLE_AND_SUBMIT,
+        False,
+        "Pseudo-label round: the second round's gallery, threshold, submission (rounds/round2/submission.csv) and score.",
+        pseudo_label_round=True,
     ),
 )
 

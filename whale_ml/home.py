@@ -7,15 +7,31 @@ writes: tables, crops, models, embeddings, gallery versions, the MLflow store an
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
 @dataclass(frozen=True)
 class HomeLayout:
-    """Every path the pipeline writes to, below one home directory."""
+    """Every path the pipeline writes to, below one home directory.
+
+    ``round`` names a later training round (the pseudo-label round, ``round2``): its fold
+    models, embeddings, gallery versions and submission live under ``rounds/<round>/``
+    so that they never overwrite the first round's; everything the rounds share (tables,
+    crops, detector, MLflow, the enrollment ledger) stays where it is.
+    """
 
     home: Path
+    round: str | None = None
+
+    def in_round(self, name: str | None) -> HomeLayout:
+        """The same home, with the models, embeddings, galleries and submission of round ``name`` (None: the first)."""
+        return replace(self, round=name)
+
+    @property
+    def round_home(self) -> Path:
+        """The folder of this round's models, embeddings, galleries and submission: the home itself for the first round."""
+        return self.home if self.round is None else self.home / "rounds" / self.round
 
     @property
     def dagster_home(self) -> Path:
@@ -50,14 +66,14 @@ class HomeLayout:
         return self.home / "local_features" / split
 
     def model_dir(self, fold: str) -> Path:
-        return self.home / "models" / fold
+        return self.round_home / "models" / fold
 
     def embeddings_dir(self, fold: str) -> Path:
-        return self.home / "embeddings" / fold
+        return self.round_home / "embeddings" / fold
 
     @property
     def gallery_dir(self) -> Path:
-        return self.home / "gallery"
+        return self.round_home / "gallery"
 
     @property
     def gallery_versions_dir(self) -> Path:
@@ -71,7 +87,12 @@ class HomeLayout:
 
     @property
     def submission(self) -> Path:
-        return self.home / "submission.csv"
+        return self.round_home / "submission.csv"
+
+    @property
+    def match_review(self) -> Path:
+        """The match-review sheet the submission stage draws."""
+        return self.round_home / "match_review.png"
 
     @property
     def ultralytics_config(self) -> Path:

@@ -237,6 +237,24 @@ class ThresholdConfig(BaseModel):
         return weights
 
 
+class PseudoLabelConfig(BaseModel):
+    """The pseudo-label round: confident test predictions join a second round of fold models."""
+
+    enabled: bool = Field(
+        False,
+        description="`whale run` runs the pseudo-label round (pseudo_labels, then the round2/ fold models, gallery, threshold and "
+        "submission) after the first submission; off by default (docs/retrieval.md). Launching the round's job in the UI runs it regardless.",
+    )
+    min_precision: float = Field(
+        0.95,
+        gt=0.0,
+        le=1.0,
+        description="Out-of-fold top-1 precision the confidence is calibrated to: the smallest score at which the validation photos "
+        "scoring at least that much have their first candidate right this often (new individuals count as wrong).",
+    )
+    min_photos: int = Field(10, ge=1, description="The fewest validation photos a calibrated confidence may rest on (fewer: no pseudo-labels).")
+
+
 class LocalFeatureConfig(BaseModel):
     """Keypoints of each photo's box, for local-feature re-ranking (HotSpotter-style)."""
 

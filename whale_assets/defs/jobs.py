@@ -12,15 +12,16 @@ import dagster as dg
 from whale_assets.partitions import fold_partitions
 from whale_assets.stages import RETHRESHOLD_AND_SUBMIT, STAGES
 
-prepare_data, train_folds, ensemble_and_submit = (
-    dg.define_asset_job(
+stage_jobs = {
+    stage.name: dg.define_asset_job(
         stage.name,
         selection=stage.selection,
         partitions_def=fold_partitions if stage.per_fold else None,
         description=stage.description,
     )
     for stage in STAGES
-)
+}
+prepare_data, train_folds = stage_jobs["prepare_data"], stage_jobs["train_folds"]
 
 rethreshold_and_submit = dg.define_asset_job(
     "rethreshold_and_submit",
@@ -31,4 +32,4 @@ rethreshold_and_submit = dg.define_asset_job(
 
 @dg.definitions
 def jobs() -> dg.Definitions:
-    return dg.Definitions(jobs=[prepare_data, train_folds, ensemble_and_submit, rethreshold_and_submit])
+    return dg.Definitions(jobs=[*stage_jobs.values(), rethreshold_and_submit])

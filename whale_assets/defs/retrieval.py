@@ -1,6 +1,8 @@
 """Stage 5 -- retrieval: embeddings per fold, the ensemble gallery, the new_individual threshold."""
 
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -15,156 +17,204 @@ from whale_assets.resources import MlflowTracking, WhaleHome
 from whale_assets.retries import mlflow_retry_policy, retry_only_if_transient
 from whale_assets.defs.detection import feature_store, local_features
 from whale_assets.launchpad import EmbedSettings, GallerySettings, ThresholdSettings
+from whale_assets.rounds import FIRST_ROUND, Round
 from whale_ml.gallery.build import build_gallery
 from whale_ml.gallery.lineage import record_embeddings
 from whale_ml.gallery.versions import list_versions
 from whale_ml.registry import gallery_models
+from whale_ml.home import HomeLayout
 from whale_ml.retrieval.centres import replace_centres
 from whale_ml.retrieval.embeddings import embed_paths
+from whale_ml.retrieval.pseudo_labels import out_of_fold_top1
 from whale_ml.retrieval.rerank import LocalRerank
 from whale_ml.retrieval.store import save_embeddings
 from whale_ml.retrieval.threshold import OutOfFoldThreshold, tune_out_of_fold
 from whale_ml.training.trainer import load_class_centres, load_model, resolve_device
 
 
-@dg.asset(
-    group_name="training",
-    kinds={"pytorch", "numpy", "mlflow"},
-    partitions_def=fold_partitions,
-    deps=["arcface_model"],
-    code_version="3",
-    pool="gpu",
-    op_tags=GPU_STEP_TAGS,
-    retry_policy=mlflow_retry_policy(),
-    check_specs=[
-        dg.AssetCheckSpec(
-            "embeddings_are_unit_vectors",
-            asset="fold_embeddings",
-            description="Every embedding finite and of unit length (what inner-product search assumes).",
-        )
-    ],
-)
-@retry_only_if_transient
-def fold_embeddings(
-    context: dg.AssetExecutionContext, config: EmbedSettings, whale: WhaleHome, mlflow: MlflowTracking, crops: pd.DataFrame
-) -> dg.MaterializeResult:
-    """The fold model's L2-normalised embeddings of every train and test crop (float32 ``.npy``
-    with the image order beside it) and its ArcFace class centres, in an MLflow run with the
-    settings, the rate and the machine's use while embedding (system metrics: CPU, memory, GPU)."""
-    import mlflow as mlf
+def fold_embeddings_asset(rnd: Round) -> dg.AssetsDefinition:
+    """The fold embeddings of one training round (:mod:`whale_assets.rounds`)."""
 
-    fold = context.partition_key
-    device = resolve_device(config.device)
-    checkpoint = whale.layout.model_dir(fold) / "best.pt"
-    model, cfg = load_model(checkpoint, device)
-    out = whale.layout.embeddings_dir(fold)
-    counts, worst = {}, 0.0
-    with mlflow.start_run(context, run_name=f"embed_{fold}", tags={"stage": "embedding", "fold": fold}, system_metrics=True) as run:
-        mlf.log_params({**config.model_dump(), "device": str(device), "fold": fold})
-        started = time.perf_counter()
-        for split in ("train", "test"):
-            rows = crops[(crops["split"] == split) & (crops["crop_path"] != "")]
-            emb = embed_paths(
-                model,
-                rows["crop_path"].tolist(),
-                cfg.image_size,
-                device,
-                config.batch_size,
-                config.flip_tta,
-                config.num_workers,
-                progress=progress_logger(context, f"{fold} {split} embeddings"),
-                decode=config.decode,
-            )
-            if not np.isfinite(emb).all():
-                raise FloatingPointError(f"{fold}: non-finite {split} embeddings; the model checkpoint is broken")
-            save_embeddings(out, split, emb, rows["image"].tolist())
-            counts[split] = len(emb)
-            worst = max(worst, float(np.abs(np.linalg.norm(emb, axis=1) - 1.0).max(initial=0.0)))
-        photos, seconds = sum(counts.values()), time.perf_counter() - started
-        mlf.log_metrics({"photos": photos, "seconds": seconds, "photos_per_second": photos / max(seconds, 1e-9)})
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # give the memory back before the next partition's training
-    centres = replace_centres(out, load_class_centres(checkpoint))  # the same checkpoint's, beside its embeddings
-    recorded = record_embeddings(whale.layout, fold, checkpoint, config.flip_tta)  # which checkpoint made them: the lineage
-    return dg.MaterializeResult(
-        metadata={
-            "registered_version": recorded.version or "not registered",
-            "train_embeddings": counts["train"],
-            "test_embeddings": counts["test"],
-            "dimension": cfg.embedding_size,
-            "class_centres": centres,
-            "flip_tta": config.flip_tta,
-            "folder": dg.MetadataValue.path(str(out)),
-            "mlflow_run": dg.MetadataValue.url(mlflow.run_url(run.info.experiment_id, run.info.run_id)),
-        },
-        check_results=[
-            dg.AssetCheckResult(
-                check_name="embeddings_are_unit_vectors",
-                passed=worst <= 1e-3,
-                metadata={"max_norm_deviation": worst, "embeddings": counts["train"] + counts["test"]},
+    @dg.asset(
+        name="fold_embeddings",
+        key_prefix=rnd.prefix,
+        ins={"crops": dg.AssetIn("crops")},
+        group_name=rnd.group("training"),
+        kinds={"pytorch", "numpy", "mlflow"},
+        partitions_def=fold_partitions,
+        deps=[rnd.key("arcface_model")],
+        code_version="3",
+        pool="gpu",
+        op_tags=GPU_STEP_TAGS,
+        retry_policy=mlflow_retry_policy(),
+        check_specs=[
+            dg.AssetCheckSpec(
+                "embeddings_are_unit_vectors",
+                asset=rnd.key("fold_embeddings"),
+                description="Every embedding finite and of unit length (what inner-product search assumes).",
             )
         ],
     )
+    @retry_only_if_transient
+    def fold_embeddings(
+        context: dg.AssetExecutionContext, config: EmbedSettings, whale: WhaleHome, mlflow: MlflowTracking, crops: pd.DataFrame
+    ) -> dg.MaterializeResult:
+        """The fold model's L2-normalised embeddings of every train and test crop (float32 ``.npy``
+        with the image order beside it) and its ArcFace class centres, in an MLflow run with the
+        settings, the rate and the machine's use while embedding (system metrics: CPU, memory, GPU)."""
+        fold, layout = context.partition_key, rnd.layout(whale)
+        tags = {"stage": "embedding", "fold": fold, "round": rnd.name or "round1"}
+        with mlflow.start_run(context, run_name=f"embed_{rnd.label(fold)}", tags=tags, system_metrics=True) as run:
+            embedded = _embed_fold(context, config, layout, fold, crops)
+        # The same checkpoint's class centres beside its embeddings; which checkpoint (and registry
+        # version) made them: the gallery's lineage.
+        centres = replace_centres(layout.embeddings_dir(fold), load_class_centres(embedded.checkpoint))
+        recorded = record_embeddings(layout, fold, embedded.checkpoint, config.flip_tta)
+        return dg.MaterializeResult(
+            metadata={
+                "registered_version": recorded.version or "not registered",
+                "train_embeddings": embedded.counts["train"],
+                "test_embeddings": embedded.counts["test"],
+                "dimension": embedded.dimension,
+                "class_centres": centres,
+                "flip_tta": config.flip_tta,
+                "folder": dg.MetadataValue.path(str(layout.embeddings_dir(fold))),
+                "mlflow_run": dg.MetadataValue.url(mlflow.run_url(run.info.experiment_id, run.info.run_id)),
+            },
+            check_results=[
+                dg.AssetCheckResult(
+                    check_name="embeddings_are_unit_vectors",
+                    passed=embedded.worst <= 1e-3,
+                    metadata={"max_norm_deviation": embedded.worst, "embeddings": sum(embedded.counts.values())},
+                )
+            ],
+        )
+
+    return fold_embeddings
 
 
-@dg.asset(group_name="retrieval", kinds={"faiss"}, deps=[fold_embeddings], code_version="4", automation_condition=REBUILD_AFTER_FOLDS)
-def gallery(
-    context: dg.AssetExecutionContext,
-    config: GallerySettings,
-    whale: WhaleHome,
-    mlflow: MlflowTracking,
-    train_metadata: pd.DataFrame,
-    crops: pd.DataFrame,
-) -> dg.MaterializeResult:
-    """A new gallery version (``gallery/versions/vNNNN``): every training photo, embedded by
-    the ensemble of all fold models (their normalised embeddings concatenated: cosine =
-    mean of the models' cosines), in a faiss index, with the models, detector and crop
-    settings it was made with. It is what the submission and ``whale identify`` search.
-    Exact (flat) by default; with an approximate index its recall@5 against flat is
-    measured on the test photos. Every enrolled photo (``whale enroll``) the fold
-    embeddings do not cover yet is embedded here by the same models and added.
-    ``versions`` lists them all; with ``keep_versions`` set, older ones beyond that
-    many are deleted. The value names the version. See docs/retrieval.md."""
-    layout = whale.layout
-    version, stats = build_gallery(
-        layout,
-        fold_partitions.get_partition_keys(),
-        train_metadata,
-        crops,
-        config,
-        lambda lineage: gallery_models(lineage, layout.model_dir, mlflow.uri, layout.home / "model_cache"),
-        str(resolve_device("auto")),
+@dataclass
+class _Embedded:
+    checkpoint: Path
+    counts: dict[str, int]
+    worst: float  # the largest deviation of an embedding's norm from 1
+    dimension: int
+
+
+def _embed_fold(context: dg.AssetExecutionContext, config: EmbedSettings, layout: HomeLayout, fold: str, crops: pd.DataFrame) -> _Embedded:
+    """Embed every train and test crop with the fold's model, logging to the active MLflow run."""
+    import mlflow as mlf
+
+    device = resolve_device(config.device)
+    checkpoint = layout.model_dir(fold) / "best.pt"
+    model, cfg = load_model(checkpoint, device)
+    counts, worst = {}, 0.0
+    mlf.log_params({**config.model_dump(), "device": str(device), "fold": fold})
+    started = time.perf_counter()
+    for split in ("train", "test"):
+        rows = crops[(crops["split"] == split) & (crops["crop_path"] != "")]
+        emb = embed_paths(
+            model,
+            rows["crop_path"].tolist(),
+            cfg.image_size,
+            device,
+            config.batch_size,
+            config.flip_tta,
+            config.num_workers,
+            progress=progress_logger(context, f"{fold} {split} embeddings"),
+            decode=config.decode,
+        )
+        if not np.isfinite(emb).all():
+            raise FloatingPointError(f"{fold}: non-finite {split} embeddings; the model checkpoint is broken")
+        save_embeddings(layout.embeddings_dir(fold), split, emb, rows["image"].tolist())
+        counts[split] = len(emb)
+        if len(emb):
+            worst = max(worst, float(np.abs(np.linalg.norm(emb, axis=1) - 1.0).max()))
+    photos, seconds = sum(counts.values()), time.perf_counter() - started
+    mlf.log_metrics({"photos": photos, "seconds": seconds, "photos_per_second": photos / max(seconds, 1e-9)})
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # give the memory back before the next partition's training
+    return _Embedded(checkpoint, counts, worst, cfg.embedding_size)
+
+
+fold_embeddings = fold_embeddings_asset(FIRST_ROUND)
+
+
+def gallery_asset(rnd: Round) -> dg.AssetsDefinition:
+    """The ensemble gallery of one training round (:mod:`whale_assets.rounds`)."""
+
+    @dg.asset(
+        name="gallery",
+        key_prefix=rnd.prefix,
+        ins={"train_metadata": dg.AssetIn("train_metadata"), "crops": dg.AssetIn("crops")},
+        group_name=rnd.group("retrieval"),
+        kinds={"faiss"},
+        deps=[rnd.key("fold_embeddings")],
+        code_version="4",
+        automation_condition=REBUILD_AFTER_FOLDS if rnd.first else None,
     )
-    metadata: dict[str, object] = {
-        "gallery_images": stats.photos,
-        "gallery_individuals": stats.individuals,
-        "models": len(stats.models),
-        "dimension": stats.dimension,
-        "index_kind": stats.index,
-        "index": dg.MetadataValue.path(str(version.folder / "index.faiss")),
-    }
-    if stats.recall is not None:
-        context.log.info(f"{stats.index} index keeps {stats.recall['individual_recall_at_k']:.4f} of flat's top-5 individuals")
-        metadata.update({f"{k}_vs_flat" if "recall" in k else f"recall_{k}": v for k, v in stats.recall.items()})
-    context.log.info(f"gallery {version.name}: {stats.photos} photos from {len(stats.models)} fold models ({stats.index} index)")
-    if stats.carried_enrolled:
-        context.log.info(f"{stats.carried_enrolled} enrolled photo(s) not yet in the fold embeddings added to gallery {version.name}")
-    if stats.pruned:
-        context.log.info(f"deleted gallery version(s) {', '.join(stats.pruned)} (keep_versions={config.keep_versions})")
-    info = version.info
-    metadata.update(
-        {
-            "version": version.name,
-            "version_photos": int(info["photos"]),
-            "version_individuals": int(info["individuals"]),
-            "enrolled_photos": int(info["enrolled_photos"]),
-            "enrolled_individuals": int(info["enrolled_individuals"]),
-            "model_versions": ", ".join(f"{m.fold}: v{m.version}" for m in version.lineage.models),
-            "versions": table_meta(list_versions(layout)),
-            "pruned_versions": len(stats.pruned),
+    def gallery(
+        context: dg.AssetExecutionContext,
+        config: GallerySettings,
+        whale: WhaleHome,
+        mlflow: MlflowTracking,
+        train_metadata: pd.DataFrame,
+        crops: pd.DataFrame,
+    ) -> dg.MaterializeResult:
+        """A new gallery version (``gallery/versions/vNNNN``): every training photo, embedded by
+        the ensemble of all fold models (their normalised embeddings concatenated: cosine =
+        mean of the models' cosines), in a faiss index, with the models, detector and crop
+        settings it was made with. It is what the submission and ``whale identify`` search.
+        Exact (flat) by default; with an approximate index its recall@5 against flat is
+        measured on the test photos. Every enrolled photo (``whale enroll``) the fold
+        embeddings do not cover yet is embedded here by the same models and added.
+        ``versions`` lists them all; with ``keep_versions`` set, older ones beyond that
+        many are deleted. The value names the version. See docs/retrieval.md."""
+        layout = rnd.layout(whale)
+        version, stats = build_gallery(
+            layout,
+            fold_partitions.get_partition_keys(),
+            train_metadata,
+            crops,
+            config,
+            lambda lineage: gallery_models(lineage, layout.model_dir, mlflow.uri, layout.home / "model_cache"),
+            str(resolve_device("auto")),
+        )
+        metadata: dict[str, object] = {
+            "gallery_images": stats.photos,
+            "gallery_individuals": stats.individuals,
+            "models": len(stats.models),
+            "dimension": stats.dimension,
+            "index_kind": stats.index,
+            "index": dg.MetadataValue.path(str(version.folder / "index.faiss")),
         }
-    )
-    return dg.MaterializeResult(value={"version": version.name}, metadata=metadata)
+        if stats.recall is not None:
+            context.log.info(f"{stats.index} index keeps {stats.recall['individual_recall_at_k']:.4f} of flat's top-5 individuals")
+            metadata.update({f"{k}_vs_flat" if "recall" in k else f"recall_{k}": v for k, v in stats.recall.items()})
+        context.log.info(f"gallery {version.name}: {stats.photos} photos from {len(stats.models)} fold models ({stats.index} index)")
+        if stats.carried_enrolled:
+            context.log.info(f"{stats.carried_enrolled} enrolled photo(s) not yet in the fold embeddings added to gallery {version.name}")
+        if stats.pruned:
+            context.log.info(f"deleted gallery version(s) {', '.join(stats.pruned)} (keep_versions={config.keep_versions})")
+        info = version.info
+        metadata.update(
+            {
+                "version": version.name,
+                "version_photos": int(info["photos"]),
+                "version_individuals": int(info["individuals"]),
+                "enrolled_photos": int(info["enrolled_photos"]),
+                "enrolled_individuals": int(info["enrolled_individuals"]),
+                "model_versions": ", ".join(f"{m.fold}: v{m.version}" for m in version.lineage.models),
+                "versions": table_meta(list_versions(layout)),
+                "pruned_versions": len(stats.pruned),
+            }
+        )
+        return dg.MaterializeResult(value={"version": version.name}, metadata=metadata)
+
+    return gallery
+
+
+gallery = gallery_asset(FIRST_ROUND)
 
 
 def _fusion_metadata(context: dg.AssetExecutionContext, tuned: OutOfFoldThreshold) -> dict[str, object]:
@@ -263,62 +313,76 @@ def _curve_plot(thresholds: np.ndarray, curve: np.ndarray, chosen: float, fused:
     return fig
 
 
-@dg.asset(
-    group_name="retrieval",
-    kinds={"numpy", "mlflow"},
-    deps=[fold_embeddings, local_features],
-    code_version="3",
-    automation_condition=REBUILD_AFTER_FOLDS,
-    retry_policy=mlflow_retry_policy(),
-)
-@retry_only_if_transient
-def match_threshold(
-    context: dg.AssetExecutionContext,
-    config: ThresholdSettings,
-    whale: WhaleHome,
-    mlflow: MlflowTracking,
-    cv_folds: pd.DataFrame,
-) -> dg.MaterializeResult:
-    """The ``new_individual`` threshold that maximises out-of-fold MAP@5: each fold's
-    validation photos searched against that fold's training photos with that fold's
-    model, pooled over folds, every distinct threshold considered (exact, no grid).
-    Optionally one threshold per species (of the nearest individual) with enough
-    validation photos. With re-ranking and/or class centres it applies to the fused score,
-    tuned with its weights; with a margin weight, the first candidate is judged by its score
-    plus the weight times its lead over the second. The curve goes to the UI and to MLflow.
-    See docs/retrieval.md."""
-    import mlflow as mlf
+def match_threshold_asset(rnd: Round) -> dg.AssetsDefinition:
+    """The out-of-fold threshold of one training round (:mod:`whale_assets.rounds`): always
+    tuned on ``cv_folds``' validation photos, with that round's fold embeddings."""
 
-    store = feature_store(whale) if config.rerank else None
-    tuned = tune_out_of_fold(
-        cv_folds,
-        whale.layout.embeddings_dir,
-        fold_partitions.get_partition_keys(),
-        config.k,
-        config.per_species,
-        config.species_min_queries,
-        rerank=LocalRerank(store.config, config.candidates, config.photos_per_candidate) if store and store.config else None,
-        features=store,
-        fusion_weights=config.fusion_weights,
-        progress=progress_logger(context, "out-of-fold local matching"),
-        class_centres=config.class_centres,
-        candidates=config.candidates,
-        margin_weights=config.margin_weights,
+    @dg.asset(
+        name="match_threshold",
+        key_prefix=rnd.prefix,
+        ins={"cv_folds": dg.AssetIn("cv_folds")},
+        group_name=rnd.group("retrieval"),
+        kinds={"numpy", "mlflow"},
+        deps=[rnd.key("fold_embeddings"), local_features],
+        code_version="4",
+        automation_condition=REBUILD_AFTER_FOLDS if rnd.first else None,
+        retry_policy=mlflow_retry_policy(),
     )
-    result, metadata = tuned.result, _threshold_metadata(context, tuned)
-    margin = tuned.margin.weight if tuned.margin is not None else 0.0
-    fig = _curve_plot(result.thresholds, result.map5_curve, result.threshold, fused=tuned.fusion is not None, margin=margin)
-    with mlflow.start_run(context, run_name="match_threshold", tags={"stage": "retrieval"}) as run:
-        mlf.log_params({**config.model_dump(), "folds": len(tuned.per_fold), "queries": tuned.queries})
-        mlf.log_metrics({"threshold": result.threshold, "oof_map5": tuned.map5, "oof_map5_global": result.map5})
-        _log_fusion(tuned)
-        mlf.log_figure(fig, "map5_curve.png")
-        mlf.log_table(result.curve(), "map5_curve.json")
-        if tuned.species is not None:
-            mlf.log_table(tuned.species.table, "species_thresholds.json")
-        metadata["mlflow_run"] = dg.MetadataValue.url(mlflow.run_url(run.info.experiment_id, run.info.run_id))
-    metadata["map5_curve"] = figure_md(fig)
-    return dg.MaterializeResult(value=tuned.value(), metadata=metadata)
+    @retry_only_if_transient
+    def match_threshold(
+        context: dg.AssetExecutionContext,
+        config: ThresholdSettings,
+        whale: WhaleHome,
+        mlflow: MlflowTracking,
+        cv_folds: pd.DataFrame,
+    ) -> dg.MaterializeResult:
+        """The ``new_individual`` threshold that maximises out-of-fold MAP@5: each fold's
+        validation photos searched against that fold's training photos with that fold's
+        model, pooled over folds, every distinct threshold considered (exact, no grid).
+        Optionally one threshold per species (of the nearest individual) with enough
+        validation photos. With re-ranking and/or class centres it applies to the fused score,
+        tuned with its weights; with a margin weight, the first candidate is judged by its score
+        plus the weight times its lead over the second. The curve goes to the UI and to MLflow; the value also holds each
+        validation photo's first-candidate score and whether it was right (``oof_top1``, what
+        the pseudo-label round calibrates its confidence on). See docs/retrieval.md."""
+        import mlflow as mlf
+
+        store = feature_store(whale) if config.rerank else None
+        tuned = tune_out_of_fold(
+            cv_folds,
+            rnd.layout(whale).embeddings_dir,
+            fold_partitions.get_partition_keys(),
+            config.k,
+            config.per_species,
+            config.species_min_queries,
+            rerank=LocalRerank(store.config, config.candidates, config.photos_per_candidate) if store and store.config else None,
+            features=store,
+            fusion_weights=config.fusion_weights,
+            progress=progress_logger(context, "out-of-fold local matching"),
+            class_centres=config.class_centres,
+            candidates=config.candidates,
+            margin_weights=config.margin_weights,
+        )
+        result, metadata = tuned.result, _threshold_metadata(context, tuned)
+        margin = tuned.margin.weight if tuned.margin is not None else 0.0
+        fig = _curve_plot(result.thresholds, result.map5_curve, result.threshold, fused=tuned.fusion is not None, margin=margin)
+        with mlflow.start_run(context, run_name=rnd.label("match_threshold"), tags={"stage": "retrieval", "round": rnd.name or "round1"}) as run:
+            mlf.log_params({**config.model_dump(), "folds": len(tuned.per_fold), "queries": tuned.queries})
+            mlf.log_metrics({"threshold": result.threshold, "oof_map5": tuned.map5, "oof_map5_global": result.map5})
+            _log_fusion(tuned)
+            mlf.log_figure(fig, "map5_curve.png")
+            mlf.log_table(result.curve(), "map5_curve.json")
+            if tuned.species is not None:
+                mlf.log_table(tuned.species.table, "species_thresholds.json")
+            metadata["mlflow_run"] = dg.MetadataValue.url(mlflow.run_url(run.info.experiment_id, run.info.run_id))
+        metadata["map5_curve"] = figure_md(fig)
+        # The out-of-fold first candidates ride along: what the pseudo-label round calibrates on.
+        return dg.MaterializeResult(value={**tuned.value(), "oof_top1": out_of_fold_top1(tuned.sims, tuned.ids, tuned.truths)}, metadata=metadata)
+
+    return match_threshold
+
+
+match_threshold = match_threshold_asset(FIRST_ROUND)
 
 
 @dg.asset_check(asset=match_threshold, description="The threshold is a finite cosine similarity and its MAP@5 a probability.")

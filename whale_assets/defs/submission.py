@@ -10,116 +10,150 @@ from whale_assets.stages import REBUILD_AFTER_FOLDS
 from whale_assets.metadata import image_md, table_meta
 from whale_assets.defs.detection import feature_store
 from whale_assets.resources import WhaleHome
+from whale_assets.rounds import FIRST_ROUND, Round
 from whale_ml.data.metadata import NEW_INDIVIDUAL, read_truth
 from whale_ml.gallery.build import query_embeddings
 from whale_ml.gallery.search import Matches, match_queries
 from whale_ml.gallery.versions import load_version
+from whale_ml.home import HomeLayout
 from whale_ml.io import atomic_path
 from whale_ml.retrieval.review import sample_review
 from whale_ml.submission import make_submission, prior_predictions, score_submission, submission_problems, write_submission
 
 
-@dg.asset(
-    group_name="submission",
-    kinds={"csv"},
-    deps=["local_features"],
-    code_version="3",
-    automation_condition=REBUILD_AFTER_FOLDS,
-    freshness_policy=RETRAIN_FRESHNESS,
-    check_specs=[
-        dg.AssetCheckSpec(
-            "submission_format",
-            asset="submission_csv",
-            blocking=True,
-            description="Kaggle format: sample_submission's images in order, five distinct ids per row.",
-        )
-    ],
-)
-def submission_csv(
-    context: dg.AssetExecutionContext,
-    whale: WhaleHome,
-    test_metadata: pd.DataFrame,
-    train_metadata: pd.DataFrame,
-    match_threshold: dict[str, Any],
-    gallery: dict[str, Any],
-    crops: pd.DataFrame,
-) -> dg.MaterializeResult:
-    """``submission.csv`` in Kaggle's format: for each test photo in
-    ``sample_submission.csv`` order, five ids from the gallery version the gallery stage
-    wrote (searched as ``whale identify`` searches it; a later ``whale enroll`` version
-    does not change the submission) by the new_individual rule at the tuned threshold
-    (its species' own one where tuned); a photo that could not be read gets the prior
-    answer. A match-review sheet shows sample test photos beside their matches."""
-    version = load_version(whale.layout, gallery["version"])
-    queries, query_images = query_embeddings(whale.layout, version)
-    matches = _match_test_photos(whale, version, queries, query_images, match_threshold)
-    found = dict(zip(query_images, matches.predictions, strict=True))
-    prior = prior_predictions(train_metadata["individual_id"].tolist())
-    missing = [img for img in test_metadata["image"] if img not in found]
-    for img in missing:
-        context.log.warning(f"{img}: no embedding (unreadable photo); predicting the prior {' '.join(prior)}")
-    predictions = [found.get(img, prior) for img in test_metadata["image"]]
-    sub = make_submission(test_metadata["image"].tolist(), predictions)
-    path = write_submission(sub, whale.layout.submission)
+def submission_csv_asset(rnd: Round) -> dg.AssetsDefinition:
+    """The submission file of one training round (:mod:`whale_assets.rounds`)."""
 
-    expected_ids = min(5, 1 + version.table["individual_id"].nunique())
-    problems = submission_problems(path, test_metadata["image"].tolist(), expected_ids)
-    top1_new = float(sum(p[0] == NEW_INDIVIDUAL for p in predictions) / max(1, len(predictions)))
-    sheet = sample_review(
-        query_images,
-        queries,
-        [found[img] for img in query_images],
-        dict(zip(crops["image"], crops["crop_path"], strict=True)),
-        version.embeddings,
-        version.table["individual_id"].to_numpy(),
-        version.table["crop_path"].tolist(),
-        _truth_of(whale),
-    )
-    return dg.MaterializeResult(
-        metadata={
-            **(_review_metadata(whale, sheet) if sheet is not None else {}),
-            "path": dg.MetadataValue.path(str(path)),
-            "dagster/row_count": len(sub),
-            "gallery_version": version.name,
-            "threshold": float(match_threshold["threshold"]),
-            "species_thresholds": len(match_threshold.get("species_thresholds") or {}),
-            "margin_weight": matches.margin,
-            "top1_new_individual_share": top1_new,
-            "prior_only_rows": len(missing),
-            **_rerank_md(matches),
-            "preview": table_meta(sub.head(10)),
+    @dg.asset(
+        name="submission_csv",
+        key_prefix=rnd.prefix,
+        ins={
+            "test_metadata": dg.AssetIn("test_metadata"),
+            "train_metadata": dg.AssetIn("train_metadata"),
+            "match_threshold": dg.AssetIn(rnd.key("match_threshold")),
+            "gallery": dg.AssetIn(rnd.key("gallery")),
+            "crops": dg.AssetIn("crops"),
         },
-        check_results=[
-            dg.AssetCheckResult(
-                check_name="submission_format", passed=not problems, metadata={"problems": "; ".join(problems) or "none", "rows": len(sub)}
+        group_name=rnd.group("submission"),
+        kinds={"csv"},
+        deps=["local_features"],
+        code_version="3",
+        automation_condition=REBUILD_AFTER_FOLDS if rnd.first else None,
+        freshness_policy=RETRAIN_FRESHNESS if rnd.first else None,
+        check_specs=[
+            dg.AssetCheckSpec(
+                "submission_format",
+                asset=rnd.key("submission_csv"),
+                blocking=True,
+                description="Kaggle format: sample_submission's images in order, five distinct ids per row.",
             )
         ],
     )
+    def submission_csv(
+        context: dg.AssetExecutionContext,
+        whale: WhaleHome,
+        test_metadata: pd.DataFrame,
+        train_metadata: pd.DataFrame,
+        match_threshold: dict[str, Any],
+        gallery: dict[str, Any],
+        crops: pd.DataFrame,
+    ) -> dg.MaterializeResult:
+        """``submission.csv`` in Kaggle's format: for each test photo in
+        ``sample_submission.csv`` order, five ids from the gallery version the gallery stage
+        wrote (searched as ``whale identify`` searches it; a later ``whale enroll`` version
+        does not change the submission) by the new_individual rule at the tuned threshold
+        (its species' own one where tuned); a photo that could not be read gets the prior
+        answer. A match-review sheet shows sample test photos beside their matches.
+        The pseudo-label round writes ``rounds/round2/submission.csv``."""
+        layout = rnd.layout(whale)
+        version = load_version(layout, gallery["version"])
+        queries, query_images = query_embeddings(layout, version)
+        matches = match_test_photos(whale, version, queries, query_images, match_threshold)
+        found, prior = dict(zip(query_images, matches.predictions, strict=True)), prior_predictions(train_metadata["individual_id"].tolist())
+        missing = [img for img in test_metadata["image"] if img not in found]
+        for img in missing:
+            context.log.warning(f"{img}: no embedding (unreadable photo); predicting the prior {' '.join(prior)}")
+        predictions = [found.get(img, prior) for img in test_metadata["image"]]
+        sub = make_submission(test_metadata["image"].tolist(), predictions)
+        path = write_submission(sub, layout.submission)
+
+        expected_ids = min(5, 1 + version.table["individual_id"].nunique())
+        problems = submission_problems(path, test_metadata["image"].tolist(), expected_ids)
+        top1_new = float(sum(p[0] == NEW_INDIVIDUAL for p in predictions) / max(1, len(predictions)))
+        sheet = sample_review(
+            query_images,
+            queries,
+            [found[img] for img in query_images],
+            dict(zip(crops["image"], crops["crop_path"], strict=True)),
+            version.embeddings,
+            version.table["individual_id"].to_numpy(),
+            version.table["crop_path"].tolist(),
+            _truth_of(whale),
+        )
+        return dg.MaterializeResult(
+            metadata={
+                **(_review_metadata(layout, sheet) if sheet is not None else {}),
+                "path": dg.MetadataValue.path(str(path)),
+                "dagster/row_count": len(sub),
+                "gallery_version": version.name,
+                "threshold": float(match_threshold["threshold"]),
+                "species_thresholds": len(match_threshold.get("species_thresholds") or {}),
+                "margin_weight": matches.margin,
+                "top1_new_individual_share": top1_new,
+                "prior_only_rows": len(missing),
+                **_rerank_md(matches),
+                "preview": table_meta(sub.head(10)),
+            },
+            check_results=[
+                dg.AssetCheckResult(
+                    check_name="submission_format", passed=not problems, metadata={"problems": "; ".join(problems) or "none", "rows": len(sub)}
+                )
+            ],
+        )
+
+    return submission_csv
 
 
-@dg.asset(group_name="submission", kinds={"pandas"}, deps=[submission_csv], code_version="1", automation_condition=REBUILD_AFTER_FOLDS)
-def submission_score(context: dg.AssetExecutionContext, whale: WhaleHome) -> dg.MaterializeResult:
-    """MAP@5 of the submission against ``test_truth.csv`` when the data set has one
-    (the demo set does; Kaggle's does not)."""
-    truth = read_truth(whale.data_path)
-    if truth is None:
-        context.log.info("no test_truth.csv in the data set: nothing to score")
-        return dg.MaterializeResult(metadata={"scored": False})
-    score = score_submission(whale.layout.submission, truth)
-    always_new = float((truth["individual_id"] == NEW_INDIVIDUAL).mean())
-    context.log.info(f"submission MAP@5 {score:.4f} (answering new_individual first everywhere: {always_new:.4f})")
-    return dg.MaterializeResult(
-        metadata={
-            "scored": True,
-            "map5": score,
-            "baseline_all_new_map5": always_new,
-            "truth_images": len(truth),
-            "truth_new_share": always_new,
-        }
+def submission_score_asset(rnd: Round) -> dg.AssetsDefinition:
+    """The score of one training round's submission, where the data set has test truth."""
+
+    @dg.asset(
+        name="submission_score",
+        key_prefix=rnd.prefix,
+        group_name=rnd.group("submission"),
+        kinds={"pandas"},
+        deps=[rnd.key("submission_csv")],
+        code_version="1",
+        automation_condition=REBUILD_AFTER_FOLDS if rnd.first else None,
     )
+    def submission_score(context: dg.AssetExecutionContext, whale: WhaleHome) -> dg.MaterializeResult:
+        """MAP@5 of the submission against ``test_truth.csv`` when the data set has one
+        (the demo set does; Kaggle's does not)."""
+        truth = read_truth(whale.data_path)
+        if truth is None:
+            context.log.info("no test_truth.csv in the data set: nothing to score")
+            return dg.MaterializeResult(metadata={"scored": False})
+        score = score_submission(rnd.layout(whale).submission, truth)
+        always_new = float((truth["individual_id"] == NEW_INDIVIDUAL).mean())
+        context.log.info(f"submission MAP@5 {score:.4f} (answering new_individual first everywhere: {always_new:.4f})")
+        return dg.MaterializeResult(
+            metadata={
+                "scored": True,
+                "map5": score,
+                "baseline_all_new_map5": always_new,
+                "truth_images": len(truth),
+                "truth_new_share": always_new,
+            }
+        )
+
+    return submission_score
 
 
-def _match_test_photos(whale: WhaleHome, version: Any, queries: Any, images: list[str], match_threshold: dict[str, Any]) -> Matches:
+submission_csv = submission_csv_asset(FIRST_ROUND)
+submission_score = submission_score_asset(FIRST_ROUND)
+
+
+def match_test_photos(whale: WhaleHome, version: Any, queries: Any, images: list[str], match_threshold: dict[str, Any]) -> Matches:
     """The test photos matched as ``whale identify`` matches them, re-ranked by local features
     (from the ``local_features`` asset) when the threshold was tuned so."""
     store = feature_store(whale) if match_threshold.get("rerank") else None
@@ -137,9 +171,9 @@ def _truth_of(whale: WhaleHome) -> dict[str, str] | None:
     return None if truth is None else dict(zip(truth["image"], truth["individual_id"], strict=True))
 
 
-def _review_metadata(whale: WhaleHome, sheet: Any) -> dict[str, Any]:
+def _review_metadata(layout: HomeLayout, sheet: Any) -> dict[str, Any]:
     """The match-review sheet, saved beside the submission and shown in the UI."""
-    path = whale.layout.home / "match_review.png"
+    path = layout.match_review
     with atomic_path(path) as tmp:
         sheet.save(tmp)
     return {"match_review": image_md(sheet), "match_review_file": dg.MetadataValue.path(str(path))}

@@ -11,6 +11,7 @@ from whale_assets.partitions import fold_index, fold_partitions
 from whale_assets.resources import MlflowTracking, WhaleHome
 from whale_assets.retries import mlflow_retry_policy, retry_only_if_transient
 from whale_assets.launchpad import TrainSettings
+from whale_assets.rounds import FIRST_ROUND, Round
 from whale_ml.gallery.lineage import record_registered
 from whale_ml.registry import CHECKPOINT_ARTIFACT, SHA_TAG, RegisteredEmbeddingModel
 from whale_ml.io import sha256_file
@@ -19,73 +20,94 @@ from whale_ml.training.fold_model import FoldData, TrainedFold, recipe_version, 
 from whale_ml.training.trainer import load_model
 
 
-@dg.asset(
-    group_name="training",
-    kinds={"pytorch", "mlflow"},
-    partitions_def=fold_partitions,
-    code_version="2",
-    pool="gpu",
-    retry_policy=mlflow_retry_policy(),
-    op_tags=GPU_STEP_TAGS,
-    freshness_policy=RETRAIN_FRESHNESS,
-)
-@retry_only_if_transient
-def arcface_model(
-    context: dg.AssetExecutionContext,
-    config: TrainSettings,
-    whale: WhaleHome,
-    mlflow: MlflowTracking,
-    cv_folds: pd.DataFrame,
-) -> dg.MaterializeResult:
-    """The fold's embedding model: a timm backbone with GeM pooling and a BatchNorm
-    embedding head, trained with pytorch-metric-learning's ArcFace loss (one optimiser
-    over backbone, head and class centres). Validation MAP@5 with new_individual every
-    ``val_every`` epochs (on the fold or a fixed sample); the best validated epoch is
-    kept. One MLflow run per fold (tagged with the fold's data version) with parameters,
-    the fold's training and validation photos as data sets, per-epoch and system metrics,
-    curves, and the best model logged (a torch.export program where the backbone exports)
-    with its signature and validation MAP@5, and registered as ``whale-arcface@<fold>``."""
-    import mlflow as mlf
+def arcface_model_asset(rnd: Round) -> dg.AssetsDefinition:
+    """The fold models of one training round (:mod:`whale_assets.rounds`): ``arcface_model``
+    on ``cv_folds``, or ``round2/arcface_model`` on the pseudo-labelled folds."""
 
-    fold = context.partition_key
-    data = FoldData.from_folds(cv_folds, fold_index(fold))
-    context.log.info(f"{fold}: {data.describe()}")
-    tags = {"stage": "training", "fold": fold, "data_version": data.version}
-    with mlflow.start_run(context, run_name=f"arcface_{fold}", tags=tags, system_metrics=True) as run:
-        mlf.log_params({**config.model_dump(), "fold": fold, **data.params()})
-        datasets = {
-            use: mlflow.log_dataset(table, f"{fold}-{use}", digest, use, source=str(whale.layout.crops_dir))
-            for use, (table, digest) in data.datasets().items()
-        }
-        trained = train_fold_model(
-            config, data, whale.layout.model_dir(fold), config.processes, lambda e, m: mlf.log_metrics(m, step=e), context.log.info,
-            val_progress=lambda epoch: progress_logger(context, f"{fold} validation after epoch {epoch}"),
-        )
-        checkpoint_sha = sha256_file(trained.result.checkpoint)
-        registered = _log_and_register(context, mlflow, whale.layout, config, fold, data, trained, datasets["validation"], checkpoint_sha)
-        url = mlflow.run_url(run.info.experiment_id, run.info.run_id)
-    result = trained.result
-    return dg.MaterializeResult(
-        # The weights' digest as the data version: a retrained fold (other weights) makes its
-        # embeddings, the gallery, threshold and submission stale in the UI until they are
-        # rebuilt; without it the version would be logical (code + inputs), unchanged by a rerun.
-        data_version=dg.DataVersion(checkpoint_sha[:24]),
-        metadata={
-            "val_map5": float(result.best_map5) if result.best_map5 is not None else float("nan"),
-            "val_threshold": float(result.threshold) if result.threshold is not None else float("nan"),
-            "best_epoch": result.best_epoch,
-            "epochs_run": result.epochs_run,
-            "train_images_per_second": float(result.images_per_second),
-            "checkpoint": dg.MetadataValue.path(str(result.checkpoint)),
-            "mlflow_run": dg.MetadataValue.url(url),
-            "registered_model": f"{mlflow.registered_model} v{registered.version} @{fold}",
-            "model_format": registered.serialization,
-            "data_version": data.version,
-            "checkpoint_sha256": checkpoint_sha,
-            "curves": figure_md(trained.curves),
-            "history": table_meta(trained.history),
-        }
+    @dg.asset(
+        name="arcface_model",
+        key_prefix=rnd.prefix,
+        ins={"cv_folds": dg.AssetIn(rnd.training_folds)},
+        group_name=rnd.group("training"),
+        kinds={"pytorch", "mlflow"},
+        partitions_def=fold_partitions,
+        code_version="2",
+        pool="gpu",
+        retry_policy=mlflow_retry_policy(),
+        op_tags=GPU_STEP_TAGS,
+        freshness_policy=RETRAIN_FRESHNESS if rnd.first else None,
     )
+    @retry_only_if_transient
+    def arcface_model(
+        context: dg.AssetExecutionContext,
+        config: TrainSettings,
+        whale: WhaleHome,
+        mlflow: MlflowTracking,
+        cv_folds: pd.DataFrame,
+    ) -> dg.MaterializeResult:
+        """The fold's embedding model: a timm backbone with GeM pooling and a BatchNorm
+        embedding head, trained with pytorch-metric-learning's ArcFace loss (one optimiser
+        over backbone, head and class centres). Validation MAP@5 with new_individual every
+        ``val_every`` epochs (on the fold or a fixed sample); the best validated epoch is
+        kept. One MLflow run per fold (tagged with the fold's data version) with parameters,
+        the fold's training and validation photos as data sets, per-epoch and system metrics,
+        curves, and the best model logged (a torch.export program where the backbone exports)
+        with its signature and validation MAP@5, and registered as ``whale-arcface@<fold>``
+        (the pseudo-label round's as ``@round2_<fold>``, trained with its pseudo photos)."""
+        import mlflow as mlf
+
+        fold, layout = context.partition_key, rnd.layout(whale)
+        label, data = rnd.label(fold), FoldData.from_folds(cv_folds, fold_index(fold))
+        context.log.info(f"{label}: {data.describe()}")
+        tags = {"stage": "training", "fold": fold, "round": rnd.name or "round1", "data_version": data.version}
+        with mlflow.start_run(context, run_name=f"arcface_{label}", tags=tags, system_metrics=True) as run:
+            mlf.log_params({**config.model_dump(), "fold": fold, **data.params()})
+            datasets = {
+                use: mlflow.log_dataset(table, f"{label}-{use}", digest, use, source=str(layout.crops_dir))
+                for use, (table, digest) in data.datasets().items()
+            }
+            trained = train_fold_model(
+                config, data, layout.model_dir(fold), config.processes, lambda e, m: mlf.log_metrics(m, step=e), context.log.info,
+                val_progress=lambda epoch: progress_logger(context, f"{label} validation after epoch {epoch}"),
+            )
+            sha = sha256_file(trained.result.checkpoint)
+            registered = _log_and_register(context, mlflow, layout, config, fold, data, trained, datasets["validation"], label, sha)
+            url = mlflow.run_url(run.info.experiment_id, run.info.run_id)
+        return dg.MaterializeResult(
+            # The weights' digest as the data version: a retrained fold (other weights) makes its
+            # embeddings, the gallery, threshold and submission stale in the UI until they are
+            # rebuilt; without it the version would be logical (code + inputs), unchanged by a rerun.
+            data_version=dg.DataVersion(sha[:24]),
+            metadata={
+                **_trained_metadata(trained, url, f"{mlflow.registered_model} v{registered.version} @{label}", registered.serialization, data),
+                "checkpoint_sha256": sha,
+            },
+        )
+
+    return arcface_model
+
+
+def _trained_metadata(trained: TrainedFold, url: str, registered: str, serialization: str, data: FoldData) -> dict[str, object]:
+    result = trained.result
+    return {
+        "val_map5": float(result.best_map5) if result.best_map5 is not None else float("nan"),
+        "val_threshold": float(result.threshold) if result.threshold is not None else float("nan"),
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "train_images_per_second": float(result.images_per_second),
+        "checkpoint": dg.MetadataValue.path(str(result.checkpoint)),
+        "mlflow_run": dg.MetadataValue.url(url),
+        "registered_model": registered,
+        "model_format": serialization,
+        "data_version": data.version,
+        "train_images": len(data.train),
+        "pseudo_labelled_train_images": int(data.train["pseudo"].sum()) if "pseudo" in data.train else 0,
+        "curves": figure_md(trained.curves),
+        "history": table_meta(trained.history),
+    }
+
+
+arcface_model = arcface_model_asset(FIRST_ROUND)
 
 
 def _log_and_register(
@@ -97,10 +119,11 @@ def _log_and_register(
     data: FoldData,
     trained: TrainedFold,
     validation: object,
+    alias: str,
     checkpoint_sha: str,
 ) -> RegisteredEmbeddingModel:
     """Log the recipe, curves and checkpoint to the active MLflow run and register the best
-    model as ``<registered_model>@<fold>``, its validation scores attached to it (measured
+    model as ``<registered_model>@<alias>``, its validation scores attached to it (measured
     on the ``validation`` data set); returns the registered version."""
     import mlflow as mlf
 
@@ -129,7 +152,7 @@ def _log_and_register(
     if result.threshold is not None:
         scores["best_val_threshold"] = float(result.threshold)
     registered = mlflow.log_embedding_model(
-        model, config.image_size, config.embedding_size, alias=fold, tags=tags, metrics=scores, dataset=validation, log=context.log.warning
+        model, config.image_size, config.embedding_size, alias=alias, tags=tags, metrics=scores, dataset=validation, log=context.log.warning
     )
     record_registered(layout, fold, result.checkpoint, mlflow.registered_model, registered.version)
     return registered

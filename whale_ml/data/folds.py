@@ -128,11 +128,20 @@ def fold_split(folds: pd.DataFrame, fold: int) -> tuple[pd.DataFrame, pd.DataFra
 
     The validation rows get a ``truth`` column: the individual id, or
     ``new_individual`` when the fold's training set has no photo of it.
+
+    Rows marked ``pseudo`` (pseudo-labelled test photos, the second round's:
+    :mod:`whale_ml.retrieval.pseudo_labels`) are never validation rows, and train only
+    in folds whose other training photos hold their individual: a pseudo photo of an
+    individual held out in this fold would turn its validation truth from
+    ``new_individual`` into known, from a label that was itself found by matching those
+    validation photos.
     """
-    is_val = folds["fold"] == fold
-    train = folds[~is_val].reset_index(drop=True)
+    pseudo = folds["pseudo"].to_numpy(dtype=bool) if "pseudo" in folds else np.zeros(len(folds), dtype=bool)
+    is_val = (folds["fold"] == fold).to_numpy() & ~pseudo
+    known = set(folds.loc[~is_val & ~pseudo, "individual_id"])
+    keep = ~is_val & (~pseudo | folds["individual_id"].isin(known).to_numpy())
+    train = folds[keep].reset_index(drop=True)
     val = folds[is_val].reset_index(drop=True).copy()
-    known = set(train["individual_id"])
     val["truth"] = np.where(val["individual_id"].isin(known), val["individual_id"], NEW_INDIVIDUAL)
     return train, val
 

@@ -1,0 +1,108 @@
+"""The pseudo-label round: confident test predictions, and a second round of fold models trained with them.
+
+``pseudo_labels`` picks the test photos whose first prediction (by the first round's
+gallery and threshold) clears a confidence calibrated out of fold;
+``pseudo_labelled_folds`` adds them to the training side of the folds; the
+``round2/...`` assets are the first round's fold model, embedding, gallery, threshold and
+submission definitions (the same factories) over that table. Off in ``whale run`` unless
+``pseudo_labels: {config: {enabled: true}}``; always in the graph. See docs/retrieval.md.
+"""
+
+import dagster as dg
+import pandas as pd
+
+from whale_assets.defs.retrieval import fold_embeddings_asset, gallery_asset, match_threshold_asset
+from whale_assets.defs.submission import match_test_photos, submission_csv_asset, submission_score_asset
+from whale_assets.defs.training import arcface_model_asset
+from whale_assets.launchpad import PseudoLabelSettings
+from whale_assets.metadata import table_meta
+from whale_assets.partitions import n_folds
+from whale_assets.resources import WhaleHome
+from whale_assets.rounds import PSEUDO_LABEL_ROUND
+from whale_assets.versions import table_version
+from whale_ml.data.folds import fold_split
+from whale_ml.gallery.build import query_embeddings
+from whale_ml.gallery.versions import load_version
+from whale_ml.retrieval.pseudo_labels import calibrate_confidence, pseudo_labelled_folds as add_pseudo_rows, select_pseudo_labels
+
+LISTED_PHOTOS = 500  # photos listed in the UI's table; all of them are in the asset's parquet file
+
+
+@dg.asset(group_name="pseudo_labels", kinds={"pandas"}, deps=["local_features"], code_version="1")
+def pseudo_labels(
+    context: dg.AssetExecutionContext,
+    config: PseudoLabelSettings,
+    whale: WhaleHome,
+    match_threshold: dict,
+    gallery: dict,
+) -> dg.MaterializeResult:
+    """The test photos pseudo-labelled for the second round (``image, individual_id, score``):
+    those whose first prediction by the first round (gallery, threshold, local re-ranking)
+    is a known individual scoring at least the confidence calibrated on the first round's
+    out-of-fold searches (the smallest score at which validation photos' first candidates
+    are right ``min_precision`` of the time). Test truth is never read."""
+    top1 = match_threshold.get("oof_top1")
+    if top1 is None:
+        raise dg.Failure("match_threshold has no out-of-fold first candidates (oof_top1): rematerialise it first", allow_retries=False)
+    calibration = calibrate_confidence(top1["score"], top1["correct"], config.min_precision, match_threshold["threshold"], config.min_photos)
+    version = load_version(whale.layout, gallery["version"])
+    queries, images = query_embeddings(whale.layout, version)
+    matches = match_test_photos(whale, version, queries, images, match_threshold)
+    table = select_pseudo_labels(images, matches.ids, matches.sims, matches.predictions, calibration.confidence)
+    context.log.info(
+        f"{len(table)} of {len(images)} test photos pseudo-labelled at confidence {calibration.confidence:.4f} "
+        f"(out of fold: {calibration.photos} of {calibration.queries} validation photos, top-1 precision {calibration.precision:.4f})"
+    )
+    curve = calibration.curve.iloc[:: max(1, len(calibration.curve) // 20)]  # about 20 points of the precision curve
+    return dg.MaterializeResult(
+        value=table,
+        data_version=table_version(table),
+        metadata={
+            **calibration.to_dict(),
+            "dagster/row_count": len(table),
+            "test_photos": len(images),
+            "pseudo_share": len(table) / max(1, len(images)),
+            "individuals": int(table["individual_id"].nunique()),
+            "photos": table_meta(table.head(LISTED_PHOTOS)),
+            "oof_precision_curve": table_meta(curve),
+        },
+    )
+
+
+@dg.asset(group_name="pseudo_labels", kinds={"pandas"}, code_version="1")
+def pseudo_labelled_folds(cv_folds: pd.DataFrame, pseudo_labels: pd.DataFrame, crops: pd.DataFrame) -> dg.MaterializeResult:
+    """The second round's fold table: ``cv_folds`` plus the pseudo-labelled test photos
+    (``pseudo``, ``fold = -1``), each on the training side of every fold whose training
+    photos hold its individual, never on a validation side."""
+    table = add_pseudo_rows(cv_folds, pseudo_labels, crops)
+    per_fold = []
+    for k in range(n_folds()):
+        train, val = fold_split(table, k)
+        per_fold.append({"fold": k, "train_images": len(train), "pseudo_train_images": int(train["pseudo"].sum()), "val_images": len(val)})
+    return dg.MaterializeResult(
+        value=table,
+        data_version=table_version(table),
+        metadata={"dagster/row_count": len(table), "pseudo_rows": int(table["pseudo"].sum()), "folds": table_meta(per_fold)},
+    )
+
+
+@dg.asset_check(asset=pseudo_labelled_folds, additional_ins={"cv_folds": dg.AssetIn("cv_folds")}, blocking=True)
+def pseudo_photos_never_validated(cv_folds: pd.DataFrame, pseudo_labelled_folds: pd.DataFrame) -> dg.AssetCheckResult:
+    """Every fold validates exactly the photos, with exactly the truths, of ``cv_folds``:
+    the pseudo photos change the training side only, so the second round's out-of-fold
+    threshold is tuned on the same validation cases as the first."""
+    changed = []
+    for k in range(n_folds()):
+        _, before = fold_split(cv_folds, k)
+        _, after = fold_split(pseudo_labelled_folds, k)
+        if before[["image", "truth"]].to_dict("records") != after[["image", "truth"]].to_dict("records"):
+            changed.append(k)
+    return dg.AssetCheckResult(passed=not changed, metadata={"folds_with_changed_validation": len(changed)})
+
+
+round2_arcface_model = arcface_model_asset(PSEUDO_LABEL_ROUND)
+round2_fold_embeddings = fold_embeddings_asset(PSEUDO_LABEL_ROUND)
+round2_gallery = gallery_asset(PSEUDO_LABEL_ROUND)
+round2_match_threshold = match_threshold_asset(PSEUDO_LABEL_ROUND)
+round2_submission_csv = submission_csv_asset(PSEUDO_LABEL_ROUND)
+round2_submission_score = submission_score_asset(PSEUDO_LABEL_ROUND)
