@@ -98,7 +98,6 @@ def submission_csv_asset(rnd: Round) -> dg.AssetsDefinition:
                 "gallery_version": version.name,
                 "threshold": float(match_threshold["threshold"]),
                 "species_thresholds": len(match_threshold.get("species_thresholds") or {}),
-                "margin_weight": matches.margin,
                 "top1_new_individual_share": top1_new,
                 "prior_only_rows": len(missing),
                 **_rerank_md(matches),
@@ -161,9 +160,10 @@ def match_test_photos(whale: WhaleHome, version: Any, queries: Any, images: list
 
 
 def _rerank_md(matches: Matches) -> dict[str, Any]:
+    """How the test photos were matched: the margin weight of the decision, local re-ranking and its cost."""
     if matches.rerank_ms_per_query is None:
-        return {"local_rerank": False}
-    return {"local_rerank": True, "rerank_ms_per_query": round(matches.rerank_ms_per_query, 2)}
+        return {"margin_weight": matches.margin, "local_rerank": False}
+    return {"margin_weight": matches.margin, "local_rerank": True, "rerank_ms_per_query": round(matches.rerank_ms_per_query, 2)}
 
 
 def _truth_of(whale: WhaleHome) -> dict[str, str] | None:
