@@ -165,7 +165,7 @@ def test_the_round_has_its_own_lineage_in_the_asset_graph() -> None:
     assert graph.get(dg.AssetKey.from_user_string("round2/arcface_model")).partitions_def is not None
 
     round_stages = [s.name for s in STAGES if s.pseudo_label_round]
-    assert round_stages == ["pseudo_labels", "train_round2_folds", "round2_ensemble_and_submit"]
+    assert round_stages == ["pick_pseudo_labels", "train_round2_folds", "round2_ensemble_and_submit"]
     first = set(asset_names(TRAIN_FOLDS)) | set(asset_names(ENSEMBLE_AND_SUBMIT)) | set(asset_names(RETHRESHOLD_AND_SUBMIT))
     assert not {n for n in first if n.startswith(("round2/", "pseudo_"))}
     assert set(asset_names(RETHRESHOLD_AND_SUBMIT)) == {"match_threshold", "submission_csv", "submission_score"}

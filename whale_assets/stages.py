@@ -70,7 +70,7 @@ STAGES: tuple[Stage, ...] = (
         "After the folds: champion/challenger, the ensemble gallery, the threshold, the submission and its score.",
     ),
     Stage(
-        "pseudo_labels",
+        "pick_pseudo_labels",  # not "pseudo_labels": a job may not share its name with an op
         PSEUDO_LABELS,
         False,
         "Pseudo-label round: the test photos predicted confidently enough (calibrated out of fold), added to the folds' training side.",
