@@ -53,12 +53,19 @@ def test_weight_tuning_exact_on_a_hand_worked_case():
     assert map_at_5(predict_top5(scores, ranked, result.threshold.threshold), TRUTHS) == pytest.approx(1.0)
 
 
-def test_without_local_evidence_fusion_is_the_plain_threshold():
-    rng = np.random.default_rng(1)
+def _random_lists(seed: int) -> tuple[np.random.Generator, int, int, np.ndarray, np.ndarray, list[str]]:
+    """300 queries' 6 candidates among 40 individuals, descending similarities, and truths:
+    the first candidate 60% of the time, else new or the second candidate."""
+    rng = np.random.default_rng(seed)
     n, k = 300, 6
     ids = np.array([[f"i{(q + j) % 40}" for j in range(k)] for q in range(n)], dtype=object)
     sims = -np.sort(-rng.random((n, k)), axis=1)
     truths = [ids[q, 0] if rng.random() < 0.6 else ("new_individual" if rng.random() < 0.5 else ids[q, 1]) for q in range(n)]
+    return rng, n, k, ids, sims, truths
+
+
+def test_without_local_evidence_fusion_is_the_plain_threshold():
+    rng, n, k, ids, sims, truths = _random_lists(1)
     noise = rng.integers(0, 30, size=(n, k))  # inliers unrelated to the truth
     result = tune_fusion(sims, ids, noise, truths, [f"i{i}" for i in range(40)], weights=11)
     plain = tune_threshold(sims, ids, truths, gallery_ids=[f"i{i}" for i in range(40)])
@@ -145,11 +152,7 @@ def test_a_missing_centre_scores_the_candidate_by_its_photos():
 
 
 def test_uninformative_centres_get_no_weight():
-    rng = np.random.default_rng(2)
-    n, k = 300, 6
-    ids = np.array([[f"i{(q + j) % 40}" for j in range(k)] for q in range(n)], dtype=object)
-    sims = -np.sort(-rng.random((n, k)), axis=1)
-    truths = [ids[q, 0] if rng.random() < 0.6 else ("new_individual" if rng.random() < 0.5 else ids[q, 1]) for q in range(n)]
+    rng, n, k, ids, sims, truths = _random_lists(2)
     known = [f"i{i}" for i in range(40)]
     noise = rng.integers(0, 30, size=(n, k))
     two = tune_fusion(sims, ids, noise, truths, known, weights=11)
