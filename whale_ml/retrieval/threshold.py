@@ -134,9 +134,9 @@ class OutOfFoldThreshold:
         return value
 
 
-def _missing_centres(folds: Sequence[str], embeddings_dir: Callable[[str], Path]) -> str | None:
+def _missing_centres(centres: dict[str, ClassCentres | None]) -> str | None:
     """Why class-centre scores cannot be used (a fold model kept none), or None."""
-    missing = [f for f in folds if ClassCentres.load(embeddings_dir(f)) is None]
+    missing = [f for f, c in centres.items() if c is None]
     if not missing:
         return None
     return (
@@ -206,7 +206,8 @@ def tune_out_of_fold(
     if rerank is not None and features is None:
         raise ValueError("re-ranking needs the local_features store")
     margin_grid = check_margin_weights(margin_weights)
-    centres_note = _missing_centres(folds, embeddings_dir) if class_centres else None
+    centres = {f: ClassCentres.load(embeddings_dir(f)) for f in folds} if class_centres else {}  # read once, used per fold
+    centres_note = _missing_centres(centres) if class_centres else None
     if centres_note:
         warnings.warn(centres_note, stacklevel=2)
         class_centres = False
@@ -226,7 +227,7 @@ def tune_out_of_fold(
             inliers_all.append(matched.counts)
             seconds, pairs = seconds + matched.seconds, pairs + matched.pairs
         if class_centres:
-            fold_centres = ClassCentres.load(embeddings_dir(fold))
+            fold_centres = centres[fold]
             assert fold_centres is not None
             centre_all.append(centre_similarity(found.queries, fold_centres, ids))
         sims_all.append(sims)
