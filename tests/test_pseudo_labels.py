@@ -1,6 +1,7 @@
 """The pseudo-label round: the calibrated confidence (against a brute-force oracle and a
 hand-worked case), which test photos are chosen, that pseudo photos only ever train,
-and the round's lineage in the asset graph."""
+each fold's labels chosen against its own training photos only, and the round's lineage
+in the asset graph."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from whale_ml.data.metadata import NEW_INDIVIDUAL
 from whale_ml.retrieval.pseudo_labels import (
     calibrate_confidence,
     out_of_fold_top1,
+    pick_fold_pseudo_labels,
     precision_curve,
     pseudo_labelled_folds,
     select_pseudo_labels,
 )
+from whale_ml.retrieval.store import save_embeddings
 
 # Hand-worked: first-candidate scores of six validation photos and whether each was right.
 SCORES = [0.9, 0.8, 0.8, 0.7, 0.6, 0.5]
@@ -117,6 +120,7 @@ def test_pseudo_photos_only_train_and_never_change_a_validation_truth() -> None:
     pseudo = pd.DataFrame({"image": crops["image"], "individual_id": [f"w{i:02d}" for i in range(30)], "score": 0.9})
     table = pseudo_labelled_folds(folds, pseudo, crops)
     assert table["pseudo"].sum() == 30 and (table.loc[table["pseudo"], "fold"] == -1).all()
+    assert (table["pseudo_fold"] == -1).all()  # no fold named: any fold that knows the individual
     row = table[table["pseudo"]].set_index("image").loc["te3.jpg"]
     assert (row["individual_id"], row["label"], row["crop_path"]) == ("w03", 3, "/crops/te3.jpg")
     held_somewhere = 0
@@ -124,11 +128,58 @@ def test_pseudo_photos_only_train_and_never_change_a_validation_truth() -> None:
         train_before, val_before = fold_split(folds, k)
         train, val = fold_split(table, k)
         assert not val["pseudo"].any()
-        pd.testing.assert_frame_equal(val.drop(columns="pseudo"), val_before)  # same photos, same truths
+        pd.testing.assert_frame_equal(val.drop(columns=["pseudo", "pseudo_fold"]), val_before)  # same photos, same truths
         joined = set(train.loc[train["pseudo"], "individual_id"])
         assert joined == set(pseudo["individual_id"]) & set(train_before["individual_id"])
         held_somewhere += len(set(pseudo["individual_id"]) - joined)
     assert held_somewhere > 0  # some pseudo photo was kept out of a fold that validates its individual as new
+
+
+def test_a_fold_s_pseudo_labels_train_in_that_fold_only() -> None:
+    folds, crops = _folds()
+    known = [set(fold_split(folds, k)[0]["individual_id"]) for k in range(3)]
+    rows = [(k, f"te{i}.jpg", ind) for k in range(3) for i, ind in enumerate(sorted(known[k])[:4])]
+    rows.append((1, "te0.jpg", sorted(known[1])[-1]))  # the same photo, another individual, in another fold
+    pseudo = pd.DataFrame(rows, columns=["fold", "image", "individual_id"]).assign(score=0.9)
+    table = pseudo_labelled_folds(folds, pseudo, crops)
+    for k in range(3):
+        train, val = fold_split(table, k)
+        got = sorted(train.loc[train["pseudo"], ["image", "individual_id"]].itertuples(index=False, name=None))
+        assert got == sorted((img, ind) for f, img, ind in rows if f == k)
+        assert not val["pseudo"].any()
+
+
+def _write_fold(folder, vectors: dict[str, list[float]], test: dict[str, list[float]]) -> None:  # type: ignore[no-untyped-def]
+    save_embeddings(folder, "train", np.array(list(vectors.values()), dtype=np.float32), list(vectors))
+    save_embeddings(folder, "test", np.array(list(test.values()), dtype=np.float32), list(test))
+
+
+def test_each_fold_labels_test_photos_against_its_own_training_photos_only(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A test photo identical to fold 0's validation photo of A: fold 1, whose training holds
+    that photo, labels it A; fold 0 must not (its training photo of A looks nothing like it).
+    Against every photo -- the submission's gallery -- fold 0 would have labelled it A from
+    its own validation photo."""
+    e = np.eye(4).tolist()
+    folds = pd.DataFrame(
+        {
+            "image": ["a1", "a2", "b1", "b2", "c1", "c2"],
+            "individual_id": ["A", "A", "B", "B", "C", "C"],
+            "species": "beluga",
+            "fold": [1, 0, 0, 1, 0, 1],
+        }
+    )
+    vectors = {"a1": e[1], "a2": e[0], "b1": e[2], "b2": e[2], "c1": e[3], "c2": e[3]}
+    for fold in ("fold0", "fold1"):  # the same "model" in both folds: only the galleries differ
+        _write_fold(tmp_path / fold, vectors, {"t": e[0], "u": e[2]})
+    table, searched = pick_fold_pseudo_labels(folds, lambda f: tmp_path / f, ["fold0", "fold1"], {"threshold": 0.5}, confidence=0.9)
+    assert searched == 2
+    assert table.to_dict("records") == [
+        {"fold": 0, "image": "u", "individual_id": "B", "score": 1.0},
+        {"fold": 1, "image": "t", "individual_id": "A", "score": 1.0},
+        {"fold": 1, "image": "u", "individual_id": "B", "score": 1.0},
+    ]
+    strict, _ = pick_fold_pseudo_labels(folds, lambda f: tmp_path / f, ["fold0", "fold1"], {"threshold": 0.5}, confidence=1.5)
+    assert strict.empty and list(strict.columns) == ["fold", "image", "individual_id", "score"]
 
 
 def test_pseudo_rows_must_name_known_individuals_and_have_crops() -> None:
@@ -153,7 +204,8 @@ def test_the_round_has_its_own_lineage_in_the_asset_graph() -> None:
     def parents(key: str) -> set[str]:
         return {p.to_user_string() for p in graph.get(dg.AssetKey.from_user_string(key)).parent_keys}
 
-    assert parents("pseudo_labels") == {"match_threshold", "gallery", "local_features"}  # test photos matched as the submission's
+    # Test photos matched per fold, as the fold's validation photos were: never by the submission's gallery.
+    assert parents("pseudo_labels") == {"match_threshold", "fold_embeddings", "local_features", "cv_folds"}
     assert parents("pseudo_labelled_folds") == {"cv_folds", "pseudo_labels", "crops"}
     assert parents("round2/arcface_model") == {"pseudo_labelled_folds"}
     assert parents("round2/fold_embeddings") == {"round2/arcface_model", "crops"}

@@ -82,8 +82,14 @@ def stage_run_config(recipe: dict[str, Any], keys: Sequence[str], log_level: str
     return config
 
 
-def run_pipeline(recipe: dict[str, Any], folds: Sequence[str] | None = None, log: Any = print) -> dict[str, Any]:
-    """Materialise every asset (all fold partitions) and return the headline numbers."""
+def run_pipeline(
+    recipe: dict[str, Any], folds: Sequence[str] | None = None, log: Any = print, stages: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Materialise every asset (all fold partitions) and return the headline numbers.
+
+    ``stages``: only these stages, by name (``whale_assets.stages.STAGES``), in the pipeline's
+    order; e.g. the pseudo-label round's on a home whose first round is materialised.
+    """
     import dagster as dg
 
     from whale_assets.definitions import defs as load_defs
@@ -101,6 +107,9 @@ def run_pipeline(recipe: dict[str, Any], folds: Sequence[str] | None = None, log
     unknown = set(folds) - set(all_folds)
     if unknown:
         raise ValueError(f"unknown fold(s) {sorted(unknown)}; this configuration has {all_folds}")
+    unknown = set(stages or ()) - {s.name for s in STAGES}
+    if unknown:
+        raise ValueError(f"unknown stage(s) {sorted(unknown)}; the stages are {[s.name for s in STAGES]}")
 
     def stage(keys: list[str], partition: str | None = None) -> dg.ExecuteInProcessResult:
         label = ", ".join(keys) + (f" [{partition}]" if partition else "")
@@ -120,7 +129,7 @@ def run_pipeline(recipe: dict[str, Any], folds: Sequence[str] | None = None, log
     finals = []
     t0 = time.perf_counter()
     for each in STAGES:
-        if each.pseudo_label_round and not pseudo_label_round_enabled(recipe):
+        if (each.pseudo_label_round and not pseudo_label_round_enabled(recipe)) or (stages is not None and each.name not in stages):
             continue
         keys = asset_names(each.selection)
         for partition in folds if each.per_fold else [None]:
@@ -184,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("test MAP@5        : no test_truth.csv in the data set")
     if "round2" in summary:
         r2, pseudo = summary["round2"], summary.get("pseudo_labels", {})
-        print(f"pseudo-label round: {pseudo.get('photos')} test photos pseudo-labelled (confidence {pseudo.get('confidence')})")
+        print(f"pseudo-label round: {pseudo.get('photos')} pseudo-labels over the folds (confidence {pseudo.get('confidence')})")
         print(f"  submission      : {r2.get('submission')}")
         print(f"  validation MAP@5: {r2.get('oof_map5')}  test MAP@5: {r2.get('map5')}")
     print("open the UIs      : make ui   (Dagster http://127.0.0.1:3000, MLflow http://127.0.0.1:5000)")

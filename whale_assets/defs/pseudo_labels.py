@@ -1,56 +1,66 @@
 """The pseudo-label round: confident test predictions, and a second round of fold models trained with them.
 
-``pseudo_labels`` picks the test photos whose first prediction (by the first round's
-gallery and threshold) clears a confidence calibrated out of fold;
-``pseudo_labelled_folds`` adds them to the training side of the folds; the
-``round2/...`` assets are the first round's fold model, embedding, gallery, threshold and
-submission definitions (the same factories) over that table. Off in ``whale run`` unless
-``pseudo_labels: {config: {enabled: true}}``; always in the graph. See docs/retrieval.md.
+``pseudo_labels`` picks, per fold, the test photos whose first prediction by that fold's
+model among that fold's training photos (as its validation photos were matched out of
+fold) clears a confidence calibrated out of fold; ``pseudo_labelled_folds`` adds them to
+the training side of their own fold; the ``round2/...`` assets are the first round's fold
+model, embedding, gallery, threshold and submission definitions (the same factories) over
+that table. Off in ``whale run`` unless ``pseudo_labels: {config: {enabled: true}}``;
+always in the graph. See docs/retrieval.md.
 """
 
 import dagster as dg
 import pandas as pd
 
+from whale_assets.defs.detection import feature_store, local_features
 from whale_assets.defs.retrieval import fold_embeddings_asset, gallery_asset, match_threshold_asset
-from whale_assets.defs.submission import match_test_photos, submission_csv_asset, submission_score_asset
+from whale_assets.defs.submission import submission_csv_asset, submission_score_asset
 from whale_assets.defs.training import arcface_model_asset
 from whale_assets.launchpad import PseudoLabelSettings
-from whale_assets.metadata import table_meta
-from whale_assets.partitions import n_folds
+from whale_assets.metadata import progress_logger, table_meta
+from whale_assets.partitions import fold_partitions, n_folds
 from whale_assets.resources import WhaleHome
 from whale_assets.rounds import PSEUDO_LABEL_ROUND
 from whale_assets.versions import table_version
 from whale_ml.data.folds import fold_split
-from whale_ml.gallery.build import query_embeddings
-from whale_ml.gallery.versions import load_version
-from whale_ml.retrieval.pseudo_labels import calibrate_confidence, pseudo_labelled_folds as add_pseudo_rows, select_pseudo_labels
+from whale_ml.retrieval.pseudo_labels import calibrate_confidence, pick_fold_pseudo_labels, pseudo_labelled_folds as add_pseudo_rows
 
 LISTED_PHOTOS = 500  # photos listed in the UI's table; all of them are in the asset's parquet file
 
 
-@dg.asset(group_name="pseudo_labels", kinds={"pandas"}, deps=["local_features"], code_version="1")
+@dg.asset(group_name="pseudo_labels", kinds={"pandas"}, deps=["fold_embeddings", local_features], code_version="2")
 def pseudo_labels(
     context: dg.AssetExecutionContext,
     config: PseudoLabelSettings,
     whale: WhaleHome,
     match_threshold: dict,
-    gallery: dict,
+    cv_folds: pd.DataFrame,
 ) -> dg.MaterializeResult:
-    """The test photos pseudo-labelled for the second round (``image, individual_id, score``):
-    those whose first prediction by the first round (gallery, threshold, local re-ranking)
-    is a known individual scoring at least the confidence calibrated on the first round's
-    out-of-fold searches (the smallest score at which validation photos' first candidates
-    are right ``min_precision`` of the time). Test truth is never read."""
+    """The test photos pseudo-labelled for the second round, per fold (``fold, image,
+    individual_id, score``): fold k's model matches the test photos among fold k's training
+    photos only, exactly as its validation photos were matched out of fold (fusion, local
+    re-ranking, threshold); a photo whose first prediction is a known individual scoring at
+    least the confidence calibrated on the out-of-fold searches (the smallest score at which
+    validation photos' first candidates are right ``min_precision`` of the time) joins fold
+    k's second-round training. Nothing a fold validates on chose its labels; test truth is
+    never read."""
     top1 = match_threshold.get("oof_top1")
     if top1 is None:
         raise dg.Failure("match_threshold has no out-of-fold first candidates (oof_top1): rematerialise it first", allow_retries=False)
     calibration = calibrate_confidence(top1["score"], top1["correct"], config.min_precision, match_threshold["threshold"], config.min_photos)
-    version = load_version(whale.layout, gallery["version"])
-    queries, images = query_embeddings(whale.layout, version)
-    matches = match_test_photos(whale, version, queries, images, match_threshold)
-    table = select_pseudo_labels(images, matches.ids, matches.sims, matches.predictions, calibration.confidence)
+    folds = fold_partitions.get_partition_keys()
+    table, test_photos = pick_fold_pseudo_labels(
+        cv_folds,
+        whale.layout.embeddings_dir,
+        folds,
+        match_threshold,
+        calibration.confidence,
+        feature_store(whale) if match_threshold.get("rerank") else None,
+        progress=progress_logger(context, "folds' test matching"),
+    )
+    per_fold = [{"fold": f, "pseudo_labels": int((table["fold"] == i).sum())} for i, f in enumerate(folds)]
     context.log.info(
-        f"{len(table)} of {len(images)} test photos pseudo-labelled at confidence {calibration.confidence:.4f} "
+        f"{table['image'].nunique()} of {test_photos} test photos pseudo-labelled by some fold at confidence {calibration.confidence:.4f} "
         f"(out of fold: {calibration.photos} of {calibration.queries} validation photos, top-1 precision {calibration.precision:.4f})"
     )
     curve = calibration.curve.iloc[:: max(1, len(calibration.curve) // 20)]  # about 20 points of the precision curve
@@ -60,9 +70,10 @@ def pseudo_labels(
         metadata={
             **calibration.to_dict(),
             "dagster/row_count": len(table),
-            "test_photos": len(images),
-            "pseudo_share": len(table) / max(1, len(images)),
+            "test_photos": test_photos,
+            "pseudo_share": table["image"].nunique() / max(1, test_photos),
             "individuals": int(table["individual_id"].nunique()),
+            "per_fold": table_meta(per_fold),
             "photos": table_meta(table.head(LISTED_PHOTOS)),
             "oof_precision_curve": table_meta(curve),
         },

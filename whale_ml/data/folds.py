@@ -130,16 +130,18 @@ def fold_split(folds: pd.DataFrame, fold: int) -> tuple[pd.DataFrame, pd.DataFra
     ``new_individual`` when the fold's training set has no photo of it.
 
     Rows marked ``pseudo`` (pseudo-labelled test photos, the second round's:
-    :mod:`whale_ml.retrieval.pseudo_labels`) are never validation rows, and train only
-    in folds whose other training photos hold their individual: a pseudo photo of an
-    individual held out in this fold would turn its validation truth from
-    ``new_individual`` into known, from a label that was itself found by matching those
-    validation photos.
+    :mod:`whale_ml.retrieval.pseudo_labels`) are never validation rows. One with a
+    ``pseudo_fold`` of 0 or more trains in that fold only (its label was chosen there,
+    against that fold's training photos); and any trains only in folds whose other training
+    photos hold its individual: a pseudo photo of an individual held out in this fold would
+    turn its validation truth from ``new_individual`` into known.
     """
     pseudo = folds["pseudo"].to_numpy(dtype=bool) if "pseudo" in folds else np.zeros(len(folds), dtype=bool)
+    own_fold = folds["pseudo_fold"].fillna(-1).to_numpy(dtype=np.int64) if "pseudo_fold" in folds else np.full(len(folds), -1)
     is_val = (folds["fold"] == fold).to_numpy() & ~pseudo
     known = set(folds.loc[~is_val & ~pseudo, "individual_id"])
-    keep = ~is_val & (~pseudo | folds["individual_id"].isin(known).to_numpy())
+    here = (own_fold < 0) | (own_fold == fold)
+    keep = ~is_val & (~pseudo | (folds["individual_id"].isin(known).to_numpy() & here))
     train = folds[keep].reset_index(drop=True)
     val = folds[is_val].reset_index(drop=True).copy()
     val["truth"] = np.where(val["individual_id"].isin(known), val["individual_id"], NEW_INDIVIDUAL)

@@ -13,17 +13,41 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+import pandas as pd
 
-from whale_ml.gallery.versions import GalleryVersion
-from whale_ml.retrieval.centres import ensemble_centre_similarity
+from whale_ml.retrieval.centres import ClassCentres, ensemble_centre_similarity
 from whale_ml.retrieval.faiss_index import l2_normalise, search_gallery
 from whale_ml.retrieval.fusion import Fusion, sort_rows
 from whale_ml.retrieval.local_features import FeatureStore, PhotoFeatures
 from whale_ml.retrieval.ranking import TOP, decision_scores, predict_top5, query_thresholds
 from whale_ml.retrieval.rerank import LocalRerank, match_candidates
+
+
+class Searchable(Protocol):
+    """What :func:`match_queries` searches: a gallery version
+    (:class:`~whale_ml.gallery.versions.GalleryVersion`), or one fold's training photos
+    under that fold's model (:class:`whale_ml.retrieval.pseudo_labels.FoldGallery`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def table(self) -> pd.DataFrame: ...  # image, individual_id, species: one row per index row
+
+    @property
+    def embeddings(self) -> np.ndarray: ...
+
+    @property
+    def index(self) -> Any: ...  # the faiss index of ``embeddings``
+
+    @property
+    def k(self) -> int: ...  # neighbours fetched per query before collapsing to individuals
+
+    @property
+    def centres(self) -> list[ClassCentres | None]: ...  # each model's class centres, in the embeddings' model order
 
 
 @dataclass
@@ -46,7 +70,7 @@ class Matches:
 
 
 def match_queries(
-    version: GalleryVersion,
+    version: Searchable,
     queries: np.ndarray,
     match_threshold: dict[str, Any],
     query_features: Sequence[PhotoFeatures | None] | None = None,
@@ -71,7 +95,7 @@ def match_queries(
     gallery_ids = version.table["individual_id"].to_numpy(dtype=object)
     rerank, fusion = match_threshold.get("rerank"), Fusion.of_threshold(match_threshold)
     if fusion is None:
-        sims, ids = search_gallery(version.index, gallery_ids, queries, k=version.lineage.k)
+        sims, ids = search_gallery(version.index, gallery_ids, queries, k=version.k)
         inliers, cost = None, None
     else:
         if rerank is not None and (query_features is None or gallery_features is None):
@@ -81,7 +105,7 @@ def match_queries(
             )
         settings = LocalRerank.from_dict(rerank, workers) if rerank is not None else None
         top = settings.candidates if settings is not None else int(match_threshold["class_centres"]["candidates"])
-        raw, cand = search_gallery(version.index, gallery_ids, queries, k=version.lineage.k, top=top)
+        raw, cand = search_gallery(version.index, gallery_ids, queries, k=version.k, top=top)
         counts, cost = None, None
         if settings is not None:
             assert query_features is not None and gallery_features is not None
@@ -114,6 +138,6 @@ def match_queries(
     return Matches(sims, ids, thresholds, predict_top5(sims, ids, thresholds, margin=margin), inliers, cost, margin)
 
 
-def _thresholds(version: GalleryVersion, ids: np.ndarray, match_threshold: dict[str, Any]) -> np.ndarray:
+def _thresholds(version: Searchable, ids: np.ndarray, match_threshold: dict[str, Any]) -> np.ndarray:
     species_of = dict(zip(version.table["individual_id"], version.table["species"], strict=True))
     return query_thresholds(ids, species_of, match_threshold["threshold"], match_threshold.get("species_thresholds"))

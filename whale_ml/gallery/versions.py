@@ -50,6 +50,11 @@ class GalleryVersion:
         return GalleryLineage(**self.info["lineage"])
 
     @property
+    def k(self) -> int:
+        """Neighbours fetched per query (the lineage's)."""
+        return self.lineage.k
+
+    @property
     def centres(self) -> list[ClassCentres | None]:
         """Each fold model's class centres, in the lineage's model order (None: a model
         without them, or a version written before they were kept)."""

@@ -1,34 +1,52 @@
 """Pseudo-labels: confident test predictions, calibrated out of fold, for a second training round.
 
-A test photo is pseudo-labelled with its first prediction when that prediction is a
-known individual (the new_individual rule put no ``new_individual`` before it) and its
-score, the score the threshold applies to (the fused score when local re-ranking is
-on), reaches a *confidence* calibrated on the out-of-fold searches that tuned the
-threshold: the smallest score at which the validation photos whose first candidate
-scores at least that much have a top-1 precision of at least ``min_precision``. A
-validation photo counts as right only when its first candidate is its individual;
-a ``new_individual`` truth is always wrong (no known candidate is right for it). Test
-truth is never read.
+Each fold gets its own pseudo-labels, chosen as its validation photos were matched out
+of fold: fold ``k``'s model searches the test photos among fold ``k``'s *training* photos
+only (:func:`fold_test_matches`, the same fusion, re-ranking and threshold as the
+out-of-fold searches). A test photo is pseudo-labelled for fold ``k`` with its first
+prediction there when that prediction is a known individual (the new_individual rule put
+no ``new_individual`` before it) and its score, the one the threshold applies to (fused
+when local re-ranking is on), reaches a *confidence* calibrated on the out-of-fold
+searches that tuned the threshold: the smallest score at which the validation photos whose
+first candidate scores at least that much have a top-1 precision of at least
+``min_precision``. A validation photo counts as right only when its first candidate is its
+individual; a ``new_individual`` truth is always wrong. Test truth is never read.
 
-The pseudo-labelled photos then join the training side of the second round's folds
-(:func:`pseudo_labelled_folds`), never a validation side, and only folds whose
-training photos already hold their individual (:func:`whale_ml.data.folds.fold_split`),
-so that no validation truth changes from ``new_individual`` to known and the second
-round's out-of-fold threshold stays honest. See docs/retrieval.md ("Pseudo-label round").
+Why per fold: a label chosen against a gallery that holds fold ``k``'s validation photos
+(the submission's, which every photo built) is evidence *from* those photos; training fold
+``k``'s second model on it lets the validation photos vote for their own answers, and the
+second round's out-of-fold MAP@5 -- and the threshold tuned on it -- would be too
+optimistic (measured: docs/benchmarks.md). Per fold, nothing a fold validates on has
+touched what it trains on, so the second round's out-of-fold threshold is honest; the
+calibration is also applied to the very scores it was measured on (one fold model
+against its own training photos), not to the ensemble's.
+
+The pseudo-labelled photos then join the training side of their own fold only
+(:func:`pseudo_labelled_folds`, ``pseudo_fold``), never a validation side
+(:func:`whale_ml.data.folds.fold_split`). See docs/retrieval.md ("Pseudo-label round").
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from whale_ml.data.folds import fold_split
 from whale_ml.data.metadata import NEW_INDIVIDUAL
+from whale_ml.gallery.search import Matches, match_queries
+from whale_ml.retrieval.centres import ClassCentres
+from whale_ml.retrieval.faiss_index import build_index
+from whale_ml.retrieval.fusion import Fusion
+from whale_ml.retrieval.local_features import FeatureStore
+from whale_ml.retrieval.store import load_embeddings
 
 PSEUDO_COLUMNS = ["image", "individual_id", "score"]
+FOLD_PSEUDO_COLUMNS = ["fold", *PSEUDO_COLUMNS]  # fold: the index of the fold whose training the photo joins
 
 
 def out_of_fold_top1(sims: np.ndarray, ids: np.ndarray, truths: Sequence[str]) -> dict[str, list[Any]]:
@@ -140,17 +158,105 @@ def select_pseudo_labels(images: Sequence[str], ids: np.ndarray, sims: np.ndarra
     return table.sort_values(["score", "image"], ascending=[False, True], kind="stable").reset_index(drop=True)
 
 
+@dataclass
+class FoldGallery:
+    """One fold's training photos under that fold's model: what its out-of-fold searches ran
+    against, searchable by :func:`~whale_ml.gallery.search.match_queries`."""
+
+    name: str
+    table: pd.DataFrame  # the fold's training rows: image, individual_id, species
+    embeddings: np.ndarray
+    k: int
+    centres: list[ClassCentres | None] = field(default_factory=list)
+    index: Any = None
+
+    def __post_init__(self) -> None:
+        if self.index is None:
+            self.index = build_index(self.embeddings)
+
+
+def fold_test_matches(
+    cv_folds: pd.DataFrame,
+    embeddings_dir: Callable[[str], Path],
+    fold_keys: Sequence[str],
+    match_threshold: dict[str, Any],
+    features: FeatureStore | None = None,
+    k: int = 50,
+) -> Iterator[tuple[int, list[str], Matches]]:
+    """Each fold model's matches of the test photos among that fold's training photos only.
+
+    The searches of :func:`whale_ml.retrieval.threshold.fold_searches` with the test photos
+    as queries: the fold's embeddings of its training rows as the gallery (never its
+    validation rows), its class centres, and the fusion, re-ranking, margin and threshold of
+    ``match_threshold`` (tuned on exactly such searches).
+
+    Yields:
+        ``(fold index, test images, matches)``, row for row.
+
+    Raises:
+        ValueError: re-ranking was tuned but ``features`` is missing (from ``match_queries``).
+    """
+    fusion = Fusion.of_threshold(match_threshold)
+    use_centres = fusion is not None and fusion.centre_weight > 0
+    for i, fold in enumerate(fold_keys):
+        train, _ = fold_split(cv_folds, i)
+        folder = embeddings_dir(fold)
+        emb, images = load_embeddings(folder, "train")
+        row_of = {img: r for r, img in enumerate(images)}
+        gallery = FoldGallery(
+            fold,
+            train[["image", "individual_id", "species"]].reset_index(drop=True),
+            emb[[row_of[x] for x in train["image"]]],
+            k,
+            [ClassCentres.load(folder)] if use_centres else [],
+        )
+        queries, test_images = load_embeddings(folder, "test")
+        query_features = None if features is None else [features.get(img) for img in test_images]
+        yield i, test_images, match_queries(gallery, queries, match_threshold, query_features, features)
+
+
+def pick_fold_pseudo_labels(
+    cv_folds: pd.DataFrame,
+    embeddings_dir: Callable[[str], Path],
+    fold_keys: Sequence[str],
+    match_threshold: dict[str, Any],
+    confidence: float,
+    features: FeatureStore | None = None,
+    k: int = 50,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[pd.DataFrame, int]:
+    """Every fold's pseudo-labels (:func:`fold_test_matches`, :func:`select_pseudo_labels`).
+
+    Returns:
+        ``fold, image, individual_id, score``: by fold, then highest score first (a test
+        photo may be chosen by several folds, even with different individuals: each fold
+        trains on its own choice only); and how many test photos were searched.
+    """
+    tables, searched = [], 0
+    for i, images, matches in fold_test_matches(cv_folds, embeddings_dir, fold_keys, match_threshold, features, k):
+        chosen = select_pseudo_labels(images, matches.ids, matches.sims, matches.predictions, confidence)
+        tables.append(chosen.assign(fold=i)[FOLD_PSEUDO_COLUMNS])
+        searched = max(searched, len(images))
+        if progress is not None:
+            progress(i + 1, len(fold_keys))
+    if not tables:
+        empty = pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(FOLD_PSEUDO_COLUMNS, ["int64", object, object, "float64"], strict=True)})
+        return empty, 0
+    return pd.concat(tables, ignore_index=True), searched
+
+
 def pseudo_labelled_folds(cv_folds: pd.DataFrame, pseudo: pd.DataFrame, crops: pd.DataFrame) -> pd.DataFrame:
-    """The second round's fold table: ``cv_folds`` plus one row per pseudo-labelled test photo.
+    """The second round's fold table: ``cv_folds`` plus one row per pseudo-label.
 
     A pseudo row has its test crop, its pseudo individual's label and species, ``fold = -1``
-    (never validated) and ``pseudo = True``; :func:`whale_ml.data.folds.fold_split` puts it
-    on the training side of exactly the folds whose own training photos hold that individual.
+    (never validated), ``pseudo = True`` and ``pseudo_fold``, the fold whose training it
+    joins (``pseudo``'s ``fold`` column; -1 when it has none: every fold whose own training
+    photos hold the individual); :func:`whale_ml.data.folds.fold_split` puts it there.
 
     Raises:
         ValueError: a pseudo individual has no training photo, or a pseudo photo no crop.
     """
-    folds = cv_folds.assign(pseudo=False)
+    folds = cv_folds.assign(pseudo=False, pseudo_fold=-1)
     if pseudo.empty:
         return folds
     per_individual = cv_folds.drop_duplicates("individual_id").set_index("individual_id")
@@ -165,6 +271,7 @@ def pseudo_labelled_folds(cv_folds: pd.DataFrame, pseudo: pd.DataFrame, crops: p
     rows["image"] = pseudo["image"].to_numpy()
     rows["crop_path"] = [crop_of[img] for img in pseudo["image"]]
     rows["fold"], rows["held_out"], rows["pseudo"] = -1, False, True
+    rows["pseudo_fold"] = pseudo["fold"].to_numpy(dtype=np.int64) if "fold" in pseudo else -1
     if "path" in rows:
         rows["path"] = rows["crop_path"]
     return pd.concat([folds, rows[folds.columns]], ignore_index=True)
