@@ -217,9 +217,10 @@ class ThresholdConfig(BaseModel):
         "(local features and class centres together: every point of that grid on the simplex).",
     )
     class_centres: bool = Field(
-        False,
+        True,
         description="Fuse each candidate's cosine to its best ArcFace class (sub-)centre of the fold models, calibrated out of fold, "
-        "with a weight tuned with the threshold (0 where it does not help). Needs fold models that kept their centres.",
+        "with a weight tuned with the threshold (0 where it does not help). Needs fold models that kept their centres (left out "
+        "with a warning where they did not).",
     )
     margin_weights: list[float] = Field(
         [0.0],
