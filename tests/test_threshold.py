@@ -89,7 +89,7 @@ def test_tune_out_of_fold_is_the_pooled_optimum(tmp_path: Path, seed: int) -> No
     assert [[ind for ind in row if ind] for row in tuned.ids.tolist()] == [[ind for ind, _ in r] for r in lists]
     assert tuned.species is None and tuned.map5 == tuned.result.map5
     value = tuned.value()
-    assert list(value) == ["threshold", "map5", "new_share", "queries", "per_fold", "species_thresholds", "margin"]
+    assert list(value) == ["threshold", "map5", "new_share", "queries", "per_fold", "species_thresholds", "k", "margin"]
     assert value["threshold"] == tuned.result.threshold and value["species_thresholds"] == {} and value["margin"] == 0.0
 
 

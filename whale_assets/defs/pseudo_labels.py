@@ -56,6 +56,7 @@ def pseudo_labels(
         match_threshold,
         calibration.confidence,
         feature_store(whale) if match_threshold.get("rerank") else None,
+        int(match_threshold.get("k", 50)),  # the out-of-fold searches' depth (values written before it was kept: the default)
         progress=progress_logger(context, "folds' test matching"),
     )
     per_fold = [{"fold": f, "pseudo_labels": int((table["fold"] == i).sum())} for i, f in enumerate(folds)]

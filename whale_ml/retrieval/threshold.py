@@ -98,6 +98,7 @@ class OutOfFoldThreshold:
     candidates: int = TOP  # candidate individuals per query that the fusion re-ranks
     centres_note: str | None = None  # why class-centre scores were asked for but left out
     margin: MarginResult | None = None  # when margin weights were tried: the chosen one and each weight's best
+    k: int = 50  # neighbours fetched per validation photo before collapsing to individuals
 
     @property
     def queries(self) -> int:
@@ -117,6 +118,7 @@ class OutOfFoldThreshold:
             "queries": self.queries,
             "per_fold": self.per_fold,
             "species_thresholds": self.species.by_species if self.species is not None else {},
+            "k": self.k,  # the search depth of the out-of-fold searches, which the pseudo-label round repeats per fold
         }
         if self.fusion is not None:
             # The threshold then applies to the fused score: whoever reads it must fuse alike.
@@ -278,5 +280,5 @@ def tune_out_of_fold(
             margin=margin.weight if margin is not None else 0.0,
         )
     return OutOfFoldThreshold(
-        result, per_fold, species, sims, ids, truths, plain if fusion else None, fusion, rerank, cost, top, centres_note, margin
+        result, per_fold, species, sims, ids, truths, plain if fusion else None, fusion, rerank, cost, top, centres_note, margin, k
     )
