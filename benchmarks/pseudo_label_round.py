@@ -13,7 +13,7 @@ also reports, per fold, how many labels are right by the test truth.
 Usage (a fresh home; the demo data set is generated in it when WHALE_DATA_DIR is unset)::
 
     WHALE_HOME=/tmp/pl DAGSTER_HOME=/tmp/pl/dagster_home python benchmarks/pseudo_label_round.py \
-        [--min-precision 0.95] [--reuse-first-round] [--out benchmarks/results/pseudo_label_round_demo.json]
+        [--min-precision 0.95] [--reuse-first-round] [--warm-start-epochs N] [--no-class-centres] [--out benchmarks/results/pseudo_label_round_demo.json]
 
 ``--reuse-first-round``: the home's first round is already materialised (e.g. by ``whale run``
 with the same recipe); run the round's three stages only, and read the first round's figures
@@ -60,6 +60,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--min-precision", type=float, default=0.95)
     parser.add_argument("--reuse-first-round", action="store_true", help="run only the round's stages on a materialised home")
+    parser.add_argument("--warm-start-epochs", type=int, default=None, help="round 2 starts from round 1's fold models for N epochs")
+    parser.add_argument("--no-class-centres", action="store_true", help="match_threshold (both rounds) without class-centre scores")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -67,6 +69,10 @@ def main() -> int:
     prepare_dagster_home(home)
     recipe = load_recipe(DEFAULT_RECIPE)
     recipe["ops"]["pseudo_labels"] = {"config": {"enabled": True, "min_precision": args.min_precision, "min_photos": 10}}
+    if args.warm_start_epochs is not None:
+        recipe["ops"]["arcface_model"]["config"]["warm_start_epochs"] = args.warm_start_epochs  # round 2 inherits it; round 1 ignores it
+    if args.no_class_centres:
+        recipe["ops"]["match_threshold"]["config"]["class_centres"] = False  # e.g. to compare with a first round made before they were on
     started = time.time()
     round_stages = [s.name for s in STAGES if s.pseudo_label_round] if args.reuse_first_round else None
     summary = run_pipeline(recipe, log=lambda msg: print(msg, flush=True), stages=round_stages)
@@ -87,6 +93,8 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
         "machine": f"{platform.machine()} {platform.processor() or ''} {__import__('os').cpu_count()} cores".strip(),
         "min_precision": args.min_precision,
+        "warm_start_epochs": args.warm_start_epochs,
+        "class_centres": not args.no_class_centres,
         "round1": {k: summary.get(k) for k in ("oof_map5", "map5", "threshold")},
         "round2": {k: summary.get("round2", {}).get(k) for k in ("oof_map5", "map5", "threshold")},
         "first_round_reused": args.reuse_first_round,

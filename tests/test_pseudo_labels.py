@@ -207,7 +207,7 @@ def test_the_round_has_its_own_lineage_in_the_asset_graph() -> None:
     # Test photos matched per fold, as the fold's validation photos were: never by the submission's gallery.
     assert parents("pseudo_labels") == {"match_threshold", "fold_embeddings", "local_features", "cv_folds"}
     assert parents("pseudo_labelled_folds") == {"cv_folds", "pseudo_labels", "crops"}
-    assert parents("round2/arcface_model") == {"pseudo_labelled_folds"}
+    assert parents("round2/arcface_model") == {"pseudo_labelled_folds", "arcface_model"}  # a warm start begins from the first round's
     assert parents("round2/fold_embeddings") == {"round2/arcface_model", "crops"}
     assert parents("round2/gallery") == {"round2/fold_embeddings", "train_metadata", "crops"}
     # The second round's threshold is tuned on the first round's validation photos (cv_folds).
@@ -236,3 +236,18 @@ def test_whale_run_runs_the_round_only_when_the_recipe_enables_it() -> None:
     assert merged["round2__arcface_model"] == {"config": {"epochs": 2}}  # inherited
     assert merged["round2__gallery"] == {"config": {"k": 10}}  # its own kept
     assert "round2__fold_embeddings" not in merged  # nothing to inherit
+
+
+def test_a_warm_started_round_begins_from_the_first_round_s_model_of_the_same_fold(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from whale_assets.defs.training import round_recipe
+    from whale_assets.launchpad import TrainSettings
+    from whale_assets.resources import WhaleHome
+    from whale_assets.rounds import FIRST_ROUND, PSEUDO_LABEL_ROUND
+
+    whale = WhaleHome(home=str(tmp_path))
+    warm = TrainSettings(epochs=60, warm_start_epochs=15)
+    assert round_recipe(warm, FIRST_ROUND, whale, "fold1") is warm  # the first round ignores it
+    assert round_recipe(TrainSettings(epochs=60), PSEUDO_LABEL_ROUND, whale, "fold1").init_weights is None  # 0: from scratch
+    second = round_recipe(warm, PSEUDO_LABEL_ROUND, whale, "fold1")
+    assert second.epochs == 15 and second.init_weights == str(tmp_path / "models" / "fold1" / "best.pt")
+    assert warm.epochs == 60 and warm.init_weights is None  # the recipe itself is unchanged

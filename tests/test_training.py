@@ -118,6 +118,28 @@ def test_training_logs_epochs_and_saves_a_loadable_best_model(fold, tmp_path: Pa
         assert np.allclose(centres.vectors[:, 0], expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=1e-6)
 
 
+def test_init_weights_start_training_from_a_fold_model(fold, tmp_path: Path) -> None:
+    """A warm start (the pseudo-label round's): the first epoch begins at the given best.pt's
+    weights -- with no learning rate to move them, the result keeps them exactly -- and a
+    model of another shape or a missing file is a clear error naming it."""
+    train, val, n_classes = fold
+    first = train_fold(TrainConfig(**TINY, epochs=1), train, val, n_classes, tmp_path / "first", log=lambda _m: None)
+    start = load_checkpoint(first.checkpoint)["model"]
+    logged: list[str] = []
+    still = TrainConfig(**{**TINY, "lr_backbone": 1e-30, "lr_head": 1e-30, "weight_decay": 0.0}, epochs=1, init_weights=str(first.checkpoint))
+    again = train_fold(still, train, val, n_classes, tmp_path / "second", log=logged.append)
+    assert any("started from the weights of" in m for m in logged)
+    after = load_checkpoint(again.checkpoint)["model"]
+    for name, tensor in start.items():
+        if tensor.is_floating_point() and "running" not in name:  # BatchNorm's running statistics move without a learning rate
+            assert torch.allclose(tensor, after[name], atol=1e-6), name
+    with pytest.raises(ValueError, match="does not fit this recipe's model"):
+        wider = TrainConfig(**{**TINY, "embedding_size": 8}, epochs=1, init_weights=str(first.checkpoint))
+        train_fold(wider, train, val, n_classes, tmp_path / "third", log=lambda _m: None)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at .*missing.pt"):
+        train_fold(TrainConfig(**TINY, epochs=1, init_weights=str(tmp_path / "missing.pt")), train, val, n_classes, tmp_path / "fourth")
+
+
 def test_resume_continues_after_the_last_complete_epoch(fold, tmp_path: Path) -> None:
     train, val, n_classes = fold
     cfg = TrainConfig(**TINY, epochs=3)

@@ -155,6 +155,17 @@ class TrainConfig(BaseModel):
         "measured slower (docs/benchmarks.md, issue 15).",
     )
     seed: int = 0
+    init_weights: str | None = Field(
+        None,
+        description="A fold model's checkpoint (a best.pt) whose backbone, pooling and embedding head start this training instead "
+        "of random or pretrained weights; the ArcFace centres start fresh. A run resuming from its own last.pt ignores it.",
+    )
+    warm_start_epochs: int = Field(
+        0,
+        ge=0,
+        description="The pseudo-label round only: each round-2 fold model starts from the first round's model of the same fold "
+        "(init_weights) and trains this many epochs instead of `epochs` from scratch. 0: from scratch.",
+    )
 
 
 class EmbedConfig(BaseModel):

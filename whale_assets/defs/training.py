@@ -36,6 +36,7 @@ def arcface_model_asset(rnd: Round) -> dg.AssetsDefinition:
         retry_policy=mlflow_retry_policy(),
         op_tags=GPU_STEP_TAGS,
         freshness_policy=RETRAIN_FRESHNESS if rnd.first else None,
+        deps=None if rnd.first else [FIRST_ROUND.key("arcface_model")],  # a warm start begins from the same fold's model
     )
     @retry_only_if_transient
     def arcface_model(
@@ -58,6 +59,7 @@ def arcface_model_asset(rnd: Round) -> dg.AssetsDefinition:
 
         fold, layout = context.partition_key, rnd.layout(whale)
         label, data = rnd.label(fold), FoldData.from_folds(cv_folds, fold_index(fold))
+        config = round_recipe(config, rnd, whale, fold)
         context.log.info(f"{label}: {data.describe()}")
         tags = {"stage": "training", "fold": fold, "round": rnd.name or "round1", "data_version": data.version}
         with mlflow.start_run(context, run_name=f"arcface_{label}", tags=tags, system_metrics=True) as run:
@@ -85,6 +87,17 @@ def arcface_model_asset(rnd: Round) -> dg.AssetsDefinition:
         )
 
     return arcface_model
+
+
+def round_recipe(config: TrainSettings, rnd: Round, whale: WhaleHome, fold: str) -> TrainSettings:
+    """A later round's recipe: with ``warm_start_epochs``, its fold model starts from the first
+    round's ``best.pt`` of the same fold (``init_weights``) and trains that many epochs. The
+    first round's fold k never saw fold k's validation photos, so the later round's out-of-fold
+    figures stay honest."""
+    if rnd.first or config.warm_start_epochs == 0:
+        return config
+    start = whale.layout.model_dir(fold) / "best.pt"
+    return config.model_copy(update={"epochs": config.warm_start_epochs, "init_weights": str(start)})
 
 
 def _trained_metadata(trained: TrainedFold, url: str, registered: str, serialization: str, data: FoldData) -> dict[str, object]:

@@ -520,6 +520,22 @@ def train_fold(
         return _fit(cfg, train, val, num_classes, out_dir, on_epoch_end, log, val_progress)
 
 
+def _start_from(model: torch.nn.Module, path: str | Path, log: LogFn) -> None:
+    """Load a fold model's weights (``best.pt``'s ``model``) into ``model``: the same backbone,
+    pooling and embedding head, which must match exactly (a clear error names the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"init_weights: no checkpoint at {path}")
+    state = load_checkpoint(path, map_location="cpu").get("model")
+    if state is None:
+        raise ValueError(f"init_weights: {path} holds no 'model' weights (is it a fold model's best.pt?)")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"init_weights: {path} does not fit this recipe's model (backbone, embedding size): {exc}") from exc
+    log(f"started from the weights of {path}")
+
+
 def _centres_of(parts: TrainParts, train: pd.DataFrame) -> Callable[[], ClassCentres] | None:
     """What ``best.pt`` keeps of the class centres: those of the fold's training individuals."""
     if "individual_id" not in train or train.empty:
@@ -545,6 +561,8 @@ def _fit(
     out, device = _prepare_run(cfg, out_dir, rank, world, log)
     seed_everything(cfg.seed)
     parts = build_training(cfg, train, num_classes, device, log, rank, world)
+    if cfg.init_weights:
+        _start_from(parts.model, cfg.init_weights, log)  # before resume: a last.pt, when there is one, overrides it
     species = {"species": parts.species_names} if parts.species_fn is not None else None
     fingerprint, centres = data_fingerprint(train, val), _centres_of(parts, train)
     saver = CheckpointSaver(out, cfg, num_classes, fingerprint, parts.checkpointed(), species, write=rank == 0, centres=centres)
