@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pytest
 # Before any project import: keep ultralytics, MLflow and Dagster state out of $HOME and
 # the checkout, and the whole stack off the network.
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="whale-tests-"))
+atexit.register(shutil.rmtree, _SESSION_HOME, ignore_errors=True)  # ~1 MB a session: a shared CI disk fills with them
 os.environ["WHALE_HOME"] = str(_SESSION_HOME / "home")
 os.environ["YOLO_CONFIG_DIR"] = str(_SESSION_HOME / "ultralytics")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
