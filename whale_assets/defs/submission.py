@@ -68,7 +68,7 @@ def submission_csv_asset(rnd: Round) -> dg.AssetsDefinition:
         layout = rnd.layout(whale)
         version = load_version(layout, gallery["version"])
         queries, query_images = query_embeddings(layout, version)
-        matches = match_test_photos(whale, version, queries, query_images, match_threshold)
+        matches = _match_test_photos(whale, version, queries, query_images, match_threshold)
         found, prior = dict(zip(query_images, matches.predictions, strict=True)), prior_predictions(train_metadata["individual_id"].tolist())
         missing = [img for img in test_metadata["image"] if img not in found]
         for img in missing:
@@ -152,7 +152,7 @@ submission_csv = submission_csv_asset(FIRST_ROUND)
 submission_score = submission_score_asset(FIRST_ROUND)
 
 
-def match_test_photos(whale: WhaleHome, version: Any, queries: Any, images: list[str], match_threshold: dict[str, Any]) -> Matches:
+def _match_test_photos(whale: WhaleHome, version: Any, queries: Any, images: list[str], match_threshold: dict[str, Any]) -> Matches:
     """The test photos matched as ``whale identify`` matches them, re-ranked by local features
     (from the ``local_features`` asset) when the threshold was tuned so."""
     store = feature_store(whale) if match_threshold.get("rerank") else None

@@ -43,7 +43,7 @@ from whale_ml.retrieval.centres import ClassCentres
 from whale_ml.retrieval.faiss_index import build_index
 from whale_ml.retrieval.fusion import Fusion
 from whale_ml.retrieval.local_features import FeatureStore
-from whale_ml.retrieval.store import load_embeddings
+from whale_ml.retrieval.store import load_embeddings, load_embeddings_of
 
 PSEUDO_COLUMNS = ["image", "individual_id", "score"]
 FOLD_PSEUDO_COLUMNS = ["fold", *PSEUDO_COLUMNS]  # fold: the index of the fold whose training the photo joins
@@ -201,12 +201,11 @@ def fold_test_matches(
     for i, fold in enumerate(fold_keys):
         train, _ = fold_split(cv_folds, i)
         folder = embeddings_dir(fold)
-        emb, images = load_embeddings(folder, "train")
-        row_of = {img: r for r, img in enumerate(images)}
+        (gallery_emb,) = load_embeddings_of(folder, "train", train)  # the fold's out-of-fold gallery (fold_searches')
         gallery = FoldGallery(
             fold,
             train[["image", "individual_id", "species"]].reset_index(drop=True),
-            emb[[row_of[x] for x in train["image"]]],
+            gallery_emb,
             k,
             [ClassCentres.load(folder)] if use_centres else [],
         )

@@ -33,6 +33,13 @@ def load_embeddings(folder: str | Path, name: str) -> tuple[np.ndarray, list[str
     return embeddings, images
 
 
+def load_embeddings_of(folder: str | Path, name: str, *tables: pd.DataFrame) -> list[np.ndarray]:
+    """``name``'s embeddings of each table's photos (its ``image`` column), row for row."""
+    embeddings, images = load_embeddings(folder, name)
+    row_of = {img: r for r, img in enumerate(images)}
+    return [embeddings[[row_of[x] for x in table["image"]]] for table in tables]
+
+
 def ensemble(embeddings: list[np.ndarray]) -> np.ndarray:
     """Concatenate normalised per-model embeddings, scaled to unit length.
 

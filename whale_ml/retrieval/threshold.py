@@ -29,7 +29,7 @@ from whale_ml.retrieval.local_features import FeatureStore
 from whale_ml.retrieval.margin import MarginResult, check_margin_weights, tune_margin
 from whale_ml.retrieval.rerank import Inliers, LocalRerank, match_candidates
 from whale_ml.retrieval.ranking import TOP, SpeciesThresholds, ThresholdResult, nearest_species, tune_species_thresholds, tune_threshold
-from whale_ml.retrieval.store import load_embeddings
+from whale_ml.retrieval.store import load_embeddings_of
 
 
 def out_of_fold_search(
@@ -73,10 +73,7 @@ def fold_searches(
         train, val = fold_split(folds, i)
         if val.empty:
             continue
-        emb, images = load_embeddings(embeddings_dir(fold), "train")
-        row_of = {img: r for r, img in enumerate(images)}
-        gallery = emb[[row_of[x] for x in train["image"]]]
-        queries = emb[[row_of[x] for x in val["image"]]]
+        gallery, queries = load_embeddings_of(embeddings_dir(fold), "train", train, val)
         sims, ids = search_gallery(build_index(gallery), train["individual_id"].to_numpy(), queries, k=k, top=top)
         yield FoldSearch(fold, train, val, sims, ids, gallery, queries)
 
