@@ -491,3 +491,40 @@ def test_index_options_are_build_index_keywords_and_gallery_settings() -> None:
     keywords = [p.name for p in inspect.signature(build_index).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
     assert sorted(INDEX_OPTIONS) == sorted(set(keywords) - {"seed"})
     assert set(INDEX_OPTIONS) <= set(GalleryConfig.model_fields)
+
+
+def test_an_unreadable_current_version_falls_back_to_the_newest_whole_one(tmp_path: Path) -> None:
+    """What a power cut without flushing could leave: ``current.json`` naming a version whose
+    files are empty. The default reader answers with the newest whole version and says which
+    it could not read; a version asked for by name raises, naming it."""
+    from whale_ml.gallery import LineageError, load_version
+    from whale_ml.gallery.versions import BrokenVersionError
+
+    layout = _write_versions(tmp_path, 3)
+    (layout.gallery_versions_dir / "v0003" / "embeddings.npy").write_bytes(b"")
+    (layout.gallery_versions_dir / "v0002" / "gallery.csv").write_text("image\n")  # whole files, but not one version
+    version = load_version(layout)
+    assert (version.name, version.fallback_from, len(version.table)) == ("v0001", "v0003", 4)
+    with pytest.raises(BrokenVersionError, match="gallery version v0003 .* cannot be read"):
+        load_version(layout, "v0003")
+    with pytest.raises(BrokenVersionError, match="gallery version v0002 .* is not whole: 0 rows, 5 embeddings"):
+        load_version(layout, "v0002")
+    assert issubclass(BrokenVersionError, LineageError)  # the commands report it as they report a missing gallery
+
+
+def test_publishing_flushes_the_staged_version_before_its_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every file of a version, and its folder, reach the disk before the version gets its
+    name, and the versions folder after: the order a power cut needs."""
+    import whale_ml.gallery.versions as versions
+
+    events: list[str] = []
+    monkeypatch.setattr(versions, "fsync_file", lambda p: events.append(f"file {Path(p).name}"))
+    monkeypatch.setattr(versions, "fsync_dir", lambda p: events.append(f"dir {Path(p).name}") or True)
+    real_rename = versions.os.rename
+    monkeypatch.setattr(versions.os, "rename", lambda a, b: events.append(f"rename {Path(b).name}") or real_rename(a, b))
+    monkeypatch.setenv("WHALE_FSYNC", "1")
+    _write_versions(tmp_path, 1)
+    rename = events.index("rename v0001")
+    flushed = {e.split()[1] for e in events[:rename] if e.startswith("file ")}
+    assert {"index.faiss", "embeddings.npy", "gallery.csv", "version.json"} <= flushed
+    assert any(e.startswith("dir .staging") for e in events[:rename]) and events[rename + 1] == "dir versions"

@@ -160,9 +160,11 @@ def test_gallery_models_prefer_the_homes_own_checkpoint(store: dict, tmp_path: P
     local_file.parent.mkdir(parents=True)
     local_file.write_bytes(store["checkpoint"].read_bytes())
     (local,) = gallery_models(_lineage(store["sha"]), model_dir, None, tmp_path / "cache")
-    assert local.checkpoint == local_file
+    # A snapshot of the very bytes hashed, not the home's file (training may rewrite it).
+    assert local.checkpoint == tmp_path / "cache" / f"{store['sha']}.pt" and local.checkpoint.read_bytes() == local_file.read_bytes()
     local_file.write_bytes(b"retrained since")  # the home's file is another model now: the registry's
-    (fetched,) = gallery_models(_lineage(store["sha"]), model_dir, store["uri"], tmp_path / "cache")
-    assert fetched.checkpoint == tmp_path / "cache" / f"{store['sha']}.pt" and sha256_file(fetched.checkpoint) == store["sha"]
+    (fetched,) = gallery_models(_lineage(store["sha"]), model_dir, store["uri"], tmp_path / "cache2")
+    assert fetched.checkpoint == tmp_path / "cache2" / f"{store['sha']}.pt" and sha256_file(fetched.checkpoint) == store["sha"]
+    assert not (tmp_path / "cache2" / f"{sha256_file(local_file)}.pt").exists()  # the other bytes are not kept
     with pytest.raises(LineageError, match="the fold0 model the gallery was built with is gone"):
-        gallery_models(_lineage(store["sha"]), model_dir, None, tmp_path / "cache")
+        gallery_models(_lineage(store["sha"]), model_dir, None, tmp_path / "cache3")

@@ -41,16 +41,6 @@ def _tracking_uri() -> str:
     return MlflowTracking().uri
 
 
-def _match_threshold(layout: HomeLayout) -> dict[str, Any]:
-    from whale_ml.gallery.lineage import LineageError
-    from whale_ml.io import read_json
-
-    path = layout.tables / "match_threshold.json"
-    if not path.exists():
-        raise LineageError(f"no match_threshold in {layout.tables}: materialise the pipeline (whale run) first")
-    return read_json(path)
-
-
 def identify_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="whale identify",
@@ -70,6 +60,7 @@ def identify_main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
 
     from whale_ml.gallery import LineageError, load_version
+    from whale_ml.gallery.matchers import load_matcher
     from whale_ml.identify import expand_inputs, format_text, identify_photos, write_report
     from whale_ml.registry import resolve_models
     from whale_ml.training.trainer import resolve_device
@@ -86,7 +77,7 @@ def identify_main(argv: Sequence[str]) -> int:
             alias=_alias_template(args.alias),
             versions=args.model_version,
         )
-        threshold = _match_threshold(layout)
+        threshold = load_matcher(layout, gallery.lineage, gallery.name)  # the one tuned for this version's models
         paths = expand_inputs(args.photos)
         if not paths:
             print("whale identify: no photos found in " + ", ".join(args.photos), file=sys.stderr)
@@ -98,6 +89,8 @@ def identify_main(argv: Sequence[str]) -> int:
     except LineageError as exc:
         print(f"whale identify: {exc}", file=sys.stderr)
         return 2
+    if gallery.fallback_from:
+        print(f"whale identify: gallery {gallery.fallback_from} could not be read; answered with {gallery.name}, the newest whole version", file=sys.stderr)
     for row in result["photos"]:  # the crops were temporary; the report holds them inline
         row.pop("crop_path", None)
     print(json.dumps(result, indent=2) if args.json else format_text(result))
@@ -114,9 +107,13 @@ def report_gallery_version(layout: HomeLayout, summary: dict[str, Any]) -> None:
     from whale_assets.instance import prepare_dagster_home
     from whale_assets.metadata import table_meta
     from whale_ml.gallery import list_versions
+    from whale_ml.gallery.catalogue import catalogue_lock
 
     prepare_dagster_home(layout.home)
-    instance = dg.DagsterInstance.get()
+    # Two first enrolments of a fresh home would both create the instance's SQLite tables
+    # ("table alembic_version already exists"): they take turns here too.
+    with catalogue_lock(layout, "whale enroll (Dagster event)"):
+        instance = dg.DagsterInstance.get()
     instance.report_runless_asset_event(
         dg.AssetMaterialization(
             asset_key="gallery",
@@ -149,20 +146,29 @@ def enroll_main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
 
     from whale_ml.data.metadata import MetadataError
-    from whale_ml.gallery import LineageError, load_version
+    from whale_ml.gallery import LineageError
     from whale_ml.identify import enroll
     from whale_ml.registry import gallery_models
     from whale_ml.training.trainer import resolve_device
 
     layout = _setup()
+    uri = _tracking_uri()
     try:
-        gallery = load_version(layout)
-        models = gallery_models(gallery.lineage, layout.model_dir, _tracking_uri(), layout.home / "model_cache")
-        summary = enroll(args.confirmed, args.images, layout, gallery, models, str(resolve_device(args.device)))
+        summary = enroll(
+            args.confirmed,
+            args.images,
+            layout,
+            lambda lineage: gallery_models(lineage, layout.model_dir, uri, layout.home / "model_cache"),
+            str(resolve_device(args.device)),
+        )
     except (LineageError, MetadataError) as exc:
         print(f"whale enroll: {exc}", file=sys.stderr)
         return 2
     report_gallery_version(layout, summary)
+    if summary["parent_unreadable"]:
+        print(f"whale enroll: gallery {summary['parent_unreadable']} could not be read; extended {summary['parent']}, the newest whole version", file=sys.stderr)
+    if summary["carried_enrolled"]:
+        print(f"whale enroll: also added {summary['carried_enrolled']} photo(s) of the ledger that no gallery version held yet", file=sys.stderr)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

@@ -10,7 +10,10 @@ and what it asked for.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import pickle
+import tempfile
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -101,3 +104,47 @@ def _unpickler_reason(exc: BaseException) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def snapshot_checkpoint(path: Path, cache_dir: Path, expected_sha256: str | None = None) -> tuple[Path, str]:
+    """Copy ``path`` into ``cache_dir/<sha256>.pt``, hashing the very bytes copied.
+
+    A fold's ``best.pt`` is rewritten at every improving epoch while it trains, so
+    "hash the file, then load it by path" may load other weights than were checked. The
+    snapshot is named by the digest of the bytes it holds and is never rewritten with
+    other bytes, so loading it loads exactly what was hashed.
+
+    Args:
+        expected_sha256: the digest the caller needs; the snapshot is kept only if the
+            bytes read have it (a snapshot already cached under it is reused).
+
+    Returns:
+        The snapshot's path and its digest.
+
+    Raises:
+        CheckpointError: the bytes read are not ``expected_sha256``'s (the file changed).
+    """
+    from whale_ml.io import durable_replace, remove_stale_temps, sha256_file
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    if expected_sha256 is not None:
+        cached = cache_dir / f"{expected_sha256}.pt"
+        if cached.exists() and sha256_file(cached) == expected_sha256:
+            return cached, expected_sha256
+    remove_stale_temps(cache_dir, "snapshot")
+    fd, name = tempfile.mkstemp(prefix=f".snapshot.p{os.getpid()}.", suffix=".tmp.pt", dir=cache_dir)
+    tmp = Path(name)
+    try:
+        digest = hashlib.sha256()
+        with open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                digest.update(chunk)
+                dst.write(chunk)
+        sha = digest.hexdigest()
+        if expected_sha256 is not None and sha != expected_sha256:
+            raise CheckpointError(f"{path} is not the checkpoint asked for (sha256 {sha[:12]}, not {expected_sha256[:12]})")
+        target = cache_dir / f"{sha}.pt"
+        durable_replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target, sha

@@ -314,18 +314,30 @@ def resolve_models(
 
 
 def gallery_models(lineage: GalleryLineage, model_dir: object, tracking_uri: str | None, cache_dir: Path) -> list[ResolvedModel]:
-    """The very checkpoints the gallery was built with (to embed photos into it): the
-    home's ``best.pt`` when it is still that file, else the gallery's registry version.
+    """The very checkpoints the gallery was built with (to embed photos into it): a
+    snapshot of the home's ``best.pt`` when it is still that file, else the gallery's
+    registry version.
+
+    The home's ``best.pt`` is copied into ``cache_dir`` while it is hashed
+    (:func:`whale_ml.checkpoints.snapshot_checkpoint`) and the copy is what gets loaded:
+    a fold training beside this rewrites ``best.pt`` at every improving epoch, and a
+    file checked by hash and then loaded by path could be other weights by then.
 
     Args:
         model_dir: fold -> the folder of its ``best.pt`` (``HomeLayout.model_dir``).
     """
+    from whale_ml.checkpoints import CheckpointError, snapshot_checkpoint
+
     out = []
     for want in lineage.models:
         local = Path(model_dir(want.fold)) / "best.pt"  # type: ignore[operator]
-        if local.exists() and sha256_file(local) == want.checkpoint_sha256:
-            out.append(_resolved(want, local, None))
-            continue
+        if local.exists():
+            try:
+                path, _ = snapshot_checkpoint(local, cache_dir, want.checkpoint_sha256)
+                out.append(_resolved(want, path, None))
+                continue
+            except CheckpointError:
+                pass  # retrained since: the registry keeps the gallery's own version
         if tracking_uri is None or want.registered_model is None or want.version is None:
             raise LineageError(f"the {want.fold} model the gallery was built with is gone (not at {local}, not registered)")
         import mlflow

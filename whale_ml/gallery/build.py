@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from whale_ml.stage_configs import GalleryConfig
+from whale_ml.gallery.catalogue import catalogue_lock
 from whale_ml.gallery.ledger import ledger_gallery_rows, read_ledger
 from whale_ml.gallery.lineage import EMBEDDINGS_RECORD, FoldModel, GalleryLineage, LineageError, gather_lineage
 from whale_ml.gallery.versions import GalleryVersion, prune_versions, write_version
@@ -110,7 +111,8 @@ def with_enrolled(
 ) -> tuple[pd.DataFrame, np.ndarray, int]:
     """A pipeline-built gallery plus every ledger photo it lacks (embedded now with the
     lineage's models, ``models(lineage)``, fetched only then), and its enrolled photos
-    marked as such.
+    marked as such. The caller holds the catalogue's writer lock until it publishes the
+    result (:func:`whale_ml.gallery.catalogue.catalogue_lock`).
 
     Returns:
         The table, the embeddings, and how many ledger photos were embedded here.
@@ -133,6 +135,7 @@ def build_gallery(
     settings: GalleryConfig,
     models: Callable[[GalleryLineage], Sequence[ResolvedModel]],
     device: str = "cpu",
+    on_step: Callable[[str], None] | None = None,
 ) -> tuple[GalleryVersion, GalleryStats]:
     """Build the ensemble gallery of every training photo and write it as the new current
     gallery version, with every enrolled photo the fold embeddings do not cover yet.
@@ -146,6 +149,7 @@ def build_gallery(
         models: the gallery's lineage -> the fold models it was built with; called only
             when an enrolled photo must be embedded here (:func:`whale_ml.registry.gallery_models`).
         device: where such photos are embedded.
+        on_step: told each publishing step (:func:`~whale_ml.gallery.versions.write_version`).
     """
     embeddings, images = fold_ensemble(layout, folds, "train")
     table = gallery_table(train_metadata, crops, images)
@@ -163,16 +167,20 @@ def build_gallery(
         probe = queries if len(queries) else embeddings
         stats.recall = index_recall(index, embeddings, table["individual_id"].to_numpy(), probe, max_queries=settings.recall_queries)
     lineage = gather_lineage(layout, list(folds), settings.index, settings.k, options)
-    table, version_emb, stats.carried_enrolled = with_enrolled(layout, table, embeddings, lineage, models, device)
-    version = write_version(
-        layout,
-        table,
-        version_emb,
-        lineage,
-        made_by="gallery asset",
-        extra={"carried_enrolled": stats.carried_enrolled},
-        index=index if stats.carried_enrolled == 0 else None,  # the same vectors: no second build
-        centres=[ClassCentres.load(layout.embeddings_dir(f)) for f in folds],  # written with the embeddings, by the same checkpoints
-    )
-    stats.pruned = prune_versions(layout, settings.keep_versions) if settings.keep_versions else []
+    # From reading the ledger to publishing (and pruning): one writer at a time, so an
+    # enrolment either lands before (and its photos are carried here) or extends this version.
+    with catalogue_lock(layout, "gallery asset"):
+        table, version_emb, stats.carried_enrolled = with_enrolled(layout, table, embeddings, lineage, models, device)
+        version = write_version(
+            layout,
+            table,
+            version_emb,
+            lineage,
+            made_by="gallery asset",
+            extra={"carried_enrolled": stats.carried_enrolled},
+            index=index if stats.carried_enrolled == 0 else None,  # the same vectors: no second build
+            centres=[ClassCentres.load(layout.embeddings_dir(f)) for f in folds],  # written with the embeddings, by the same checkpoints
+            on_step=on_step,
+        )
+        stats.pruned = prune_versions(layout, settings.keep_versions) if settings.keep_versions else []
     return version, stats

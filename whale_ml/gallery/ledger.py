@@ -9,10 +9,8 @@ docs/identify.md.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,7 +44,10 @@ def read_ledger(layout: HomeLayout) -> pd.DataFrame:
 
 
 def write_ledger(layout: HomeLayout, ledger: pd.DataFrame) -> Path:
-    """Replace the ledger file atomically with ``ledger`` (:data:`LEDGER_COLUMNS`)."""
+    """Replace the ledger file atomically with ``ledger`` (:data:`LEDGER_COLUMNS`).
+
+    A read-modify-write: the caller holds the catalogue's writer lock
+    (:func:`whale_ml.gallery.catalogue.catalogue_lock`) from its :func:`read_ledger` on."""
     with atomic_path(ledger_path(layout)) as tmp:
         ledger[list(LEDGER_COLUMNS)].to_csv(tmp, index=False)
     return ledger_path(layout)
@@ -91,23 +92,13 @@ def ledger_fingerprint(layout: HomeLayout) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest() if path.exists() else "no enrollments"
 
 
-@contextlib.contextmanager
-def ledger_lock(layout: HomeLayout) -> Iterator[None]:
-    """One enrollment at a time per home (two would each miss the other's photos)."""
-    layout.enrolled_dir.mkdir(parents=True, exist_ok=True)
-    with open(layout.enrolled_dir / ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def ledger_gallery_rows(
     rows: pd.DataFrame, layout: HomeLayout, lineage: GalleryLineage, models: Sequence[ResolvedModel], device: str
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Gallery rows (``source`` ``enrolled``) and their ensemble embeddings for ledger
-    photos, cropped and embedded exactly as the gallery ``lineage`` says.
+    photos, cropped and embedded exactly as the gallery ``lineage`` says. Their local
+    features join the enrolled feature store (a read-modify-write: the caller holds the
+    catalogue's writer lock).
 
     Args:
         rows: ledger rows (``image, individual_id, species``) whose photos are in the ledger.

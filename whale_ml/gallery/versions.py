@@ -4,8 +4,12 @@ A version is a folder ``gallery/versions/vNNNN/`` holding the index, the
 embeddings (to find each candidate's best-matching photo), one row per photo
 (``gallery.csv``) and ``version.json`` (counts, where it came from, its
 :class:`~whale_ml.gallery.lineage.GalleryLineage`). The folder is written under
-a temp name and renamed into place whole; ``current.json`` names the newest and is
-replaced atomically, so a reader sees the old version or the new one, never half.
+a temp name, flushed to disk, and renamed into place whole; ``current.json`` names the
+current one and is replaced atomically after that, so a reader (even after a power cut)
+sees the old version or the new one, never half. Every change of versions or of the
+pointer happens under the catalogue's writer lock (:mod:`whale_ml.gallery.catalogue`),
+held from reading the current version to publishing the next, so "current" only moves
+forward and no version is published from a stale parent.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +27,9 @@ from whale_ml.retrieval.faiss_import import faiss
 import numpy as np
 import pandas as pd
 
+from whale_ml.gallery.catalogue import catalogue_lock, versions_lock
 from whale_ml.gallery.lineage import GalleryLineage, LineageError
-from whale_ml.io import read_json, staging_dir, write_error, write_json
+from whale_ml.io import fsync_dir, fsync_enabled, fsync_file, read_json, staging_dir, write_error, write_json
 from whale_ml.retrieval.centres import ClassCentres
 from whale_ml.retrieval.faiss_index import build_index, load_index
 from whale_ml.home import HomeLayout
@@ -44,6 +49,12 @@ class GalleryVersion:
     embeddings: np.ndarray
     index: faiss.Index
     info: dict[str, Any]
+    # Each fold model's class centres, in the lineage's model order (None: a model without
+    # them, or a version written before they were kept). Read with the rest of the version,
+    # so that a version pruned after loading keeps them.
+    centres: list[ClassCentres | None] = field(default_factory=list)
+    # The version asked for when it could not be read and this older one was loaded instead.
+    fallback_from: str | None = None
 
     @property
     def lineage(self) -> GalleryLineage:
@@ -53,12 +64,6 @@ class GalleryVersion:
     def k(self) -> int:
         """Neighbours fetched per query (the lineage's)."""
         return self.lineage.k
-
-    @property
-    def centres(self) -> list[ClassCentres | None]:
-        """Each fold model's class centres, in the lineage's model order (None: a model
-        without them, or a version written before they were kept)."""
-        return [ClassCentres.load(self.folder / CENTRES_DIR / m.fold) for m in self.lineage.models]
 
 
 def _names(layout: HomeLayout) -> list[str]:
@@ -77,18 +82,60 @@ def current_version(layout: HomeLayout) -> str | None:
     return names[-1] if names else None
 
 
-def load_version(layout: HomeLayout, name: str | None = None) -> GalleryVersion:
-    """A gallery version (default: the current one)."""
-    name = name or current_version(layout)
-    if name is None:
-        raise LineageError(f"no gallery in {layout.home}: materialise the pipeline (whale run) first")
+class BrokenVersionError(LineageError):
+    """A gallery version's files cannot be read back (a disk fault, or a version written
+    without flushing and cut by a power loss)."""
+
+
+def _read_version(layout: HomeLayout, name: str) -> GalleryVersion:
     folder = layout.gallery_versions_dir / name
     if not folder.is_dir():
         raise LineageError(f"gallery version {name} not found in {layout.gallery_versions_dir}")
-    table = pd.read_csv(folder / "gallery.csv", dtype=str, keep_default_na=False)
-    return GalleryVersion(
-        name, folder, table, np.load(folder / "embeddings.npy"), load_index(folder / "index.faiss"), read_json(folder / "version.json")
-    )
+    try:
+        info = read_json(folder / "version.json")
+        table = pd.read_csv(folder / "gallery.csv", dtype=str, keep_default_na=False)
+        embeddings = np.load(folder / "embeddings.npy", allow_pickle=False)
+        index = load_index(folder / "index.faiss")
+        lineage = GalleryLineage(**info["lineage"])
+        centres = [ClassCentres.load(folder / CENTRES_DIR / m.fold) for m in lineage.models]
+    except (OSError, EOFError, ValueError, KeyError, RuntimeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise BrokenVersionError(f"gallery version {name} ({folder}) cannot be read: {type(exc).__name__}: {exc}") from exc
+    if not (len(table) == len(embeddings) == index.ntotal):
+        raise BrokenVersionError(
+            f"gallery version {name} ({folder}) is not whole: {len(table)} rows, {len(embeddings)} embeddings, {index.ntotal} indexed"
+        )
+    return GalleryVersion(name, folder, table, embeddings, index, info, centres)
+
+
+def load_version(layout: HomeLayout, name: str | None = None) -> GalleryVersion:
+    """A gallery version (default: the current one), read whole into memory.
+
+    The version is read under the versions' shared lock, so a prune waits until it is
+    read (:func:`whale_ml.gallery.catalogue.versions_lock`). When the current version
+    cannot be read (its files damaged), the newest older version that reads whole is
+    returned instead, with ``fallback_from`` naming the broken one; a version asked for
+    by name is returned or raises.
+
+    Raises:
+        LineageError: no gallery yet, the named version does not exist, or none can be read.
+    """
+    with versions_lock(layout.gallery_versions_dir, exclusive=False):
+        if name is not None:
+            return _read_version(layout, name)
+        current = current_version(layout)
+        if current is None:
+            raise LineageError(f"no gallery in {layout.home}: materialise the pipeline (whale run) first")
+        try:
+            return _read_version(layout, current)
+        except BrokenVersionError as broken:
+            for older in reversed([n for n in _names(layout) if int(n[1:]) < int(current[1:])]):
+                try:
+                    version = _read_version(layout, older)
+                except BrokenVersionError:
+                    continue
+                version.fallback_from = current
+                return version
+            raise broken
 
 
 def list_versions(layout: HomeLayout) -> pd.DataFrame:
@@ -123,8 +170,17 @@ def write_version(
     extra: dict[str, Any] | None = None,
     index: faiss.Index | None = None,
     centres: Sequence[ClassCentres | None] = (),
+    on_step: Callable[[str], None] | None = None,
 ) -> GalleryVersion:
-    """Write a new gallery version and make it the current one.
+    """Write a new gallery version and make it the current one, under the catalogue's
+    writer lock (taken here if the caller does not hold it already; a caller that read
+    the version it extends must hold it from that read on).
+
+    Publishing goes: the files are written into a hidden staging folder (``staged``),
+    flushed to disk with the folder (``flushed``), the folder is renamed to its
+    ``vNNNN`` name and its parent flushed (``renamed``), and ``current.json`` is replaced
+    (``current``). A process killed before ``current`` leaves the previous version
+    current; a ``vNNNN`` renamed but never made current is listed, never served.
 
     Args:
         table: one row per embedding, with :data:`GALLERY_COLUMNS` (``source`` is
@@ -135,7 +191,34 @@ def write_version(
             already; otherwise one is built with the lineage's index kind and settings.
         centres: each lineage model's class centres (None or nothing: none), stored in
             ``centres/<fold>/`` for class-centre scores.
+        on_step: called with each step's name once it is done (progress, and the tests'
+            kill points).
     """
+    with catalogue_lock(layout, made_by):
+        return _write_version(layout, table, embeddings, lineage, made_by, extra, index, centres, on_step or (lambda _step: None))
+
+
+def _flush_tree(folder: Path) -> None:
+    """Every file under ``folder`` and every folder in it, flushed to disk (data, then names)."""
+    if not fsync_enabled():
+        return
+    for parent, _dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            fsync_file(Path(parent) / name)
+        fsync_dir(parent)
+
+
+def _write_version(
+    layout: HomeLayout,
+    table: pd.DataFrame,
+    embeddings: np.ndarray,
+    lineage: GalleryLineage,
+    made_by: str,
+    extra: dict[str, Any] | None,
+    index: faiss.Index | None,
+    centres: Sequence[ClassCentres | None],
+    on_step: Callable[[str], None],
+) -> GalleryVersion:
     if len(table) != len(embeddings):
         raise ValueError(f"{len(table)} gallery rows for {len(embeddings)} embeddings")
     missing = [c for c in GALLERY_COLUMNS if c not in table.columns]
@@ -178,23 +261,33 @@ def write_version(
             if model_centres is not None:
                 (staging / CENTRES_DIR / model.fold).mkdir(parents=True, exist_ok=True)
                 model_centres.save(staging / CENTRES_DIR / model.fold)
-        # The name is claimed by the rename itself: a parallel writer that took the same
-        # number makes ours fail, and we take the next one.
+        # One writer at a time: the next number is free. (A name taken all the same, by a
+        # writer that ignores the lock, makes the rename fail: then the next one.)
+        names = _names(layout)
+        number = int(names[-1][1:]) + 1 if names else 1
+        info["version"] = name = f"v{number:04d}"
+        write_json(staging / "version.json", info)
+        on_step("staged")
+        _flush_tree(staging)  # a power cut after the rename must not find empty files
+        on_step("flushed")
         while True:
-            names = _names(layout)
-            name = f"v{int(names[-1][1:]) + 1 if names else 1:04d}"
-            info["version"] = name
-            write_json(staging / "version.json", info)
             try:
                 os.rename(staging, root / name)
                 break
             except OSError:
                 if not (root / name).exists():
                     raise
+                number += 1
+                info["version"] = name = f"v{number:04d}"
+                write_json(staging / "version.json", info)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if fsync_enabled():
+        fsync_dir(root)
+    on_step("renamed")
     write_json(root / "current.json", {"version": name})
+    on_step("current")
     return load_version(layout, name)
 
 
@@ -211,10 +304,18 @@ def prune_versions(layout: HomeLayout, keep: int, dry_run: bool = False) -> list
     if keep < 1:
         raise ValueError(f"keep must be at least 1, not {keep}")
     root = layout.gallery_versions_dir
-    current = current_version(layout)
-    doomed = [name for name in _names(layout)[:-keep] if name != current]
-    for name in [] if dry_run else doomed:
-        trash = staging_dir(root, "deleting", name)
-        os.rename(root / name, trash)
-        shutil.rmtree(trash)
+    with catalogue_lock(layout, "prune"):  # the current version cannot move meanwhile
+        current = current_version(layout)
+        doomed = [name for name in _names(layout)[:-keep] if name != current]
+        if dry_run or not doomed:
+            return doomed
+        # Renamed away while no reader is reading a version (readers hold this lock shared
+        # while they read one), deleted after: a reader has its version whole or not at all.
+        with versions_lock(root, exclusive=True):
+            trash = []
+            for name in doomed:
+                trash.append(staging_dir(root, "deleting", name))
+                os.rename(root / name, trash[-1])
+    for folder in trash:
+        shutil.rmtree(folder)
     return doomed

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,10 @@ from whale_ml.data.metadata import (
     read_csv_rows,
     values_listed,
 )
-from whale_ml.gallery.ledger import ledger_gallery_rows, ledger_lock, read_ledger, write_ledger
-from whale_ml.gallery.versions import GalleryVersion, write_version
+from whale_ml.gallery.catalogue import catalogue_lock
+from whale_ml.gallery.ledger import ledger_gallery_rows, read_ledger, write_ledger
+from whale_ml.gallery.lineage import GalleryLineage
+from whale_ml.gallery.versions import load_version, write_version
 from whale_ml.io import atomic_path
 from whale_ml.registry import ResolvedModel
 from whale_ml.home import HomeLayout
@@ -101,20 +104,32 @@ def enroll(
     csv: str | Path,
     image_dir: str | Path,
     layout: HomeLayout,
-    gallery: GalleryVersion,
-    models: list[ResolvedModel],
+    models_for: Callable[[GalleryLineage], list[ResolvedModel]],
     device: str = "cpu",
+    on_step: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Add confirmed photos to the ledger and to a new gallery version (no retraining).
 
+    Everything happens under the catalogue's writer lock, from reading the current
+    gallery to publishing the new one (:mod:`whale_ml.gallery.catalogue`): two
+    enrolments at once take turns, and the second extends the first's version. The new
+    version is the current one plus every ledger photo it lacks: these photos, and any
+    an earlier enrolment recorded but did not publish (it was killed, or its gallery
+    write failed).
+
     Args:
-        gallery: the current gallery version (the new one extends it).
-        models: the models ``gallery`` was built with (:func:`gallery_models`).
+        models_for: the current gallery's lineage -> the very models it was built with
+            (:func:`whale_ml.registry.gallery_models`), asked once the lock is held.
+        on_step: passed to :func:`~whale_ml.gallery.versions.write_version`, and told
+            ``ledger`` once the ledger is written.
 
     Returns:
         A summary: the new version, what was enrolled, the gallery's counts.
     """
-    with ledger_lock(layout):
+    step = on_step or (lambda _step: None)
+    with catalogue_lock(layout, "whale enroll"):
+        gallery = load_version(layout)
+        models = models_for(gallery.lineage)
         ledger = read_ledger(layout)
         confirmed = read_confirmed(csv, image_dir, gallery.table, ledger)
         images_dir = layout.enrolled_dir / "images"
@@ -122,11 +137,14 @@ def enroll(
             with atomic_path(images_dir / row.image) as tmp:
                 shutil.copyfile(row.source_path, tmp)
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        # The ledger first: should the gallery write fail, the gallery stage still
-        # carries these photos into its next version.
+        # The ledger first: should the gallery write fail, the next enrolment or gallery
+        # build carries these photos into its version.
         entries = confirmed.assign(enrolled_at=now, new_individual=confirmed["new_individual"].map({True: "true", False: "false"}))
-        write_ledger(layout, pd.concat([ledger, entries], ignore_index=True))
-        table, emb = ledger_gallery_rows(confirmed, layout, gallery.lineage, models, device)
+        ledger = pd.concat([ledger, entries], ignore_index=True)
+        write_ledger(layout, ledger)
+        step("ledger")
+        pending = ledger[~ledger["image"].isin(gallery.table["image"])]
+        table, emb = ledger_gallery_rows(pending, layout, gallery.lineage, models, device)
         version = write_version(
             layout,
             pd.concat([gallery.table, table], ignore_index=True),
@@ -136,17 +154,22 @@ def enroll(
             centres=gallery.centres,  # the same models: enrolled individuals have no centre and are scored by their photos
             extra={
                 "enrolled_now": len(confirmed),
+                "carried_enrolled": len(pending) - len(confirmed),
                 "new_individuals_now": int(confirmed.loc[confirmed["new_individual"], "individual_id"].nunique()),
             },
+            on_step=on_step,
         )
     return {
         "version": version.name,
         "parent": gallery.name,
+        "parent_unreadable": gallery.fallback_from,
         "enrolled_photos_now": len(confirmed),
         "enrolled_individuals_now": int(confirmed["individual_id"].nunique()),
         "new_individuals_now": sorted(set(confirmed.loc[confirmed["new_individual"], "individual_id"])),
+        "carried_enrolled": len(pending) - len(confirmed),
         "gallery_photos": int(version.info["photos"]),
         "gallery_individuals": int(version.info["individuals"]),
         "enrolled_photos": int(version.info["enrolled_photos"]),
         "enrolled_individuals": int(version.info["enrolled_individuals"]),
+        "models": [m.describe() for m in models],
     }
