@@ -22,7 +22,8 @@ from whale_assets.cli import main as whale
 from whale_assets.instance import prepare_dagster_home
 from whale_assets.run import load_recipe, run_pipeline
 from whale_ml.data.demo import SPECIES_LABELS, Individual, render_individual, render_photo
-from whale_ml.gallery import list_versions, read_ledger
+from whale_ml.gallery import list_versions, load_version, read_ledger
+from whale_ml.gallery.matchers import matcher_path
 from whale_ml.io import read_json
 from whale_ml.home import HomeLayout
 
@@ -168,8 +169,9 @@ def test_class_centres_out_of_fold_and_identify_agrees_with_the_submission(home:
     assert all(c is not None for c in version.centres)
     queries, images = query_embeddings(layout, version)
     expected = match_queries(version, queries, value, [store.get(img) for img in images], store)  # as submission_csv matches
-    saved = layout.tables / "match_threshold.json"
+    saved = matcher_path(layout, version.lineage.models)  # what identify reads for this version
     original = saved.read_bytes()
+    value.update({k: json.loads(original)[k] for k in ("models", "models_key")})
     try:
         write_json(saved, value)
         code, out, _ = _whale(capsys, "identify", str(data / "test_images"), "--json")
@@ -186,7 +188,7 @@ def test_identify_applies_the_margin_rule_it_reads(home: dict, capsys: pytest.Ca
     by s1 + w (s1 - s2), the rule the submission applies through the same match_queries
     (tests/test_gallery_build.py checks that rule against brute force)."""
     layout, data = home["layout"], home["data"]
-    path = layout.tables / "match_threshold.json"
+    path = matcher_path(layout, load_version(layout).lineage.models)  # what identify reads for this version
     original = path.read_bytes()
     code, out, _ = _whale(capsys, "identify", str(data / "test_images"), "--json")
     rows = json.loads(out)["photos"]

@@ -23,6 +23,8 @@ from whale_assets.resources import WhaleHome
 from whale_assets.rounds import PSEUDO_LABEL_ROUND
 from whale_assets.versions import table_version
 from whale_ml.data.folds import fold_split
+from whale_ml.gallery.lineage import read_fold_models
+from whale_ml.gallery.matchers import models_key
 from whale_ml.retrieval.pseudo_labels import calibrate_confidence, pick_fold_pseudo_labels, pseudo_labelled_folds as add_pseudo_rows
 
 LISTED_PHOTOS = 500  # photos listed in the UI's table; all of them are in the asset's parquet file
@@ -49,6 +51,12 @@ def pseudo_labels(
         raise dg.Failure("match_threshold has no out-of-fold first candidates (oof_top1): rematerialise it first", allow_retries=False)
     calibration = calibrate_confidence(top1["score"], top1["correct"], config.min_precision, match_threshold["threshold"], config.min_photos)
     folds = fold_partitions.get_partition_keys()
+    models = read_fold_models(whale.layout, folds)
+    if match_threshold.get("models_key") != models_key(models):  # the fold searches below use these models' embeddings
+        raise dg.Failure(
+            "match_threshold was tuned for other fold models than the current fold embeddings': rematerialise match_threshold first",
+            allow_retries=False,
+        )
     table, test_photos = pick_fold_pseudo_labels(
         cv_folds,
         whale.layout.embeddings_dir,
@@ -70,6 +78,9 @@ def pseudo_labels(
         data_version=table_version(table),
         metadata={
             **calibration.to_dict(),
+            "models_key": models_key(models),
+            "model_versions": ", ".join(f"{m.fold}: v{m.version}" for m in models),
+            "threshold": float(match_threshold["threshold"]),
             "dagster/row_count": len(table),
             "test_photos": test_photos,
             "pseudo_share": table["image"].nunique() / max(1, test_photos),

@@ -19,7 +19,8 @@ from whale_assets.defs.detection import feature_store, local_features
 from whale_assets.launchpad import EmbedSettings, GallerySettings, ThresholdSettings
 from whale_assets.rounds import FIRST_ROUND, Round
 from whale_ml.gallery.build import build_gallery
-from whale_ml.gallery.lineage import record_embeddings
+from whale_ml.gallery.lineage import FoldModel, LineageError, read_fold_models, record_embeddings
+from whale_ml.gallery.matchers import save_matcher
 from whale_ml.gallery.versions import list_versions
 from whale_ml.registry import gallery_models
 from whale_ml.home import HomeLayout
@@ -204,7 +205,7 @@ def gallery_asset(rnd: Round) -> dg.AssetsDefinition:
                 "version_individuals": int(info["individuals"]),
                 "enrolled_photos": int(info["enrolled_photos"]),
                 "enrolled_individuals": int(info["enrolled_individuals"]),
-                "model_versions": ", ".join(f"{m.fold}: v{m.version}" for m in version.lineage.models),
+                "model_versions": _model_versions(version.lineage.models),
                 "versions": table_meta(list_versions(layout)),
                 "pruned_versions": len(stats.pruned),
             }
@@ -297,6 +298,10 @@ def _threshold_metadata(context: dg.AssetExecutionContext, tuned: OutOfFoldThres
     return metadata
 
 
+def _model_versions(models: list[FoldModel]) -> str:
+    return ", ".join(f"{m.fold}: v{m.version}" if m.version else f"{m.fold}: {m.checkpoint_sha256[:12]}" for m in models)
+
+
 def _curve_plot(thresholds: np.ndarray, curve: np.ndarray, chosen: float, fused: bool = False, margin: float = 0.0) -> object:
     import matplotlib
 
@@ -348,10 +353,12 @@ def match_threshold_asset(rnd: Round) -> dg.AssetsDefinition:
         import mlflow as mlf
 
         store = feature_store(whale) if config.rerank else None
+        layout, folds = rnd.layout(whale), fold_partitions.get_partition_keys()
+        models = read_fold_models(layout, folds)  # what the matcher is tuned for, and only good for
         tuned = tune_out_of_fold(
             cv_folds,
-            rnd.layout(whale).embeddings_dir,
-            fold_partitions.get_partition_keys(),
+            layout.embeddings_dir,
+            folds,
             config.k,
             config.per_species,
             config.species_min_queries,
@@ -376,8 +383,13 @@ def match_threshold_asset(rnd: Round) -> dg.AssetsDefinition:
                 mlf.log_table(tuned.species.table, "species_thresholds.json")
             metadata["mlflow_run"] = dg.MetadataValue.url(mlflow.run_url(run.info.experiment_id, run.info.run_id))
         metadata["map5_curve"] = figure_md(fig)
-        # The out-of-fold first candidates ride along: what the pseudo-label round calibrates on.
-        return dg.MaterializeResult(value={**tuned.value(), "oof_top1": out_of_fold_top1(tuned.sims, tuned.ids, tuned.truths)}, metadata=metadata)
+        if read_fold_models(layout, folds) != models:
+            raise LineageError("a fold's embeddings were remade while the matcher was tuned on them: materialise match_threshold again")
+        # Stored under its models' key, where each gallery version built with them finds it. The
+        # out-of-fold first candidates ride along: what the pseudo-label round calibrates on.
+        value = save_matcher(layout, models, {**tuned.value(), "oof_top1": out_of_fold_top1(tuned.sims, tuned.ids, tuned.truths)})
+        metadata.update({"models_key": value["models_key"], "model_versions": _model_versions(models)})
+        return dg.MaterializeResult(value=value, metadata=metadata)
 
     return match_threshold
 

@@ -14,6 +14,8 @@ from whale_assets.rounds import FIRST_ROUND, Round
 from whale_ml.data.metadata import NEW_INDIVIDUAL, read_truth
 from whale_ml.gallery.build import query_embeddings
 from whale_ml.gallery.search import Matches, match_queries
+from whale_ml.gallery.lineage import LineageError
+from whale_ml.gallery.matchers import check_matcher
 from whale_ml.gallery.versions import load_version
 from whale_ml.home import HomeLayout
 from whale_ml.io import atomic_path
@@ -67,6 +69,10 @@ def submission_csv_asset(rnd: Round) -> dg.AssetsDefinition:
         The pseudo-label round writes ``rounds/round2/submission.csv``."""
         layout = rnd.layout(whale)
         version = load_version(layout, gallery["version"])
+        try:
+            check_matcher(match_threshold, version.lineage, version.name)
+        except LineageError as exc:
+            raise dg.Failure(str(exc), allow_retries=False) from exc
         queries, query_images = query_embeddings(layout, version)
         matches = _match_test_photos(whale, version, queries, query_images, match_threshold)
         found, prior = dict(zip(query_images, matches.predictions, strict=True)), prior_predictions(train_metadata["individual_id"].tolist())
@@ -96,6 +102,8 @@ def submission_csv_asset(rnd: Round) -> dg.AssetsDefinition:
                 "path": dg.MetadataValue.path(str(path)),
                 "dagster/row_count": len(sub),
                 "gallery_version": version.name,
+                "model_versions": ", ".join(f"{m.fold}: v{m.version}" for m in version.lineage.models),
+                "models_key": match_threshold["models_key"],
                 "threshold": float(match_threshold["threshold"]),
                 "species_thresholds": len(match_threshold.get("species_thresholds") or {}),
                 "top1_new_individual_share": top1_new,

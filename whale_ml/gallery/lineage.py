@@ -102,21 +102,33 @@ def record_embeddings(layout: HomeLayout, fold: str, checkpoint: Path, flip_tta:
     return model
 
 
+def read_fold_models(layout: HomeLayout, folds: list[str]) -> list[FoldModel]:
+    """Which checkpoint made each fold's current embeddings (the fold embeddings stage's records).
+
+    Raises:
+        LineageError: a fold has no record (its embeddings were never made).
+    """
+    missing = [f for f in folds if not (layout.embeddings_dir(f) / EMBEDDINGS_RECORD).exists()]
+    if missing:
+        raise LineageError(
+            "no record of the model that embedded "
+            + ", ".join(f"fold_embeddings[{f}] ({layout.embeddings_dir(f) / EMBEDDINGS_RECORD})" for f in missing)
+            + ": rematerialise those assets first"
+        )
+    return [FoldModel(**read_json(layout.embeddings_dir(f) / EMBEDDINGS_RECORD)) for f in folds]
+
+
 def gather_lineage(
     layout: HomeLayout, folds: list[str], index: str, k: int, index_options: dict[str, int | None] | None = None
 ) -> GalleryLineage:
     """The gallery's lineage from the stages' records (for the gallery stage)."""
-    needed = {
-        "bboxes": layout.detector_dir / BOXES_RECORD,
-        "crops": layout.crops_dir / CROPS_RECORD,
-        **{f"fold_embeddings[{f}]": layout.embeddings_dir(f) / EMBEDDINGS_RECORD for f in folds},
-    }
+    needed = {"bboxes": layout.detector_dir / BOXES_RECORD, "crops": layout.crops_dir / CROPS_RECORD}
     missing = [f"{stage} ({path})" for stage, path in needed.items() if not path.exists()]
     if missing:
         raise LineageError("no record of the settings of " + ", ".join(missing) + ": rematerialise those assets first")
     boxes, crops = read_json(needed["bboxes"]), read_json(needed["crops"])
     return GalleryLineage(
-        models=[FoldModel(**read_json(layout.embeddings_dir(f) / EMBEDDINGS_RECORD)) for f in folds],
+        models=read_fold_models(layout, folds),
         detector_sha256=boxes["detector_sha256"],
         detector_imgsz=int(boxes["imgsz"]),
         min_confidence=float(boxes["min_confidence"]),

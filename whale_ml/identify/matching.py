@@ -129,6 +129,7 @@ def identify_photos(
         "margin": float(match_threshold.get("margin") or 0.0),
         "species_thresholds": dict(match_threshold.get("species_thresholds") or {}),
         "models": [m.describe() for m in models],
+        "matcher": match_threshold.get("models_key"),  # gallery/matchers/<this>.json: tuned for these models
         "top": TOP,
         "photos": rows,
     }
