@@ -245,7 +245,14 @@ def _alias_missing(exc: BaseException) -> bool:
 
 
 def fetch_checkpoint(tracking_uri: str, run_id: str, sha: str, cache_dir: Path, what: str) -> Path:
-    """The checkpoint artifact of ``run_id``, cached as ``<sha>.pt`` and checked against ``sha``."""
+    """The checkpoint artifact of ``run_id``, cached as ``<sha>.pt`` and checked against ``sha``.
+
+    Raises:
+        LineageError: MLflow says the run or its checkpoint does not exist (retrain the
+            fold), or the download is another file.
+        MlflowRefusedError: the tracking server refused the credentials or is not MLflow.
+        MlflowException: anything else (a server that is down stays transient, retried).
+    """
     import mlflow
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file: no progress bar on stderr
@@ -256,15 +263,19 @@ def fetch_checkpoint(tracking_uri: str, run_id: str, sha: str, cache_dir: Path, 
     tmp = staging_dir(cache_dir, "download")  # a killed download is swept by the next one
     try:
         try:
-            got = Path(
-                mlflow.artifacts.download_artifacts(
-                    run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT, dst_path=str(tmp), tracking_uri=tracking_uri
+            with refusals_named(tracking_uri):
+                got = Path(
+                    mlflow.artifacts.download_artifacts(
+                        run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT, dst_path=str(tmp), tracking_uri=tracking_uri
+                    )
                 )
-            )
         except Exception as exc:
+            if not is_missing(exc):
+                raise  # a server that is down stays transient (retried); a refusal names the server
             raise LineageError(
-                f"{what}: its run {run_id} has no {CHECKPOINT_ARTIFACT} artifact ({type(exc).__name__}); it was registered "
-                "before checkpoints were logged: retrain the fold (job train_folds) and rematerialise the gallery"
+                f"{what}: its run {run_id} has no {CHECKPOINT_ARTIFACT} artifact ({exc}); it was registered "
+                "before checkpoints were logged, or the run was deleted: retrain the fold (job train_folds) and "
+                "rematerialise the gallery"
             ) from exc
         if sha256_file(got) != sha:
             raise LineageError(f"{what}: the downloaded checkpoint's sha256 is not the one tagged on the version ({sha[:12]})")
@@ -297,7 +308,6 @@ def resolve_models(
             (the message says which and what to do).
     """
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     if versions is not None and len(versions) != len(lineage.models):
@@ -314,8 +324,14 @@ def resolve_models(
             )
         label = alias.format(fold=want.fold) if versions is None else None
         try:
-            mv = client.get_model_version_by_alias(name, label) if label else client.get_model_version(name, versions[i])  # type: ignore[index]
-        except MlflowException as exc:
+            with refusals_named(tracking_uri):
+                if label:
+                    mv = client.get_model_version_by_alias(name, label)
+                else:
+                    mv = client.get_model_version(name, versions[i])  # type: ignore[index]
+        except Exception as exc:
+            if not (_alias_missing(exc) if label else is_missing(exc)):
+                raise  # the registry could not be asked: not a missing model
             what = f"alias {name}@{label}" if label else f"version {name} v{versions[i]}"  # type: ignore[index]
             raise LineageError(f"{what} not found in the registry at {tracking_uri}") from exc
         what = f"{name}@{label} (v{mv.version})" if label else f"{name} v{mv.version}"
@@ -352,7 +368,8 @@ def gallery_models(lineage: GalleryLineage, model_dir: object, tracking_uri: str
         import mlflow
 
         client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-        mv = client.get_model_version(want.registered_model, want.version)
+        with refusals_named(tracking_uri):
+            mv = client.get_model_version(want.registered_model, want.version)
         path = fetch_checkpoint(tracking_uri, mv.run_id, want.checkpoint_sha256, cache_dir, f"{want.registered_model} v{want.version}")
         out.append(_resolved(want, path, None))
     return out
