@@ -26,6 +26,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import urlparse
 
 # MLflow error codes that say "not now": the server is overloaded, rate-limits, timed out,
 # or its store is busy (the SQLite store's code for a locked database).
@@ -66,13 +67,19 @@ def refusal_message(tracking_uri: str, status: int, detail: str) -> str | None:
             f"lacks the permission; ask the server's administrator [{detail}]"
         )
     if status == 404:
-        return f"{tracking_uri} is not an MLflow tracking server (404): check MLFLOW_TRACKING_URI [{detail}]"
+        return (
+            f"{tracking_uri} is not an MLflow tracking server (404): check MLFLOW_TRACKING_URI (an MLflow server older "
+            f"than this client answers 404 to the APIs it lacks too) [{detail}]"
+        )
     return None
 
 
 def refusal(exc: BaseException, tracking_uri: str) -> MlflowRefusedError | None:
     """``exc`` as a :class:`MlflowRefusedError` naming ``tracking_uri``, when MLflow's client
-    raised it for a 401, 403 or for an API endpoint the server does not have (404); else None."""
+    raised it for a 401, 403 or for an API endpoint the server does not have (404); else None
+    (always for a file or database store: only a server answers with a status)."""
+    if urlparse(tracking_uri).scheme not in ("http", "https"):
+        return None
     code = mlflow_error_code(exc)
     status = 401 if code in _UNAUTHENTICATED else 403 if code == "PERMISSION_DENIED" else 404 if code == "ENDPOINT_NOT_FOUND" else None
     if status is None:
