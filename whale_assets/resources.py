@@ -16,6 +16,7 @@ from whale_assets.retries import mlflow_retry_policy
 from whale_ml.offline import configure_environment
 from whale_ml.environment import default_data_dir, default_home, read_environment
 from whale_ml.home import HomeLayout
+from whale_ml.mlflow_errors import TRANSIENT_STATUSES, MlflowRefusedError, refusal_message, refusals_named
 
 
 class WhaleHome(dg.ConfigurableResource):
@@ -109,12 +110,17 @@ class MlflowTracking(dg.ConfigurableResource):
         return self.tracking_uri or _default_tracking_uri()
 
     def check_reachable(self) -> None:
-        """Fail at once, naming the URI, when the tracking server does not answer.
+        """Fail at once, naming the URI, when the tracking server does not answer, is
+        unavailable, or refuses the credentials.
 
         MLflow's own client would retry a dead server for minutes (and a step that
         trains first would lose its work at the end); one quick request decides
-        instead, and the assets' retry policy tries the step again later. Any HTTP
-        answer counts: a proxy's 401 is still a server. File and database stores
+        instead. No answer, or a 429/5xx (a proxy whose backend is down, maintenance),
+        raises :class:`MlflowUnreachableError` (transient: the assets' retry policy tries
+        the step again later). A 401 or 403 raises :class:`MlflowRefusedError` (final: the
+        same credentials get the same answer). Any other answer counts as a server: a
+        proxy may route only the API, not ``/health``, so a 404 here decides nothing
+        (the first API call names a server that is not MLflow). File and database stores
         need no probe.
         """
         uri = self.uri
@@ -122,14 +128,21 @@ class MlflowTracking(dg.ConfigurableResource):
             return
         import requests
 
+        retried = (
+            f"the step is retried {mlflow_retry_policy().max_retries} time(s) (WHALE_MLFLOW_RETRIES, WHALE_MLFLOW_RETRY_DELAY_S)"
+        )
         try:
-            requests.get(f"{uri.rstrip('/')}/health", timeout=self.probe_timeout_s)
+            answer = requests.get(f"{uri.rstrip('/')}/health", timeout=self.probe_timeout_s)
         except requests.RequestException as exc:
             raise MlflowUnreachableError(
                 f"MLflow tracking server {uri} is unreachable ({type(exc).__name__}: {exc}). Start it, or point "
-                "MLFLOW_TRACKING_URI (or the mlflow resource's tracking_uri) at one that runs; the step is retried "
-                f"{mlflow_retry_policy().max_retries} time(s) (WHALE_MLFLOW_RETRIES, WHALE_MLFLOW_RETRY_DELAY_S)."
+                f"MLFLOW_TRACKING_URI (or the mlflow resource's tracking_uri) at one that runs; {retried}."
             ) from exc
+        status = answer.status_code
+        if status in (401, 403):
+            raise MlflowRefusedError(refusal_message(uri, status, f"{answer.reason} at /health") or "", uri, status)
+        if status in TRANSIENT_STATUSES:
+            raise MlflowUnreachableError(f"MLflow tracking server {uri} is unavailable ({status} {answer.reason} at /health); {retried}.")
 
     def _experiment_id(self) -> str:
         import mlflow
@@ -177,7 +190,19 @@ class MlflowTracking(dg.ConfigurableResource):
                 finds one) every :attr:`system_metrics_interval_s` while the run is open,
                 and once more at its end, as MLflow's ``system/*`` metrics (psutil; a
                 resumed run continues their steps).
+
+        Raises:
+            MlflowRefusedError: the tracking server refused a request made here or in the
+                block (401, 403, not an MLflow server): MLflow's message names only the
+                endpoint, this one names the server and what to set.
         """
+        with refusals_named(self.uri), self._run(context, run_name, tags, system_metrics) as run:
+            yield run
+
+    @contextmanager
+    def _run(
+        self, context: dg.AssetExecutionContext, run_name: str, tags: dict[str, str] | None, system_metrics: bool
+    ) -> Iterator[Any]:
         import mlflow
 
         experiment_id = self._experiment_id()
@@ -266,9 +291,10 @@ class MlflowTracking(dg.ConfigurableResource):
         ``tags`` and ``alias`` (:func:`whale_ml.registry.register_model`)."""
         from whale_ml.registry import register_model
 
-        return register_model(
-            self.uri, self.registered_model, model, image_size, embedding_size, alias, tags, metrics=metrics, dataset=dataset, log=log
-        )
+        with refusals_named(self.uri):
+            return register_model(
+                self.uri, self.registered_model, model, image_size, embedding_size, alias, tags, metrics=metrics, dataset=dataset, log=log
+            )
 
     def promote_challengers(self, folds: list[str]) -> list[dict[str, object]]:
         """Champion/challenger per fold in :attr:`registered_model`
@@ -280,5 +306,6 @@ class MlflowTracking(dg.ConfigurableResource):
 
 
 class MlflowUnreachableError(ConnectionError):
-    """The MLflow tracking server named in the message did not answer."""
+    """The MLflow tracking server named in the message did not answer, or answered that it
+    is unavailable (a ``ConnectionError``: transient, the step is retried)."""
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import dagster as dg
 
+from whale_ml import mlflow_errors
 from whale_ml.environment import read_environment
 
 
@@ -40,22 +41,11 @@ def mlflow_retry_policy() -> dg.RetryPolicy:
 
 def is_transient(exc: BaseException) -> bool:
     """True when ``exc`` (or an exception in its cause chain) says the MLflow server or
-    store is down or busy: worth retrying later, unlike a bug or bad data."""
-    import requests
-
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout)):
-            return True
-        text = str(current)
-        if type(current).__name__ == "MlflowException" and ("API request to" in text or "Max retries exceeded" in text):
-            return True  # MLflow's REST client gives up on a dead server with this message
-        if type(current).__name__ == "OperationalError" and "database is locked" in text:
-            return True  # SQLite store busy with another writer
-        current = current.__cause__ or current.__context__
-    return False
+    store is away or busy: worth retrying later, unlike a refusal (401, 403, a URL that is
+    not MLflow), a bug or bad data. Judged by exception type, HTTP status and MLflow's
+    error code (:func:`whale_ml.mlflow_errors.is_transient`), never by message text:
+    MLflow's client words a 401 like a dead server."""
+    return mlflow_errors.is_transient(exc)
 
 
 def retry_only_if_transient(fn: Callable[..., Any]) -> Callable[..., Any]:

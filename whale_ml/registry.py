@@ -22,6 +22,7 @@ from typing import Any
 
 from whale_ml.gallery.lineage import FoldModel, GalleryLineage, LineageError
 from whale_ml.io import atomic_path, sha256_file, staging_dir
+from whale_ml.mlflow_errors import is_missing, mlflow_error_code, refusals_named
 
 CHECKPOINT_ARTIFACT = "checkpoint/best.pt"
 SHA_TAG = "checkpoint_sha256"
@@ -190,41 +191,68 @@ def promote_challengers(tracking_uri: str, registered_model: str, folds: list[st
     """Champion/challenger per fold: the newest version (alias ``<fold>``) becomes
     ``challenger_<fold>``, and ``champion_<fold>`` too when :func:`promotion` says so.
 
+    Every fold's versions are read before any alias is set, and only an alias that does
+    not exist counts as "none": any other error (a locked SQLite store, a server that is
+    down or refuses the credentials) propagates before anything is promoted, so that a
+    store that could not be read never makes a worse model champion.
+
     Returns:
         One row per fold: both versions, their scores and the decision.
+
+    Raises:
+        MlflowRefusedError: the tracking server refused the request (names the URI).
+        MlflowException: anything else MLflow raised (transient or not:
+            :func:`whale_ml.mlflow_errors.is_transient` says which).
     """
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
 
     def by_alias(alias: str) -> Any:
         try:
             return client.get_model_version_by_alias(registered_model, alias)
-        except MlflowException:
-            return None
+        except Exception as exc:
+            if _alias_missing(exc):
+                return None
+            raise
 
-    rows: list[dict[str, object]] = []
-    for fold in folds:
-        new, champion = by_alias(fold), by_alias(f"champion_{fold}")
-        row: dict[str, object] = {"fold": fold, "challenger": None, "challenger_map5": None, "champion_before": None}
-        if new is None:
-            rows.append({**row, "decision": "no registered model for this fold"})
-            continue
-        client.set_registered_model_alias(registered_model, f"challenger_{fold}", new.version)
-        row.update({"challenger": int(new.version), "challenger_map5": _val_map5(new)})
-        if champion is not None:
-            row.update({"champion_before": int(champion.version), "champion_map5": _val_map5(champion)})
-        promote, why = promotion(new, champion)
-        if promote:
-            client.set_registered_model_alias(registered_model, f"champion_{fold}", new.version)
-        row.update({"champion_after": int(new.version if promote else champion.version), "decision": why})
-        rows.append(row)
+    with refusals_named(tracking_uri):
+        found = [(fold, by_alias(fold), by_alias(f"champion_{fold}")) for fold in folds]
+        rows: list[dict[str, object]] = []
+        for fold, new, champion in found:
+            row: dict[str, object] = {"fold": fold, "challenger": None, "challenger_map5": None, "champion_before": None}
+            if new is None:
+                rows.append({**row, "decision": "no registered model for this fold"})
+                continue
+            client.set_registered_model_alias(registered_model, f"challenger_{fold}", new.version)
+            row.update({"challenger": int(new.version), "challenger_map5": _val_map5(new)})
+            if champion is not None:
+                row.update({"champion_before": int(champion.version), "champion_map5": _val_map5(champion)})
+            promote, why = promotion(new, champion)
+            if promote:
+                client.set_registered_model_alias(registered_model, f"champion_{fold}", new.version)
+            row.update({"champion_after": int(new.version if promote else champion.version), "decision": why})
+            rows.append(row)
     return rows
 
 
+def _alias_missing(exc: BaseException) -> bool:
+    """True when MLflow says the alias (or the whole registered model) does not exist: for
+    an alias it answers INVALID_PARAMETER_VALUE, for a model RESOURCE_DOES_NOT_EXIST (the
+    SQLite store and a tracking server alike, MLflow 3.17). The alias names asked for here
+    are valid, so INVALID_PARAMETER_VALUE cannot mean a malformed name."""
+    return is_missing(exc) or mlflow_error_code(exc) == "INVALID_PARAMETER_VALUE"
+
+
 def fetch_checkpoint(tracking_uri: str, run_id: str, sha: str, cache_dir: Path, what: str) -> Path:
-    """The checkpoint artifact of ``run_id``, cached as ``<sha>.pt`` and checked against ``sha``."""
+    """The checkpoint artifact of ``run_id``, cached as ``<sha>.pt`` and checked against ``sha``.
+
+    Raises:
+        LineageError: MLflow says the run or its checkpoint does not exist (retrain the
+            fold), or the download is another file.
+        MlflowRefusedError: the tracking server refused the credentials or is not MLflow.
+        MlflowException: anything else (a server that is down stays transient, retried).
+    """
     import mlflow
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file: no progress bar on stderr
@@ -235,15 +263,19 @@ def fetch_checkpoint(tracking_uri: str, run_id: str, sha: str, cache_dir: Path, 
     tmp = staging_dir(cache_dir, "download")  # a killed download is swept by the next one
     try:
         try:
-            got = Path(
-                mlflow.artifacts.download_artifacts(
-                    run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT, dst_path=str(tmp), tracking_uri=tracking_uri
+            with refusals_named(tracking_uri):
+                got = Path(
+                    mlflow.artifacts.download_artifacts(
+                        run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT, dst_path=str(tmp), tracking_uri=tracking_uri
+                    )
                 )
-            )
         except Exception as exc:
+            if not is_missing(exc):
+                raise  # a server that is down stays transient (retried); a refusal names the server
             raise LineageError(
-                f"{what}: its run {run_id} has no {CHECKPOINT_ARTIFACT} artifact ({type(exc).__name__}); it was registered "
-                "before checkpoints were logged: retrain the fold (job train_folds) and rematerialise the gallery"
+                f"{what}: its run {run_id} has no {CHECKPOINT_ARTIFACT} artifact ({exc}); it was registered "
+                "before checkpoints were logged, or the run was deleted: retrain the fold (job train_folds) and "
+                "rematerialise the gallery"
             ) from exc
         if sha256_file(got) != sha:
             raise LineageError(f"{what}: the downloaded checkpoint's sha256 is not the one tagged on the version ({sha[:12]})")
@@ -276,7 +308,6 @@ def resolve_models(
             (the message says which and what to do).
     """
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     if versions is not None and len(versions) != len(lineage.models):
@@ -293,8 +324,14 @@ def resolve_models(
             )
         label = alias.format(fold=want.fold) if versions is None else None
         try:
-            mv = client.get_model_version_by_alias(name, label) if label else client.get_model_version(name, versions[i])  # type: ignore[index]
-        except MlflowException as exc:
+            with refusals_named(tracking_uri):
+                if label:
+                    mv = client.get_model_version_by_alias(name, label)
+                else:
+                    mv = client.get_model_version(name, versions[i])  # type: ignore[index]
+        except Exception as exc:
+            if not (_alias_missing(exc) if label else is_missing(exc)):
+                raise  # the registry could not be asked: not a missing model
             what = f"alias {name}@{label}" if label else f"version {name} v{versions[i]}"  # type: ignore[index]
             raise LineageError(f"{what} not found in the registry at {tracking_uri}") from exc
         what = f"{name}@{label} (v{mv.version})" if label else f"{name} v{mv.version}"
@@ -343,7 +380,8 @@ def gallery_models(lineage: GalleryLineage, model_dir: object, tracking_uri: str
         import mlflow
 
         client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-        mv = client.get_model_version(want.registered_model, want.version)
+        with refusals_named(tracking_uri):
+            mv = client.get_model_version(want.registered_model, want.version)
         path = fetch_checkpoint(tracking_uri, mv.run_id, want.checkpoint_sha256, cache_dir, f"{want.registered_model} v{want.version}")
         out.append(_resolved(want, path, None))
     return out
