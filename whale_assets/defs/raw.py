@@ -35,7 +35,7 @@ def train_metadata(context: dg.AssetExecutionContext, config: MetadataSettings, 
     retraining learns them."""
     _ensure_data(context, whale)
     notes: list[str] = []
-    df = read_train_metadata(whale.data_path, check_files=config.check_files, warn=notes.append)
+    df = read_train_metadata(whale.data_path, check_files=config.check_files, warn=notes.append, require_folder=True)
     for note in notes:
         context.log.warning(note)
     df, enrolled = with_ledger(df, whale.layout, whale.data_path / "train.csv")
@@ -74,7 +74,9 @@ def test_metadata(context: dg.AssetExecutionContext, config: MetadataSettings, w
     warning and the pairs listed under ``also_in_train``."""
     _ensure_data(context, whale)
     notes: list[str] = []
-    df = read_test_metadata(whale.data_path, check_files=config.check_files and config.missing_test_images == "fail", warn=notes.append)
+    df = read_test_metadata(
+        whale.data_path, check_files=config.check_files and config.missing_test_images == "fail", warn=notes.append, require_folder=True
+    )
     missing = [img for img, path in zip(df["image"], df["path"], strict=True) if not Path(path).is_file()]
     for img in missing:
         notes.append(f"{whale.data_path / 'test_images' / img}: listed but missing; its row will get the prior answer")
