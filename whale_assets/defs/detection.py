@@ -232,14 +232,15 @@ def local_features(
     match. The threshold stage re-ranks each query's first candidates by how many of
     these match geometrically (HotSpotter-style), and the submission and ``whale
     identify`` do the same. One folder per split; a photo that cannot be read gets none."""
-    photos = photos_to_box(train_metadata, test_metadata).set_index("image")
+    photos = photos_to_box(train_metadata, test_metadata)
     counts: dict[str, int] = {}
     keypoints: list[int] = []
     failed = 0
     for split in ("train", "test"):
         rows = bboxes[bboxes["split"] == split]
         boxes = rows[["x_min", "y_min", "x_max", "y_max"]].to_numpy(dtype=float).tolist()
-        paths = photos.loc[rows["image"], "path"].tolist()
+        # By split and name: a test photo may share its name with a training photo (a user's catalogue).
+        paths = photos[photos["split"] == split].set_index("image").loc[rows["image"], "path"].tolist()
         feats, failures = extract_features(paths, boxes, config, config.workers, progress_logger(context, f"{split} local features"))
         for failure in failures:
             context.log.warning(f"no local features for {split} photo {failure.image}: {failure.error}")
