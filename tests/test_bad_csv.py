@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import stat
 from collections.abc import Iterator
@@ -158,6 +159,17 @@ def test_whitespace_only_file_is_empty(tmp_path: Path) -> None:
     assert "file is empty" in _error(read_train_metadata, data)
 
 
+def test_blank_lines_before_the_header_name_the_header_line(tmp_path: Path) -> None:
+    """A blank first line is not an empty file: the error names the file, the blank line(s)
+    and the line the header is on, and says the header must be on line 1."""
+    data = _data_set(tmp_path / "data", f"\n  \n{HEADER}\na.jpg,beluga,i1\n", ["a.jpg"], "\nimage,predictions\nt.jpg,x\n", ["t.jpg"])
+    message = _error(read_train_metadata, data)
+    assert str(data / "train.csv") in message and "file is empty" not in message
+    assert "header must be on line 1" in message and "line(s) 1, 2 are blank" in message and "found on line 3" in message
+    message = _error(read_test_metadata, data)
+    assert str(data / "sample_submission.csv") in message and "found on line 2" in message
+
+
 def test_not_utf8_is_an_error_and_a_bom_is_not(tmp_path: Path) -> None:
     """A Latin-1 file is refused with the offending byte; Excel's UTF-8 BOM is accepted."""
     data = _data_set(tmp_path / "data", "", ["a.jpg"])
@@ -293,7 +305,7 @@ def test_missing_test_photos_prior_warns_and_fail_stops(tmp_path: Path) -> None:
     assert mat.metadata["dagster/row_count"].value == 2 and mat.metadata["missing_files"].value == 1
     assert "gone.jpg" in mat.metadata["missing"].value and "prior answer" in mat.metadata["warnings"].value
     assert prior.output_for_node("test_metadata")["image"].tolist() == ["t1.jpg", "gone.jpg"]
-    assert any("gone.jpg: listed but missing" in w for w in warnings)
+    assert any(w.startswith("1 photo(s) listed in sample_submission.csv but missing") and "gone.jpg" in w for w in warnings)
 
     fail, _ = _materialize(
         [raw.test_metadata], data, tmp_path / "home2", {"ops": {"test_metadata": {"config": {"missing_test_images": "fail"}}}}
@@ -301,6 +313,28 @@ def test_missing_test_photos_prior_warns_and_fail_stops(tmp_path: Path) -> None:
     assert not fail.success
     message = _failure_message(fail, "test_metadata")
     assert str(data / "sample_submission.csv") in message and "gone.jpg" in message and "t1.jpg" not in message
+
+
+@pytest.mark.parametrize("folder", ["test_images", "train_images"])
+def test_a_missing_image_folder_is_named_when_the_metadata_is_read(tmp_path: Path, folder: str) -> None:
+    """The CSVs list photos but their folder is not there: one error naming the folder, at
+    once (missing_test_images 'prior' would otherwise give every test row the prior answer,
+    and check_files false would leave it to the detector), rather than a warning per photo."""
+    data = _data_set(tmp_path / "data", f"{HEADER}\na.jpg,beluga,i1\n", ["a.jpg"], "image,predictions\nt1.jpg,x\nt2.jpg,x\n", ["t1.jpg", "t2.jpg"])
+    shutil.rmtree(data / folder)
+    read = read_test_metadata if folder == "test_images" else read_train_metadata
+    for check_files in (True, False):
+        message = _error(read, data, check_files=check_files, require_folder=True)
+        assert f"image folder {data / folder} not found" in message, message
+    assert len(read(data, check_files=False)) > 0  # metadata-only work needs no photos
+    asset = raw.test_metadata if folder == "test_images" else raw.train_metadata
+    # The default settings read test photos without checking each (a missing one gets the prior answer);
+    # check_files: false does the same for training photos. Neither makes the folder optional.
+    run_config = {"ops": {asset.key.path[-1]: {"config": {"check_files": False}}}}
+    result, warnings = _materialize([asset], data, tmp_path / "home", run_config)
+    assert not result.success
+    assert f"image folder {data / folder} not found" in _failure_message(result, asset.key.path[-1])
+    assert not any("t1.jpg" in w for w in warnings)
 
 
 def test_test_photo_also_in_train_is_kept_warned_and_listed(tmp_path: Path) -> None:

@@ -3,9 +3,11 @@ in the metadata, and the run fails or goes on as the documented setting says."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import struct
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -20,6 +22,7 @@ from whale_ml.data.images import ImageReadError, load_rgb
 from whale_ml.data.metadata import NEW_INDIVIDUAL, MetadataError, read_train_metadata
 from whale_ml.detection.yolo import write_yolo_dataset
 from whale_ml.home import HomeLayout
+from whale_ml.retrieval.local_features import FeatureStore
 from whale_ml.submission import prior_predictions
 
 REPO = Path(__file__).resolve().parent.parent
@@ -179,3 +182,159 @@ def test_exclude_policy_trains_without_it_and_every_test_photo_gets_a_row(bad_da
     assert "contact_sheet" in mat.metadata and (layout.crops_dir / "contact_sheet.png").exists()
     test_mat = instance.get_latest_materialization_event(dg.AssetKey("test_metadata")).asset_materialization
     assert test_mat.metadata["missing_files"].value == 1
+
+
+# ---------------------------------------------------------------- many bad photos in one run
+
+N_UNREADABLE = 12  # more than a warning lists by name (10)
+LONG_NAME_BYTES = 244
+
+
+def _long_name(tag: str) -> str:
+    """A file name of LONG_NAME_BYTES bytes: the file fits the file system (255), a crop named after it did not."""
+    stem = f"long_{tag}_"
+    return stem + "x" * (LONG_NAME_BYTES - len(stem) - len(".jpg")) + ".jpg"
+
+
+def _rename_photo(data: Path, folder: str, csv_names: tuple[str, ...], old: str, new: str) -> None:
+    (data / folder / old).rename(data / folder / new)
+    for csv_name in csv_names:
+        df = pd.read_csv(data / csv_name, dtype=str, keep_default_na=False)
+        df["image"] = df["image"].replace(old, new)
+        df.to_csv(data / csv_name, index=False)
+
+
+@pytest.fixture(scope="module")
+def many_bad_photos(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+    """One whole `whale run` (tiny recipe, one epoch) on the tiny set with: N_UNREADABLE test
+    photos that cannot be read (half empty files, half missing), a test photo that is also a
+    training photo (same name in both folders and both CSVs), and a test and a training photo
+    whose names are 244 bytes long. The run's outcome (or its error) is shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("many_bad")
+    data = tmp / "data"
+    shutil.copytree(tiny_data, data)
+    train = pd.read_csv(data / "train.csv", dtype=str, keep_default_na=False)
+    test_names = pd.read_csv(data / "sample_submission.csv")["image"].tolist()
+    unreadable = test_names[:N_UNREADABLE]
+    for i, name in enumerate(unreadable):
+        if i % 2:
+            (data / "test_images" / name).unlink()
+        else:
+            (data / "test_images" / name).write_bytes(b"")
+    # The same photo listed in both splits, under the same name.
+    shared = train["image"].iloc[0]
+    shutil.copyfile(data / "train_images" / shared, data / "test_images" / shared)
+    sample = pd.read_csv(data / "sample_submission.csv", dtype=str, keep_default_na=False)
+    sample.loc[len(sample)] = [shared, sample["predictions"].iloc[0]]
+    sample.to_csv(data / "sample_submission.csv", index=False)
+    truth = pd.read_csv(data / "test_truth.csv", dtype=str, keep_default_na=False)
+    truth.loc[len(truth)] = {**truth.iloc[0].to_dict(), "image": shared, "individual_id": train["individual_id"].iloc[0]}
+    truth.to_csv(data / "test_truth.csv", index=False)
+    # Long names: a test photo, and a training photo (one the box file does not list: the detector trains on the rest).
+    long_test = _long_name("test")
+    _rename_photo(data, "test_images", ("sample_submission.csv", "test_truth.csv"), test_names[N_UNREADABLE], long_test)
+    boxed = set(pd.read_csv(data / "fluke_boxes.csv")["image"])
+    old_train = next(n for n in train["image"].iloc[1:] if n not in boxed)
+    long_train = _long_name("train")
+    _rename_photo(data, "train_images", ("train.csv",), old_train, long_train)
+
+    home = tmp / "home"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WHALE_HOME", str(home))
+        mp.setenv("WHALE_DATA_DIR", str(data))
+        mp.setenv("DAGSTER_HOME", str(home / "dagster_home"))
+        prepare_dagster_home()
+        recipe = load_recipe(REPO / "configs" / "tiny.yaml")
+        recipe["ops"]["arcface_model"]["config"]["epochs"] = 1
+        error: BaseException | None = None
+        try:
+            run_pipeline(recipe, log=lambda _m: None)
+        except Exception as exc:  # each test below says what it needed from the run
+            error = exc
+        yield {
+            "data": data,
+            "home": home,
+            "error": error,
+            "unreadable": unreadable,
+            "shared": shared,
+            "long_test": long_test,
+            "long_train": long_train,
+        }
+
+
+def _finished(run: dict) -> HomeLayout:
+    assert run["error"] is None, f"the run failed: {run['error']!r}"
+    return HomeLayout(run["home"])
+
+
+def _materialization(key: str) -> dg.AssetMaterialization:
+    event = dg.DagsterInstance.get().get_latest_materialization_event(dg.AssetKey.from_user_string(key))
+    assert event is not None, key
+    return event.asset_materialization
+
+
+@pytest.mark.e2e
+def test_test_photo_also_in_train_gets_its_row_and_both_keep_their_features(many_bad_photos: dict) -> None:
+    layout = _finished(many_bad_photos)
+    shared = many_bad_photos["shared"]
+    sample = pd.read_csv(many_bad_photos["data"] / "sample_submission.csv", dtype=str)
+    sub = pd.read_csv(layout.submission, dtype=str, keep_default_na=False)
+    assert sub["image"].tolist() == sample["image"].tolist()
+    assert shared in set(pd.read_parquet(layout.tables / "cv_folds.parquet")["image"])
+    for split in ("train", "test"):
+        images = FeatureStore([layout.local_features_dir(split)]).images
+        assert shared in images, split
+    feats = _materialization("local_features").metadata
+    assert feats["train_photos"].value == len(pd.read_csv(many_bad_photos["data"] / "train.csv"))
+    assert feats["test_photos"].value == len(sample)
+
+
+@pytest.mark.e2e
+def test_photos_with_244_byte_names_are_cropped_and_answered(many_bad_photos: dict) -> None:
+    layout = _finished(many_bad_photos)
+    crops = pd.read_parquet(layout.tables / "crops.parquet").set_index(["split", "image"])
+    for split, name in (("test", many_bad_photos["long_test"]), ("train", many_bad_photos["long_train"])):
+        crop = Path(crops.loc[(split, name), "crop_path"])
+        assert crop.is_file() and len(crop.name.encode()) <= 128, (split, crop.name)
+    assert many_bad_photos["long_train"] in set(pd.read_parquet(layout.tables / "cv_folds.parquet")["image"])
+    folds = pd.read_parquet(layout.tables / "cv_folds.parquet")
+    prior = " ".join(prior_predictions(folds["individual_id"].tolist()))
+    sub = pd.read_csv(layout.submission, dtype=str, keep_default_na=False).set_index("image")
+    assert many_bad_photos["long_test"] in sub.index
+    unreadable_rows = sub.loc[many_bad_photos["unreadable"], "predictions"]
+    assert (unreadable_rows == prior).all()
+    assert _materialization("submission_csv").metadata["prior_only_rows"].value == N_UNREADABLE
+
+
+@pytest.mark.e2e
+def test_many_unreadable_photos_make_a_few_warnings_and_full_lists(many_bad_photos: dict) -> None:
+    _finished(many_bad_photos)
+    bad = set(many_bad_photos["unreadable"])
+    instance = dg.DagsterInstance.get()
+    warnings = [
+        e.user_message
+        for run in instance.get_runs()
+        for e in instance.all_logs(run.run_id)
+        if e.dagster_event is None and e.level >= logging.WARNING
+    ]
+    naming = [w for w in warnings if any(name in w for name in bad)]
+    # One summary per kind (missing files, unreadable, without crop, without local features,
+    # prior-only rows), never one per photo; each names at most ten photos.
+    assert 0 < len(naming) <= 5, naming
+    assert max(sum(name in w for name in bad) for w in naming) <= 10
+    assert all(f"{N_UNREADABLE} " in w or f"{N_UNREADABLE // 2} " in w for w in naming), naming
+    # The full lists are files under the home, linked from the metadata.
+    lists = {
+        ("bboxes", "unreadable_list"): bad,
+        ("crops", "failed_photos_list"): bad,
+        ("local_features", "without_features_list"): bad,
+        ("submission_csv", "prior_only_list"): bad,
+        ("test_metadata", "missing_list"): set(many_bad_photos["unreadable"][1::2]),
+    }
+    home = many_bad_photos["home"].resolve()
+    for (key, entry), expected in lists.items():
+        path = Path(_materialization(key).metadata[entry].value)
+        assert path.resolve().is_relative_to(home), (key, path)
+        listed = pd.read_csv(path, dtype=str, keep_default_na=False)
+        assert set(listed["image"]) == expected, key
+        assert (listed["reason"] != "").all(), key

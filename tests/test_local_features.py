@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -95,3 +102,88 @@ def test_candidates_take_the_photos_most_like_the_query_and_the_best_inliers(tmp
     assert inl.shape == (2, 2)
     assert inl[0, 0] == count_inliers(fa1, fa2, cfg) and inl[0, 1] == count_inliers(fa1, fb, cfg)
     assert inl[1].tolist() == [0, 0]  # a query without features has no local evidence
+
+
+# ---------------------------------------------------------------- the stored set, with a writer in another process
+
+# A writer process rewriting one split's features forever: generation g holds photos
+# ``g<g>_<i>.jpg`` whose every point is g and every descriptor byte g % 251, and one photo
+# with many keypoints so that each write takes a while.
+_WRITER = """
+import sys
+from pathlib import Path
+import numpy as np
+from whale_ml.retrieval.local_features import PhotoFeatures, save_features
+from whale_ml.stage_configs import LocalFeatureConfig
+folder, start, count = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+cfg = LocalFeatureConfig()
+g = start
+while count < 0 or g < start + count:
+    n = 2 + g % 7
+    sizes = [1 + (g + i) % 5 for i in range(n)]
+    sizes[0] = 20000
+    feats = [PhotoFeatures(np.full((m, 2), g, np.float32), np.full((m, 128), g % 251, np.uint8)) for m in sizes]
+    save_features(folder, [f"g{g}_{i}.jpg" for i in range(n)], feats, cfg)
+    print(g, flush=True)
+    g += 1
+"""
+
+
+def _writer(folder, start: int, count: int) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    return subprocess.Popen([sys.executable, "-c", _WRITER, str(folder), str(start), str(count)], stdout=subprocess.PIPE, text=True, env=env)
+
+
+def _one_generation(folder) -> int:
+    """Read the folder's features and check they are all of one generation; return it."""
+    store = FeatureStore([folder])
+    g = int(store.images[0].split("_")[0][1:])
+    n = 2 + g % 7
+    assert store.images == [f"g{g}_{i}.jpg" for i in range(n)], store.images
+    for i, image in enumerate(store.images):
+        feats = store.get(image)
+        assert len(feats) == (20000 if i == 0 else 1 + (g + i) % 5), (g, image, len(feats))
+        assert (feats.points == g).all() and (np.asarray(feats.descriptors) == g % 251).all(), (g, image)
+    return g
+
+
+def test_a_reader_never_sees_a_mixed_set_while_another_process_rewrites_it(tmp_path):
+    folder = tmp_path / "feats"
+    first = _writer(folder, 0, 1)
+    assert first.wait(60) == 0
+    writer = _writer(folder, 1, -1)
+    seen: set[int] = set()
+    try:
+        writer.stdout.readline()  # started and writing (an import on busy cores can take seconds)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(seen) < 10:
+            seen.add(_one_generation(folder))
+    finally:
+        writer.kill()
+        writer.wait()
+    assert len(seen) >= 3, seen  # the reads overlapped several rewrites
+    sets = [p.name for p in folder.iterdir() if p.name.startswith("set.")]
+    assert len(sets) <= 3, sets  # older sets are swept (the current, the one before, one in flight)
+
+
+def test_a_writer_killed_mid_rewrite_leaves_a_whole_set(tmp_path):
+    """kill -9 of a process rewriting the set in a loop, at five moments: each time the set
+    read back is one whole generation, and the next write succeeds and sweeps what the dead
+    writer left."""
+    folder = tmp_path / "feats"
+    assert _writer(folder, 0, 1).wait(60) == 0
+    rng = np.random.default_rng(0)
+    start = 1
+    for _ in range(5):
+        writer = _writer(folder, start, -1)
+        writer.stdout.readline()  # it has written one generation: the next is under way
+        time.sleep(float(rng.uniform(0.0, 0.15)))
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        g = _one_generation(folder)
+        assert g >= start, g
+        start = g + 100
+    assert _writer(folder, start, 1).wait(60) == 0
+    assert _one_generation(folder) == start
+    left = sorted(p.name for p in folder.iterdir())
+    assert not [n for n in left if n.endswith(".partial")], left

@@ -6,11 +6,13 @@ import base64
 import io
 import math
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
 import pandas as pd
 
+from whale_ml.io import atomic_path
 from whale_ml.progress import progress_printer
 
 Cell = str | int | float | bool | None
@@ -96,3 +98,49 @@ def progress_logger(context: dg.AssetExecutionContext, what: str, every_s: float
 
 
 
+
+
+# Photos a summary warning names; the rest are in its file.
+NAMED_IN_WARNING = 10
+
+
+def photo_list(warn: Callable[[str], None], what: str, rows: pd.DataFrame, path: Path) -> dg.MetadataValue | None:
+    """One WARNING for a kind of bad photo, however many there are, and the full list as a file.
+
+    At the real scale one bad folder is tens of thousands of photos: a warning each would
+    flood the run's event log. So the warning gives the count, the first
+    :data:`NAMED_IN_WARNING` names and one reason (:func:`warn_photos`), and every photo
+    is written to ``path``, which the metadata links (:func:`write_photo_list`).
+
+    Args:
+        warn: the step's warning log.
+        what: the kind, as the warning's subject (``test photo(s) without a crop``).
+        rows: ``image``, ``reason`` and, optionally, ``split``.
+
+    Returns:
+        The file's path as metadata, or None when ``rows`` is empty.
+    """
+    listed = write_photo_list(rows, path)
+    warn_photos(warn, what, rows, path)
+    return listed
+
+
+def write_photo_list(rows: pd.DataFrame, path: Path) -> dg.MetadataValue | None:
+    """Every row (``image``, ``split`` where known, ``reason``) as a CSV at ``path`` under the
+    home, linked as metadata; None, and a list left by an earlier run removed, when there is none."""
+    if rows.empty:
+        path.unlink(missing_ok=True)
+        return None
+    with atomic_path(path) as tmp:
+        rows[[c for c in ("image", "split", "reason") if c in rows]].to_csv(tmp, index=False)
+    return dg.MetadataValue.path(str(path))
+
+
+def warn_photos(warn: Callable[[str], None], what: str, rows: pd.DataFrame, path: Path) -> None:
+    """One warning for ``rows`` (none when empty): how many, the first names, one reason, and where the full list is."""
+    if rows.empty:
+        return
+    names = rows["image"].astype(str).tolist()
+    more = len(names) - NAMED_IN_WARNING
+    shown = ", ".join(names[:NAMED_IN_WARNING]) + (f" and {more} more" if more > 0 else "")
+    warn(f"{len(rows)} {what}: {shown} (e.g. {rows['reason'].iloc[0]}); every one in {path}")

@@ -86,6 +86,11 @@ class HomeLayout:
         return self.home / "enrolled"
 
     @property
+    def reports_dir(self) -> Path:
+        """Lists too long for the run's log or metadata (every unreadable photo, say), one CSV each."""
+        return self.round_home / "reports"
+
+    @property
     def submission(self) -> Path:
         return self.round_home / "submission.csv"
 

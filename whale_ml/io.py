@@ -62,6 +62,22 @@ class ArtifactWriteError(OSError):
         return str(self.strerror)
 
 
+# A temp name adds about 25 bytes to its target's stem; file systems allow 255 bytes a name.
+# A target whose name is near that limit (a photo's 244-byte name, say) gets a temp name
+# from the first bytes of its stem and a digest of the rest, so that it can still be written.
+_TEMP_STEM_BYTES = 100
+
+
+def temp_stem(stem: str) -> str:
+    """The part of a target's stem its temp files carry: the stem itself, or, past
+    ``_TEMP_STEM_BYTES`` bytes, its first bytes and a digest of the whole (still one per target)."""
+    raw = stem.encode()
+    if len(raw) <= _TEMP_STEM_BYTES:
+        return stem
+    head = raw[: _TEMP_STEM_BYTES - 9].decode(errors="ignore")
+    return f"{head}~{hashlib.sha1(raw).hexdigest()[:8]}"
+
+
 def is_temp_name(name: str) -> bool:
     """True for the hidden temp files :func:`atomic_path` writes (readers skip them)."""
     return _TEMP.match(name) is not None
@@ -101,7 +117,8 @@ def _left_by_dead_writers(folder: str | os.PathLike[str], pattern: re.Pattern[st
 def remove_stale_temps(folder: str | os.PathLike[str], stem: str | None = None, suffix: str | None = None) -> list[Path]:
     """Delete the temp files in ``folder`` whose writer is gone (a killed or crashed run).
 
-    With ``stem``/``suffix``, only those of that one target. Temp files of a live
+    With ``stem``/``suffix``, only those of that one target (``stem`` as :func:`temp_stem`
+    gives it). Temp files of a live
     process (another run writing beside this one) are kept. Returns what was removed.
     """
     removed: list[Path] = []
@@ -312,9 +329,10 @@ def atomic_path(path: str | os.PathLike[str], sweep: bool = True, sync_dir: bool
     target = Path(path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        stem = temp_stem(target.stem)
         if sweep:
-            remove_stale_temps(target.parent, target.stem, target.suffix)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}.p{os.getpid()}.", suffix=f".tmp{target.suffix}", dir=target.parent)
+            remove_stale_temps(target.parent, stem, target.suffix)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.p{os.getpid()}.", suffix=f".tmp{target.suffix}", dir=target.parent)
         try:
             # mkstemp makes the file private (0600); an artifact gets the mode any file
             # this process creates would get (0644 under the usual umask), so that a

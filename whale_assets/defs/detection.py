@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from whale_assets.k8s import GPU_STEP_TAGS
-from whale_assets.metadata import image_md, progress_logger, table_meta
+from whale_assets.metadata import image_md, photo_list, progress_logger, table_meta, warn_photos, write_photo_list
 from whale_assets.resources import MlflowTracking, WhaleHome
 from whale_assets.retries import mlflow_retry_policy, retry_only_if_transient
 from whale_assets.versions import table_version
@@ -131,23 +131,29 @@ def boxes_and_crops(
     boxes = done.boxes.assign(split=photos["split"].to_numpy())
     table = done.crops.assign(split=photos["split"].to_numpy())  # type: ignore[union-attr]
     summary = summarise_boxes(boxes, photos["species"], boxes_cfg.warn_full_frame_share, detector.weights is not None)
-    for row in summary.unreadable.itertuples():
-        context.log.warning(f"unreadable {row.split} photo: {row.note}")
+    reports = whale.layout.reports_dir
+    unreadable_list = photo_list(
+        context.log.warning, "unreadable photo(s)", summary.unreadable.rename(columns={"note": "reason"}), reports / "unreadable_photos.csv"
+    )
     # Photos identified later are boxed and cropped exactly like these: the settings and detector are recorded.
     record_boxes(whale.layout, boxes_cfg.min_confidence, boxes_cfg.expand, detector.imgsz, detector.weights)
     record_crops(whale.layout, crops_cfg.size, crops_cfg.resize)
     # The boxes are materialised before the crops are judged: an unreadable training photo
     # fails the step, but every photo's box (and its reason) is on record.
     box_meta = {**box_metadata(summary, len(boxes)), **pass_metadata(done.stats)}
+    if unreadable_list is not None:
+        box_meta["unreadable_list"] = unreadable_list
     yield dg.MaterializeResult(asset_key="bboxes", value=boxes, metadata=box_meta, data_version=table_version(boxes))
     yield box_check(summary, boxes_cfg.warn_full_frame_share, detector.weights is not None)
     report = crop_report(table, crops_cfg.bad_train_image)
-    for row in report.train_failed.itertuples():
-        context.log.warning(f"training photo left out: {row.error}")
-    for row in report.test_failed.itertuples():
-        context.log.warning(f"test photo without crop (it gets a prior-only prediction): {row.error}")
+    failed, failed_list = report.failed.rename(columns={"error": "reason"}), reports / "photos_without_crop.csv"
+    failed_list_md = write_photo_list(failed, failed_list)
+    warn_photos(context.log.warning, "training photo(s) left out (no crop)", failed[failed["split"] == "train"], failed_list)
+    warn_photos(context.log.warning, "test photo(s) without a crop (each gets the prior answer)", failed[failed["split"] == "test"], failed_list)
     paths = photo_paths(train_metadata, test_metadata)
     crop_meta = crop_metadata(report, table, crops_cfg, boxes, paths, whale.layout.crops_dir)
+    if failed_list_md is not None:
+        crop_meta["failed_photos_list"] = failed_list_md
     # A crop's file name is a digest of its photo, box, size and mode: the table is its content.
     yield dg.MaterializeResult(asset_key="crops", value=table, metadata=crop_meta, data_version=table_version(table, ignore=["written"]))
 
@@ -232,26 +238,33 @@ def local_features(
     match. The threshold stage re-ranks each query's first candidates by how many of
     these match geometrically (HotSpotter-style), and the submission and ``whale
     identify`` do the same. One folder per split; a photo that cannot be read gets none."""
-    photos = photos_to_box(train_metadata, test_metadata).set_index("image")
+    photos = photos_to_box(train_metadata, test_metadata)
     counts: dict[str, int] = {}
     keypoints: list[int] = []
-    failed = 0
+    failed: list[dict[str, str]] = []
     for split in ("train", "test"):
         rows = bboxes[bboxes["split"] == split]
         boxes = rows[["x_min", "y_min", "x_max", "y_max"]].to_numpy(dtype=float).tolist()
-        paths = photos.loc[rows["image"], "path"].tolist()
+        # By split and name: a test photo may share its name with a training photo (a user's catalogue).
+        paths = photos[photos["split"] == split].set_index("image").loc[rows["image"], "path"].tolist()
         feats, failures = extract_features(paths, boxes, config, config.workers, progress_logger(context, f"{split} local features"))
-        for failure in failures:
-            context.log.warning(f"no local features for {split} photo {failure.image}: {failure.error}")
+        failed += [{"image": f.image, "split": split, "reason": f.error} for f in failures]
         save_features(whale.layout.local_features_dir(split), rows["image"].tolist(), feats, config)
-        counts[split], failed = len(rows), failed + len(failures)
+        counts[split] = len(rows)
         keypoints += [len(f) for f in feats if f is not None]
+    without = photo_list(
+        context.log.warning,
+        "photo(s) without local features (unreadable)",
+        pd.DataFrame(failed, columns=["image", "split", "reason"]),
+        whale.layout.reports_dir / "photos_without_local_features.csv",
+    )
     kp = np.asarray(keypoints or [0])
     return dg.MaterializeResult(
         metadata={
+            **({"without_features_list": without} if without is not None else {}),
             "train_photos": counts["train"],
             "test_photos": counts["test"],
-            "photos_without_features": failed,
+            "photos_without_features": len(failed),
             "keypoints_median": int(np.median(kp)),
             "keypoints_p10": int(np.percentile(kp, 10)),
             "photos_under_20_keypoints": int((kp < 20).sum()),

@@ -5,7 +5,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from whale_assets.metadata import table_meta
+from whale_assets.metadata import photo_list, table_meta
 from whale_assets.resources import WhaleHome
 from whale_assets.versions import table_version
 from whale_assets.launchpad import MetadataSettings
@@ -35,7 +35,7 @@ def train_metadata(context: dg.AssetExecutionContext, config: MetadataSettings, 
     retraining learns them."""
     _ensure_data(context, whale)
     notes: list[str] = []
-    df = read_train_metadata(whale.data_path, check_files=config.check_files, warn=notes.append)
+    df = read_train_metadata(whale.data_path, check_files=config.check_files, warn=notes.append, require_folder=True)
     for note in notes:
         context.log.warning(note)
     df, enrolled = with_ledger(df, whale.layout, whale.data_path / "train.csv")
@@ -74,10 +74,16 @@ def test_metadata(context: dg.AssetExecutionContext, config: MetadataSettings, w
     warning and the pairs listed under ``also_in_train``."""
     _ensure_data(context, whale)
     notes: list[str] = []
-    df = read_test_metadata(whale.data_path, check_files=config.check_files and config.missing_test_images == "fail", warn=notes.append)
+    df = read_test_metadata(
+        whale.data_path, check_files=config.check_files and config.missing_test_images == "fail", warn=notes.append, require_folder=True
+    )
     missing = [img for img, path in zip(df["image"], df["path"], strict=True) if not Path(path).is_file()]
-    for img in missing:
-        notes.append(f"{whale.data_path / 'test_images' / img}: listed but missing; its row will get the prior answer")
+    missing_list = photo_list(
+        notes.append,
+        f"photo(s) listed in sample_submission.csv but missing from {whale.data_path / 'test_images'} (their rows get the prior answer)",
+        pd.DataFrame({"image": missing, "reason": "listed but missing"}),
+        whale.layout.reports_dir / "missing_test_photos.csv",
+    )
     metadata: dict[str, object] = {
         "dagster/row_count": len(df),
         "missing_files": len(missing),
@@ -85,6 +91,7 @@ def test_metadata(context: dg.AssetExecutionContext, config: MetadataSettings, w
     }
     if missing:
         metadata["missing"] = dg.MetadataValue.md("\n".join(f"- `{m}`" for m in missing[:50]))
+        metadata["missing_list"] = missing_list
     try:
         # check_files=False: a broken train set is train_metadata's error to report, not this asset's.
         train = read_train_metadata(whale.data_path, check_files=False, warn=lambda _m: None)

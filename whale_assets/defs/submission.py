@@ -7,7 +7,7 @@ import pandas as pd
 
 from whale_assets.freshness import RETRAIN_FRESHNESS
 from whale_assets.stages import REBUILD_AFTER_FOLDS
-from whale_assets.metadata import image_md, table_meta
+from whale_assets.metadata import image_md, photo_list, table_meta
 from whale_assets.defs.detection import feature_store
 from whale_assets.resources import WhaleHome
 from whale_assets.rounds import FIRST_ROUND, Round
@@ -77,8 +77,12 @@ def submission_csv_asset(rnd: Round) -> dg.AssetsDefinition:
         matches = _match_test_photos(whale, version, queries, query_images, match_threshold)
         found, prior = dict(zip(query_images, matches.predictions, strict=True)), prior_predictions(train_metadata["individual_id"].tolist())
         missing = [img for img in test_metadata["image"] if img not in found]
-        for img in missing:
-            context.log.warning(f"{img}: no embedding (unreadable photo); predicting the prior {' '.join(prior)}")
+        prior_only = photo_list(
+            context.log.warning,
+            f"test photo(s) without an embedding (unreadable) get the prior answer {' '.join(prior)}",
+            pd.DataFrame({"image": missing, "reason": "no embedding (the photo could not be read or cropped)"}),
+            layout.reports_dir / "prior_only_rows.csv",
+        )
         predictions = [found.get(img, prior) for img in test_metadata["image"]]
         sub = make_submission(test_metadata["image"].tolist(), predictions)
         path = write_submission(sub, layout.submission)
@@ -108,6 +112,7 @@ def submission_csv_asset(rnd: Round) -> dg.AssetsDefinition:
                 "species_thresholds": len(match_threshold.get("species_thresholds") or {}),
                 "top1_new_individual_share": top1_new,
                 "prior_only_rows": len(missing),
+                **({"prior_only_list": prior_only} if prior_only is not None else {}),
                 **_rerank_md(matches),
                 "preview": table_meta(sub.head(10)),
             },

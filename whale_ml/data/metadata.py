@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import pandas as pd
 
@@ -100,7 +101,7 @@ def read_csv_rows(path: Path, required: tuple[str, ...], warn: WarnFn | None = N
     except csv.Error as exc:
         raise MetadataError(f"{path}: not a readable CSV ({exc})") from exc
     if header is None or not any(h.strip() for h in header):
-        raise MetadataError(f"{path}: file is empty (expected columns {', '.join(required)})")
+        _refuse_blank_header(path, records, required)
     header = [h.strip() for h in header]
     repeated = sorted({h for h in header if header.count(h) > 1})
     if repeated:
@@ -142,6 +143,29 @@ def read_csv_rows(path: Path, required: tuple[str, ...], warn: WarnFn | None = N
     for col in required:
         df[col] = df[col].str.strip()
     return df
+
+
+def _refuse_blank_header(path: Path, records: list[tuple[int, list[str]]], required: tuple[str, ...]) -> NoReturn:
+    """Line 1 of ``path`` is blank: the file is empty, or its header comes later.
+
+    pandas would skip the blank lines and take the first non-blank one as the header; this
+    reader refuses instead, naming the lines. A blank line above the header is not part of
+    any export Kaggle or a spreadsheet makes: it says the file was edited or pasted
+    together by hand, and a later tool that takes line 1 as the header (``csv``, Kaggle's
+    own checker) would misread the file. One deleted line is the whole fix.
+
+    Raises:
+        MetadataError: always.
+    """
+    first = next(((line, fields) for line, fields in records if any(v.strip() for v in fields)), None)
+    if first is None:
+        raise MetadataError(f"{path}: file is empty (expected columns {', '.join(required)})")
+    line, fields = first
+    blank = _listed(list(range(1, line)))
+    raise MetadataError(
+        f"{path}: line(s) {blank} are blank; the header must be on line 1 (columns {', '.join(required)}; the first "
+        f"text is found on line {line}: {','.join(fields)!r}): delete the blank line(s) above it"
+    )
 
 
 def _row_numbers(mask: pd.Series) -> list[int]:
@@ -211,6 +235,15 @@ def check_names_and_files(df: pd.DataFrame, image_dir: Path, check_files: bool) 
     return problems
 
 
+def image_folder_problems(image_dir: Path, require: bool) -> list[str]:
+    """``image folder ... not found`` when ``require`` and the folder is missing, else nothing.
+
+    Checked before any photo is looked up: a missing folder is one error naming it, not a
+    missing file (or an unreadable photo further on) per listed row.
+    """
+    return [f"image folder {image_dir} not found"] if require and not image_dir.is_dir() else []
+
+
 def id_breaks_submission(ids: pd.Series) -> pd.Series:
     """True where an individual id holds whitespace or control characters: the submission
     separates ids by spaces, so such an id could never be written back correctly."""
@@ -238,7 +271,9 @@ def _check_ids(df: pd.DataFrame) -> list[str]:
     return problems
 
 
-def read_train_metadata(data_dir: str | Path, check_files: bool = True, warn: WarnFn | None = None) -> pd.DataFrame:
+def read_train_metadata(
+    data_dir: str | Path, check_files: bool = True, warn: WarnFn | None = None, require_folder: bool = False
+) -> pd.DataFrame:
     """Read ``train.csv``: validated, species normalised, one integer label per individual.
 
     Ids may hold any printable characters but whitespace (commas, quotes and
@@ -248,6 +283,8 @@ def read_train_metadata(data_dir: str | Path, check_files: bool = True, warn: Wa
         check_files: also require every listed photo in ``train_images/``.
         warn: receives a line for what is accepted but ignored (extra columns,
             blank rows); the module's logger by default.
+        require_folder: require ``train_images/`` even without ``check_files`` (the
+            pipeline reads the photos; metadata-only work does not).
 
     Returns:
         Columns ``image, species, species_raw, individual_id, label, path``;
@@ -260,7 +297,8 @@ def read_train_metadata(data_dir: str | Path, check_files: bool = True, warn: Wa
     data_dir = Path(data_dir)
     csv_file = data_dir / "train.csv"
     df = read_csv_rows(csv_file, TRAIN_COLUMNS, warn)
-    problems = check_names_and_files(df, data_dir / "train_images", check_files)
+    problems = image_folder_problems(data_dir / "train_images", require_folder and not check_files)
+    problems += check_names_and_files(df, data_dir / "train_images", check_files)
     problems += _check_ids(df)
     if problems:
         raise MetadataError(f"{csv_file}: " + "; ".join(problems))
@@ -272,7 +310,9 @@ def read_train_metadata(data_dir: str | Path, check_files: bool = True, warn: Wa
     return out[["image", "species", "species_raw", "individual_id", "label", "path"]].reset_index(drop=True)
 
 
-def read_test_metadata(data_dir: str | Path, check_files: bool = True, warn: WarnFn | None = None) -> pd.DataFrame:
+def read_test_metadata(
+    data_dir: str | Path, check_files: bool = True, warn: WarnFn | None = None, require_folder: bool = False
+) -> pd.DataFrame:
     """Read the test images in ``sample_submission.csv`` order (the submission's order).
 
     When the data set has no ``sample_submission.csv`` (a folder of new
@@ -281,6 +321,8 @@ def read_test_metadata(data_dir: str | Path, check_files: bool = True, warn: War
     Args:
         check_files: also require every listed photo in ``test_images/``.
         warn: as in :func:`read_train_metadata`.
+        require_folder: require ``test_images/`` even without ``check_files`` (the
+            pipeline keeps a missing photo's row, but a missing folder is a broken data set).
 
     Returns:
         Columns ``image, path``.
@@ -297,7 +339,8 @@ def read_test_metadata(data_dir: str | Path, check_files: bool = True, warn: War
         df = pd.DataFrame({"image": names})
     else:
         raise MetadataError(f"{data_dir}: neither {csv_file.name} nor test_images/ found")
-    problems = check_names_and_files(df, image_dir, check_files)
+    problems = image_folder_problems(image_dir, require_folder and not check_files)
+    problems += check_names_and_files(df, image_dir, check_files)
     if problems:
         raise MetadataError(f"{csv_file}: " + "; ".join(problems))
     df = df.reset_index(drop=True)

@@ -7,6 +7,7 @@ whose inputs changed and reuses the rest.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,6 +27,19 @@ CONTACT_SHEET_FILE = "contact_sheet.png"
 # Crops cut since photos are decoded once, at a reduced JPEG scale (photo_pass.py), are
 # resampled from a sub-pixel box: a new digest, so older crops are cut again, not reused.
 CROP_METHOD = "v2"
+
+
+# A crop is named after its photo; a photo name can be up to the file system's 255 bytes,
+# and the crop's name adds a digest and the temp file's name more. Past this many bytes the
+# photo's stem is cut: the digest in the name covers the whole photo name, so two photos
+# whose names start alike still get crops of their own.
+CROP_STEM_BYTES = 100
+
+
+def crop_file_name(image: str, key: str) -> str:
+    """``<photo stem>_<key>.jpg``, the stem cut to :data:`CROP_STEM_BYTES` bytes (at a character boundary)."""
+    stem = Path(image).stem.encode()[:CROP_STEM_BYTES].decode(errors="ignore")
+    return f"{stem}_{key}.jpg"
 
 
 def crop_key(path: str | Path, box: tuple[int, int, int, int], size: int, resize: str = "stretch") -> str:
@@ -98,7 +112,7 @@ def write_crop(
     Raises:
         ImageReadError: the photo could not be read; ArtifactWriteError: the crop could not be written.
     """
-    target = out_dir / f"{Path(image).stem}_{crop_key(src, box, size, resize)}.jpg"
+    target = out_dir / crop_file_name(image, crop_key(src, box, size, resize))
     if target.exists():
         return target, False, False
     needed = crop_reduction(box, size, resize)
@@ -150,8 +164,10 @@ def write_crops(
                 raise ImageReadError(row.note)
             target, record["written"], _ = write_crop(src, row.image, box, out, size, resize)
             record["crop_path"] = str(target)
-        except ArtifactWriteError:
-            raise  # the home, not the photo, is at fault: stop rather than mark every photo bad
+        except ArtifactWriteError as exc:
+            if not photo_at_fault(exc):
+                raise  # the home, not the photo, is at fault: stop rather than mark every photo bad
+            record["error"] = str(exc)
         except (ImageReadError, OSError) as exc:
             record["error"] = str(exc)
         rows.append(record)
@@ -159,6 +175,12 @@ def write_crops(
             progress(i + 1, len(boxes))
     flush_folders([out])
     return pd.DataFrame(rows)
+
+
+def photo_at_fault(exc: ArtifactWriteError) -> bool:
+    """Whether a crop write failed because of its photo (a name the file system refuses),
+    so that the photo loses its crop, not the run; other write errors are the home's."""
+    return exc.errno == errno.ENAMETOOLONG
 
 
 def flush_folders(folders: Iterable[Path]) -> None:

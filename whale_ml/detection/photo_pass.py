@@ -27,7 +27,7 @@ import pandas as pd
 
 from whale_ml.progress import ProgressFn
 from whale_ml.data.images import DRAFT_SCALES, DecodedPhoto, ImageReadError, decode_photo, reduction_for
-from whale_ml.detection.crops import crop_side, flush_folders, write_crop
+from whale_ml.detection.crops import crop_side, flush_folders, photo_at_fault, write_crop
 from whale_ml.io import ArtifactWriteError, remove_stale_temps
 from whale_ml.threads import pipeline_threads
 
@@ -234,8 +234,10 @@ def _crop(photo: _Photo, row: dict[str, object], rule: CropRule) -> tuple[dict[s
         # From the pass's own pixels; decoded again, finer, only when the box is too small at their scale.
         target, record["written"], redecoded = write_crop(photo.path, photo.image, box, out, rule.size, rule.resize, photo.decoded)
         record["crop_path"] = str(target)
-    except ArtifactWriteError:
-        raise  # the home, not the photo, is at fault: stop rather than mark every photo bad
+    except ArtifactWriteError as exc:
+        if not photo_at_fault(exc):
+            raise  # the home, not the photo, is at fault: stop rather than mark every photo bad
+        record["error"] = str(exc)
     except (ImageReadError, OSError) as exc:
         record["error"] = str(exc)
     return record, redecoded

@@ -13,15 +13,24 @@ The keypoints are taken from the detector's box in the *original* photo at
 (marks a 64 px crop blurs away still match at 256 px) -- decoded at the
 coarsest JPEG draft scale that keeps them (:func:`~whale_ml.data.images.decode_photo`).
 
-Storage: one folder per split, ``points.npy`` (float32, (N, 2)), ``descriptors.npy``
-(uint8, (N, D), memory-mapped when read), ``offsets.npy`` (photo i owns rows
-``offsets[i]:offsets[i+1]``) and ``images.csv``; written atomically as a set.
+Storage: one folder per split holding sets of ``points.npy`` (float32, (N, 2)),
+``descriptors.npy`` (uint8, (N, D), memory-mapped when read), ``offsets.npy`` (photo i
+owns rows ``offsets[i]:offsets[i+1]``), ``images.csv`` and ``settings.json``. The files
+only mean something together, so a set is written whole into a hidden staging folder,
+renamed into place as ``set.<time>.p<pid>`` and published by rewriting ``current.json``
+(one atomic rename) to name it. A reader reads ``current.json`` once and every file
+from the set it names: it sees the old set or the new one, never a mix, and a writer
+killed at any point leaves the previous set current. Older sets are swept by the next
+write (the previous one is kept for readers still opening it).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,7 +41,7 @@ import pandas as pd
 
 from whale_ml.data.images import ImageReadError, decode_photo
 from whale_ml.home import HomeLayout
-from whale_ml.io import atomic_path
+from whale_ml.io import fsync_dir, fsync_enabled, fsync_file, read_json, staging_dir, write_json
 from whale_ml.progress import ProgressFn
 from whale_ml.stage_configs import LocalFeatureConfig
 from whale_ml.threads import pipeline_threads
@@ -195,13 +204,18 @@ def extract_features(
 
 
 _PARTS = ("points.npy", "descriptors.npy", "offsets.npy", "images.csv", "settings.json")
+# The pointer naming a split folder's current set, and the sets' names (sortable by age).
+CURRENT_SET = "current.json"
+_SET_PREFIX = "set."
+_STAGING_TAG = "features"
 
 
 def save_features(
     folder: str | Path, images: Sequence[str], features: Sequence[PhotoFeatures | None], cfg: LocalFeatureConfig
 ) -> Path:
     """Write one split's features (``None``: a photo without any) and the settings they were
-    made with (``settings.json``: queries must be described alike) as one atomic set of files."""
+    made with (``settings.json``: queries must be described alike) as one set, published
+    atomically (module docstring): readers see this set whole or the one before it."""
     if len(images) != len(features):
         raise ValueError(f"{len(features)} feature sets for {len(images)} images")
     folder = Path(folder)
@@ -214,13 +228,79 @@ def save_features(
         "descriptors.npy": np.concatenate(descs).astype(np.uint8) if descs else np.zeros((0, width), np.uint8),
         "offsets.npy": offsets,
     }
-    with atomic_path(folder / "points.npy") as p, atomic_path(folder / "descriptors.npy") as d, atomic_path(folder / "offsets.npy") as o:
-        for tmp, name in ((p, "points.npy"), (d, "descriptors.npy"), (o, "offsets.npy")):
-            np.save(tmp, arrays[name])
-        with atomic_path(folder / "images.csv") as tmp_csv, atomic_path(folder / "settings.json") as tmp_json:
-            pd.DataFrame({"image": list(images)}).to_csv(tmp_csv, index=False)
-            tmp_json.write_text(cfg.model_dump_json(indent=1))
+    folder.mkdir(parents=True, exist_ok=True)
+    staged = staging_dir(folder, _STAGING_TAG)  # also removes what a killed writer left
+    try:
+        for name, array in arrays.items():
+            np.save(staged / name, array)
+        pd.DataFrame({"image": list(images)}).to_csv(staged / "images.csv", index=False)
+        (staged / "settings.json").write_text(cfg.model_dump_json(indent=1))
+        if fsync_enabled():  # the files and their names are on disk before any name points at them
+            for part in _PARTS:
+                fsync_file(staged / part)
+            fsync_dir(staged)
+        name = f"{_SET_PREFIX}{time.time_ns():020d}.p{os.getpid()}"
+        os.replace(staged, folder / name)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    previous = _current_set(folder)
+    write_json(folder / CURRENT_SET, {"set": name})
+    _sweep_sets(folder, keep={name, previous})
     return folder
+
+
+def _current_set(folder: Path) -> str | None:
+    """The name of the set ``current.json`` names, or None where there is none yet."""
+    try:
+        return str(read_json(folder / CURRENT_SET)["set"])
+    except FileNotFoundError:
+        return None
+
+
+def _sweep_sets(folder: Path, keep: set[str | None]) -> None:
+    """Remove the sets other than ``keep`` (the current one and the one it replaced: a reader
+    may still be opening that one), and the files of the layout before sets (one file each)."""
+    for entry in os.scandir(folder):
+        if entry.name.startswith(_SET_PREFIX) and entry.is_dir() and entry.name not in keep:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        elif entry.name in _PARTS and entry.is_file():
+            os.unlink(entry.path)
+    if fsync_enabled():
+        fsync_dir(folder)
+
+
+def features_saved(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a published set of features (or the older one-file-each layout)."""
+    folder = Path(folder)
+    return (folder / CURRENT_SET).is_file() or (folder / "settings.json").is_file()
+
+
+def _read_set(folder: Path) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], list[str], LocalFeatureConfig]:
+    """One whole set of ``folder``: the one ``current.json`` names when it is read.
+
+    A writer sweeps the set before the previous one; a reader that loses its set that way
+    (a file gone between reading the pointer and opening it) reads the pointer again.
+    """
+    for _attempt in range(5):
+        name = _current_set(folder)
+        where = folder / name if name is not None else folder  # the layout before sets: files in the folder
+        try:
+            offsets = np.load(where / "offsets.npy")
+            part = (np.load(where / "points.npy"), np.load(where / "descriptors.npy", mmap_mode="r"), offsets)
+            images = pd.read_csv(where / "images.csv", dtype=str, keep_default_na=False)["image"].tolist()
+            config = LocalFeatureConfig.model_validate_json((where / "settings.json").read_text())
+        except FileNotFoundError:
+            if name is not None and _current_set(folder) != name:
+                continue  # a newer set was published meanwhile
+            missing = [part for part in _PARTS if not (where / part).exists()]
+            raise FileNotFoundError(
+                f"{folder}: local features incomplete (missing {', '.join(missing) or 'a file'}); rematerialise local_features"
+            ) from None
+        if len(images) != len(offsets) - 1:
+            raise ValueError(f"{where}: {len(images)} images but {len(offsets) - 1} feature sets")
+        return part, images, config
+    raise RuntimeError(f"{folder}: the local features kept changing while being read (5 tries); read them again")
 
 
 class FeatureStore:
@@ -233,18 +313,10 @@ class FeatureStore:
         self.images: list[str] = []
         for folder in folders:
             folder = Path(folder)
-            missing = [name for name in _PARTS if not (folder / name).exists()]
-            if missing:
-                raise FileNotFoundError(f"{folder}: local features incomplete (missing {', '.join(missing)}); rematerialise local_features")
-            offsets = np.load(folder / "offsets.npy")
-            part = (np.load(folder / "points.npy"), np.load(folder / "descriptors.npy", mmap_mode="r"), offsets)
-            images = pd.read_csv(folder / "images.csv", dtype=str, keep_default_na=False)["image"].tolist()
-            config = LocalFeatureConfig.model_validate_json((folder / "settings.json").read_text())
+            part, images, config = _read_set(folder)
             if self.config is not None and config != self.config:
                 raise ValueError(f"{folder}: features made with other settings than {folders[0]}; rematerialise local_features")
             self.config = config
-            if len(images) != len(offsets) - 1:
-                raise ValueError(f"{folder}: {len(images)} images but {len(offsets) - 1} feature sets")
             self._parts.append(part)
             self.images += images
             for i, image in enumerate(images):
@@ -358,7 +430,7 @@ def home_feature_store(layout: HomeLayout) -> FeatureStore:
         FileNotFoundError: the asset has not been materialised in this home.
     """
     folders = [layout.local_features_dir(s) for s in FEATURE_SPLITS]
-    return FeatureStore([f for f in folders[:2]] + [f for f in folders[2:] if (f / "settings.json").exists()])
+    return FeatureStore([f for f in folders[:2]] + [f for f in folders[2:] if features_saved(f)])
 
 
 def add_enrolled_features(layout: HomeLayout, images: Sequence[str], paths: Sequence[str | Path], boxes: Sequence[Sequence[float]]) -> int:
@@ -370,14 +442,14 @@ def add_enrolled_features(layout: HomeLayout, images: Sequence[str], paths: Sequ
         re-ranks with them there).
     """
     train_dir = layout.local_features_dir("train")
-    if not (train_dir / "settings.json").exists():
+    if not features_saved(train_dir):
         return 0
     cfg = FeatureStore([train_dir]).config
     assert cfg is not None
     folder = layout.local_features_dir("enrolled")
     feats, _ = extract_features(paths, boxes, cfg)
     new = dict(zip(images, feats, strict=True))
-    if (folder / "settings.json").exists():
+    if features_saved(folder):
         old = FeatureStore([folder])
         kept = [img for img in old.images if img not in new]
         new = {**{img: old.get(img) for img in kept}, **new}
