@@ -35,6 +35,7 @@ import yaml
 from whale_assets.instance import prepare_dagster_home
 from whale_assets.run import load_recipe, run_pipeline
 from whale_assets.stages import ENSEMBLE_AND_SUBMIT, asset_names
+from whale_ml.gallery.catalogue import LOCK_FILE, READERS_LOCK_FILE
 from whale_ml.io import ArtifactWriteError, is_staging_name, is_temp_name
 from whale_ml.home import HomeLayout
 
@@ -718,8 +719,10 @@ def refused_writes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
 
 
 def _left_behind(folder: Path) -> list[Path]:
-    """Files, and staging folders, under ``folder`` (empty parent folders do not count)."""
-    return [p for p in folder.rglob("*") if p.is_file() or is_staging_name(p.name)]
+    """Files, and staging folders, under ``folder`` (empty parent folders, and the catalogue's
+    lock files, which stay by design, do not count)."""
+    locks = {LOCK_FILE, READERS_LOCK_FILE}
+    return [p for p in folder.rglob("*") if (p.is_file() and p.name not in locks) or is_staging_name(p.name)]
 
 
 def test_file_size_limit_gives_a_clear_error_and_no_temp_file(refused_writes: dict) -> None:

@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from whale_ml.home import HomeLayout
+from whale_ml.io import write_error
 
 LOCK_FILE = "catalogue.lock"
 READERS_LOCK_FILE = ".versions.lock"  # beside gallery/versions
@@ -55,8 +56,17 @@ def _say(message: str) -> None:
 
 
 def _open_lock(path: Path) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    """The lock file, opened (created with its folder when missing).
+
+    Raises:
+        ArtifactWriteError: the home refuses it (no permission, a file where a folder
+            should be), naming the path and the cause as every other write does.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise write_error(Path(exc.filename) if exc.filename else path, exc) from exc
 
 
 def _holder(fd: int) -> str:
@@ -96,8 +106,9 @@ def catalogue_lock(layout: HomeLayout, what: str, wait: Callable[[str], None] = 
             fcntl.flock(fd, fcntl.LOCK_EX)
             wait(f"{what}: got the catalogue's writer lock after {time.monotonic() - started:.1f} s")
         info = {"pid": os.getpid(), "host": socket.gethostname(), "what": what, "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
+        with contextlib.suppress(OSError):  # who holds it is for messages only: a full disk may refuse it
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
         _held[key] = 1
         try:
             yield
@@ -128,7 +139,7 @@ def versions_lock(versions_dir: Path, exclusive: bool) -> Iterator[None]:
         # A reader without write access to the home (a read-only mount, another user's
         # home): lock the file read-only if it is there; with no such file, no prune can
         # run on this home either, and there is nothing to wait for.
-        if exclusive or exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+        if exclusive or exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR):
             raise
         try:
             fd = os.open(path, os.O_RDONLY)
