@@ -205,6 +205,7 @@ def tune_out_of_fold(
     if rerank is not None and features is None:
         raise ValueError("re-ranking needs the local_features store")
     margin_grid = check_margin_weights(margin_weights)
+    embeddings_dir = {f: embeddings_dir(f) for f in folds}.__getitem__  # one set per fold for the centres and the searches
     centres = {f: ClassCentres.load(embeddings_dir(f)) for f in folds} if class_centres else {}  # read once, used per fold
     centres_note = _missing_centres(centres) if class_centres else None
     if centres_note:
