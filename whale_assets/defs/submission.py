@@ -18,7 +18,14 @@ from whale_ml.gallery.versions import load_version
 from whale_ml.home import HomeLayout
 from whale_ml.io import atomic_path
 from whale_ml.retrieval.review import sample_review
-from whale_ml.submission import make_submission, prior_predictions, score_submission, submission_problems, write_submission
+from whale_ml.submission import (
+    SubmissionFormatError,
+    make_submission,
+    prior_predictions,
+    score_submission,
+    submission_problems,
+    write_submission,
+)
 
 
 def submission_csv_asset(rnd: Round) -> dg.AssetsDefinition:
@@ -75,10 +82,18 @@ def submission_csv_asset(rnd: Round) -> dg.AssetsDefinition:
             context.log.warning(f"{img}: no embedding (unreadable photo); predicting the prior {' '.join(prior)}")
         predictions = [found.get(img, prior) for img in test_metadata["image"]]
         sub = make_submission(test_metadata["image"].tolist(), predictions)
-        path = write_submission(sub, layout.submission)
-
         expected_ids = min(5, 1 + version.table["individual_id"].nunique())
-        problems = submission_problems(path, test_metadata["image"].tolist(), expected_ids)
+        # The blocking format check runs on the staged file, before it replaces the previous
+        # submission: a failing one never reaches submission.csv (and is never uploaded).
+        try:
+            path = write_submission(sub, layout.submission, test_metadata["image"].tolist(), expected_ids)
+        except SubmissionFormatError as exc:
+            raise dg.Failure(
+                description=f"{exc}. The previous {layout.submission.name} (if any) is kept.",
+                metadata={"problems": "; ".join(exc.problems), "rows": len(sub)},
+                allow_retries=False,
+            ) from exc
+        problems = submission_problems(path, test_metadata["image"].tolist(), expected_ids)  # the file in place, read back
         top1_new = float(sum(p[0] == NEW_INDIVIDUAL for p in predictions) / max(1, len(predictions)))
         sheet = sample_review(
             query_images,
