@@ -1,5 +1,6 @@
 """Stage 6 -- submission: the Kaggle CSV, checked, and scored when truth exists."""
 
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -83,16 +84,7 @@ def submission_csv_asset(rnd: Round) -> dg.AssetsDefinition:
         predictions = [found.get(img, prior) for img in test_metadata["image"]]
         sub = make_submission(test_metadata["image"].tolist(), predictions)
         expected_ids = min(5, 1 + version.table["individual_id"].nunique())
-        # The blocking format check runs on the staged file, before it replaces the previous
-        # submission: a failing one never reaches submission.csv (and is never uploaded).
-        try:
-            path = write_submission(sub, layout.submission, test_metadata["image"].tolist(), expected_ids)
-        except SubmissionFormatError as exc:
-            raise dg.Failure(
-                description=f"{exc}. The previous {layout.submission.name} (if any) is kept.",
-                metadata={"problems": "; ".join(exc.problems), "rows": len(sub)},
-                allow_retries=False,
-            ) from exc
+        path = _write_checked(layout, sub, test_metadata["image"].tolist(), expected_ids)
         problems = submission_problems(path, test_metadata["image"].tolist(), expected_ids)  # the file in place, read back
         top1_new = float(sum(p[0] == NEW_INDIVIDUAL for p in predictions) / max(1, len(predictions)))
         sheet = sample_review(
@@ -172,6 +164,20 @@ def _match_test_photos(whale: WhaleHome, version: Any, queries: Any, images: lis
     (from the ``local_features`` asset) when the threshold was tuned so."""
     store = feature_store(whale) if match_threshold.get("rerank") else None
     return match_queries(version, queries, match_threshold, None if store is None else [store.get(img) for img in images], store)
+
+
+def _write_checked(layout: HomeLayout, sub: pd.DataFrame, images: list[str], ids_per_row: int) -> Path:
+    """Write the submission only if it passes the blocking ``submission_format`` check, run on
+    the staged file before it replaces the previous one: a failing submission never reaches
+    ``submission.csv`` (where a user would upload it) and fails the step, without retries."""
+    try:
+        return write_submission(sub, layout.submission, images, ids_per_row)
+    except SubmissionFormatError as exc:
+        raise dg.Failure(
+            description=f"{exc}. The previous {layout.submission.name} (if any) is kept.",
+            metadata={"problems": "; ".join(exc.problems), "rows": len(sub)},
+            allow_retries=False,
+        ) from exc
 
 
 def _rerank_md(matches: Matches) -> dict[str, Any]:
