@@ -60,7 +60,11 @@ def _photos(folder: Path) -> Path:
 def _crops(photos: Path) -> pd.DataFrame:
     paths = sorted(photos.glob("*.jpg"))
     return pd.DataFrame(
-        {"image": [p.name for p in paths], "crop_path": [str(p) for p in paths], "split": ["train" if p.name.startswith("train") else "test" for p in paths]}
+        {
+            "image": [p.name for p in paths],
+            "crop_path": [str(p) for p in paths],
+            "split": ["train" if p.name.startswith("train") else "test" for p in paths],
+        }
     )
 
 
@@ -117,7 +121,8 @@ def _made_by(home: Path, photos: Path, checkpoints: dict[str, Path]) -> dict[str
         made[split] = next(sha for sha, ckpt in checkpoints.items() if np.allclose(_model_embeddings(ckpt, probe), emb[:3], atol=1e-5))
     centres = ClassCentres.load(folder)
     assert centres is not None
-    made["centres"] = next(sha for sha, ckpt in checkpoints.items() if np.array_equal(load_class_centres(ckpt).vectors, centres.vectors))  # type: ignore[union-attr]
+    of_checkpoint = {sha: load_class_centres(ckpt) for sha, ckpt in checkpoints.items()}
+    made["centres"] = next(sha for sha, c in of_checkpoint.items() if c is not None and np.array_equal(c.vectors, centres.vectors))
     return made
 
 
@@ -196,7 +201,9 @@ def test_a_writer_killed_mid_set_leaves_the_previous_set_whole(whale_env: Path, 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     time.sleep(1.1)  # the writer's files are newer than the first set's, even on a coarse clock
     since = time.time()
-    writer = subprocess.Popen([sys.executable, __file__, str(home), str(photos)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    writer = subprocess.Popen(
+        [sys.executable, __file__, str(home), str(photos)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         _wait_for(home / "embeddings" / FOLD, moment, since, writer)
         writer.send_signal(signal.SIGKILL)

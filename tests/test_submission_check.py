@@ -68,7 +68,9 @@ def _materialise(home: Path, values: dict[str, Any]) -> dg.ExecuteInProcessResul
     resources = {"whale": WhaleHome(home=str(home)), "io_manager": dg.FilesystemIOManager(base_dir=str(home / "io"))}
     instance = dg.DagsterInstance.ephemeral()
     dg.materialize(stubs, resources=resources, instance=instance)
-    return dg.materialize([*stubs, local_features, submission_csv], selection=[submission_csv], resources=resources, instance=instance, raise_on_error=False)
+    return dg.materialize(
+        [*stubs, local_features, submission_csv], selection=[submission_csv], resources=resources, instance=instance, raise_on_error=False
+    )
 
 
 def test_a_submission_failing_its_format_check_never_replaces_the_previous_one(tmp_path: Path) -> None:
