@@ -18,8 +18,8 @@ from whale_assets.retries import mlflow_retry_policy, retry_only_if_transient
 from whale_assets.defs.detection import feature_store, local_features
 from whale_assets.launchpad import EmbedSettings, GallerySettings, ThresholdSettings
 from whale_assets.rounds import FIRST_ROUND, Round
-from whale_ml.gallery.build import build_gallery
 from whale_ml.checkpoints import snapshot_checkpoint
+from whale_ml.gallery.build import build_gallery
 from whale_ml.gallery.lineage import record_embeddings
 from whale_ml.gallery.versions import list_versions
 from whale_ml.registry import gallery_models
