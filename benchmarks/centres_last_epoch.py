@@ -30,6 +30,7 @@ from whale_ml.data.folds import fold_split  # noqa: E402
 from whale_ml.gallery.build import build_gallery  # noqa: E402
 from whale_ml.gallery.lineage import record_embeddings  # noqa: E402
 from whale_ml.home import HomeLayout  # noqa: E402
+from whale_ml.io import sha256_file  # noqa: E402
 from whale_ml.models.embedding import create_embedding_model  # noqa: E402
 from whale_ml.retrieval.centres import CHECKPOINT_KEY, ClassCentres, replace_centres  # noqa: E402
 from whale_ml.retrieval.embeddings import embed_paths  # noqa: E402
@@ -77,7 +78,7 @@ def main() -> None:
             rows = crops[(crops["split"] == split) & (crops["crop_path"] != "")]
             save_embeddings(out, split, embed_paths(model.eval(), rows["crop_path"].tolist(), cfg.image_size, "cpu"), rows["image"].tolist())
         replace_centres(out, centres)
-        record_embeddings(dst, fold, checkpoint, False)
+        record_embeddings(dst, fold, sha256_file(checkpoint), False, out)
         print(f"{fold}: epoch {last['epoch']}, {len(centres.ids)} centres, embedded in {time.perf_counter() - start:.0f} s", flush=True)
     train_meta = pd.read_parquet(src.tables / "train_metadata.parquet")
     version, _ = build_gallery(dst, folds, train_meta, crops, GalleryConfig(), lambda _lineage: [])

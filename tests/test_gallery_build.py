@@ -15,6 +15,7 @@ from whale_ml.gallery import LineageError, build_gallery, current_version, fold_
 from whale_ml.gallery.ledger import LEDGER_COLUMNS, write_ledger
 from whale_ml.gallery.lineage import record_boxes, record_crops, record_embeddings
 from whale_ml.retrieval.store import save_embeddings
+from whale_ml.io import sha256_file
 from whale_ml.home import HomeLayout
 
 FOLDS = ["fold0", "fold1"]
@@ -52,7 +53,7 @@ def home(tmp_path: Path) -> dict:
         checkpoint = layout.model_dir(fold) / "best.pt"
         checkpoint.parent.mkdir(parents=True)
         checkpoint.write_bytes(fold.encode())
-        record_embeddings(layout, fold, checkpoint, flip_tta=False)
+        record_embeddings(layout, fold, sha256_file(checkpoint), flip_tta=False)
     crops = pd.DataFrame({"image": [*train["image"], *tests], "crop_path": [f"/crops/{x}" for x in [*train["image"], *tests]]})
     return {"layout": layout, "train": train.sample(frac=1.0, random_state=1), "crops": crops, "images": images, "tests": tests}
 
@@ -90,7 +91,7 @@ def test_query_embeddings_are_the_folds_test_ensemble_of_the_versions_models(hom
     # fold1 re-embedded by another checkpoint since: its test vectors would not match the gallery's.
     other = layout.model_dir("fold1") / "retrained.pt"
     other.write_bytes(b"another model")
-    record_embeddings(layout, "fold1", other, flip_tta=False)
+    record_embeddings(layout, "fold1", sha256_file(other), flip_tta=False)
     with pytest.raises(LineageError, match="fold1 embeddings were not made by the model gallery v0001 was built with"):
         query_embeddings(layout, version)
 

@@ -13,7 +13,6 @@ take the recipe's ``<op>`` settings unless the recipe gives them their own.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -93,13 +92,31 @@ def run_pipeline(
     import dagster as dg
 
     from whale_assets.definitions import defs as load_defs
-    from whale_assets.instance import release_dead_cli_runs
-    from whale_assets.partitions import fold_partitions
-    from whale_assets.stages import STAGES, asset_names
+    from whale_assets.instance import cli_run_tags
 
     defs = load_defs()
     job = defs.resolve_implicit_global_asset_job_def()
     instance = dg.DagsterInstance.get()
+    with cli_run_tags(instance) as tags:  # held until the last stage ends: this process's runs are alive until then
+        return _run_stages(recipe, folds, log, stages, job, instance, tags)
+
+
+def _run_stages(
+    recipe: dict[str, Any],
+    folds: Sequence[str] | None,
+    log: Any,
+    stages: Sequence[str] | None,
+    job: Any,
+    instance: Any,
+    tags: dict[str, str],
+) -> dict[str, Any]:
+    """:func:`run_pipeline`'s work, its runs tagged with ``tags``."""
+    import dagster as dg
+
+    from whale_assets.instance import release_dead_cli_runs
+    from whale_assets.partitions import fold_partitions
+    from whale_assets.stages import STAGES, asset_names
+
     for run_id in release_dead_cli_runs(instance):
         log(f"run {run_id} of a killed `whale run` marked failed; its gpu pool slot is free again")
     all_folds = fold_partitions.get_partition_keys()
@@ -120,7 +137,7 @@ def run_pipeline(
             instance=instance,
             partition_key=partition,
             asset_selection=[dg.AssetKey.from_user_string(k) for k in keys],
-            tags={"whale/launched_by": "whale run", "whale/pid": str(os.getpid())},
+            tags=tags,
         )
         log(f"    done in {time.perf_counter() - t0:.0f} s (run {result.run_id})")
         return result

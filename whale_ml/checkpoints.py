@@ -6,6 +6,11 @@ loads goes through :func:`load_weights_only`: torch's ``weights_only``
 unpickler, which builds only tensors, containers and the classes passed in
 ``allowed``, and refuses the file otherwise, with an error that names the file
 and what it asked for.
+
+A checkpoint that another process may replace (training rewrites ``best.pt`` at
+every improving epoch) is read through :func:`snapshot_checkpoint`: its bytes are
+read once, hashed while copied into a content-addressed cache, and the copy is what
+gets loaded, so that a recorded hash is the hash of the weights actually used.
 """
 
 from __future__ import annotations
@@ -21,9 +26,69 @@ from typing import Any
 
 import torch
 
+from whale_ml.io import durable_replace, remove_stale_temps, write_error
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint was refused: tampered with, made by other code, or not a complete file."""
+
+
+def snapshot_checkpoint(path: Path, cache_dir: Path, expected_sha256: str | None = None) -> tuple[Path, str]:
+    """Read ``path`` once, hash it and return an immutable copy of exactly those bytes.
+
+    Hashing a checkpoint and loading it by name are two reads: a writer that replaces
+    the file between them (training saving a better ``best.pt``) makes the hash name
+    one set of weights and the model another. Here the bytes are hashed while they are
+    copied, so the copy ``<cache_dir>/<sha256>.pt`` (written atomically: a killed copy
+    never appears under that name) holds the very bytes the returned hash is of. The
+    name is the content, so the copy is never rewritten with other bytes and may be
+    shared by every reader of that checkpoint.
+
+    Args:
+        path: the checkpoint to read (it may be replaced while this runs: a file is
+            replaced by rename, so the open file stays the one read).
+        cache_dir: where the copies live (``<home>/model_cache``).
+        expected_sha256: the hash the caller was told the checkpoint has (a lineage
+            record, a registry tag); None to take whatever the file holds now.
+
+    Returns:
+        The copy's path and its sha256 (hex).
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``path``.
+        CheckpointError: ``expected_sha256`` was given and the bytes read have another
+            hash (nothing is left in the cache then).
+    """
+    path, cache_dir = Path(path), Path(cache_dir)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(cache_dir, "snapshot", ".pt")  # copies a killed process left
+        fd, name = tempfile.mkstemp(prefix=f".snapshot.p{os.getpid()}.", suffix=".tmp.pt", dir=cache_dir)
+    except OSError as exc:
+        raise write_error(cache_dir / "snapshot.pt", exc) from exc
+    part = Path(name)
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as src, os.fdopen(fd, "wb") as dst:
+            for block in iter(lambda: src.read(1 << 20), b""):
+                digest.update(block)
+                dst.write(block)
+        sha = digest.hexdigest()
+        if expected_sha256 is not None and sha != expected_sha256:
+            raise CheckpointError(
+                f"{path}: its sha256 is {sha[:12]}, not the expected {expected_sha256[:12]}: the file was replaced "
+                "(retrained?) since that hash was recorded"
+            )
+        target = cache_dir / f"{sha}.pt"
+        # Replaced even when cached already: the same bytes, and a damaged copy heals itself;
+        # a reader that has the old copy open keeps reading it whole.
+        durable_replace(part, target)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    return target, sha
 
 
 def _is_zip(path: Path) -> bool:
@@ -104,47 +169,3 @@ def _unpickler_reason(exc: BaseException) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
-
-
-def snapshot_checkpoint(path: Path, cache_dir: Path, expected_sha256: str | None = None) -> tuple[Path, str]:
-    """Copy ``path`` into ``cache_dir/<sha256>.pt``, hashing the very bytes copied.
-
-    A fold's ``best.pt`` is rewritten at every improving epoch while it trains, so
-    "hash the file, then load it by path" may load other weights than were checked. The
-    snapshot is named by the digest of the bytes it holds and is never rewritten with
-    other bytes, so loading it loads exactly what was hashed.
-
-    Args:
-        expected_sha256: the digest the caller needs; the snapshot is kept only if the
-            bytes read have it (a snapshot already cached under it is reused).
-
-    Returns:
-        The snapshot's path and its digest.
-
-    Raises:
-        CheckpointError: the bytes read are not ``expected_sha256``'s (the file changed).
-    """
-    from whale_ml.io import durable_replace, remove_stale_temps, sha256_file
-
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    if expected_sha256 is not None:
-        cached = cache_dir / f"{expected_sha256}.pt"
-        if cached.exists() and sha256_file(cached) == expected_sha256:
-            return cached, expected_sha256
-    remove_stale_temps(cache_dir, "snapshot")
-    fd, name = tempfile.mkstemp(prefix=f".snapshot.p{os.getpid()}.", suffix=".tmp.pt", dir=cache_dir)
-    tmp = Path(name)
-    try:
-        digest = hashlib.sha256()
-        with open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
-            while chunk := src.read(1 << 20):
-                digest.update(chunk)
-                dst.write(chunk)
-        sha = digest.hexdigest()
-        if expected_sha256 is not None and sha != expected_sha256:
-            raise CheckpointError(f"{path} is not the checkpoint asked for (sha256 {sha[:12]}, not {expected_sha256[:12]})")
-        target = cache_dir / f"{sha}.pt"
-        durable_replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target, sha

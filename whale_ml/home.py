@@ -7,6 +7,7 @@ writes: tables, crops, models, embeddings, gallery versions, the MLflow store an
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,10 +24,12 @@ class HomeLayout:
 
     home: Path
     round: str | None = None
+    # fold -> embedding set folder, resolved once (with_current_embeddings); empty: resolve at each call
+    embedding_sets: tuple[tuple[str, Path], ...] = ()
 
     def in_round(self, name: str | None) -> HomeLayout:
         """The same home, with the models, embeddings, galleries and submission of round ``name`` (None: the first)."""
-        return replace(self, round=name)
+        return replace(self, round=name, embedding_sets=())  # the pinned sets were the other round's
 
     @property
     def round_home(self) -> Path:
@@ -68,8 +71,29 @@ class HomeLayout:
     def model_dir(self, fold: str) -> Path:
         return self.round_home / "models" / fold
 
-    def embeddings_dir(self, fold: str) -> Path:
+    def embeddings_root(self, fold: str) -> Path:
+        """The fold's embeddings folder: its sets and the pointer to the current one
+        (:mod:`whale_ml.retrieval.embedding_sets`); what the fold embeddings stage writes."""
         return self.round_home / "embeddings" / fold
+
+    def embeddings_dir(self, fold: str) -> Path:
+        """The folder of the fold's current embedding set, the one every file of it is read
+        from (train, test, centres, record). Resolved at each call unless pinned by
+        :meth:`with_current_embeddings`: a reader of several files resolves once."""
+        pinned = dict(self.embedding_sets)
+        if fold in pinned:
+            return pinned[fold]
+        from whale_ml.retrieval.embedding_sets import current_set  # the retrieval package pulls in faiss
+
+        return current_set(self.embeddings_root(fold))
+
+    def with_current_embeddings(self, folds: Iterable[str]) -> HomeLayout:
+        """The same home with ``folds``' current embedding sets resolved now and kept: every
+        later read through it takes all of a fold's files from one set, even if the fold
+        embeddings stage publishes a new one meanwhile."""
+        pinned = dict(self.embedding_sets)
+        pinned.update({f: self.embeddings_dir(f) for f in folds})
+        return replace(self, embedding_sets=tuple(sorted(pinned.items())))
 
     @property
     def gallery_dir(self) -> Path:

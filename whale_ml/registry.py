@@ -373,8 +373,8 @@ def gallery_models(lineage: GalleryLineage, model_dir: object, tracking_uri: str
                 path, _ = snapshot_checkpoint(local, cache_dir, want.checkpoint_sha256)
                 out.append(_resolved(want, path, None))
                 continue
-            except CheckpointError:
-                pass  # retrained since: the registry keeps the gallery's own version
+            except (CheckpointError, FileNotFoundError):
+                pass  # retrained (or removed) since: the registry keeps the gallery's own version
         if tracking_uri is None or want.registered_model is None or want.version is None:
             raise LineageError(f"the {want.fold} model the gallery was built with is gone (not at {local}, not registered)")
         import mlflow

@@ -25,9 +25,33 @@ def prior_predictions(train_ids: Sequence[str]) -> list[str]:
     return [NEW_INDIVIDUAL, *common]
 
 
-def write_submission(df: pd.DataFrame, path: str | Path) -> Path:
+class SubmissionFormatError(ValueError):
+    """A submission failed its format check; the file it would have replaced is untouched."""
+
+    def __init__(self, path: Path, problems: list[str]) -> None:
+        self.path, self.problems = path, problems
+        super().__init__(f"{path} not written: the submission fails its format check: {'; '.join(problems)}")
+
+
+def write_submission(
+    df: pd.DataFrame, path: str | Path, expected_images: Sequence[str] | None = None, ids_per_row: int = TOP
+) -> Path:
+    """Write ``df`` as ``path`` atomically.
+
+    With ``expected_images`` the staged file (the very bytes that would become ``path``) is
+    checked by :func:`submission_problems` before it is renamed into place: a submission that
+    fails the check never replaces the previous one, which a user may be about to upload.
+
+    Raises:
+        SubmissionFormatError: the staged file fails the check (it is removed; ``path`` keeps
+            the previous submission, if any).
+    """
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
+        if expected_images is not None:
+            problems = submission_problems(tmp, expected_images, ids_per_row)
+            if problems:
+                raise SubmissionFormatError(Path(path), problems)
     return Path(path)
 
 

@@ -18,13 +18,14 @@ from whale_assets.retries import mlflow_retry_policy, retry_only_if_transient
 from whale_assets.defs.detection import feature_store, local_features
 from whale_assets.launchpad import EmbedSettings, GallerySettings, ThresholdSettings
 from whale_assets.rounds import FIRST_ROUND, Round
+from whale_ml.checkpoints import snapshot_checkpoint
 from whale_ml.gallery.build import build_gallery
-from whale_ml.gallery.lineage import FoldModel, LineageError, read_fold_models, record_embeddings
+from whale_ml.gallery.lineage import FoldModel, read_fold_models, record_embeddings
 from whale_ml.gallery.matchers import save_matcher
 from whale_ml.gallery.versions import list_versions
 from whale_ml.registry import gallery_models
-from whale_ml.home import HomeLayout
 from whale_ml.retrieval.centres import replace_centres
+from whale_ml.retrieval.embedding_sets import new_set
 from whale_ml.retrieval.embeddings import embed_paths
 from whale_ml.retrieval.pseudo_labels import out_of_fold_top1
 from whale_ml.retrieval.rerank import LocalRerank
@@ -44,7 +45,7 @@ def fold_embeddings_asset(rnd: Round) -> dg.AssetsDefinition:
         kinds={"pytorch", "numpy", "mlflow"},
         partitions_def=fold_partitions,
         deps=[rnd.key("arcface_model")],
-        code_version="3",
+        code_version="4",
         pool="gpu",
         op_tags=GPU_STEP_TAGS,
         retry_policy=mlflow_retry_policy(),
@@ -65,12 +66,15 @@ def fold_embeddings_asset(rnd: Round) -> dg.AssetsDefinition:
         settings, the rate and the machine's use while embedding (system metrics: CPU, memory, GPU)."""
         fold, layout = context.partition_key, rnd.layout(whale)
         tags = {"stage": "embedding", "fold": fold, "round": rnd.name or "round1"}
-        with mlflow.start_run(context, run_name=f"embed_{rnd.label(fold)}", tags=tags, system_metrics=True) as run:
-            embedded = _embed_fold(context, config, layout, fold, crops)
-        # The same checkpoint's class centres beside its embeddings; which checkpoint (and registry
-        # version) made them: the gallery's lineage.
-        centres = replace_centres(layout.embeddings_dir(fold), load_class_centres(embedded.checkpoint))
-        recorded = record_embeddings(layout, fold, embedded.checkpoint, config.flip_tta)
+        # best.pt read once: the model, its class centres and the recorded sha256 all come from
+        # these bytes, even if training replaces best.pt while the crops are embedded.
+        checkpoint, sha = snapshot_checkpoint(layout.model_dir(fold) / "best.pt", layout.home / "model_cache")
+        # The whole set (train, test, centres, record) is published at once, or not at all.
+        with new_set(layout.embeddings_root(fold), sha) as folder:
+            with mlflow.start_run(context, run_name=f"embed_{rnd.label(fold)}", tags=tags, system_metrics=True) as run:
+                embedded = _embed_fold(context, config, checkpoint, folder, fold, crops)
+            centres = replace_centres(folder, load_class_centres(checkpoint))
+            recorded = record_embeddings(layout, fold, sha, config.flip_tta, folder)
         return dg.MaterializeResult(
             metadata={
                 "registered_version": recorded.version or "not registered",
@@ -79,6 +83,7 @@ def fold_embeddings_asset(rnd: Round) -> dg.AssetsDefinition:
                 "dimension": embedded.dimension,
                 "class_centres": centres,
                 "flip_tta": config.flip_tta,
+                "checkpoint_sha256": sha,
                 "folder": dg.MetadataValue.path(str(layout.embeddings_dir(fold))),
                 "mlflow_run": dg.MetadataValue.url(mlflow.run_url(run.info.experiment_id, run.info.run_id)),
             },
@@ -102,12 +107,14 @@ class _Embedded:
     dimension: int
 
 
-def _embed_fold(context: dg.AssetExecutionContext, config: EmbedSettings, layout: HomeLayout, fold: str, crops: pd.DataFrame) -> _Embedded:
-    """Embed every train and test crop with the fold's model, logging to the active MLflow run."""
+def _embed_fold(
+    context: dg.AssetExecutionContext, config: EmbedSettings, checkpoint: Path, folder: Path, fold: str, crops: pd.DataFrame
+) -> _Embedded:
+    """Embed every train and test crop with the model in ``checkpoint`` (a snapshot: it never
+    changes) into the set being written in ``folder``, logging to the active MLflow run."""
     import mlflow as mlf
 
     device = resolve_device(config.device)
-    checkpoint = layout.model_dir(fold) / "best.pt"
     model, cfg = load_model(checkpoint, device)
     counts, worst = {}, 0.0
     mlf.log_params({**config.model_dump(), "device": str(device), "fold": fold})
@@ -127,7 +134,7 @@ def _embed_fold(context: dg.AssetExecutionContext, config: EmbedSettings, layout
         )
         if not np.isfinite(emb).all():
             raise FloatingPointError(f"{fold}: non-finite {split} embeddings; the model checkpoint is broken")
-        save_embeddings(layout.embeddings_dir(fold), split, emb, rows["image"].tolist())
+        save_embeddings(folder, split, emb, rows["image"].tolist())
         counts[split] = len(emb)
         if len(emb):
             worst = max(worst, float(np.abs(np.linalg.norm(emb, axis=1) - 1.0).max()))
@@ -353,7 +360,9 @@ def match_threshold_asset(rnd: Round) -> dg.AssetsDefinition:
         import mlflow as mlf
 
         store = feature_store(whale) if config.rerank else None
-        layout, folds = rnd.layout(whale), fold_partitions.get_partition_keys()
+        folds = fold_partitions.get_partition_keys()
+        # Each fold's embedding set fixed once: the models read here are the ones tuned on.
+        layout = rnd.layout(whale).with_current_embeddings(folds)
         models = read_fold_models(layout, folds)  # what the matcher is tuned for, and only good for
         tuned = tune_out_of_fold(
             cv_folds,
@@ -383,8 +392,6 @@ def match_threshold_asset(rnd: Round) -> dg.AssetsDefinition:
                 mlf.log_table(tuned.species.table, "species_thresholds.json")
             metadata["mlflow_run"] = dg.MetadataValue.url(mlflow.run_url(run.info.experiment_id, run.info.run_id))
         metadata["map5_curve"] = figure_md(fig)
-        if read_fold_models(layout, folds) != models:
-            raise LineageError("a fold's embeddings were remade while the matcher was tuned on them: materialise match_threshold again")
         # Stored under its models' key, where each gallery version built with them finds it. The
         # out-of-fold first candidates ride along: what the pseudo-label round calibrates on.
         value = save_matcher(layout, models, {**tuned.value(), "oof_top1": out_of_fold_top1(tuned.sims, tuned.ids, tuned.truths)})

@@ -1,5 +1,6 @@
 """Stage 6 -- submission: the Kaggle CSV, checked, and scored when truth exists."""
 
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -20,7 +21,14 @@ from whale_ml.gallery.versions import load_version
 from whale_ml.home import HomeLayout
 from whale_ml.io import atomic_path
 from whale_ml.retrieval.review import sample_review
-from whale_ml.submission import make_submission, prior_predictions, score_submission, submission_problems, write_submission
+from whale_ml.submission import (
+    SubmissionFormatError,
+    make_submission,
+    prior_predictions,
+    score_submission,
+    submission_problems,
+    write_submission,
+)
 
 
 def submission_csv_asset(rnd: Round) -> dg.AssetsDefinition:
@@ -85,10 +93,9 @@ def submission_csv_asset(rnd: Round) -> dg.AssetsDefinition:
         )
         predictions = [found.get(img, prior) for img in test_metadata["image"]]
         sub = make_submission(test_metadata["image"].tolist(), predictions)
-        path = write_submission(sub, layout.submission)
-
         expected_ids = min(5, 1 + version.table["individual_id"].nunique())
-        problems = submission_problems(path, test_metadata["image"].tolist(), expected_ids)
+        path = _write_checked(layout, sub, test_metadata["image"].tolist(), expected_ids)
+        problems = submission_problems(path, test_metadata["image"].tolist(), expected_ids)  # the file in place, read back
         top1_new = float(sum(p[0] == NEW_INDIVIDUAL for p in predictions) / max(1, len(predictions)))
         sheet = sample_review(
             query_images,
@@ -170,6 +177,20 @@ def _match_test_photos(whale: WhaleHome, version: Any, queries: Any, images: lis
     (from the ``local_features`` asset) when the threshold was tuned so."""
     store = feature_store(whale) if match_threshold.get("rerank") else None
     return match_queries(version, queries, match_threshold, None if store is None else [store.get(img) for img in images], store)
+
+
+def _write_checked(layout: HomeLayout, sub: pd.DataFrame, images: list[str], ids_per_row: int) -> Path:
+    """Write the submission only if it passes the blocking ``submission_format`` check, run on
+    the staged file before it replaces the previous one: a failing submission never reaches
+    ``submission.csv`` (where a user would upload it) and fails the step, without retries."""
+    try:
+        return write_submission(sub, layout.submission, images, ids_per_row)
+    except SubmissionFormatError as exc:
+        raise dg.Failure(
+            description=f"{exc}. The previous {layout.submission.name} (if any) is kept.",
+            metadata={"problems": "; ".join(exc.problems), "rows": len(sub)},
+            allow_retries=False,
+        ) from exc
 
 
 def _rerank_md(matches: Matches) -> dict[str, Any]:

@@ -58,6 +58,7 @@ def fold_ensemble(layout: HomeLayout, folds: Sequence[str], split: str) -> tuple
             on other crops: all must be redone).
     """
     parts, images = [], None
+    layout = layout.with_current_embeddings(folds)  # no-op for folds the caller pinned already
     for fold in folds:
         emb, fold_images = load_embeddings(layout.embeddings_dir(fold), split)
         if images is not None and fold_images != images:
@@ -75,6 +76,8 @@ def query_embeddings(layout: HomeLayout, version: GalleryVersion) -> tuple[np.nd
         LineageError: a fold's embeddings were made since by another checkpoint (or flip
             TTA setting) than the version's: they would not be comparable with it.
     """
+    # The record checked and the embeddings read must be of one set: resolved once.
+    layout = layout.with_current_embeddings([m.fold for m in version.lineage.models])
     for want in version.lineage.models:
         record = layout.embeddings_dir(want.fold) / EMBEDDINGS_RECORD
         found = FoldModel(**read_json(record)) if record.exists() else None
@@ -151,6 +154,8 @@ def build_gallery(
         device: where such photos are embedded.
         on_step: told each publishing step (:func:`~whale_ml.gallery.versions.write_version`).
     """
+    # Every fold's embeddings, record and centres from one set each, even if a fold is re-embedded meanwhile.
+    layout = layout.with_current_embeddings(folds)
     embeddings, images = fold_ensemble(layout, folds, "train")
     table = gallery_table(train_metadata, crops, images)
     options = settings.model_dump(include=set(INDEX_OPTIONS))

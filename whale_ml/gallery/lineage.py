@@ -19,7 +19,7 @@ from whale_ml.home import HomeLayout
 # The records each stage writes beside its artifacts.
 BOXES_RECORD = "boxes.json"  # in detector_dir, by the bboxes stage
 CROPS_RECORD = "crops.json"  # in crops_dir, by the crops stage
-EMBEDDINGS_RECORD = "embeddings.json"  # in embeddings_dir(fold), by the fold embeddings stage
+EMBEDDINGS_RECORD = "embeddings.json"  # in each embedding set (embeddings_dir(fold)), by the fold embeddings stage
 REGISTERED_RECORD = "registered.json"  # in model_dir(fold), by the training stage
 
 
@@ -80,25 +80,32 @@ def record_registered(layout: HomeLayout, fold: str, checkpoint: Path, registere
     )
 
 
-def record_embeddings(layout: HomeLayout, fold: str, checkpoint: Path, flip_tta: bool) -> FoldModel:
-    """Written by the fold embeddings stage: which checkpoint embedded the crops. The
-    registry version is taken from the training stage's record only when that record is
-    of this very checkpoint (a retrained fold whose embeddings were not redone is not)."""
-    sha = sha256_file(checkpoint)
+def record_embeddings(layout: HomeLayout, fold: str, checkpoint_sha256: str, flip_tta: bool, folder: Path | None = None) -> FoldModel:
+    """Written by the fold embeddings stage: which checkpoint embedded the crops.
+
+    Args:
+        checkpoint_sha256: the hash of the very bytes the model was loaded from
+            (:func:`whale_ml.checkpoints.snapshot_checkpoint`), not of ``best.pt`` read
+            again now: training may have replaced it since.
+        folder: the embedding set being written (default: the fold's current set).
+
+    The registry version is taken from the training stage's record only when that record
+    is of this very checkpoint (a retrained fold whose embeddings were not redone is not).
+    """
     registered: dict[str, str] = {}
     reg_path = layout.model_dir(fold) / REGISTERED_RECORD
     if reg_path.exists():
         found = read_json(reg_path)
-        if found.get("checkpoint_sha256") == sha:
+        if found.get("checkpoint_sha256") == checkpoint_sha256:
             registered = found
     model = FoldModel(
         fold=fold,
-        checkpoint_sha256=sha,
+        checkpoint_sha256=checkpoint_sha256,
         registered_model=registered.get("registered_model"),
         version=registered.get("version"),
         flip_tta=flip_tta,
     )
-    write_json(layout.embeddings_dir(fold) / EMBEDDINGS_RECORD, model.model_dump())
+    write_json((folder if folder is not None else layout.embeddings_dir(fold)) / EMBEDDINGS_RECORD, model.model_dump())
     return model
 
 

@@ -159,6 +159,16 @@ def _match_fold(rerank: LocalRerank, features: FeatureStore, found: FoldSearch, 
     )
 
 
+def _fold_sets(
+    embeddings_dir: Callable[[str], Path], folds: Sequence[str], class_centres: bool
+) -> tuple[Callable[[str], Path], dict[str, ClassCentres | None]]:
+    """Each fold's embedding set, resolved once (a fold re-embedded meanwhile must not give
+    the searches one model's vectors and the centres another's), and its centres, read once
+    when asked for."""
+    folders = {f: embeddings_dir(f) for f in folds}
+    return folders.__getitem__, ({f: ClassCentres.load(folders[f]) for f in folds} if class_centres else {})
+
+
 def tune_out_of_fold(
     cv_folds: pd.DataFrame,
     embeddings_dir: Callable[[str], Path],
@@ -205,7 +215,7 @@ def tune_out_of_fold(
     if rerank is not None and features is None:
         raise ValueError("re-ranking needs the local_features store")
     margin_grid = check_margin_weights(margin_weights)
-    centres = {f: ClassCentres.load(embeddings_dir(f)) for f in folds} if class_centres else {}  # read once, used per fold
+    embeddings_dir, centres = _fold_sets(embeddings_dir, folds, class_centres)
     centres_note = _missing_centres(centres) if class_centres else None
     if centres_note:
         warnings.warn(centres_note, stacklevel=2)
