@@ -23,6 +23,7 @@ from whale_ml.data.metadata import read_train_metadata
 from whale_ml.gallery import build_gallery, current_version, list_versions, load_version, read_ledger
 from whale_ml.gallery.lineage import record_boxes, record_crops, record_embeddings
 from whale_ml.home import HomeLayout
+from whale_ml.io import sha256_file
 from whale_ml.models.embedding import create_embedding_model
 from whale_ml.retrieval.centres import ClassCentres
 from whale_ml.retrieval.embeddings import embed_paths
@@ -108,7 +109,7 @@ def catalogue(tmp_path: Path, tiny_data: Path) -> Iterator[dict]:
     save_embeddings(layout.embeddings_dir("fold0"), "train", rng.normal(size=(len(train), 16)).astype(np.float32), train["image"].tolist())
     save_embeddings(layout.embeddings_dir("fold0"), "test", np.zeros((0, 16), np.float32), [])
     ClassCentres.from_checkpoint(torch.load(best, weights_only=True)).save(layout.embeddings_dir("fold0"))
-    record_embeddings(layout, "fold0", best, flip_tta=False)
+    record_embeddings(layout, "fold0", sha256_file(best), flip_tta=False)
     meta = train[["image", "individual_id", "species"]]
     crops = pd.DataFrame({"image": train["image"], "crop_path": ""})
     meta.to_csv(home / "train_metadata.csv", index=False)
@@ -186,7 +187,7 @@ def _register(layout: HomeLayout, best: Path) -> None:
     client.create_registered_model("whale-arcface")
     mv = client.create_model_version("whale-arcface", f"runs:/{run.info.run_id}/checkpoint", run_id=run.info.run_id, tags={SHA_TAG: sha256_file(best)})
     record_registered(layout, "fold0", best, "whale-arcface", mv.version)
-    record_embeddings(layout, "fold0", best, flip_tta=False)
+    record_embeddings(layout, "fold0", sha256_file(best), flip_tta=False)
 
 
 def test_an_enrolment_during_a_folds_training_uses_the_gallerys_own_model(catalogue: dict) -> None:

@@ -17,7 +17,7 @@ from whale_ml.gallery.build import query_embeddings
 from whale_ml.gallery.search import Matches, match_queries
 from whale_ml.gallery.lineage import LineageError
 from whale_ml.gallery.matchers import check_matcher
-from whale_ml.gallery.versions import load_version
+from whale_ml.gallery.versions import GalleryVersion, load_version
 from whale_ml.home import HomeLayout
 from whale_ml.io import atomic_path
 from whale_ml.retrieval.review import sample_review
@@ -76,21 +76,11 @@ def submission_csv_asset(rnd: Round) -> dg.AssetsDefinition:
         answer. A match-review sheet shows sample test photos beside their matches.
         The pseudo-label round writes ``rounds/round2/submission.csv``."""
         layout = rnd.layout(whale)
-        version = load_version(layout, gallery["version"])
-        try:
-            check_matcher(match_threshold, version.lineage, version.name)
-        except LineageError as exc:
-            raise dg.Failure(str(exc), allow_retries=False) from exc
+        version = _version_of_matcher(layout, gallery["version"], match_threshold)
         queries, query_images = query_embeddings(layout, version)
         matches = _match_test_photos(whale, version, queries, query_images, match_threshold)
         found, prior = dict(zip(query_images, matches.predictions, strict=True)), prior_predictions(train_metadata["individual_id"].tolist())
         missing = [img for img in test_metadata["image"] if img not in found]
-        prior_only = photo_list(
-            context.log.warning,
-            f"test photo(s) without an embedding (unreadable) get the prior answer {' '.join(prior)}",
-            pd.DataFrame({"image": missing, "reason": "no embedding (the photo could not be read or cropped)"}),
-            layout.reports_dir / "prior_only_rows.csv",
-        )
         predictions = [found.get(img, prior) for img in test_metadata["image"]]
         sub = make_submission(test_metadata["image"].tolist(), predictions)
         expected_ids = min(5, 1 + version.table["individual_id"].nunique())
@@ -112,14 +102,9 @@ def submission_csv_asset(rnd: Round) -> dg.AssetsDefinition:
                 **(_review_metadata(layout, sheet) if sheet is not None else {}),
                 "path": dg.MetadataValue.path(str(path)),
                 "dagster/row_count": len(sub),
-                "gallery_version": version.name,
-                "model_versions": ", ".join(f"{m.fold}: v{m.version}" for m in version.lineage.models),
-                "models_key": match_threshold["models_key"],
-                "threshold": float(match_threshold["threshold"]),
-                "species_thresholds": len(match_threshold.get("species_thresholds") or {}),
+                **_answered_by_md(version, match_threshold),
                 "top1_new_individual_share": top1_new,
-                "prior_only_rows": len(missing),
-                **({"prior_only_list": prior_only} if prior_only is not None else {}),
+                **_prior_only_md(context, layout, missing, prior),
                 **_rerank_md(matches),
                 "preview": table_meta(sub.head(10)),
             },
@@ -131,6 +116,38 @@ def submission_csv_asset(rnd: Round) -> dg.AssetsDefinition:
         )
 
     return submission_csv
+
+
+def _prior_only_md(context: dg.AssetExecutionContext, layout: HomeLayout, missing: list[str], prior: list[str]) -> dict[str, object]:
+    """The test photos answered by the prior alone: one warning, their list as a file, the count."""
+    prior_only = photo_list(
+        context.log.warning,
+        f"test photo(s) without an embedding (unreadable) get the prior answer {' '.join(prior)}",
+        pd.DataFrame({"image": missing, "reason": "no embedding (the photo could not be read or cropped)"}),
+        layout.reports_dir / "prior_only_rows.csv",
+    )
+    return {"prior_only_rows": len(missing), **({"prior_only_list": prior_only} if prior_only is not None else {})}
+
+
+def _version_of_matcher(layout: HomeLayout, name: str, match_threshold: dict[str, Any]) -> GalleryVersion:
+    """Gallery version ``name``, refused (no retry) unless ``match_threshold`` was tuned for its models."""
+    version = load_version(layout, name)
+    try:
+        check_matcher(match_threshold, version.lineage, version.name)
+    except LineageError as exc:
+        raise dg.Failure(str(exc), allow_retries=False) from exc
+    return version
+
+
+def _answered_by_md(version: GalleryVersion, match_threshold: dict[str, Any]) -> dict[str, object]:
+    """What answered: the gallery version, its models and the matcher tuned for them."""
+    return {
+        "gallery_version": version.name,
+        "model_versions": ", ".join(f"{m.fold}: v{m.version}" for m in version.lineage.models),
+        "models_key": match_threshold["models_key"],
+        "threshold": float(match_threshold["threshold"]),
+        "species_thresholds": len(match_threshold.get("species_thresholds") or {}),
+    }
 
 
 def submission_score_asset(rnd: Round) -> dg.AssetsDefinition:
