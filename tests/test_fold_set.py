@@ -221,8 +221,8 @@ def test_a_pinned_reader_keeps_its_set_while_new_ones_are_published_and_old_ones
     from there; publishing keeps the current set and the newest two, and removes loose files
     from before sets."""
     from whale_ml.home import HomeLayout
-    from whale_ml.retrieval.embedding_sets import SETS, new_set
-    from whale_ml.retrieval.store import load_embeddings, save_embeddings
+    from whale_ml.filesets import SETS
+    from whale_ml.retrieval.store import load_embeddings, new_embedding_set, save_embeddings
 
     layout = HomeLayout(tmp_path)
     root = layout.embeddings_root(FOLD)
@@ -230,7 +230,7 @@ def test_a_pinned_reader_keeps_its_set_while_new_ones_are_published_and_old_ones
     assert layout.embeddings_dir(FOLD) == root
 
     def publish(value: float) -> None:
-        with new_set(root, f"{int(value):064x}") as folder:
+        with new_embedding_set(root, f"{int(value):064x}") as folder:
             save_embeddings(folder, "train", np.full((1, 4), value, np.float32), ["x.jpg"])
 
     publish(1.0)
@@ -243,7 +243,7 @@ def test_a_pinned_reader_keeps_its_set_while_new_ones_are_published_and_old_ones
     publish(4.0)
     assert sorted(p.name.split("-")[1] for p in (root / SETS).iterdir()) == ["3", "4"]
     with pytest.raises(RuntimeError, match="nothing published"):
-        with new_set(root, "f" * 64) as folder:
+        with new_embedding_set(root, "f" * 64) as folder:
             save_embeddings(folder, "train", np.zeros((1, 4), np.float32), ["y.jpg"])
             raise RuntimeError("nothing published")
     assert load_embeddings(layout.embeddings_dir(FOLD), "train")[0][0, 0] == 4.0

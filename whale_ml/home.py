@@ -73,7 +73,7 @@ class HomeLayout:
 
     def embeddings_root(self, fold: str) -> Path:
         """The fold's embeddings folder: its sets and the pointer to the current one
-        (:mod:`whale_ml.retrieval.embedding_sets`); what the fold embeddings stage writes."""
+        (:mod:`whale_ml.filesets`); what the fold embeddings stage writes."""
         return self.round_home / "embeddings" / fold
 
     def embeddings_dir(self, fold: str) -> Path:
@@ -83,7 +83,7 @@ class HomeLayout:
         pinned = dict(self.embedding_sets)
         if fold in pinned:
             return pinned[fold]
-        from whale_ml.retrieval.embedding_sets import current_set  # the retrieval package pulls in faiss
+        from whale_ml.filesets import current_set
 
         return current_set(self.embeddings_root(fold))
 

@@ -25,11 +25,10 @@ from whale_ml.gallery.matchers import save_matcher
 from whale_ml.gallery.versions import list_versions
 from whale_ml.registry import gallery_models
 from whale_ml.retrieval.centres import replace_centres
-from whale_ml.retrieval.embedding_sets import new_set
 from whale_ml.retrieval.embeddings import embed_paths
 from whale_ml.retrieval.pseudo_labels import out_of_fold_top1
 from whale_ml.retrieval.rerank import LocalRerank
-from whale_ml.retrieval.store import save_embeddings
+from whale_ml.retrieval.store import new_embedding_set, save_embeddings
 from whale_ml.retrieval.threshold import OutOfFoldThreshold, tune_out_of_fold
 from whale_ml.training.trainer import load_class_centres, load_model, resolve_device
 
@@ -70,7 +69,7 @@ def fold_embeddings_asset(rnd: Round) -> dg.AssetsDefinition:
         # these bytes, even if training replaces best.pt while the crops are embedded.
         checkpoint, sha = snapshot_checkpoint(layout.model_dir(fold) / "best.pt", layout.home / "model_cache")
         # The whole set (train, test, centres, record) is published at once, or not at all.
-        with new_set(layout.embeddings_root(fold), sha) as folder:
+        with new_embedding_set(layout.embeddings_root(fold), sha) as folder:
             with mlflow.start_run(context, run_name=f"embed_{rnd.label(fold)}", tags=tags, system_metrics=True) as run:
                 embedded = _embed_fold(context, config, checkpoint, folder, fold, crops)
             centres = replace_centres(folder, load_class_centres(checkpoint))

@@ -16,21 +16,16 @@ coarsest JPEG draft scale that keeps them (:func:`~whale_ml.data.images.decode_p
 Storage: one folder per split holding sets of ``points.npy`` (float32, (N, 2)),
 ``descriptors.npy`` (uint8, (N, D), memory-mapped when read), ``offsets.npy`` (photo i
 owns rows ``offsets[i]:offsets[i+1]``), ``images.csv`` and ``settings.json``. The files
-only mean something together, so a set is written whole into a hidden staging folder,
-renamed into place as ``set.<time>.p<pid>`` and published by rewriting ``current.json``
-(one atomic rename) to name it. A reader reads ``current.json`` once and every file
-from the set it names: it sees the old set or the new one, never a mix, and a writer
-killed at any point leaves the previous set current. Older sets are swept by the next
-write (the previous one is kept for readers still opening it).
+only mean something together, so they are published as one set (:mod:`whale_ml.filesets`:
+``sets/features-<n>/`` named by ``current.json``). A reader resolves the current set once
+and reads every file from it: it sees the old set or the new one, never a mix, and a
+writer killed at any point leaves the previous set current.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import threading
-import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,7 +36,7 @@ import pandas as pd
 
 from whale_ml.data.images import ImageReadError, decode_photo
 from whale_ml.home import HomeLayout
-from whale_ml.io import fsync_dir, fsync_enabled, fsync_file, read_json, staging_dir, write_json
+from whale_ml.filesets import current_set, new_set
 from whale_ml.progress import ProgressFn
 from whale_ml.stage_configs import LocalFeatureConfig
 from whale_ml.threads import pipeline_threads
@@ -204,10 +199,6 @@ def extract_features(
 
 
 _PARTS = ("points.npy", "descriptors.npy", "offsets.npy", "images.csv", "settings.json")
-# The pointer naming a split folder's current set, and the sets' names (sortable by age).
-CURRENT_SET = "current.json"
-_SET_PREFIX = "set."
-_STAGING_TAG = "features"
 
 
 def save_features(
@@ -228,52 +219,17 @@ def save_features(
         "descriptors.npy": np.concatenate(descs).astype(np.uint8) if descs else np.zeros((0, width), np.uint8),
         "offsets.npy": offsets,
     }
-    folder.mkdir(parents=True, exist_ok=True)
-    staged = staging_dir(folder, _STAGING_TAG)  # also removes what a killed writer left
-    try:
+    with new_set(folder, "features", loose=_PARTS) as staged:
         for name, array in arrays.items():
             np.save(staged / name, array)
         pd.DataFrame({"image": list(images)}).to_csv(staged / "images.csv", index=False)
         (staged / "settings.json").write_text(cfg.model_dump_json(indent=1))
-        if fsync_enabled():  # the files and their names are on disk before any name points at them
-            for part in _PARTS:
-                fsync_file(staged / part)
-            fsync_dir(staged)
-        name = f"{_SET_PREFIX}{time.time_ns():020d}.p{os.getpid()}"
-        os.replace(staged, folder / name)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
-    previous = _current_set(folder)
-    write_json(folder / CURRENT_SET, {"set": name})
-    _sweep_sets(folder, keep={name, previous})
     return folder
-
-
-def _current_set(folder: Path) -> str | None:
-    """The name of the set ``current.json`` names, or None where there is none yet."""
-    try:
-        return str(read_json(folder / CURRENT_SET)["set"])
-    except FileNotFoundError:
-        return None
-
-
-def _sweep_sets(folder: Path, keep: set[str | None]) -> None:
-    """Remove the sets other than ``keep`` (the current one and the one it replaced: a reader
-    may still be opening that one), and the files of the layout before sets (one file each)."""
-    for entry in os.scandir(folder):
-        if entry.name.startswith(_SET_PREFIX) and entry.is_dir() and entry.name not in keep:
-            shutil.rmtree(entry.path, ignore_errors=True)
-        elif entry.name in _PARTS and entry.is_file():
-            os.unlink(entry.path)
-    if fsync_enabled():
-        fsync_dir(folder)
 
 
 def features_saved(folder: str | Path) -> bool:
     """Whether ``folder`` holds a published set of features (or the older one-file-each layout)."""
-    folder = Path(folder)
-    return (folder / CURRENT_SET).is_file() or (folder / "settings.json").is_file()
+    return (current_set(folder) / "settings.json").is_file()
 
 
 def _read_set(folder: Path) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], list[str], LocalFeatureConfig]:
@@ -283,15 +239,14 @@ def _read_set(folder: Path) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], 
     (a file gone between reading the pointer and opening it) reads the pointer again.
     """
     for _attempt in range(5):
-        name = _current_set(folder)
-        where = folder / name if name is not None else folder  # the layout before sets: files in the folder
+        where = current_set(folder)  # the folder itself in the layout before sets
         try:
             offsets = np.load(where / "offsets.npy")
             part = (np.load(where / "points.npy"), np.load(where / "descriptors.npy", mmap_mode="r"), offsets)
             images = pd.read_csv(where / "images.csv", dtype=str, keep_default_na=False)["image"].tolist()
             config = LocalFeatureConfig.model_validate_json((where / "settings.json").read_text())
         except FileNotFoundError:
-            if name is not None and _current_set(folder) != name:
+            if where != folder and current_set(folder) != where:
                 continue  # a newer set was published meanwhile
             missing = [part for part in _PARTS if not (where / part).exists()]
             raise FileNotFoundError(

@@ -1,13 +1,33 @@
-"""Embedding files: one float32 matrix per split, with its image order beside it."""
+"""Embedding files: one float32 matrix per split, with its image order beside it, and a
+fold's embeddings published as one set (:mod:`whale_ml.filesets`)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from whale_ml.filesets import new_set
 from whale_ml.io import atomic_path
+
+# A fold set's files as they lay straight in the fold's folder before sets (swept once a set is current).
+_LOOSE = ("train.npy", "train_images.csv", "test.npy", "test_images.csv", "centres.npy", "centres_ids.csv", "embeddings.json")
+
+
+@contextlib.contextmanager
+def new_embedding_set(root: Path, checkpoint_sha256: str) -> Iterator[Path]:
+    """A folder to write one fold model's embeddings, centres and record into, published as
+    the fold's current set when the block ends (``HomeLayout.embeddings_dir`` then reads it).
+
+    Args:
+        root: the fold's folder (``HomeLayout.embeddings_root(fold)``).
+        checkpoint_sha256: the checkpoint that made them: the set's name starts with it.
+    """
+    with new_set(root, checkpoint_sha256[:12], loose=_LOOSE, record={"checkpoint_sha256": checkpoint_sha256}) as folder:
+        yield folder
 
 
 def save_embeddings(folder: str | Path, name: str, embeddings: np.ndarray, images: list[str]) -> Path:
