@@ -148,6 +148,7 @@ _REWRITER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_checkpoint_replaced_while_embedding_changes_nothing_that_was_embedded_or_recorded(whale_env: Path, tmp_path: Path) -> None:
     """Training saves a better best.pt (a second process, by rename) once the train crops are
     embedded: the set's embeddings, centres and recorded sha256 are all the first checkpoint's."""
@@ -186,6 +187,7 @@ def _wait_for(root: Path, name: str, since: float, proc: subprocess.Popen[bytes]
     raise AssertionError(f"no {name} under {root} within {timeout} s")
 
 
+@pytest.mark.kill
 @pytest.mark.parametrize("moment", ["train.npy", "test.npy", "centres.npy", "embeddings.json"])
 def test_a_writer_killed_mid_set_leaves_the_previous_set_whole(whale_env: Path, tmp_path: Path, moment: str) -> None:
     """A set written with checkpoint A; then a writer with checkpoint B is killed (SIGKILL) as

@@ -147,6 +147,7 @@ def _one_generation(folder) -> int:
     return g
 
 
+@pytest.mark.slow
 def test_a_reader_never_sees_a_mixed_set_while_another_process_rewrites_it(tmp_path):
     folder = tmp_path / "feats"
     first = _writer(folder, 0, 1)
@@ -166,6 +167,7 @@ def test_a_reader_never_sees_a_mixed_set_while_another_process_rewrites_it(tmp_p
     assert len(sets) <= 3, sets  # older sets are swept (the current, the one before, one in flight)
 
 
+@pytest.mark.kill
 def test_a_writer_killed_mid_rewrite_leaves_a_whole_set(tmp_path):
     """kill -9 of a process rewriting the set in a loop, at five moments: each time the set
     read back is one whole generation, and the next write succeeds and sweeps what the dead

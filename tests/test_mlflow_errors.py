@@ -87,6 +87,7 @@ def _client_error(uri: str) -> MlflowException:
     return raised.value
 
 
+@pytest.mark.server
 def test_a_server_that_refuses_or_is_not_mlflow_is_final(http_server: Callable[[int], str]) -> None:
     """401 (credentials) and 404 (not an MLflow server): no retry can change the answer."""
     for status in (401, 404):
@@ -98,6 +99,7 @@ def test_a_server_that_refuses_or_is_not_mlflow_is_final(http_server: Callable[[
             assert not is_transient(wrapped)
 
 
+@pytest.mark.server
 def test_a_server_that_is_down_or_busy_is_transient(http_server: Callable[[int], str], monkeypatch: pytest.MonkeyPatch) -> None:
     """503 and a port where nothing listens, as MLflow's client reports them once its own
     retries give up (none here: they would only add seconds of backoff before the same error)."""
@@ -130,6 +132,7 @@ def test_rest_errors_and_their_subclasses_are_judged_by_error_code(error_code: s
         assert is_transient(error) is transient, (cls.__name__, error_code)
 
 
+@pytest.mark.server
 def test_a_401_fails_the_reachability_probe_at_once_naming_the_uri(http_server: Callable[[int], str]) -> None:
     uri = http_server(401)
     started = time.monotonic()
@@ -145,6 +148,7 @@ def test_a_401_fails_the_reachability_probe_at_once_naming_the_uri(http_server: 
     ("status", "says"),
     [(401, "refused the credentials (401)"), (404, "is not an MLflow tracking server (404): check MLFLOW_TRACKING_URI")],
 )
+@pytest.mark.server
 def test_an_mlflow_step_fails_at_the_first_attempt_when_the_server_refuses(
     http_server: Callable[[int], str], status: int, says: str
 ) -> None:
@@ -167,6 +171,7 @@ def test_an_mlflow_step_fails_at_the_first_attempt_when_the_server_refuses(
     assert seconds < 30, seconds
 
 
+@pytest.mark.server
 def test_fetch_checkpoint_says_retrain_only_when_the_checkpoint_is_missing(
     http_server: Callable[[int], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import dagster as dg
 import numpy as np
 import pandas as pd
+import pytest
 
 from whale_assets.defs.submission import submission_csv
 from whale_assets.resources import WhaleHome
@@ -73,6 +74,7 @@ def _materialise(home: Path, values: dict[str, Any]) -> dg.ExecuteInProcessResul
     )
 
 
+@pytest.mark.slow
 def test_a_submission_failing_its_format_check_never_replaces_the_previous_one(tmp_path: Path) -> None:
     """The first submission passes and is written; the next one (an individual id with a
     space: six tokens in a row) fails its blocking check on the staged file: the step fails
