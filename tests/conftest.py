@@ -5,7 +5,9 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,17 @@ from whale_ml.data.demo import PRESETS, generate_demo_data
 from whale_ml.offline import configure_environment
 
 configure_environment(Path(os.environ["WHALE_HOME"]))
+
+
+@pytest.fixture(autouse=True)
+def _no_tracking_uri_left_behind() -> Iterator[None]:
+    """``mlflow.set_tracking_uri`` writes $MLFLOW_TRACKING_URI: a test that pointed MLflow at
+    its own store must not send a later test, or the processes it starts, to that store.
+    (Unset for the whole session above; a test that wants a server sets it with monkeypatch.)"""
+    yield
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture(scope="session")

@@ -51,7 +51,7 @@ def _checkpoint(path: Path, seed: int, ids: list[str]) -> bytes:
 
 def _env(home: Path) -> dict[str, str]:
     return {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},  # the home's own store
         "WHALE_HOME": str(home),
         "DAGSTER_HOME": str(home / "dagster_home"),
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),

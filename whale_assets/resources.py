@@ -73,6 +73,17 @@ def _default_tracking_uri() -> str:
     return uri
 
 
+def _set_tracking_uri(uri: str) -> None:
+    """``mlflow.set_tracking_uri``, remembering ``uri`` as this process's own choice when it is
+    not what $MLFLOW_TRACKING_URI said: MLflow writes it there, and a later resource of another
+    home must not take it for the user's setting."""
+    import mlflow
+
+    if read_environment().mlflow_tracking_uri != uri:
+        _HOME_URIS.add(uri)
+    mlflow.set_tracking_uri(uri)
+
+
 class MlflowTracking(dg.ConfigurableResource):
     """One MLflow run per asset materialisation (and partition), found again on retry.
 
@@ -148,7 +159,7 @@ class MlflowTracking(dg.ConfigurableResource):
         import mlflow
 
         self.check_reachable()
-        mlflow.set_tracking_uri(self.uri)
+        _set_tracking_uri(self.uri)
         found = mlflow.get_experiment_by_name(self.experiment)
         if found is not None:
             if EXPERIMENT_KIND_TAG not in found.tags:  # made before the tag was set, or by hand
