@@ -52,8 +52,8 @@ from whale_ml.retrieval.faiss_index import build_index, l2_normalise, search_gal
 from whale_ml.retrieval.local_features import FeatureStore, extract_features, home_feature_store, save_features  # noqa: E402
 from whale_ml.retrieval.margin import MARGIN_WEIGHTS, tune_margin  # noqa: E402
 from whale_ml.retrieval.ranking import (  # noqa: E402
-    _known_truths,
-    _tune_collapsed,
+    known_truths,
+    tune_collapsed,
     collapse_by_individual,
     decision_scores,
     map_at_5,
@@ -143,7 +143,7 @@ def _tune_rule(sims: np.ndarray, ids: np.ndarray, truths: np.ndarray, rule: str,
     """(weight, threshold, MAP@5) of the best weight of ``rule`` on collapsed lists, smallest weight among equals."""
     best = None
     for w in sorted(weights):
-        r = _tune_collapsed(_rule_scores(sims, rule, w), ids, truths)
+        r = tune_collapsed(_rule_scores(sims, rule, w), ids, truths)
         if best is None or r.map5 > best[2] + 1e-12:
             best = (w, r.threshold, r.map5)
     assert best is not None
@@ -157,7 +157,7 @@ def _score_rule(sims: np.ndarray, ids: np.ndarray, truths: np.ndarray, rule: str
 def _cross_fold(tuned: OutOfFoldThreshold, known: list[str], rule: str, weights: tuple[float, ...]) -> float:
     """Tuned on one fold's validation photos, scored on every other fold's: the mean over ordered pairs."""
     sims, ids, _ = collapse_by_individual(tuned.sims, tuned.ids)
-    truths = _known_truths(tuned.truths, len(sims), tuned.ids, known)
+    truths = known_truths(tuned.truths, len(sims), tuned.ids, known)
     bounds = np.cumsum([0] + [f["queries"] for f in tuned.per_fold])
     parts = [slice(bounds[i], bounds[i + 1]) for i in range(len(tuned.per_fold))]
     scores = []
@@ -184,7 +184,7 @@ def _split_half(
     the other half, ``reps`` times (the same halves for every rule, by ``seed``): a steadier
     out-of-fold test than one fold against another. New photos are their own group each."""
     sims, ids, _ = collapse_by_individual(tuned.sims, tuned.ids)
-    truths = _known_truths(tuned.truths, len(sims), tuned.ids, known)
+    truths = known_truths(tuned.truths, len(sims), tuned.ids, known)
     groups = np.array([t if t != "new_individual" else f"new:{q}" for q, t in enumerate(truths)], dtype=object)
     names = np.unique(groups)
     rng = np.random.default_rng(seed)
@@ -227,7 +227,7 @@ def _margin_rows(
          **gain("first"), "margin_table": margin.table.to_dict("records")},
     ]
     sims, ids, _ = collapse_by_individual(tuned.sims, tuned.ids)
-    w, _, m = _tune_rule(sims, ids, _known_truths(tuned.truths, len(sims), tuned.ids, known), "per_rank", MARGIN_WEIGHTS)
+    w, _, m = _tune_rule(sims, ids, known_truths(tuned.truths, len(sims), tuned.ids, known), "per_rank", MARGIN_WEIGHTS)
     rows.append({"variant": f"{name} + margin, per-rank alternative (not offered)", "oof_map5": m, "weight": w,
                  "cross_fold_map5": _cross_fold(tuned, known, "per_rank", MARGIN_WEIGHTS), **gain("per_rank")})
     for r in rows:

@@ -66,12 +66,6 @@ def _column_type(values: list[Cell]) -> str:
     return "string"
 
 
-def table_md(df: pd.DataFrame, floatfmt: str = ".4g") -> dg.MetadataValue:
-    """A DataFrame as a Markdown table: only for cells that carry Markdown (links, inline
-    images); a plain table goes through :func:`table_meta`."""
-    return dg.MetadataValue.md(df.to_markdown(index=False, floatfmt=floatfmt))
-
-
 def figure_md(fig: object) -> dg.MetadataValue:
     """A matplotlib figure as an inline PNG (Markdown), shown in the asset's metadata."""
     import matplotlib.pyplot as plt

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from whale_ml.retrieval.local_features import inlier_evidence
-from whale_ml.retrieval.ranking import ThresholdResult, _known_truths, tune_threshold
+from whale_ml.retrieval.ranking import ThresholdResult, known_truths, tune_threshold
 
 
 class NotCalibratable(ValueError):
@@ -228,7 +228,7 @@ def tune_fusion(
         ValueError: neither ``inliers`` nor ``centre_sims``: nothing to fuse.
     """
     sims, ids = np.asarray(sims, dtype=np.float64), np.asarray(ids, dtype=object)
-    truth_arr = _known_truths(truths, len(sims), ids, gallery_ids)
+    truth_arr = known_truths(truths, len(sims), ids, gallery_ids)
     valid = np.isfinite(sims)
     same = ids == truth_arr[:, None]
     cals = {GLOBAL: Calibration.fit(sims[valid], same[valid])}

@@ -24,9 +24,8 @@ writer killed at any point leaves the previous set current.
 
 from __future__ import annotations
 
-import math
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -368,10 +367,6 @@ def candidate_inliers(
 def inlier_evidence(inliers: np.ndarray) -> np.ndarray:
     """The calibrators' input: ``log1p(inliers)``, so that 4 against 8 weighs as 40 against 80."""
     return np.log1p(np.maximum(np.asarray(inliers, dtype=np.float64), 0.0))
-
-
-def features_per_second(n: int, seconds: float) -> float:
-    return n / seconds if seconds > 0 else math.inf
 
 
 FEATURE_SPLITS = ("train", "test", "enrolled")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from whale_ml.retrieval.ranking import ThresholdResult, _known_truths, _tune_collapsed, collapse_by_individual, decision_scores
+from whale_ml.retrieval.ranking import ThresholdResult, known_truths, tune_collapsed, collapse_by_individual, decision_scores
 
 # Leads are on the scores' own scale (cosines, or fused probabilities), like the scores:
 # weights from a quarter to four times the lead, and 0 (the plain rule).
@@ -72,10 +72,10 @@ def tune_margin(
     """
     grid = check_margin_weights([0.0, *weights])
     sims, ids, _ = collapse_by_individual(similarities, neighbor_ids)
-    truths_arr = _known_truths(truths, len(sims), neighbor_ids, gallery_ids)
+    truths_arr = known_truths(truths, len(sims), neighbor_ids, gallery_ids)
     rows, results = [], []
     for w in grid:
-        result = _tune_collapsed(decision_scores(sims, float(w)), ids, truths_arr)
+        result = tune_collapsed(decision_scores(sims, float(w)), ids, truths_arr)
         rows.append({"weight": float(w), "threshold": result.threshold, "map5": result.map5, "new_share": result.new_share})
         results.append(result)
     best = 0

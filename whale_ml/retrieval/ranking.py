@@ -266,11 +266,11 @@ def tune_threshold(
         ``predict_top5`` at ``.threshold`` (and ``margin``) scores exactly ``.map5``.
     """
     sims, ids, _ = collapse_by_individual(similarities, neighbor_ids)
-    truths_arr = _known_truths(truths, len(sims), neighbor_ids, gallery_ids)
-    return _tune_collapsed(decision_scores(sims, margin), ids, truths_arr)
+    truths_arr = known_truths(truths, len(sims), neighbor_ids, gallery_ids)
+    return tune_collapsed(decision_scores(sims, margin), ids, truths_arr)
 
 
-def _known_truths(truths: Sequence[str], n: int, neighbor_ids: np.ndarray, gallery_ids: Sequence[str] | None) -> np.ndarray:
+def known_truths(truths: Sequence[str], n: int, neighbor_ids: np.ndarray, gallery_ids: Sequence[str] | None) -> np.ndarray:
     """Truths as an object array, with ids absent from the gallery scored as new_individual."""
     truths_arr = np.asarray(truths, dtype=object)
     if len(truths_arr) != n:
@@ -279,7 +279,7 @@ def _known_truths(truths: Sequence[str], n: int, neighbor_ids: np.ndarray, galle
     return np.array([t if t in known else NEW_INDIVIDUAL for t in truths_arr], dtype=object)
 
 
-def _tune_collapsed(sims: np.ndarray, ids: np.ndarray, truths_arr: np.ndarray) -> ThresholdResult:
+def tune_collapsed(sims: np.ndarray, ids: np.ndarray, truths_arr: np.ndarray) -> ThresholdResult:
     """:func:`tune_threshold` on already collapsed (n, 5) lists and gallery-mapped truths."""
     scores = _scores_by_cut(ids, truths_arr)
     n = len(sims)
@@ -377,11 +377,11 @@ def tune_species_thresholds(
     """
     sims, ids, _ = collapse_by_individual(similarities, neighbor_ids)
     sims = decision_scores(sims, margin)
-    truths_arr = _known_truths(truths, len(sims), neighbor_ids, gallery_ids)
+    truths_arr = known_truths(truths, len(sims), neighbor_ids, gallery_ids)
     species_arr = np.asarray(species, dtype=object)
     if len(species_arr) != len(sims):
         raise ValueError(f"{len(species_arr)} species for {len(sims)} queries")
-    overall = _tune_collapsed(sims, ids, truths_arr)
+    overall = tune_collapsed(sims, ids, truths_arr)
     # Each query's score at the global threshold, to compare per species.
     at_global = _scores_by_cut(ids, truths_arr)[np.arange(len(sims)), (sims >= overall.threshold).sum(axis=1)]
     rows, by_species, total = [], {}, at_global.sum()
@@ -390,7 +390,7 @@ def tune_species_thresholds(
         own_map5 = global_map5 = float(at_global[mask].mean())
         threshold = overall.threshold
         if mask.sum() >= min_queries:
-            result = _tune_collapsed(sims[mask], ids[mask], truths_arr[mask])
+            result = tune_collapsed(sims[mask], ids[mask], truths_arr[mask])
             if result.map5 > global_map5 + 1e-12:  # keep the global value when it is as good
                 threshold, own_map5 = result.threshold, result.map5
                 by_species[str(name)] = threshold

@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 
 from whale_ml.progress import ProgressFn
-from whale_ml.retrieval.fusion import Fusion, fused_ranking
 from whale_ml.retrieval.local_features import PhotoFeatures, candidate_inliers, candidate_photos
 from whale_ml.stage_configs import LocalFeatureConfig
 
@@ -76,7 +75,3 @@ def match_candidates(
     pairs = sum(len(r) for per_query in rows for r in per_query)
     return Inliers(counts, time.perf_counter() - start, pairs)
 
-
-def rerank_scores(sims: np.ndarray, ids: np.ndarray, inliers: np.ndarray, fusion: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """The candidates in fused order: ``(scores, ids)`` for ``predict_top5`` (see :func:`fused_ranking`)."""
-    return fused_ranking(sims, ids, inliers, Fusion.from_dict(fusion))
