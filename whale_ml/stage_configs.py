@@ -152,7 +152,7 @@ class TrainConfig(BaseModel):
         "auto",
         description="Layout of the model's weights and input batches. 'auto': channels_last on GPUs and with bf16 on CPU "
         "(the layout their convolution kernels take without a reorder), contiguous for fp32 on CPU, where channels_last "
-        "measured slower (docs/benchmarks.md, issue 15).",
+        "measured slower (docs/benchmarks.md, \"Training step speed on 2 CPU cores\").",
     )
     seed: int = 0
     init_weights: str | None = Field(
