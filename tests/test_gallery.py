@@ -516,10 +516,12 @@ def test_publishing_flushes_the_staged_version_before_its_rename(tmp_path: Path,
     """Every file of a version, and its folder, reach the disk before the version gets its
     name, and the versions folder after: the order a power cut needs."""
     import whale_ml.gallery.versions as versions
+    import whale_ml.io as io
 
     events: list[str] = []
-    monkeypatch.setattr(versions, "fsync_file", lambda p: events.append(f"file {Path(p).name}"))
-    monkeypatch.setattr(versions, "fsync_dir", lambda p: events.append(f"dir {Path(p).name}") or True)
+    for module in (io, versions):  # the staged folder is flushed by io.flush_tree, the versions folder here
+        monkeypatch.setattr(module, "fsync_dir", lambda p: events.append(f"dir {Path(p).name}") or True)
+    monkeypatch.setattr(io, "fsync_file", lambda p: events.append(f"file {Path(p).name}"))
     real_rename = versions.os.rename
     monkeypatch.setattr(versions.os, "rename", lambda a, b: events.append(f"rename {Path(b).name}") or real_rename(a, b))
     monkeypatch.setenv("WHALE_FSYNC", "1")

@@ -36,7 +36,7 @@ import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from whale_ml.io import fsync_dir, fsync_enabled, fsync_file, read_json, remove_stale_staging, staging_dir, write_error, write_json
+from whale_ml.io import flush_tree, fsync_dir, fsync_enabled, read_json, remove_stale_staging, staging_dir, write_error, write_json
 
 POINTER = "current.json"
 SETS = "sets"
@@ -111,11 +111,7 @@ def _claim(sets: Path, staging: Path, prefix: str) -> str:
     """Rename ``staging`` to the next free ``<prefix>-<n>``. The name is claimed by the
     rename itself: a writer beside this one that took the same number makes ours fail
     (a folder is not renamed onto a non-empty one), and we take the next."""
-    if fsync_enabled():  # the files, and their names, are on disk before the folder gets its real name
-        for entry in os.scandir(staging):
-            if entry.is_file(follow_symlinks=False):
-                fsync_file(entry.path)
-        fsync_dir(staging)
+    flush_tree(staging)  # the files, and their names, are on disk before the folder gets its real name
     while True:
         taken = _sets(sets.parent)
         name = f"{prefix}-{taken[-1][0] + 1 if taken else 1}"

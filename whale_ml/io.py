@@ -219,6 +219,17 @@ def fsync_dir(folder: str | os.PathLike[str]) -> bool:
     return True
 
 
+def flush_tree(folder: str | os.PathLike[str]) -> None:
+    """Every file under ``folder`` and every folder in it flushed to disk (data, then names),
+    for a folder built whole before it is renamed into place; nothing with ``WHALE_FSYNC=0``."""
+    if not fsync_enabled():
+        return
+    for parent, _dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            fsync_file(Path(parent) / name)
+        fsync_dir(parent)
+
+
 def durable_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, sync_dir: bool = True) -> tuple[bool, bool]:
     """``os.replace(src, dst)`` that survives a power loss, not only a killed process.
 

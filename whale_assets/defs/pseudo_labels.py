@@ -23,7 +23,7 @@ from whale_assets.resources import WhaleHome
 from whale_assets.rounds import PSEUDO_LABEL_ROUND
 from whale_assets.versions import table_version
 from whale_ml.data.folds import fold_split
-from whale_ml.gallery.lineage import read_fold_models
+from whale_ml.gallery.lineage import model_versions, read_fold_models
 from whale_ml.gallery.matchers import models_key
 from whale_ml.retrieval.pseudo_labels import calibrate_confidence, pick_fold_pseudo_labels, pseudo_labelled_folds as add_pseudo_rows
 
@@ -79,7 +79,7 @@ def pseudo_labels(
         metadata={
             **calibration.to_dict(),
             "models_key": models_key(models),
-            "model_versions": ", ".join(f"{m.fold}: v{m.version}" for m in models),
+            "model_versions": model_versions(models),
             "threshold": float(match_threshold["threshold"]),
             "dagster/row_count": len(table),
             "test_photos": test_photos,

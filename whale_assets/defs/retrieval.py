@@ -20,7 +20,7 @@ from whale_assets.launchpad import EmbedSettings, GallerySettings, ThresholdSett
 from whale_assets.rounds import FIRST_ROUND, Round
 from whale_ml.checkpoints import snapshot_checkpoint
 from whale_ml.gallery.build import build_gallery
-from whale_ml.gallery.lineage import FoldModel, read_fold_models, record_embeddings
+from whale_ml.gallery.lineage import model_versions, read_fold_models, record_embeddings
 from whale_ml.gallery.matchers import save_matcher
 from whale_ml.gallery.versions import list_versions
 from whale_ml.registry import gallery_models
@@ -211,7 +211,7 @@ def gallery_asset(rnd: Round) -> dg.AssetsDefinition:
                 "version_individuals": int(info["individuals"]),
                 "enrolled_photos": int(info["enrolled_photos"]),
                 "enrolled_individuals": int(info["enrolled_individuals"]),
-                "model_versions": _model_versions(version.lineage.models),
+                "model_versions": model_versions(version.lineage.models),
                 "versions": table_meta(list_versions(layout)),
                 "pruned_versions": len(stats.pruned),
             }
@@ -304,10 +304,6 @@ def _threshold_metadata(context: dg.AssetExecutionContext, tuned: OutOfFoldThres
     return metadata
 
 
-def _model_versions(models: list[FoldModel]) -> str:
-    return ", ".join(f"{m.fold}: v{m.version}" if m.version else f"{m.fold}: {m.checkpoint_sha256[:12]}" for m in models)
-
-
 def _curve_plot(thresholds: np.ndarray, curve: np.ndarray, chosen: float, fused: bool = False, margin: float = 0.0) -> object:
     import matplotlib
 
@@ -394,7 +390,7 @@ def match_threshold_asset(rnd: Round) -> dg.AssetsDefinition:
         # Stored under its models' key, where each gallery version built with them finds it. The
         # out-of-fold first candidates ride along: what the pseudo-label round calibrates on.
         value = save_matcher(layout, models, {**tuned.value(), "oof_top1": out_of_fold_top1(tuned.sims, tuned.ids, tuned.truths)})
-        metadata.update({"models_key": value["models_key"], "model_versions": _model_versions(models)})
+        metadata.update({"models_key": value["models_key"], "model_versions": model_versions(models)})
         return dg.MaterializeResult(value=value, metadata=metadata)
 
     return match_threshold

@@ -15,7 +15,7 @@ from whale_assets.rounds import FIRST_ROUND, Round
 from whale_ml.data.metadata import NEW_INDIVIDUAL, read_truth
 from whale_ml.gallery.build import query_embeddings
 from whale_ml.gallery.search import Matches, match_queries
-from whale_ml.gallery.lineage import LineageError
+from whale_ml.gallery.lineage import LineageError, model_versions
 from whale_ml.gallery.matchers import check_matcher
 from whale_ml.gallery.versions import GalleryVersion, load_version
 from whale_ml.home import HomeLayout
@@ -143,7 +143,7 @@ def _answered_by_md(version: GalleryVersion, match_threshold: dict[str, Any]) ->
     """What answered: the gallery version, its models and the matcher tuned for them."""
     return {
         "gallery_version": version.name,
-        "model_versions": ", ".join(f"{m.fold}: v{m.version}" for m in version.lineage.models),
+        "model_versions": model_versions(version.lineage.models),
         "models_key": match_threshold["models_key"],
         "threshold": float(match_threshold["threshold"]),
         "species_thresholds": len(match_threshold.get("species_thresholds") or {}),

@@ -121,11 +121,6 @@ def catalogue_lock(layout: HomeLayout, what: str, wait: Callable[[str], None] = 
         os.close(fd)
 
 
-def holds_catalogue_lock(layout: HomeLayout) -> bool:
-    """Whether this process holds the catalogue's writer lock now."""
-    return bool(_held.get(str(layout.home / LOCK_FILE)))
-
-
 @contextlib.contextmanager
 def versions_lock(versions_dir: Path, exclusive: bool) -> Iterator[None]:
     """Shared while a version is read, exclusive while versions are renamed away (pruning).

@@ -109,20 +109,22 @@ def record_embeddings(layout: HomeLayout, fold: str, checkpoint_sha256: str, fli
     return model
 
 
+def model_versions(models: list[FoldModel]) -> str:
+    """``fold0: v3, fold1: v4`` (a model not in the registry by its checkpoint's digest), for metadata."""
+    return ", ".join(f"{m.fold}: v{m.version}" if m.version else f"{m.fold}: {m.checkpoint_sha256[:12]}" for m in models)
+
+
 def read_fold_models(layout: HomeLayout, folds: list[str]) -> list[FoldModel]:
     """Which checkpoint made each fold's current embeddings (the fold embeddings stage's records).
 
     Raises:
         LineageError: a fold has no record (its embeddings were never made).
     """
-    missing = [f for f in folds if not (layout.embeddings_dir(f) / EMBEDDINGS_RECORD).exists()]
+    records = {f: layout.embeddings_dir(f) / EMBEDDINGS_RECORD for f in folds}  # each fold's set resolved once
+    missing = [f"fold_embeddings[{f}] ({path})" for f, path in records.items() if not path.exists()]
     if missing:
-        raise LineageError(
-            "no record of the model that embedded "
-            + ", ".join(f"fold_embeddings[{f}] ({layout.embeddings_dir(f) / EMBEDDINGS_RECORD})" for f in missing)
-            + ": rematerialise those assets first"
-        )
-    return [FoldModel(**read_json(layout.embeddings_dir(f) / EMBEDDINGS_RECORD)) for f in folds]
+        raise LineageError("no record of the model that embedded " + ", ".join(missing) + ": rematerialise those assets first")
+    return [FoldModel(**read_json(path)) for path in records.values()]
 
 
 def gather_lineage(

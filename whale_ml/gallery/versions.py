@@ -29,7 +29,7 @@ import pandas as pd
 
 from whale_ml.gallery.catalogue import catalogue_lock, versions_lock
 from whale_ml.gallery.lineage import GalleryLineage, LineageError
-from whale_ml.io import fsync_dir, fsync_enabled, fsync_file, read_json, staging_dir, write_error, write_json
+from whale_ml.io import flush_tree, fsync_dir, fsync_enabled, read_json, staging_dir, write_error, write_json
 from whale_ml.retrieval.centres import ClassCentres
 from whale_ml.retrieval.faiss_index import build_index, load_index
 from whale_ml.home import HomeLayout
@@ -198,16 +198,6 @@ def write_version(
         return _write_version(layout, table, embeddings, lineage, made_by, extra, index, centres, on_step or (lambda _step: None))
 
 
-def _flush_tree(folder: Path) -> None:
-    """Every file under ``folder`` and every folder in it, flushed to disk (data, then names)."""
-    if not fsync_enabled():
-        return
-    for parent, _dirs, files in os.walk(folder, topdown=False):
-        for name in files:
-            fsync_file(Path(parent) / name)
-        fsync_dir(parent)
-
-
 def _write_version(
     layout: HomeLayout,
     table: pd.DataFrame,
@@ -268,7 +258,7 @@ def _write_version(
         info["version"] = name = f"v{number:04d}"
         write_json(staging / "version.json", info)
         on_step("staged")
-        _flush_tree(staging)  # a power cut after the rename must not find empty files
+        flush_tree(staging)  # a power cut after the rename must not find empty files
         on_step("flushed")
         while True:
             try:

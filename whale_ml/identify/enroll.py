@@ -144,6 +144,7 @@ def enroll(
         write_ledger(layout, ledger)
         step("ledger")
         pending = ledger[~ledger["image"].isin(gallery.table["image"])]
+        carried = len(pending) - len(confirmed)  # recorded by an earlier enrolment, never published
         table, emb = ledger_gallery_rows(pending, layout, gallery.lineage, models, device)
         version = write_version(
             layout,
@@ -154,7 +155,7 @@ def enroll(
             centres=gallery.centres,  # the same models: enrolled individuals have no centre and are scored by their photos
             extra={
                 "enrolled_now": len(confirmed),
-                "carried_enrolled": len(pending) - len(confirmed),
+                "carried_enrolled": carried,
                 "new_individuals_now": int(confirmed.loc[confirmed["new_individual"], "individual_id"].nunique()),
             },
             on_step=on_step,
@@ -166,7 +167,7 @@ def enroll(
         "enrolled_photos_now": len(confirmed),
         "enrolled_individuals_now": int(confirmed["individual_id"].nunique()),
         "new_individuals_now": sorted(set(confirmed.loc[confirmed["new_individual"], "individual_id"])),
-        "carried_enrolled": len(pending) - len(confirmed),
+        "carried_enrolled": carried,
         "gallery_photos": int(version.info["photos"]),
         "gallery_individuals": int(version.info["individuals"]),
         "enrolled_photos": int(version.info["enrolled_photos"]),

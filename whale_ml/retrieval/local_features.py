@@ -394,8 +394,8 @@ def add_enrolled_features(layout: HomeLayout, images: Sequence[str], paths: Sequ
     train_dir = layout.local_features_dir("train")
     if not features_saved(train_dir):
         return 0
-    cfg = FeatureStore([train_dir]).config
-    assert cfg is not None
+    # The settings alone: the training split's points and image list are large at the real scale.
+    cfg = LocalFeatureConfig.model_validate_json((current_set(train_dir) / "settings.json").read_text())
     folder = layout.local_features_dir("enrolled")
     feats, _ = extract_features(paths, boxes, cfg)
     new = dict(zip(images, feats, strict=True))
