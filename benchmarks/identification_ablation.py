@@ -15,9 +15,9 @@ Variants:
 * ``class centres``: each candidate's cosine to its best ArcFace class sub-centre fused as
   a third calibrated score (option 1, ``match_threshold: {config: {class_centres: true}}``),
   alone and with the default re-ranking; needs fold models that kept their centres.
-* ``+ margin``: the new_individual decision from the first candidate's lead over the second
-  too (option 6, ``whale_ml.retrieval.margin``), on the embedding ranking and on the default
-  re-ranking (the home's own ``local_features``); the weight grid ``MARGIN_WEIGHTS``. Beside
+* ``+ lead_weight``: the new_individual decision from the first candidate's lead over the second
+  too (option 6, ``whale_ml.retrieval.lead``), on the embedding ranking and on the default
+  re-ranking (the home's own ``local_features``); the weight grid ``LEAD_WEIGHTS``. Beside
   the pooled out-of-fold MAP@5 (tuned and scored on the same photos, so never below the
   plain rule's), a **cross-fold** figure: the weight and threshold tuned on one fold's
   validation photos, scored on each other fold's, averaged -- the honest out-of-fold test
@@ -26,12 +26,13 @@ Variants:
 
 Usage::
 
-    python benchmarks/identification_ablation.py HOME [--quick | --only-centres | --margin-only] [--truth test_truth.csv] [--out results.json]
+    python benchmarks/identification_ablation.py HOME [--quick | --only-centres | --lead-only] [--truth test_truth.csv] [--out results.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -45,12 +46,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from whale_ml.gallery.build import query_embeddings  # noqa: E402
 from whale_ml.retrieval.centres import ClassCentres  # noqa: E402
-from whale_ml.gallery.search import match_queries  # noqa: E402
 from whale_ml.gallery.versions import load_version  # noqa: E402
 from whale_ml.home import HomeLayout  # noqa: E402
 from whale_ml.retrieval.faiss_index import build_index, l2_normalise, search_gallery  # noqa: E402
 from whale_ml.retrieval.local_features import FeatureStore, extract_features, home_feature_store, save_features  # noqa: E402
-from whale_ml.retrieval.margin import MARGIN_WEIGHTS, tune_margin  # noqa: E402
+from whale_ml.retrieval.lead import LEAD_WEIGHTS, tune_lead  # noqa: E402
 from whale_ml.retrieval.ranking import (  # noqa: E402
     known_truths,
     tune_collapsed,
@@ -60,9 +60,11 @@ from whale_ml.retrieval.ranking import (  # noqa: E402
     predict_top5,
     tune_threshold,
 )
-from whale_ml.retrieval.rerank import LocalRerank  # noqa: E402
+from whale_ml.retrieval.matcher import Matcher, match_queries  # noqa: E402
 from whale_ml.retrieval.threshold import OutOfFoldThreshold, fold_searches, tune_out_of_fold  # noqa: E402
-from whale_ml.stage_configs import LocalFeatureConfig  # noqa: E402
+from whale_ml.stage_configs import LocalFeatureConfig, ThresholdConfig  # noqa: E402
+
+PLAIN = ThresholdConfig(rerank=False, class_centres=False)  # the embedding similarity alone
 
 RERANK_VARIANTS: list[tuple[str, dict]] = [
     ("rerank (default: SIFT, 256 px, 400 keypoints, 10 candidates x 4 photos)", {}),
@@ -90,11 +92,11 @@ def _features(home: Path, cfg: LocalFeatureConfig, root: Path) -> tuple[FeatureS
     return FeatureStore([root / "train", root / "test"]), time.perf_counter() - start
 
 
-def _test(layout: HomeLayout, value: dict, store: FeatureStore | None, truth: dict[str, str]) -> tuple[float, float, float]:
+def _test(layout: HomeLayout, matcher: Matcher, store: FeatureStore | None, truth: dict[str, str]) -> tuple[float, float, float]:
     version = load_version(layout)
     q, images = query_embeddings(layout, version)
     start = time.perf_counter()
-    found = match_queries(version, q, value, None if store is None else [store.get(i) for i in images], store)
+    found = match_queries(version, q, matcher, None if store is None else [store.get(i) for i in images], store)
     seconds = time.perf_counter() - start
     preds = found.predictions
     return map_at_5(preds, [truth[i] for i in images]), float(np.mean([p[0] == "new_individual" for p in preds])), seconds
@@ -103,8 +105,8 @@ def _test(layout: HomeLayout, value: dict, store: FeatureStore | None, truth: di
 def _augmented(layout: HomeLayout, cv: pd.DataFrame, folds: list[str], how: str) -> tuple[float, float]:
     """Out-of-fold MAP@5 and new share with an embedding augmentation (option 4)."""
     sims, ids, truths = [], [], []
-    for f in fold_searches(cv, layout.embeddings_dir, folds):
-        g, q, gid = f.gallery, f.queries, f.train["individual_id"].to_numpy(dtype=object)
+    for f in fold_searches(cv, {fold: layout.embeddings_dir(fold) for fold in folds}, PLAIN.k, 5):
+        g, q, gid = f.gallery.embeddings, f.queries, f.gallery.table["individual_id"].to_numpy(dtype=object)
         if how == "qe":  # alpha-query expansion with the best gallery neighbour (alpha 3)
             s = q @ g.T
             top = np.argmax(s, axis=1)
@@ -197,20 +199,20 @@ def _split_half(
     return np.array(out)
 
 
-def _margin_rows(
+def _lead_rows(
     name: str, tuned: OutOfFoldThreshold, known: list[str], layout: HomeLayout, store: FeatureStore | None, truth: dict[str, str]
 ) -> list[dict]:
-    """Option 6 on an already tuned ranking: the plain rule, the margin rule and the per-rank alternative."""
+    """Option 6 on an already tuned ranking: the plain rule, the lead rule and the per-rank alternative."""
     start = time.perf_counter()
-    margin = tune_margin(tuned.sims, tuned.ids, tuned.truths, known, MARGIN_WEIGHTS)
+    lead = tune_lead(tuned.sims, tuned.ids, tuned.truths, known, LEAD_WEIGHTS)
     tune_s = time.perf_counter() - start
-    p_map, p_new, _ = _test(layout, tuned.value(), store, truth)
-    t_map, t_new, _ = _test(layout, {**tuned.value(), "threshold": margin.threshold.threshold, "margin": margin.weight}, store, truth)
-    # At test the margin rule adds one vectorised step to the decision: timed on the out-of-fold lists.
-    rule_s = _fastest(lambda: predict_top5(tuned.sims, tuned.ids, margin.threshold.threshold, margin=margin.weight))
-    rule_s -= _fastest(lambda: predict_top5(tuned.sims, tuned.ids, margin.threshold.threshold))
-    halves = {rule: _split_half(tuned, known, rule, weights) for rule, weights in [("plain", (0.0,)), ("first", MARGIN_WEIGHTS),
-                                                                                    ("per_rank", MARGIN_WEIGHTS)]}
+    p_map, p_new, _ = _test(layout, tuned.matcher, store, truth)
+    t_map, t_new, _ = _test(layout, dataclasses.replace(tuned.matcher, threshold=lead.threshold.threshold, lead_weight=lead.weight), store, truth)
+    # At test the lead rule adds one vectorised step to the decision: timed on the out-of-fold lists.
+    rule_s = _fastest(lambda: predict_top5(tuned.sims, tuned.ids, lead.threshold.threshold, lead_weight=lead.weight))
+    rule_s -= _fastest(lambda: predict_top5(tuned.sims, tuned.ids, lead.threshold.threshold))
+    halves = {rule: _split_half(tuned, known, rule, weights) for rule, weights in [("plain", (0.0,)), ("first", LEAD_WEIGHTS),
+                                                                                    ("per_rank", LEAD_WEIGHTS)]}
 
     def gain(rule: str) -> dict[str, float]:
         diff = halves[rule] - halves["plain"]
@@ -218,20 +220,20 @@ def _margin_rows(
                 "split_half_gain_se": float(diff.std(ddof=1) / np.sqrt(len(diff))), "split_half_wins": float((diff > 0).mean())}
 
     rows = [
-        {"variant": name, "oof_map5": margin.plain.map5, "oof_new_share": margin.plain.new_share, "test_map5": p_map,
+        {"variant": name, "oof_map5": lead.plain.map5, "oof_new_share": lead.plain.new_share, "test_map5": p_map,
          "test_new_share": p_new, "added_s": 0.0, "weight": 0.0, "cross_fold_map5": _cross_fold(tuned, known, "first", (0.0,)),
          "split_half_map5": float(halves["plain"].mean())},
-        {"variant": f"{name} + margin (first candidate's lead)", "oof_map5": margin.threshold.map5,
-         "oof_new_share": margin.threshold.new_share, "test_map5": t_map, "test_new_share": t_new, "added_s": tune_s,
-         "rule_ms_added": 1e3 * rule_s, "weight": margin.weight, "cross_fold_map5": _cross_fold(tuned, known, "first", MARGIN_WEIGHTS),
-         **gain("first"), "margin_table": margin.table.to_dict("records")},
+        {"variant": f"{name} + lead_weight (first candidate's lead)", "oof_map5": lead.threshold.map5,
+         "oof_new_share": lead.threshold.new_share, "test_map5": t_map, "test_new_share": t_new, "added_s": tune_s,
+         "rule_ms_added": 1e3 * rule_s, "weight": lead.weight, "cross_fold_map5": _cross_fold(tuned, known, "first", LEAD_WEIGHTS),
+         **gain("first"), "lead_table": lead.table.to_dict("records")},
     ]
     sims, ids, _ = collapse_by_individual(tuned.sims, tuned.ids)
-    w, _, m = _tune_rule(sims, ids, known_truths(tuned.truths, len(sims), tuned.ids, known), "per_rank", MARGIN_WEIGHTS)
-    rows.append({"variant": f"{name} + margin, per-rank alternative (not offered)", "oof_map5": m, "weight": w,
-                 "cross_fold_map5": _cross_fold(tuned, known, "per_rank", MARGIN_WEIGHTS), **gain("per_rank")})
+    w, _, m = _tune_rule(sims, ids, known_truths(tuned.truths, len(sims), tuned.ids, known), "per_rank", LEAD_WEIGHTS)
+    rows.append({"variant": f"{name} + lead_weight, per-rank alternative (not offered)", "oof_map5": m, "weight": w,
+                 "cross_fold_map5": _cross_fold(tuned, known, "per_rank", LEAD_WEIGHTS), **gain("per_rank")})
     for r in rows:
-        print({k: v for k, v in r.items() if k != "margin_table"}, flush=True)
+        print({k: v for k, v in r.items() if k != "lead_table"}, flush=True)
     return rows
 
 
@@ -240,7 +242,7 @@ def main() -> None:
     ap.add_argument("home", type=Path)
     ap.add_argument("--quick", action="store_true", help="only the default re-ranking and ORB")
     ap.add_argument("--only-centres", action="store_true", help="only the embedding, class centres, the default re-ranking and both")
-    ap.add_argument("--margin-only", action="store_true", help="only option 6 (the margin rule): embedding and default re-ranking")
+    ap.add_argument("--lead-only", action="store_true", help="only option 6 (the lead rule): embedding and default re-ranking")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--truth", type=Path, help="test_truth.csv (default: HOME/demo_data/test_truth.csv, where make demo puts it)")
     args = ap.parse_args()
@@ -252,29 +254,29 @@ def main() -> None:
     rows = []
 
     start = time.perf_counter()
-    plain = tune_out_of_fold(cv, layout.embeddings_dir, folds)
+    plain = tune_out_of_fold(cv, layout.embeddings_dir, folds, PLAIN)
     oof_s = time.perf_counter() - start
     # Option 6 on the embedding ranking and on the default re-ranking (the home's own local features).
     known = cv["individual_id"].unique().tolist()
     if not args.only_centres:
-        rows += _margin_rows("embedding only", plain, known, layout, None, truth)
+        rows += _lead_rows("embedding only", plain, known, layout, None, truth)
         store = home_feature_store(layout)
         assert store.config is not None, "the home's local_features asset has no settings"
-        fused = tune_out_of_fold(cv, layout.embeddings_dir, folds, rerank=LocalRerank(store.config, 10, 4), features=store)
-        rows += _margin_rows("re-ranking (the home's features)", fused, known, layout, store, truth)
-    if args.margin_only:
+        fused = tune_out_of_fold(cv, layout.embeddings_dir, folds, ThresholdConfig(class_centres=False), store)
+        rows += _lead_rows("re-ranking (the home's features)", fused, known, layout, store, truth)
+    if args.lead_only:
         _report(rows, args.out)
         return
-    t_map, t_new, t_s = _test(layout, plain.value(), None, truth)
+    t_map, t_new, t_s = _test(layout, plain.matcher, None, truth)
     rows.append({"variant": "embedding only (before issue 15)", "oof_map5": plain.map5, "oof_new_share": plain.result.new_share,
                  "test_map5": t_map, "test_new_share": t_new, "added_s": 0.0, "weight": None, "ms_per_query": None})
     print(rows[-1], flush=True)
     has_centres = all(ClassCentres.load(layout.embeddings_dir(f)) is not None for f in folds)
     if has_centres:
         start = time.perf_counter()
-        tuned = tune_out_of_fold(cv, layout.embeddings_dir, folds, class_centres=True)
+        tuned = tune_out_of_fold(cv, layout.embeddings_dir, folds, ThresholdConfig(rerank=False))
         tune_s = time.perf_counter() - start
-        t_map, t_new, test_s = _test(layout, tuned.value(), None, truth)
+        t_map, t_new, test_s = _test(layout, tuned.matcher, None, truth)
         rows.append({"variant": "class centres (option 1), no re-ranking", "oof_map5": tuned.map5, "oof_new_share": tuned.result.new_share,
                      "test_map5": t_map, "test_new_share": t_new, "added_s": tune_s - oof_s + (test_s - t_s), "weight": None,
                      "centre_weight": tuned.fusion.fusion.centre_weight if tuned.fusion else 0.0, "ms_per_query": None})
@@ -290,25 +292,23 @@ def main() -> None:
             cfg = LocalFeatureConfig(**over)
             store, feat_s = _features(home, cfg, Path(tmp) / str(n))
             start = time.perf_counter()
-            tuned = tune_out_of_fold(cv, layout.embeddings_dir, folds, rerank=LocalRerank(cfg, k, per), features=store)
+            tuned = tune_out_of_fold(cv, layout.embeddings_dir, folds, ThresholdConfig(candidates=k, photos_per_candidate=per, class_centres=False), store)
             tune_s = time.perf_counter() - start - oof_s
-            t_map, t_new, test_s = _test(layout, tuned.value(), store, truth)
+            t_map, t_new, test_s = _test(layout, tuned.matcher, store, truth)
             assert tuned.fusion is not None and tuned.rerank_cost is not None
             rows.append({"variant": name, "oof_map5": tuned.result.map5, "oof_new_share": tuned.result.new_share, "test_map5": t_map,
-                         "test_new_share": t_new, "added_s": feat_s + tune_s + (test_s - t_s), "weight": tuned.fusion.fusion.weight,
+                         "test_new_share": t_new, "added_s": feat_s + tune_s + (test_s - t_s), "weight": tuned.fusion.fusion.local_weight,
                          "ms_per_query": tuned.rerank_cost.ms_per_query, "features_s": feat_s})
             print(rows[-1], flush=True)
             if n == 0 and has_centres:  # the default re-ranking plus class centres: the grid on the simplex
                 start = time.perf_counter()
-                both = tune_out_of_fold(
-                    cv, layout.embeddings_dir, folds, rerank=LocalRerank(cfg, k, per), features=store, class_centres=True
-                )
+                both = tune_out_of_fold(cv, layout.embeddings_dir, folds, ThresholdConfig(candidates=k, photos_per_candidate=per), store)
                 both_s = time.perf_counter() - start - oof_s
-                t_map, t_new, test_s = _test(layout, both.value(), store, truth)
+                t_map, t_new, test_s = _test(layout, both.matcher, store, truth)
                 assert both.fusion is not None and both.rerank_cost is not None
                 rows.append({"variant": f"{name} + class centres (option 1)", "oof_map5": both.result.map5,
                              "oof_new_share": both.result.new_share, "test_map5": t_map, "test_new_share": t_new,
-                             "added_s": feat_s + both_s + (test_s - t_s), "weight": both.fusion.fusion.weight,
+                             "added_s": feat_s + both_s + (test_s - t_s), "weight": both.fusion.fusion.local_weight,
                              "centre_weight": both.fusion.fusion.centre_weight, "ms_per_query": both.rerank_cost.ms_per_query,
                              "features_s": feat_s, "tune_s": both_s, "tune_s_without_centres": tune_s})
                 print(rows[-1], flush=True)
@@ -321,7 +321,7 @@ def main() -> None:
 
 
 def _report(rows: list[dict], out: Path | None) -> None:
-    table = pd.DataFrame([{k: v for k, v in r.items() if k != "margin_table"} for r in rows])
+    table = pd.DataFrame([{k: v for k, v in r.items() if k != "lead_table"} for r in rows])
     print(table.to_markdown(index=False, floatfmt=".4f"))
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)

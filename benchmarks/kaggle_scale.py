@@ -335,7 +335,7 @@ def child_gallery(p: dict[str, Any]) -> dict[str, Any]:
 
     from whale_ml.data.metadata import read_train_metadata, read_truth
     from whale_ml.gallery.lineage import FoldModel, GalleryLineage
-    from whale_ml.gallery.search import match_queries
+    from whale_ml.retrieval.matcher import Matcher, match_queries
     from whale_ml.gallery.versions import load_version, write_version
     from whale_ml.home import HomeLayout
     from whale_ml.retrieval.faiss_index import build_index, l2_normalise
@@ -358,7 +358,7 @@ def child_gallery(p: dict[str, Any]) -> dict[str, Any]:
         version, r_write = timed(
             "write_version", lambda: write_version(layout, table, gallery, lineage, "benchmark", index=index), len(gallery)
         )
-        threshold = {"threshold": 0.2}
+        threshold = Matcher(0.2)
 
         def search() -> Any:
             return match_queries(load_version(layout, version.name), queries, threshold)
@@ -398,6 +398,9 @@ def child_threshold(p: dict[str, Any]) -> dict[str, Any]:
     from whale_ml.retrieval.ranking import tune_threshold
     from whale_ml.retrieval.store import save_embeddings
     from whale_ml.retrieval.threshold import tune_out_of_fold
+    from whale_ml.stage_configs import ThresholdConfig
+
+    PLAIN = ThresholdConfig(k=PIPELINE_K, rerank=False, class_centres=False)  # the embedding search alone: what this part times
 
     train = read_train_metadata(p["data"], check_files=False, warn=lambda _m: None)
     folds = make_folds(train, p["folds"], 0.16, p["seed"])
@@ -412,7 +415,7 @@ def child_threshold(p: dict[str, Any]) -> dict[str, Any]:
         floor += _floor_matmul(emb[[row_of[x] for x in fold_val["image"]]], emb[[row_of[x] for x in fold_train["image"]]])
     del emb
     try:
-        tuned, r_oof = timed("tune_out_of_fold", lambda: tune_out_of_fold(folds, lambda _f: folder, fold_names(p["folds"]), k=PIPELINE_K),
+        tuned, r_oof = timed("tune_out_of_fold", lambda: tune_out_of_fold(folds, lambda _f: folder, fold_names(p["folds"]), PLAIN),
                              lambda t: t.queries, p["repeats"], baseline="each fold's validation @ training.T",
                              baseline_s=round(floor, 4))  # fmt: skip
     finally:

@@ -43,7 +43,8 @@ import pandas as pd
 from whale_ml.data.metadata import NEW_INDIVIDUAL, read_train_metadata, read_truth
 from whale_ml.retrieval import build_index, map_at_5, predict_top5, search_gallery, tune_threshold
 from whale_ml.retrieval.store import ensemble, load_embeddings
-from whale_ml.retrieval.threshold import out_of_fold_search
+from whale_ml.retrieval.threshold import tune_out_of_fold
+from whale_ml.stage_configs import ThresholdConfig
 from whale_ml.environment import default_data_dir, default_home
 from whale_ml.home import HomeLayout
 
@@ -51,13 +52,9 @@ DEPTH = 50  # individuals kept per model before fusing
 
 
 def oof_threshold(layout: HomeLayout, folds: pd.DataFrame, names: list[str]) -> tuple[float, float, float]:
-    sims_all, ids_all, truths = [], [], []
-    for _, _, val, s, ids in out_of_fold_search(folds, layout.embeddings_dir, names):
-        sims_all.append(s)
-        ids_all.append(ids)
-        truths += val["truth"].tolist()
-    res = tune_threshold(np.concatenate(sims_all), np.concatenate(ids_all), truths, gallery_ids=folds["individual_id"].unique().tolist())
-    return res.threshold, res.map5, res.new_share
+    """The pipeline's out-of-fold threshold on the embedding similarity alone."""
+    tuned = tune_out_of_fold(folds, layout.embeddings_dir, names, ThresholdConfig(rerank=False, class_centres=False))
+    return tuned.result.threshold, tuned.result.map5, tuned.result.new_share
 
 
 def fused(per_model: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:

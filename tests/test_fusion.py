@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from whale_ml.retrieval.fusion import Calibration, Fusion, NotCalibratable, fused_ranking, tune_fusion, tune_weight
+from whale_ml.retrieval.fusion import Calibration, Fusion, NotCalibratable, fused_ranking, tune_fusion, tune_weights
 from whale_ml.retrieval.ranking import map_at_5, predict_top5, tune_threshold
 
 
@@ -43,8 +43,8 @@ TRUTHS = ["a", "new_individual"]
 
 
 def test_weight_tuning_exact_on_a_hand_worked_case():
-    result = tune_weight(SIMS, IDS, INLIERS, TRUTHS, ["a", "b", "c"], G, L, weights=21)
-    assert result.fusion.weight == pytest.approx(0.25)
+    result = tune_weights(SIMS, IDS, TRUTHS, ["a", "b", "c"], {"global": G, "local": L}, weights=21, inliers=INLIERS)
+    assert result.fusion.local_weight == pytest.approx(0.25)
     assert result.threshold.map5 == pytest.approx(1.0)
     table = result.table.set_index("local_weight")["map5"]
     assert table[table.index <= 0.2326].eq(0.75).all() and table[table.index > 0.2326].eq(1.0).all()
@@ -162,9 +162,7 @@ def test_uninformative_centres_get_no_weight():
     assert np.allclose(zero["map5"].to_numpy(), two.table["map5"].to_numpy())
 
 
-def test_old_two_matcher_fusions_still_read():
-    old = {"weight": 0.25, "global": G.to_dict(), "local": L.to_dict()}
-    fusion = Fusion.from_dict(old)
-    assert fusion.weights == {"global": 0.75, "local": 0.25} and fusion.weight == 0.25 and fusion.centre_weight == 0
-    assert Fusion.of_threshold({"threshold": 0.5, "rerank": {"candidates": 10, "fusion": old}}) == fusion
-    assert Fusion.of_threshold({"threshold": 0.5}) is None
+def test_a_fusion_reads_back_what_it_stored():
+    fusion = Fusion.of({"global": G, "local": L}, local=0.25)
+    assert Fusion.from_dict(fusion.to_dict()) == fusion
+    assert fusion.weights == {"global": 0.75, "local": 0.25} and fusion.local_weight == 0.25 and fusion.centre_weight == 0

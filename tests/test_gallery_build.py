@@ -11,6 +11,7 @@ import pytest
 
 from whale_ml.stage_configs import GalleryConfig
 from whale_ml.data.metadata import NEW_INDIVIDUAL
+from whale_ml.retrieval.matcher import Matcher
 from whale_ml.gallery import LineageError, build_gallery, current_version, fold_ensemble, load_version, match_queries, query_embeddings
 from whale_ml.gallery.ledger import LEDGER_COLUMNS, write_ledger
 from whale_ml.gallery.lineage import record_boxes, record_crops, record_embeddings
@@ -130,7 +131,7 @@ def test_a_faiss_factory_string_is_a_gallery_index_like_a_preset(home: dict) -> 
     assert stats.recall is not None and stats.recall["queries"] == 5
     loaded = load_version(layout)  # read back from index.faiss: the search settings went with it
     assert loaded.index.ntotal == 24 and faiss.extract_index_ivf(loaded.index).nprobe == 2
-    matches = match_queries(loaded, query_embeddings(layout, loaded)[0], {"threshold": 0.3})
+    matches = match_queries(loaded, query_embeddings(layout, loaded)[0], Matcher(0.3))
     assert len(matches.predictions) == 5 and all(len(set(p)) == 5 for p in matches.predictions)
     with pytest.raises(ValueError, match="faiss cannot build index 'IVF2,Flatt'"):
         build_gallery(layout, FOLDS, home["train"], home["crops"], GalleryConfig(index="IVF2,Flatt"), _no_models)
@@ -148,10 +149,10 @@ def test_enrolled_photos_already_in_the_fold_embeddings_are_marked_not_embedded_
 
 
 def _brute_force_predictions(
-    version: object, queries: np.ndarray, threshold: float, by_species: dict[str, float], margin: float = 0.0
+    version: object, queries: np.ndarray, threshold: float, by_species: dict[str, float], lead_weight: float = 0.0
 ) -> list[list[str]]:
     """Every gallery photo compared in float64, best similarity per individual, the rule by hand
-    (with a margin weight: the first individual judged by s1 + margin * (s1 - s2))."""
+    (with a lead weight: the first individual judged by s1 + lead_weight * (s1 - s2))."""
     table = version.table
     species_of = dict(zip(table["individual_id"], table["species"], strict=True))
     out = []
@@ -161,7 +162,7 @@ def _brute_force_predictions(
             best[ind] = max(best.get(ind, -np.inf), float(version.embeddings[row].astype(np.float64) @ q))
         ranked = sorted(best.items(), key=lambda kv: -kv[1])[:5]
         cut = by_species.get(species_of[ranked[0][0]], threshold)
-        if ranked[0][1] + margin * (ranked[0][1] - ranked[1][1]) < cut:
+        if ranked[0][1] + lead_weight * (ranked[0][1] - ranked[1][1]) < cut:
             out.append([NEW_INDIVIDUAL] + [ind for ind, _ in ranked][:4])
             continue
         above = [ind for ind, sim in ranked[1:] if sim >= cut]
@@ -169,24 +170,24 @@ def _brute_force_predictions(
     return out
 
 
-@pytest.mark.parametrize(("by_species", "margin"), [({}, 0.0), ({"orca": -1.0}, 0.0), ({"beluga": 1.5, "orca": 0.2}, 0.0), ({}, 2.0)])
-def test_match_queries_against_brute_force(home: dict, by_species: dict[str, float], margin: float) -> None:
+@pytest.mark.parametrize(("by_species", "lead_weight"), [({}, 0.0), ({"orca": -1.0}, 0.0), ({"beluga": 1.5, "orca": 0.2}, 0.0), ({}, 2.0)])
+def test_match_queries_against_brute_force(home: dict, by_species: dict[str, float], lead_weight: float) -> None:
     layout = home["layout"]
     version, _ = build_gallery(layout, FOLDS, home["train"], home["crops"], GalleryConfig(k=3), _no_models)
     queries, _ = query_embeddings(layout, version)
     queries = np.concatenate([queries, version.embeddings[:4]])  # and gallery photos, which find themselves
     threshold = 0.3
-    if margin:  # between a query's best similarity and its decision score: the margin makes it known
-        plain = match_queries(version, queries, {"threshold": threshold})
+    if lead_weight:  # between a query's best similarity and its decision score: the lead_weight makes it known
+        plain = match_queries(version, queries, Matcher(threshold))
         lead = plain.sims[:, 0] - plain.sims[:, 1]
         q = int(np.argmax(lead))
-        threshold = float(plain.sims[q, 0] + margin * lead[q] / 2)
-        assert plain.sims[q, 0] < threshold < plain.sims[q, 0] + margin * lead[q]
-    matches = match_queries(version, queries, {"threshold": threshold, "species_thresholds": by_species, "margin": margin})
-    assert matches.predictions == _brute_force_predictions(version, queries, threshold, by_species, margin)
-    if margin:
-        assert matches.margin == margin and matches.predictions[q][0] == matches.ids[q, 0] != NEW_INDIVIDUAL
-        assert match_queries(version, queries, {"threshold": threshold}).predictions[q][0] == NEW_INDIVIDUAL
+        threshold = float(plain.sims[q, 0] + lead_weight * lead[q] / 2)
+        assert plain.sims[q, 0] < threshold < plain.sims[q, 0] + lead_weight * lead[q]
+    matches = match_queries(version, queries, Matcher(threshold, by_species, lead_weight=lead_weight))
+    assert matches.predictions == _brute_force_predictions(version, queries, threshold, by_species, lead_weight)
+    if lead_weight:
+        assert matches.lead_weight == lead_weight and matches.predictions[q][0] == matches.ids[q, 0] != NEW_INDIVIDUAL
+        assert match_queries(version, queries, Matcher(threshold)).predictions[q][0] == NEW_INDIVIDUAL
     assert matches.sims.shape == matches.ids.shape == (9, 5)
     np.testing.assert_allclose(matches.sims[5:, 0], 1.0, atol=1e-5)
     species_of = dict(zip(version.table["individual_id"], version.table["species"], strict=True))

@@ -4,6 +4,8 @@ against the MLflow registry, and the HTML report opened in headless Chromium."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import re
 import shutil
@@ -93,7 +95,7 @@ def test_identify_lists_five_candidates_per_photo_and_an_error_row_per_bad_photo
     result = json.loads(out)
     test_images = sorted(p.name for p in (data / "test_images").iterdir())
     assert [p["image"] for p in result["photos"]] == [*test_images, "broken.jpg", "missing.jpg", train_photo.name]
-    assert result["schema_version"] == 1 and result["gallery"]["version"] == "v0001"
+    assert result["schema_version"] == 2 and result["gallery"]["version"] == "v0001"
     assert result["local_rerank"], "the default recipe re-ranks by local features"
     threshold = read_json(layout.tables / "match_threshold.json")["threshold"]
     assert result["threshold"] == pytest.approx(threshold)
@@ -112,7 +114,7 @@ def test_identify_lists_five_candidates_per_photo_and_an_error_row_per_bad_photo
         assert all(Path(c["gallery_crop"]).is_file() for c in cands)
         assert len(row["predictions"]) == 5 and row["decision"] == row["predictions"][0]
         lead = sims[0] - sims[1]  # the first candidate's decision score counts its lead when the threshold was tuned so
-        assert row["decision_score"] == pytest.approx(sims[0] + result["margin"] * lead, abs=1e-5)
+        assert row["decision_score"] == pytest.approx(sims[0] + result["lead_weight"] * lead, abs=1e-5)
         assert row["new_individual"] == (row["decision"] == "new_individual") == (row["decision_score"] < row["threshold"])
         assert len(row["box"]) == 4 and isinstance(row["crop_is_full_frame"], bool)
 
@@ -140,7 +142,10 @@ def test_class_centres_out_of_fold_and_identify_agrees_with_the_submission(home:
     from whale_ml.retrieval.centres import ClassCentres
     from whale_ml.retrieval.local_features import home_feature_store
     from whale_ml.retrieval.rerank import LocalRerank
+    from whale_ml.retrieval.fusion import Fusion
+    from whale_ml.retrieval.matcher import Matcher, TunedMatcher
     from whale_ml.retrieval.threshold import tune_out_of_fold
+    from whale_ml.stage_configs import ThresholdConfig
 
     layout, data = home["layout"], home["data"]
     cv = pd.read_parquet(layout.tables / "cv_folds.parquet")
@@ -148,32 +153,30 @@ def test_class_centres_out_of_fold_and_identify_agrees_with_the_submission(home:
         centres = ClassCentres.load(layout.embeddings_dir(fold))
         assert centres is not None and sorted(centres.ids) == sorted(fold_split(cv, i)[0]["individual_id"].unique())
     store = home_feature_store(layout)
-    rerank = LocalRerank(store.config, 10, 4)
-    without = tune_out_of_fold(cv, layout.embeddings_dir, ["fold0", "fold1"], rerank=rerank, features=store, fusion_weights=11)
-    tuned = tune_out_of_fold(
-        cv, layout.embeddings_dir, ["fold0", "fold1"], rerank=rerank, features=store, fusion_weights=11, class_centres=True
-    )
+    folds = ["fold0", "fold1"]
+    without = tune_out_of_fold(cv, layout.embeddings_dir, folds, ThresholdConfig(fusion_weights=11, class_centres=False), store)
+    tuned = tune_out_of_fold(cv, layout.embeddings_dir, folds, ThresholdConfig(fusion_weights=11), store)
     assert tuned.fusion is not None and "centre_weight" in tuned.fusion.table and len(tuned.fusion.table) == 66
     assert tuned.result.map5 >= without.result.map5 - 1e-12, "the grid holds every point without centres"
-    plain = tune_out_of_fold(cv, layout.embeddings_dir, ["fold0", "fold1"], candidates=10)
-    alone = tune_out_of_fold(cv, layout.embeddings_dir, ["fold0", "fold1"], class_centres=True, fusion_weights=11)
+    plain = tune_out_of_fold(cv, layout.embeddings_dir, folds, ThresholdConfig(rerank=False, class_centres=False))
+    alone = tune_out_of_fold(cv, layout.embeddings_dir, folds, ThresholdConfig(rerank=False, fusion_weights=11))
     assert alone.result.map5 >= plain.result.map5 - 1e-12
     if alone.fusion is None:  # the centres did not help: the plain similarity and its threshold
-        assert alone.value().get("fusion") is None and alone.result.map5 == pytest.approx(plain.result.map5)
+        assert alone.matcher.fusion is None and alone.result.map5 == pytest.approx(plain.result.map5)
 
-    # A fusion that weighs the centres, whatever the tiny models' tuning chose, so the test path is exercised.
-    value = tuned.value()
-    value["fusion"]["weights"] = {"global": 0.5, "local": 0.2, "centre": 0.3}
-    value["class_centres"] = {"candidates": 10}
+    # A fusion that weighs the centres and local features, whatever the tiny models' tuning chose, so the test path is exercised.
+    assert tuned.fusion is not None
+    fusion = Fusion({"global": 0.5, "local": 0.2, "centre": 0.3}, tuned.fusion.fusion.calibrations)
+    matcher = Matcher(tuned.result.threshold, {}, 50, fusion, LocalRerank(store.config, 10, 4), 10)
     version = load_version(layout)
     assert all(c is not None for c in version.centres)
     queries, images = query_embeddings(layout, version)
-    expected = match_queries(version, queries, value, [store.get(img) for img in images], store)  # as submission_csv matches
+    expected = match_queries(version, queries, matcher, [store.get(img) for img in images], store)  # as submission_csv matches
     saved = matcher_path(layout, version.lineage.models)  # what identify reads for this version
     original = saved.read_bytes()
-    value.update({k: json.loads(original)[k] for k in ("models", "models_key")})
+    stored = TunedMatcher.from_dict(json.loads(original))
     try:
-        write_json(saved, value)
+        write_json(saved, dataclasses.replace(stored, matcher=matcher).to_dict())
         code, out, _ = _whale(capsys, "identify", str(data / "test_images"), "--json")
     finally:
         saved.write_bytes(original)
@@ -183,8 +186,8 @@ def test_class_centres_out_of_fold_and_identify_agrees_with_the_submission(home:
     assert [rows[img]["candidates"][0]["similarity"] for img in images] == pytest.approx(expected.sims[:, 0].tolist(), abs=1e-6)
 
 
-def test_identify_applies_the_margin_rule_it_reads(home: dict, capsys: pytest.CaptureFixture[str]) -> None:
-    """A match_threshold tuned with a margin weight: `whale identify` judges the first candidate
+def test_identify_applies_the_lead_rule_it_reads(home: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    """A match_threshold tuned with a lead weight: `whale identify` judges the first candidate
     by s1 + w (s1 - s2), the rule the submission applies through the same match_queries
     (tests/test_gallery_build.py checks that rule against brute force)."""
     layout, data = home["layout"], home["data"]
@@ -195,7 +198,7 @@ def test_identify_applies_the_margin_rule_it_reads(home: dict, capsys: pytest.Ca
     leads = [r["candidates"][0]["similarity"] - r["candidates"][1]["similarity"] for r in rows]
     q = int(np.argmax(leads))
     s1 = rows[q]["candidates"][0]["similarity"]
-    value = {**json.loads(original), "margin": 2.0, "threshold": s1 + leads[q], "species_thresholds": {}}  # s1 < t < s1 + 2 lead
+    value = {**json.loads(original), "lead_weight": 2.0, "threshold": s1 + leads[q], "species_thresholds": {}}  # s1 < t < s1 + 2 lead
     try:
         path.write_text(json.dumps(value))
         code, out, _ = _whale(capsys, "identify", str(data / "test_images"), "--json")
@@ -203,7 +206,7 @@ def test_identify_applies_the_margin_rule_it_reads(home: dict, capsys: pytest.Ca
         path.write_bytes(original)
     assert code == 0
     result = json.loads(out)
-    assert result["margin"] == 2.0 and result["photos"][q]["decision"] == rows[q]["candidates"][0]["individual_id"]
+    assert result["lead_weight"] == 2.0 and result["photos"][q]["decision"] == rows[q]["candidates"][0]["individual_id"]
     for row in result["photos"]:
         sims = [c["similarity"] for c in row["candidates"]]
         ids = [c["individual_id"] for c in row["candidates"]]

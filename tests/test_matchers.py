@@ -7,8 +7,13 @@ from pathlib import Path
 import pytest
 
 from whale_ml.gallery.lineage import FoldModel, GalleryLineage, LineageError
-from whale_ml.gallery.matchers import check_matcher, load_matcher, matcher_path, models_key, save_matcher
+from whale_ml.gallery.matchers import check_matcher, load_matcher, matcher_path, models_key, read_matcher, save_matcher
+from whale_ml.retrieval.matcher import Matcher, TunedMatcher
 from whale_ml.home import HomeLayout
+
+
+def _tuned(threshold: float) -> TunedMatcher:
+    return TunedMatcher(Matcher(threshold), map5=0.5, new_share=0.2, queries=10)
 
 
 def _lineage(*shas: str, flip: bool = False) -> GalleryLineage:
@@ -19,11 +24,11 @@ def _lineage(*shas: str, flip: bool = False) -> GalleryLineage:
 def test_a_gallery_finds_the_matcher_of_its_own_models_whichever_was_tuned_last(tmp_path: Path) -> None:
     layout = HomeLayout(tmp_path)
     old, new = _lineage("a" * 64, "b" * 64), _lineage("c" * 64, "b" * 64)
-    save_matcher(layout, old.models, {"threshold": 0.3})
-    saved = save_matcher(layout, new.models, {"threshold": 0.7})  # the newer tuning does not replace the older one
-    assert saved["models_key"] == models_key(new.models) and [m["checkpoint_sha256"] for m in saved["models"]] == ["c" * 64, "b" * 64]
-    assert load_matcher(layout, old, "v0001")["threshold"] == 0.3
-    assert load_matcher(layout, new, "v0002")["threshold"] == 0.7
+    save_matcher(layout, old.models, _tuned(0.3))
+    saved = save_matcher(layout, new.models, _tuned(0.7))  # the newer tuning does not replace the older one
+    assert saved.models_key == models_key(new.models) and [m["checkpoint_sha256"] for m in saved.models] == ["c" * 64, "b" * 64]
+    assert load_matcher(layout, old, "v0001").matcher.threshold == 0.3
+    assert load_matcher(layout, new, "v0002").matcher.threshold == 0.7
     assert matcher_path(layout, old.models) != matcher_path(layout, new.models)
 
 
@@ -38,11 +43,11 @@ def test_the_key_covers_order_checkpoint_and_flip_tta() -> None:
 def test_a_matcher_of_other_models_is_refused_naming_both(tmp_path: Path) -> None:
     layout = HomeLayout(tmp_path)
     tuned, built = _lineage("a" * 64), _lineage("e" * 64)
-    value = save_matcher(layout, tuned.models, {"threshold": 0.5})
+    value = save_matcher(layout, tuned.models, _tuned(0.5))
     with pytest.raises(LineageError, match=r"tuned for models fold0 v1, but gallery v0007 was built with fold0 v1"):
         check_matcher(value, built, "v0007")  # same registry number, other checkpoint: refused by digest
     with pytest.raises(LineageError, match=r"no matcher tuned for the models of gallery v0007 \(fold0 v1\)"):
         load_matcher(layout, built, "v0007")
     with pytest.raises(LineageError, match="does not record which models it was tuned for"):
-        check_matcher({"threshold": 0.5}, tuned, "v0001")  # written by an older version of the project
+        read_matcher({"threshold": 0.5})  # written by an older version of the project: no models recorded
     check_matcher(value, tuned, "v0001")

@@ -284,8 +284,8 @@ def test_threshold_is_reproducible_from_the_fold_embeddings(pipeline_run: dict) 
 
     from whale_ml.retrieval import map_at_5, predict_top5
     from whale_ml.retrieval.local_features import home_feature_store
-    from whale_ml.retrieval.rerank import LocalRerank
     from whale_ml.retrieval.threshold import tune_out_of_fold
+    from whale_ml.stage_configs import ThresholdConfig
 
     layout = HomeLayout(pipeline_run["home"])
     instance = dg.DagsterInstance.get()
@@ -296,12 +296,12 @@ def test_threshold_is_reproducible_from_the_fold_embeddings(pipeline_run: dict) 
         pd.read_parquet(layout.tables / "cv_folds.parquet"),
         layout.embeddings_dir,
         ["fold0", "fold1"],
-        rerank=LocalRerank(store.config, 10, 4),
-        features=store,
+        ThresholdConfig(class_centres=False),
+        store,
     )
     assert tuned.fusion is not None, "the default recipe re-ranks by local features"
     assert mat.metadata["oof_map5_without_rerank"].value == pytest.approx(tuned.plain.map5)
-    assert mat.metadata["fusion_weight"].value == pytest.approx(tuned.fusion.fusion.weight)
+    assert mat.metadata["local_weight"].value == pytest.approx(tuned.fusion.fusion.local_weight)
     assert tuned.result.threshold == threshold
     preds, truths = predict_top5(tuned.sims, tuned.ids, threshold), tuned.truths
     assert map_at_5(preds, truths) == pytest.approx(oof_map5, abs=1e-12)
@@ -318,7 +318,7 @@ def test_threshold_is_reproducible_from_the_fold_embeddings(pipeline_run: dict) 
 @pytest.mark.e2e
 def test_approximate_gallery_and_per_species_thresholds(own_pipeline: dict) -> None:
     """The options of the retrieval stage, materialised: an HNSW gallery reports its recall
-    against flat, per-species thresholds and a margin weight are tuned and used, and the
+    against flat, per-species thresholds and a lead weight are tuned and used, and the
     submission stays valid."""
     from whale_assets.definitions import defs
     from whale_ml.gallery import load_version
@@ -329,7 +329,7 @@ def test_approximate_gallery_and_per_species_thresholds(own_pipeline: dict) -> N
         run_config={
             "ops": {
                 "gallery": {"config": {"index": "hnsw", "k": 10}},
-                "match_threshold": {"config": {"per_species": True, "species_min_queries": 3, "margin_weights": [0.0, 0.5, 2.0]}},
+                "match_threshold": {"config": {"per_species": True, "species_min_queries": 3, "lead_weights": [0.0, 0.5, 2.0]}},
             }
         },
         instance=dg.DagsterInstance.get(),
@@ -347,8 +347,8 @@ def test_approximate_gallery_and_per_species_thresholds(own_pipeline: dict) -> N
     stored = json.loads((layout.tables / "match_threshold.json").read_text())
     assert sub.metadata["species_thresholds"].value == len(stored["species_thresholds"])
     # The weight chosen (0 included) is what the value carries and the submission applied.
-    assert stored["margin"] == threshold.metadata["margin_weight"].value == sub.metadata["margin_weight"].value
-    assert [r.data["weight"] for r in threshold.metadata["margin_by_weight"].records] == [0.0, 0.5, 2.0]
+    assert stored["lead_weight"] == threshold.metadata["lead_weight"].value == sub.metadata["lead_weight"].value
+    assert [r.data["weight"] for r in threshold.metadata["lead_by_weight"].records] == [0.0, 0.5, 2.0]
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"threshold_in_range": True, "submission_format": True}
 

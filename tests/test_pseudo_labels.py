@@ -14,13 +14,14 @@ from whale_ml.data.folds import fold_split, make_folds
 from whale_ml.data.metadata import NEW_INDIVIDUAL
 from whale_ml.retrieval.pseudo_labels import (
     calibrate_confidence,
-    out_of_fold_top1,
     pick_fold_pseudo_labels,
     precision_curve,
     pseudo_labelled_folds,
     select_pseudo_labels,
 )
+from whale_ml.retrieval.matcher import Matcher
 from whale_ml.retrieval.store import save_embeddings
+from whale_ml.retrieval.threshold import out_of_fold_top1
 
 # Hand-worked: first-candidate scores of six validation photos and whether each was right.
 SCORES = [0.9, 0.8, 0.8, 0.7, 0.6, 0.5]
@@ -171,14 +172,14 @@ def test_each_fold_labels_test_photos_against_its_own_training_photos_only(tmp_p
     vectors = {"a1": e[1], "a2": e[0], "b1": e[2], "b2": e[2], "c1": e[3], "c2": e[3]}
     for fold in ("fold0", "fold1"):  # the same "model" in both folds: only the galleries differ
         _write_fold(tmp_path / fold, vectors, {"t": e[0], "u": e[2]})
-    table, searched = pick_fold_pseudo_labels(folds, lambda f: tmp_path / f, ["fold0", "fold1"], {"threshold": 0.5}, confidence=0.9)
+    table, searched = pick_fold_pseudo_labels(folds, lambda f: tmp_path / f, ["fold0", "fold1"], Matcher(0.5), confidence=0.9)
     assert searched == 2
     assert table.to_dict("records") == [
         {"fold": 0, "image": "u", "individual_id": "B", "score": 1.0},
         {"fold": 1, "image": "t", "individual_id": "A", "score": 1.0},
         {"fold": 1, "image": "u", "individual_id": "B", "score": 1.0},
     ]
-    strict, _ = pick_fold_pseudo_labels(folds, lambda f: tmp_path / f, ["fold0", "fold1"], {"threshold": 0.5}, confidence=1.5)
+    strict, _ = pick_fold_pseudo_labels(folds, lambda f: tmp_path / f, ["fold0", "fold1"], Matcher(0.5), confidence=1.5)
     assert strict.empty and list(strict.columns) == ["fold", "image", "individual_id", "score"]
 
 

@@ -19,6 +19,7 @@ from whale_assets.resources import WhaleHome
 from whale_ml.gallery import build_gallery
 from whale_ml.gallery.lineage import EMBEDDINGS_RECORD, FoldModel, record_boxes, record_crops
 from whale_ml.gallery.matchers import save_matcher
+from whale_ml.retrieval.matcher import Matcher, TunedMatcher
 from whale_ml.home import HomeLayout
 from whale_ml.io import write_json
 from whale_ml.retrieval.store import save_embeddings
@@ -48,7 +49,7 @@ def _home(home: Path, individual: str) -> dict[str, Any]:
     return {
         "test_metadata": pd.DataFrame({"image": TESTS}),
         "train_metadata": train,
-        "match_threshold": save_matcher(layout, version.lineage.models, {"threshold": 0.3}),  # tuned for these models
+        "match_threshold": save_matcher(layout, version.lineage.models, TunedMatcher(Matcher(0.3), 0.5, 0.2, 10)).to_dict(),  # tuned for these models
         "gallery": {"version": version.name},
         "crops": crops,
     }

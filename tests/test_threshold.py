@@ -13,9 +13,16 @@ import pytest
 from whale_ml.data.folds import make_folds
 from whale_ml.data.metadata import NEW_INDIVIDUAL
 from whale_ml.retrieval.store import save_embeddings
-from whale_ml.retrieval.threshold import out_of_fold_search, tune_out_of_fold
+from whale_ml.retrieval.matcher import Matcher, TunedMatcher
+from whale_ml.retrieval.threshold import tune_out_of_fold
+from whale_ml.stage_configs import ThresholdConfig
 
 FOLDS = ["fold0", "fold1", "fold2"]
+
+
+def plain(**settings: object) -> ThresholdConfig:
+    """Tuning on the embedding similarity alone (no local features, no class centres here)."""
+    return ThresholdConfig(rerank=False, class_centres=False, **settings)
 
 
 def _home(tmp_path: Path, seed: int) -> tuple[pd.DataFrame, object]:
@@ -72,7 +79,7 @@ def _best(lists: list, truths: list[str]) -> float:
 @pytest.mark.parametrize("seed", range(4))
 def test_tune_out_of_fold_is_the_pooled_optimum(tmp_path: Path, seed: int) -> None:
     cv, embeddings_dir = _home(tmp_path, seed)
-    tuned = tune_out_of_fold(cv, embeddings_dir, FOLDS)
+    tuned = tune_out_of_fold(cv, embeddings_dir, FOLDS, plain())
     lists, truths = [], []
     for i, fold in enumerate(FOLDS):
         fold_lists, fold_truths, _ = _oracle_fold(cv, tmp_path / fold, i)
@@ -88,15 +95,16 @@ def test_tune_out_of_fold_is_the_pooled_optimum(tmp_path: Path, seed: int) -> No
     assert tuned.result.new_share == pytest.approx(np.mean([r[0][1] < tuned.result.threshold for r in lists]))
     assert [[ind for ind in row if ind] for row in tuned.ids.tolist()] == [[ind for ind, _ in r] for r in lists]
     assert tuned.species is None and tuned.map5 == tuned.result.map5
-    value = tuned.value()
-    assert list(value) == ["threshold", "map5", "new_share", "queries", "per_fold", "species_thresholds", "k", "margin"]
-    assert value["threshold"] == tuned.result.threshold and value["species_thresholds"] == {} and value["margin"] == 0.0
+    assert tuned.matcher == Matcher(tuned.result.threshold, {}, 50, None, None, 5, 0.0)
+    stored = tuned.tuned()
+    assert TunedMatcher.from_dict(stored.to_dict()) == stored  # what is stored reads back the same
+    assert stored.map5 == tuned.result.map5 and stored.queries == len(truths) and stored.without == {}
 
 
 @pytest.mark.parametrize("seed", range(3))
 def test_per_species_thresholds_are_each_species_optimum(tmp_path: Path, seed: int) -> None:
     cv, embeddings_dir = _home(tmp_path, seed)
-    tuned = tune_out_of_fold(cv, embeddings_dir, FOLDS, per_species=True, species_min_queries=3)
+    tuned = tune_out_of_fold(cv, embeddings_dir, FOLDS, plain(per_species=True, species_min_queries=3))
     species_of = dict(zip(cv["individual_id"], cv["species"], strict=True))
     lists, truths = [], []
     for i, fold in enumerate(FOLDS):
@@ -113,13 +121,13 @@ def test_per_species_thresholds_are_each_species_optimum(tmp_path: Path, seed: i
             _best([lists[k] for k in mine], [truths[k] for k in mine]), abs=1e-9
         )
     assert tuned.map5 >= tuned.result.map5 - 1e-12
-    assert tuned.value()["map5"] == tuned.species.map5 and tuned.value()["species_thresholds"] == tuned.species.by_species
+    assert tuned.tuned().map5 == tuned.species.map5 and tuned.matcher.species_thresholds == tuned.species.by_species
 
 
-def _score_with_margin(ranked: list[tuple[str, float]], truth: str, threshold: float, margin: float) -> float:
-    """:func:`_score` with the first individual judged by s1 + margin * (s1 - s2), by hand."""
+def _score_with_lead(ranked: list[tuple[str, float]], truth: str, threshold: float, lead_weight: float) -> float:
+    """:func:`_score` with the first individual judged by s1 + lead_weight * (s1 - s2), by hand."""
     (first, s1), rest = ranked[0], ranked[1:]
-    d = s1 + margin * (s1 - rest[0][1]) if rest else s1
+    d = s1 + lead_weight * (s1 - rest[0][1]) if rest else s1
     if d < threshold:
         preds = [NEW_INDIVIDUAL, first, *[ind for ind, _ in rest]][:5]
     else:
@@ -128,13 +136,13 @@ def _score_with_margin(ranked: list[tuple[str, float]], truth: str, threshold: f
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_margin_weight_and_threshold_are_the_pooled_optimum(tmp_path: Path, seed: int) -> None:
-    """With margin weights the pair (weight, threshold) is the best over every weight tried and
+def test_lead_weight_and_threshold_are_the_pooled_optimum(tmp_path: Path, seed: int) -> None:
+    """With lead weight the pair (weight, threshold) is the best over every weight tried and
     every threshold that can change an answer, the smallest weight among equals; weight 0 alone
     is the plain tuning."""
     cv, embeddings_dir = _home(tmp_path, seed)
     weights = [0.0, 0.5, 2.0]
-    tuned = tune_out_of_fold(cv, embeddings_dir, FOLDS, margin_weights=weights[1:], per_species=True, species_min_queries=3)
+    tuned = tune_out_of_fold(cv, embeddings_dir, FOLDS, plain(lead_weights=weights[1:], per_species=True, species_min_queries=3))
     lists, truths = [], []
     for i, fold in enumerate(FOLDS):
         fold_lists, fold_truths, _ = _oracle_fold(cv, tmp_path / fold, i)
@@ -142,43 +150,42 @@ def test_margin_weight_and_threshold_are_the_pooled_optimum(tmp_path: Path, seed
         truths += fold_truths
 
     def score(t: float, w: float) -> float:
-        return float(np.mean([_score_with_margin(r, tr, t, w) for r, tr in zip(lists, truths, strict=True)]))
+        return float(np.mean([_score_with_lead(r, tr, t, w) for r, tr in zip(lists, truths, strict=True)]))
 
     best = []
     for w in weights:
         decisions = {sim for r in lists for _, sim in r} | {r[0][1] + w * (r[0][1] - r[1][1]) for r in lists if len(r) > 1}
         best.append(max(score(t, w) for t in {np.inf} | decisions))
-    assert tuned.margin is not None and tuned.margin.table["map5"].tolist() == pytest.approx(best, abs=1e-9)
-    assert tuned.margin.weight == min(w for w, m in zip(weights, best, strict=True) if m >= max(best) - 1e-9)
+    assert tuned.lead is not None and tuned.lead.table["map5"].tolist() == pytest.approx(best, abs=1e-9)
+    assert tuned.lead.weight == min(w for w, m in zip(weights, best, strict=True) if m >= max(best) - 1e-9)
     assert tuned.result.map5 == pytest.approx(max(best), abs=1e-9)
-    assert score(tuned.result.threshold, tuned.margin.weight) == pytest.approx(tuned.result.map5, abs=1e-9)
-    assert tuned.margin.plain.map5 == pytest.approx(tune_out_of_fold(cv, embeddings_dir, FOLDS).result.map5, abs=1e-12)
-    value = tuned.value()
-    assert value["margin"] == tuned.margin.weight and value["map5_without_margin"] == tuned.margin.plain.map5
-    assert value["threshold"] == tuned.result.threshold
+    assert score(tuned.result.threshold, tuned.lead.weight) == pytest.approx(tuned.result.map5, abs=1e-9)
+    assert tuned.lead.plain.map5 == pytest.approx(tune_out_of_fold(cv, embeddings_dir, FOLDS, plain()).result.map5, abs=1e-12)
+    stored = tuned.tuned()
+    assert stored.matcher.lead_weight == tuned.lead.weight and stored.without == {"lead": tuned.lead.plain.map5}
+    assert stored.matcher.threshold == tuned.result.threshold
     # Per-species thresholds apply to the same decision score.
     species_of = dict(zip(cv["individual_id"], cv["species"], strict=True))
     own = [tuned.species.by_species.get(species_of[r[0][0]], tuned.result.threshold) for r in lists]
-    mine = np.mean([_score_with_margin(r, tr, t, tuned.margin.weight) for r, tr, t in zip(lists, truths, own, strict=True)])
+    mine = np.mean([_score_with_lead(r, tr, t, tuned.lead.weight) for r, tr, t in zip(lists, truths, own, strict=True)])
     assert tuned.species.map5 == pytest.approx(float(mine), abs=1e-9)
 
 
-def test_margin_weight_zero_is_the_plain_tuning(tmp_path: Path) -> None:
+def test_lead_weight_zero_is_the_plain_tuning(tmp_path: Path) -> None:
     cv, embeddings_dir = _home(tmp_path, 5)
-    plain, zero = tune_out_of_fold(cv, embeddings_dir, FOLDS), tune_out_of_fold(cv, embeddings_dir, FOLDS, margin_weights=[0.0])
-    assert zero.margin is None and zero.value() == plain.value()
-    with pytest.raises(ValueError, match="margin weights"):
-        tune_out_of_fold(cv, embeddings_dir, FOLDS, margin_weights=[-1.0])
+    plain_, zero = tune_out_of_fold(cv, embeddings_dir, FOLDS, plain()), tune_out_of_fold(cv, embeddings_dir, FOLDS, plain(lead_weights=[0.0]))
+    assert zero.lead is None and zero.tuned() == plain_.tuned()
+    with pytest.raises(ValueError, match="lead_weights"):
+        tune_out_of_fold(cv, embeddings_dir, FOLDS, plain(lead_weights=[-1.0]))
 
 
-def test_out_of_fold_search_skips_folds_without_validation_photos(tmp_path: Path) -> None:
+def test_folds_without_validation_photos_are_skipped(tmp_path: Path) -> None:
     cv, embeddings_dir = _home(tmp_path, 0)
     cv = cv.assign(fold=cv["fold"].replace(1, -1))  # fold1 validates nothing
-    assert [fold for fold, *_ in out_of_fold_search(cv, embeddings_dir, FOLDS)] == ["fold0", "fold2"]
-    assert [row["fold"] for row in tune_out_of_fold(cv, embeddings_dir, FOLDS).per_fold] == ["fold0", "fold2"]
+    assert [row["fold"] for row in tune_out_of_fold(cv, embeddings_dir, FOLDS, plain()).per_fold] == ["fold0", "fold2"]
 
 
 def test_no_validation_photos_at_all_is_an_error(tmp_path: Path) -> None:
     cv, embeddings_dir = _home(tmp_path, 0)
     with pytest.raises(ValueError, match="no fold has validation photos"):
-        tune_out_of_fold(cv.assign(fold=-1), embeddings_dir, FOLDS)
+        tune_out_of_fold(cv.assign(fold=-1), embeddings_dir, FOLDS, plain())

@@ -77,13 +77,13 @@ def identify_main(argv: Sequence[str]) -> int:
             alias=_alias_template(args.alias),
             versions=args.model_version,
         )
-        threshold = load_matcher(layout, gallery.lineage, gallery.name)  # the one tuned for this version's models
+        matcher = load_matcher(layout, gallery.lineage, gallery.name)  # the one tuned for this version's models
         paths = expand_inputs(args.photos)
         if not paths:
             print("whale identify: no photos found in " + ", ".join(args.photos), file=sys.stderr)
             return 2
         with tempfile.TemporaryDirectory(prefix="whale-identify-") as work:
-            result = identify_photos(paths, layout, gallery, models, threshold, Path(work), device)
+            result = identify_photos(paths, layout, gallery, models, matcher, Path(work), device)
             if args.report:
                 write_report(result, args.report)
     except LineageError as exc:

@@ -233,7 +233,7 @@ class ThresholdConfig(BaseModel):
         "with a weight tuned with the threshold (0 where it does not help). Needs fold models that kept their centres (left out "
         "with a warning where they did not).",
     )
-    margin_weights: list[float] = Field(
+    lead_weights: list[float] = Field(
         [0.0],
         min_length=1,
         description="Weights of the first candidate's lead over the second in the new_individual decision (the threshold applies "
@@ -241,11 +241,11 @@ class ThresholdConfig(BaseModel):
         "and 0 (the plain rule) is always tried. [0.0]: the plain rule.",
     )
 
-    @field_validator("margin_weights")
+    @field_validator("lead_weights")
     @classmethod
     def _finite_non_negative(cls, weights: list[float]) -> list[float]:
         if not all(math.isfinite(w) and w >= 0 for w in weights):
-            raise ValueError(f"margin_weights must be finite numbers >= 0, got {weights}")
+            raise ValueError(f"lead_weights must be finite numbers >= 0, got {weights}")
         return weights
 
 

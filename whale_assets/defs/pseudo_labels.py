@@ -13,7 +13,7 @@ import dagster as dg
 import pandas as pd
 
 from whale_assets.defs.detection import feature_store, local_features
-from whale_assets.defs.retrieval import fold_embeddings_asset, gallery_asset, match_threshold_asset
+from whale_assets.defs.retrieval import fold_embeddings_asset, gallery_asset, match_threshold_asset, tuned_matcher
 from whale_assets.defs.submission import submission_csv_asset, submission_score_asset
 from whale_assets.defs.training import arcface_model_asset
 from whale_assets.launchpad import PseudoLabelSettings
@@ -46,13 +46,14 @@ def pseudo_labels(
     validation photos' first candidates are right ``min_precision`` of the time) joins fold
     k's second-round training. Nothing a fold validates on chose its labels; test truth is
     never read."""
-    top1 = match_threshold.get("oof_top1")
+    tuned = tuned_matcher(match_threshold)
+    top1, matcher = tuned.oof_top1, tuned.matcher
     if top1 is None:
         raise dg.Failure("match_threshold has no out-of-fold first candidates (oof_top1): rematerialise it first", allow_retries=False)
-    calibration = calibrate_confidence(top1["score"], top1["correct"], config.min_precision, match_threshold["threshold"], config.min_photos)
+    calibration = calibrate_confidence(top1["score"], top1["correct"], config.min_precision, matcher.threshold, config.min_photos)
     folds = fold_partitions.get_partition_keys()
     models = read_fold_models(whale.layout, folds)
-    if match_threshold.get("models_key") != models_key(models):  # the fold searches below use these models' embeddings
+    if tuned.models_key != models_key(models):  # the fold searches below use these models' embeddings
         raise dg.Failure(
             "match_threshold was tuned for other fold models than the current fold embeddings': rematerialise match_threshold first",
             allow_retries=False,
@@ -61,10 +62,9 @@ def pseudo_labels(
         cv_folds,
         whale.layout.embeddings_dir,
         folds,
-        match_threshold,
+        matcher,
         calibration.confidence,
-        feature_store(whale) if match_threshold.get("rerank") else None,
-        int(match_threshold.get("k", 50)),  # the out-of-fold searches' depth (values written before it was kept: the default)
+        feature_store(whale) if matcher.rerank is not None else None,
         progress=progress_logger(context, "folds' test matching"),
     )
     per_fold = [{"fold": f, "pseudo_labels": int((table["fold"] == i).sum())} for i, f in enumerate(folds)]
@@ -80,7 +80,7 @@ def pseudo_labels(
             **calibration.to_dict(),
             "models_key": models_key(models),
             "model_versions": model_versions(models),
-            "threshold": float(match_threshold["threshold"]),
+            "threshold": float(matcher.threshold),
             "dagster/row_count": len(table),
             "test_photos": test_photos,
             "pseudo_share": table["image"].nunique() / max(1, test_photos),

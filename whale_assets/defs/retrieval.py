@@ -3,6 +3,7 @@
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import numpy as np
@@ -20,14 +21,13 @@ from whale_assets.launchpad import EmbedSettings, GallerySettings, ThresholdSett
 from whale_assets.rounds import FIRST_ROUND, Round
 from whale_ml.checkpoints import snapshot_checkpoint
 from whale_ml.gallery.build import build_gallery
-from whale_ml.gallery.lineage import model_versions, read_fold_models, record_embeddings
-from whale_ml.gallery.matchers import save_matcher
+from whale_ml.gallery.lineage import LineageError, model_versions, read_fold_models, record_embeddings
+from whale_ml.gallery.matchers import read_matcher, save_matcher
 from whale_ml.gallery.versions import list_versions
 from whale_ml.registry import gallery_models
 from whale_ml.retrieval.centres import replace_centres
 from whale_ml.retrieval.embeddings import embed_paths
-from whale_ml.retrieval.pseudo_labels import out_of_fold_top1
-from whale_ml.retrieval.rerank import LocalRerank
+from whale_ml.retrieval.matcher import TunedMatcher
 from whale_ml.retrieval.store import new_embedding_set, save_embeddings
 from whale_ml.retrieval.threshold import OutOfFoldThreshold, tune_out_of_fold
 from whale_ml.training.trainer import load_class_centres, load_model, resolve_device
@@ -224,6 +224,14 @@ def gallery_asset(rnd: Round) -> dg.AssetsDefinition:
 gallery = gallery_asset(FIRST_ROUND)
 
 
+def tuned_matcher(match_threshold: dict[str, Any]) -> TunedMatcher:
+    """The ``match_threshold`` asset's value, read; a step that cannot read it fails without retries."""
+    try:
+        return read_matcher(match_threshold)
+    except LineageError as exc:
+        raise dg.Failure(str(exc), allow_retries=False) from exc
+
+
 def _fusion_metadata(context: dg.AssetExecutionContext, tuned: OutOfFoldThreshold) -> dict[str, object]:
     """What the fusion (local re-ranking, class centres) changed out of fold, and what local
     matching cost (nothing without a fusion)."""
@@ -241,50 +249,50 @@ def _fusion_metadata(context: dg.AssetExecutionContext, tuned: OutOfFoldThreshol
     )
     if tuned.rerank_cost is None:
         return found
-    cost, weight = tuned.rerank_cost, fusion.weight
+    cost, weight = tuned.rerank_cost, fusion.local_weight
     context.log.info(
-        f"local re-ranking: out-of-fold MAP@5 {tuned.plain.map5:.4f} -> {tuned.fusion.threshold.map5:.4f} at fusion weight "
+        f"local re-ranking: out-of-fold MAP@5 {tuned.plain.map5:.4f} -> {tuned.fusion.threshold.map5:.4f} at local weight "
         f"{weight:.2f} ({cost.ms_per_query:.1f} ms per query, {cost.pairs} photo pairs)"
     )
     return {
         **found,
         "oof_map5_without_rerank": tuned.plain.map5,
-        "fusion_weight": weight,
+        "local_weight": weight,
         "rerank_ms_per_query": round(cost.ms_per_query, 2),
         "rerank_pairs_matched": cost.pairs,
     }
 
 
 def _log_fusion(tuned: OutOfFoldThreshold) -> None:
-    """The fusion's weights, its gain and its table of weights (and the margin rule's), to the active MLflow run."""
+    """The fusion's weights, its gain and its table of weights (and the lead rule's), to the active MLflow run."""
     import mlflow as mlf
 
-    if tuned.margin is not None:
-        mlf.log_metrics({"oof_map5_without_margin": tuned.margin.plain.map5, "margin_weight": tuned.margin.weight})
-        mlf.log_table(tuned.margin.table, "margin_by_weight.json")
+    if tuned.lead is not None:
+        mlf.log_metrics({"oof_map5_without_lead": tuned.lead.plain.map5, "lead_weight": tuned.lead.weight})
+        mlf.log_table(tuned.lead.table, "lead_by_weight.json")
     if tuned.fusion is None or tuned.plain is None:
         return
     fused = tuned.fusion.fusion
-    metrics = {"oof_map5_without_fusion": tuned.plain.map5, "fusion_weight": fused.weight, "class_centre_weight": fused.centre_weight}
+    metrics = {"oof_map5_without_fusion": tuned.plain.map5, "local_weight": fused.local_weight, "class_centre_weight": fused.centre_weight}
     mlf.log_metrics(metrics)
     if tuned.rerank is not None:
         mlf.log_metrics({"oof_map5_without_rerank": tuned.plain.map5})
     mlf.log_table(tuned.fusion.table, "fusion_by_weight.json")
 
 
-def _margin_metadata(context: dg.AssetExecutionContext, tuned: OutOfFoldThreshold) -> dict[str, object]:
-    """What the margin rule changed out of fold (its weight, 0, when no margin weight was tried)."""
-    if tuned.margin is None:
-        return {"margin_weight": 0.0}
-    margin = tuned.margin
+def _lead_metadata(context: dg.AssetExecutionContext, tuned: OutOfFoldThreshold) -> dict[str, object]:
+    """What the lead rule changed out of fold (its weight, 0, when no lead weight was tried)."""
+    if tuned.lead is None:
+        return {"lead_weight": 0.0}
+    lead = tuned.lead
     context.log.info(
-        f"margin rule: out-of-fold MAP@5 {margin.plain.map5:.4f} -> {margin.threshold.map5:.4f} at margin weight {margin.weight:g}"
+        f"lead rule: out-of-fold MAP@5 {lead.plain.map5:.4f} -> {lead.threshold.map5:.4f} at lead weight {lead.weight:g}"
     )
-    return {"margin_weight": margin.weight, "oof_map5_without_margin": margin.plain.map5, "margin_by_weight": table_meta(margin.table)}
+    return {"lead_weight": lead.weight, "oof_map5_without_lead": lead.plain.map5, "lead_by_weight": table_meta(lead.table)}
 
 
 def _threshold_metadata(context: dg.AssetExecutionContext, tuned: OutOfFoldThreshold) -> dict[str, object]:
-    """The match_threshold asset's metadata (threshold, scores, folds, fusion, margin, species), logged as it goes."""
+    """The match_threshold asset's metadata (threshold, scores, folds, fusion, lead weight, species), logged as it goes."""
     if tuned.centres_note:
         context.log.warning(tuned.centres_note)
     result = tuned.result
@@ -296,7 +304,7 @@ def _threshold_metadata(context: dg.AssetExecutionContext, tuned: OutOfFoldThres
         "per_fold": table_meta(tuned.per_fold),
     }
     metadata.update(_fusion_metadata(context, tuned))
-    metadata.update(_margin_metadata(context, tuned))
+    metadata.update(_lead_metadata(context, tuned))
     if tuned.species is not None:
         metadata.update({"oof_map5": tuned.species.map5, "oof_map5_global_only": result.map5, "species": table_meta(tuned.species.table)})
         context.log.info(f"own thresholds for {len(tuned.species.by_species)} species: out-of-fold MAP@5 {tuned.species.map5:.4f}")
@@ -304,7 +312,7 @@ def _threshold_metadata(context: dg.AssetExecutionContext, tuned: OutOfFoldThres
     return metadata
 
 
-def _curve_plot(thresholds: np.ndarray, curve: np.ndarray, chosen: float, fused: bool = False, margin: float = 0.0) -> object:
+def _curve_plot(thresholds: np.ndarray, curve: np.ndarray, chosen: float, fused: bool = False, lead_weight: float = 0.0) -> object:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -314,7 +322,7 @@ def _curve_plot(thresholds: np.ndarray, curve: np.ndarray, chosen: float, fused:
     ax.plot(thresholds, curve, lw=1.2)
     ax.axvline(chosen, color="tab:red", ls="--", lw=1, label=f"chosen {chosen:.3f}")
     score = "fused score" if fused else "cosine similarity"
-    ax.set_xlabel(f"threshold on {score} + {margin:g} x lead over the 2nd" if margin else f"{score} threshold")
+    ax.set_xlabel(f"threshold on {score} + {lead_weight:g} x lead over the 2nd" if lead_weight else f"{score} threshold")
     ax.set_ylabel("validation MAP@5")
     ax.legend()
     return fig
@@ -348,7 +356,7 @@ def match_threshold_asset(rnd: Round) -> dg.AssetsDefinition:
         model, pooled over folds, every distinct threshold considered (exact, no grid).
         Optionally one threshold per species (of the nearest individual) with enough
         validation photos. With re-ranking and/or class centres it applies to the fused score,
-        tuned with its weights; with a margin weight, the first candidate is judged by its score
+        tuned with its weights; with a lead weight, the first candidate is judged by its score
         plus the weight times its lead over the second. The curve goes to the UI and to MLflow; the value also holds each
         validation photo's first-candidate score and whether it was right (``oof_top1``, what
         the pseudo-label round calibrates its confidence on). See docs/retrieval.md."""
@@ -359,24 +367,9 @@ def match_threshold_asset(rnd: Round) -> dg.AssetsDefinition:
         # Each fold's embedding set fixed once: the models read here are the ones tuned on.
         layout = rnd.layout(whale).with_current_embeddings(folds)
         models = read_fold_models(layout, folds)  # what the matcher is tuned for, and only good for
-        tuned = tune_out_of_fold(
-            cv_folds,
-            layout.embeddings_dir,
-            folds,
-            config.k,
-            config.per_species,
-            config.species_min_queries,
-            rerank=LocalRerank(store.config, config.candidates, config.photos_per_candidate) if store and store.config else None,
-            features=store,
-            fusion_weights=config.fusion_weights,
-            progress=progress_logger(context, "out-of-fold local matching"),
-            class_centres=config.class_centres,
-            candidates=config.candidates,
-            margin_weights=config.margin_weights,
-        )
+        tuned = tune_out_of_fold(cv_folds, layout.embeddings_dir, folds, config, store, progress_logger(context, "out-of-fold local matching"))
         result, metadata = tuned.result, _threshold_metadata(context, tuned)
-        margin = tuned.margin.weight if tuned.margin is not None else 0.0
-        fig = _curve_plot(result.thresholds, result.map5_curve, result.threshold, fused=tuned.fusion is not None, margin=margin)
+        fig = _curve_plot(result.thresholds, result.map5_curve, result.threshold, tuned.fusion is not None, tuned.matcher.lead_weight)
         with mlflow.start_run(context, run_name=rnd.label("match_threshold"), tags={"stage": "retrieval", "round": rnd.name or "round1"}) as run:
             mlf.log_params({**config.model_dump(), "folds": len(tuned.per_fold), "queries": tuned.queries})
             mlf.log_metrics({"threshold": result.threshold, "oof_map5": tuned.map5, "oof_map5_global": result.map5})
@@ -389,9 +382,9 @@ def match_threshold_asset(rnd: Round) -> dg.AssetsDefinition:
         metadata["map5_curve"] = figure_md(fig)
         # Stored under its models' key, where each gallery version built with them finds it. The
         # out-of-fold first candidates ride along: what the pseudo-label round calibrates on.
-        value = save_matcher(layout, models, {**tuned.value(), "oof_top1": out_of_fold_top1(tuned.sims, tuned.ids, tuned.truths)})
-        metadata.update({"models_key": value["models_key"], "model_versions": model_versions(models)})
-        return dg.MaterializeResult(value=value, metadata=metadata)
+        stored = save_matcher(layout, models, tuned.tuned())
+        metadata.update({"models_key": stored.models_key, "model_versions": model_versions(models)})
+        return dg.MaterializeResult(value=stored.to_dict(), metadata=metadata)
 
     return match_threshold
 
@@ -401,10 +394,10 @@ match_threshold = match_threshold_asset(FIRST_ROUND)
 
 @dg.asset_check(asset=match_threshold, description="The threshold is a finite cosine similarity and its MAP@5 a probability.")
 def threshold_in_range(match_threshold: dict) -> dg.AssetCheckResult:
-    threshold, map5 = float(match_threshold["threshold"]), float(match_threshold["map5"])
-    species = {k: float(v) for k, v in (match_threshold.get("species_thresholds") or {}).items()}
-    # With a margin weight w the decision score s1 + w (s1 - s2) of scores in [-1, 1] lies in [-1, 1 + 2w].
-    top = 1.0 + 2.0 * float(match_threshold.get("margin") or 0.0)
+    tuned = tuned_matcher(match_threshold)
+    threshold, map5, species = tuned.matcher.threshold, tuned.map5, dict(tuned.matcher.species_thresholds)
+    # With a lead weight w the decision score s1 + w (s1 - s2) of scores in [-1, 1] lies in [-1, 1 + 2w].
+    top = 1.0 + 2.0 * tuned.matcher.lead_weight
     in_range = [t for t in [threshold, *species.values()] if np.isfinite(t) and -1.0 - 1e-5 <= t <= top + 1e-5]
     return dg.AssetCheckResult(
         passed=len(in_range) == 1 + len(species) and 0.0 <= map5 <= 1.0,

@@ -10,16 +10,17 @@ from whale_assets.freshness import RETRAIN_FRESHNESS
 from whale_assets.stages import REBUILD_AFTER_FOLDS
 from whale_assets.metadata import image_md, photo_list, table_meta
 from whale_assets.defs.detection import feature_store
+from whale_assets.defs.retrieval import tuned_matcher
 from whale_assets.resources import WhaleHome
 from whale_assets.rounds import FIRST_ROUND, Round
 from whale_ml.data.metadata import NEW_INDIVIDUAL, read_truth
 from whale_ml.gallery.build import query_embeddings
-from whale_ml.gallery.search import Matches, match_queries
 from whale_ml.gallery.lineage import LineageError, model_versions
 from whale_ml.gallery.matchers import check_matcher
 from whale_ml.gallery.versions import GalleryVersion, load_version
 from whale_ml.home import HomeLayout
 from whale_ml.io import atomic_path
+from whale_ml.retrieval.matcher import Matches, TunedMatcher, match_queries
 from whale_ml.retrieval.review import sample_review
 from whale_ml.submission import (
     SubmissionFormatError,
@@ -76,9 +77,10 @@ def submission_csv_asset(rnd: Round) -> dg.AssetsDefinition:
         answer. A match-review sheet shows sample test photos beside their matches.
         The pseudo-label round writes ``rounds/round2/submission.csv``."""
         layout = rnd.layout(whale)
-        version = _version_of_matcher(layout, gallery["version"], match_threshold)
+        tuned = tuned_matcher(match_threshold)
+        version = _version_of_matcher(layout, gallery["version"], tuned)
         queries, query_images = query_embeddings(layout, version)
-        matches = _match_test_photos(whale, version, queries, query_images, match_threshold)
+        matches = _match_test_photos(whale, version, queries, query_images, tuned)
         found, prior = dict(zip(query_images, matches.predictions, strict=True)), prior_predictions(train_metadata["individual_id"].tolist())
         missing = [img for img in test_metadata["image"] if img not in found]
         predictions = [found.get(img, prior) for img in test_metadata["image"]]
@@ -102,7 +104,7 @@ def submission_csv_asset(rnd: Round) -> dg.AssetsDefinition:
                 **(_review_metadata(layout, sheet) if sheet is not None else {}),
                 "path": dg.MetadataValue.path(str(path)),
                 "dagster/row_count": len(sub),
-                **_answered_by_md(version, match_threshold),
+                **_answered_by_md(version, tuned),
                 "top1_new_individual_share": top1_new,
                 **_prior_only_md(context, layout, missing, prior),
                 **_rerank_md(matches),
@@ -129,24 +131,24 @@ def _prior_only_md(context: dg.AssetExecutionContext, layout: HomeLayout, missin
     return {"prior_only_rows": len(missing), **({"prior_only_list": prior_only} if prior_only is not None else {})}
 
 
-def _version_of_matcher(layout: HomeLayout, name: str, match_threshold: dict[str, Any]) -> GalleryVersion:
-    """Gallery version ``name``, refused (no retry) unless ``match_threshold`` was tuned for its models."""
+def _version_of_matcher(layout: HomeLayout, name: str, tuned: TunedMatcher) -> GalleryVersion:
+    """Gallery version ``name``, refused (no retry) unless ``tuned`` was tuned for its models."""
     version = load_version(layout, name)
     try:
-        check_matcher(match_threshold, version.lineage, version.name)
+        check_matcher(tuned, version.lineage, version.name)
     except LineageError as exc:
         raise dg.Failure(str(exc), allow_retries=False) from exc
     return version
 
 
-def _answered_by_md(version: GalleryVersion, match_threshold: dict[str, Any]) -> dict[str, object]:
+def _answered_by_md(version: GalleryVersion, tuned: TunedMatcher) -> dict[str, object]:
     """What answered: the gallery version, its models and the matcher tuned for them."""
     return {
         "gallery_version": version.name,
         "model_versions": model_versions(version.lineage.models),
-        "models_key": match_threshold["models_key"],
-        "threshold": float(match_threshold["threshold"]),
-        "species_thresholds": len(match_threshold.get("species_thresholds") or {}),
+        "models_key": tuned.models_key,
+        "threshold": float(tuned.matcher.threshold),
+        "species_thresholds": len(tuned.matcher.species_thresholds),
     }
 
 
@@ -189,11 +191,11 @@ submission_csv = submission_csv_asset(FIRST_ROUND)
 submission_score = submission_score_asset(FIRST_ROUND)
 
 
-def _match_test_photos(whale: WhaleHome, version: Any, queries: Any, images: list[str], match_threshold: dict[str, Any]) -> Matches:
+def _match_test_photos(whale: WhaleHome, version: Any, queries: Any, images: list[str], tuned: TunedMatcher) -> Matches:
     """The test photos matched as ``whale identify`` matches them, re-ranked by local features
-    (from the ``local_features`` asset) when the threshold was tuned so."""
-    store = feature_store(whale) if match_threshold.get("rerank") else None
-    return match_queries(version, queries, match_threshold, None if store is None else [store.get(img) for img in images], store)
+    (from the ``local_features`` asset) when the matcher was tuned so."""
+    store = feature_store(whale) if tuned.matcher.rerank is not None else None
+    return match_queries(version, queries, tuned.matcher, None if store is None else [store.get(img) for img in images], store)
 
 
 def _write_checked(layout: HomeLayout, sub: pd.DataFrame, images: list[str], ids_per_row: int) -> Path:
@@ -211,10 +213,10 @@ def _write_checked(layout: HomeLayout, sub: pd.DataFrame, images: list[str], ids
 
 
 def _rerank_md(matches: Matches) -> dict[str, Any]:
-    """How the test photos were matched: the margin weight of the decision, local re-ranking and its cost."""
+    """How the test photos were matched: the lead weight of the decision, local re-ranking and its cost."""
     if matches.rerank_ms_per_query is None:
-        return {"margin_weight": matches.margin, "local_rerank": False}
-    return {"margin_weight": matches.margin, "local_rerank": True, "rerank_ms_per_query": round(matches.rerank_ms_per_query, 2)}
+        return {"lead_weight": matches.lead_weight, "local_rerank": False}
+    return {"lead_weight": matches.lead_weight, "local_rerank": True, "rerank_ms_per_query": round(matches.rerank_ms_per_query, 2)}
 
 
 def _truth_of(whale: WhaleHome) -> dict[str, str] | None:

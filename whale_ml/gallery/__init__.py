@@ -12,7 +12,7 @@ See docs/retrieval.md and docs/identify.md.
 from whale_ml.gallery.build import GalleryStats, build_gallery, fold_ensemble, query_embeddings
 from whale_ml.gallery.ledger import read_ledger
 from whale_ml.gallery.lineage import FoldModel, GalleryLineage, LineageError
-from whale_ml.gallery.search import Matches, match_queries
+from whale_ml.retrieval.matcher import Matches, match_queries
 from whale_ml.gallery.versions import GalleryVersion, current_version, list_versions, load_version, prune_versions, write_version
 
 __all__ = [

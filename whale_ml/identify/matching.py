@@ -15,16 +15,15 @@ import numpy as np
 
 from whale_ml.data.metadata import NEW_INDIVIDUAL
 from whale_ml.gallery.embed import crop_photos, embed_crops
-from whale_ml.gallery.search import match_queries
 from whale_ml.gallery.versions import GalleryVersion
 from whale_ml.registry import ResolvedModel
 from whale_ml.retrieval.faiss_index import best_photo_per_candidate
 from whale_ml.retrieval.local_features import extract_features, home_feature_store
-from whale_ml.stage_configs import LocalFeatureConfig
+from whale_ml.retrieval.matcher import TunedMatcher, match_queries
 from whale_ml.retrieval.ranking import TOP
 from whale_ml.home import HomeLayout
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def identify_photos(
@@ -32,7 +31,7 @@ def identify_photos(
     layout: HomeLayout,
     gallery: GalleryVersion,
     models: Sequence[ResolvedModel],
-    match_threshold: dict[str, Any],
+    tuned: TunedMatcher,
     work_dir: Path,
     device: str = "cpu",
 ) -> dict[str, Any]:
@@ -42,22 +41,22 @@ def identify_photos(
         paths: photo files (a missing or unreadable one gets ``status: error``).
         gallery: the gallery version to search (normally the current one).
         models: the fold models, in the gallery's fold order (:func:`resolve_models`).
-        match_threshold: the ``match_threshold`` asset's value.
+        tuned: the matcher tuned for the gallery's models (:func:`~whale_ml.gallery.matchers.load_matcher`).
         work_dir: where the query crops are written (the report reads them there).
     """
-    lineage = gallery.lineage
+    lineage, matcher = gallery.lineage, tuned.matcher
     photos = crop_photos(paths, lineage, layout, work_dir, device)
     ok = photos["crop_path"] != ""
     emb = embed_crops(photos.loc[ok, "crop_path"].tolist(), models, device) if ok.any() else np.zeros((0, 1), np.float32)
     if len(emb):
         query_features, store = None, None
-        if match_threshold.get("rerank"):
+        if matcher.rerank is not None:
             # The threshold applies to fused scores: describe the queries as the gallery's photos were.
             store = home_feature_store(layout)
-            settings = store.config or LocalFeatureConfig(**match_threshold["rerank"]["features"])
+            settings = store.config or matcher.rerank.features
             cropped = photos.loc[ok]
             query_features, _ = extract_features(cropped["path"].tolist(), [list(b) for b in cropped["box"]], settings)
-        found = match_queries(gallery, emb, match_threshold, query_features, store)
+        found = match_queries(gallery, emb, matcher, query_features, store)
         sims, ids, thresholds, predictions = found.sims, found.ids, found.thresholds, found.predictions
         decisions = found.decisions
         inliers = found.inliers
@@ -124,12 +123,12 @@ def identify_photos(
             "individuals": int(gallery.table["individual_id"].nunique()),
             "enrolled_photos": int((gallery.table["source"] == "enrolled").sum()),
         },
-        "threshold": float(match_threshold["threshold"]),
-        "local_rerank": bool(match_threshold.get("rerank")),
-        "margin": float(match_threshold.get("margin") or 0.0),
-        "species_thresholds": dict(match_threshold.get("species_thresholds") or {}),
+        "threshold": float(matcher.threshold),
+        "local_rerank": matcher.rerank is not None,
+        "lead_weight": float(matcher.lead_weight),
+        "species_thresholds": dict(matcher.species_thresholds),
         "models": [m.describe() for m in models],
-        "matcher": match_threshold.get("models_key"),  # gallery/matchers/<this>.json: tuned for these models
+        "matcher": tuned.models_key,  # gallery/matchers/<this>.json: tuned for these models
         "top": TOP,
         "photos": rows,
     }
@@ -148,7 +147,7 @@ def format_text(result: dict[str, Any]) -> str:
             lines.append(f"\n{row['image']}: ERROR {row['error']}")
             continue
         best = row["decision_score"] if row["decision_score"] is not None else float("nan")
-        name = "best" if not result.get("margin") else "best + margin x lead"
+        name = "best" if not result.get("lead_weight") else "best + lead_weight x lead"
         why = f"{name} {best:.4f} {'<' if row['new_individual'] else '>='} threshold {row['threshold']:.4f}"
         crop = "full frame" if row["crop_is_full_frame"] else "detector box"
         lines.append(f"\n{row['image']}: {row['decision']}  ({why}; {crop})")

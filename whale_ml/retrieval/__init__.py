@@ -7,7 +7,7 @@ Public API, stable for notebook users::
 """
 
 from whale_ml.retrieval.faiss_index import INDEX_KINDS, build_index, index_recall, l2_normalise, load_index, save_index, search_gallery
-from whale_ml.retrieval.margin import MarginResult, tune_margin
+from whale_ml.retrieval.lead import LeadResult, tune_lead
 from whale_ml.retrieval.ranking import (
     SpeciesThresholds,
     ThresholdResult,
@@ -23,7 +23,7 @@ from whale_ml.retrieval.ranking import (
 
 __all__ = [
     "INDEX_KINDS",
-    "MarginResult",
+    "LeadResult",
     "SpeciesThresholds",
     "ThresholdResult",
     "build_index",
@@ -38,7 +38,7 @@ __all__ = [
     "query_thresholds",
     "save_index",
     "search_gallery",
-    "tune_margin",
+    "tune_lead",
     "tune_species_thresholds",
     "tune_threshold",
 ]

@@ -121,7 +121,7 @@ class Fusion:
         return cls(weights, {k: calibrations[k] for k in weights})
 
     @property
-    def weight(self) -> float:
+    def local_weight(self) -> float:
         """The local evidence's weight (0 without it)."""
         return self.weights.get(LOCAL, 0.0)
 
@@ -162,19 +162,7 @@ class Fusion:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Fusion:
-        """Reads :meth:`to_dict`, and the two-matcher form stored before class centres
-        (``weight``, ``global``, ``local``)."""
-        if "weights" not in d:
-            w = float(d["weight"])
-            return cls({GLOBAL: 1.0 - w, LOCAL: w}, {GLOBAL: Calibration.from_dict(d["global"]), LOCAL: Calibration.from_dict(d["local"])})
         return cls({k: float(v) for k, v in d["weights"].items()}, {k: Calibration.from_dict(c) for k, c in d["calibrations"].items()})
-
-    @classmethod
-    def of_threshold(cls, value: dict[str, Any]) -> Fusion | None:
-        """The fusion a ``match_threshold`` value applies its threshold to; None: the plain
-        similarity. (Values stored before class centres keep it under ``rerank``.)"""
-        found = value.get("fusion") or (value.get("rerank") or {}).get("fusion")
-        return None if found is None else cls.from_dict(found)
 
 
 def sort_rows(scores: np.ndarray, ids: np.ndarray, *extra: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -298,18 +286,3 @@ def tune_weights(
             best = (fusion, result)
     assert best is not None
     return FusionResult(best[0], best[1], pd.DataFrame(rows))
-
-
-def tune_weight(
-    sims: np.ndarray,
-    ids: np.ndarray,
-    inliers: np.ndarray,
-    truths: Sequence[str],
-    gallery_ids: Sequence[str],
-    global_calibration: Calibration,
-    local_calibration: Calibration,
-    weights: Sequence[float] | int = 21,
-) -> FusionResult:
-    """:func:`tune_weights` for the embedding and local evidence alone."""
-    cals = {GLOBAL: global_calibration, LOCAL: local_calibration}
-    return tune_weights(sims, ids, truths, gallery_ids, cals, weights, inliers=inliers)

@@ -38,39 +38,18 @@ import pandas as pd
 
 from whale_ml.data.folds import fold_split
 from whale_ml.data.metadata import NEW_INDIVIDUAL
-from whale_ml.gallery.search import Matches, match_queries
 from whale_ml.retrieval.centres import ClassCentres
-from whale_ml.retrieval.faiss_index import build_index
-from whale_ml.retrieval.fusion import Fusion
 from whale_ml.retrieval.local_features import FeatureStore
-from whale_ml.retrieval.store import load_embeddings, load_embeddings_of
+from whale_ml.retrieval.matcher import Matcher, Matches, match_queries
+from whale_ml.retrieval.store import load_embeddings
+from whale_ml.retrieval.threshold import fold_gallery
 
 PSEUDO_COLUMNS = ["image", "individual_id", "score"]
 FOLD_PSEUDO_COLUMNS = ["fold", *PSEUDO_COLUMNS]  # fold: the index of the fold whose training the photo joins
 
 
-def out_of_fold_top1(sims: np.ndarray, ids: np.ndarray, truths: Sequence[str]) -> dict[str, list[Any]]:
-    """The out-of-fold searches reduced to what calibration needs: each validation photo's
-    first candidate's score and whether that candidate is its individual.
-
-    Args:
-        sims: (n, k) scores, best first (``OutOfFoldThreshold.sims``: fused when re-ranked).
-        ids: (n, k) the candidates.
-        truths: each photo's individual, or ``new_individual``.
-
-    Returns:
-        ``{"score": [...], "correct": [...]}``, JSON-ready (what ``match_threshold`` stores).
-    """
-    sims, ids = np.asarray(sims, dtype=np.float64), np.asarray(ids, dtype=object)
-    if sims.ndim != 2 or sims.shape != ids.shape or len(sims) != len(truths):
-        raise ValueError(f"sims {sims.shape}, ids {ids.shape} and {len(truths)} truths do not match")
-    truth = np.asarray(list(truths), dtype=object)
-    correct = (ids[:, 0] == truth) & (truth != NEW_INDIVIDUAL) if len(truth) else np.zeros(0, dtype=bool)
-    return {"score": sims[:, 0].tolist() if len(sims) else [], "correct": [bool(c) for c in correct]}
-
-
 @dataclass(frozen=True)
-class Calibration:
+class PseudoLabelConfidence:
     """The confidence a test prediction must reach, and what it meant out of fold."""
 
     confidence: float  # inf: no cutoff reaches the precision (no photo is pseudo-labelled)
@@ -111,7 +90,7 @@ def precision_curve(scores: Sequence[float], correct: Sequence[bool], floor: flo
 
 def calibrate_confidence(
     scores: Sequence[float], correct: Sequence[bool], min_precision: float = 0.95, floor: float = -np.inf, min_photos: int = 10
-) -> Calibration:
+) -> PseudoLabelConfidence:
     """The smallest cutoff, at or above ``floor``, whose out-of-fold top-1 precision is at
     least ``min_precision`` over at least ``min_photos`` validation photos.
 
@@ -130,9 +109,9 @@ def calibrate_confidence(
     curve = precision_curve(scores, correct, floor)
     ok = curve[(curve["precision"] >= min_precision) & (curve["photos"] >= min_photos)]
     if ok.empty:
-        return Calibration(float("inf"), min_precision, float(floor), float("nan"), 0, len(scores), curve)
+        return PseudoLabelConfidence(float("inf"), min_precision, float(floor), float("nan"), 0, len(scores), curve)
     best = ok.iloc[-1]
-    return Calibration(float(best["cutoff"]), min_precision, float(floor), float(best["precision"]), int(best["photos"]), len(scores), curve)
+    return PseudoLabelConfidence(float(best["cutoff"]), min_precision, float(floor), float(best["precision"]), int(best["photos"]), len(scores), curve)
 
 
 def select_pseudo_labels(images: Sequence[str], ids: np.ndarray, sims: np.ndarray, predictions: Sequence[Sequence[str]], confidence: float) -> pd.DataFrame:
@@ -158,37 +137,19 @@ def select_pseudo_labels(images: Sequence[str], ids: np.ndarray, sims: np.ndarra
     return table.sort_values(["score", "image"], ascending=[False, True], kind="stable").reset_index(drop=True)
 
 
-@dataclass
-class FoldGallery:
-    """One fold's training photos under that fold's model: what its out-of-fold searches ran
-    against, searchable by :func:`~whale_ml.gallery.search.match_queries`."""
-
-    name: str
-    table: pd.DataFrame  # the fold's training rows: image, individual_id, species
-    embeddings: np.ndarray
-    k: int
-    centres: list[ClassCentres | None] = field(default_factory=list)
-    index: Any = None
-
-    def __post_init__(self) -> None:
-        if self.index is None:
-            self.index = build_index(self.embeddings)
-
-
 def fold_test_matches(
     cv_folds: pd.DataFrame,
     embeddings_dir: Callable[[str], Path],
     fold_keys: Sequence[str],
-    match_threshold: dict[str, Any],
+    matcher: Matcher,
     features: FeatureStore | None = None,
-    k: int = 50,
 ) -> Iterator[tuple[int, list[str], Matches]]:
     """Each fold model's matches of the test photos among that fold's training photos only.
 
     The searches of :func:`whale_ml.retrieval.threshold.fold_searches` with the test photos
     as queries: the fold's embeddings of its training rows as the gallery (never its
-    validation rows), its class centres, and the fusion, re-ranking, margin and threshold of
-    ``match_threshold`` (tuned on exactly such searches).
+    validation rows), its class centres, and the fusion, re-ranking, lead weight and threshold of
+    ``matcher`` (tuned on exactly such searches).
 
     Yields:
         ``(fold index, test images, matches)``, row for row.
@@ -196,32 +157,22 @@ def fold_test_matches(
     Raises:
         ValueError: re-ranking was tuned but ``features`` is missing (from ``match_queries``).
     """
-    fusion = Fusion.of_threshold(match_threshold)
-    use_centres = fusion is not None and fusion.centre_weight > 0
     for i, fold in enumerate(fold_keys):
-        train, _ = fold_split(cv_folds, i)
         folder = embeddings_dir(fold)
-        (gallery_emb,) = load_embeddings_of(folder, "train", train)  # the fold's out-of-fold gallery (fold_searches')
-        gallery = FoldGallery(
-            fold,
-            train[["image", "individual_id", "species"]].reset_index(drop=True),
-            gallery_emb,
-            k,
-            [ClassCentres.load(folder)] if use_centres else [],
-        )
+        # The fold's out-of-fold gallery, as its validation photos were searched (at the matcher's depth).
+        gallery, _ = fold_gallery(cv_folds, i, fold, folder, matcher.k, ClassCentres.load(folder) if matcher.uses_centres else None)
         queries, test_images = load_embeddings(folder, "test")
-        query_features = None if features is None else [features.get(img) for img in test_images]
-        yield i, test_images, match_queries(gallery, queries, match_threshold, query_features, features)
+        query_features = None if features is None or matcher.rerank is None else [features.get(img) for img in test_images]
+        yield i, test_images, match_queries(gallery, queries, matcher, query_features, features)
 
 
 def pick_fold_pseudo_labels(
     cv_folds: pd.DataFrame,
     embeddings_dir: Callable[[str], Path],
     fold_keys: Sequence[str],
-    match_threshold: dict[str, Any],
+    matcher: Matcher,
     confidence: float,
     features: FeatureStore | None = None,
-    k: int = 50,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[pd.DataFrame, int]:
     """Every fold's pseudo-labels (:func:`fold_test_matches`, :func:`select_pseudo_labels`).
@@ -232,7 +183,7 @@ def pick_fold_pseudo_labels(
         trains on its own choice only); and how many test photos were searched.
     """
     tables, searched = [], 0
-    for i, images, matches in fold_test_matches(cv_folds, embeddings_dir, fold_keys, match_threshold, features, k):
+    for i, images, matches in fold_test_matches(cv_folds, embeddings_dir, fold_keys, matcher, features):
         chosen = select_pseudo_labels(images, matches.ids, matches.sims, matches.predictions, confidence)
         tables.append(chosen.assign(fold=i)[FOLD_PSEUDO_COLUMNS])
         searched = max(searched, len(images))

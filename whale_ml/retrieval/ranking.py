@@ -12,8 +12,8 @@ on *every* interval between consecutive step positions of all queries -- the
 exact optimum, not a grid -- with one sort and one cumulative sum.
 
 Optionally the first candidate is judged by more than its own score: its lead over
-the second counts too (:func:`decision_scores`, weight ``margin``; tuned in
-:mod:`whale_ml.retrieval.margin`). The tuning stays exact at each weight.
+the second counts too (:func:`decision_scores`, weight ``lead_weight``; tuned in
+:mod:`whale_ml.retrieval.lead`). The tuning stays exact at each weight.
 """
 
 from __future__ import annotations
@@ -146,39 +146,39 @@ def _insert_new(ids: np.ndarray, n_above: int, n_found: int) -> list[str]:
     return (found[:n_above] + [NEW_INDIVIDUAL] + found[n_above:])[:TOP]
 
 
-def decision_scores(sims: np.ndarray, margin: float = 0.0) -> np.ndarray:
+def decision_scores(sims: np.ndarray, lead_weight: float = 0.0) -> np.ndarray:
     """What the threshold is compared with, per candidate of collapsed lists.
 
-    The first candidate's score plus ``margin`` times its lead over the second
-    (``d = s1 + margin * (s1 - s2)``): a query whose best individual stands clear of the
+    The first candidate's score plus ``lead_weight`` times its lead over the second
+    (``d = s1 + lead_weight * (s1 - s2)``): a query whose best individual stands clear of the
     next is more likely to be that individual than one whose first two are close, at
     the same ``s1``. The other candidates keep their own scores: the lead of the third
     over the fourth says nothing about whether the query is new. Since ``d >= s1 >= s2``
     the rows stay sorted, so ``new_individual`` goes first when ``d`` is below the
     threshold and otherwise before the first later candidate below it -- the plain
-    rule, with ``s1`` replaced by ``d`` (docs/retrieval.md, "The margin"). A query with
+    rule, with ``s1`` replaced by ``d`` (docs/retrieval.md, "The lead"). A query with
     a single candidate has no lead (``d = s1``): nothing shows it standing clear.
 
     Args:
         sims: (n, top) best score per individual, descending per row (``-inf`` padded),
             as :func:`collapse_by_individual` returns them.
-        margin: the lead's weight, ``>= 0``; 0 is the plain rule (``sims`` itself).
+        lead_weight: the lead's weight, ``>= 0``; 0 is the plain rule (``sims`` itself).
 
     Raises:
-        ValueError: a negative or non-finite ``margin``.
+        ValueError: a negative or non-finite ``lead_weight``.
     """
-    if not np.isfinite(margin) or margin < 0:
-        raise ValueError(f"the margin weight must be a finite number >= 0, got {margin}")
-    if margin == 0 or sims.shape[1] < 2:
+    if not np.isfinite(lead_weight) or lead_weight < 0:
+        raise ValueError(f"the lead weight must be a finite number >= 0, got {lead_weight}")
+    if lead_weight == 0 or sims.shape[1] < 2:
         return sims
     out = np.array(sims, dtype=np.float64)
     lead = np.where(np.isfinite(out[:, 1]), out[:, 0] - out[:, 1], 0.0)  # -inf padding: no second candidate
-    out[:, 0] += margin * lead
+    out[:, 0] += lead_weight * lead
     return out
 
 
 def predict_top5(
-    similarities: np.ndarray, neighbor_ids: np.ndarray, threshold: float | np.ndarray, margin: float = 0.0
+    similarities: np.ndarray, neighbor_ids: np.ndarray, threshold: float | np.ndarray, lead_weight: float = 0.0
 ) -> list[list[str]]:
     """Five predictions per query by the new_individual rule.
 
@@ -188,7 +188,7 @@ def predict_top5(
         threshold: individuals at or above it rank before ``new_individual``;
             one value, or one per query (e.g. per-species thresholds, see
             :meth:`SpeciesThresholds.for_queries`).
-        margin: the weight of the first candidate's lead over the second in the
+        lead_weight: the weight of the first candidate's lead over the second in the
             score compared with the threshold (:func:`decision_scores`); 0, the
             default, is the plain rule.
 
@@ -197,7 +197,7 @@ def predict_top5(
         fewer than four individuals).
     """
     sims, ids, counts = collapse_by_individual(similarities, neighbor_ids)
-    sims = decision_scores(sims, margin)
+    sims = decision_scores(sims, lead_weight)
     th = np.asarray(threshold, dtype=np.float64)
     if th.ndim == 1:
         if len(th) != len(sims):
@@ -246,7 +246,7 @@ def tune_threshold(
     neighbor_ids: np.ndarray,
     truths: Sequence[str],
     gallery_ids: Sequence[str] | None = None,
-    margin: float = 0.0,
+    lead_weight: float = 0.0,
 ) -> ThresholdResult:
     """The threshold that maximises MAP@5, found exactly.
 
@@ -256,18 +256,18 @@ def tune_threshold(
         truths: per query, its individual id or ``"new_individual"``.
         gallery_ids: the gallery's id per image; a truth not among them is
             scored as ``new_individual``. Default: every id in ``neighbor_ids``.
-        margin: the threshold applies to :func:`decision_scores` at this weight
+        lead_weight: the threshold applies to :func:`decision_scores` at this weight
             (still exact: the decision rows are sorted like the similarities).
 
     Returns:
         The threshold (the midpoint of the best interval, so that small
         changes in similarity do not flip decisions), its MAP@5, and the curve
         over all intervals.
-        ``predict_top5`` at ``.threshold`` (and ``margin``) scores exactly ``.map5``.
+        ``predict_top5`` at ``.threshold`` (and ``lead_weight``) scores exactly ``.map5``.
     """
     sims, ids, _ = collapse_by_individual(similarities, neighbor_ids)
     truths_arr = known_truths(truths, len(sims), neighbor_ids, gallery_ids)
-    return tune_collapsed(decision_scores(sims, margin), ids, truths_arr)
+    return tune_collapsed(decision_scores(sims, lead_weight), ids, truths_arr)
 
 
 def known_truths(truths: Sequence[str], n: int, neighbor_ids: np.ndarray, gallery_ids: Sequence[str] | None) -> np.ndarray:
@@ -358,7 +358,7 @@ def tune_species_thresholds(
     species: Sequence[str],
     gallery_ids: Sequence[str] | None = None,
     min_queries: int = 100,
-    margin: float = 0.0,
+    lead_weight: float = 0.0,
 ) -> SpeciesThresholds:
     """Per-species thresholds, each exact on its species' queries.
 
@@ -372,11 +372,11 @@ def tune_species_thresholds(
         species: per query, the group it is tuned in (use
             :func:`nearest_species` so that test queries can be grouped the same way).
         min_queries: the fewest validation queries for a species' own threshold.
-        margin: every threshold applies to :func:`decision_scores` at this weight (one
+        lead_weight: every threshold applies to :func:`decision_scores` at this weight (one
             weight for all species: a per-species weight would fit still fewer photos).
     """
     sims, ids, _ = collapse_by_individual(similarities, neighbor_ids)
-    sims = decision_scores(sims, margin)
+    sims = decision_scores(sims, lead_weight)
     truths_arr = known_truths(truths, len(sims), neighbor_ids, gallery_ids)
     species_arr = np.asarray(species, dtype=object)
     if len(species_arr) != len(sims):

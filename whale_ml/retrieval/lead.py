@@ -4,7 +4,7 @@ A query of a known individual usually finds it well ahead of everyone else; a ne
 individual's best match is often one of several look-alikes at about the same score.
 So the decision "is the first candidate known?" compares
 
-    d = s1 + margin * (s1 - s2)
+    d = s1 + lead_weight * (s1 - s2)
 
 with the threshold instead of ``s1`` alone (``s1``, ``s2``: the first two candidates'
 scores, after any fusion; :func:`~whale_ml.retrieval.ranking.decision_scores`). The
@@ -27,11 +27,11 @@ from whale_ml.retrieval.ranking import ThresholdResult, known_truths, tune_colla
 
 # Leads are on the scores' own scale (cosines, or fused probabilities), like the scores:
 # weights from a quarter to four times the lead, and 0 (the plain rule).
-MARGIN_WEIGHTS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+LEAD_WEIGHTS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 @dataclass
-class MarginResult:
+class LeadResult:
     """The chosen weight, the exact best threshold at it, and each weight's best."""
 
     weight: float
@@ -40,22 +40,22 @@ class MarginResult:
     table: pd.DataFrame = field(repr=False)  # per weight: its best threshold, MAP@5, new share
 
 
-def check_margin_weights(weights: Sequence[float]) -> np.ndarray:
+def check_lead_weights(weights: Sequence[float]) -> np.ndarray:
     """The weights as a sorted array; an error naming them unless non-empty, finite and >= 0."""
     grid = np.asarray(list(weights), dtype=np.float64)
     if grid.ndim != 1 or len(grid) == 0 or not np.isfinite(grid).all() or (grid < 0).any():
-        raise ValueError(f"margin weights must be a non-empty list of finite numbers >= 0, got {list(weights)}")
+        raise ValueError(f"lead weight must be a non-empty list of finite numbers >= 0, got {list(weights)}")
     return np.unique(grid)
 
 
-def tune_margin(
+def tune_lead(
     similarities: np.ndarray,
     neighbor_ids: np.ndarray,
     truths: Sequence[str],
     gallery_ids: Sequence[str] | None = None,
-    weights: Sequence[float] = MARGIN_WEIGHTS,
-) -> MarginResult:
-    """The margin weight and new_individual threshold that maximise MAP@5.
+    weights: Sequence[float] = LEAD_WEIGHTS,
+) -> LeadResult:
+    """The lead weight and new_individual threshold that maximise MAP@5.
 
     Args:
         similarities: (n, k) scores sorted descending per row (the fused ones when
@@ -67,10 +67,10 @@ def tune_margin(
         weights: the weights tried (0 is always tried too, as the baseline).
 
     Returns:
-        The smallest weight among the best; ``predict_top5(..., threshold, margin=weight)``
+        The smallest weight among the best; ``predict_top5(..., threshold, lead_weight=weight)``
         scores exactly ``.threshold.map5``.
     """
-    grid = check_margin_weights([0.0, *weights])
+    grid = check_lead_weights([0.0, *weights])
     sims, ids, _ = collapse_by_individual(similarities, neighbor_ids)
     truths_arr = known_truths(truths, len(sims), neighbor_ids, gallery_ids)
     rows, results = [], []
@@ -82,4 +82,4 @@ def tune_margin(
     for i, result in enumerate(results):
         if result.map5 > results[best].map5 + 1e-12:  # ascending weights: ties keep the smaller
             best = i
-    return MarginResult(float(grid[best]), results[best], results[0], pd.DataFrame(rows))
+    return LeadResult(float(grid[best]), results[best], results[0], pd.DataFrame(rows))
