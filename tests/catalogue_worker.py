@@ -96,7 +96,7 @@ def main(argv: list[str]) -> int:
 
 
 def gallery_models_of(layout, lineage):  # noqa: ANN001, ANN201
-    from whale_ml.registry import gallery_models
+    from whale_ml.gallery.models import gallery_models
 
     return gallery_models(lineage, layout.model_dir, None, layout.home / "model_cache")
 

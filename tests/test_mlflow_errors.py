@@ -22,8 +22,7 @@ from mlflow.exceptions import MlflowException, RestException
 
 from whale_assets.resources import MlflowTracking
 from whale_assets.retries import is_transient
-from whale_ml.gallery.lineage import LineageError
-from whale_ml.registry import fetch_checkpoint
+from whale_ml.registry import CheckpointFetchError, fetch_checkpoint
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="process groups")
 
@@ -182,16 +181,16 @@ def test_fetch_checkpoint_says_retrain_only_when_the_checkpoint_is_missing(
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(tracking_uri=uri)
     run = client.create_run(client.create_experiment("no-checkpoint", artifact_location=(tmp_path / "artifacts").as_uri()))
-    with pytest.raises(LineageError, match="retrain the fold"):
+    with pytest.raises(CheckpointFetchError, match="retrain the fold"):
         fetch_checkpoint(uri, run.info.run_id, "0" * 64, tmp_path / "cache", "fold0 v1")
 
     refusing = http_server(401)
     with pytest.raises(Exception) as refused:
         fetch_checkpoint(refusing, run.info.run_id, "0" * 64, tmp_path / "cache", "fold0 v1")
-    assert not isinstance(refused.value, LineageError) and not is_transient(refused.value)
+    assert not isinstance(refused.value, CheckpointFetchError) and not is_transient(refused.value)
     assert refusing in str(refused.value) and "refused the credentials (401)" in str(refused.value), refused.value
 
     for down in (http_server(503), f"http://127.0.0.1:{_free_port()}"):
         with pytest.raises(Exception) as unavailable:
             fetch_checkpoint(down, run.info.run_id, "0" * 64, tmp_path / "cache", "fold0 v1")
-        assert not isinstance(unavailable.value, LineageError) and is_transient(unavailable.value), (down, unavailable.value)
+        assert not isinstance(unavailable.value, CheckpointFetchError) and is_transient(unavailable.value), (down, unavailable.value)

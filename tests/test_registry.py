@@ -1,5 +1,6 @@
 """The model registry (whale_ml.registry) on a real SQLite MLflow store: register a model,
-the champion/challenger rule, find versions by alias or number, download checked checkpoints."""
+the champion/challenger rule, find versions by alias or number, download checked checkpoints;
+and a gallery's fold models resolved through it (whale_ml.gallery.models)."""
 
 from __future__ import annotations
 
@@ -17,18 +18,19 @@ import pytest
 import torch
 
 from whale_ml.gallery.lineage import FoldModel, GalleryLineage, LineageError
+from whale_ml.gallery.models import gallery_models, resolve_models
 from whale_ml.io import sha256_file
 from whale_ml.registry import (
     CHECKPOINT_ARTIFACT,
     SERIALIZATION_TAG,
     SHA_TAG,
+    CheckpointFetchError,
     export_check,
     fetch_checkpoint,
-    gallery_models,
+    model_version,
     promote_challengers,
     promotion,
     register_model,
-    resolve_models,
 )
 
 NAME = "test-arcface"
@@ -154,8 +156,15 @@ def test_resolve_models_downloads_the_checked_checkpoint_once(store: dict, tmp_p
         resolve_models(_lineage("f" * 64), store["uri"], cache, "v0002", alias="{fold}")
 
 
+def test_model_version_by_alias_or_number(store: dict) -> None:
+    by_alias, by_number = model_version(store["uri"], NAME, alias="fold0"), model_version(store["uri"], NAME, version="1")
+    assert str(by_alias.version) == str(by_number.version) == "1" and by_alias.tags[SHA_TAG] == store["sha"]
+    with pytest.raises(ValueError, match="an alias or a version"):
+        model_version(store["uri"], NAME)
+
+
 def test_fetch_checkpoint_refuses_a_file_of_another_digest(store: dict, tmp_path: Path) -> None:
-    with pytest.raises(LineageError, match="is not the one tagged on the version"):
+    with pytest.raises(CheckpointFetchError, match="is not the one tagged on the version"):
         fetch_checkpoint(store["uri"], store["run"].info.run_id, "0" * 64, tmp_path / "cache", "the test model")
     assert not (tmp_path / "cache" / f"{'0' * 64}.pt").exists()
 
@@ -174,6 +183,10 @@ def test_gallery_models_prefer_the_homes_own_checkpoint(store: dict, tmp_path: P
     assert not (tmp_path / "cache2" / f"{sha256_file(local_file)}.pt").exists()  # the other bytes are not kept
     with pytest.raises(LineageError, match="the fold0 model the gallery was built with is gone"):
         gallery_models(_lineage(store["sha"]), model_dir, None, tmp_path / "cache3")
+    # The registry's file is not the one the lineage names: the gallery's own error, as before.
+    with pytest.raises(LineageError, match="is not the one tagged on the version") as other:
+        gallery_models(_lineage("0" * 64), model_dir, store["uri"], tmp_path / "cache4")
+    assert isinstance(other.value.__cause__, CheckpointFetchError)
 
 
 # Holds the SQLite database at argv[1] locked (BEGIN EXCLUSIVE: no other connection may

@@ -61,8 +61,8 @@ def identify_main(argv: Sequence[str]) -> int:
 
     from whale_ml.gallery import LineageError, load_version
     from whale_ml.gallery.matchers import load_matcher
+    from whale_ml.gallery.models import resolve_models
     from whale_ml.identify import expand_inputs, format_text, identify_photos, write_report
-    from whale_ml.registry import resolve_models
     from whale_ml.training.trainer import resolve_device
 
     layout = _setup()
@@ -147,8 +147,8 @@ def enroll_main(argv: Sequence[str]) -> int:
 
     from whale_ml.data.metadata import MetadataError
     from whale_ml.gallery import LineageError
+    from whale_ml.gallery.models import gallery_models
     from whale_ml.identify import enroll
-    from whale_ml.registry import gallery_models
     from whale_ml.training.trainer import resolve_device
 
     layout = _setup()

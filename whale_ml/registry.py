@@ -5,10 +5,13 @@ the core runs without it). Each registered version of ``whale-arcface`` carries 
 checkpoint (``best.pt``) as an artifact of its run and the checkpoint's sha256 as a
 version tag. Aliases, not the deprecated stages: ``<fold>`` is the newest version,
 ``challenger_<fold>`` and ``champion_<fold>`` the champion/challenger rule's picks
-(:func:`promote_challengers`). Models are found by alias or version, checked against
-the checkpoints a gallery was embedded with, downloaded once into a cache named by
-their digest, and loaded by ``whale_ml.checkpoints`` (torch's weights-only loader):
-nothing is unpickled. See docs/identify.md.
+(:func:`promote_challengers`). Versions are found by alias or number
+(:func:`model_version`), their checkpoints downloaded once into a cache named by their
+digest and checked against it (:func:`fetch_checkpoint`), and loaded by
+``whale_ml.checkpoints`` (torch's weights-only loader): nothing is unpickled. Which
+versions a gallery needs, and whether they are the ones it was built with, is
+:mod:`whale_ml.gallery.models`: this module knows nothing of galleries (docs/architecture.md,
+"Layers"). See docs/identify.md.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from whale_ml.gallery.lineage import FoldModel, GalleryLineage, LineageError
 from whale_ml.io import atomic_path, sha256_file, staging_dir
 from whale_ml.mlflow_errors import is_missing, mlflow_error_code, refusals_named
 
@@ -30,26 +32,10 @@ SERIALIZATION_TAG = "serialization_format"
 DEFAULT_ALIAS = "champion_{fold}"
 
 
-@dataclass(frozen=True)
-class ResolvedModel:
-    """A fold model ready to load: where its checkpoint is and which registry version it is."""
-
-    fold: str
-    checkpoint: Path
-    checkpoint_sha256: str
-    registered_model: str | None
-    version: str | None
-    alias: str | None
-    flip_tta: bool
-
-    def describe(self) -> dict[str, object]:
-        return {
-            "fold": self.fold,
-            "registered_model": self.registered_model,
-            "version": self.version,
-            "alias": self.alias,
-            "checkpoint_sha256": self.checkpoint_sha256,
-        }
+class CheckpointFetchError(RuntimeError):
+    """A registered version's checkpoint cannot be had: MLflow says its run or artifact does
+    not exist, or the download is another file. A server that is down or refuses raises
+    MLflow's own error instead (retried, or named), never this."""
 
 
 @dataclass(frozen=True)
@@ -212,7 +198,7 @@ def promote_challengers(tracking_uri: str, registered_model: str, folds: list[st
         try:
             return client.get_model_version_by_alias(registered_model, alias)
         except Exception as exc:
-            if _alias_missing(exc):
+            if alias_missing(exc):
                 return None
             raise
 
@@ -236,7 +222,7 @@ def promote_challengers(tracking_uri: str, registered_model: str, folds: list[st
     return rows
 
 
-def _alias_missing(exc: BaseException) -> bool:
+def alias_missing(exc: BaseException) -> bool:
     """True when MLflow says the alias (or the whole registered model) does not exist: for
     an alias it answers INVALID_PARAMETER_VALUE, for a model RESOURCE_DOES_NOT_EXIST (the
     SQLite store and a tracking server alike, MLflow 3.17). The alias names asked for here
@@ -244,12 +230,31 @@ def _alias_missing(exc: BaseException) -> bool:
     return is_missing(exc) or mlflow_error_code(exc) == "INVALID_PARAMETER_VALUE"
 
 
+def model_version(tracking_uri: str, name: str, *, alias: str | None = None, version: str | None = None) -> Any:
+    """MLflow's record (a ``ModelVersion``) of one version of ``name``, by alias or by number.
+
+    Raises:
+        MlflowRefusedError: the tracking server refused the request (names the URI).
+        MlflowException: anything else, a version or alias that does not exist included
+            (:func:`whale_ml.mlflow_errors.is_missing`, :func:`alias_missing` tell).
+    """
+    import mlflow
+
+    if (alias is None) == (version is None):
+        raise ValueError("model_version takes an alias or a version, one of them")
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    with refusals_named(tracking_uri):
+        if alias is not None:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, version)
+
+
 def fetch_checkpoint(tracking_uri: str, run_id: str, sha: str, cache_dir: Path, what: str) -> Path:
     """The checkpoint artifact of ``run_id``, cached as ``<sha>.pt`` and checked against ``sha``.
 
     Raises:
-        LineageError: MLflow says the run or its checkpoint does not exist (retrain the
-            fold), or the download is another file.
+        CheckpointFetchError: MLflow says the run or its checkpoint does not exist (retrain
+            the fold), or the download is another file.
         MlflowRefusedError: the tracking server refused the credentials or is not MLflow.
         MlflowException: anything else (a server that is down stays transient, retried).
     """
@@ -272,120 +277,15 @@ def fetch_checkpoint(tracking_uri: str, run_id: str, sha: str, cache_dir: Path, 
         except Exception as exc:
             if not is_missing(exc):
                 raise  # a server that is down stays transient (retried); a refusal names the server
-            raise LineageError(
+            raise CheckpointFetchError(
                 f"{what}: its run {run_id} has no {CHECKPOINT_ARTIFACT} artifact ({exc}); it was registered "
                 "before checkpoints were logged, or the run was deleted: retrain the fold (job train_folds) and "
                 "rematerialise the gallery"
             ) from exc
         if sha256_file(got) != sha:
-            raise LineageError(f"{what}: the downloaded checkpoint's sha256 is not the one tagged on the version ({sha[:12]})")
+            raise CheckpointFetchError(f"{what}: the downloaded checkpoint's sha256 is not the one tagged on the version ({sha[:12]})")
         with atomic_path(target) as part:
             shutil.copyfile(got, part)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def resolve_models(
-    lineage: GalleryLineage,
-    tracking_uri: str,
-    cache_dir: Path,
-    gallery_name: str,
-    alias: str = DEFAULT_ALIAS,
-    versions: list[str] | None = None,
-) -> list[ResolvedModel]:
-    """The registry's fold models for identification, one per fold of the gallery.
-
-    Args:
-        lineage: the gallery's lineage (which checkpoint embedded each fold's part).
-        alias: alias template, ``{fold}`` replaced by the fold (``champion_{fold}``,
-            ``challenger_{fold}``, ``{fold}`` for the newest).
-        versions: registry versions, one per fold in the gallery's fold order;
-            overrides ``alias``.
-
-    Raises:
-        LineageError: a model is missing, or is not the one the gallery was built with
-            (the message says which and what to do).
-    """
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    if versions is not None and len(versions) != len(lineage.models):
-        raise LineageError(
-            f"{len(versions)} model version(s) given; the gallery has {len(lineage.models)} fold models (one each, fold order)"
-        )
-    out = []
-    for i, want in enumerate(lineage.models):
-        name = want.registered_model
-        if name is None:
-            raise LineageError(
-                f"gallery {gallery_name}: its {want.fold} model is not in the MLflow registry; rematerialise "
-                "arcface_model, fold_embeddings and gallery"
-            )
-        label = alias.format(fold=want.fold) if versions is None else None
-        try:
-            with refusals_named(tracking_uri):
-                if label:
-                    mv = client.get_model_version_by_alias(name, label)
-                else:
-                    mv = client.get_model_version(name, versions[i])  # type: ignore[index]
-        except Exception as exc:
-            if not (_alias_missing(exc) if label else is_missing(exc)):
-                raise  # the registry could not be asked: not a missing model
-            what = f"alias {name}@{label}" if label else f"version {name} v{versions[i]}"  # type: ignore[index]
-            raise LineageError(f"{what} not found in the registry at {tracking_uri}") from exc
-        what = f"{name}@{label} (v{mv.version})" if label else f"{name} v{mv.version}"
-        sha = mv.tags.get(SHA_TAG)
-        if sha != want.checkpoint_sha256:
-            built = f"v{want.version}" if want.version else f"checkpoint {want.checkpoint_sha256[:12]}"
-            raise LineageError(
-                f"{what} is not the {want.fold} model gallery {gallery_name} was built with ({name} {built}): its embeddings "
-                "would not be comparable. Rematerialise the gallery with these models (job ensemble_and_submit), or identify "
-                f"with the gallery's own models (--alias '{{fold}}' when they are the newest, or --model-version "
-                + " ".join(m.version or "?" for m in lineage.models)
-                + ")"
-            )
-        path = fetch_checkpoint(tracking_uri, mv.run_id, sha, cache_dir, what)
-        out.append(ResolvedModel(want.fold, path, sha, name, str(mv.version), label, want.flip_tta))
-    return out
-
-
-def gallery_models(lineage: GalleryLineage, model_dir: object, tracking_uri: str | None, cache_dir: Path) -> list[ResolvedModel]:
-    """The very checkpoints the gallery was built with (to embed photos into it): a
-    snapshot of the home's ``best.pt`` when it is still that file, else the gallery's
-    registry version.
-
-    The home's ``best.pt`` is copied into ``cache_dir`` while it is hashed
-    (:func:`whale_ml.checkpoints.snapshot_checkpoint`) and the copy is what gets loaded:
-    a fold training beside this rewrites ``best.pt`` at every improving epoch, and a
-    file checked by hash and then loaded by path could be other weights by then.
-
-    Args:
-        model_dir: fold -> the folder of its ``best.pt`` (``HomeLayout.model_dir``).
-    """
-    from whale_ml.checkpoints import CheckpointError, snapshot_checkpoint
-
-    out = []
-    for want in lineage.models:
-        local = Path(model_dir(want.fold)) / "best.pt"  # type: ignore[operator]
-        if local.exists():
-            try:
-                path, _ = snapshot_checkpoint(local, cache_dir, want.checkpoint_sha256)
-                out.append(_resolved(want, path, None))
-                continue
-            except (CheckpointError, FileNotFoundError):
-                pass  # retrained (or removed) since: the registry keeps the gallery's own version
-        if tracking_uri is None or want.registered_model is None or want.version is None:
-            raise LineageError(f"the {want.fold} model the gallery was built with is gone (not at {local}, not registered)")
-        import mlflow
-
-        client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-        with refusals_named(tracking_uri):
-            mv = client.get_model_version(want.registered_model, want.version)
-        path = fetch_checkpoint(tracking_uri, mv.run_id, want.checkpoint_sha256, cache_dir, f"{want.registered_model} v{want.version}")
-        out.append(_resolved(want, path, None))
-    return out
-
-
-def _resolved(want: FoldModel, path: Path, alias: str | None) -> ResolvedModel:
-    return ResolvedModel(want.fold, path, want.checkpoint_sha256, want.registered_model, want.version, alias, want.flip_tta)

@@ -23,8 +23,8 @@ from whale_ml.checkpoints import snapshot_checkpoint
 from whale_ml.gallery.build import build_gallery
 from whale_ml.gallery.lineage import LineageError, model_versions, read_fold_models, record_embeddings
 from whale_ml.gallery.matchers import read_matcher, save_matcher
+from whale_ml.gallery.models import gallery_models
 from whale_ml.gallery.versions import list_versions
-from whale_ml.registry import gallery_models
 from whale_ml.retrieval.centres import replace_centres
 from whale_ml.retrieval.embeddings import embed_paths
 from whale_ml.retrieval.matcher import TunedMatcher

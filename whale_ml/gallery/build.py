@@ -30,7 +30,7 @@ from whale_ml.retrieval.store import ensemble, load_embeddings
 from whale_ml.home import HomeLayout
 
 if TYPE_CHECKING:
-    from whale_ml.registry import ResolvedModel
+    from whale_ml.gallery.models import ResolvedModel
 
 
 @dataclass
@@ -150,7 +150,7 @@ def build_gallery(
         settings: the index kind and options, the search depth ``k``, and how many
             versions to keep (older ones are deleted; None keeps all).
         models: the gallery's lineage -> the fold models it was built with; called only
-            when an enrolled photo must be embedded here (:func:`whale_ml.registry.gallery_models`).
+            when an enrolled photo must be embedded here (:func:`whale_ml.gallery.models.gallery_models`).
         device: where such photos are embedded.
         on_step: told each publishing step (:func:`~whale_ml.gallery.versions.write_version`).
     """

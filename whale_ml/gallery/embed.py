@@ -21,7 +21,7 @@ from whale_ml.home import HomeLayout
 from whale_ml.training.trainer import load_model
 
 if TYPE_CHECKING:
-    from whale_ml.registry import ResolvedModel
+    from whale_ml.gallery.models import ResolvedModel
 
 
 def detector_for(lineage: GalleryLineage, layout: HomeLayout) -> Path | None:

@@ -26,7 +26,7 @@ from whale_ml.home import HomeLayout
 from whale_ml.retrieval.local_features import add_enrolled_features
 
 if TYPE_CHECKING:
-    from whale_ml.registry import ResolvedModel
+    from whale_ml.gallery.models import ResolvedModel
 
 LEDGER_COLUMNS = ("image", "individual_id", "species", "new_individual", "enrolled_at", "source_path")
 

@@ -2,7 +2,7 @@
 look at the matches, enroll the confirmed animals as a new gallery version.
 
     from whale_ml.gallery import load_version
-    from whale_ml.registry import resolve_models
+    from whale_ml.gallery.models import resolve_models
     from whale_ml.identify import identify_photos, write_report, enroll
 
 The gallery itself (versions, lineage, the enrollment ledger) is :mod:`whale_ml.gallery`;

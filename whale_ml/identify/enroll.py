@@ -35,7 +35,7 @@ from whale_ml.gallery.ledger import ledger_gallery_rows, read_ledger, write_ledg
 from whale_ml.gallery.lineage import GalleryLineage
 from whale_ml.gallery.versions import load_version, write_version
 from whale_ml.io import atomic_path
-from whale_ml.registry import ResolvedModel
+from whale_ml.gallery.models import ResolvedModel
 from whale_ml.home import HomeLayout
 
 CONFIRMED_COLUMNS = ("image", "individual_id")
@@ -119,7 +119,7 @@ def enroll(
 
     Args:
         models_for: the current gallery's lineage -> the very models it was built with
-            (:func:`whale_ml.registry.gallery_models`), asked once the lock is held.
+            (:func:`whale_ml.gallery.models.gallery_models`), asked once the lock is held.
         on_step: passed to :func:`~whale_ml.gallery.versions.write_version`, and told
             ``ledger`` once the ledger is written.
 

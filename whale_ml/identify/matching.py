@@ -16,7 +16,7 @@ import numpy as np
 from whale_ml.data.metadata import NEW_INDIVIDUAL
 from whale_ml.gallery.embed import crop_photos, embed_crops
 from whale_ml.gallery.versions import GalleryVersion
-from whale_ml.registry import ResolvedModel
+from whale_ml.gallery.models import ResolvedModel
 from whale_ml.retrieval.faiss_index import best_photo_per_candidate
 from whale_ml.retrieval.local_features import extract_features, home_feature_store
 from whale_ml.retrieval.matcher import TunedMatcher, match_queries
@@ -40,7 +40,7 @@ def identify_photos(
     Args:
         paths: photo files (a missing or unreadable one gets ``status: error``).
         gallery: the gallery version to search (normally the current one).
-        models: the fold models, in the gallery's fold order (:func:`resolve_models`).
+        models: the fold models, in the gallery's fold order (:func:`whale_ml.gallery.models.resolve_models`).
         tuned: the matcher tuned for the gallery's models (:func:`~whale_ml.gallery.matchers.load_matcher`).
         work_dir: where the query crops are written (the report reads them there).
     """
