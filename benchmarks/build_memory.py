@@ -8,12 +8,10 @@ process on the same synthetic gallery, reported as a ratio measured in the same 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from common import json_child, machine_summary, timestamp, write_json
 
 CHILD = r"""
 import json, resource, sys, time
@@ -50,10 +48,7 @@ def main() -> None:
     rows = []
     for kind in args.kinds:
         for how in ("whole_copy", "blocks"):
-            out = subprocess.run(
-                [sys.executable, "-c", CHILD, str(args.n), str(args.d), kind, how], capture_output=True, text=True, check=True
-            )
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            rows.append(json_child([sys.executable, "-c", CHILD, str(args.n), str(args.d), kind, how], f"{kind} {how}"))
             print(rows[-1], flush=True)
     for kind in args.kinds:
         base, new = (next(r for r in rows if r["kind"] == kind and r["how"] == h) for h in ("whole_copy", "blocks"))
@@ -62,17 +57,7 @@ def main() -> None:
             f"({new['peak_increase_mib'] / base['peak_increase_mib']:.2f}x); build {new['seconds']:.1f} s vs {base['seconds']:.1f} s"
         )
     if args.out:
-        args.out.write_text(
-            json.dumps(
-                {
-                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                    "machine": platform.processor() or platform.machine(),
-                    "rows": rows,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+        write_json(args.out, {"date": timestamp(), "machine": machine_summary(), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -19,31 +19,19 @@ Rounds are interleaved so that load drift weighs on both sides alike; the best o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from kaggle_scale import environment
+from common import best_time, environment, write_json
 
 from whale_ml.checkpoints import snapshot_checkpoint
 from whale_ml.gallery import FoldModel, GalleryLineage, write_version
 from whale_ml.gallery.catalogue import catalogue_lock
 from whale_ml.home import HomeLayout
 from whale_ml.io import sha256_file
-
-
-def _best(fn: Callable[[], object], rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
 
 
 def main() -> None:
@@ -73,22 +61,22 @@ def main() -> None:
         for _ in range(args.rounds):
             for mode, fsync in (("no flush (WHALE_FSYNC=0)", "0"), ("flushed (default)", "1")):
                 os.environ["WHALE_FSYNC"] = fsync
-                publish[mode].append(_best(lambda: write_version(layout, table, emb, lineage, made_by="benchmark"), 1))
+                publish[mode].append(best_time(lambda: write_version(layout, table, emb, lineage, made_by="benchmark"))[0])
         os.environ.pop("WHALE_FSYNC", None)
 
         def lock_once() -> None:
             with catalogue_lock(layout, "benchmark"):
                 pass
 
-        lock_s = _best(lambda: [lock_once() for _ in range(1000)], args.rounds) / 1000
+        lock_s = best_time(lambda: [lock_once() for _ in range(1000)], args.rounds)[0] / 1000
 
         checkpoint = Path(scratch) / "best.pt"
         checkpoint.write_bytes(os.urandom(args.checkpoint_mib << 20))
         cache = Path(scratch) / "model_cache"
         hash_only, snapshot = [], []
         for _ in range(args.rounds):
-            hash_only.append(_best(lambda: sha256_file(checkpoint), 1))
-            snapshot.append(_best(lambda: snapshot_checkpoint(checkpoint, cache), 1))
+            hash_only.append(best_time(lambda: sha256_file(checkpoint))[0])
+            snapshot.append(best_time(lambda: snapshot_checkpoint(checkpoint, cache))[0])
 
     base, flushed = min(publish["no flush (WHALE_FSYNC=0)"]), min(publish["flushed (default)"])
     result = {
@@ -107,8 +95,7 @@ def main() -> None:
         f"{min(snapshot):.2f} s ({min(snapshot) / min(hash_only):.2f}x)"
     )
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -34,19 +34,16 @@ measured in the same run.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from common import REPO, RESULTS, json_child, machine_summary, timestamp, write_json
 
 
 def _cpu_s() -> float:
@@ -97,10 +94,7 @@ def _timing(args: argparse.Namespace) -> None:
                     cmd += ["--work", str(Path(tmp) / f"{what}_{Path(model).stem}_r{r}"), "--epochs", str(args.timing_epochs)]
                     cmd += ["--weights", weights[model]] if what == "predict" else []
                     env = {**os.environ, "YOLO_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
-                    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-                    if proc.returncode:
-                        raise RuntimeError(f"{what} {model} failed:\n{proc.stderr[-3000:]}")
-                    row = json.loads(proc.stdout.strip().splitlines()[-1])
+                    row = json_child(cmd, f"{what} {model}", env=env)
                     this[what][model] = {"seconds": row["seconds"], "cpu_s": row["cpu_s"]}
                     print(json.dumps({"round": r, **row}), flush=True)
             rounds.append(this)
@@ -120,15 +114,14 @@ def _timing(args: argparse.Namespace) -> None:
         for what in ("train", "predict")
     }
     result = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores",
+        "date": timestamp(),
+        "machine": machine_summary(),
         "train_epochs": args.timing_epochs,
         "weights": weights,
         "rounds": rounds,
         "summary": summary,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_json(args.out, result)
     print(f"{result['date']}, {result['machine']}, medians over {args.rounds} interleaved rounds")
     print(
         f"| model | train {args.timing_epochs} epochs: wall s (x base) | CPU s (x base) | "
@@ -199,10 +192,7 @@ def _run(model: str, seed: int, data: Path, work: Path, epochs: int, repeats: in
     cmd = [sys.executable, __file__, "--child", "--model", model, "--seed", str(seed), "--data", str(data), "--work", str(work)]
     cmd += ["--epochs", str(epochs), "--predict-repeats", str(repeats)]
     env = {**os.environ, "YOLO_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-    if proc.returncode:
-        raise RuntimeError(f"{model} seed {seed} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json_child(cmd, f"{model} seed {seed}", env=env)
 
 
 def main() -> None:
@@ -212,7 +202,7 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="detector seeds (the hold-out split and the init)")
     ap.add_argument("--epochs", type=int, default=50)
     ap.add_argument("--predict-repeats", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "detector_models.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "detector_models.json")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -295,16 +285,15 @@ def main() -> None:
     import ultralytics
 
     result = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": timestamp(),
         "wall_s": None if args.from_rows else time.time() - started,
-        "machine": f"{platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores",
+        "machine": machine_summary(),
         "versions": {"ultralytics": ultralytics.__version__, "torch": torch.__version__},
         "recipe": {"epochs": args.epochs, "imgsz": 128, "batch": 16, "device": "cpu", "val_share": 0.2},
         "runs": runs,
         "summary": summary,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_json(args.out, result)
     print(f"{result['date']}, {result['machine']}, means over seeds {args.seeds}")
     print(
         "| model | params | GFLOPs at 128 px | train wall s (x base) | train CPU s (x base) | mAP50 | mAP50-95 | held-out IoU | "

@@ -30,11 +30,8 @@ Ratios are against ``rename`` in the same run; the best of ``--rounds`` is kept.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import io
-import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -47,6 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
+from common import RESULTS, machine_summary, timestamp, usable_cores, write_json  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from whale_ml.io import atomic_path, fsync_dir  # noqa: E402
@@ -107,14 +105,14 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=REPO.parent, help="write under a temp folder here (its file system is measured)")
     ap.add_argument("--crops", type=int, default=2000)
     ap.add_argument("--crop-px", type=int, nargs="+", default=[64, 512], help="crop sides to measure (the demo's 64, the GPU recipe's 512)")
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--threads", type=int, default=usable_cores())
     ap.add_argument("--batch", type=int, default=32, help="files per folder flush in batched_dir (the photo pass's batch)")
     ap.add_argument("--big", type=int, default=4)
     ap.add_argument("--big-mib", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--photos", type=Path, help="a data set folder: also time the crops stage's photo pass on its photos")
     ap.add_argument("--pass-crop-px", type=int, default=64)
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "durable_writes.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "durable_writes.json")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     # Photo-like crops (smooth gradients plus noise), so the JPEGs have a crop's size, not a flat image's.
@@ -168,8 +166,8 @@ def main() -> None:
         n = args.big if group == "big" else (len(photos) if group.startswith("pass") else args.crops)
         rows.append({"what": group, "mode": mode, "files": n, "best_s": s, "ms_per_file": 1000 * s / n, "ratio_to_rename": s / base})
     result = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores",
+        "date": timestamp(),
+        "machine": machine_summary(),
         "file_system": {"device": fs[0], "type": fs[1]} if len(fs) > 1 else {},
         "crop_jpeg_bytes": sizes,
         "big_mib": args.big_mib,
@@ -179,8 +177,7 @@ def main() -> None:
         "times_s": times,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_json(args.out, result)
     print(f"{result['date']}, {result['machine']}, {result['file_system']}, crop JPEG bytes {sizes}")
     print("| files | mode | count | best s | ms / file | x rename |")
     print("|---|---|---:|---:|---:|---:|")

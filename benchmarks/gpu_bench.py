@@ -18,15 +18,14 @@ notebook trained tf_efficientnet_b4_ns at 384 px at ~79 images/s and embedded at
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import cpu_model, print_json, timestamp
 
 from whale_ml.stage_configs import TrainConfig
 from whale_ml.data.demo import DemoDataConfig, generate_demo_data
@@ -107,8 +106,8 @@ def main() -> None:
     device = resolve_device("auto")
     work = Path(args.work or tempfile.mkdtemp(prefix="whale-gpu-"))
     result: dict[str, object] = {
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
+        "date": timestamp(),
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else cpu_model(),
         "torch": torch.__version__,
         "backbone": args.backbone,
         "image_size": args.size,
@@ -186,10 +185,7 @@ def main() -> None:
     result["vs_notebook_train_x"] = round(result["train_images_per_s"] / 79.0, 2)
     result["vs_notebook_embed_x"] = round(result["embed_images_per_s"] / 270.0, 2)
 
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    print_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -26,17 +26,15 @@ a survey photo's; the ratio to the baseline, measured on the same files, is what
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from common import HERE, REPO, RESULTS, json_child, machine_summary, timestamp, write_json
+
 FULL_PHOTOS = 51_033 + 27_956
 
 CHILD = r"""
@@ -45,13 +43,10 @@ from pathlib import Path
 args = json.loads(sys.argv[1])
 os.sched_setaffinity(0, set(args["cpus"]))
 os.environ["WHALE_THREADS"] = str(len(args["cpus"]))
-sys.path.insert(0, args["repo"])
+sys.path[:0] = [args["repo"], args["benchmarks"]]
 import pandas as pd
+from common import status_kib
 photos = [Path(p) for p in args["photos"]]
-def peak_kib():
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
 if args["what"] == "baseline":
     from PIL import Image
     t = time.perf_counter()
@@ -73,17 +68,14 @@ else:
     out = {"seconds": time.perf_counter() - t, "decodes": s.decodes, "redecodes": s.redecodes,
            "decode_scales": {str(k): v for k, v in sorted(s.by_reduction.items())},
            "full_frame_share": float((done.boxes["source"] != "detector").mean())}
-out["peak_rss_mib"] = peak_kib() / 1024
+out["peak_rss_mib"] = status_kib("VmHWM") / 1024
 print(json.dumps(out))
 """
 
 
 def _child(what: str, photos: list[Path], cpus: list[int], **extra: object) -> dict:
-    args = {"what": what, "photos": [str(p) for p in photos], "cpus": cpus, "repo": str(REPO), **extra}
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True, check=False)
-    if proc.returncode:
-        raise RuntimeError(f"{what} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    args = {"what": what, "photos": [str(p) for p in photos], "cpus": cpus, "repo": str(REPO), "benchmarks": str(HERE), **extra}
+    return json_child([sys.executable, "-c", CHILD, json.dumps(args)], what)
 
 
 def _detector(data: Path, work: Path, epochs: int) -> tuple[Path, float]:
@@ -109,7 +101,7 @@ def main() -> None:
         help="the pipeline's default 0.25; 0 uses every detector box however unsure, so that boxes of all sizes "
         "exercise the scale plan and the second decodes even when the detector trained here is weak",
     )
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "kaggle_images.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "kaggle_images.json")
     args = ap.parse_args()
     photos = sorted((args.data / "train_images").glob("*.jpg")) + sorted((args.data / "test_images").glob("*.jpg"))
     photos = photos[: args.photos] if args.photos else photos
@@ -138,8 +130,8 @@ def main() -> None:
 
     widths = [Image.open(p).size[0] for p in photos]
     result = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.processor() or platform.machine()}, {len(cores)} cores",
+        "date": timestamp(),
+        "machine": machine_summary(),
         "photos": len(photos),
         "photo_width_px": [min(widths), int(sum(widths) / len(widths)), max(widths)],
         "detector_training_s": detector_s,
@@ -148,8 +140,7 @@ def main() -> None:
         "min_confidence": args.min_confidence,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_json(args.out, result)
     print(f"{len(photos)} photos, {result['photo_width_px']} px wide, {result['machine']}, {result['date']}")
     print("| run | s | photos/s | x baseline | decodes | redecodes | scales | peak RSS MiB | full set, h (this machine) | full set, h (16 cores) |")
     print("|---|---:|---:|---:|---:|---:|---|---:|---:|---:|")

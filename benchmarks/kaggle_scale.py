@@ -62,10 +62,8 @@ each stage and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -79,6 +77,19 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
+if str(HERE) not in sys.path:  # loaded by path (the tests), not run as a script: common is beside it
+    sys.path.append(str(HERE))
+
+from common import (  # noqa: E402
+    RESULTS,
+    environment,
+    library_versions,
+    reset_peak_rss,
+    save_results,
+    status_kib,
+    tree_rss_kib,
+    usable_cores,
+)
 
 # The parent process stays small (standard library only): it only starts the stages.
 FULL_PHOTOS = 51_033 + 27_956  # KAGGLE_TRAIN_PHOTOS + KAGGLE_TEST_PHOTOS (whale_ml/data/kaggle_shape.py)
@@ -111,13 +122,6 @@ def run_image_stage(name: str, photos: list[Path], workers: int) -> dict[str, An
 # =========================================================================== the stages' processes
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 class _Memory:
     """Peak resident memory of this process between two points.
 
@@ -131,16 +135,12 @@ class _Memory:
         self.process_peak_kib = 0
 
     def start(self) -> int:
-        self.process_peak_kib = max(self.process_peak_kib, _status_kib("VmHWM"))
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            self.reset = True
-        except OSError:
-            self.reset = False
-        return _status_kib("VmRSS")
+        self.process_peak_kib = max(self.process_peak_kib, status_kib("VmHWM"))
+        self.reset = reset_peak_rss()
+        return status_kib("VmRSS")
 
     def stop(self, before_kib: int) -> dict[str, Any]:
-        peak = _status_kib("VmHWM")
+        peak = status_kib("VmHWM")
         self.process_peak_kib = max(self.process_peak_kib, peak)
         return {"peak_rss_mib": round(peak / 1024, 1), "increase_mib": round((peak - before_kib) / 1024, 1), "peak_reset": self.reset}
 
@@ -200,15 +200,9 @@ def _synthetic_embeddings(ids: Any, all_ids: Any, d: int, noise: float, seed: in
 
 
 def child_versions(p: dict[str, Any]) -> dict[str, Any]:
-    import faiss
-    import numpy as np
-    import pandas as pd
-    import PIL
-    import timm
     import torch
 
-    versions = {"numpy": np.__version__, "pandas": pd.__version__, "torch": torch.__version__, "faiss": faiss.__version__,
-                "pillow": PIL.__version__, "timm": timm.__version__}  # fmt: skip
+    versions = library_versions("numpy", "pandas", "torch", "faiss", "pillow", "timm")
     return {"versions": versions, "torch_threads_default": torch.get_num_threads(), "blas": _blas_libraries()}
 
 
@@ -532,28 +526,12 @@ def _child_main(stage: str, params: str) -> int:
     t0 = time.perf_counter()
     out = CHILDREN[stage](json.loads(params))
     out["process_wall_s"] = round(time.perf_counter() - t0, 3)
-    out["process_peak_rss_mib"] = round(max(MEMORY.process_peak_kib, _status_kib("VmHWM")) / 1024, 1)
+    out["process_peak_rss_mib"] = round(max(MEMORY.process_peak_kib, status_kib("VmHWM")) / 1024, 1)
     print("RESULT " + json.dumps(out, default=str), flush=True)
     return 0
 
 
 # =========================================================================== the parent
-
-
-def _tree_rss_kib(pid: int) -> int:
-    """Resident memory of ``pid`` and all its descendants (0 once it is gone)."""
-    total, stack = 0, [pid]
-    while stack:
-        q = stack.pop()
-        try:
-            for line in Path(f"/proc/{q}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-            for task in Path(f"/proc/{q}/task").iterdir():
-                stack += [int(c) for c in (task / "children").read_text().split()]
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-    return total
 
 
 def run_stage(stage: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -567,7 +545,7 @@ def run_stage(stage: str, params: dict[str, Any]) -> dict[str, Any]:
 
     def sample() -> None:
         while not done.wait(0.1):
-            peak[0] = max(peak[0], _tree_rss_kib(proc.pid))
+            peak[0] = max(peak[0], tree_rss_kib(proc.pid))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -595,30 +573,6 @@ def arcface_rounds(params: dict[str, Any], baseline_classes: int, rounds: int) -
     for r, b in zip(runs, best, strict=True):
         b["parts"][0]["step_s_rounds"] = [run["parts"][0]["step_s"] for run in r]
     return {"parts": [b["parts"][0] for b in best], "runs": runs}
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def environment() -> dict[str, Any]:
-    mem = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-           if k in ("MemTotal", "MemAvailable")}  # fmt: skip
-    return {
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": platform.machine(),
-        "cpu_model": _cpu_model(),
-        "cores": len(os.sched_getaffinity(0)),
-        "mem_total_bytes": mem.get("MemTotal"),
-        "mem_available_start_bytes": mem.get("MemAvailable"),
-        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
-        "python": platform.python_version(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-        "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
-    }
 
 
 def _fmt(x: Any, digits: int = 2) -> str:
@@ -692,15 +646,6 @@ def _image_table(res: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _write(res: dict[str, Any], out: Path) -> None:
-    res["environment"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    res["markdown"] = markdown(res)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(res, indent=2, default=str) + "\n")
-    tmp.replace(out)
-
-
 def _stages(names: list[str]) -> list[str]:
     chosen = {s for name in names for s in GROUPS.get(name, (name,))}
     unknown = chosen - set(ALL_STAGES)
@@ -735,7 +680,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.counts_scale, args.scale, args.photo_px = 0.01, 0.0005, [96, 192]
         args.backbone, args.steps, args.warmup, args.batch, args.rounds = "test_resnet", 2, 1, 16, 1
-    args.out = args.out or HERE / "results" / ("kaggle_scale_quick.json" if args.quick else "kaggle_scale.json")
+    args.out = args.out or RESULTS / ("kaggle_scale_quick.json" if args.quick else "kaggle_scale.json")
     return args
 
 
@@ -744,14 +689,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return _child_main(*args.child)
     stages = _stages(args.stages)
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     work = args.work or Path(tempfile.mkdtemp(prefix="kaggle_scale."))
     work.mkdir(parents=True, exist_ok=True)
     data = work / f"counts_F{args.counts_scale:g}_seed{args.seed}"
     photos = work / f"photos_S{args.scale:g}_{args.photo_px[0]}-{args.photo_px[1]}px_seed{args.seed}"
     common = {"data": str(data / "data"), "work": str(work), "seed": args.seed, "repeats": args.repeats, "folds": args.folds,
               "dim": args.dim, "noise": args.noise, "photos": str(photos / "data"), "cores": cores}  # fmt: skip
-    res: dict[str, Any] = {"environment": environment(), "config": {**vars(args), "stages": stages, "argv": sys.argv}, "stages": {}}
+    # No library versions here: the parent imports none, a stage's process reports them. The
+    # stages run with OMP_WAIT_POLICY=PASSIVE unless it is set.
+    env = environment(omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    res: dict[str, Any] = {"environment": env, "config": {**vars(args), "stages": stages, "argv": sys.argv}, "stages": {}}
     res["config"].update(work=str(work), out=str(args.out), child=None)
     t_start = time.perf_counter()
     try:
@@ -778,12 +726,11 @@ def main(argv: list[str] | None = None) -> int:
                                           for name in IMAGE_STAGES for w in sorted({1, cores})]  # fmt: skip
             else:
                 res["stages"][stage] = run_stage(stage, common)
-            res["total_s"] = round(time.perf_counter() - t_start, 1)
-            _write(res, args.out)
+            save_results(res, args.out, markdown, t_start)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    _write(res, args.out)
+    save_results(res, args.out, markdown)
     print(res["markdown"])
     print(f"\nwrote {args.out} ({res['total_s']:.0f} s)", file=sys.stderr)
     return 0

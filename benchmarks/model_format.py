@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from unittest import mock
 import mlflow
 import mlflow.pytorch
 import torch
+from common import machine_summary, print_json, timestamp
 
 import whale_ml.registry as registry
 from whale_ml.models.embedding import create_embedding_model
@@ -115,16 +115,13 @@ def main() -> None:
             rows.append({**measure(name, size, Path(tmp) / name, args.repeats), "used_by": used_by})
             print(json.dumps(rows[-1]), flush=True)
     result = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "date": timestamp(),
+        "machine": machine_summary(),
         "torch_threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "mlflow": mlflow.__version__},
         "rows": rows,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    print_json(result, args.out)
 
 
 if __name__ == "__main__":

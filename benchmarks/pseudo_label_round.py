@@ -23,8 +23,6 @@ from the home's latest materialisations.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -33,6 +31,8 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from common import machine_summary, print_json, timestamp  # noqa: E402
 
 from whale_assets.instance import prepare_dagster_home  # noqa: E402
 from whale_assets.run import DEFAULT_RECIPE, load_recipe, run_pipeline  # noqa: E402
@@ -90,8 +90,8 @@ def main() -> int:
     timings = summary["timings"]
     round2_s = sum(v for k, v in timings.items() if k.startswith(("pick_pseudo_labels", "train_round2_folds", "round2_")))
     result = {
-        "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {__import__('os').cpu_count()} cores".strip(),
+        "date": timestamp(started),
+        "machine": machine_summary(),
         "min_precision": args.min_precision,
         "warm_start_epochs": args.warm_start_epochs,
         "class_centres": not args.no_class_centres,
@@ -108,9 +108,7 @@ def main() -> int:
         "round2_s": round2_s,
         "timings": timings,
     }
-    print(json.dumps(result, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print_json(result, args.out)
     return 0
 
 

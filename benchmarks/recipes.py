@@ -18,8 +18,6 @@ wall time of each training is reported, so "same time budget" can be checked.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import yaml
+from common import REPO, RESULTS, machine_summary, recipe_train_config, write_json
 
 from whale_ml.stage_configs import TrainConfig
 from whale_ml.data.folds import fold_split
@@ -38,18 +36,10 @@ from whale_ml.environment import default_data_dir, default_home
 from whale_ml.home import HomeLayout
 from whale_ml.training.trainer import load_model, train_fold
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 RECIPES = {
     "default (configs/demo.yaml)": REPO / "configs/demo.yaml",
     "notebook settings (configs/notebook.yaml)": REPO / "configs/notebook.yaml",
 }
-
-
-def recipe_config(path: Path, epochs: int | None) -> TrainConfig:
-    settings = yaml.safe_load(path.read_text())["ops"]["arcface_model"]["config"]
-    cfg = TrainConfig(**{**settings, "device": "cpu"})
-    return cfg.model_copy(update={"epochs": epochs}) if epochs else cfg
 
 
 def test_map5(cfg: TrainConfig, checkpoint: Path, threshold: float, gallery: pd.DataFrame, queries: pd.DataFrame) -> float:
@@ -64,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None, help="override both recipes' epochs (default: the recipes' own)")
-    p.add_argument("--out", default=str(HERE / "results" / "recipes_demo.json"))
+    p.add_argument("--out", default=str(RESULTS / "recipes_demo.json"))
     p.add_argument("--work", default=None, help="where the models go (default: $WHALE_HOME/recipe_bench)")
     args = p.parse_args(argv)
 
@@ -86,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for name, path in RECIPES.items():
-        cfg = recipe_config(path, args.epochs)
+        cfg = recipe_train_config(path, **({"epochs": args.epochs} if args.epochs else {}))
         out = work / path.stem
         for stale in ("last.pt", "best.pt"):  # time a full training, not a reuse
             (out / stale).unlink(missing_ok=True)
@@ -109,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     table = pd.DataFrame([{k: v for k, v in r.items() if k != "history"} for r in rows])
     md = table.to_markdown(index=False, floatfmt=".4f")
     print(md)
-    env = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads()}
-    Path(args.out).write_text(json.dumps({"fold": args.fold, "environment": env, "rows": rows, "markdown": md}, indent=2, default=float))
+    env = {"machine": machine_summary(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    write_json(args.out, {"fold": args.fold, "environment": env, "rows": rows, "markdown": md})
     return 0
 
 

@@ -27,21 +27,18 @@ All data are synthetic with fixed seeds; nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
 import json
 import os
-import platform
 import resource
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+from common import RESULTS, environment, json_child, mem_available_bytes, mib, reset_peak_rss, save_results, status_kib, timed_runs
 
-HERE = Path(__file__).resolve().parent
 NEW = "new_individual"  # whale_ml.data.metadata.NEW_INDIVIDUAL (checked below)
 TOP = 5
 
@@ -69,51 +66,8 @@ def _now() -> float:
     return time.perf_counter()
 
 
-def _timed(fn, repeats: int):
-    """(times, last result) of ``repeats`` calls."""
-    times, out = [], None
-    for _ in range(repeats):
-        out = None
-        gc.collect()
-        t = _now()
-        out = fn()
-        times.append(_now() - t)
-    return times, out
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _mem_available() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _proc_status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
 def _fmt_s(x: float) -> str:
     return f"{x * 1e3:.1f} ms" if x < 1 else f"{x:.2f} s"
-
-
-def _fmt_mb(b: float) -> str:
-    return f"{b / 2**20:.0f} MiB"
 
 
 def individual_names(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -276,7 +230,7 @@ def bench_threshold(cfg: dict, seed: int, repeats: int, budget_s: float) -> dict
     # Ours, exact.
     # Milliseconds per call: many more repeats than the slow measurements, so the best of them is
     # not one unlucky moment on a shared machine.
-    tune_times, res = _timed(lambda: tune_threshold(sims, ids, truth_list, gallery_ids=gallery_ids), max(repeats, 25))
+    tune_times, res = timed_runs(lambda: tune_threshold(sims, ids, truth_list, gallery_ids=gallery_ids), max(repeats, 25))
     tune_s = min(tune_times)
 
     # The project's vectorised path at each grid threshold (the correctness check, also timed).
@@ -362,16 +316,16 @@ def _time_blocked_matmul(queries: np.ndarray, gallery: np.ndarray, repeats: int)
             blk = queries[s : s + len(buf)]
             np.matmul(blk, gallery.T, out=buf[: len(blk)])
 
-    return _timed(run, repeats)[0]
+    return timed_runs(run, repeats)[0]
 
 
 def _time_ours(queries, gallery, gallery_ids, k: int, repeats: int):
     """Times of build_index, search_gallery and the raw index.search; top-1 sanity check."""
     from whale_ml.retrieval.faiss_index import build_index, search_gallery
 
-    build_times, index = _timed(lambda: build_index(gallery), repeats)
-    search_times, (sims, _) = _timed(lambda: search_gallery(index, gallery_ids, queries, k=k), repeats)
-    raw_times, _ = _timed(lambda: index.search(queries, k), 1)  # the faiss call inside, alone
+    build_times, index = timed_runs(lambda: build_index(gallery), repeats)
+    search_times, (sims, _) = timed_runs(lambda: search_gallery(index, gallery_ids, queries, k=k), repeats)
+    raw_times, _ = timed_runs(lambda: index.search(queries, k), 1)  # the faiss call inside, alone
     n = min(200, len(queries))
     top1_ok = bool(np.allclose(sims[:n, 0], (queries[:n] @ gallery.T).max(axis=1), atol=1e-5))
     return build_times, search_times, raw_times, top1_ok
@@ -398,16 +352,16 @@ def bench_search(cfg: dict, seed: int, repeats: int) -> dict:
 
     # (i) compute floor: numpy (OpenBLAS) matmul, whole product and in reused 4096-row blocks.
     product_bytes = n_q * n_g * 4
-    if _mem_available() > 2.5 * product_bytes:
+    if mem_available_bytes() > 2.5 * product_bytes:
 
         def full_np():
             return queries @ gallery.T
 
-        times, r = _timed(full_np, repeats)
+        times, r = timed_runs(full_np, repeats)
         del r
         floors["numpy_single_product"] = times
     else:
-        out["skipped_single_product"] = f"needs {_fmt_mb(product_bytes)}, MemAvailable {_fmt_mb(_mem_available())}"
+        out["skipped_single_product"] = f"needs {mib(product_bytes)}, MemAvailable {mib(mem_available_bytes())}"
     floors["numpy_blocked_4096"] = _time_blocked_matmul(queries, gallery, repeats)
 
     # (ii) ours.
@@ -420,12 +374,12 @@ def bench_search(cfg: dict, seed: int, repeats: int) -> dict:
     import torch
 
     tq, tg = torch.from_numpy(queries), torch.from_numpy(gallery)
-    if _mem_available() > 2.5 * product_bytes:
+    if mem_available_bytes() > 2.5 * product_bytes:
 
         def full_torch():
             return tq @ tg.T
 
-        times, r = _timed(full_torch, repeats)
+        times, r = timed_runs(full_torch, repeats)
         del r
         floors["torch_single_product"] = times
     gc.collect()
@@ -440,7 +394,7 @@ def bench_search(cfg: dict, seed: int, repeats: int) -> dict:
         knn.train(tg)
         return knn(tq, nk)
 
-    knn_times, (kd, ki) = _timed(faissknn, repeats)
+    knn_times, (kd, ki) = timed_runs(faissknn, repeats)
     del kd, ki
     gc.collect()
 
@@ -449,7 +403,7 @@ def bench_search(cfg: dict, seed: int, repeats: int) -> dict:
         im.train_knn(tg)
         return im.get_nearest_neighbors(tq, nk)
 
-    im_times, (kd, ki) = _timed(inference_model, 1)
+    im_times, (kd, ki) = timed_runs(inference_model, 1)
     del kd, ki
     gc.collect()
 
@@ -496,14 +450,6 @@ def _child_memory(args) -> None:
     queries, gallery, gallery_ids = make_embeddings(args.nq, args.ng, args.dim, args.nind, args.seed)
     gc.collect()
 
-    def reset_hwm() -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS
-            return True
-        except OSError:
-            return False
-
     peak_sampled = [0]
     stop = threading.Event()
 
@@ -516,9 +462,9 @@ def _child_memory(args) -> None:
                 time.sleep(0.002)
 
     # VmHWM, not ru_maxrss: ru_maxrss survives exec, so a child starts with its parent's peak.
-    peak_before = _proc_status_kb("VmHWM") * 1024
-    rss_before = _proc_status_kb("VmRSS") * 1024
-    hwm_reset = reset_hwm()
+    peak_before = status_kib("VmHWM") * 1024
+    rss_before = status_kib("VmRSS") * 1024
+    hwm_reset = reset_peak_rss()
     th = threading.Thread(target=sampler, daemon=True)
     th.start()
     t = _now()
@@ -532,7 +478,7 @@ def _child_memory(args) -> None:
     elapsed = _now() - t
     stop.set()
     th.join()
-    hwm = _proc_status_kb("VmHWM") * 1024
+    hwm = status_kib("VmHWM") * 1024
     print(
         json.dumps(
             {
@@ -543,7 +489,7 @@ def _child_memory(args) -> None:
                 "peak_during_search_hwm": hwm if hwm_reset else None,
                 "peak_during_search_sampled": peak_sampled[0],
                 "ru_maxrss_end_unreliable": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # includes the parent's
-                "rss_end": _proc_status_kb("VmRSS") * 1024,
+                "rss_end": status_kib("VmRSS") * 1024,
                 "embeddings_bytes": queries.nbytes + gallery.nbytes,
                 "result_bytes": int(getattr(sims, "nbytes", 0)) + int(getattr(ids, "nbytes", 0)),
                 "search_s": elapsed,
@@ -561,10 +507,7 @@ def bench_memory(cfg: dict, seed: int, notebook: bool) -> dict:
             "--nq", str(cfg["search_queries"]), "--ng", str(cfg["search_gallery"]), "--dim", str(cfg["dim"]),
             "--nind", str(cfg["individuals"]), "--k", str(k), "--seed", str(seed),
         ]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(f"memory child {what} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = json_child(cmd, f"memory child {what}")
         during = max(r["peak_during_search_hwm"] or 0, r["peak_during_search_sampled"])
         r["peak_during_search"] = during
         r["increment"] = during - r["rss_before_search"]
@@ -626,20 +569,20 @@ def markdown(res: dict) -> str:
         o = c["ours"]
         tag = "(c) search memory, fresh process"
         rows.append(
-            f"| {tag} | bound: 2 x embeddings ({_fmt_mb(o['embeddings_bytes'])}) | {_fmt_mb(o['bound'])} "
-            f"| peak RSS - RSS before search | {_fmt_mb(o['increment'])} | {o['increment_over_bound']:.2f}x the bound | <= 1x "
+            f"| {tag} | bound: 2 x embeddings ({mib(o['embeddings_bytes'])}) | {mib(o['bound'])} "
+            f"| peak RSS - RSS before search | {mib(o['increment'])} | {o['increment_over_bound']:.2f}x the bound | <= 1x "
             f"| {yes(o['increment'] <= o['bound'])} |"
         )
         rows.append(
-            f"| {tag} | bound: 2 x embeddings | {_fmt_mb(o['bound'])} "
-            f"| absolute peak RSS (interpreter + libraries + data) | {_fmt_mb(o['absolute_peak'])} | {o['absolute_over_bound']:.2f}x the bound | <= 1x "
+            f"| {tag} | bound: 2 x embeddings | {mib(o['bound'])} "
+            f"| absolute peak RSS (interpreter + libraries + data) | {mib(o['absolute_peak'])} | {o['absolute_over_bound']:.2f}x the bound | <= 1x "
             f"| {yes(o['absolute_peak'] <= o['bound'])} |"
         )
         if "notebook" in c:
             n = c["notebook"]
             rows.append(
-                f"| {tag} | notebook `FaissKNN` k={b['size']['notebook_k'] if b else ''}: peak - before | {_fmt_mb(n['increment'])} "
-                f"| peak RSS - RSS before search | {_fmt_mb(o['increment'])} | {n['increment'] / max(o['increment'], 1):.2f}x less | (info) | |"
+                f"| {tag} | notebook `FaissKNN` k={b['size']['notebook_k'] if b else ''}: peak - before | {mib(n['increment'])} "
+                f"| peak RSS - RSS before search | {mib(o['increment'])} | {n['increment'] / max(o['increment'], 1):.2f}x less | (info) | |"
             )
     lines = rows
     extra = []
@@ -663,8 +606,8 @@ def markdown(res: dict) -> str:
     if c:
         o = c["ours"]
         extra.append(
-            f"- (c) ours: RSS before search {_fmt_mb(o['rss_before_search'])} (peak while generating {_fmt_mb(o['peak_before_search'])}), "
-            f"peak during `build_index` + `search_gallery` {_fmt_mb(o['peak_during_search'])} "
+            f"- (c) ours: RSS before search {mib(o['rss_before_search'])} (peak while generating {mib(o['peak_before_search'])}), "
+            f"peak during `build_index` + `search_gallery` {mib(o['peak_during_search'])} "
             f"(VmHWM after clear_refs: {'yes' if o['hwm_reset_ok'] else 'unavailable, sampled /proc/self/statm every 2 ms'})."
         )
     env = res["environment"]
@@ -674,30 +617,6 @@ def markdown(res: dict) -> str:
         f"times are the best of {res['config']['repeats']}."
     )
     return "\n".join(lines + [""] + extra)
-
-
-def environment() -> dict:
-    import faiss
-    import pytorch_metric_learning
-    import torch
-
-    return {
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "hostname": platform.node(),
-        "python": platform.python_version(),
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu_count": os.cpu_count(),
-        "cpu_model": _cpu_model(),
-        "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
-        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
-        "numpy": np.__version__,
-        "faiss": faiss.__version__,
-        "faiss_omp_max_threads": faiss.omp_get_max_threads(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "pytorch_metric_learning": pytorch_metric_learning.__version__,
-        "env_threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -734,9 +653,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         cfg = {k: (v if k in ("dim", "search_k", "notebook_k") else max(1, v // 10)) for k, v in cfg.items()}
         cfg["tune_k"] = FULL["tune_k"] // 10
-    out_path = args.out or HERE / "results" / ("retrieval_quick.json" if args.quick else "retrieval.json")
+    out_path = args.out or RESULTS / ("retrieval_quick.json" if args.quick else "retrieval.json")
     only = set(args.only or ["threshold", "search", "memory"])
-    res: dict = {"environment": environment(), "config": {**cfg, "quick": args.quick, "seed": args.seed}, "argv": sys.argv}
+    res: dict = {"environment": environment("numpy", "faiss", "torch", "pytorch_metric_learning"), "config": {**cfg, "quick": args.quick, "seed": args.seed}, "argv": sys.argv}
     res["config"]["repeats"] = (
         f"{args.repeats} runs ({max(args.repeats, 25)} for tune_threshold)"
         if args.repeats
@@ -753,13 +672,8 @@ def main(argv: list[str] | None = None) -> int:
     if "memory" in only:
         print("(c) memory (subprocesses) ...", file=sys.stderr, flush=True)
         res["memory"] = bench_memory(cfg, args.seed + 1, notebook=not args.no_notebook_memory)
-    res["environment"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    res["total_s"] = _now() - t0
-    table = markdown(res)
-    res["markdown"] = table
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(res, indent=2, default=float) + "\n")
-    print(table)
+    save_results(res, out_path, markdown, t0)
+    print(res["markdown"])
     print(f"\nResults: {out_path}  ({res['total_s']:.0f} s)")
     ok = True
     if "threshold" in res:

@@ -33,11 +33,8 @@ default ``benchmarks/results/scale_1m.json``) and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -48,63 +45,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import faiss
 import numpy as np
+from common import RESULTS, best_time, environment, mib, reset_peak_rss, save_results, status_kib
 
 from whale_ml.retrieval import build_index, index_recall, map_at_5, search_gallery
 from whale_ml.retrieval.ranking import TOP
 
-HERE = Path(__file__).resolve().parent
 PIPELINE_K = 50  # GalleryConfig.k: neighbours fetched per query before collapsing to five individuals
 SPECIES = 30
 BLOCK = 65536
-
-
-# --------------------------------------------------------------------------- memory, machine
-
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not allowed."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def _mem_available() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def environment(threads: int) -> dict:
-    return {
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu_model": _cpu_model(),
-        "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
-        "mem_available_start_bytes": _mem_available(),
-        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
-        "numpy": np.__version__,
-        "faiss": faiss.__version__,
-        "faiss_threads": threads,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-    }
 
 
 # --------------------------------------------------------------------------- data
@@ -187,37 +135,27 @@ class Exact:
         }
 
 
-def _timed(fn, repeats: int = 1):
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        gc.collect()
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
-
-
 def query_times(index: faiss.Index, ids: np.ndarray, queries: np.ndarray) -> dict[str, float]:
     """Seconds per 1,000 queries: the pipeline's search and the raw faiss call (best of 2 when quick)."""
     per_k = 1000.0 / len(queries)
-    pipeline_s, _ = _timed(lambda: search_gallery(index, ids, queries, k=PIPELINE_K))
+    pipeline_s, _ = best_time(lambda: search_gallery(index, ids, queries, k=PIPELINE_K))
     if pipeline_s < 20:
-        pipeline_s = min(pipeline_s, _timed(lambda: search_gallery(index, ids, queries, k=PIPELINE_K))[0])
-    raw_s, _ = _timed(lambda: index.search(queries, TOP), 2 if pipeline_s < 20 else 1)
+        pipeline_s = min(pipeline_s, best_time(lambda: search_gallery(index, ids, queries, k=PIPELINE_K))[0])
+    raw_s, _ = best_time(lambda: index.search(queries, TOP), 2 if pipeline_s < 20 else 1)
     return {"search_gallery_k50_per_1k_s": pipeline_s * per_k, "index_search_k5_per_1k_s": raw_s * per_k}
 
 
 def build_measured(gallery: np.ndarray, kind: str, params: dict) -> tuple[faiss.Index, dict]:
     """Build with ``build_index``; wall time, and resident memory: peak increase and held increase."""
     gc.collect()
-    rss0 = _status_kb("VmRSS")
-    reset = _reset_peak()
+    rss0 = status_kib("VmRSS")
+    reset = reset_peak_rss()
     t = time.perf_counter()
     index = build_index(gallery, kind, **params)
     build_s = time.perf_counter() - t
     gc.collect()
-    peak = _status_kb("VmHWM") if reset else None
-    held = _status_kb("VmRSS") - rss0
+    peak = status_kib("VmHWM") if reset else None
+    held = status_kib("VmRSS") - rss0
     blob = faiss.serialize_index(index)
     size = int(blob.nbytes)
     del blob
@@ -247,10 +185,6 @@ def sweep(index: faiss.Index, kind: str, values: list[int], exact: Exact, ids, q
 # --------------------------------------------------------------------------- report
 
 
-def _mb(b: float | None) -> str:
-    return "n/a" if b is None else f"{b / 2**20:,.0f} MiB"
-
-
 def markdown(res: dict) -> str:
     flat = res["indexes"]["flat"]
     n = res["config"]["n"]
@@ -274,21 +208,11 @@ def markdown(res: dict) -> str:
                 f"| {label} | {r['build_s']:.1f} s ({ratio(r['build_s'], flat['build_s'])}) "
                 f"| {s['search_gallery_k50_per_1k_s']:.2f} s ({ratio(s['search_gallery_k50_per_1k_s'], fs['search_gallery_k50_per_1k_s'])}) "
                 f"| {s['index_search_k5_per_1k_s']:.3f} s ({ratio(s['index_search_k5_per_1k_s'], fs['index_search_k5_per_1k_s'])}) "
-                f"| {_mb(r['serialised_bytes'])} ({ratio(r['serialised_bytes'], flat['serialised_bytes'])}) "
-                f"| {_mb(r['rss_peak_increase_bytes'])} / {_mb(r['rss_held_increase_bytes'])} "
+                f"| {mib(r['serialised_bytes'])} ({ratio(r['serialised_bytes'], flat['serialised_bytes'])}) "
+                f"| {mib(r['rss_peak_increase_bytes'])} / {mib(r['rss_held_increase_bytes'])} "
                 f"| {s['image_recall_at_5']:.4f} | {s['individual_recall_at_5']:.4f} | {s['map5']:.4f} ({fs['map5']:.4f}) |"
             )
     return "\n".join(lines)
-
-
-def _write(res: dict, out: Path, t0: float) -> None:
-    res["environment"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    res["total_s"] = time.perf_counter() - t0
-    res["markdown"] = markdown(res)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(res, indent=2, default=float) + "\n")
-    tmp.replace(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ef-search", default="64,128", help="HNSW efSearch values; the first is the one built with")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=20261128)
-    p.add_argument("--out", type=Path, default=HERE / "results" / "scale_1m.json")
+    p.add_argument("--out", type=Path, default=RESULTS / "scale_1m.json")
     args = p.parse_args(argv)
 
     faiss.omp_set_num_threads(args.threads)
@@ -315,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     nprobes = [int(x) for x in args.nprobe.split(",")]
     efs = [int(x) for x in args.ef_search.split(",")]
     res: dict = {
-        "environment": environment(args.threads),
+        "environment": environment("numpy", "faiss", faiss_threads=args.threads),
         "config": {
             "n": args.n,
             "dim": args.dim,
@@ -331,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     t0 = time.perf_counter()
     print(f"data: {args.n:,} x {args.dim} ({args.data}) ...", file=sys.stderr, flush=True)
-    gen_s, (gallery, ids, queries, query_ids) = _timed(
+    gen_s, (gallery, ids, queries, query_ids) = best_time(
         lambda: make_data(args.n, args.dim, n_ind, args.queries, args.data, args.seed, args.noise)
     )
     res["data"] = {
@@ -350,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     # Flat is the reference: its recall is 1 by definition (not searched a third time; at 1M that is minutes).
     flat_setting = {**query_times(flat, ids, queries), "image_recall_at_5": 1.0, "individual_recall_at_5": 1.0, "map5": exact.map5}
     res["indexes"]["flat"] = {**m, "params": {}, "settings": [flat_setting]}
-    _write(res, args.out, t0)
+    save_results(res, args.out, markdown, t0)
     print(f"    flat: {res['indexes']['flat']}", file=sys.stderr, flush=True)
 
     for i, kind in enumerate(k for k in args.kinds.split(",") if k):
@@ -387,9 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         res["indexes"][kind] = entry
         del index
         gc.collect()
-        _write(res, args.out, t0)  # after each index: a run stopped later keeps what it measured
+        save_results(res, args.out, markdown, t0)  # after each index: a run stopped later keeps what it measured
 
-    _write(res, args.out, t0)
+    save_results(res, args.out, markdown, t0)
     print(res["markdown"])
     print(f"\nResults: {args.out}  ({res['total_s']:.0f} s)")
     return 0 if all(r.get("index_recall_agrees", True) for r in res["indexes"].values()) else 1

@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import mlflow
+from common import machine_summary, print_json, timestamp
 
 from whale_assets.resources import MlflowTracking
 
@@ -76,17 +76,14 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
         mlflow.set_tracking_uri(None)
     result = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "date": timestamp(),
+        "machine": machine_summary(),
         "mlflow": mlflow.__version__,
         "baseline_cpu_s": round(baseline, 3),
         "metrics": names,
         "rows": rows,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    print_json(result, args.out)
 
 
 if __name__ == "__main__":

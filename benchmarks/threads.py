@@ -28,10 +28,7 @@ process takes a core). The headline is the ratio of the best rounds, (3)/(2). Wr
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,6 +36,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import RESULTS, cpu_model, loadavg, timestamp, write_json  # noqa: E402
 
 from whale_ml.offline import configure_environment  # noqa: E402  (before ultralytics: offline, settings in the temp home)
 
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="5 steps, 1 warm-up, 1 round")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "threads.json")
+    p.add_argument("--out", type=Path, default=RESULTS / "threads.json")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.warmup, args.repeats = 5, 1, 1
@@ -121,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     best = {k: max(v) for k, v in rounds.items()}
     ratio = best["after_fix"][0] / best["before_fix"][0]
     result = {
-        "when": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "cores": available_cores()},
+        "when": timestamp(),
+        "machine": {"processor": cpu_model(), "cpu_count": os.cpu_count(), "cores": available_cores()},
         "torch": torch.__version__,
         "step": "TrainConfig() demo recipe: resnet18, 64 px, batch 16, ArcFace, AdamW, fp32 on CPU",
         "steps": args.steps,
@@ -132,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": {k: v[0][1] for k, v in rounds.items()},
         "best_images_per_second": {k: round(v[0], 2) for k, v in best.items()},
         "median_images_per_second": {k: round(statistics.median(r for r, _ in v), 2) for k, v in rounds.items()},
-        "load_average_end": os.getloadavg(),
+        "load_average_end": loadavg(),
         "ratio_after_over_before": round(ratio, 3),
     }
     lines = [
@@ -143,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     result["markdown"] = "\n".join(lines)
     print(result["markdown"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0
 

@@ -48,22 +48,19 @@ with ``--quick``). A missed target is reported, not an error: the exit status is
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import math
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from common import RESULTS, cpu_meter, environment, save_results
 from torch.utils.data import DataLoader
 
 from whale_ml import cli
@@ -76,74 +73,7 @@ from whale_ml.models.embedding import EmbeddingNet, create_embedding_model
 from whale_ml.retrieval.embeddings import autocast_for
 from whale_ml.training.trainer import create_loss, create_optimizer, seed_everything
 
-HERE = Path(__file__).resolve().parent
 TARGET_RATIO = 0.8
-
-# --------------------------------------------------------------------------- CPU use from /proc
-
-_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _proc_ticks(pid: int) -> int:
-    """utime + stime of one process, in clock ticks (0 when it is gone)."""
-    try:
-        # The command name may hold spaces: the fields start after its closing ')'.
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def _process_tree(pid: int) -> list[int]:
-    """``pid`` and its live descendants (the DataLoader's worker processes)."""
-    pids, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        pids.append(p)
-        try:
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return pids
-
-
-def _system_ticks() -> tuple[int, int, int]:
-    """(busy, steal, total) ticks of all CPUs since boot, from /proc/stat."""
-    v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = v
-    return user + nice + system + irq + softirq, steal, sum(v)
-
-
-@contextmanager
-def cpu_meter() -> Iterator[dict[str, float]]:
-    """CPU cores used while the block runs: by this process tree, by the whole machine, stolen.
-
-    Yields a dict filled in when the block ends. ``other_cores`` = machine -
-    ours: anything else running at the same time (another job, a build)
-    competes for the same cores and lowers every rate. Empty without /proc.
-    """
-    result: dict[str, float] = {}
-    if not Path("/proc/stat").exists():
-        yield result
-        return
-    t0 = time.perf_counter()
-    busy0, steal0, _ = _system_ticks()
-    own0 = {p: _proc_ticks(p) for p in _process_tree(os.getpid())}
-    yield result
-    ticks = (time.perf_counter() - t0) * _CLK_TCK
-    busy1, steal1, _ = _system_ticks()
-    own = sum(t - own0.get(p, 0) for p, t in ((p, _proc_ticks(p)) for p in _process_tree(os.getpid())))
-    process, system = own / ticks, (busy1 - busy0) / ticks
-    result.update(
-        {
-            "process_cores": round(process, 2),
-            "system_busy_cores": round(system, 2),
-            "other_cores": round(max(0.0, system - process), 2),
-            "steal_cores": round((steal1 - steal0) / ticks, 2),
-        }
-    )
-
 
 # --------------------------------------------------------------------------- data
 
@@ -276,38 +206,6 @@ def time_with_loading(step: StepFn, loader: DataLoader, warmup: int, steps: int)
 # --------------------------------------------------------------------------- report
 
 
-def environment() -> dict[str, Any]:
-    import PIL
-    import pytorch_metric_learning
-    import timm
-    import torchvision
-
-    cpu_model = platform.processor() or "unknown"
-    try:
-        cpu_model = next(
-            ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
-    return {
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "hostname": platform.node(),
-        "python": platform.python_version(),
-        "cpu_model": cpu_model,
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu_count": os.cpu_count(),
-        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "torchvision": torchvision.__version__,
-        "timm": timm.__version__,
-        "pillow": PIL.__version__,
-        "pytorch_metric_learning": pytorch_metric_learning.__version__,
-        "env_threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
-    }
-
-
 def markdown(res: dict[str, Any]) -> str:
     b, cfg, env = res["best"], res["config"], res["environment"]
     batch = cfg["batch_size"]
@@ -371,10 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (2 if q else 5)
     repeats = args.repeats or (2 if q else 3)
     preset = args.preset or ("tiny" if q else "demo")
-    out_path = args.out or HERE / "results" / ("train_input_cpu_quick.json" if q else "train_input_cpu.json")
+    out_path = args.out or RESULTS / ("train_input_cpu_quick.json" if q else "train_input_cpu.json")
     device = torch.device("cpu")
 
-    res: dict[str, Any] = {"environment": environment(), "argv": sys.argv}
+    res: dict[str, Any] = {"environment": environment("torch", "torchvision", "timm", "pillow", "pytorch_metric_learning"), "argv": sys.argv}
     t0 = time.perf_counter()
     tmp = None if args.work else tempfile.TemporaryDirectory(prefix="whale-train-input-")
     work = args.work or Path(tmp.name)
@@ -459,13 +357,8 @@ def main(argv: list[str] | None = None) -> int:
             "max_steal_cores": max((c["steal_cores"] for c in cpus), default=0.0),
         }
     )
-    res["environment"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    res["total_s"] = round(time.perf_counter() - t0, 1)
-    table = markdown(res)
-    res["markdown"] = table
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(res, indent=2) + "\n")
-    print(table)
+    save_results(res, out_path, markdown, t0)
+    print(res["markdown"])
     print(f"\nResults: {out_path}  ({res['total_s']:.0f} s)")
     return 0  # a missed target is a finding, not a failure
 

@@ -38,7 +38,7 @@ the other is descheduled. Peak RSS: VmHWM of this process during the variant's t
 steps (reset through ``/proc/self/clear_refs`` before each), and its increase over the
 resident set just before (all variants' models live in the one process, so the absolute
 peak counts them all). ``other_cores``: CPU used by other processes during the round,
-from ``/proc/stat`` (see ``train_input.py``).
+from ``/proc/stat`` (``common.cpu_meter``).
 
 Compile amortisation: the steps a fold must train before the compiled step has paid for
 its compile, ``compile_s / (s_per_step_eager - s_per_step_compiled)``, against the
@@ -62,7 +62,6 @@ Writes everything to ``--out`` (default ``benchmarks/results/train_step_speed.js
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -73,13 +72,22 @@ from typing import Any
 
 import pandas as pd
 import torch
-import yaml
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(HERE))  # train_input's data preparation, CPU meter and environment record
+sys.path.insert(0, str(HERE))  # common, and train_input's data preparation
 
-from train_input import cpu_meter, environment, prepare_crops  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    cpu_meter,
+    environment,
+    recipe_train_config,
+    reset_peak_rss,
+    save_results,
+    status_kib,
+    write_json,
+)
+from train_input import prepare_crops  # noqa: E402
 
 from whale_ml.stage_configs import TrainConfig  # noqa: E402
 from whale_ml.threads import pipeline_threads, using_threads  # noqa: E402
@@ -116,36 +124,15 @@ class InMemoryBatches:
         return (self.batches[i % len(self.batches)] for i in range(self.steps))
 
 
-def recipe(path: Path, **overrides: Any) -> TrainConfig:
-    settings = yaml.safe_load(path.read_text())["ops"]["arcface_model"]["config"]
-    return TrainConfig(**{**settings, "device": "cpu", **overrides})
-
-
-def _status(field: str) -> int:
-    """A VmXXX line of /proc/self/status, in bytes (0 without /proc)."""
-    try:
-        line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(field + ":"))
-    except (OSError, StopIteration):
-        return 0
-    return int(line.split()[1]) * 1024
-
-
-def _reset_peak() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    except OSError:
-        pass
-
-
 def run_steps(parts: TrainParts, batches: list[tuple[torch.Tensor, torch.Tensor]], steps: int, epoch: int = 1) -> dict[str, float]:
     """``steps`` training steps as ``train_fold`` takes them; wall, CPU time, memory."""
-    _reset_peak()
-    rss0 = _status("VmRSS")
+    reset_peak_rss()
+    rss0 = status_kib("VmRSS") * 1024
     with cpu_meter() as cpu:
         c0, w0 = time.process_time(), time.perf_counter()
         stats = train_one_epoch(epoch, parts.step, InMemoryBatches(batches, steps), parts.optimizer, parts.scheduler, parts.scaler, CPU)  # type: ignore[arg-type]
         wall, cpu_s = time.perf_counter() - w0, time.process_time() - c0
-    peak = _status("VmHWM")
+    peak = status_kib("VmHWM") * 1024
     return {
         "images_per_s": stats.images / wall,
         "cpu_ms_per_image": 1e3 * cpu_s / stats.images,
@@ -180,7 +167,7 @@ def speed_at(size: int, args: argparse.Namespace, work: Path, with_compile: bool
     paths, labels, num_classes = prepare_crops(work, args.preset, size)
     train = pd.DataFrame({"path": paths, "label": labels})
     names = [v for v in VARIANTS if with_compile or not VARIANTS[v][1]]
-    base = recipe(args.recipe, image_size=size, backbone=args.backbone, seed=args.seed)
+    base = recipe_train_config(args.recipe, image_size=size, backbone=args.backbone, seed=args.seed)
     cfgs = {v: base.model_copy(update=VARIANTS[v][0]) for v in names}
     parts = {v: build(cfgs[v], VARIANTS[v][1], train, num_classes) for v in names}
     batches = draw_batches(parts["fp32"], args.batches)
@@ -239,7 +226,7 @@ def loss_curves(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     size = args.sizes[0]
     paths, labels, num_classes = prepare_crops(work, args.preset, size)
     train = pd.DataFrame({"path": paths, "label": labels})
-    base = recipe(args.recipe, image_size=size, backbone=args.backbone, seed=args.seed)
+    base = recipe_train_config(args.recipe, image_size=size, backbone=args.backbone, seed=args.seed)
     batches = draw_batches(build(base.model_copy(update=VARIANTS["fp32"][0]), False, train, num_classes), args.loss_steps)
     curves: dict[str, list[float]] = {}
     for v in LOSS_VARIANTS:
@@ -275,7 +262,7 @@ def fold_check(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     num_classes = int(train["label"].max()) + 1
     out: dict[str, Any] = {"image_size": size, "epochs": args.fold_epochs, "train_photos": len(tr), "val_photos": len(val), "variants": {}}
     for v in args.fold_variants:
-        cfg = recipe(
+        cfg = recipe_train_config(
             args.recipe, image_size=size, backbone=args.backbone, seed=args.seed, epochs=args.fold_epochs, val_every=args.fold_val_every, **VARIANTS[v][0]
         )
         print(f"  fold check {v} ({args.fold_epochs} epochs) ...", file=sys.stderr, flush=True)
@@ -362,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     q = args.quick
-    args.backbone = args.backbone or ("test_resnet" if q else recipe(args.recipe).backbone)
+    args.backbone = args.backbone or ("test_resnet" if q else recipe_train_config(args.recipe).backbone)
     args.sizes = args.sizes or ([32, 48] if q else [64, 96, 128])
     args.compile_sizes = args.compile_sizes if args.compile_sizes is not None else ([] if q else [64])
     args.steps = args.steps or (2 if q else 12)
@@ -370,9 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     args.rounds = args.rounds or (1 if q else 3)
     args.loss_steps = args.loss_steps if args.loss_steps is not None else (5 if q else 100)
     args.preset = args.preset or ("tiny" if q else "demo")
-    args.batch_size = recipe(args.recipe).batch_size
+    args.batch_size = recipe_train_config(args.recipe).batch_size
     parts = args.only or ["speed", "loss", *(["fold"] if args.fold_epochs else [])]
-    out = args.out or HERE / "results" / ("train_step_speed_quick.json" if q else "train_step_speed.json")
+    out = args.out or RESULTS / ("train_step_speed_quick.json" if q else "train_step_speed.json")
 
     tmp = None if args.work else tempfile.TemporaryDirectory(prefix="whale-step-speed-")
     work = args.work or Path(tmp.name)
@@ -382,14 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         with using_threads(args.threads):
-            res["environment"] = environment()
+            res["environment"] = environment("torch", "torchvision", "timm", "pillow", "pytorch_metric_learning")
             res["environment"]["pipeline_threads"] = pipeline_threads(args.threads)
             if "speed" in parts:
                 res["speed"] = []
                 for size in args.sizes:
                     res["speed"].append(speed_at(size, args, work, size in args.compile_sizes))
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    out.write_text(json.dumps(res, indent=2) + "\n")  # what is measured so far survives a stop
+                    write_json(out, res)  # what is measured so far survives a stop
             if "loss" in parts and args.loss_steps:
                 res["loss"] = loss_curves(args, work)
             if "fold" in parts and args.fold_epochs:
@@ -397,11 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if tmp is not None:
             tmp.cleanup()
-    res["environment"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    res["total_s"] = round(time.perf_counter() - t0, 1)
-    res["markdown"] = markdown(res)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    save_results(res, out, markdown, t0)
     print(res["markdown"])
     print(f"\nResults: {out} ({res['total_s']:.0f} s)")
     return 0

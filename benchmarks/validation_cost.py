@@ -17,25 +17,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import yaml
+from common import REPO, loadavg, machine_summary, print_json, recipe_train_config, timestamp
 from PIL import Image
 
 from whale_ml.data.demo import PRESETS, generate_demo_data
 from whale_ml.data.folds import fold_split, make_folds
 from whale_ml.data.metadata import read_train_metadata
-from whale_ml.stage_configs import TrainConfig
 from whale_ml.threads import pipeline_threads, using_threads
 from whale_ml.training.trainer import build_training, seed_everything, train_one_epoch
 from whale_ml.training.validation import validate, validation_set
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def full_frame_crops(paths: list[str], out: Path, size: int) -> list[str]:
@@ -62,8 +57,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="whale-valcost-"))
     data = Path(args.data) if args.data else generate_demo_data(work / "data", PRESETS["demo"])
-    recipe = yaml.safe_load(Path(args.recipe).read_text())["ops"]["arcface_model"]["config"]
-    cfg = TrainConfig(**{**recipe, "device": "cpu", "epochs": args.epochs, "val_sample": args.sample})
+    cfg = recipe_train_config(args.recipe, epochs=args.epochs, val_sample=args.sample)
     train = read_train_metadata(data)
     train["path"] = full_frame_crops(train["path"].tolist(), work / "crops", cfg.image_size)
     tr, val = fold_split(make_folds(train, 2, 0.16, 0), 0)
@@ -93,16 +87,16 @@ def main() -> None:
     train_rate, embed_rate = rows[0]["train_images"] / epoch_s, (len(tr) + len(val)) / val_s
     real_epoch, real_val = args.gallery / train_rate, (args.gallery + args.queries) / embed_rate
     result = {
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {pipeline_threads()} torch threads",
+        "date": timestamp(),
+        "machine": f"{machine_summary()}, {pipeline_threads()} torch threads",
         "torch": torch.__version__,
-        "recipe": {k: recipe[k] for k in ("backbone", "image_size", "batch_size") if k in recipe},
+        "recipe": {k: getattr(cfg, k) for k in ("backbone", "image_size", "batch_size")},
         "fold0": {"train_photos": len(tr), "val_photos": len(val), "sample_gallery": len(sample.gallery), "sample_queries": len(sample.queries)},
         "epochs": rows,
         "epoch_s": round(epoch_s, 2),
         "validation_s": round(val_s, 2),
         "sample_validation_s": round(min(r["val_sample_s"] for r in rows), 2),
-        "load_average": os.getloadavg(),
+        "load_average": loadavg(),
         "validation_over_epoch": round(val_s / epoch_s, 2),
         "train_images_per_s": round(train_rate, 1),
         "validation_images_per_s": round(embed_rate, 1),
@@ -113,10 +107,7 @@ def main() -> None:
             "validation_over_epoch": round(real_val / real_epoch, 2),
         },
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    print_json(result, args.out)
 
 
 if __name__ == "__main__":
