@@ -1,4 +1,4 @@
-"""A home with class centres made from a finished run's ``last.pt`` (issue 15, option 1).
+"""A home with class centres made from a finished run's ``last.pt``.
 
 Fold models trained before ``best.pt`` kept the ArcFace class centres still hold them in
 ``last.pt`` (the loss state, for resuming), next to the model weights of the same, last

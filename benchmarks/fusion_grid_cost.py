@@ -1,4 +1,4 @@
-"""What tuning the fusion weights costs at the Kaggle shape (issue 15, option 1).
+"""What tuning the fusion weights costs at the Kaggle shape, with class-centre scores.
 
 Synthetic out-of-fold lists of the competition's size (51,000 validation photos, 10
 candidates each, 15,600 individuals, random scores): the fusion's weights and exact

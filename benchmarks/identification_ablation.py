@@ -1,4 +1,4 @@
-"""Identification-stage ablation on a finished pipeline home (issue 15).
+"""Identification-stage ablation on a finished pipeline home.
 
 Every variant reuses the run's fold models, embeddings, boxes and gallery; only the
 identification step changes. For each: out-of-fold MAP@5 (the tuning target), the share
@@ -7,16 +7,16 @@ of validation photos answered "new" first, test MAP@5 of the submission it would
 
 Variants:
 
-* ``embedding``: the gallery's cosine similarity alone (the pipeline before issue 15).
+* ``embedding``: the gallery's cosine similarity alone (no fusion).
 * ``rerank ...``: local-feature re-ranking fused with it (``whale_ml.retrieval.rerank``),
   the default and its settings one at a time.
 * ``qe``/``dba``/``centroid``: query expansion, database-side augmentation and
-  individual-centroid augmentation of the embeddings (option 4), out of fold only.
+  individual-centroid augmentation of the embeddings (graph re-ranking), out of fold only.
 * ``class centres``: each candidate's cosine to its best ArcFace class sub-centre fused as
-  a third calibrated score (option 1, ``match_threshold: {config: {class_centres: true}}``),
+  a third calibrated score (``match_threshold: {config: {class_centres: true}}``),
   alone and with the default re-ranking; needs fold models that kept their centres.
 * ``+ lead_weight``: the new_individual decision from the first candidate's lead over the second
-  too (option 6, ``whale_ml.retrieval.lead``), on the embedding ranking and on the default
+  too (the lead rule, ``whale_ml.retrieval.lead``), on the embedding ranking and on the default
   re-ranking (the home's own ``local_features``); the weight grid ``LEAD_WEIGHTS``. Beside
   the pooled out-of-fold MAP@5 (tuned and scored on the same photos, so never below the
   plain rule's), a **cross-fold** figure: the weight and threshold tuned on one fold's
@@ -103,7 +103,7 @@ def _test(layout: HomeLayout, matcher: Matcher, store: FeatureStore | None, trut
 
 
 def _augmented(layout: HomeLayout, cv: pd.DataFrame, folds: list[str], how: str) -> tuple[float, float]:
-    """Out-of-fold MAP@5 and new share with an embedding augmentation (option 4)."""
+    """Out-of-fold MAP@5 and new share with an embedding augmentation (graph re-ranking)."""
     sims, ids, truths = [], [], []
     for f in fold_searches(cv, {fold: layout.embeddings_dir(fold) for fold in folds}, PLAIN.k, 5):
         g, q, gid = f.gallery.embeddings, f.queries, f.gallery.table["individual_id"].to_numpy(dtype=object)
@@ -202,7 +202,7 @@ def _split_half(
 def _lead_rows(
     name: str, tuned: OutOfFoldThreshold, known: list[str], layout: HomeLayout, store: FeatureStore | None, truth: dict[str, str]
 ) -> list[dict]:
-    """Option 6 on an already tuned ranking: the plain rule, the lead rule and the per-rank alternative."""
+    """The lead rule on an already tuned ranking: the plain rule, the lead rule and the per-rank alternative."""
     start = time.perf_counter()
     lead = tune_lead(tuned.sims, tuned.ids, tuned.truths, known, LEAD_WEIGHTS)
     tune_s = time.perf_counter() - start
@@ -242,7 +242,7 @@ def main() -> None:
     ap.add_argument("home", type=Path)
     ap.add_argument("--quick", action="store_true", help="only the default re-ranking and ORB")
     ap.add_argument("--only-centres", action="store_true", help="only the embedding, class centres, the default re-ranking and both")
-    ap.add_argument("--lead-only", action="store_true", help="only option 6 (the lead rule): embedding and default re-ranking")
+    ap.add_argument("--lead-only", action="store_true", help="only the lead rule: embedding and default re-ranking")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--truth", type=Path, help="test_truth.csv (default: HOME/demo_data/test_truth.csv, where make demo puts it)")
     args = ap.parse_args()
@@ -256,7 +256,7 @@ def main() -> None:
     start = time.perf_counter()
     plain = tune_out_of_fold(cv, layout.embeddings_dir, folds, PLAIN)
     oof_s = time.perf_counter() - start
-    # Option 6 on the embedding ranking and on the default re-ranking (the home's own local features).
+    # The margin rule on the embedding ranking and on the default re-ranking (the home's own local features).
     known = cv["individual_id"].unique().tolist()
     if not args.only_centres:
         rows += _lead_rows("embedding only", plain, known, layout, None, truth)
@@ -268,7 +268,7 @@ def main() -> None:
         _report(rows, args.out)
         return
     t_map, t_new, t_s = _test(layout, plain.matcher, None, truth)
-    rows.append({"variant": "embedding only (before issue 15)", "oof_map5": plain.map5, "oof_new_share": plain.result.new_share,
+    rows.append({"variant": "embedding only", "oof_map5": plain.map5, "oof_new_share": plain.result.new_share,
                  "test_map5": t_map, "test_new_share": t_new, "added_s": 0.0, "weight": None, "ms_per_query": None})
     print(rows[-1], flush=True)
     has_centres = all(ClassCentres.load(layout.embeddings_dir(f)) is not None for f in folds)
@@ -277,12 +277,12 @@ def main() -> None:
         tuned = tune_out_of_fold(cv, layout.embeddings_dir, folds, ThresholdConfig(rerank=False))
         tune_s = time.perf_counter() - start
         t_map, t_new, test_s = _test(layout, tuned.matcher, None, truth)
-        rows.append({"variant": "class centres (option 1), no re-ranking", "oof_map5": tuned.map5, "oof_new_share": tuned.result.new_share,
+        rows.append({"variant": "class centres , no re-ranking", "oof_map5": tuned.map5, "oof_new_share": tuned.result.new_share,
                      "test_map5": t_map, "test_new_share": t_new, "added_s": tune_s - oof_s + (test_s - t_s), "weight": None,
                      "centre_weight": tuned.fusion.fusion.centre_weight if tuned.fusion else 0.0, "ms_per_query": None})
         print(rows[-1], flush=True)
     else:
-        print("no class centres beside the fold embeddings (fold models trained before they were kept): option 1 left out", flush=True)
+        print("no class centres beside the fold embeddings (none in the fold models' best.pt): class centres left out", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for n, (name, over) in enumerate(RERANK_VARIANTS):
             if (args.quick and n not in QUICK) or (args.only_centres and n != 0):
@@ -306,7 +306,7 @@ def main() -> None:
                 both_s = time.perf_counter() - start - oof_s
                 t_map, t_new, test_s = _test(layout, both.matcher, store, truth)
                 assert both.fusion is not None and both.rerank_cost is not None
-                rows.append({"variant": f"{name} + class centres (option 1)", "oof_map5": both.result.map5,
+                rows.append({"variant": f"{name} + class centres", "oof_map5": both.result.map5,
                              "oof_new_share": both.result.new_share, "test_map5": t_map, "test_new_share": t_new,
                              "added_s": feat_s + both_s + (test_s - t_s), "weight": both.fusion.fusion.local_weight,
                              "centre_weight": both.fusion.fusion.centre_weight, "ms_per_query": both.rerank_cost.ms_per_query,
@@ -314,7 +314,7 @@ def main() -> None:
                 print(rows[-1], flush=True)
     for how in () if args.only_centres else ("qe", "dba", "centroid"):
         m, new = _augmented(layout, cv, folds, how)
-        rows.append({"variant": f"{how} (option 4, embedding only)", "oof_map5": m, "oof_new_share": new, "test_map5": None,
+        rows.append({"variant": f"{how} (graph re-ranking, embedding only)", "oof_map5": m, "oof_new_share": new, "test_map5": None,
                      "test_new_share": None, "added_s": None, "weight": None, "ms_per_query": None})
         print(rows[-1], flush=True)
     _report(rows, args.out)

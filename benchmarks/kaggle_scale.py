@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The pipeline at the real competition's scale (issue 14): every stage's time and memory.
+"""The pipeline at the real competition's scale: every stage's time and memory.
 
     python benchmarks/kaggle_scale.py --stages counts --out benchmarks/results/kaggle_scale_counts.json   # ~5 min on 2 cores
     python benchmarks/kaggle_scale.py --stages images --scale 0.002    # full-size photos: the decode baseline and the image stages

@@ -1,4 +1,4 @@
-"""The pseudo-label round on `make demo`'s recipe (issue 15, option 3): one `whale run` with
+"""The pseudo-label round on `make demo`'s recipe: one `whale run` with
 the round enabled, so that both rounds come from the same run, data, detector and crops.
 
 Reports, per round, out-of-fold MAP@5 (what the pipeline tunes on) and test MAP@5

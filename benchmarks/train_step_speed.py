@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Speed of the ArcFace training step on CPU: channels_last, bf16 autocast, torch.compile (issue 15, option 5).
+"""Speed of the ArcFace training step on CPU: channels_last, bf16 autocast, torch.compile.
 
     python benchmarks/train_step_speed.py                     # 64/96/128 px, compile at 64 px: ~30-60 min on 2 busy cores
     python benchmarks/train_step_speed.py --compile-sizes     # no torch.compile (minutes)

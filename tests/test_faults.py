@@ -608,7 +608,7 @@ def test_two_folds_materialised_at_once_keep_their_own_files(pipeline: dict) -> 
     client = mlflow.MlflowClient(tracking_uri=layout.mlflow_uri)
     experiment = client.get_experiment_by_name("whale-photo-id")
     for fold, r in results.items():
-        (run,) = client.search_runs(  # the fold's training run (fold_embeddings has its own run since issue 16)
+        (run,) = client.search_runs(  # the fold's training run (fold_embeddings has a run of its own)
             [experiment.experiment_id], filter_string=f"tags.`dagster.run_id` = '{r['run_id']}' and tags.`dagster.asset` = 'arcface_model'"
         )
         assert run.data.tags["dagster.partition"] == fold and run.info.status == "FINISHED"

@@ -1,6 +1,6 @@
 """The training step's speed settings (``precision``, ``memory_format``): each trains, and none changes what the model computes.
 
-Measured choices behind the defaults: docs/benchmarks.md, "Training step speed on 2 CPU cores (issue 15, option 5)".
+Measured choices behind the defaults: docs/benchmarks.md, "Training step speed on 2 CPU cores".
 """
 
 from __future__ import annotations

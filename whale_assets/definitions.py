@@ -1,4 +1,4 @@
-"""The code location: every module under ``whale_assets/defs`` (one per stage, plus jobs,
+"""The code location: every module under ``whale_assets/defs`` (the asset groups' modules, plus jobs,
 automation and the executor), with the resources bound here, in one place."""
 
 from __future__ import annotations

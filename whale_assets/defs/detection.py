@@ -1,4 +1,4 @@
-"""Stage 2 -- detection: the animal detector, one pass that boxes and crops every photo, and the
+"""Group ``detection`` (stage ``prepare_data``): the animal detector, one pass that boxes and crops every photo, and the
 local features of every box (for re-ranking)."""
 
 from collections.abc import Iterator

@@ -1,4 +1,4 @@
-"""Stage 1 -- raw: the Kaggle CSVs, validated and normalised."""
+"""Group ``raw`` (stage ``prepare_data``): the Kaggle CSVs, validated and normalised."""
 
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""Stage 5 -- retrieval: embeddings per fold, the ensemble gallery, the new_individual threshold."""
+"""Groups ``training`` (stage ``train_folds``): embeddings per fold; ``retrieval`` (``ensemble_and_submit``): gallery, threshold."""
 
 import time
 from dataclasses import dataclass

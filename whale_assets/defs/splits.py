@@ -1,4 +1,4 @@
-"""Stage 3 -- splits: cross-validation folds by individual."""
+"""Group ``splits`` (stage ``prepare_data``): cross-validation folds by individual."""
 
 import dagster as dg
 import pandas as pd

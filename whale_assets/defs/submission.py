@@ -1,4 +1,4 @@
-"""Stage 6 -- submission: the Kaggle CSV, checked, and scored when truth exists."""
+"""Group ``submission`` (stage ``ensemble_and_submit``): the Kaggle CSV, checked, and scored when truth exists."""
 
 from pathlib import Path
 from typing import Any

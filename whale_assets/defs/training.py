@@ -1,4 +1,4 @@
-"""Stage 4 -- training: one ArcFace model per fold partition, logged to MLflow."""
+"""Groups ``training`` (stage ``train_folds``): one ArcFace model per fold, in MLflow; ``registry`` (``ensemble_and_submit``): champions."""
 
 import dagster as dg
 import pandas as pd
