@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -94,3 +95,17 @@ def fold(tiny_data: Path) -> tuple[pd.DataFrame, pd.DataFrame, int]:
     tr, val = fold_split(make_folds(train, 2, 0.2, 0), 0)
     return tr, val, int(train["label"].max()) + 1
 
+
+# ---------------------------------------------------------------- servers
+
+
+@pytest.fixture(scope="session")
+def free_port() -> Callable[[], int]:
+    """A function returning a local TCP port where nothing listens (at the time of asking)."""
+
+    def pick() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    return pick
