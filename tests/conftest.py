@@ -5,9 +5,10 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import socket
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.pop("WHALE_DATA_DIR", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
+import pandas as pd
+
 from whale_ml.data.demo import PRESETS, generate_demo_data
+from whale_ml.data.folds import fold_split, make_folds
+from whale_ml.data.metadata import read_train_metadata
 from whale_ml.offline import configure_environment
+from whale_ml.stage_configs import TrainConfig
 
 configure_environment(Path(os.environ["WHALE_HOME"]))
 
@@ -56,3 +62,50 @@ def whale_env(tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch) 
 
     prepare_dagster_home()
     return home
+
+
+# ---------------------------------------------------------------- training on the tiny set
+
+# The tiny training recipe (TrainConfig's fields): a test ResNet on 32-pixel photos, on the
+# CPU, seconds an epoch. Tests take it from the fixtures below, never from this name.
+TINY = {"backbone": "test_resnet", "image_size": 32, "embedding_size": 16, "batch_size": 4, "m_per_class": 1, "device": "cpu"}
+
+
+@pytest.fixture
+def tiny_recipe() -> dict[str, object]:
+    """The tiny training recipe as TrainConfig's keyword arguments (a fresh copy: change it freely)."""
+    return dict(TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> Callable[..., TrainConfig]:
+    """The tiny recipe's TrainConfig, with any field set otherwise: ``tiny_config(epochs=2, m_per_class=2)``."""
+
+    def make(**fields: object) -> TrainConfig:
+        return TrainConfig(**{**TINY, **fields})
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def fold(tiny_data: Path) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """Fold 0 of 2 of the tiny set, on the full photos (no detector needed): its training and
+    validation rows, and the number of classes (every individual of the set has a label)."""
+    train = read_train_metadata(tiny_data)
+    tr, val = fold_split(make_folds(train, 2, 0.2, 0), 0)
+    return tr, val, int(train["label"].max()) + 1
+
+
+# ---------------------------------------------------------------- servers
+
+
+@pytest.fixture(scope="session")
+def free_port() -> Callable[[], int]:
+    """A function returning a local TCP port where nothing listens (at the time of asking)."""
+
+    def pick() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    return pick

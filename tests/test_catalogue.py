@@ -36,16 +36,16 @@ pytestmark = pytest.mark.slow  # subprocesses, each importing torch
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "catalogue_worker.py"
-TINY = TrainConfig(backbone="test_resnet", image_size=32, embedding_size=16, batch_size=4, m_per_class=1, device="cpu")
 
 
-def _checkpoint(path: Path, seed: int, ids: list[str]) -> bytes:
+def _checkpoint(cfg: TrainConfig, path: Path, seed: int, ids: list[str]) -> bytes:
+    """A fold model's checkpoint of recipe ``cfg`` (untrained, seeded), with class centres for ``ids``."""
     torch.manual_seed(seed)
-    model = create_embedding_model(TINY, pretrained=False)
+    model = create_embedding_model(cfg, pretrained=False)
     rng = np.random.default_rng(seed)
-    vectors = rng.normal(size=(len(ids), 1, TINY.embedding_size)).astype(np.float32)
+    vectors = rng.normal(size=(len(ids), 1, cfg.embedding_size)).astype(np.float32)
     centres = ClassCentres(np.array(ids, dtype=object), vectors / np.linalg.norm(vectors, axis=2, keepdims=True))
-    save_checkpoint(path, {"model": model.state_dict(), "config": TINY.model_dump(), "num_classes": len(ids), **{"class_centres": centres.to_checkpoint()}})
+    save_checkpoint(path, {"model": model.state_dict(), "config": cfg.model_dump(), "num_classes": len(ids), **{"class_centres": centres.to_checkpoint()}})
     return path.read_bytes()
 
 
@@ -92,7 +92,7 @@ def _confirmed(root: Path, name: str, individual: str, photos: list[str]) -> Pat
 
 
 @pytest.fixture
-def catalogue(tmp_path: Path, tiny_data: Path) -> Iterator[dict]:
+def catalogue(tmp_path: Path, tiny_data: Path, tiny_config) -> Iterator[dict]:
     """A home whose gallery v0001 holds the tiny set's training photos, embedded (as random
     fold embeddings) with one real tiny fold model whose ``best.pt`` and class centres are
     on disk, full frames (no detector), and the records the gallery stage reads."""
@@ -102,9 +102,10 @@ def catalogue(tmp_path: Path, tiny_data: Path) -> Iterator[dict]:
     ids = sorted(train["individual_id"].unique())
     best = layout.model_dir("fold0") / "best.pt"
     best.parent.mkdir(parents=True)
-    original = _checkpoint(best, 0, ids)
+    cfg = tiny_config()
+    original = _checkpoint(cfg, best, 0, ids)
     record_boxes(layout, 0.25, 1.2, 64, None)
-    record_crops(layout, TINY.image_size, "letterbox")
+    record_crops(layout, cfg.image_size, "letterbox")
     rng = np.random.default_rng(0)
     save_embeddings(layout.embeddings_dir("fold0"), "train", rng.normal(size=(len(train), 16)).astype(np.float32), train["image"].tolist())
     save_embeddings(layout.embeddings_dir("fold0"), "test", np.zeros((0, 16), np.float32), [])
@@ -117,7 +118,7 @@ def catalogue(tmp_path: Path, tiny_data: Path) -> Iterator[dict]:
     version, _ = build_gallery(layout, ["fold0"], meta, crops, GalleryConfig(), lambda lineage: [])
     assert version.name == "v0001"
     tests = sorted(p.name for p in (tiny_data / "test_images").iterdir())
-    yield {"home": home, "layout": layout, "root": tmp_path, "data": tiny_data, "tests": tests, "original": original}
+    yield {"home": home, "layout": layout, "root": tmp_path, "data": tiny_data, "tests": tests, "original": original, "config": cfg}
 
 
 def _enrolled_embeddings_match(layout: HomeLayout, version_name: str, checkpoint: bytes, root: Path) -> None:
@@ -201,7 +202,7 @@ def test_an_enrolment_during_a_folds_training_uses_the_gallerys_own_model(catalo
     meta = pd.read_csv(home / "train_metadata.csv", dtype=str)
     crops = pd.read_csv(home / "crops.csv", dtype=str, keep_default_na=False)
     assert build_gallery(layout, ["fold0"], meta, crops, GalleryConfig(), lambda lineage: [])[0].lineage.models[0].version == "1"
-    other = _checkpoint(root / "other.pt", 1, ["x"])
+    other = _checkpoint(catalogue["config"], root / "other.pt", 1, ["x"])
     assert other != catalogue["original"]
     (root / "original.pt").write_bytes(catalogue["original"])
     script = (

@@ -7,22 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from whale_ml.stage_configs import TrainConfig
-from whale_ml.data.folds import fold_split, make_folds
-from whale_ml.data.metadata import read_train_metadata
 from whale_ml.threads import pipeline_threads
 from whale_ml.training.launch import train_fold_distributed
 from whale_ml.training.trainer import load_checkpoint, load_model
 
-TINY = {"backbone": "test_resnet", "image_size": 32, "embedding_size": 16, "batch_size": 4, "m_per_class": 1, "device": "cpu"}
-
 
 @pytest.mark.slow
-def test_two_process_ddp_training_on_cpu(tiny_data: Path, tmp_path: Path) -> None:
-    train = read_train_metadata(tiny_data)
-    tr, val = fold_split(make_folds(train, 2, 0.2, 0), 0)
-    n_classes = int(train["label"].max()) + 1
-    cfg = TrainConfig(**TINY, epochs=2, species_head=True)
+def test_two_process_ddp_training_on_cpu(fold, tmp_path: Path, tiny_config) -> None:
+    tr, val, n_classes = fold
+    cfg = tiny_config(epochs=2, species_head=True)
     messages: list[str] = []
     result = train_fold_distributed(cfg, tr, val, n_classes, tmp_path / "model", processes=2, log=messages.append)
 
@@ -43,17 +36,16 @@ def test_two_process_ddp_training_on_cpu(tiny_data: Path, tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-def test_ddp_worker_failure_is_reported_with_its_output(tiny_data: Path, tmp_path: Path) -> None:
-    train = read_train_metadata(tiny_data)
-    tr, val = fold_split(make_folds(train, 2, 0.2, 0), 0)
-    cfg = TrainConfig(**{**TINY, "backbone": "no_such_backbone_xyz"}, epochs=1)
+def test_ddp_worker_failure_is_reported_with_its_output(fold, tmp_path: Path, tiny_config) -> None:
+    tr, val, _ = fold
+    cfg = tiny_config(backbone="no_such_backbone_xyz", epochs=1)
     with pytest.raises(RuntimeError, match="distributed training failed") as err:
         train_fold_distributed(cfg, tr, val, 10, tmp_path / "model", processes=2, log=lambda _m: None)
     assert "no_such_backbone_xyz" in str(err.value)
 
 
-def test_ddp_needs_two_processes(tmp_path: Path) -> None:
+def test_ddp_needs_two_processes(tmp_path: Path, tiny_config) -> None:
     import pandas as pd
 
     with pytest.raises(ValueError, match="at least 2"):
-        train_fold_distributed(TrainConfig(**TINY), pd.DataFrame(), pd.DataFrame(), 2, tmp_path, processes=1)
+        train_fold_distributed(tiny_config(), pd.DataFrame(), pd.DataFrame(), 2, tmp_path, processes=1)

@@ -21,15 +21,15 @@ from whale_ml.data.demo import (
 from whale_ml.data.images import ImageReadError, eval_transform, load_rgb
 from whale_ml.data.metadata import NEW_INDIVIDUAL, read_test_metadata, read_train_metadata
 
-TINY = PRESETS["tiny"]
+PRESET = PRESETS["tiny"]  # the product's tiny preset: the thing under test here
 MISSPELLINGS = {label for label, canonical, _ in SPECIES_LABELS if label != canonical}
 
 
 @pytest.fixture(scope="module")
 def two_tiny_sets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The tiny preset generated twice with the same seed, in two separate folders."""
-    a = generate_demo_data(tmp_path_factory.mktemp("demo_a") / "data", TINY)
-    b = generate_demo_data(tmp_path_factory.mktemp("demo_b") / "data", TINY)
+    a = generate_demo_data(tmp_path_factory.mktemp("demo_a") / "data", PRESET)
+    b = generate_demo_data(tmp_path_factory.mktemp("demo_b") / "data", PRESET)
     return a, b
 
 
@@ -49,8 +49,8 @@ def test_same_seed_identical_sets(two_tiny_sets: tuple[Path, Path]) -> None:
 
 def test_different_seed_differs(tmp_path: Path) -> None:
     """Another seed gives another set (ids and photos)."""
-    other = generate_demo_data(tmp_path / "data", TINY.model_copy(update={"seed": 1}))
-    first = generate_demo_data(tmp_path / "data0", TINY)
+    other = generate_demo_data(tmp_path / "data", PRESET.model_copy(update={"seed": 1}))
+    first = generate_demo_data(tmp_path / "data0", PRESET)
     assert set(pd.read_csv(other / "train.csv")["individual_id"]).isdisjoint(pd.read_csv(first / "train.csv")["individual_id"])
 
 
@@ -99,7 +99,7 @@ def test_photo_sizes_follow_config(two_tiny_sets: tuple[Path, Path]) -> None:
     data, _ = two_tiny_sets
     for p in list((data / "train_images").iterdir())[:10]:
         with Image.open(p) as im:
-            assert TINY.min_width <= im.width <= TINY.max_width
+            assert PRESET.min_width <= im.width <= PRESET.max_width
             assert im.mode == "RGB"
 
 
@@ -117,13 +117,13 @@ def test_new_individuals_absent_from_train(two_tiny_sets: tuple[Path, Path]) -> 
     train_ids = set(pd.read_csv(data / "train.csv", dtype=str)["individual_id"])
     truth = pd.read_csv(data / "test_truth.csv", dtype=str)
     is_new = truth["individual_id"] == NEW_INDIVIDUAL
-    assert is_new.sum() >= TINY.n_new_individuals
+    assert is_new.sum() >= PRESET.n_new_individuals
     assert set(truth.loc[~is_new, "individual_id"]) <= train_ids
     assert NEW_INDIVIDUAL not in train_ids
     # Rebuild the generator's individuals from the seed: the new ones are not in train.csv.
-    rng = np.random.default_rng(TINY.seed)
-    known = _individuals(TINY, rng, TINY.n_individuals)
-    new = _individuals(TINY, rng, TINY.n_new_individuals)
+    rng = np.random.default_rng(PRESET.seed)
+    known = _individuals(PRESET, rng, PRESET.n_individuals)
+    new = _individuals(PRESET, rng, PRESET.n_new_individuals)
     assert {i.individual_id for i in known} == train_ids
     assert {i.individual_id for i in new}.isdisjoint(train_ids)
 
@@ -134,7 +134,7 @@ def test_generate_refuses_existing_folder(tmp_path: Path) -> None:
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError):
-        generate_demo_data(out, TINY)
+        generate_demo_data(out, PRESET)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 

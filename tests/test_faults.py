@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -453,16 +452,10 @@ def _result(proc: subprocess.Popen, timeout: float = 240) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def mlflow_server(tmp_path: Path) -> Iterator[tuple[str, Callable[[], Path]]]:
+def mlflow_server(tmp_path: Path, free_port: Callable[[], int]) -> Iterator[tuple[str, Callable[[], Path]]]:
     """A URI where nothing listens yet, and a function that starts a real ``mlflow server`` there."""
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     procs: list[subprocess.Popen] = []
 
@@ -549,7 +542,7 @@ def test_mlflow_unreachable_fails_fast_is_retried_then_succeeds_without_retraini
     assert client.get_model_version_by_alias("whale-arcface", "fold0").run_id == run.info.run_id
 
 
-def test_only_transient_mlflow_failures_are_retried(pipeline: dict, tmp_path: Path) -> None:
+def test_only_transient_mlflow_failures_are_retried(pipeline: dict, tmp_path: Path, free_port: Callable[[], int]) -> None:
     """A real connection failure counts as transient; an error of the step itself (here an
     unknown backbone) fails at the first attempt, without minutes of backoff, naming the cause."""
     import requests
@@ -557,7 +550,7 @@ def test_only_transient_mlflow_failures_are_retried(pipeline: dict, tmp_path: Pa
     from whale_assets.retries import is_transient
 
     with pytest.raises(requests.ConnectionError) as dead:
-        requests.get(f"http://127.0.0.1:{_free_port()}/health", timeout=2)
+        requests.get(f"http://127.0.0.1:{free_port()}/health", timeout=2)
     assert is_transient(dead.value) and not is_transient(ValueError("bad data"))
     try:
         raise RuntimeError("logging failed") from dead.value

@@ -9,13 +9,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from whale_ml.stage_configs import TrainConfig
 from whale_ml.data.folds import make_folds
 from whale_ml.data.metadata import NEW_INDIVIDUAL, read_train_metadata
 from whale_ml.threads import pipeline_threads
 from whale_ml.training.fold_model import FoldData, curves_figure, recipe_version, train_fold_model
-
-TINY = {"backbone": "test_resnet", "image_size": 32, "embedding_size": 16, "batch_size": 4, "m_per_class": 1, "device": "cpu"}
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +60,11 @@ def test_data_set_digests_follow_the_photos_and_their_crops_not_the_row_order_or
     assert FoldData.from_folds(recut, 0).datasets()["training"][1] == sets["training"][1]
 
 
-def test_recipe_version_is_a_digest_of_the_sorted_settings() -> None:
-    cfg = TrainConfig(**TINY)
+def test_recipe_version_is_a_digest_of_the_sorted_settings(tiny_config) -> None:
+    cfg = tiny_config()
     assert recipe_version(cfg) == hashlib.sha1(json.dumps(cfg.model_dump(), sort_keys=True).encode()).hexdigest()[:12]
-    assert recipe_version(TrainConfig(**TINY)) == recipe_version(cfg)
-    assert recipe_version(TrainConfig(**{**TINY, "margin": 0.4})) != recipe_version(cfg)
+    assert recipe_version(tiny_config()) == recipe_version(cfg)
+    assert recipe_version(tiny_config(margin=0.4)) != recipe_version(cfg)
 
 
 def test_curves_figure_draws_loss_and_validation_when_there_is_one() -> None:
@@ -83,9 +80,9 @@ def test_curves_figure_draws_loss_and_validation_when_there_is_one() -> None:
     plt.close(fig)
 
 
-def test_train_fold_model_writes_recipe_and_curves_and_reports_every_epoch_once(folds: pd.DataFrame, tmp_path: Path) -> None:
+def test_train_fold_model_writes_recipe_and_curves_and_reports_every_epoch_once(folds: pd.DataFrame, tmp_path: Path, tiny_config) -> None:
     data = FoldData.from_folds(folds, 0)
-    cfg = TrainConfig(**TINY, epochs=2)
+    cfg = tiny_config(epochs=2)
     live: list[tuple[int, dict]] = []
     trained = train_fold_model(cfg, data, tmp_path, on_epoch_end=lambda e, m: live.append((e, m)), log=lambda _m: None)
 
@@ -101,9 +98,9 @@ def test_train_fold_model_writes_recipe_and_curves_and_reports_every_epoch_once(
     assert replayed == live and again.result.checkpoint == trained.result.checkpoint
 
 
-def test_a_resumed_fold_reports_the_epochs_of_the_interrupted_run_too(folds: pd.DataFrame, tmp_path: Path) -> None:
+def test_a_resumed_fold_reports_the_epochs_of_the_interrupted_run_too(folds: pd.DataFrame, tmp_path: Path, tiny_config) -> None:
     data = FoldData.from_folds(folds, 0)
-    cfg = TrainConfig(**TINY, epochs=2)
+    cfg = tiny_config(epochs=2)
 
     def stop_after_one(epoch: int, _metrics: dict) -> None:
         raise KeyboardInterrupt

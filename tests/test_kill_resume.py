@@ -14,26 +14,20 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from whale_ml.stage_configs import TrainConfig
-from whale_ml.data.folds import fold_split, make_folds
-from whale_ml.data.metadata import read_train_metadata
 from whale_ml.training.trainer import load_checkpoint, train_fold
 
 pytestmark = pytest.mark.kill
 
-TINY = {"backbone": "test_resnet", "image_size": 32, "embedding_size": 16, "batch_size": 4, "m_per_class": 1, "device": "cpu"}
 EPOCHS = 6
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
-def test_sigkill_mid_epoch_then_resume(tiny_data: Path, tmp_path: Path) -> None:
-    train = read_train_metadata(tiny_data)
-    tr, val = fold_split(make_folds(train, 2, 0.2, 0), 0)
-    n_classes = int(train["label"].max()) + 1
+def test_sigkill_mid_epoch_then_resume(fold, tmp_path: Path, tiny_config) -> None:
+    tr, val, n_classes = fold
     tr.to_parquet(tmp_path / "train.parquet")
     val.to_parquet(tmp_path / "val.parquet")
     out = tmp_path / "model"
-    cfg = TrainConfig(**TINY, epochs=EPOCHS)
+    cfg = tiny_config(epochs=EPOCHS)
     child = textwrap.dedent(
         f"""
         import pandas as pd, sys

@@ -47,20 +47,14 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def http_server() -> Iterator[Callable[[int], str]]:
+def http_server(free_port: Callable[[], int]) -> Iterator[Callable[[int], str]]:
     """Start a server answering every request with a given status; its URI. Stopped (its
     process group) when the test ends."""
     procs: list[subprocess.Popen] = []
 
     def start(status: int) -> str:
-        port = _free_port()
+        port = free_port()
         procs.append(subprocess.Popen([sys.executable, "-c", _SERVER, str(port), str(status)], start_new_session=True))
         deadline = time.monotonic() + 30
         while True:
@@ -99,12 +93,14 @@ def test_a_server_that_refuses_or_is_not_mlflow_is_final(http_server: Callable[[
 
 
 @pytest.mark.server
-def test_a_server_that_is_down_or_busy_is_transient(http_server: Callable[[int], str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_server_that_is_down_or_busy_is_transient(
+    http_server: Callable[[int], str], free_port: Callable[[], int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """503 and a port where nothing listens, as MLflow's client reports them once its own
     retries give up (none here: they would only add seconds of backoff before the same error)."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     assert is_transient(_client_error(http_server(503)))
-    assert is_transient(_client_error(f"http://127.0.0.1:{_free_port()}"))
+    assert is_transient(_client_error(f"http://127.0.0.1:{free_port()}"))
 
 
 class ProxyRestException(RestException):
@@ -172,7 +168,7 @@ def test_an_mlflow_step_fails_at_the_first_attempt_when_the_server_refuses(
 
 @pytest.mark.server
 def test_fetch_checkpoint_says_retrain_only_when_the_checkpoint_is_missing(
-    http_server: Callable[[int], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    http_server: Callable[[int], str], free_port: Callable[[], int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A run without the checkpoint artifact (a real SQLite store): retrain the fold. A server
     that refuses the credentials: say so, naming the URI, final. A server that is down: stay
@@ -190,7 +186,7 @@ def test_fetch_checkpoint_says_retrain_only_when_the_checkpoint_is_missing(
     assert not isinstance(refused.value, CheckpointFetchError) and not is_transient(refused.value)
     assert refusing in str(refused.value) and "refused the credentials (401)" in str(refused.value), refused.value
 
-    for down in (http_server(503), f"http://127.0.0.1:{_free_port()}"):
+    for down in (http_server(503), f"http://127.0.0.1:{free_port()}"):
         with pytest.raises(Exception) as unavailable:
             fetch_checkpoint(down, run.info.run_id, "0" * 64, tmp_path / "cache", "fold0 v1")
         assert not isinstance(unavailable.value, CheckpointFetchError) and is_transient(unavailable.value), (down, unavailable.value)

@@ -7,30 +7,19 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from pytorch_metric_learning import losses
 from torchvision.transforms import v2
 
 from whale_ml.stage_configs import TrainConfig
-from whale_ml.data.folds import fold_split, make_folds
 from whale_ml.data.images import eval_transform, load_rgb, train_transform
-from whale_ml.data.metadata import read_train_metadata
 from whale_ml.models.embedding import IMAGENET_MEAN, create_embedding_model, normalisation
 from whale_ml.retrieval.embeddings import autocast_for, native_cpu_bf16
 from whale_ml.training.losses import DynamicMarginArcFaceLoss, DynamicMarginSubCenterArcFaceLoss, create_loss, dynamic_margins
 from whale_ml.training.trainer import create_optimizer, create_scheduler, load_checkpoint, train_fold
 
-TINY = {"backbone": "test_resnet", "image_size": 32, "embedding_size": 16, "batch_size": 4, "m_per_class": 1, "device": "cpu"}
 QUIET = {"log": lambda _m: None}
-
-
-@pytest.fixture(scope="module")
-def fold(tiny_data: Path) -> tuple[pd.DataFrame, pd.DataFrame, int]:
-    train = read_train_metadata(tiny_data)
-    tr, val = fold_split(make_folds(train, 2, 0.2, 0), 0)
-    return tr, val, int(train["label"].max()) + 1
 
 
 # ---------------------------------------------------------------- dynamic margins
@@ -67,8 +56,8 @@ def test_dynamic_margin_loss_is_the_library_loss_with_each_samples_margin(sub_ce
     assert dyn.W.grad is not None and emb.grad is not None and torch.isfinite(emb.grad).all()
 
 
-def test_create_loss_dynamic_needs_counts_and_sizes_margins_by_them() -> None:
-    cfg = TrainConfig(**TINY, dynamic_margin=True)
+def test_create_loss_dynamic_needs_counts_and_sizes_margins_by_them(tiny_config) -> None:
+    cfg = tiny_config(dynamic_margin=True)
     with pytest.raises(ValueError, match="one photo count per class"):
         create_loss(cfg, num_classes=3)
     loss = create_loss(cfg, num_classes=3, class_counts=[1, 4, 50])
@@ -79,8 +68,8 @@ def test_create_loss_dynamic_needs_counts_and_sizes_margins_by_them() -> None:
 # ---------------------------------------------------------------- schedules, precision, heads
 
 
-def test_onecycle_is_sized_in_optimiser_steps() -> None:
-    cfg = TrainConfig(**TINY, epochs=3, schedule="onecycle", warmup_epochs=1.0)
+def test_onecycle_is_sized_in_optimiser_steps(tiny_config) -> None:
+    cfg = tiny_config(epochs=3, schedule="onecycle", warmup_epochs=1.0)
     model = create_embedding_model(cfg)
     opt = create_optimizer(cfg, model, create_loss(cfg, 3))
     sched = create_scheduler(cfg, opt, steps_per_epoch=5)
@@ -125,16 +114,16 @@ def test_auto_precision_is_fp32_on_cpu_whatever_the_cpu() -> None:
     assert autocast_for(cpu, "bf16") == (torch.bfloat16, False)
 
 
-def test_fp16_training_runs_with_a_live_gradient_scaler(fold, tmp_path: Path) -> None:
+def test_fp16_training_runs_with_a_live_gradient_scaler(fold, tmp_path: Path, tiny_config) -> None:
     train, _, n = fold
-    train_fold(TrainConfig(**TINY, epochs=1, precision="fp16"), train, train.iloc[:0], n, tmp_path, **QUIET)
+    train_fold(tiny_config(epochs=1, precision="fp16"), train, train.iloc[:0], n, tmp_path, **QUIET)
     scaler = load_checkpoint(tmp_path / "last.pt")["scaler"]
     assert scaler and scaler["scale"] > 0  # enabled: the state is saved and resumed with the run
 
 
-def test_species_head_is_trained_and_checkpointed(fold, tmp_path: Path) -> None:
+def test_species_head_is_trained_and_checkpointed(fold, tmp_path: Path, tiny_config) -> None:
     train, val, n = fold
-    cfg = TrainConfig(**TINY, epochs=1, species_head=True, species_weight=0.5, dynamic_margin=True, sub_centers=2)
+    cfg = tiny_config(epochs=1, species_head=True, species_weight=0.5, dynamic_margin=True, sub_centers=2)
     train_fold(cfg, train, val, n, tmp_path, **QUIET)
     state = load_checkpoint(tmp_path / "last.pt")
     assert state["species"] == sorted(train["species"].unique())
@@ -169,32 +158,32 @@ def test_train_augmentation_never_mirrors_a_photo() -> None:
     assert not kinds & {v2.RandomHorizontalFlip, v2.RandomVerticalFlip, v2.AutoAugment, v2.RandAugment, v2.TrivialAugmentWide}
 
 
-def test_pretrained_normalisation_comes_from_timm() -> None:
+def test_pretrained_normalisation_comes_from_timm(tiny_config) -> None:
     """The notebook fed unnormalised pixels to an ImageNet-pretrained backbone."""
     assert normalisation("resnet18") == (IMAGENET_MEAN, (0.229, 0.224, 0.225))
     clip_mean, _ = normalisation("vit_base_patch16_clip_224.openai")
     assert clip_mean != IMAGENET_MEAN  # a backbone with other statistics gets its own
-    model = create_embedding_model(TrainConfig(**{**TINY, "backbone": "resnet18"}))
+    model = create_embedding_model(tiny_config(backbone="resnet18"))
     white = torch.full((1, 3, 32, 32), 255, dtype=torch.uint8)
     x = (white.float() / 255 - model.mean) / model.std  # what the model feeds its backbone
     assert torch.allclose(x[0, :, 0, 0], (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor((0.229, 0.224, 0.225)), atol=1e-5)
 
 
-def test_average_pooling_option_has_no_learnt_exponent() -> None:
-    cfg = TrainConfig(**TINY, pooling="avg")
+def test_average_pooling_option_has_no_learnt_exponent(tiny_config) -> None:
+    cfg = tiny_config(pooling="avg")
     model = create_embedding_model(cfg)
     assert "pool.p" not in dict(model.named_parameters()) and float(model.pool.p) == 1.0
-    assert "pool.p" in dict(create_embedding_model(TrainConfig(**TINY)).named_parameters())
+    assert "pool.p" in dict(create_embedding_model(tiny_config()).named_parameters())
     x = torch.rand(2, 3, 4, 4) + 0.1
     assert torch.allclose(model.pool(x), x.mean(dim=(2, 3)), atol=1e-6)
 
 
-def test_notebook_recipe_trains(fold, tmp_path: Path) -> None:
+def test_notebook_recipe_trains(fold, tiny_recipe: dict, tmp_path: Path) -> None:
     """configs/notebook.yaml's choices (AutoAugment, SGD, one-cycle, average pooling, s=64) run end to end."""
     import yaml
 
     settings = yaml.safe_load((Path(__file__).parent.parent / "configs" / "notebook.yaml").read_text())["ops"]["arcface_model"]["config"]
-    cfg = TrainConfig(**{**settings, **TINY, "epochs": 2, "warmup_epochs": 0.6})
+    cfg = TrainConfig(**{**settings, **tiny_recipe, "epochs": 2, "warmup_epochs": 0.6})
     train, val, n = fold
     result = train_fold(cfg, train, val, n, tmp_path, **QUIET)
     assert cfg.augment == "autoaugment" and cfg.optimizer == "sgd" and cfg.pooling == "avg"
@@ -203,9 +192,9 @@ def test_notebook_recipe_trains(fold, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("total", [1, 2, 3, 4, 5, 7, 40])
 @pytest.mark.parametrize("warmup_epochs", [0.0, 0.3, 1.0])
-def test_onecycle_any_length_steps_to_the_end(total: int, warmup_epochs: float) -> None:
+def test_onecycle_any_length_steps_to_the_end(total: int, warmup_epochs: float, tiny_config) -> None:
     """Short runs (a few optimiser steps) must not break the schedule."""
-    cfg = TrainConfig(**TINY, epochs=total, schedule="onecycle", warmup_epochs=warmup_epochs)
+    cfg = tiny_config(epochs=total, schedule="onecycle", warmup_epochs=warmup_epochs)
     opt = create_optimizer(cfg, create_embedding_model(cfg), create_loss(cfg, 3))
     sched = create_scheduler(cfg, opt, steps_per_epoch=1)
     for _ in range(total):

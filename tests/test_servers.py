@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
@@ -35,12 +34,6 @@ pytestmark = [pytest.mark.server, pytest.mark.e2e]
 REPO = Path(__file__).resolve().parent.parent
 LOCATION, REPOSITORY = "whale_photo_id", "__repository__"
 ARTIFACTS = Path(os.environ.get("WHALE_TEST_ARTIFACTS", REPO / "test-artifacts"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Dagster:
@@ -94,9 +87,9 @@ class Dagster:
 
 
 @pytest.fixture(scope="module")
-def dagster_dev(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dagster]:
+def dagster_dev(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory, free_port: Callable[[], int]) -> Iterator[Dagster]:
     home = tmp_path_factory.mktemp("server") / "home"
-    mlflow_port = _free_port()
+    mlflow_port = free_port()
     env = {
         **os.environ,
         "WHALE_MLFLOW_UI": f"http://127.0.0.1:{mlflow_port}",
@@ -111,7 +104,7 @@ def dagster_dev(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     subprocess.run(
         [sys.executable, "-c", "from whale_assets.instance import prepare_dagster_home; prepare_dagster_home()"], env=env, check=True
     )
-    port = _free_port()
+    port = free_port()
     dagster = Path(sys.executable).with_name("dagster")
     log = open(home / "dagster_dev.log", "w")  # noqa: SIM115 - open for the server's lifetime
     proc = subprocess.Popen(

@@ -6,28 +6,16 @@ Measured choices behind the defaults: docs/benchmarks.md, "Training step speed o
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 
-from whale_ml.data.folds import fold_split, make_folds
-from whale_ml.data.metadata import read_train_metadata
 from whale_ml.models.embedding import create_embedding_model
 from whale_ml.retrieval.embeddings import uses_channels_last
 from whale_ml.stage_configs import TrainConfig
 from whale_ml.training.trainer import build_training, seed_everything, train_one_epoch
 
-TINY = {"backbone": "test_resnet", "image_size": 32, "embedding_size": 16, "batch_size": 4, "m_per_class": 1, "device": "cpu"}
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def fold(tiny_data: Path) -> tuple[pd.DataFrame, pd.DataFrame, int]:
-    train = read_train_metadata(tiny_data)
-    tr, val = fold_split(make_folds(train, 2, 0.2, 0), 0)
-    return tr, val, int(train["label"].max()) + 1
 
 
 @pytest.mark.parametrize(
@@ -62,9 +50,11 @@ def _conv_weights(model: torch.nn.Module) -> list[torch.Tensor]:
     ("precision", "memory_format", "channels_last"),
     [("fp32", "channels_last", True), ("bf16", "auto", True), ("bf16", "contiguous", False)],  # fp32 + auto: every other training test
 )
-def test_each_precision_and_memory_format_trains_with_a_finite_loss(fold, precision: str, memory_format: str, channels_last: bool) -> None:
+def test_each_precision_and_memory_format_trains_with_a_finite_loss(
+    fold, precision: str, memory_format: str, channels_last: bool, tiny_config
+) -> None:
     train, _, n_classes = fold
-    cfg = TrainConfig(**TINY, precision=precision, memory_format=memory_format)
+    cfg = tiny_config(precision=precision, memory_format=memory_format)
     seed_everything(0)
     parts = build_training(cfg, train, n_classes, CPU, log=lambda _m: None)
     weights = _conv_weights(parts.model)
@@ -79,9 +69,9 @@ def test_each_precision_and_memory_format_trains_with_a_finite_loss(fold, precis
 
 
 @pytest.mark.parametrize("train_mode", [False, True])
-def test_channels_last_computes_the_same_embeddings(train_mode: bool) -> None:
+def test_channels_last_computes_the_same_embeddings(train_mode: bool, tiny_config) -> None:
     """The same weights give the same embeddings in either layout (eval, and train-mode BatchNorm)."""
-    cfg = TrainConfig(**TINY)
+    cfg = tiny_config()
     torch.manual_seed(0)
     plain = create_embedding_model(cfg).train(train_mode)
     nhwc = create_embedding_model(cfg).train(train_mode)
@@ -95,9 +85,9 @@ def test_channels_last_computes_the_same_embeddings(train_mode: bool) -> None:
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_bf16_autocast_embeddings_point_where_the_fp32_ones_do() -> None:
+def test_bf16_autocast_embeddings_point_where_the_fp32_ones_do(tiny_config) -> None:
     """bf16 keeps ~3 significant digits: the embeddings of the same weights agree in direction, not to the last bit."""
-    cfg = TrainConfig(**TINY)
+    cfg = tiny_config()
     torch.manual_seed(0)
     model = create_embedding_model(cfg).eval()
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))

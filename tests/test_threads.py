@@ -15,7 +15,6 @@ import torch
 from whale_ml.data.folds import fold_split, make_folds
 from whale_ml.data.metadata import read_train_metadata
 from whale_ml.environment import BadEnvironmentVariable, read_environment
-from whale_ml.stage_configs import TrainConfig
 from whale_ml.threads import (
     ThreadSettings,
     available_cores,
@@ -24,8 +23,6 @@ from whale_ml.threads import (
     set_thread_env_defaults,
     using_threads,
 )
-
-TINY = {"backbone": "test_resnet", "image_size": 32, "embedding_size": 16, "batch_size": 4, "m_per_class": 1, "device": "cpu"}
 
 
 @pytest.fixture(autouse=True)
@@ -93,7 +90,7 @@ def test_importing_ultralytics_no_longer_leaves_one_openmp_thread(tmp_path: Path
 
 
 def test_a_fold_trained_after_the_detector_in_one_process_uses_every_core(
-    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_config
 ) -> None:
     """Real ultralytics training and prediction, then a fold model, in this one process.
 
@@ -115,6 +112,6 @@ def test_a_fold_trained_after_the_detector_in_one_process_uses_every_core(
     assert len(boxes) == 4 and ThreadSettings.current() == before, "prediction left other thread settings behind"
 
     tr, val = fold_split(make_folds(train, 2, 0.2, 0), 0)
-    result = train_fold(TrainConfig(**TINY, epochs=1), tr, val, int(train["label"].max()) + 1, tmp_path / "fold", log=lambda _m: None)
+    result = train_fold(tiny_config(epochs=1), tr, val, int(train["label"].max()) + 1, tmp_path / "fold", log=lambda _m: None)
     assert [h["threads"] for h in result.history] == [wanted]
     assert torch.get_num_threads() == wanted + 1, "training put back the count it found"

@@ -3,33 +3,20 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from pytorch_metric_learning.samplers import MPerClassSampler
 
-from whale_ml.stage_configs import TrainConfig
-from whale_ml.data.folds import fold_split, make_folds
-from whale_ml.data.metadata import read_train_metadata
 from whale_ml.training.trainer import build_train_loader, build_training, seed_everything, train_one_epoch, validate
 
-TINY = {"backbone": "test_resnet", "image_size": 32, "embedding_size": 16, "batch_size": 4, "m_per_class": 1, "device": "cpu"}
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def fold(tiny_data: Path) -> tuple[pd.DataFrame, pd.DataFrame, int]:
-    train = read_train_metadata(tiny_data)
-    tr, val = fold_split(make_folds(train, 2, 0.2, 0), 0)
-    return tr, val, int(train["label"].max()) + 1
-
-
-def test_build_training_sizes_the_schedule_in_optimiser_steps(fold) -> None:
+def test_build_training_sizes_the_schedule_in_optimiser_steps(fold, tiny_config) -> None:
     train, _, n_classes = fold
-    cfg = TrainConfig(**TINY, epochs=2, accumulate=3, species_head=True)
+    cfg = tiny_config(epochs=2, accumulate=3, species_head=True)
     parts = build_training(cfg, train, n_classes, CPU, log=lambda _m: None)
     assert len(parts.loader) == len(train) // 4  # drop_last: BatchNorm needs whole batches
     assert parts.species_names == sorted(train["species"].unique())
@@ -45,9 +32,9 @@ def test_build_training_sizes_the_schedule_in_optimiser_steps(fold) -> None:
         build_training(cfg, train.drop(columns="species"), n_classes, CPU)
 
 
-def test_build_training_is_reproducible_from_the_seed(fold) -> None:
+def test_build_training_is_reproducible_from_the_seed(fold, tiny_config) -> None:
     train, _, n_classes = fold
-    cfg = TrainConfig(**TINY)
+    cfg = tiny_config()
     weights = []
     for _ in range(2):
         seed_everything(cfg.seed)
@@ -55,23 +42,23 @@ def test_build_training_is_reproducible_from_the_seed(fold) -> None:
     assert torch.equal(*weights)
 
 
-def test_train_loader_uses_the_m_per_class_sampler_only_when_batches_fit(fold) -> None:
+def test_train_loader_uses_the_m_per_class_sampler_only_when_batches_fit(fold, tiny_config) -> None:
     train, _, _ = fold
     messages: list[str] = []
-    loader = build_train_loader(TrainConfig(**{**TINY, "m_per_class": 2}), train, None, CPU, messages.append)
+    loader = build_train_loader(tiny_config(m_per_class=2), train, None, CPU, messages.append)
     assert isinstance(loader.sampler, MPerClassSampler) and messages == []
     images, labels = next(iter(loader))
     assert images.shape == (4, 3, 32, 32) and images.dtype == torch.uint8
     assert sorted(np.unique(labels.numpy(), return_counts=True)[1]) == [2, 2], "two photos each of two individuals"
-    loader = build_train_loader(TrainConfig(**{**TINY, "m_per_class": 3}), train, None, CPU, messages.append)
+    loader = build_train_loader(tiny_config(m_per_class=3), train, None, CPU, messages.append)
     assert not isinstance(loader.sampler, MPerClassSampler)
     assert messages == ["m-per-class sampler off: batch 4, m 3, " f"{train['label'].nunique()} individuals do not fit; shuffling instead"]
 
 
-def test_m_per_class_sampler_order_is_checkpointed(fold) -> None:
+def test_m_per_class_sampler_order_is_checkpointed(fold, tiny_config) -> None:
     """The sampler reshuffles its own list of labels each epoch: that order is resume state."""
     train, _, n_classes = fold
-    parts = build_training(TrainConfig(**{**TINY, "m_per_class": 2}), train, n_classes, CPU, log=lambda _m: None)
+    parts = build_training(tiny_config(m_per_class=2), train, n_classes, CPU, log=lambda _m: None)
     order = parts.checkpointed()["sampler"]
     list(parts.loader.sampler)  # one epoch's draw reorders it
     saved = order.state_dict()
@@ -82,9 +69,9 @@ def test_m_per_class_sampler_order_is_checkpointed(fold) -> None:
 
 
 @pytest.mark.parametrize("accumulate", [1, 3])
-def test_train_one_epoch_steps_once_per_window_and_reports_the_mean_loss(fold, accumulate: int) -> None:
+def test_train_one_epoch_steps_once_per_window_and_reports_the_mean_loss(fold, accumulate: int, tiny_config) -> None:
     train, _, n_classes = fold
-    cfg = TrainConfig(**TINY, accumulate=accumulate)
+    cfg = tiny_config(accumulate=accumulate)
     seed_everything(0)
     parts = build_training(cfg, train, n_classes, CPU)
     before = parts.model.fc.weight.detach().clone()
@@ -101,10 +88,10 @@ def test_train_one_epoch_steps_once_per_window_and_reports_the_mean_loss(fold, a
     assert all(p.grad is None for p in parts.model.parameters()), "no gradient left over for the next epoch"
 
 
-def test_validate_scores_a_gallery_against_itself_perfectly(fold) -> None:
+def test_validate_scores_a_gallery_against_itself_perfectly(fold, tiny_config) -> None:
     """Queries that are the gallery's own photos find themselves first: MAP@5 is 1 at a threshold below their similarity."""
     train, val, n_classes = fold
-    cfg = TrainConfig(**TINY)
+    cfg = tiny_config()
     seed_everything(0)
     model = build_training(cfg, train, n_classes, CPU).model
     gallery = train.drop_duplicates("individual_id").head(6)

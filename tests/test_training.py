@@ -6,13 +6,9 @@ import pickle
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
-from whale_ml.stage_configs import TrainConfig
-from whale_ml.data.folds import fold_split, make_folds
-from whale_ml.data.metadata import read_train_metadata
 from whale_ml.models.embedding import GeM, create_embedding_model
 from whale_ml.training.trainer import (
     create_loss,
@@ -24,21 +20,10 @@ from whale_ml.training.trainer import (
     warmup_cosine,
 )
 
-TINY = {"backbone": "test_resnet", "image_size": 32, "embedding_size": 16, "batch_size": 4, "m_per_class": 1, "device": "cpu"}
 
-
-@pytest.fixture(scope="module")
-def fold(tiny_data: Path) -> tuple[pd.DataFrame, pd.DataFrame, int]:
-    """Fold 0 of the tiny set, on the full photos (no detector needed here)."""
-    train = read_train_metadata(tiny_data)
-    folds = make_folds(train, 2, 0.2, 0)
-    tr, val = fold_split(folds, 0)
-    return tr, val, int(train["label"].max()) + 1
-
-
-def test_one_optimiser_updates_backbone_head_and_class_centres() -> None:
+def test_one_optimiser_updates_backbone_head_and_class_centres(tiny_config) -> None:
     """The notebook built its head and loss optimisers over the trunk: heads never trained."""
-    cfg = TrainConfig(**TINY)
+    cfg = tiny_config()
     model, loss = create_embedding_model(cfg), create_loss(cfg, num_classes=3)
     opt = create_optimizer(cfg, model, loss)
     before = {n: p.detach().clone() for n, p in [*model.named_parameters(), *(("loss." + n, p) for n, p in loss.named_parameters())]}
@@ -57,12 +42,12 @@ def test_one_optimiser_updates_backbone_head_and_class_centres() -> None:
     assert [g["lr"] for g in opt.param_groups] == [cfg.lr_backbone, cfg.lr_head]
 
 
-def test_arcface_margin_is_given_to_the_library_in_degrees() -> None:
-    loss = create_loss(TrainConfig(**TINY, margin=0.5, scale=20.0), num_classes=5)
+def test_arcface_margin_is_given_to_the_library_in_degrees(tiny_config) -> None:
+    loss = create_loss(tiny_config(margin=0.5, scale=20.0), num_classes=5)
     # The library takes degrees and keeps radians: our radians must come back unchanged.
     assert loss.margin == pytest.approx(0.5)
     assert loss.scale == 20.0
-    sub = create_loss(TrainConfig(**TINY, sub_centers=2), num_classes=5)
+    sub = create_loss(tiny_config(sub_centers=2), num_classes=5)
     assert type(sub).__name__ == "SubCenterArcFaceLoss"
 
 
@@ -79,12 +64,12 @@ def test_warmup_cosine_schedule() -> None:
     assert all(f(s) >= f(s + 1) for s in range(2, 10))
 
 
-def test_schedule_steps_once_per_optimiser_step_with_a_short_last_window(fold, tmp_path: Path) -> None:
+def test_schedule_steps_once_per_optimiser_step_with_a_short_last_window(fold, tmp_path: Path, tiny_config) -> None:
     """The notebook sized its schedule per batch but stepped it per accumulated step."""
     train, val, n_classes = fold
     batches = len(train) // 2  # batch 2, drop_last
     accumulate = next(a for a in (4, 3, 5) if batches % a)  # so that the last window is short
-    cfg = TrainConfig(**{**TINY, "batch_size": 2}, epochs=2, accumulate=accumulate)
+    cfg = tiny_config(batch_size=2, epochs=2, accumulate=accumulate)
     train_fold(cfg, train, val.iloc[:0], n_classes, tmp_path, log=lambda _m: None)
     per_epoch = -(-batches // accumulate)  # the last, shorter window also steps
     state = load_checkpoint(tmp_path / "last.pt")
@@ -92,11 +77,11 @@ def test_schedule_steps_once_per_optimiser_step_with_a_short_last_window(fold, t
     assert state["optimizer"]["state"][0]["step"].item() == 2 * per_epoch
 
 
-def test_training_logs_epochs_and_saves_a_loadable_best_model(fold, tmp_path: Path) -> None:
+def test_training_logs_epochs_and_saves_a_loadable_best_model(fold, tmp_path: Path, tiny_config) -> None:
     train, val, n_classes = fold
     seen: list[tuple[int, dict]] = []
     result = train_fold(
-        TrainConfig(**TINY, epochs=2), train, val, n_classes, tmp_path, on_epoch_end=lambda e, m: seen.append((e, m)), log=lambda _m: None
+        tiny_config(epochs=2), train, val, n_classes, tmp_path, on_epoch_end=lambda e, m: seen.append((e, m)), log=lambda _m: None
     )
     assert [e for e, _ in seen] == [1, 2]
     assert {"train_loss", "val_map5", "val_threshold", "images_per_second", "lr_backbone", "lr_head"} <= set(seen[0][1])
@@ -118,15 +103,15 @@ def test_training_logs_epochs_and_saves_a_loadable_best_model(fold, tmp_path: Pa
         assert np.allclose(centres.vectors[:, 0], expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=1e-6)
 
 
-def test_init_weights_start_training_from_a_fold_model(fold, tmp_path: Path) -> None:
+def test_init_weights_start_training_from_a_fold_model(fold, tmp_path: Path, tiny_config) -> None:
     """A warm start (the pseudo-label round's): the first epoch begins at the given best.pt's
     weights -- with no learning rate to move them, the result keeps them exactly -- and a
     model of another shape or a missing file is a clear error naming it."""
     train, val, n_classes = fold
-    first = train_fold(TrainConfig(**TINY, epochs=1), train, val, n_classes, tmp_path / "first", log=lambda _m: None)
+    first = train_fold(tiny_config(epochs=1), train, val, n_classes, tmp_path / "first", log=lambda _m: None)
     start = load_checkpoint(first.checkpoint)["model"]
     logged: list[str] = []
-    still = TrainConfig(**{**TINY, "lr_backbone": 1e-30, "lr_head": 1e-30, "weight_decay": 0.0}, epochs=1, init_weights=str(first.checkpoint))
+    still = tiny_config(lr_backbone=1e-30, lr_head=1e-30, weight_decay=0.0, epochs=1, init_weights=str(first.checkpoint))
     again = train_fold(still, train, val, n_classes, tmp_path / "second", log=logged.append)
     assert any("started from the weights of" in m for m in logged)
     after = load_checkpoint(again.checkpoint)["model"]
@@ -134,15 +119,15 @@ def test_init_weights_start_training_from_a_fold_model(fold, tmp_path: Path) -> 
         if tensor.is_floating_point() and "running" not in name:  # BatchNorm's running statistics move without a learning rate
             assert torch.allclose(tensor, after[name], atol=1e-6), name
     with pytest.raises(ValueError, match="does not fit this recipe's model"):
-        wider = TrainConfig(**{**TINY, "embedding_size": 8}, epochs=1, init_weights=str(first.checkpoint))
+        wider = tiny_config(embedding_size=8, epochs=1, init_weights=str(first.checkpoint))
         train_fold(wider, train, val, n_classes, tmp_path / "third", log=lambda _m: None)
     with pytest.raises(FileNotFoundError, match="no checkpoint at .*missing.pt"):
-        train_fold(TrainConfig(**TINY, epochs=1, init_weights=str(tmp_path / "missing.pt")), train, val, n_classes, tmp_path / "fourth")
+        train_fold(tiny_config(epochs=1, init_weights=str(tmp_path / "missing.pt")), train, val, n_classes, tmp_path / "fourth")
 
 
-def test_resume_continues_after_the_last_complete_epoch(fold, tmp_path: Path) -> None:
+def test_resume_continues_after_the_last_complete_epoch(fold, tmp_path: Path, tiny_config) -> None:
     train, val, n_classes = fold
-    cfg = TrainConfig(**TINY, epochs=3)
+    cfg = tiny_config(epochs=3)
 
     class Interrupted(Exception):
         pass
@@ -161,22 +146,22 @@ def test_resume_continues_after_the_last_complete_epoch(fold, tmp_path: Path) ->
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
 
 
-def test_a_checkpoint_from_another_recipe_or_other_data_is_not_resumed(fold, tmp_path: Path) -> None:
+def test_a_checkpoint_from_another_recipe_or_other_data_is_not_resumed(fold, tmp_path: Path, tiny_config) -> None:
     train, val, n_classes = fold
-    train_fold(TrainConfig(**TINY, epochs=1), train, val, n_classes, tmp_path, log=lambda _m: None)
+    train_fold(tiny_config(epochs=1), train, val, n_classes, tmp_path, log=lambda _m: None)
     messages: list[str] = []
-    result = train_fold(TrainConfig(**{**TINY, "embedding_size": 8}, epochs=1), train, val, n_classes, tmp_path, log=messages.append)
+    result = train_fold(tiny_config(embedding_size=8, epochs=1), train, val, n_classes, tmp_path, log=messages.append)
     assert any("starting afresh" in m for m in messages)
     assert result.epochs_run == 1
     # Same recipe, one photo fewer: the fold's data changed, so no resume either.
     messages.clear()
-    train_fold(TrainConfig(**{**TINY, "embedding_size": 8}, epochs=1), train.iloc[1:], val, n_classes, tmp_path, log=messages.append)
+    train_fold(tiny_config(embedding_size=8, epochs=1), train.iloc[1:], val, n_classes, tmp_path, log=messages.append)
     assert any("starting afresh" in m for m in messages)
 
 
-def test_a_finished_run_is_reused_not_retrained(fold, tmp_path: Path) -> None:
+def test_a_finished_run_is_reused_not_retrained(fold, tmp_path: Path, tiny_config) -> None:
     train, val, n_classes = fold
-    cfg = TrainConfig(**TINY, epochs=1)
+    cfg = tiny_config(epochs=1)
     first = train_fold(cfg, train, val, n_classes, tmp_path, log=lambda _m: None)
     messages: list[str] = []
     epochs: list[int] = []
@@ -227,11 +212,11 @@ def _same(a: object, b: object, where: str = "") -> None:
     ],
     ids=["shuffle", "m_per_class_species_accumulate", "worker"],
 )
-def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(fold, tmp_path: Path, recipe: dict) -> None:
+def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(fold, tmp_path: Path, recipe: dict, tiny_config) -> None:
     """Stopped after epoch 1 and resumed, a run trains epochs 2-3 on the same batches with the same
     augmentations as if it had never stopped: the RNG states restored from last.pt in effect."""
     train, val, n_classes = fold
-    cfg = TrainConfig(**{**TINY, **recipe}, epochs=3)
+    cfg = tiny_config(**recipe, epochs=3)
     straight = train_fold(cfg, train, val, n_classes, tmp_path / "straight", log=lambda _m: None)
 
     def stop_after_one(epoch: int, _metrics: dict) -> None:

@@ -10,21 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
-from whale_ml.data.folds import fold_split, make_folds
-from whale_ml.data.metadata import NEW_INDIVIDUAL, read_train_metadata
+from whale_ml.data.metadata import NEW_INDIVIDUAL
 from whale_ml.stage_configs import TrainConfig
 from whale_ml.training.trainer import build_training, load_checkpoint, seed_everything, train_fold
 from whale_ml.training.validation import validate, validation_due, validation_set
 
-TINY = {"backbone": "test_resnet", "image_size": 32, "embedding_size": 16, "batch_size": 4, "m_per_class": 1, "device": "cpu"}
 QUIET = {"log": lambda _m: None}
-
-
-@pytest.fixture(scope="module")
-def fold(tiny_data: Path) -> tuple[pd.DataFrame, pd.DataFrame, int]:
-    train = read_train_metadata(tiny_data)
-    tr, val = fold_split(make_folds(train, 2, 0.2, 0), 0)
-    return tr, val, int(train["label"].max()) + 1
 
 
 def _without_timing(history: list[dict[str, float]]) -> pd.DataFrame:
@@ -37,15 +28,15 @@ def test_validation_is_due_every_n_epochs_and_after_the_last() -> None:
     assert [e for e in range(1, 4) if validation_due(e, TrainConfig(epochs=3, val_every=10))] == [3]
 
 
-def test_val_every_skips_epochs_without_changing_the_training(fold, tmp_path: Path) -> None:
+def test_val_every_skips_epochs_without_changing_the_training(fold, tmp_path: Path, tiny_config) -> None:
     """Every second epoch and the last are validated; the others keep a history row with NaN
     validation metrics, report none to the callback, and cannot become best.pt. Training
     itself is the run with val_every 1's, loss for loss, and so is every score it measures."""
     train, val, n_classes = fold
-    every = train_fold(TrainConfig(**TINY, epochs=5), train, val, n_classes, tmp_path / "every", **QUIET)
+    every = train_fold(tiny_config(epochs=5), train, val, n_classes, tmp_path / "every", **QUIET)
     reported: dict[int, dict[str, float]] = {}
     result = train_fold(
-        TrainConfig(**TINY, epochs=5, val_every=2), train, val, n_classes, tmp_path / "second",
+        tiny_config(epochs=5, val_every=2), train, val, n_classes, tmp_path / "second",
         on_epoch_end=lambda e, m: reported.update({e: m}), **QUIET,
     )
     history = _without_timing(result.history)
@@ -63,11 +54,11 @@ def test_val_every_skips_epochs_without_changing_the_training(fold, tmp_path: Pa
     assert best["epoch"] == result.best_epoch and best["val_map5"] == result.best_map5
 
 
-def test_a_resumed_run_with_val_every_ends_where_an_uninterrupted_one_does(fold, tmp_path: Path) -> None:
+def test_a_resumed_run_with_val_every_ends_where_an_uninterrupted_one_does(fold, tmp_path: Path, tiny_config) -> None:
     """Stopped after an epoch that was not validated and resumed: the same history (NaN where
     it was), the same best epoch, the same weights in best.pt and last.pt."""
     train, val, n_classes = fold
-    cfg = TrainConfig(**TINY, epochs=4, val_every=2, val_sample=6)
+    cfg = tiny_config(epochs=4, val_every=2, val_sample=6)
     straight = train_fold(cfg, train, val, n_classes, tmp_path / "straight", **QUIET)
 
     class Interrupted(Exception):
@@ -111,11 +102,11 @@ def test_the_sample_is_fixed_by_the_seed_and_keeps_every_photo_of_its_individual
     assert validation_set(train, val, len(val), seed=0).queries is val
 
 
-def test_a_sampled_run_validates_the_same_photos_every_time(fold, tmp_path: Path) -> None:
+def test_a_sampled_run_validates_the_same_photos_every_time(fold, tmp_path: Path, tiny_config) -> None:
     """Each validation reports its progress to the end, over the sample's gallery and
     queries: the same count at every validated epoch, and only at those."""
     train, val, n_classes = fold
-    cfg = TrainConfig(**TINY, epochs=3, val_every=2, val_sample=6)
+    cfg = tiny_config(epochs=3, val_every=2, val_sample=6)
     sample = validation_set(train, val, cfg.val_sample, cfg.seed)
     calls: dict[int, list[tuple[int, int]]] = {}
 
@@ -132,9 +123,9 @@ def test_a_sampled_run_validates_the_same_photos_every_time(fold, tmp_path: Path
     assert f"a fixed sample: 6 validation photos against {len(sample.gallery)} training photos" in "\n".join(messages)
 
 
-def test_validate_reports_progress_over_gallery_and_queries(fold) -> None:
+def test_validate_reports_progress_over_gallery_and_queries(fold, tiny_config) -> None:
     train, val, n_classes = fold
-    cfg = TrainConfig(**TINY)
+    cfg = tiny_config()
     seed_everything(0)
     model = build_training(cfg, train, n_classes, torch.device("cpu")).model
     seen: list[tuple[int, int]] = []
