@@ -189,3 +189,26 @@ def test_no_validation_photos_at_all_is_an_error(tmp_path: Path) -> None:
     cv, embeddings_dir = _home(tmp_path, 0)
     with pytest.raises(ValueError, match="no fold has validation photos"):
         tune_out_of_fold(cv.assign(fold=-1), embeddings_dir, FOLDS, plain())
+
+
+def test_a_matcher_stored_without_a_format_reads_as_the_same_rule() -> None:
+    """A home's matcher file written before the format was versioned (margin, class_centres,
+    rerank kept at local weight 0) reads as the matcher it describes; a file of neither form
+    is refused with a message that says what to do."""
+    from whale_ml.retrieval.fusion import Calibration, Fusion
+    from whale_ml.retrieval.matcher import MatcherFormatError
+
+    cal = {"slope": 10.0, "intercept": -5.0}
+    fusion = {"weights": {"global": 0.7, "local": 0.0, "centre": 0.3}, "calibrations": {"global": cal, "local": cal, "centre": cal}}
+    rerank = {"features": {}, "candidates": 12, "photos_per_candidate": 4}
+    old = {"threshold": 0.4, "species_thresholds": {"orca": 0.5}, "k": 40, "fusion": fusion, "rerank": rerank, "margin": 0.5,
+           "class_centres": {"candidates": 12}, "map5": 0.7, "new_share": 0.2, "queries": 9, "map5_without_margin": 0.6}
+    tuned = TunedMatcher.from_dict(old)
+    c = Calibration(10.0, -5.0)
+    want = Matcher(0.4, {"orca": 0.5}, 40, Fusion({"global": 0.7, "local": 0.0, "centre": 0.3}, {"global": c, "local": c, "centre": c}), None, 12, 0.5)
+    assert tuned.matcher == want and tuned.without == {"lead": 0.6}
+    assert TunedMatcher.from_dict(tuned.to_dict()) == tuned
+    with pytest.raises(MatcherFormatError, match="rematerialise match_threshold"):
+        Matcher.from_dict({"threshold": 0.4})
+    with pytest.raises(MatcherFormatError, match="rematerialise match_threshold"):
+        Matcher.from_dict({"format": 99, "threshold": 0.4, "k": 50})

@@ -127,11 +127,14 @@ class Matcher:
                 candidates = (rerank or {}).get("candidates") or (d.get("class_centres") or {}).get("candidates") or TOP
             else:
                 raise KeyError("format" if "format" in d else "k")
+            fusion = Fusion.from_dict(d["fusion"]) if d.get("fusion") else None
+            if fusion is None or fusion.local_weight == 0:
+                rerank = None  # local evidence of weight 0 changes no score: no need to match it
             return cls(
                 float(d["threshold"]),
                 {str(k): float(v) for k, v in (d.get("species_thresholds") or {}).items()},
                 int(d["k"]),
-                Fusion.from_dict(d["fusion"]) if d.get("fusion") else None,
+                fusion,
                 LocalRerank.from_dict(rerank) if rerank else None,
                 int(candidates),
                 float(lead or 0.0),
