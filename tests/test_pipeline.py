@@ -24,12 +24,14 @@ import torch
 
 from whale_assets.instance import prepare_dagster_home
 from whale_assets.run import load_recipe, run_pipeline, stage_run_config
-from whale_assets.stages import ENSEMBLE_AND_SUBMIT, PREPARE_DATA, TRAIN_FOLDS, asset_names
+from whale_assets.rounds import Round
+from whale_assets.stages import PREPARE_DATA, asset_names, ensemble_and_submit, train_folds
 from whale_ml.data.metadata import NEW_INDIVIDUAL
 from whale_ml.home import HomeLayout
 
-# The stages' assets, resolved from their groups (whale_assets/stages.py).
-UPSTREAM, PER_FOLD, DOWNSTREAM = (asset_names(s) for s in (PREPARE_DATA, TRAIN_FOLDS, ENSEMBLE_AND_SUBMIT))
+# The stages' assets in the one-round graph, resolved from their groups (whale_assets/stages.py).
+ONLY_ROUND = Round(1, 1)
+UPSTREAM, PER_FOLD, DOWNSTREAM = (asset_names(s, 1) for s in (PREPARE_DATA, train_folds(ONLY_ROUND), ensemble_and_submit(ONLY_ROUND)))
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from whale_ml.gallery.lineage import FoldModel, GalleryLineage, LineageError
+from whale_ml.home import fold_label
 from whale_ml.io import atomic_path, sha256_file, staging_dir
 from whale_ml.mlflow_errors import is_missing, mlflow_error_code, refusals_named
 
@@ -293,13 +294,16 @@ def resolve_models(
     gallery_name: str,
     alias: str = DEFAULT_ALIAS,
     versions: list[str] | None = None,
+    round: str | None = None,
 ) -> list[ResolvedModel]:
     """The registry's fold models for identification, one per fold of the gallery.
 
     Args:
         lineage: the gallery's lineage (which checkpoint embedded each fold's part).
-        alias: alias template, ``{fold}`` replaced by the fold (``champion_{fold}``,
+        alias: alias template, ``{fold}`` replaced by the fold's label (``champion_{fold}``,
             ``challenger_{fold}``, ``{fold}`` for the newest).
+        round: the training round of the gallery's models (the layout's ``round``): a later
+            round's aliases carry its name (``champion_round2_fold0``: :func:`whale_ml.home.fold_label`).
         versions: registry versions, one per fold in the gallery's fold order;
             overrides ``alias``.
 
@@ -322,7 +326,7 @@ def resolve_models(
                 f"gallery {gallery_name}: its {want.fold} model is not in the MLflow registry; rematerialise "
                 "arcface_model, fold_embeddings and gallery"
             )
-        label = alias.format(fold=want.fold) if versions is None else None
+        label = alias.format(fold=fold_label(round, want.fold)) if versions is None else None
         try:
             with refusals_named(tracking_uri):
                 if label:
