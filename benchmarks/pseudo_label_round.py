@@ -1,5 +1,5 @@
-"""The pseudo-label round on `make demo`'s recipe: one `whale run` with
-the round enabled, so that both rounds come from the same run, data, detector and crops.
+"""The pseudo-label round on `make demo`'s recipe: one `whale run` with ``rounds: 2``, so
+that both rounds come from the same run, data, detector and crops.
 
 Reports, per round, out-of-fold MAP@5 (what the pipeline tunes on) and test MAP@5
 (scored against ``test_truth.csv``: reported, never used to choose), each stage's time,
@@ -16,7 +16,7 @@ Usage (a fresh home; the demo data set is generated in it when WHALE_DATA_DIR is
         [--min-precision 0.95] [--reuse-first-round] [--warm-start-epochs N] [--no-class-centres] [--out benchmarks/results/pseudo_label_round_demo.json]
 
 ``--reuse-first-round``: the home's first round is already materialised (e.g. by ``whale run``
-with the same recipe); run the round's three stages only, and read the first round's figures
+with the same recipe); run round 2's three stages only, and read the first round's figures
 from the home's latest materialisations.
 """
 
@@ -36,7 +36,8 @@ from common import machine_summary, print_json, timestamp  # noqa: E402
 
 from whale_assets.instance import prepare_dagster_home  # noqa: E402
 from whale_assets.run import DEFAULT_RECIPE, load_recipe, run_pipeline  # noqa: E402
-from whale_assets.stages import STAGES  # noqa: E402
+from whale_assets.rounds import Round  # noqa: E402
+from whale_assets.stages import round_stages  # noqa: E402
 from whale_ml.data.metadata import read_truth  # noqa: E402
 from whale_ml.environment import default_data_dir, default_home  # noqa: E402
 from whale_ml.home import HomeLayout  # noqa: E402
@@ -68,18 +69,20 @@ def main() -> int:
     home = default_home()
     prepare_dagster_home(home)
     recipe = load_recipe(DEFAULT_RECIPE)
-    recipe["ops"]["pseudo_labels"] = {"config": {"enabled": True, "min_precision": args.min_precision, "min_photos": 10}}
+    recipe["rounds"] = 2
+    recipe["ops"]["pseudo_labels"] = {"config": {"min_precision": args.min_precision, "min_photos": 10}}
     if args.warm_start_epochs is not None:
         recipe["ops"]["arcface_model"]["config"]["warm_start_epochs"] = args.warm_start_epochs  # round 2 inherits it; round 1 ignores it
     if args.no_class_centres:
         recipe["ops"]["match_threshold"]["config"]["class_centres"] = False  # e.g. to compare with a first round made before they were on
     started = time.time()
-    round_stages = [s.name for s in STAGES if s.pseudo_label_round] if args.reuse_first_round else None
-    summary = run_pipeline(recipe, log=lambda msg: print(msg, flush=True), stages=round_stages)
+    second = Round(2, 2)
+    only = [s.name for s in round_stages(second)] if args.reuse_first_round else None
+    summary = run_pipeline(recipe, log=lambda msg: print(msg, flush=True), stages=only)
     if args.reuse_first_round:
-        summary.update(first_round_headline())
+        summary["rounds"]["round1"] = first_round_headline()
     layout = HomeLayout(home)
-    pseudo = pd.read_parquet(layout.tables / "pseudo_labels.parquet")
+    pseudo = pd.read_parquet(layout.tables / "round2" / "pseudo_labels.parquet")
     truth = read_truth(default_data_dir())
     right, per_fold = None, []
     if truth is not None and len(pseudo):
@@ -88,18 +91,19 @@ def main() -> int:
         right = float(pseudo["right"].mean())
         per_fold = [{"fold": int(f), "labels": len(g), "right": float(g["right"].mean())} for f, g in pseudo.groupby("fold")]
     timings = summary["timings"]
-    round2_s = sum(v for k, v in timings.items() if k.startswith(("pick_pseudo_labels", "train_round2_folds", "round2_")))
+    round2_s = sum(v for k, v in timings.items() if k.startswith("round2_"))
+    rounds = summary["rounds"]
     result = {
         "date": timestamp(started),
         "machine": machine_summary(),
         "min_precision": args.min_precision,
         "warm_start_epochs": args.warm_start_epochs,
         "class_centres": not args.no_class_centres,
-        "round1": {k: summary.get(k) for k in ("oof_map5", "map5", "threshold")},
-        "round2": {k: summary.get("round2", {}).get(k) for k in ("oof_map5", "map5", "threshold")},
+        "round1": {k: rounds.get("round1", {}).get(k) for k in ("oof_map5", "map5", "threshold")},
+        "round2": {k: rounds.get("round2", {}).get(k) for k in ("oof_map5", "map5", "threshold")},
         "first_round_reused": args.reuse_first_round,
         "pseudo_labels": {
-            **summary.get("pseudo_labels", {}),
+            **rounds.get("round2", {}).get("pseudo_labels", {}),
             "test_photos_labelled": int(pseudo["image"].nunique()),
             "right_by_test_truth": right,
             "per_fold": per_fold,

@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
     elif a.action == "enroll":
         from whale_ml.identify import enroll
 
-        summary = enroll(a.args[0], a.args[1], layout, lambda lineage: gallery_models_of(layout, lineage), on_step=on_step)
+        summary = enroll(a.args[0], a.args[1], layout, lambda release, lineage: gallery_models_of(release, lineage), on_step=on_step)
         print(json.dumps({k: summary[k] for k in ("version", "parent")}))
     elif a.action == "build":
         from whale_ml.gallery import build_gallery
@@ -74,7 +74,7 @@ def main(argv: list[str]) -> int:
 
         meta = pd.read_csv(a.home / "train_metadata.csv", dtype=str, keep_default_na=False)
         crops = pd.read_csv(a.home / "crops.csv", dtype=str, keep_default_na=False)
-        version, _ = build_gallery(layout, ["fold0"], meta, crops, GalleryConfig(), lambda lineage: gallery_models_of(layout, lineage), on_step=on_step)
+        version, _ = build_gallery(layout, ["fold0"], meta, crops, GalleryConfig(), lambda release, lineage: gallery_models_of(release, lineage), on_step=on_step)
         print(json.dumps({"version": version.name}))
     elif a.action == "prune":
         print(json.dumps({"pruned": prune_versions(layout, int(a.args[0]))}))

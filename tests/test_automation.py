@@ -1,6 +1,7 @@
 """Keeping the graph up to date: the rebuild condition after the folds (eager, but only
 on parents whose blocking checks passed) and the freshness policies that follow the
-retraining schedule, evaluated by Dagster's own evaluators on a real instance."""
+retraining schedule, evaluated by Dagster's own evaluators on a real instance; all of it,
+with the champion decision and the re-threshold job, on the release (the last round)."""
 
 from __future__ import annotations
 
@@ -12,16 +13,19 @@ import dagster as dg
 import pytest
 
 from whale_assets.freshness import RETRAIN_FRESHNESS, RETRAIN_WINDOW, longest_cron_gap, retrain_window
-from whale_assets.stages import REBUILD_AFTER_FOLDS, all_asset_names
+from whale_assets.resources import MlflowTracking
+from whale_assets.rounds import REBUILD_AFTER_FOLDS, Round, building_rounds
+from whale_assets.stages import all_asset_names
 from whale_ml.environment import read_environment
 
 DAY = dt.timedelta(days=1)
 
 
-def _defs() -> dg.Definitions:
+def _defs(rounds: int = 1) -> dg.Definitions:
     from whale_assets.definitions import defs
 
-    return defs()
+    with building_rounds(rounds):
+        return defs()
 
 
 # --- the rebuild condition -------------------------------------------------------------
@@ -106,6 +110,57 @@ def test_fold_models_and_submission_carry_the_retraining_freshness_policy() -> N
         assert policy.fail_window.to_timedelta() == 8 * DAY  # type: ignore[attr-defined]
     # One cron for both: the schedule's.
     assert RETRAIN_WINDOW.cron == read_environment().retrain_cron == _defs().resolve_schedule_def("weekly_retrain").cron_schedule
+
+
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_the_release_is_what_automation_keeps_up_to_date(rounds: int) -> None:
+    """With one round or two, the last round is the release: only its stages after the folds
+    carry the rebuild condition, and the rebuild sensor targets exactly them; only its fold
+    models and submission carry the freshness policy; the schedule retrains its folds;
+    ``rethreshold_and_submit`` re-tunes its threshold; its fold models are the ones the
+    champion decision reads (the only ``champion_models`` of the graph)."""
+    release = Round(rounds, rounds)
+    d = _defs(rounds)
+    graph = d.resolve_asset_graph()
+
+    def node(name: str) -> object:
+        return graph.get(dg.AssetKey.from_user_string(name))
+
+    def of_release(*assets: str) -> set[str]:
+        return {release.key(a).to_user_string() for a in assets}
+
+    names = all_asset_names(rounds)
+    eager = {n for n in names if node(n).automation_condition is not None}  # type: ignore[attr-defined]
+    assert eager == of_release("champion_models", "gallery", "match_threshold", "submission_csv", "submission_score")
+    sensor = d.resolve_sensor_def("rebuild_after_folds")
+    assert {k.to_user_string() for k in sensor.asset_selection.resolve(graph)} == eager  # type: ignore[union-attr]
+    assert {n for n in names if node(n).freshness_policy is not None} == of_release("arcface_model", "submission_csv")  # type: ignore[attr-defined]
+    assert d.resolve_schedule_def("weekly_retrain").job_name == release.stage("train_folds")
+    assert d.resolve_job_def(release.stage("train_folds")).partitions_def is not None
+    rethreshold = d.resolve_job_def("rethreshold_and_submit").asset_layer.selected_asset_keys
+    assert {k.to_user_string() for k in rethreshold} == of_release("match_threshold", "submission_csv", "submission_score")
+    assert [n for n in names if n.endswith("champion_models")] == sorted(of_release("champion_models"))
+    assert {p.to_user_string() for p in node(release.key("champion_models").to_user_string()).parent_keys} == of_release("arcface_model")  # type: ignore[attr-defined]
+
+
+class _Registry(MlflowTracking):
+    """The champion decision's registry call, recorded instead of made."""
+
+    def promote_challengers(self, folds: list[str]) -> list[dict[str, object]]:
+        return [{"fold": fold, "challenger": 1, "champion_after": 1, "decision": "first model of this fold"} for fold in folds]
+
+
+@pytest.mark.parametrize(("rounds", "aliases"), [(1, ["fold0", "fold1"]), (2, ["round2_fold0", "round2_fold1"])])
+def test_the_champion_decision_promotes_the_release_s_fold_models(rounds: int, aliases: list[str]) -> None:
+    """``champion_models`` asks the registry about the release round's aliases
+    (``whale-arcface@round2_fold0`` ...), the ones its fold models registered under."""
+    from whale_assets.defs.training import champion_models_asset
+
+    champion_models = champion_models_asset(Round(rounds, rounds))  # the graph's one champion_models (above)
+    result = dg.materialize([champion_models], resources={"mlflow": _Registry(tracking_uri="sqlite:///unused.db")})
+    (mat,) = result.get_asset_materialization_events()
+    rows = mat.step_materialization_data.materialization.metadata["champions"].value.records
+    assert [r.data["fold"] for r in rows] == aliases
 
 
 @pytest.mark.parametrize(

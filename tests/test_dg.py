@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from whale_assets.stages import STAGES, all_asset_names
+from whale_assets.stages import all_asset_names, stages
 
 pytestmark = pytest.mark.slow  # each loads the code location in a new process (~12 s of CPU)
 
@@ -39,6 +39,6 @@ def test_dg_list_defs_shows_the_code_location(whale_env: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     listed = json.loads(proc.stdout)
     assert sorted(a["asset_key"] for a in listed["assets"]) == all_asset_names()
-    assert {j["name"] for j in listed["jobs"]} == {s.name for s in STAGES} | {"rethreshold_and_submit"}
+    assert {j["name"] for j in listed["jobs"]} == {s.name for s in stages()} | {"rethreshold_and_submit"}
     assert listed["schedules"] == [{"name": "weekly_retrain", "cron_schedule": "0 3 * * 0"}]
     assert {s["name"] for s in listed["sensors"]} == {"training_data_changed", "rebuild_after_folds"}

@@ -20,6 +20,7 @@ def test_defaults_with_an_empty_environment(tmp_path: Path) -> None:
     assert env.mlflow_tracking_uri is None
     assert env.k8s.max_concurrent is None and env.k8s.image_pull_policy == "IfNotPresent"
     assert env.fsync is True
+    assert (env.rounds, env.rounds_set) == (1, False)
 
 
 def test_every_setting_is_read(tmp_path: Path) -> None:
@@ -38,6 +39,7 @@ def test_every_setting_is_read(tmp_path: Path) -> None:
             "WHALE_K8S_TRAIN_GPUS": "2",
             "WHALE_K8S_NAMESPACE": "whale",
             "WHALE_FSYNC": " Off ",
+            "WHALE_ROUNDS": "3",
         }
     )
     assert env.home == (tmp_path / "h").resolve() and env.data_dir == (tmp_path / "d").resolve()
@@ -46,6 +48,7 @@ def test_every_setting_is_read(tmp_path: Path) -> None:
     assert env.retrain_cron == "0 4 * * 1" and env.executor == "k8s"
     assert (env.k8s.max_concurrent, env.k8s.train_gpus, env.k8s.namespace) == (4, 2, "whale")
     assert env.fsync is False
+    assert (env.rounds, env.rounds_set) == (3, True)
 
 
 @pytest.mark.parametrize(
@@ -59,6 +62,7 @@ def test_every_setting_is_read(tmp_path: Path) -> None:
         ("WHALE_EXECUTOR", "kubernetes", "WHALE_EXECUTOR='kubernetes': expected one of default, k8s"),
         ("WHALE_K8S_TRAIN_GPUS", "0", "WHALE_K8S_TRAIN_GPUS='0': expected a whole number >= 1"),
         ("WHALE_FSYNC", "sometimes", "WHALE_FSYNC='sometimes': expected 1 or 0"),
+        ("WHALE_ROUNDS", "0", "WHALE_ROUNDS='0': expected a whole number >= 1"),
     ],
 )
 def test_a_malformed_value_names_its_variable(name: str, value: str, expected: str) -> None:

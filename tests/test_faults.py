@@ -33,13 +33,14 @@ import yaml
 
 from whale_assets.instance import prepare_dagster_home
 from whale_assets.run import load_recipe, run_pipeline
-from whale_assets.stages import ENSEMBLE_AND_SUBMIT, asset_names
+from whale_assets.rounds import Round
+from whale_assets.stages import asset_names, ensemble_and_submit
 from whale_ml.gallery.catalogue import LOCK_FILE, READERS_LOCK_FILE
 from whale_ml.io import ArtifactWriteError, is_staging_name, is_temp_name
 from whale_ml.home import HomeLayout
 
 # The stages' assets, resolved from their groups (whale_assets/stages.py).
-DOWNSTREAM = asset_names(ENSEMBLE_AND_SUBMIT)
+DOWNSTREAM = asset_names(ensemble_and_submit(Round(1, 1)), 1)
 
 pytestmark = [pytest.mark.kill, pytest.mark.skipif(sys.platform == "win32", reason="process groups, SIGKILL, setrlimit")]
 

@@ -72,8 +72,11 @@ def materialise(home: Path, photos: Path) -> None:
     """One real materialisation of fold_embeddings[fold0] on ``photos``' crops."""
     import dagster as dg
 
-    from whale_assets.defs.retrieval import fold_embeddings
+    from whale_assets.defs.training import fold_embeddings_asset
     from whale_assets.resources import MlflowTracking, WhaleHome
+    from whale_assets.rounds import Round
+
+    fold_embeddings = fold_embeddings_asset(Round(1, 1))
 
     table = _crops(photos)
 

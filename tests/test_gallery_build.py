@@ -192,3 +192,45 @@ def test_match_queries_against_brute_force(home: dict, by_species: dict[str, flo
     np.testing.assert_allclose(matches.sims[5:, 0], 1.0, atol=1e-5)
     species_of = dict(zip(version.table["individual_id"], version.table["species"], strict=True))
     assert matches.thresholds.tolist() == [by_species.get(species_of[i], threshold) for i in matches.ids[:, 0]]
+
+
+def test_the_release_round_s_gallery_records_the_home_s_release(home: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A home without ``release.json`` serves round 1. A gallery built as the release records
+    its round (while it still holds the catalogue's writer lock), and the release resolves
+    to that round's paths and gallery; a round built before the release leaves it alone."""
+    import shutil
+
+    import whale_ml.gallery.build as build
+    from whale_ml.gallery.catalogue import LOCK_FILE, _held
+    from whale_ml.gallery.release import Release, ReleasePointerError, read_release, record_release
+    from whale_ml.io import read_json
+
+    layout = home["layout"]
+    second = layout.in_round("round2")
+    for part in ("embeddings", "models"):  # round 2's fold models and embeddings (the same, for the test)
+        shutil.copytree(layout.home / part, second.round_home / part)
+    recorded = []
+
+    def record_under_the_lock(at: HomeLayout, number: int) -> None:
+        recorded.append((number, _held.get(str(at.home / LOCK_FILE), 0)))
+        record_release(at, number)
+
+    monkeypatch.setattr(build, "record_release", record_under_the_lock)
+    args = (FOLDS, home["train"], home["crops"], GalleryConfig(), _no_models)
+
+    assert read_release(layout) == Release(1, layout)
+    build_gallery(layout, *args)  # round 1 of two: not the release
+    assert not layout.release_pointer.exists() and recorded == []
+    version, _ = build_gallery(second, *args, release=2)
+    assert recorded == [(2, 1)]  # recorded with the writer lock held
+    assert read_json(layout.release_pointer) == {"round": 2}
+    release = read_release(second)  # from any round's layout: the pointer is the home's
+    assert release == Release(2, second) and release.layout.gallery_dir == layout.home / "rounds" / "round2" / "gallery"
+    assert load_version(release.layout).name == version.name and version.folder.is_relative_to(second.round_home)
+    build_gallery(layout, *args, release=1)  # a one-round graph again: round 1 is the release
+    assert read_release(layout) == Release(1, layout)
+    with pytest.raises(ValueError, match="round 2 is not the first round"):
+        record_release(layout, 2)
+    layout.release_pointer.write_text('{"round": "two"}')
+    with pytest.raises(ReleasePointerError, match="release.json: 'round' should be a round number"):
+        read_release(layout)

@@ -150,7 +150,10 @@ def test_an_mlflow_step_fails_at_the_first_attempt_when_the_server_refuses(
     """The real ``champion_models`` asset, under its own MLflow retry policy (retries on, 30 s
     apart by default), pointed at a server that refuses it: one attempt, a failure naming the
     URI and what to check, in seconds. (MLflow's client does not retry a 4xx itself.)"""
-    from whale_assets.defs.training import champion_models
+    from whale_assets.defs.training import champion_models_asset
+    from whale_assets.rounds import Round
+
+    champion_models = champion_models_asset(Round(1, 1))
 
     uri = http_server(status)
     policy = champion_models.op.retry_policy

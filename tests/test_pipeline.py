@@ -24,12 +24,14 @@ import torch
 
 from whale_assets.instance import prepare_dagster_home
 from whale_assets.run import load_recipe, run_pipeline, stage_run_config
-from whale_assets.stages import ENSEMBLE_AND_SUBMIT, PREPARE_DATA, TRAIN_FOLDS, asset_names
+from whale_assets.rounds import Round
+from whale_assets.stages import PREPARE_DATA, asset_names, ensemble_and_submit, train_folds
 from whale_ml.data.metadata import NEW_INDIVIDUAL
 from whale_ml.home import HomeLayout
 
-# The stages' assets, resolved from their groups (whale_assets/stages.py).
-UPSTREAM, PER_FOLD, DOWNSTREAM = (asset_names(s) for s in (PREPARE_DATA, TRAIN_FOLDS, ENSEMBLE_AND_SUBMIT))
+# The stages' assets in the one-round graph, resolved from their groups (whale_assets/stages.py).
+ONLY_ROUND = Round(1, 1)
+UPSTREAM, PER_FOLD, DOWNSTREAM = (asset_names(s, 1) for s in (PREPARE_DATA, train_folds(ONLY_ROUND), ensemble_and_submit(ONLY_ROUND)))
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -521,65 +523,119 @@ def test_rerunning_reuses_crops(own_pipeline: dict) -> None:
     assert {r: status(*r.rstrip("]").split("[")) for r in readers} == dict.fromkeys(readers, "FRESH")
 
 
-@pytest.mark.e2e
-def test_pseudo_label_round_materialises_beside_the_first(own_pipeline: dict) -> None:
-    """The pseudo-label round, its three stages run as `whale run` runs them when enabled:
-    pseudo-labelled test photos join the second round's training (never a validation side),
-    its fold models register under their own aliases, and its submission is its own file;
-    the first round's submission and registry aliases are left as they were."""
-    from whale_assets.definitions import defs
-    from whale_assets.run import stage_run_config
-    from whale_assets.stages import PSEUDO_LABELS, ROUND2_ENSEMBLE_AND_SUBMIT, TRAIN_ROUND2_FOLDS
+def _enroll(capsys: pytest.CaptureFixture[str], folder: Path, photos: dict[str, Path], individual: str) -> dict:
+    """``whale enroll`` of ``photos`` (new name -> a photo to copy) as ``individual``; its JSON summary."""
+    from whale_assets.cli import main as whale
 
-    layout = HomeLayout(own_pipeline["home"])
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, source in photos.items():
+        shutil.copyfile(source, folder / name)
+    pd.DataFrame({"image": list(photos), "individual_id": individual}).to_csv(folder / "confirmed.csv", index=False)
+    capsys.readouterr()
+    code = whale(["enroll", str(folder / "confirmed.csv"), "--images", str(folder), "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return json.loads(out.out)
+
+
+@pytest.mark.e2e
+def test_a_second_round_is_the_release_whale_identify_and_enroll_serve(
+    own_pipeline: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`whale run` with ``rounds: 2`` on a home whose first round ran (round 2's stages only):
+    test photos pseudo-labelled by round 1 join round 2's training (never a validation side),
+    its fold models register and become champions under their own aliases, its submission
+    is its own file, and it is the release: ``release.json`` names round 2, ``whale
+    identify`` answers the test photos exactly as round 2's submission does, with round 2's
+    champions, and ``whale enroll`` extends round 2's gallery. A photo enrolled while round 1
+    was the release is carried into round 2's gallery (the ledger is the home's). Round 1's
+    submission, gallery versions and registry aliases are left as they were."""
+    from whale_assets.cli import main as whale
+    from whale_assets.rounds import Round, graph_rounds
+    from whale_assets.stages import stages
+    from whale_ml.gallery import list_versions, load_version
+    from whale_ml.gallery.release import read_release
+    from whale_ml.io import read_json
+
+    layout, data = HomeLayout(own_pipeline["home"]), own_pipeline["data"]
+    second = layout.in_round("round2")
     first_submission = layout.submission.read_bytes()
     client = mlflow.MlflowClient(tracking_uri=layout.mlflow_uri)
     first_fold0 = client.get_model_version_by_alias("whale-arcface", "fold0").version
-    recipe = load_recipe(REPO / "configs" / "tiny.yaml")
-    # A low precision target: the tiny models are barely trained, and the path needs photos.
-    recipe["ops"]["pseudo_labels"] = {"config": {"enabled": True, "min_precision": 0.05, "min_photos": 1}}
-    job, instance = defs().resolve_implicit_global_asset_job_def(), dg.DagsterInstance.get()
-    results = {}
-    stages = {"pseudo_labels": (PSEUDO_LABELS, [None]), "round2_folds": (TRAIN_ROUND2_FOLDS, ["fold0", "fold1"])}
-    stages["round2_ensemble"] = (ROUND2_ENSEMBLE_AND_SUBMIT, [None])
-    for name, (selection, partitions) in stages.items():
-        keys = asset_names(selection)
-        for partition in partitions:
-            result = job.execute_in_process(
-                run_config=stage_run_config(recipe, keys),  # round2__ ops take the tiny recipe's settings
-                instance=instance,
-                partition_key=partition,
-                asset_selection=[dg.AssetKey.from_user_string(k) for k in keys],
-            )
-            assert result.success, keys
-            results[(name, partition)] = result
+    assert read_json(layout.release_pointer) == {"round": 1}  # the one-round run's gallery was the release
 
-    (pseudo,) = results[("pseudo_labels", None)].asset_materializations_for_node("pseudo_labels")
-    table = pd.read_parquet(layout.tables / "pseudo_labels.parquet")
-    assert len(table) == pseudo.metadata["dagster/row_count"].value > 0
+    # Enrolled while round 1 is the release: a copy of a training photo, under its own individual.
+    train = pd.read_csv(data / "train.csv")
+    known = train.iloc[0]
+    early = _enroll(capsys, tmp_path / "early", {"early.jpg": data / "train_images" / known["image"]}, known["individual_id"])
+    assert (early["round"], early["version"]) == (1, "v0002")
+    first_versions = list_versions(layout)["version"].tolist()
+
+    recipe = load_recipe(REPO / "configs" / "tiny.yaml")
+    recipe["rounds"] = 2
+    # A low precision target: the tiny models are barely trained, and the path needs photos.
+    recipe["ops"]["pseudo_labels"] = {"config": {"min_precision": 0.05, "min_photos": 1}}
+    round2 = [stage.name for stage in stages(graph_rounds(2)) if stage.name.startswith("round2_")]
+    assert round2 == ["round2_pick_pseudo_labels", "round2_train_folds", "round2_ensemble_and_submit"]
+    summary = run_pipeline(recipe, log=lambda _msg: None, stages=round2)
+
+    # The pseudo-labels and the fold table they make, its check passed.
+    instance = dg.DagsterInstance.get()
+    pseudo = instance.get_latest_materialization_event(dg.AssetKey(["round2", "pseudo_labels"])).asset_materialization
+    table = pd.read_parquet(layout.tables / "round2" / "pseudo_labels.parquet")
+    assert len(table) == pseudo.metadata["dagster/row_count"].value == summary["rounds"]["round2"]["pseudo_labels"]["photos"] > 0
     assert pseudo.metadata["confidence"].value >= pseudo.metadata["floor"].value
     assert (table["score"] >= pseudo.metadata["confidence"].value).all()
     assert set(table["image"]) <= set(pd.read_parquet(layout.tables / "test_metadata.parquet")["image"])
-    checks = {e.check_name: e.passed for e in results[("pseudo_labels", None)].get_asset_check_evaluations()}
-    assert checks == {"pseudo_photos_never_validated": True}
+    check = dg.AssetCheckKey(dg.AssetKey(["round2", "pseudo_labelled_folds"]), "pseudo_photos_never_validated")
+    assert instance.event_log_storage.get_asset_check_execution_history(check, limit=1)[0].status.value == "SUCCEEDED"
 
-    trained = [results[("round2_folds", f)].asset_materializations_for_node("round2__arcface_model")[0] for f in ("fold0", "fold1")]
-    assert sum(m.metadata["pseudo_labelled_train_images"].value for m in trained) > 0
-    assert [m.metadata["epochs_run"].value for m in trained] == [2, 2]  # the tiny recipe's, not the default 60
-    assert (layout.in_round("round2").model_dir("fold0") / "best.pt").exists()
+    # Round 2's fold models: trained with pseudo photos, the tiny recipe's epochs (inherited), their own aliases.
+    for fold in ("fold0", "fold1"):
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(["round2", "arcface_model"]), asset_partitions=[fold]), limit=1
+        ).records
+        meta = records[0].asset_materialization.metadata
+        assert meta["pseudo_labelled_train_images"].value > 0 and meta["epochs_run"].value == 2  # not the default 60
+        newest = client.get_model_version_by_alias("whale-arcface", f"round2_{fold}").version
+        assert client.get_model_version_by_alias("whale-arcface", f"champion_round2_{fold}").version == newest
     assert client.get_model_version_by_alias("whale-arcface", "fold0").version == first_fold0
-    assert client.get_model_version_by_alias("whale-arcface", "round2_fold0").version != first_fold0
+    assert (second.model_dir("fold0") / "best.pt").exists()
 
-    final = results[("round2_ensemble", None)]
-    (sub,) = final.asset_materializations_for_node("round2__submission_csv")
-    round2_file = layout.in_round("round2").submission
-    assert sub.metadata["path"].value == str(round2_file) == str(layout.home / "rounds" / "round2" / "submission.csv")
-    sample = pd.read_csv(own_pipeline["data"] / "sample_submission.csv")
-    assert pd.read_csv(round2_file)["image"].tolist() == sample["image"].tolist()
-    assert layout.submission.read_bytes() == first_submission
-    (score,) = final.asset_materializations_for_node("round2__submission_score")
-    assert 0.0 <= score.metadata["map5"].value <= 1.0
-    assert {e.check_name: e.passed for e in final.get_asset_check_evaluations()} == {"submission_format": True}
+    # Its submission, beside the first round's, is the release's.
+    assert summary["release"] == "round2" and summary["submission"] == str(second.submission)
+    assert second.submission == layout.home / "rounds" / "round2" / "submission.csv"
+    sample = pd.read_csv(data / "sample_submission.csv")
+    answers = pd.read_csv(second.submission, dtype=str, keep_default_na=False).set_index("image")["predictions"]
+    assert answers.index.tolist() == sample["image"].tolist()
+    assert layout.submission.read_bytes() == first_submission and list_versions(layout)["version"].tolist() == first_versions
+    assert 0.0 <= summary["map5"] <= 1.0
+
+    # The release: round 2's gallery, holding the photo enrolled before it was built.
+    assert read_json(layout.release_pointer) == {"round": 2}
+    release = read_release(layout)
+    assert release.number == 2 and release.layout == second
+    built = load_version(second)
+    assert built.name == "v0001" and built.info["carried_enrolled"] == 1
+    assert built.table.set_index("image").loc["early.jpg", "source"] == "enrolled"
+
+    # whale identify serves the release: the same five answers as its submission, with its champions.
+    test_images = sorted(p.name for p in (data / "test_images").iterdir())
+    capsys.readouterr()
+    assert whale(["identify", str(data / "test_images"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["round"] == 2 and result["gallery"]["version"] == "v0001"
+    assert [(m["fold"], m["alias"]) for m in result["models"]] == [("fold0", "champion_round2_fold0"), ("fold1", "champion_round2_fold1")]
+    identified = {row["image"]: " ".join(row["predictions"]) for row in result["photos"]}
+    assert identified == answers.loc[test_images].to_dict()
+
+    # whale enroll extends the release's gallery, and the UI shows it on round2/gallery.
+    late = _enroll(capsys, tmp_path / "late", {"late.jpg": data / "train_images" / known["image"]}, known["individual_id"])
+    assert (late["round"], late["version"], late["parent"], late["enrolled_photos"]) == (2, "v0002", "v0001", 2)
+    assert list_versions(second)["version"].tolist() == ["v0001", "v0002"]
+    assert list_versions(layout)["version"].tolist() == first_versions
+    mat = instance.get_latest_materialization_event(Round(2, 2).key("gallery")).asset_materialization
+    assert mat.metadata["version"].value == "v0002" and mat.metadata["made_by"].value == "whale enroll"
 
 
 @pytest.mark.slow
@@ -599,12 +655,20 @@ def test_definitions_validate(whale_env: Path) -> None:
 
 
 @pytest.mark.parametrize("recipe", ["demo.yaml", "gpu.yaml", "tiny.yaml"])
-def test_recipes_are_valid_run_config(recipe: str) -> None:
-    """Each recipe under configs/ is accepted by the launchpad's config schema."""
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_recipes_are_valid_run_config(recipe: str, rounds: int) -> None:
+    """Each recipe under configs/, run with one round or two, is accepted by the launchpad's
+    config schema: the run config of the whole graph, a later round's ops with what they inherit."""
     from whale_assets.definitions import defs
+    from whale_assets.rounds import building_rounds
+    from whale_assets.stages import all_asset_names
 
-    job = defs().resolve_implicit_global_asset_job_def()
-    dg.validate_run_config(job, load_recipe(REPO / "configs" / recipe))  # raises on any bad key or value
+    with building_rounds(rounds):
+        job = defs().resolve_implicit_global_asset_job_def()
+    loaded = {**load_recipe(REPO / "configs" / recipe), "rounds": rounds}
+    config = stage_run_config(loaded, all_asset_names(rounds))
+    assert rounds == 1 or config["ops"]["round2__arcface_model"] == config["ops"]["arcface_model"]
+    dg.validate_run_config(job, config)  # raises on any bad key or value
 
 
 def test_recipe_with_a_bad_value_is_rejected() -> None:

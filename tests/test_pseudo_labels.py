@@ -1,7 +1,7 @@
-"""The pseudo-label round: the calibrated confidence (against a brute-force oracle and a
+"""Pseudo-label rounds: the calibrated confidence (against a brute-force oracle and a
 hand-worked case), which test photos are chosen, that pseudo photos only ever train,
-each fold's labels chosen against its own training photos only, and the round's lineage
-in the asset graph."""
+each fold's labels chosen against its own training photos only, the rounds' lineage in
+the asset graph (each round on the one before it), and how a recipe says how many run."""
 
 from __future__ import annotations
 
@@ -193,62 +193,149 @@ def test_pseudo_rows_must_name_known_individuals_and_have_crops() -> None:
     assert not pseudo_labelled_folds(folds, empty, crops)["pseudo"].any()
 
 
-def test_the_round_has_its_own_lineage_in_the_asset_graph() -> None:
-    """round2/ fold models train on pseudo_labelled_folds, made from pseudo_labels, made from the
-    first round's threshold and gallery; the round's stages are its own, and the first
-    round's jobs and rebuild never reach into it."""
-    from whale_assets.definitions import defs
-    from whale_assets.stages import ENSEMBLE_AND_SUBMIT, RETHRESHOLD_AND_SUBMIT, STAGES, TRAIN_FOLDS, asset_names
+def _graph(rounds: int) -> object:
+    from whale_assets.stages import asset_graph
 
-    graph = defs().resolve_asset_graph()
-
-    def parents(key: str) -> set[str]:
-        return {p.to_user_string() for p in graph.get(dg.AssetKey.from_user_string(key)).parent_keys}
-
-    # Test photos matched per fold, as the fold's validation photos were: never by the submission's gallery.
-    assert parents("pseudo_labels") == {"match_threshold", "fold_embeddings", "local_features", "cv_folds"}
-    assert parents("pseudo_labelled_folds") == {"cv_folds", "pseudo_labels", "crops"}
-    assert parents("round2/arcface_model") == {"pseudo_labelled_folds", "arcface_model"}  # a warm start begins from the first round's
-    assert parents("round2/fold_embeddings") == {"round2/arcface_model", "crops"}
-    assert parents("round2/gallery") == {"round2/fold_embeddings", "train_metadata", "crops"}
-    # The second round's threshold is tuned on the first round's validation photos (cv_folds).
-    assert parents("round2/match_threshold") == {"round2/fold_embeddings", "local_features", "cv_folds"}
-    assert parents("round2/submission_csv") >= {"round2/gallery", "round2/match_threshold"}
-    assert parents("round2/submission_score") == {"round2/submission_csv"}
-    assert graph.get(dg.AssetKey.from_user_string("round2/arcface_model")).partitions_def is not None
-
-    round_stages = [s.name for s in STAGES if s.pseudo_label_round]
-    assert round_stages == ["pick_pseudo_labels", "train_round2_folds", "round2_ensemble_and_submit"]
-    first = set(asset_names(TRAIN_FOLDS)) | set(asset_names(ENSEMBLE_AND_SUBMIT)) | set(asset_names(RETHRESHOLD_AND_SUBMIT))
-    assert not {n for n in first if n.startswith(("round2/", "pseudo_"))}
-    assert set(asset_names(RETHRESHOLD_AND_SUBMIT)) == {"match_threshold", "submission_csv", "submission_score"}
-    for name in ("round2/gallery", "round2/match_threshold", "round2/submission_csv"):
-        assert graph.get(dg.AssetKey.from_user_string(name)).automation_condition is None  # runs only when asked
+    return asset_graph(rounds)
 
 
-def test_whale_run_runs_the_round_only_when_the_recipe_enables_it() -> None:
-    from whale_assets.run import pseudo_label_round_enabled, with_round_ops
+def _parents(graph: object, key: str) -> set[str]:
+    return {p.to_user_string() for p in graph.get(dg.AssetKey.from_user_string(key)).parent_keys}  # type: ignore[attr-defined]
 
-    assert not pseudo_label_round_enabled({})
-    assert not pseudo_label_round_enabled({"ops": {"pseudo_labels": {"config": {"min_precision": 0.9}}}})
-    assert pseudo_label_round_enabled({"ops": {"pseudo_labels": {"config": {"enabled": True}}}})
-    ops = {"arcface_model": {"config": {"epochs": 2}}, "round2__gallery": {"config": {"k": 10}}, "gallery": {"config": {"k": 20}}}
-    merged = with_round_ops(ops, ["arcface_model", "round2__arcface_model", "round2__gallery", "round2__fold_embeddings"])
-    assert merged["round2__arcface_model"] == {"config": {"epochs": 2}}  # inherited
-    assert merged["round2__gallery"] == {"config": {"k": 10}}  # its own kept
+
+def test_each_round_chains_on_the_one_before_it() -> None:
+    """Three rounds, asked for by count alone: round k's pseudo-labels come from round k-1's
+    threshold and fold embeddings (round 3's from round 2's), its fold models train on its
+    own pseudo-labelled folds (the input ``training_folds``) and warm-start from round
+    k-1's; every round's threshold is tuned on ``cv_folds``' validation photos."""
+    graph = _graph(3)
+    # Round 2 on round 1: test photos matched per fold, as the fold's validation photos were.
+    assert _parents(graph, "round2/pseudo_labels") == {"match_threshold", "fold_embeddings", "local_features", "cv_folds"}
+    # Round 3 on round 2, never on round 1.
+    assert _parents(graph, "round3/pseudo_labels") == {"round2/match_threshold", "round2/fold_embeddings", "local_features", "cv_folds"}
+    for k, before in ((2, ""), (3, "round2/")):
+        r = f"round{k}/"
+        assert _parents(graph, f"{r}pseudo_labelled_folds") == {"cv_folds", f"{r}pseudo_labels", "crops"}
+        assert _parents(graph, f"{r}arcface_model") == {f"{r}pseudo_labelled_folds", f"{before}arcface_model"}
+        assert _parents(graph, f"{r}fold_embeddings") == {f"{r}arcface_model", "crops"}
+        assert _parents(graph, f"{r}gallery") == {f"{r}fold_embeddings", "train_metadata", "crops"}
+        assert _parents(graph, f"{r}match_threshold") == {f"{r}fold_embeddings", "local_features", "cv_folds"}
+        assert _parents(graph, f"{r}submission_csv") >= {f"{r}gallery", f"{r}match_threshold"}
+        assert _parents(graph, f"{r}submission_score") == {f"{r}submission_csv"}
+        assert graph.get(dg.AssetKey.from_user_string(f"{r}arcface_model")).partitions_def is not None  # type: ignore[attr-defined]
+    # The fold models' fold table arrives under one name, whichever table it is.
+    from whale_assets.defs.training import arcface_model_asset
+    from whale_assets.rounds import Round
+
+    for rnd, table in ((Round(1, 3), "cv_folds"), (Round(3, 3), "round3/pseudo_labelled_folds")):
+        asset = arcface_model_asset(rnd)
+        assert asset.keys_by_input_name["training_folds"].to_user_string() == table
+    # No pseudo-labels for the first round; the stages in order, one set per round.
+    assert not {n for n in _names(3) if n.startswith("pseudo_")}
+    from whale_assets.rounds import graph_rounds
+    from whale_assets.stages import stages
+
+    assert [s.name for s in stages(graph_rounds(3))] == [
+        "prepare_data",
+        "train_folds",
+        "ensemble_and_submit",
+        *(f"round{k}_{stage}" for k in (2, 3) for stage in ("pick_pseudo_labels", "train_folds", "ensemble_and_submit")),
+    ]
+
+
+def _names(rounds: int) -> list[str]:
+    from whale_assets.stages import all_asset_names
+
+    return all_asset_names(rounds)
+
+
+def test_each_round_s_stages_hold_that_round_only() -> None:
+    """A round's jobs and its re-threshold selection reach no other round's assets; the
+    stages together hold every asset once, the partitioned ones in per-fold stages."""
+    from whale_assets.rounds import graph_rounds
+    from whale_assets.stages import asset_names, ensemble_and_submit, pseudo_labels, rethreshold_and_submit, stages, train_folds
+
+    first, second = graph_rounds(2)
+    assert set(asset_names(train_folds(first), 2)) == {"arcface_model", "fold_embeddings"}
+    assert set(asset_names(ensemble_and_submit(first), 2)) == {"gallery", "match_threshold", "submission_csv", "submission_score"}
+    assert set(asset_names(rethreshold_and_submit(first), 2)) == {"match_threshold", "submission_csv", "submission_score"}
+    assert set(asset_names(pseudo_labels(second), 2)) == {"round2/pseudo_labels", "round2/pseudo_labelled_folds"}
+    assert set(asset_names(train_folds(second), 2)) == {"round2/arcface_model", "round2/fold_embeddings"}
+    assert set(asset_names(ensemble_and_submit(second), 2)) == {
+        "round2/champion_models", "round2/gallery", "round2/match_threshold", "round2/submission_csv", "round2/submission_score"
+    }  # fmt: skip
+    staged = [n for stage in stages(graph_rounds(2)) for n in asset_names(stage.selection, 2)]
+    assert sorted(staged) == _names(2)
+    per_fold = {n for stage in stages(graph_rounds(2)) if stage.per_fold for n in asset_names(stage.selection, 2)}
+    assert per_fold == {"arcface_model", "fold_embeddings", "round2/arcface_model", "round2/fold_embeddings"}
+
+
+def test_a_recipe_says_how_many_rounds_run(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """``rounds`` at the top of a recipe; without it, ``$WHALE_ROUNDS`` or the default (1).
+    A bad count, a count that disagrees with ``$WHALE_ROUNDS``, and the ``enabled`` switch
+    that ``rounds`` replaces are refused with what to write instead."""
+    import yaml
+
+    from whale_assets.run import load_recipe, recipe_rounds
+    from whale_ml.environment import DEFAULT_ROUNDS
+
+    def recipe(content: dict) -> object:
+        path = tmp_path / f"r{len(list(tmp_path.iterdir()))}.yaml"
+        path.write_text(yaml.safe_dump(content))
+        return path
+
+    monkeypatch.delenv("WHALE_ROUNDS", raising=False)
+    assert DEFAULT_ROUNDS == 1 and recipe_rounds({}) == 1
+    assert recipe_rounds(load_recipe(recipe({"rounds": 3}))) == 3
+    # A one-round recipe may carry the pseudo-label settings a later round would read.
+    assert load_recipe(recipe({"rounds": 1, "ops": {"pseudo_labels": {"config": {"min_precision": 0.9}}}}))
+    for bad in (0, "two", True, 1.5):
+        with pytest.raises(ValueError, match=r"rounds: expected a whole number >= 1"):
+            load_recipe(recipe({"rounds": bad}))
+    with pytest.raises(ValueError, match=r"enabled is not a setting: .*top-level `rounds`"):
+        load_recipe(recipe({"ops": {"pseudo_labels": {"config": {"enabled": True}}}}))
+    with pytest.raises(ValueError, match=r"unknown op\(s\) in ops: round3__gallery"):
+        load_recipe(recipe({"rounds": 2, "ops": {"round3__gallery": {"config": {"k": 10}}}}))
+    monkeypatch.setenv("WHALE_ROUNDS", "2")
+    assert recipe_rounds({}) == 2 and recipe_rounds({"rounds": 2}) == 2
+    with pytest.raises(ValueError, match=r"rounds: 3 but WHALE_ROUNDS=2"):
+        recipe_rounds({"rounds": 3})
+
+
+def test_a_later_round_s_ops_take_the_settings_of_the_round_before() -> None:
+    """Op config inheritance, mapped by the rounds (not parsed out of op names): round 2's op
+    takes round 1's settings, round 3's round 2's (inherited or its own); a setting given
+    to the later round's op itself is kept; the pseudo-labels' plain name configures every
+    round's; and a stage's run config holds only the ops of its assets."""
+    from whale_assets.run import round_ops, stage_run_config
+
+    ops = {
+        "arcface_model": {"config": {"epochs": 2}},
+        "gallery": {"config": {"k": 20}},
+        "round2__gallery": {"config": {"k": 10}},
+        "pseudo_labels": {"config": {"min_precision": 0.5}},
+    }
+    merged = round_ops(ops, 3)
+    assert merged["round2__arcface_model"] == merged["round3__arcface_model"] == {"config": {"epochs": 2}}
+    assert merged["round2__gallery"] == merged["round3__gallery"] == {"config": {"k": 10}}  # its own, then passed on
+    assert merged["round2__pseudo_labels"] == merged["round3__pseudo_labels"] == {"config": {"min_precision": 0.5}}
     assert "round2__fold_embeddings" not in merged  # nothing to inherit
+    config = stage_run_config({"rounds": 3, "ops": ops}, ["round3/arcface_model", "round3/fold_embeddings"])
+    assert config["ops"] == {"round3__arcface_model": {"config": {"epochs": 2}}}
 
 
-def test_a_warm_started_round_begins_from_the_first_round_s_model_of_the_same_fold(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_warm_started_round_begins_from_the_previous_round_s_model_of_the_same_fold(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from whale_assets.defs.training import round_recipe
     from whale_assets.launchpad import TrainSettings
     from whale_assets.resources import WhaleHome
-    from whale_assets.rounds import FIRST_ROUND, PSEUDO_LABEL_ROUND
+    from whale_assets.rounds import Round
 
     whale = WhaleHome(home=str(tmp_path))
     warm = TrainSettings(epochs=60, warm_start_epochs=15)
-    assert round_recipe(warm, FIRST_ROUND, whale, "fold1") is warm  # the first round ignores it
-    assert round_recipe(TrainSettings(epochs=60), PSEUDO_LABEL_ROUND, whale, "fold1").init_weights is None  # 0: from scratch
-    second = round_recipe(warm, PSEUDO_LABEL_ROUND, whale, "fold1")
+    assert round_recipe(warm, Round(1, 3), whale, "fold1") is warm  # the first round ignores it
+    assert round_recipe(TrainSettings(epochs=60), Round(2, 3), whale, "fold1").init_weights is None  # 0: from scratch
+    second = round_recipe(warm, Round(2, 3), whale, "fold1")
     assert second.epochs == 15 and second.init_weights == str(tmp_path / "models" / "fold1" / "best.pt")
+    third = round_recipe(warm, Round(3, 3), whale, "fold1")
+    assert third.init_weights == str(tmp_path / "rounds" / "round2" / "models" / "fold1" / "best.pt")
     assert warm.epochs == 60 and warm.init_weights is None  # the recipe itself is unchanged

@@ -197,7 +197,10 @@ def test_a_fold_model_without_its_folds_fails_at_once(tmp_path: Path, monkeypatc
     """The real ``arcface_model``, under its own MLflow retry policy, launched before ``cv_folds``
     exists (``train_folds`` before ``prepare_data``): it fails at the first attempt, in seconds
     rather than after minutes of back-off, and says what to materialise first."""
-    from whale_assets.defs.training import arcface_model
+    from whale_assets.defs.training import arcface_model_asset
+    from whale_assets.rounds import Round
+
+    arcface_model = arcface_model_asset(Round(1, 1))
 
     monkeypatch.setenv("WHALE_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

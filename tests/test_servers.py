@@ -24,10 +24,12 @@ import yaml
 from chromium import SKIP_REASON, browser, chromium_command
 
 from whale_assets.resources import MlflowTracking
-from whale_assets.stages import ENSEMBLE_AND_SUBMIT, PREPARE_DATA, TRAIN_FOLDS, asset_names
+from whale_assets.rounds import Round
+from whale_assets.stages import PREPARE_DATA, asset_names, ensemble_and_submit, train_folds
 
-# The stages' assets, resolved from their groups (whale_assets/stages.py).
-UPSTREAM, PER_FOLD, DOWNSTREAM = (asset_names(s) for s in (PREPARE_DATA, TRAIN_FOLDS, ENSEMBLE_AND_SUBMIT))
+# The stages' assets in the one-round graph, resolved from their groups (whale_assets/stages.py).
+ONLY_ROUND = Round(1, 1)
+UPSTREAM, PER_FOLD, DOWNSTREAM = (asset_names(s, 1) for s in (PREPARE_DATA, train_folds(ONLY_ROUND), ensemble_and_submit(ONLY_ROUND)))
 
 pytestmark = [pytest.mark.server, pytest.mark.e2e]
 

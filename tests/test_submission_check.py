@@ -14,8 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from whale_assets.defs.submission import submission_csv
+from whale_assets.defs.submission import submission_csv_asset
 from whale_assets.resources import WhaleHome
+from whale_assets.rounds import Round
 from whale_ml.gallery import build_gallery
 from whale_ml.gallery.lineage import EMBEDDINGS_RECORD, FoldModel, record_boxes, record_crops
 from whale_ml.gallery.matchers import save_matcher
@@ -68,6 +69,7 @@ def _materialise(home: Path, values: dict[str, Any]) -> dg.ExecuteInProcessResul
         """submission_csv's dep (read only when the threshold was tuned with re-ranking)."""
 
     stubs = [upstream(name) for name in values]
+    submission_csv = submission_csv_asset(Round(1, 1))
     resources = {"whale": WhaleHome(home=str(home)), "io_manager": dg.FilesystemIOManager(base_dir=str(home / "io"))}
     instance = dg.DagsterInstance.ephemeral()
     dg.materialize(stubs, resources=resources, instance=instance)

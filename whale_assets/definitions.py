@@ -1,5 +1,10 @@
 """The code location: every module under ``whale_assets/defs`` (the asset groups' modules, plus jobs,
-automation and the executor), with the resources bound here, in one place."""
+automation and the executor), with the resources bound here, in one place.
+
+The modules with round-dependent assets (training, retrieval, submission, pseudo-labels,
+jobs, automation) build them in a ``@dg.definitions`` function, called each time
+:func:`defs` is: the graph holds the rounds asked for then (``$WHALE_ROUNDS``, or
+``whale_assets.rounds.building_rounds``), though Python imports the modules once."""
 
 from __future__ import annotations
 

@@ -3,7 +3,9 @@
 Thin: the work is in :mod:`whale_ml.identify`, on the gallery versions of
 :mod:`whale_ml.gallery` and the models of :mod:`whale_ml.registry`. This layer finds
 the home, the MLflow store and the Dagster instance, and reports each enrollment to
-Dagster as a materialisation of the ``gallery`` asset, so the UI shows every gallery version.
+Dagster as a materialisation of the release round's ``gallery`` asset, so the UI shows
+every gallery version. All three commands serve the home's release, the last training
+round that built a gallery (:mod:`whale_ml.gallery.release`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def _alias_template(alias: str) -> str:
 
 
 def _setup() -> HomeLayout:
+    """The home's layout (its release is resolved where it is used)."""
     from whale_ml.offline import configure_environment
 
     layout = HomeLayout(default_home())
@@ -44,7 +47,8 @@ def _tracking_uri() -> str:
 def identify_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="whale identify",
-        description="Identify photos against the current gallery: the five most similar individuals and the new_individual decision.",
+        description="Identify photos against the release's current gallery: the five most similar individuals and the new_individual "
+        "decision.",
     )
     parser.add_argument("photos", nargs="+", metavar="PHOTO_OR_DIR", help="photo files, or folders of photos")
     parser.add_argument("--json", action="store_true", help="print the result as JSON (schema: docs/identify.md)")
@@ -55,19 +59,21 @@ def identify_main(argv: Sequence[str]) -> int:
         help="registry alias of the fold models: champion (default), challenger, latest, or a template like 'my_{fold}'",
     )
     parser.add_argument("--model-version", nargs="+", metavar="V", help="registry versions instead, one per fold in fold order")
-    parser.add_argument("--gallery-version", metavar="vNNNN", help="search this gallery version (default: the newest)")
+    parser.add_argument("--gallery-version", metavar="vNNNN", help="search this version of the release's gallery (default: the newest)")
     parser.add_argument("--device", default="cpu", help="cpu (default), auto, cuda or cuda:N")
     args = parser.parse_args(argv)
 
     from whale_ml.gallery import LineageError, load_version
     from whale_ml.gallery.matchers import load_matcher
     from whale_ml.gallery.models import resolve_models
+    from whale_ml.gallery.release import ReleasePointerError, read_release
     from whale_ml.identify import expand_inputs, format_text, identify_photos, write_report
     from whale_ml.training.trainer import resolve_device
 
-    layout = _setup()
     device = str(resolve_device(args.device))
     try:
+        release = read_release(_setup())
+        layout = release.layout
         gallery = load_version(layout, args.gallery_version)
         models = resolve_models(
             gallery.lineage,
@@ -76,6 +82,7 @@ def identify_main(argv: Sequence[str]) -> int:
             gallery.name,
             alias=_alias_template(args.alias),
             versions=args.model_version,
+            round=layout.round,
         )
         matcher = load_matcher(layout, gallery.lineage, gallery.name)  # the one tuned for this version's models
         paths = expand_inputs(args.photos)
@@ -86,13 +93,14 @@ def identify_main(argv: Sequence[str]) -> int:
             result = identify_photos(paths, layout, gallery, models, matcher, Path(work), device)
             if args.report:
                 write_report(result, args.report)
-    except LineageError as exc:
+    except (LineageError, ReleasePointerError) as exc:
         print(f"whale identify: {exc}", file=sys.stderr)
         return 2
     if gallery.fallback_from:
         print(f"whale identify: gallery {gallery.fallback_from} could not be read; answered with {gallery.name}, the newest whole version", file=sys.stderr)
     for row in result["photos"]:  # the crops were temporary; the report holds them inline
         row.pop("crop_path", None)
+    result["round"] = release.number
     print(json.dumps(result, indent=2) if args.json else format_text(result))
     if args.report:
         print(f"report: {Path(args.report).resolve()}", file=sys.stderr)
@@ -100,14 +108,20 @@ def identify_main(argv: Sequence[str]) -> int:
 
 
 def report_gallery_version(layout: HomeLayout, summary: dict[str, Any]) -> None:
-    """A runless materialisation of ``gallery`` in the Dagster instance: the UI's gallery
-    asset then shows the enrolled version, its counts and the list of versions."""
+    """A runless materialisation of the enrolled round's ``gallery`` (``round2/gallery``...)
+    in the Dagster instance: the UI's gallery asset then shows the enrolled version, its
+    counts and the list of versions."""
     import dagster as dg
 
     from whale_assets.instance import prepare_dagster_home
     from whale_assets.metadata import table_meta
+    from whale_assets.rounds import Round
     from whale_ml.gallery import list_versions
     from whale_ml.gallery.catalogue import catalogue_lock
+    from whale_ml.home import round_name
+
+    number = summary["round"]
+    layout = layout.in_round(round_name(number))
 
     prepare_dagster_home(layout.home)
     # Two first enrolments of a fresh home would both create the instance's SQLite tables
@@ -116,7 +130,7 @@ def report_gallery_version(layout: HomeLayout, summary: dict[str, Any]) -> None:
         instance = dg.DagsterInstance.get()
     instance.report_runless_asset_event(
         dg.AssetMaterialization(
-            asset_key="gallery",
+            asset_key=Round(number, number).key("gallery"),
             description=f"whale enroll: {summary['enrolled_photos_now']} photo(s) added as gallery {summary['version']}",
             metadata={
                 "version": summary["version"],
@@ -148,6 +162,7 @@ def enroll_main(argv: Sequence[str]) -> int:
     from whale_ml.data.metadata import MetadataError
     from whale_ml.gallery import LineageError
     from whale_ml.gallery.models import gallery_models
+    from whale_ml.gallery.release import ReleasePointerError
     from whale_ml.identify import enroll
     from whale_ml.training.trainer import resolve_device
 
@@ -158,10 +173,10 @@ def enroll_main(argv: Sequence[str]) -> int:
             args.confirmed,
             args.images,
             layout,
-            lambda lineage: gallery_models(lineage, layout.model_dir, uri, layout.home / "model_cache"),
+            lambda release, lineage: gallery_models(lineage, release.model_dir, uri, release.home / "model_cache"),
             str(resolve_device(args.device)),
         )
-    except (LineageError, MetadataError) as exc:
+    except (LineageError, MetadataError, ReleasePointerError) as exc:
         print(f"whale enroll: {exc}", file=sys.stderr)
         return 2
     report_gallery_version(layout, summary)
@@ -186,7 +201,8 @@ def enroll_main(argv: Sequence[str]) -> int:
 def prune_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="whale prune-gallery",
-        description="Delete old gallery versions (gallery/versions/vNNNN), keeping the newest N and always the current one.",
+        description="Delete old versions of the release's gallery (gallery/versions/vNNNN), keeping the newest N and always the "
+        "current one.",
     )
     parser.add_argument("--keep", type=int, required=True, metavar="N", help="how many of the newest versions to keep (at least 1)")
     parser.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
@@ -195,8 +211,13 @@ def prune_main(argv: Sequence[str]) -> int:
         parser.error(f"--keep must be at least 1, not {args.keep}")
 
     from whale_ml.gallery import list_versions, prune_versions
+    from whale_ml.gallery.release import ReleasePointerError, read_release
 
-    layout = _setup()
+    try:
+        layout = read_release(_setup()).layout
+    except ReleasePointerError as exc:
+        print(f"whale prune-gallery: {exc}", file=sys.stderr)
+        return 2
     before = list_versions(layout)
     doomed = prune_versions(layout, args.keep, dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"

@@ -75,4 +75,4 @@ class LocalFeatureSettings(dg.Config, LocalFeatureConfig):
 
 
 class PseudoLabelSettings(dg.Config, PseudoLabelConfig):
-    """The pseudo-label round: which confident test predictions train the second round."""
+    """A later round's pseudo-labels: which of the previous round's confident test predictions it trains on."""

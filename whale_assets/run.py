@@ -3,11 +3,13 @@
 Runs go through the Dagster instance in ``$DAGSTER_HOME`` (default
 ``$WHALE_HOME/dagster_home``), so the UI shows them afterwards with their
 materialisations, checks and logs. The stages of ``whale_assets/stages.py``, in
-order and in-process: ``prepare_data`` (everything up to the folds), ``train_folds``
-once per fold partition, then ``ensemble_and_submit`` (gallery, threshold,
-submission and score); then, when the recipe enables it (``pseudo_labels: {config:
-{enabled: true}}``), the pseudo-label round's three stages, whose ``round2__<op>`` ops
-take the recipe's ``<op>`` settings unless the recipe gives them their own.
+order and in-process: ``prepare_data`` (everything up to the folds), then for each
+training round the recipe asks for (top-level ``rounds``, default ``$WHALE_ROUNDS`` or
+1): its pseudo-labels (after the first round), its fold models once per fold partition,
+and its ensemble stage (gallery, threshold, submission and score). The last round is the
+release, whose gallery ``whale identify`` and ``whale enroll`` then serve. A later round's
+op takes the settings of the round before it (``round2__arcface_model`` those of
+``arcface_model``) unless the recipe gives it its own.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import yaml
 
 from whale_assets.instance import prepare_dagster_home
-from whale_ml.environment import default_data_dir, default_home
+from whale_ml.environment import default_data_dir, default_home, read_environment
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -33,10 +35,15 @@ PHOTO_PASS_OP = "boxes_and_crops"
 
 
 def load_recipe(path: str | Path | None) -> dict[str, Any]:
-    """A run-config recipe (``ops: {op: {config: ...}}``); empty when no file is given.
+    """A run-config recipe (``rounds: N``, ``ops: {op: {config: ...}}``); empty when no file is given.
 
     The ``bboxes`` and ``crops`` sections of older recipes become the ``boxes`` and
-    ``crops`` parts of ``boxes_and_crops``.
+    ``crops`` parts of ``boxes_and_crops``. An op may be named by its asset's plain name
+    when only later rounds have it (``pseudo_labels``: every round's pseudo-labels).
+
+    Raises:
+        ValueError: a bad ``rounds`` (:func:`recipe_rounds`), an unknown op, or the
+            ``pseudo_labels`` section's ``enabled``, which ``rounds`` replaces.
     """
     if path is None:
         return {}
@@ -49,32 +56,90 @@ def load_recipe(path: str | Path | None) -> dict[str, Any]:
         if old in ops:
             merged = ops.setdefault(PHOTO_PASS_OP, {}).setdefault("config", {})
             merged.setdefault(part, (ops.pop(old) or {}).get("config", {}))
-    from whale_assets.stages import op_assets
-
-    unknown = set(ops) - set(op_assets())
+    if "enabled" in (((ops.get("pseudo_labels") or {}).get("config")) or {}):
+        raise ValueError(
+            f"{path}: ops.pseudo_labels.config.enabled is not a setting: how many training rounds run is the recipe's top-level "
+            "`rounds` (`rounds: 2`: the first round, then one round with its pseudo-labels; `rounds: 1`: the first alone)"
+        )
+    try:
+        count = recipe_rounds(recipe)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    known = recipe_op_names(count)
+    unknown = set(ops) - known
     if unknown:
-        raise ValueError(f"{path}: unknown op(s) in ops: {', '.join(sorted(unknown))} (known: {', '.join(sorted(op_assets()))})")
+        raise ValueError(f"{path}: unknown op(s) in ops: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
     return recipe
 
 
-def pseudo_label_round_enabled(recipe: dict[str, Any]) -> bool:
-    """Whether the recipe asks ``whale run`` for the pseudo-label round."""
-    return bool((((recipe.get("ops") or {}).get("pseudo_labels") or {}).get("config") or {}).get("enabled", False))
+def recipe_rounds(recipe: dict[str, Any]) -> int:
+    """How many training rounds a run of ``recipe`` makes: its top-level ``rounds``, else
+    ``$WHALE_ROUNDS``, else the project's default (whale_ml/environment.py).
+
+    Raises:
+        ValueError: ``rounds`` is not a whole number >= 1, or ``$WHALE_ROUNDS`` is set to
+            another count: the code location the UI loads (with ``$WHALE_ROUNDS``) would
+            then hold other rounds, and another release, than the run makes.
+    """
+    env = read_environment()
+    asked = recipe.get("rounds")
+    if asked is None:
+        return env.rounds
+    if isinstance(asked, bool) or not isinstance(asked, int) or asked < 1:
+        raise ValueError(f"rounds: expected a whole number >= 1 (1: the first round alone; 2: then a pseudo-label round), not {asked!r}")
+    if env.rounds_set and env.rounds != asked:
+        raise ValueError(
+            f"the recipe asks for rounds: {asked} but WHALE_ROUNDS={env.rounds}: the code location would hold another graph than "
+            "this run makes. Make them agree, or unset WHALE_ROUNDS (the recipe then decides)"
+        )
+    return asked
 
 
-def with_round_ops(ops: dict[str, Any], op_names: Sequence[str]) -> dict[str, Any]:
-    """``ops`` plus, for each later round's op (``round2__arcface_model``) the recipe does not
-    configure, the first round's settings (``arcface_model``): a round trains as the first did."""
-    inherited = {name: ops[name.split("__", 1)[1]] for name in op_names if "__" in name and name not in ops and name.split("__", 1)[1] in ops}
-    return {**ops, **inherited}
+def recipe_op_names(count: int) -> set[str]:
+    """The op names a recipe of ``count`` rounds may configure: the graph's ops, and the plain
+    names of the ops only later rounds have (``pseudo_labels``), which those rounds inherit."""
+    from whale_assets.rounds import Round
+    from whale_assets.stages import all_asset_names, op_assets
+
+    second = Round(2, 2)
+    later = {key.path[-1] for key in map(_key, all_asset_names(2)) if second.owns(key)}
+    return set(op_assets(count)) | later
+
+
+def round_ops(ops: dict[str, Any], count: int) -> dict[str, Any]:
+    """``ops`` for a graph of ``count`` rounds, with each later round's op the recipe does not
+    configure given the settings of the same op one round before (``round2__arcface_model``
+    those of ``arcface_model``, ``round3__arcface_model`` those of ``round2__arcface_model``;
+    ``round2__pseudo_labels`` those of the plain ``pseudo_labels``): a round trains as the
+    one before it did."""
+    from whale_assets.rounds import graph_rounds
+    from whale_assets.stages import all_asset_names
+
+    merged = dict(ops)
+    keys = [_key(name) for name in all_asset_names(count)]
+    rounds = graph_rounds(count)
+    for previous, rnd in zip(rounds, rounds[1:]):  # in order: round 3 inherits what round 2 inherited
+        for asset in (key.path[-1] for key in keys if rnd.owns(key)):
+            own, before = rnd.op(asset), previous.op(asset)
+            if own not in merged and before in merged:
+                merged[own] = merged[before]
+    return merged
+
+
+def _key(name: str) -> Any:
+    import dagster as dg
+
+    return dg.AssetKey.from_user_string(name)
 
 
 def stage_run_config(recipe: dict[str, Any], keys: Sequence[str], log_level: str = "INFO") -> dict[str, Any]:
-    """The recipe's config for the ops that compute the selected assets, with the console log at ``log_level``."""
+    """The recipe's config for the ops that compute the selected assets (in the graph of the
+    recipe's rounds), with the console log at ``log_level``."""
     from whale_assets.stages import op_assets
 
-    computes = op_assets()
-    ops = {k: v for k, v in with_round_ops(recipe.get("ops", {}), list(computes)).items() if set(computes.get(k, [k])) & set(keys)}
+    count = recipe_rounds(recipe)
+    computes = op_assets(count)
+    ops = {k: v for k, v in round_ops(recipe.get("ops", {}), count).items() if k in computes and set(computes[k]) & set(keys)}
     config: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     if ops:
         config["ops"] = ops
@@ -84,25 +149,31 @@ def stage_run_config(recipe: dict[str, Any], keys: Sequence[str], log_level: str
 def run_pipeline(
     recipe: dict[str, Any], folds: Sequence[str] | None = None, log: Any = print, stages: Sequence[str] | None = None
 ) -> dict[str, Any]:
-    """Materialise every asset (all fold partitions) and return the headline numbers.
+    """Materialise every asset of the recipe's rounds (all fold partitions) and return the headline numbers.
 
-    ``stages``: only these stages, by name (``whale_assets.stages.STAGES``), in the pipeline's
-    order; e.g. the pseudo-label round's on a home whose first round is materialised.
+    The definitions are built with the recipe's rounds (:func:`recipe_rounds`), whatever
+    count this process built them with before. ``stages``: only these stages, by name
+    (``whale_assets.stages.stages``), in the pipeline's order; e.g. a later round's on a
+    home whose earlier rounds are materialised.
     """
     import dagster as dg
 
     from whale_assets.definitions import defs as load_defs
     from whale_assets.instance import cli_run_tags
+    from whale_assets.rounds import building_rounds
 
-    defs = load_defs()
+    count = recipe_rounds(recipe)
+    with building_rounds(count):
+        defs = load_defs()
     job = defs.resolve_implicit_global_asset_job_def()
     instance = dg.DagsterInstance.get()
     with cli_run_tags(instance) as tags:  # held until the last stage ends: this process's runs are alive until then
-        return _run_stages(recipe, folds, log, stages, job, instance, tags)
+        return _run_stages(recipe, count, folds, log, stages, job, instance, tags)
 
 
 def _run_stages(
     recipe: dict[str, Any],
+    count: int,
     folds: Sequence[str] | None,
     log: Any,
     stages: Sequence[str] | None,
@@ -110,13 +181,16 @@ def _run_stages(
     instance: Any,
     tags: dict[str, str],
 ) -> dict[str, Any]:
-    """:func:`run_pipeline`'s work, its runs tagged with ``tags``."""
+    """:func:`run_pipeline`'s work on a graph of ``count`` rounds, its runs tagged with ``tags``."""
     import dagster as dg
 
     from whale_assets.instance import release_dead_cli_runs
     from whale_assets.partitions import fold_partitions
-    from whale_assets.stages import STAGES, asset_names
+    from whale_assets.rounds import graph_rounds
+    from whale_assets.stages import asset_names, stages as graph_stages
 
+    rounds = graph_rounds(count)
+    every = graph_stages(rounds)
     for run_id in release_dead_cli_runs(instance):
         log(f"run {run_id} of a killed `whale run` marked failed; its gpu pool slot is free again")
     all_folds = fold_partitions.get_partition_keys()
@@ -124,9 +198,9 @@ def _run_stages(
     unknown = set(folds) - set(all_folds)
     if unknown:
         raise ValueError(f"unknown fold(s) {sorted(unknown)}; this configuration has {all_folds}")
-    unknown = set(stages or ()) - {s.name for s in STAGES}
+    unknown = set(stages or ()) - {s.name for s in every}
     if unknown:
-        raise ValueError(f"unknown stage(s) {sorted(unknown)}; the stages are {[s.name for s in STAGES]}")
+        raise ValueError(f"unknown stage(s) {sorted(unknown)}; the stages of {count} round(s) are {[s.name for s in every]}")
 
     def stage(keys: list[str], partition: str | None = None) -> dg.ExecuteInProcessResult:
         label = ", ".join(keys) + (f" [{partition}]" if partition else "")
@@ -145,10 +219,10 @@ def _run_stages(
     timings: dict[str, float] = {}
     finals = []
     t0 = time.perf_counter()
-    for each in STAGES:
-        if (each.pseudo_label_round and not pseudo_label_round_enabled(recipe)) or (stages is not None and each.name not in stages):
+    for each in every:
+        if stages is not None and each.name not in stages:
             continue
-        keys = asset_names(each.selection)
+        keys = asset_names(each.selection, count)
         for partition in folds if each.per_fold else [None]:
             t1 = time.perf_counter()
             final = stage(keys, partition)
@@ -156,35 +230,33 @@ def _run_stages(
         if not each.per_fold:
             finals.append(final)
     timings["total_s"] = time.perf_counter() - t0
-    return _summary(timings, finals)
+    return _summary(timings, finals, rounds)
 
 
-def _summary(timings: dict[str, float], finals: list[Any]) -> dict[str, Any]:
-    """The headline numbers of the unpartitioned stages' materialisations; the pseudo-label
-    round's under ``round2`` (its keys are ``round2/...``)."""
-    summary: dict[str, Any] = {"timings": timings}
+def _summary(timings: dict[str, float], finals: list[Any], rounds: Sequence[Any]) -> dict[str, Any]:
+    """The headline numbers of the unpartitioned stages' materialisations: per round under
+    ``rounds`` (``round1``, ``round2``...), and the release's at the top level."""
+    found: dict[Any, dict[str, Any]] = {}
     for event in (e for final in finals for e in final.get_asset_materialization_events()):
         mat = event.step_materialization_data.materialization
-        meta = {k: v.value for k, v in mat.metadata.items()}
-        key = mat.asset_key.to_user_string()
-        if key.startswith("round2/"):
-            _headline(summary.setdefault("round2", {}), key.removeprefix("round2/"), meta)
-        elif key == "pseudo_labels":
-            summary["pseudo_labels"] = {"photos": meta.get("dagster/row_count"), "confidence": meta.get("confidence")}
-        else:
-            _headline(summary, key, meta)
-    return summary
+        found[mat.asset_key] = {k: v.value for k, v in mat.metadata.items()}
+    per_round = {rnd.title: _headline(rnd, found) for rnd in rounds}
+    release = rounds[-1].title
+    return {"timings": timings, **per_round[release], "release": release, "rounds": {k: v for k, v in per_round.items() if v}}
 
 
-def _headline(summary: dict[str, Any], key: str, meta: dict[str, Any]) -> None:
-    if key == "submission_score":
-        summary["map5"] = meta.get("map5")
-        summary["baseline_all_new_map5"] = meta.get("baseline_all_new_map5")
-    elif key == "match_threshold":
-        summary["oof_map5"] = meta.get("oof_map5")
-        summary["threshold"] = meta.get("threshold")
-    elif key == "submission_csv":
-        summary["submission"] = meta.get("path")
+def _headline(rnd: Any, found: dict[Any, dict[str, Any]]) -> dict[str, Any]:
+    """One round's numbers, from the metadata of its assets materialised in this run."""
+    out: dict[str, Any] = {}
+    if (meta := found.get(rnd.key("pseudo_labels"))) is not None:
+        out["pseudo_labels"] = {"photos": meta.get("dagster/row_count"), "confidence": meta.get("confidence")}
+    if (meta := found.get(rnd.key("match_threshold"))) is not None:
+        out.update(oof_map5=meta.get("oof_map5"), threshold=meta.get("threshold"))
+    if (meta := found.get(rnd.key("submission_csv"))) is not None:
+        out["submission"] = meta.get("path")
+    if (meta := found.get(rnd.key("submission_score"))) is not None:
+        out.update(map5=meta.get("map5"), baseline_all_new_map5=meta.get("baseline_all_new_map5"))
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -195,10 +267,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     home = default_home()
     prepare_dagster_home(home)
-    print(f"data set : {default_data_dir()}\nhome     : {home}\nrecipe   : {args.recipe}")
-    summary = run_pipeline(load_recipe(args.recipe), args.folds)
+    recipe = load_recipe(args.recipe)
+    print(f"data set : {default_data_dir()}\nhome     : {home}\nrecipe   : {args.recipe}\nrounds   : {recipe_rounds(recipe)}")
+    summary = run_pipeline(recipe, args.folds)
 
     print("\n==> done in {:.0f} s".format(summary["timings"]["total_s"]))
+    if len(summary["rounds"]) > 1:
+        for title, numbers in summary["rounds"].items():
+            pseudo = numbers.get("pseudo_labels")
+            print(
+                f"{title:<18}: validation MAP@5 {numbers.get('oof_map5')}, test MAP@5 {numbers.get('map5')}"
+                + (f", trained with {pseudo['photos']} pseudo-labels (confidence {pseudo['confidence']})" if pseudo else "")
+            )
+    print(f"release           : {summary['release']} (what whale identify and whale enroll serve)")
     print(f"submission        : {summary.get('submission')}")
     if summary.get("oof_map5") is not None:
         print(f"validation MAP@5  : {summary['oof_map5']:.4f} (out-of-fold, threshold {summary['threshold']:.4f})")
@@ -208,11 +289,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     else:
         print("test MAP@5        : no test_truth.csv in the data set")
-    if "round2" in summary:
-        r2, pseudo = summary["round2"], summary.get("pseudo_labels", {})
-        print(f"pseudo-label round: {pseudo.get('photos')} pseudo-labels over the folds (confidence {pseudo.get('confidence')})")
-        print(f"  submission      : {r2.get('submission')}")
-        print(f"  validation MAP@5: {r2.get('oof_map5')}  test MAP@5: {r2.get('map5')}")
     print("open the UIs      : make ui   (Dagster http://127.0.0.1:3000, MLflow http://127.0.0.1:5000)")
     return 0
 

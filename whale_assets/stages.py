@@ -5,48 +5,56 @@ the right job, sensor and ``whale run`` stage by being put in its group; nothing
 lists asset names. The jobs (``defs/jobs.py``), the rebuild sensor
 (``defs/automation.py``), ``whale run`` and the tests all select through these.
 
-Stages and groups::
+Stages and groups, made from the graph's rounds (``whale_assets/rounds.py``), in the
+order ``whale run`` runs them::
 
-    prepare_data         raw, detection, splits      unpartitioned, before the folds
-    train_folds          training                    one run per fold partition
-    ensemble_and_submit  registry, retrieval,        unpartitioned, after every fold
-                         submission
+    prepare_data                  raw, detection, splits       unpartitioned, before the folds
+    train_folds                   training                     one run per fold partition
+    ensemble_and_submit           retrieval, submission        unpartitioned, after every fold
+    then for each later round k:
+    round<k>_pick_pseudo_labels   round<k>_pseudo_labels       unpartitioned, after round k-1's threshold
+    round<k>_train_folds          round<k>_training            one run per fold partition
+    round<k>_ensemble_and_submit  round<k>_retrieval,          unpartitioned, after every round-k fold
+                                  round<k>_submission
 
-The pseudo-label round (``whale_assets/rounds.py``), run by ``whale run`` only when the
-recipe enables it (``pseudo_labels: {config: {enabled: true}}``)::
-
-    pseudo_labels               pseudo_labels            unpartitioned, after the first submission
-    train_round2_folds          round2_training          one run per fold partition
-    round2_ensemble_and_submit  round2_retrieval,        unpartitioned, after every round-2 fold
-                                round2_submission
+The release (the last round) has its ``registry`` group too (``champion_models``), in
+its ensemble stage.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 
 import dagster as dg
 
-PREPARE_DATA = dg.AssetSelection.groups("raw", "detection", "splits")
-TRAIN_FOLDS = dg.AssetSelection.groups("training")
-ENSEMBLE_AND_SUBMIT = dg.AssetSelection.groups("registry", "retrieval", "submission")
-PSEUDO_LABELS = dg.AssetSelection.groups("pseudo_labels")
-TRAIN_ROUND2_FOLDS = dg.AssetSelection.groups("round2_training")
-ROUND2_ENSEMBLE_AND_SUBMIT = dg.AssetSelection.groups("round2_retrieval", "round2_submission")
-# Re-tune the threshold and rewrite the submission: the threshold and what follows it in its
-# round (the pseudo-label round follows it too, but is a stage of its own).
-RETHRESHOLD_AND_SUBMIT = dg.AssetSelection.assets("match_threshold").downstream() & ENSEMBLE_AND_SUBMIT
+from whale_assets.rounds import Round, building_rounds, graph_rounds, round_count
 
-# Dagster's eager condition on the stages after the folds: a parent was updated since the
-# last run, no parent is missing, and none is still being materialised (so all folds
-# finish first); and every blocking check of every parent passed (or runs in the same
-# request), so a parent whose blocking check failed (folds that leak, unclean metadata, a
-# malformed submission) is not rebuilt on. It acts only while the ``rebuild_after_folds``
-# sensor is switched on.
-REBUILD_AFTER_FOLDS = (dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()).with_label(
-    "eager, after blocking checks"
-)
+PREPARE_DATA = dg.AssetSelection.groups("raw", "detection", "splits")
+PREPARE_DATA_STAGE = "prepare_data"  # the one stage every round shares
+
+
+def pseudo_labels(rnd: Round) -> dg.AssetSelection:
+    """A later round's pseudo-labels and the fold table they make (empty for the first round)."""
+    return dg.AssetSelection.groups(rnd.group("pseudo_labels"))
+
+
+def train_folds(rnd: Round) -> dg.AssetSelection:
+    """The round's fold models and their embeddings (partitioned by fold)."""
+    return dg.AssetSelection.groups(rnd.group("training"))
+
+
+def ensemble_and_submit(rnd: Round) -> dg.AssetSelection:
+    """After the round's folds: champion/challenger (the release's), gallery, threshold, submission, score."""
+    return dg.AssetSelection.groups(rnd.group("registry"), rnd.group("retrieval"), rnd.group("submission"))
+
+
+def rethreshold_and_submit(rnd: Round) -> dg.AssetSelection:
+    """Re-tune the round's threshold and rewrite its submission: the threshold and what
+    follows it in its round's ensemble stage (a later round's pseudo-labels follow it too,
+    but are a stage of their own)."""
+    return dg.AssetSelection.assets(rnd.key("match_threshold")).downstream() & ensemble_and_submit(rnd)
 
 
 @dataclass(frozen=True)
@@ -57,63 +65,77 @@ class Stage:
     selection: dg.AssetSelection
     per_fold: bool
     description: str
-    pseudo_label_round: bool = False  # run by `whale run` only when the recipe enables the round
 
 
-STAGES: tuple[Stage, ...] = (
-    Stage("prepare_data", PREPARE_DATA, False, "Metadata, detector, boxes, crops and folds: everything before the fold models."),
-    Stage("train_folds", TRAIN_FOLDS, True, "One fold's model and embeddings per run (launch a backfill for all folds)."),
-    Stage(
-        "ensemble_and_submit",
-        ENSEMBLE_AND_SUBMIT,
-        False,
-        "After the folds: champion/challenger, the ensemble gallery, the threshold, the submission and its score.",
-    ),
-    Stage(
-        "pick_pseudo_labels",  # not "pseudo_labels": a job may not share its name with an op
-        PSEUDO_LABELS,
-        False,
-        "Pseudo-label round: the test photos predicted confidently enough (calibrated out of fold), added to the folds' training side.",
-        pseudo_label_round=True,
-    ),
-    Stage(
-        "train_round2_folds",
-        TRAIN_ROUND2_FOLDS,
-        True,
-        "Pseudo-label round: one second-round fold model and its embeddings per run, trained with the pseudo-labelled photos.",
-        pseudo_label_round=True,
-    ),
-    Stage(
-        "round2_ensemble_and_submit",
-        ROUND2_ENSEMBLE_AND_SUBMIT,
-        False,
-        "Pseudo-label round: the second round's gallery, threshold, submission (rounds/round2/submission.csv) and score.",
-        pseudo_label_round=True,
-    ),
-)
+def round_stages(rnd: Round) -> list[Stage]:
+    """The stages of one round, in order: its pseudo-labels (a later round's), its folds, its ensemble."""
+    ensemble = "champion/challenger, the ensemble gallery" if rnd.is_release else "the ensemble gallery"
+    chosen = []
+    if rnd.previous is not None:  # the first round trains on cv_folds as they are
+        chosen.append(
+            Stage(
+                rnd.stage("pick_pseudo_labels"),  # not "pseudo_labels": a job may not share its name with an op
+                pseudo_labels(rnd),
+                False,
+                f"{rnd.title}: the test photos {rnd.previous.title}'s fold models predicted confidently enough (calibrated out "
+                f"of fold), added to the folds' training side ({rnd.training_folds.to_user_string()}).",
+            )
+        )
+    return [
+        *chosen,
+        Stage(
+            rnd.stage("train_folds"),
+            train_folds(rnd),
+            True,
+            f"{rnd.title}: one fold's model and embeddings per run, trained on {rnd.training_folds.to_user_string()} "
+            "(launch a backfill for all folds).",
+        ),
+        Stage(
+            rnd.stage("ensemble_and_submit"),
+            ensemble_and_submit(rnd),
+            False,
+            f"{rnd.title}, after its folds: {ensemble}, the threshold, the submission and its score"
+            + (" (the release: what whale identify and whale enroll serve)." if rnd.is_release else "."),
+        ),
+    ]
+
+
+def stages(rounds: Sequence[Round] | None = None) -> tuple[Stage, ...]:
+    """Every stage of a graph of ``rounds`` (default: the graph's, :func:`graph_rounds`), in ``whale run``'s order."""
+    rounds = graph_rounds() if rounds is None else rounds
+    return (
+        Stage(PREPARE_DATA_STAGE, PREPARE_DATA, False, "Metadata, detector, boxes, crops and folds: everything before the fold models."),
+        *(stage for rnd in rounds for stage in round_stages(rnd)),
+    )
 
 
 @cache
-def _asset_graph() -> object:
+def _asset_graph(count: int) -> object:
     from whale_assets.definitions import defs
 
-    return defs().resolve_asset_graph()
+    with building_rounds(count):
+        return defs().resolve_asset_graph()
 
 
-def asset_names(selection: dg.AssetSelection) -> list[str]:
-    """The asset names a selection holds in this code location, sorted."""
-    return sorted(key.to_user_string() for key in selection.resolve(_asset_graph()))  # type: ignore[arg-type]
+def asset_graph(count: int | None = None) -> object:
+    """The asset graph of the code location with ``count`` rounds (default :func:`round_count`), loaded once per count."""
+    return _asset_graph(round_count() if count is None else count)
 
 
-def all_asset_names() -> list[str]:
-    """Every asset of the code location, sorted."""
-    return asset_names(dg.AssetSelection.all())
+def asset_names(selection: dg.AssetSelection, count: int | None = None) -> list[str]:
+    """The asset names a selection holds in the code location with ``count`` rounds, sorted."""
+    return sorted(key.to_user_string() for key in selection.resolve(asset_graph(count)))  # type: ignore[arg-type]
 
 
-def op_assets() -> dict[str, list[str]]:
+def all_asset_names(count: int | None = None) -> list[str]:
+    """Every asset of the code location with ``count`` rounds, sorted."""
+    return asset_names(dg.AssetSelection.all(), count)
+
+
+def op_assets(count: int | None = None) -> dict[str, list[str]]:
     """Op name -> the assets it computes: what a run config's ``ops`` section is keyed by.
     Each asset is its own op, except ``boxes_and_crops``, one pass that makes ``bboxes`` and ``crops``."""
-    graph = _asset_graph()
+    graph = asset_graph(count)
     return {
         ad.node_def.name: sorted(k.to_user_string() for k in ad.keys)
         for ad in graph.assets_defs  # type: ignore[attr-defined]

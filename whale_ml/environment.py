@@ -4,8 +4,8 @@ A deployment changes these without touching code or recipes (docs/deployment.md 
 them). :func:`read_environment` parses them all at once and names the variable in every
 error. Two moments read them:
 
-- when the code location loads (fold partitions, the retry policy, the retraining cron,
-  the executor): these are fixed for the life of the process;
+- when the code location loads (fold partitions, training rounds, the retry policy, the
+  retraining cron, the executor): these are fixed for the life of the process;
 - when a run uses a resource (the home, the data set, the MLflow URI): one process can
   then serve several homes (a long-lived ``dagster dev``, the tests).
 """
@@ -20,6 +20,11 @@ from pathlib import Path
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
 EXECUTORS = ("default", "k8s")
+
+# Training rounds in the asset graph when neither $WHALE_ROUNDS nor the recipe says: the first
+# round alone (its gallery is the release). Each later round trains every fold again, with the
+# test photos the previous round pseudo-labelled (docs/retrieval.md, "Rounds").
+DEFAULT_ROUNDS = 1
 
 
 class BadEnvironmentVariable(ValueError):
@@ -45,6 +50,8 @@ class Environment:
     home: Path
     data_dir: Path
     n_folds: int = 2
+    rounds: int = DEFAULT_ROUNDS  # training rounds in the asset graph; the last makes the release
+    rounds_set: bool = False  # $WHALE_ROUNDS was given (a recipe must then agree with it)
     mlflow_tracking_uri: str | None = None  # None: the SQLite store in the home
     mlflow_ui: str = "http://127.0.0.1:5000"
     mlflow_retries: int = 3
@@ -119,6 +126,7 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
     if executor not in EXECUTORS:
         raise BadEnvironmentVariable(f"WHALE_EXECUTOR={executor!r}: expected one of {', '.join(EXECUTORS)} (or unset)")
     n_folds = _integer(environ, "WHALE_N_FOLDS", 2, minimum=2)
+    rounds = _integer(environ, "WHALE_ROUNDS", None, minimum=1)
     retries = _integer(environ, "WHALE_MLFLOW_RETRIES", 3, minimum=0)
     delay = _number(environ, "WHALE_MLFLOW_RETRY_DELAY_S", 30.0)
     k8s = K8sEnvironment(
@@ -133,6 +141,8 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         home=default_home(environ),
         data_dir=default_data_dir(environ),
         n_folds=n_folds,
+        rounds=DEFAULT_ROUNDS if rounds is None else rounds,
+        rounds_set=rounds is not None,
         mlflow_tracking_uri=environ.get("MLFLOW_TRACKING_URI") or None,
         mlflow_ui=environ.get("WHALE_MLFLOW_UI") or "http://127.0.0.1:5000",
         mlflow_retries=retries,

@@ -12,14 +12,30 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 
+def round_name(number: int) -> str | None:
+    """Training round ``number``'s name in folders, asset keys and registry aliases: None for
+    the first (its files are the home's own, as in a home that never ran another round),
+    ``round<k>`` for a later one."""
+    if number < 1:
+        raise ValueError(f"training rounds are numbered from 1, not {number}")
+    return None if number == 1 else f"round{number}"
+
+
+def fold_label(round: str | None, fold: str) -> str:
+    """A fold model's name in MLflow run names and registry aliases: ``fold0`` in the first
+    round, ``round2_fold0`` in round ``round2``; so ``whale-arcface@champion_round2_fold0``."""
+    return fold if round is None else f"{round}_{fold}"
+
+
 @dataclass(frozen=True)
 class HomeLayout:
     """Every path the pipeline writes to, below one home directory.
 
-    ``round`` names a later training round (the pseudo-label round, ``round2``): its fold
-    models, embeddings, gallery versions and submission live under ``rounds/<round>/``
-    so that they never overwrite the first round's; everything the rounds share (tables,
-    crops, detector, MLflow, the enrollment ledger) stays where it is.
+    ``round`` names a later training round (:func:`round_name`, ``round2``...): its fold
+    models, embeddings, gallery versions, matchers and submission live under
+    ``rounds/<round>/`` so that they never overwrite another round's; everything the
+    rounds share (tables, crops, detector, MLflow, the enrollment ledger, the release
+    pointer) stays where it is.
     """
 
     home: Path
@@ -30,6 +46,16 @@ class HomeLayout:
     def in_round(self, name: str | None) -> HomeLayout:
         """The same home, with the models, embeddings, galleries and submission of round ``name`` (None: the first)."""
         return replace(self, round=name, embedding_sets=())  # the pinned sets were the other round's
+
+    def fold_label(self, fold: str) -> str:
+        """A fold model's name in this round's MLflow runs and registry aliases (:func:`fold_label`)."""
+        return fold_label(self.round, fold)
+
+    @property
+    def release_pointer(self) -> Path:
+        """Which round is the release, the one ``whale identify`` and ``whale enroll`` serve
+        (:mod:`whale_ml.gallery.release`); one per home."""
+        return self.home / "release.json"
 
     @property
     def round_home(self) -> Path:

@@ -163,7 +163,7 @@ class TrainConfig(BaseModel):
     warm_start_epochs: int = Field(
         0,
         ge=0,
-        description="The pseudo-label round only: each round-2 fold model starts from the first round's model of the same fold "
+        description="Rounds after the first only: each fold model starts from the previous round's model of the same fold "
         "(init_weights) and trains this many epochs instead of `epochs` from scratch. 0: from scratch.",
     )
 
@@ -250,13 +250,9 @@ class ThresholdConfig(BaseModel):
 
 
 class PseudoLabelConfig(BaseModel):
-    """The pseudo-label round: confident test predictions join a second round of fold models."""
+    """Which of the previous round's test predictions a later training round trains on (how
+    many rounds run is the recipe's top-level ``rounds``, or ``$WHALE_ROUNDS``)."""
 
-    enabled: bool = Field(
-        False,
-        description="`whale run` runs the pseudo-label round (pseudo_labels, then the round2/ fold models, gallery, threshold and "
-        "submission) after the first submission; off by default (docs/retrieval.md). Launching the round's job in the UI runs it regardless.",
-    )
     min_precision: float = Field(
         0.95,
         gt=0.0,

@@ -1,150 +1,26 @@
-"""Groups ``training`` (stage ``train_folds``): embeddings per fold; ``retrieval`` (``ensemble_and_submit``): gallery, threshold."""
+"""Group ``retrieval`` (stage ``ensemble_and_submit``): the ensemble gallery and the matcher tuned out of fold, per round."""
 
-import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import numpy as np
 import pandas as pd
-import torch
 
-from whale_assets.stages import REBUILD_AFTER_FOLDS
-from whale_assets.k8s import GPU_STEP_TAGS
 from whale_assets.metadata import figure_md, progress_logger, table_meta
 from whale_assets.partitions import fold_partitions
 from whale_assets.resources import MlflowTracking, WhaleHome
 from whale_assets.retries import mlflow_retry_policy, retry_only_if_transient
 from whale_assets.defs.detection import feature_store, local_features
-from whale_assets.launchpad import EmbedSettings, GallerySettings, ThresholdSettings
-from whale_assets.rounds import FIRST_ROUND, Round
-from whale_ml.checkpoints import snapshot_checkpoint
+from whale_assets.launchpad import GallerySettings, ThresholdSettings
+from whale_assets.rounds import Round, graph_rounds
 from whale_ml.gallery.build import build_gallery
-from whale_ml.gallery.lineage import LineageError, model_versions, read_fold_models, record_embeddings
+from whale_ml.gallery.lineage import LineageError, model_versions, read_fold_models
 from whale_ml.gallery.matchers import read_matcher, save_matcher
 from whale_ml.gallery.models import gallery_models
 from whale_ml.gallery.versions import list_versions
-from whale_ml.retrieval.centres import replace_centres
-from whale_ml.retrieval.embeddings import embed_paths
 from whale_ml.retrieval.matcher import TunedMatcher
-from whale_ml.retrieval.store import new_embedding_set, save_embeddings
 from whale_ml.retrieval.threshold import OutOfFoldThreshold, tune_out_of_fold
-from whale_ml.training.trainer import load_class_centres, load_model, resolve_device
-
-
-def fold_embeddings_asset(rnd: Round) -> dg.AssetsDefinition:
-    """The fold embeddings of one training round (:mod:`whale_assets.rounds`)."""
-
-    @dg.asset(
-        name="fold_embeddings",
-        key_prefix=rnd.prefix,
-        ins={"crops": dg.AssetIn("crops")},
-        group_name=rnd.group("training"),
-        kinds={"pytorch", "numpy", "mlflow"},
-        partitions_def=fold_partitions,
-        deps=[rnd.key("arcface_model")],
-        code_version="4",
-        pool="gpu",
-        op_tags=GPU_STEP_TAGS,
-        retry_policy=mlflow_retry_policy(),
-        check_specs=[
-            dg.AssetCheckSpec(
-                "embeddings_are_unit_vectors",
-                asset=rnd.key("fold_embeddings"),
-                description="Every embedding finite and of unit length (what inner-product search assumes).",
-            )
-        ],
-    )
-    @retry_only_if_transient
-    def fold_embeddings(
-        context: dg.AssetExecutionContext, config: EmbedSettings, whale: WhaleHome, mlflow: MlflowTracking, crops: pd.DataFrame
-    ) -> dg.MaterializeResult:
-        """The fold model's L2-normalised embeddings of every train and test crop (float32 ``.npy``
-        with the image order beside it) and its ArcFace class centres, in an MLflow run with the
-        settings, the rate and the machine's use while embedding (system metrics: CPU, memory, GPU)."""
-        fold, layout = context.partition_key, rnd.layout(whale)
-        tags = {"stage": "embedding", "fold": fold, "round": rnd.name or "round1"}
-        # best.pt read once: the model, its class centres and the recorded sha256 all come from
-        # these bytes, even if training replaces best.pt while the crops are embedded.
-        checkpoint, sha = snapshot_checkpoint(layout.model_dir(fold) / "best.pt", layout.home / "model_cache")
-        # The whole set (train, test, centres, record) is published at once, or not at all.
-        with new_embedding_set(layout.embeddings_root(fold), sha) as folder:
-            with mlflow.start_run(context, run_name=f"embed_{rnd.label(fold)}", tags=tags, system_metrics=True) as run:
-                embedded = _embed_fold(context, config, checkpoint, folder, fold, crops)
-            centres = replace_centres(folder, load_class_centres(checkpoint))
-            recorded = record_embeddings(layout, fold, sha, config.flip_tta, folder)
-        return dg.MaterializeResult(
-            metadata={
-                "registered_version": recorded.version or "not registered",
-                "train_embeddings": embedded.counts["train"],
-                "test_embeddings": embedded.counts["test"],
-                "dimension": embedded.dimension,
-                "class_centres": centres,
-                "flip_tta": config.flip_tta,
-                "checkpoint_sha256": sha,
-                "folder": dg.MetadataValue.path(str(layout.embeddings_dir(fold))),
-                "mlflow_run": dg.MetadataValue.url(mlflow.run_url(run.info.experiment_id, run.info.run_id)),
-            },
-            check_results=[
-                dg.AssetCheckResult(
-                    check_name="embeddings_are_unit_vectors",
-                    passed=embedded.worst <= 1e-3,
-                    metadata={"max_norm_deviation": embedded.worst, "embeddings": sum(embedded.counts.values())},
-                )
-            ],
-        )
-
-    return fold_embeddings
-
-
-@dataclass
-class _Embedded:
-    checkpoint: Path
-    counts: dict[str, int]
-    worst: float  # the largest deviation of an embedding's norm from 1
-    dimension: int
-
-
-def _embed_fold(
-    context: dg.AssetExecutionContext, config: EmbedSettings, checkpoint: Path, folder: Path, fold: str, crops: pd.DataFrame
-) -> _Embedded:
-    """Embed every train and test crop with the model in ``checkpoint`` (a snapshot: it never
-    changes) into the set being written in ``folder``, logging to the active MLflow run."""
-    import mlflow as mlf
-
-    device = resolve_device(config.device)
-    model, cfg = load_model(checkpoint, device)
-    counts, worst = {}, 0.0
-    mlf.log_params({**config.model_dump(), "device": str(device), "fold": fold})
-    started = time.perf_counter()
-    for split in ("train", "test"):
-        rows = crops[(crops["split"] == split) & (crops["crop_path"] != "")]
-        emb = embed_paths(
-            model,
-            rows["crop_path"].tolist(),
-            cfg.image_size,
-            device,
-            config.batch_size,
-            config.flip_tta,
-            config.num_workers,
-            progress=progress_logger(context, f"{fold} {split} embeddings"),
-            decode=config.decode,
-        )
-        if not np.isfinite(emb).all():
-            raise FloatingPointError(f"{fold}: non-finite {split} embeddings; the model checkpoint is broken")
-        save_embeddings(folder, split, emb, rows["image"].tolist())
-        counts[split] = len(emb)
-        if len(emb):
-            worst = max(worst, float(np.abs(np.linalg.norm(emb, axis=1) - 1.0).max()))
-    photos, seconds = sum(counts.values()), time.perf_counter() - started
-    mlf.log_metrics({"photos": photos, "seconds": seconds, "photos_per_second": photos / max(seconds, 1e-9)})
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # give the memory back before the next partition's training
-    return _Embedded(checkpoint, counts, worst, cfg.embedding_size)
-
-
-fold_embeddings = fold_embeddings_asset(FIRST_ROUND)
+from whale_ml.training.trainer import resolve_device
 
 
 def gallery_asset(rnd: Round) -> dg.AssetsDefinition:
@@ -158,7 +34,7 @@ def gallery_asset(rnd: Round) -> dg.AssetsDefinition:
         kinds={"faiss"},
         deps=[rnd.key("fold_embeddings")],
         code_version="4",
-        automation_condition=REBUILD_AFTER_FOLDS if rnd.first else None,
+        automation_condition=rnd.rebuild_condition,
     )
     def gallery(
         context: dg.AssetExecutionContext,
@@ -176,7 +52,9 @@ def gallery_asset(rnd: Round) -> dg.AssetsDefinition:
         measured on the test photos. Every enrolled photo (``whale enroll``) the fold
         embeddings do not cover yet is embedded here by the same models and added.
         ``versions`` lists them all; with ``keep_versions`` set, older ones beyond that
-        many are deleted. The value names the version. See docs/retrieval.md."""
+        many are deleted. The release round's gallery also records its round as the home's
+        release (what ``whale identify`` and ``whale enroll`` serve) in the same hold of the
+        catalogue's writer lock. The value names the version. See docs/retrieval.md."""
         layout = rnd.layout(whale)
         version, stats = build_gallery(
             layout,
@@ -186,6 +64,7 @@ def gallery_asset(rnd: Round) -> dg.AssetsDefinition:
             config,
             lambda lineage: gallery_models(lineage, layout.model_dir, mlflow.uri, layout.home / "model_cache"),
             str(resolve_device("auto")),
+            release=rnd.release_number,
         )
         metadata: dict[str, object] = {
             "gallery_images": stats.photos,
@@ -219,9 +98,6 @@ def gallery_asset(rnd: Round) -> dg.AssetsDefinition:
         return dg.MaterializeResult(value={"version": version.name}, metadata=metadata)
 
     return gallery
-
-
-gallery = gallery_asset(FIRST_ROUND)
 
 
 def tuned_matcher(match_threshold: dict[str, Any]) -> TunedMatcher:
@@ -340,7 +216,7 @@ def match_threshold_asset(rnd: Round) -> dg.AssetsDefinition:
         kinds={"numpy", "mlflow"},
         deps=[rnd.key("fold_embeddings"), local_features],
         code_version="4",
-        automation_condition=REBUILD_AFTER_FOLDS if rnd.first else None,
+        automation_condition=rnd.rebuild_condition,
         retry_policy=mlflow_retry_policy(),
     )
     @retry_only_if_transient
@@ -359,7 +235,7 @@ def match_threshold_asset(rnd: Round) -> dg.AssetsDefinition:
         tuned with its weights; with a lead weight, the first candidate is judged by its score
         plus the weight times its lead over the second. The curve goes to the UI and to MLflow; the value also holds each
         validation photo's first-candidate score and whether it was right (``oof_top1``, what
-        the pseudo-label round calibrates its confidence on). See docs/retrieval.md."""
+        the next round's pseudo-labels calibrate their confidence on). See docs/retrieval.md."""
         import mlflow as mlf
 
         store = feature_store(whale) if config.rerank else None
@@ -370,7 +246,7 @@ def match_threshold_asset(rnd: Round) -> dg.AssetsDefinition:
         tuned = tune_out_of_fold(cv_folds, layout.embeddings_dir, folds, config, store, progress_logger(context, "out-of-fold local matching"))
         result, metadata = tuned.result, _threshold_metadata(context, tuned)
         fig = _curve_plot(result.thresholds, result.map5_curve, result.threshold, tuned.fusion is not None, tuned.matcher.lead_weight)
-        with mlflow.start_run(context, run_name=rnd.label("match_threshold"), tags={"stage": "retrieval", "round": rnd.name or "round1"}) as run:
+        with mlflow.start_run(context, run_name=rnd.label("match_threshold"), tags={"stage": "retrieval", "round": rnd.title}) as run:
             mlf.log_params({**config.model_dump(), "folds": len(tuned.per_fold), "queries": tuned.queries})
             mlf.log_metrics({"threshold": result.threshold, "oof_map5": tuned.map5, "oof_map5_global": result.map5})
             _log_fusion(tuned)
@@ -381,7 +257,7 @@ def match_threshold_asset(rnd: Round) -> dg.AssetsDefinition:
             metadata["mlflow_run"] = dg.MetadataValue.url(mlflow.run_url(run.info.experiment_id, run.info.run_id))
         metadata["map5_curve"] = figure_md(fig)
         # Stored under its models' key, where each gallery version built with them finds it. The
-        # out-of-fold first candidates ride along: what the pseudo-label round calibrates on.
+        # out-of-fold first candidates ride along: what the next round's pseudo-labels calibrate on.
         stored = save_matcher(layout, models, tuned.tuned())
         metadata.update({"models_key": stored.models_key, "model_versions": model_versions(models)})
         return dg.MaterializeResult(value=stored.to_dict(), metadata=metadata)
@@ -389,17 +265,33 @@ def match_threshold_asset(rnd: Round) -> dg.AssetsDefinition:
     return match_threshold
 
 
-match_threshold = match_threshold_asset(FIRST_ROUND)
+def threshold_in_range_check(rnd: Round) -> dg.AssetChecksDefinition:
+    """The range check of one round's threshold."""
+
+    @dg.asset_check(
+        asset=rnd.key("match_threshold"),
+        name="threshold_in_range",
+        description="The threshold is a finite cosine similarity and its MAP@5 a probability.",
+    )
+    def threshold_in_range(match_threshold: dict) -> dg.AssetCheckResult:
+        tuned = tuned_matcher(match_threshold)
+        threshold, map5, species = tuned.matcher.threshold, tuned.map5, dict(tuned.matcher.species_thresholds)
+        # With a lead weight w the decision score s1 + w (s1 - s2) of scores in [-1, 1] lies in [-1, 1 + 2w].
+        top = 1.0 + 2.0 * tuned.matcher.lead_weight
+        in_range = [t for t in [threshold, *species.values()] if np.isfinite(t) and -1.0 - 1e-5 <= t <= top + 1e-5]
+        return dg.AssetCheckResult(
+            passed=len(in_range) == 1 + len(species) and 0.0 <= map5 <= 1.0,
+            metadata={"threshold": threshold, "oof_map5": map5, "species_thresholds": len(species)},
+        )
+
+    return threshold_in_range
 
 
-@dg.asset_check(asset=match_threshold, description="The threshold is a finite cosine similarity and its MAP@5 a probability.")
-def threshold_in_range(match_threshold: dict) -> dg.AssetCheckResult:
-    tuned = tuned_matcher(match_threshold)
-    threshold, map5, species = tuned.matcher.threshold, tuned.map5, dict(tuned.matcher.species_thresholds)
-    # With a lead weight w the decision score s1 + w (s1 - s2) of scores in [-1, 1] lies in [-1, 1 + 2w].
-    top = 1.0 + 2.0 * tuned.matcher.lead_weight
-    in_range = [t for t in [threshold, *species.values()] if np.isfinite(t) and -1.0 - 1e-5 <= t <= top + 1e-5]
-    return dg.AssetCheckResult(
-        passed=len(in_range) == 1 + len(species) and 0.0 <= map5 <= 1.0,
-        metadata={"threshold": threshold, "oof_map5": map5, "species_thresholds": len(species)},
+@dg.definitions
+def retrieval() -> dg.Definitions:
+    """Every round's gallery and threshold (with its check)."""
+    rounds = graph_rounds()
+    return dg.Definitions(
+        assets=[factory(rnd) for rnd in rounds for factory in (gallery_asset, match_threshold_asset)],
+        asset_checks=[threshold_in_range_check(rnd) for rnd in rounds],
     )

@@ -6,13 +6,11 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from whale_assets.freshness import RETRAIN_FRESHNESS
-from whale_assets.stages import REBUILD_AFTER_FOLDS
 from whale_assets.metadata import image_md, photo_list, table_meta
 from whale_assets.defs.detection import feature_store
 from whale_assets.defs.retrieval import tuned_matcher
 from whale_assets.resources import WhaleHome
-from whale_assets.rounds import FIRST_ROUND, Round
+from whale_assets.rounds import Round, graph_rounds
 from whale_ml.data.metadata import NEW_INDIVIDUAL, read_truth
 from whale_ml.gallery.build import query_embeddings
 from whale_ml.gallery.lineage import LineageError, model_versions
@@ -49,8 +47,8 @@ def submission_csv_asset(rnd: Round) -> dg.AssetsDefinition:
         kinds={"csv"},
         deps=["local_features"],
         code_version="3",
-        automation_condition=REBUILD_AFTER_FOLDS if rnd.first else None,
-        freshness_policy=RETRAIN_FRESHNESS if rnd.first else None,
+        automation_condition=rnd.rebuild_condition,
+        freshness_policy=rnd.freshness_policy,
         check_specs=[
             dg.AssetCheckSpec(
                 "submission_format",
@@ -75,7 +73,8 @@ def submission_csv_asset(rnd: Round) -> dg.AssetsDefinition:
         does not change the submission) by the new_individual rule at the tuned threshold
         (its species' own one where tuned); a photo that could not be read gets the prior
         answer. A match-review sheet shows sample test photos beside their matches.
-        The pseudo-label round writes ``rounds/round2/submission.csv``."""
+        A later round writes its own, ``rounds/round<k>/submission.csv``; the release's is
+        the one ``whale identify`` agrees with."""
         layout = rnd.layout(whale)
         tuned = tuned_matcher(match_threshold)
         version = _version_of_matcher(layout, gallery["version"], tuned)
@@ -162,7 +161,7 @@ def submission_score_asset(rnd: Round) -> dg.AssetsDefinition:
         kinds={"pandas"},
         deps=[rnd.key("submission_csv")],
         code_version="1",
-        automation_condition=REBUILD_AFTER_FOLDS if rnd.first else None,
+        automation_condition=rnd.rebuild_condition,
     )
     def submission_score(context: dg.AssetExecutionContext, whale: WhaleHome) -> dg.MaterializeResult:
         """MAP@5 of the submission against ``test_truth.csv`` when the data set has one
@@ -185,10 +184,6 @@ def submission_score_asset(rnd: Round) -> dg.AssetsDefinition:
         )
 
     return submission_score
-
-
-submission_csv = submission_csv_asset(FIRST_ROUND)
-submission_score = submission_score_asset(FIRST_ROUND)
 
 
 def _match_test_photos(whale: WhaleHome, version: Any, queries: Any, images: list[str], tuned: TunedMatcher) -> Matches:
@@ -230,3 +225,9 @@ def _review_metadata(layout: HomeLayout, sheet: Any) -> dict[str, Any]:
     with atomic_path(path) as tmp:
         sheet.save(tmp)
     return {"match_review": image_md(sheet), "match_review_file": dg.MetadataValue.path(str(path))}
+
+
+@dg.definitions
+def submission() -> dg.Definitions:
+    """Every round's submission file and its score."""
+    return dg.Definitions(assets=[factory(rnd) for rnd in graph_rounds() for factory in (submission_csv_asset, submission_score_asset)])

@@ -1,33 +1,41 @@
 """Groups ``training`` (stage ``train_folds``): one ArcFace model per fold, in MLflow; ``registry`` (``ensemble_and_submit``): champions."""
 
-import dagster as dg
-import pandas as pd
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
-from whale_assets.freshness import RETRAIN_FRESHNESS
-from whale_assets.stages import REBUILD_AFTER_FOLDS
+import dagster as dg
+import numpy as np
+import pandas as pd
+import torch
+
 from whale_assets.k8s import GPU_STEP_TAGS
 from whale_assets.metadata import figure_md, progress_logger, table_meta
 from whale_assets.partitions import fold_index, fold_partitions
 from whale_assets.resources import MlflowTracking, WhaleHome
 from whale_assets.retries import mlflow_retry_policy, retry_only_if_transient
-from whale_assets.launchpad import TrainSettings
-from whale_assets.rounds import FIRST_ROUND, Round
-from whale_ml.gallery.lineage import record_registered
+from whale_assets.launchpad import EmbedSettings, TrainSettings
+from whale_assets.rounds import Round, graph_rounds
+from whale_ml.checkpoints import snapshot_checkpoint
+from whale_ml.gallery.lineage import record_embeddings, record_registered
 from whale_ml.registry import CHECKPOINT_ARTIFACT, SHA_TAG, RegisteredEmbeddingModel
 from whale_ml.io import sha256_file
 from whale_ml.home import HomeLayout
+from whale_ml.retrieval.centres import replace_centres
+from whale_ml.retrieval.embeddings import embed_paths
+from whale_ml.retrieval.store import new_embedding_set, save_embeddings
 from whale_ml.training.fold_model import FoldData, TrainedFold, recipe_version, train_fold_model
-from whale_ml.training.trainer import load_model
+from whale_ml.training.trainer import load_class_centres, load_model, resolve_device
 
 
 def arcface_model_asset(rnd: Round) -> dg.AssetsDefinition:
     """The fold models of one training round (:mod:`whale_assets.rounds`): ``arcface_model``
-    on ``cv_folds``, or ``round2/arcface_model`` on the pseudo-labelled folds."""
+    on ``cv_folds``, ``round<k>/arcface_model`` on ``round<k>/pseudo_labelled_folds``."""
 
     @dg.asset(
         name="arcface_model",
         key_prefix=rnd.prefix,
-        ins={"cv_folds": dg.AssetIn(rnd.training_folds)},
+        ins={"training_folds": dg.AssetIn(rnd.training_folds)},
         group_name=rnd.group("training"),
         kinds={"pytorch", "mlflow"},
         partitions_def=fold_partitions,
@@ -35,8 +43,8 @@ def arcface_model_asset(rnd: Round) -> dg.AssetsDefinition:
         pool="gpu",
         retry_policy=mlflow_retry_policy(),
         op_tags=GPU_STEP_TAGS,
-        freshness_policy=RETRAIN_FRESHNESS if rnd.first else None,
-        deps=None if rnd.first else [FIRST_ROUND.key("arcface_model")],  # a warm start begins from the same fold's model
+        freshness_policy=rnd.freshness_policy,
+        deps=rnd.from_previous("arcface_model"),  # a warm start begins from the previous round's model of the same fold
     )
     @retry_only_if_transient
     def arcface_model(
@@ -44,7 +52,7 @@ def arcface_model_asset(rnd: Round) -> dg.AssetsDefinition:
         config: TrainSettings,
         whale: WhaleHome,
         mlflow: MlflowTracking,
-        cv_folds: pd.DataFrame,
+        training_folds: pd.DataFrame,
     ) -> dg.MaterializeResult:
         """The fold's embedding model: a timm backbone with GeM pooling and a BatchNorm
         embedding head, trained with pytorch-metric-learning's ArcFace loss (one optimiser
@@ -54,14 +62,14 @@ def arcface_model_asset(rnd: Round) -> dg.AssetsDefinition:
         the fold's training and validation photos as data sets, per-epoch and system metrics,
         curves, and the best model logged (a torch.export program where the backbone exports)
         with its signature and validation MAP@5, and registered as ``whale-arcface@<fold>``
-        (the pseudo-label round's as ``@round2_<fold>``, trained with its pseudo photos)."""
+        (a later round's as ``@round<k>_<fold>``, trained with its pseudo-labelled photos)."""
         import mlflow as mlf
 
         fold, layout = context.partition_key, rnd.layout(whale)
-        label, data = rnd.label(fold), FoldData.from_folds(cv_folds, fold_index(fold))
+        label, data = rnd.label(fold), FoldData.from_folds(training_folds, fold_index(fold))
         config = round_recipe(config, rnd, whale, fold)
         context.log.info(f"{label}: {data.describe()}")
-        tags = {"stage": "training", "fold": fold, "round": rnd.name or "round1", "data_version": data.version}
+        tags = {"stage": "training", "fold": fold, "round": rnd.title, "data_version": data.version}
         with mlflow.start_run(context, run_name=f"arcface_{label}", tags=tags, system_metrics=True) as run:
             mlf.log_params({**config.model_dump(), "fold": fold, **data.params()})
             datasets = {
@@ -90,13 +98,14 @@ def arcface_model_asset(rnd: Round) -> dg.AssetsDefinition:
 
 
 def round_recipe(config: TrainSettings, rnd: Round, whale: WhaleHome, fold: str) -> TrainSettings:
-    """A later round's recipe: with ``warm_start_epochs``, its fold model starts from the first
-    round's ``best.pt`` of the same fold (``init_weights``) and trains that many epochs. The
-    first round's fold k never saw fold k's validation photos, so the later round's out-of-fold
-    figures stay honest."""
-    if rnd.first or config.warm_start_epochs == 0:
+    """A later round's recipe: with ``warm_start_epochs``, its fold model starts from the
+    previous round's ``best.pt`` of the same fold (``init_weights``) and trains that many
+    epochs. No round's fold k ever saw fold k's validation photos (pseudo-labels join the
+    training side only), so the later round's out-of-fold figures stay honest."""
+    previous = rnd.previous
+    if previous is None or config.warm_start_epochs == 0:
         return config
-    start = whale.layout.model_dir(fold) / "best.pt"
+    start = previous.layout(whale).model_dir(fold) / "best.pt"
     return config.model_copy(update={"epochs": config.warm_start_epochs, "init_weights": str(start)})
 
 
@@ -118,9 +127,6 @@ def _trained_metadata(trained: TrainedFold, url: str, registered: str, serializa
         "curves": figure_md(trained.curves),
         "history": table_meta(trained.history),
     }
-
-
-arcface_model = arcface_model_asset(FIRST_ROUND)
 
 
 def _log_and_register(
@@ -171,26 +177,154 @@ def _log_and_register(
     return registered
 
 
-@dg.asset(
-    group_name="registry",
-    kinds={"mlflow"},
-    deps=[arcface_model],
-    code_version="1",
-    automation_condition=REBUILD_AFTER_FOLDS,
-    retry_policy=mlflow_retry_policy(),
-)
-@retry_only_if_transient
-def champion_models(context: dg.AssetExecutionContext, mlflow: MlflowTracking) -> dg.MaterializeResult:
-    """Champion/challenger in the MLflow registry: each fold's newest model becomes
-    ``whale-arcface@challenger_<fold>``, and ``@champion_<fold>`` only if its validation
-    MAP@5 is at least the champion's on the same fold data."""
-    rows = mlflow.promote_challengers(fold_partitions.get_partition_keys())
-    for row in rows:
-        context.log.info(f"{row['fold']}: {row['decision']}")
-    return dg.MaterializeResult(
-        metadata={
-            "registered_model": mlflow.registered_model,
-            "promoted": int(sum(r.get("champion_after") == r.get("challenger") and r["challenger"] is not None for r in rows)),
-            "champions": table_meta(rows),
-        }
+def fold_embeddings_asset(rnd: Round) -> dg.AssetsDefinition:
+    """The fold embeddings of one training round (:mod:`whale_assets.rounds`)."""
+
+    @dg.asset(
+        name="fold_embeddings",
+        key_prefix=rnd.prefix,
+        ins={"crops": dg.AssetIn("crops")},
+        group_name=rnd.group("training"),
+        kinds={"pytorch", "numpy", "mlflow"},
+        partitions_def=fold_partitions,
+        deps=[rnd.key("arcface_model")],
+        code_version="4",
+        pool="gpu",
+        op_tags=GPU_STEP_TAGS,
+        retry_policy=mlflow_retry_policy(),
+        check_specs=[
+            dg.AssetCheckSpec(
+                "embeddings_are_unit_vectors",
+                asset=rnd.key("fold_embeddings"),
+                description="Every embedding finite and of unit length (what inner-product search assumes).",
+            )
+        ],
     )
+    @retry_only_if_transient
+    def fold_embeddings(
+        context: dg.AssetExecutionContext, config: EmbedSettings, whale: WhaleHome, mlflow: MlflowTracking, crops: pd.DataFrame
+    ) -> dg.MaterializeResult:
+        """The fold model's L2-normalised embeddings of every train and test crop (float32 ``.npy``
+        with the image order beside it) and its ArcFace class centres, in an MLflow run with the
+        settings, the rate and the machine's use while embedding (system metrics: CPU, memory, GPU)."""
+        fold, layout = context.partition_key, rnd.layout(whale)
+        tags = {"stage": "embedding", "fold": fold, "round": rnd.title}
+        # best.pt read once: the model, its class centres and the recorded sha256 all come from
+        # these bytes, even if training replaces best.pt while the crops are embedded.
+        checkpoint, sha = snapshot_checkpoint(layout.model_dir(fold) / "best.pt", layout.home / "model_cache")
+        # The whole set (train, test, centres, record) is published at once, or not at all.
+        with new_embedding_set(layout.embeddings_root(fold), sha) as folder:
+            with mlflow.start_run(context, run_name=f"embed_{rnd.label(fold)}", tags=tags, system_metrics=True) as run:
+                embedded = _embed_fold(context, config, checkpoint, folder, fold, crops)
+            centres = replace_centres(folder, load_class_centres(checkpoint))
+            recorded = record_embeddings(layout, fold, sha, config.flip_tta, folder)
+        return dg.MaterializeResult(
+            metadata={
+                "registered_version": recorded.version or "not registered",
+                "train_embeddings": embedded.counts["train"],
+                "test_embeddings": embedded.counts["test"],
+                "dimension": embedded.dimension,
+                "class_centres": centres,
+                "flip_tta": config.flip_tta,
+                "checkpoint_sha256": sha,
+                "folder": dg.MetadataValue.path(str(layout.embeddings_dir(fold))),
+                "mlflow_run": dg.MetadataValue.url(mlflow.run_url(run.info.experiment_id, run.info.run_id)),
+            },
+            check_results=[
+                dg.AssetCheckResult(
+                    check_name="embeddings_are_unit_vectors",
+                    passed=embedded.worst <= 1e-3,
+                    metadata={"max_norm_deviation": embedded.worst, "embeddings": sum(embedded.counts.values())},
+                )
+            ],
+        )
+
+    return fold_embeddings
+
+
+@dataclass
+class _Embedded:
+    checkpoint: Path
+    counts: dict[str, int]
+    worst: float  # the largest deviation of an embedding's norm from 1
+    dimension: int
+
+
+def _embed_fold(
+    context: dg.AssetExecutionContext, config: EmbedSettings, checkpoint: Path, folder: Path, fold: str, crops: pd.DataFrame
+) -> _Embedded:
+    """Embed every train and test crop with the model in ``checkpoint`` (a snapshot: it never
+    changes) into the set being written in ``folder``, logging to the active MLflow run."""
+    import mlflow as mlf
+
+    device = resolve_device(config.device)
+    model, cfg = load_model(checkpoint, device)
+    counts, worst = {}, 0.0
+    mlf.log_params({**config.model_dump(), "device": str(device), "fold": fold})
+    started = time.perf_counter()
+    for split in ("train", "test"):
+        rows = crops[(crops["split"] == split) & (crops["crop_path"] != "")]
+        emb = embed_paths(
+            model,
+            rows["crop_path"].tolist(),
+            cfg.image_size,
+            device,
+            config.batch_size,
+            config.flip_tta,
+            config.num_workers,
+            progress=progress_logger(context, f"{fold} {split} embeddings"),
+            decode=config.decode,
+        )
+        if not np.isfinite(emb).all():
+            raise FloatingPointError(f"{fold}: non-finite {split} embeddings; the model checkpoint is broken")
+        save_embeddings(folder, split, emb, rows["image"].tolist())
+        counts[split] = len(emb)
+        if len(emb):
+            worst = max(worst, float(np.abs(np.linalg.norm(emb, axis=1) - 1.0).max()))
+    photos, seconds = sum(counts.values()), time.perf_counter() - started
+    mlf.log_metrics({"photos": photos, "seconds": seconds, "photos_per_second": photos / max(seconds, 1e-9)})
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # give the memory back before the next partition's training
+    return _Embedded(checkpoint, counts, worst, cfg.embedding_size)
+
+
+def champion_models_asset(rnd: Round) -> dg.AssetsDefinition:
+    """Champion/challenger on one round's fold models: the release's (:mod:`whale_assets.rounds`)."""
+
+    @dg.asset(
+        name="champion_models",
+        key_prefix=rnd.prefix,
+        group_name=rnd.group("registry"),
+        kinds={"mlflow"},
+        deps=[rnd.key("arcface_model")],
+        code_version="1",
+        automation_condition=rnd.rebuild_condition,
+        retry_policy=mlflow_retry_policy(),
+    )
+    @retry_only_if_transient
+    def champion_models(context: dg.AssetExecutionContext, mlflow: MlflowTracking) -> dg.MaterializeResult:
+        """Champion/challenger in the MLflow registry: each fold's newest model of the round
+        (alias ``<fold>``, ``round<k>_<fold>`` after the first round) becomes
+        ``whale-arcface@challenger_<that>``, and ``@champion_<that>`` only if its validation
+        MAP@5 is at least the champion's on the same fold data. ``whale identify`` answers
+        with the champions by default."""
+        rows = mlflow.promote_challengers([rnd.label(fold) for fold in fold_partitions.get_partition_keys()])
+        for row in rows:
+            context.log.info(f"{row['fold']}: {row['decision']}")
+        return dg.MaterializeResult(
+            metadata={
+                "registered_model": mlflow.registered_model,
+                "promoted": int(sum(r.get("champion_after") == r.get("challenger") and r["challenger"] is not None for r in rows)),
+                "champions": table_meta(rows),
+            }
+        )
+
+    return champion_models
+
+
+@dg.definitions
+def training() -> dg.Definitions:
+    """Every round's fold models and embeddings; champion/challenger on the release's."""
+    rounds = graph_rounds()
+    fold_assets = [factory(rnd) for rnd in rounds for factory in (arcface_model_asset, fold_embeddings_asset)]
+    return dg.Definitions(assets=[*fold_assets, champion_models_asset(rounds[-1])])

@@ -129,7 +129,7 @@ def fold_split(folds: pd.DataFrame, fold: int) -> tuple[pd.DataFrame, pd.DataFra
     The validation rows get a ``truth`` column: the individual id, or
     ``new_individual`` when the fold's training set has no photo of it.
 
-    Rows marked ``pseudo`` (pseudo-labelled test photos, the second round's:
+    Rows marked ``pseudo`` (pseudo-labelled test photos, a later round's:
     :mod:`whale_ml.retrieval.pseudo_labels`) are never validation rows. One with a
     ``pseudo_fold`` of 0 or more trains in that fold only (its label was chosen there,
     against that fold's training photos); and any trains only in folds whose other training

@@ -21,6 +21,7 @@ import pandas as pd
 from whale_ml.stage_configs import GalleryConfig
 from whale_ml.gallery.catalogue import catalogue_lock
 from whale_ml.gallery.ledger import ledger_gallery_rows, read_ledger
+from whale_ml.gallery.release import record_release
 from whale_ml.gallery.lineage import EMBEDDINGS_RECORD, FoldModel, GalleryLineage, LineageError, gather_lineage
 from whale_ml.gallery.versions import GalleryVersion, prune_versions, write_version
 from whale_ml.io import read_json
@@ -139,6 +140,7 @@ def build_gallery(
     models: Callable[[GalleryLineage], Sequence[ResolvedModel]],
     device: str = "cpu",
     on_step: Callable[[str], None] | None = None,
+    release: int | None = None,
 ) -> tuple[GalleryVersion, GalleryStats]:
     """Build the ensemble gallery of every training photo and write it as the new current
     gallery version, with every enrolled photo the fold embeddings do not cover yet.
@@ -153,6 +155,9 @@ def build_gallery(
             when an enrolled photo must be embedded here (:func:`whale_ml.gallery.models.gallery_models`).
         device: where such photos are embedded.
         on_step: told each publishing step (:func:`~whale_ml.gallery.versions.write_version`).
+        release: the number of ``layout``'s round when it is the release: recorded as the
+            home's release (:mod:`whale_ml.gallery.release`) once the version is published,
+            before the writer lock is let go. None: a round before the release.
     """
     # Every fold's embeddings, record and centres from one set each, even if a fold is re-embedded meanwhile.
     layout = layout.with_current_embeddings(folds)
@@ -187,5 +192,7 @@ def build_gallery(
             centres=[ClassCentres.load(layout.embeddings_dir(f)) for f in folds],  # written with the embeddings, by the same checkpoints
             on_step=on_step,
         )
+        if release is not None:
+            record_release(layout, release)
         stats.pruned = prune_versions(layout, settings.keep_versions) if settings.keep_versions else []
     return version, stats

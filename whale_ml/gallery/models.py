@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from whale_ml.home import fold_label
 from whale_ml.gallery.lineage import FoldModel, GalleryLineage, LineageError
 from whale_ml.mlflow_errors import is_missing
 from whale_ml.registry import DEFAULT_ALIAS, SHA_TAG, CheckpointFetchError, alias_missing, fetch_checkpoint, model_version
@@ -49,13 +50,16 @@ def resolve_models(
     gallery_name: str,
     alias: str = DEFAULT_ALIAS,
     versions: list[str] | None = None,
+    round: str | None = None,
 ) -> list[ResolvedModel]:
     """The registry's fold models for identification, one per fold of the gallery.
 
     Args:
         lineage: the gallery's lineage (which checkpoint embedded each fold's part).
-        alias: alias template, ``{fold}`` replaced by the fold (``champion_{fold}``,
+        alias: alias template, ``{fold}`` replaced by the fold's label (``champion_{fold}``,
             ``challenger_{fold}``, ``{fold}`` for the newest).
+        round: the training round of the gallery's models (the layout's ``round``): a later
+            round's aliases carry its name (``champion_round2_fold0``: :func:`whale_ml.home.fold_label`).
         versions: registry versions, one per fold in the gallery's fold order;
             overrides ``alias``.
 
@@ -75,7 +79,7 @@ def resolve_models(
                 f"gallery {gallery_name}: its {want.fold} model is not in the MLflow registry; rematerialise "
                 "arcface_model, fold_embeddings and gallery"
             )
-        label = alias.format(fold=want.fold) if versions is None else None
+        label = alias.format(fold=fold_label(round, want.fold)) if versions is None else None
         try:
             if label:
                 mv = model_version(tracking_uri, name, alias=label)

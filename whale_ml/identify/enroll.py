@@ -33,6 +33,7 @@ from whale_ml.data.metadata import (
 from whale_ml.gallery.catalogue import catalogue_lock
 from whale_ml.gallery.ledger import ledger_gallery_rows, read_ledger, write_ledger
 from whale_ml.gallery.lineage import GalleryLineage
+from whale_ml.gallery.release import read_release
 from whale_ml.gallery.versions import load_version, write_version
 from whale_ml.io import atomic_path
 from whale_ml.gallery.models import ResolvedModel
@@ -104,7 +105,7 @@ def enroll(
     csv: str | Path,
     image_dir: str | Path,
     layout: HomeLayout,
-    models_for: Callable[[GalleryLineage], list[ResolvedModel]],
+    models_for: Callable[[HomeLayout, GalleryLineage], list[ResolvedModel]],
     device: str = "cpu",
     on_step: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -117,9 +118,15 @@ def enroll(
     an earlier enrolment recorded but did not publish (it was killed, or its gallery
     write failed).
 
+    The gallery extended is the release's (:mod:`whale_ml.gallery.release`), resolved once
+    the lock is held: a release gallery build that publishes meanwhile either carries
+    these photos from the ledger or is the version they extend.
+
     Args:
-        models_for: the current gallery's lineage -> the very models it was built with
-            (:func:`whale_ml.gallery.models.gallery_models`), asked once the lock is held.
+        layout: the home (any round: the release's is resolved here).
+        models_for: the release round's layout and its current gallery's lineage -> the
+            very models it was built with (:func:`whale_ml.gallery.models.gallery_models`),
+            asked once the lock is held.
         on_step: passed to :func:`~whale_ml.gallery.versions.write_version`, and told
             ``ledger`` once the ledger is written.
 
@@ -128,8 +135,10 @@ def enroll(
     """
     step = on_step or (lambda _step: None)
     with catalogue_lock(layout, "whale enroll"):
+        release = read_release(layout)
+        layout = release.layout
         gallery = load_version(layout)
-        models = models_for(gallery.lineage)
+        models = models_for(layout, gallery.lineage)
         ledger = read_ledger(layout)
         confirmed = read_confirmed(csv, image_dir, gallery.table, ledger)
         images_dir = layout.enrolled_dir / "images"
@@ -162,6 +171,7 @@ def enroll(
         )
     return {
         "version": version.name,
+        "round": release.number,
         "parent": gallery.name,
         "parent_unreadable": gallery.fallback_from,
         "enrolled_photos_now": len(confirmed),

@@ -14,10 +14,10 @@ individual; a ``new_individual`` truth is always wrong. Test truth is never read
 
 Why per fold: a label chosen against a gallery that holds fold ``k``'s validation photos
 (the submission's, which every photo built) is evidence *from* those photos; training fold
-``k``'s second model on it lets the validation photos vote for their own answers, and the
-second round's out-of-fold MAP@5 -- and the threshold tuned on it -- would be too
+``k``'s next model on it lets the validation photos vote for their own answers, and the
+next round's out-of-fold MAP@5 -- and the threshold tuned on it -- would be too
 optimistic (measured: docs/benchmarks.md). Per fold, nothing a fold validates on has
-touched what it trains on, so the second round's out-of-fold threshold is honest; the
+touched what it trains on, so the next round's out-of-fold threshold is honest; the
 calibration is also applied to the very scores it was measured on (one fold model
 against its own training photos), not to the ensemble's.
 
@@ -196,7 +196,7 @@ def pick_fold_pseudo_labels(
 
 
 def pseudo_labelled_folds(cv_folds: pd.DataFrame, pseudo: pd.DataFrame, crops: pd.DataFrame) -> pd.DataFrame:
-    """The second round's fold table: ``cv_folds`` plus one row per pseudo-label.
+    """A later round's fold table: ``cv_folds`` plus one row per pseudo-label.
 
     A pseudo row has its test crop, its pseudo individual's label and species, ``fold = -1``
     (never validated), ``pseudo = True`` and ``pseudo_fold``, the fold whose training it
