@@ -36,7 +36,7 @@ def test_rebuild_condition_is_eager_and_waits_for_blocking_checks() -> None:
     assert REBUILD_AFTER_FOLDS.operator_type == "and"  # both must hold
     assert labels == ["eager", "all_deps_blocking_checks_passed"]
     graph = _defs().resolve_asset_graph()
-    eager = {name for name in all_asset_names() if graph.get(dg.AssetKey.from_user_string(name)).automation_condition is not None}
+    eager = {name for name in all_asset_names(1) if graph.get(dg.AssetKey.from_user_string(name)).automation_condition is not None}
     assert eager == {"champion_models", "gallery", "match_threshold", "submission_csv", "submission_score"}
     assert all(graph.get(dg.AssetKey.from_user_string(name)).automation_condition == REBUILD_AFTER_FOLDS for name in eager)
     # It applies: these parents of rebuilt assets have blocking checks.
@@ -99,7 +99,7 @@ def test_a_failed_blocking_check_holds_the_rebuild_until_it_passes(tmp_path: Pat
 
 def test_fold_models_and_submission_carry_the_retraining_freshness_policy() -> None:
     graph = _defs().resolve_asset_graph()
-    with_policy = {name for name in all_asset_names() if graph.get(dg.AssetKey.from_user_string(name)).freshness_policy is not None}
+    with_policy = {name for name in all_asset_names(1) if graph.get(dg.AssetKey.from_user_string(name)).freshness_policy is not None}
     assert with_policy == {"arcface_model", "submission_csv"}
     for name in with_policy:
         policy = graph.get(dg.AssetKey.from_user_string(name)).freshness_policy

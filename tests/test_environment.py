@@ -20,7 +20,7 @@ def test_defaults_with_an_empty_environment(tmp_path: Path) -> None:
     assert env.mlflow_tracking_uri is None
     assert env.k8s.max_concurrent is None and env.k8s.image_pull_policy == "IfNotPresent"
     assert env.fsync is True
-    assert (env.rounds, env.rounds_set) == (1, False)
+    assert (env.rounds, env.rounds_set) == (2, False)
 
 
 def test_every_setting_is_read(tmp_path: Path) -> None:

@@ -271,7 +271,7 @@ def test_each_round_s_stages_hold_that_round_only() -> None:
 
 
 def test_a_recipe_says_how_many_rounds_run(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """``rounds`` at the top of a recipe; without it, ``$WHALE_ROUNDS`` or the default (1).
+    """``rounds`` at the top of a recipe; without it, ``$WHALE_ROUNDS`` or the default (2).
     A bad count, a count that disagrees with ``$WHALE_ROUNDS``, and the ``enabled`` switch
     that ``rounds`` replaces are refused with what to write instead."""
     import yaml
@@ -285,7 +285,7 @@ def test_a_recipe_says_how_many_rounds_run(tmp_path, monkeypatch) -> None:  # ty
         return path
 
     monkeypatch.delenv("WHALE_ROUNDS", raising=False)
-    assert DEFAULT_ROUNDS == 1 and recipe_rounds({}) == 1
+    assert DEFAULT_ROUNDS == 2 and recipe_rounds({}) == 2
     assert recipe_rounds(load_recipe(recipe({"rounds": 3}))) == 3
     # A one-round recipe may carry the pseudo-label settings a later round would read.
     assert load_recipe(recipe({"rounds": 1, "ops": {"pseudo_labels": {"config": {"min_precision": 0.9}}}}))
