@@ -22,6 +22,11 @@ os.environ["YOLO_CONFIG_DIR"] = str(_SESSION_HOME / "ultralytics")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.pop("WHALE_DATA_DIR", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# The tests build one-round graphs (a second round on every pipeline test would double the
+# suite); the tests of a second round ask for it (building_rounds, a recipe's `rounds` with
+# this variable unset), and the default count has its own test. Set here, so the processes
+# the tests start (`whale`, `dagster dev`) build the same graph.
+os.environ["WHALE_ROUNDS"] = "1"
 
 import pandas as pd
 

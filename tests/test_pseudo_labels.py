@@ -302,11 +302,12 @@ def test_a_recipe_says_how_many_rounds_run(tmp_path, monkeypatch) -> None:  # ty
         recipe_rounds({"rounds": 3})
 
 
-def test_a_later_round_s_ops_take_the_settings_of_the_round_before() -> None:
+def test_a_later_round_s_ops_take_the_settings_of_the_round_before(monkeypatch: pytest.MonkeyPatch) -> None:
     """Op config inheritance, mapped by the rounds (not parsed out of op names): round 2's op
     takes round 1's settings, round 3's round 2's (inherited or its own); a setting given
     to the later round's op itself is kept; the pseudo-labels' plain name configures every
     round's; and a stage's run config holds only the ops of its assets."""
+    monkeypatch.delenv("WHALE_ROUNDS")  # the suite's one-round setting: the recipes below decide
     from whale_assets.run import round_ops, stage_run_config
 
     ops = {

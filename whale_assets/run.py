@@ -72,6 +72,10 @@ def load_recipe(path: str | Path | None) -> dict[str, Any]:
     return recipe
 
 
+def _score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def recipe_rounds(recipe: dict[str, Any]) -> int:
     """How many training rounds a run of ``recipe`` makes: its top-level ``rounds``, else
     ``$WHALE_ROUNDS``, else the project's default (whale_ml/environment.py).
@@ -276,8 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for title, numbers in summary["rounds"].items():
             pseudo = numbers.get("pseudo_labels")
             print(
-                f"{title:<18}: validation MAP@5 {numbers.get('oof_map5')}, test MAP@5 {numbers.get('map5')}"
-                + (f", trained with {pseudo['photos']} pseudo-labels (confidence {pseudo['confidence']})" if pseudo else "")
+                f"{title:<18}: validation MAP@5 {_score(numbers.get('oof_map5'))}, test MAP@5 {_score(numbers.get('map5'))}"
+                + (f", trained with {pseudo['photos']} pseudo-labels (confidence {_score(pseudo['confidence'])})" if pseudo else "")
             )
     print(f"release           : {summary['release']} (what whale identify and whale enroll serve)")
     print(f"submission        : {summary.get('submission')}")
