@@ -1,1 +1,1 @@
-"""One module per pipeline stage; ``load_from_defs_folder`` collects them all."""
+"""One module per asset group (and jobs, automation, executor); ``load_from_defs_folder`` collects them all."""
