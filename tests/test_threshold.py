@@ -205,7 +205,8 @@ def test_a_matcher_stored_without_a_format_reads_as_the_same_rule() -> None:
            "class_centres": {"candidates": 12}, "map5": 0.7, "new_share": 0.2, "queries": 9, "map5_without_margin": 0.6}
     tuned = TunedMatcher.from_dict(old)
     c = Calibration(10.0, -5.0)
-    want = Matcher(0.4, {"orca": 0.5}, 40, Fusion({"global": 0.7, "local": 0.0, "centre": 0.3}, {"global": c, "local": c, "centre": c}), None, 12, 0.5)
+    fusion = Fusion({"global": 0.7, "local": 0.0, "centre": 0.3}, {"global": c, "local": c, "centre": c})
+    want = Matcher(0.4, {"orca": 0.5}, 40, fusion, None, 12, 0.5)
     assert tuned.matcher == want and tuned.without == {"lead": 0.6}
     assert TunedMatcher.from_dict(tuned.to_dict()) == tuned
     with pytest.raises(MatcherFormatError, match="rematerialise match_threshold"):

@@ -1,4 +1,5 @@
-"""Group ``round<k>_pseudo_labels`` (stage ``round<k>_pick_pseudo_labels``): confident test predictions for each later round.
+"""Group ``round<k>_pseudo_labels`` (stage ``round<k>_pick_pseudo_labels``): confident test predictions for
+each later round.
 
 ``round<k>/pseudo_labels`` picks, per fold, the test photos whose first prediction by
 round k-1's model of that fold among that fold's training photos (as its validation

@@ -1,4 +1,5 @@
-"""Group ``retrieval`` (stage ``ensemble_and_submit``): the ensemble gallery and the matcher tuned out of fold, per round."""
+"""Group ``retrieval`` (stage ``ensemble_and_submit``): the ensemble gallery and the matcher tuned out of fold,
+per round."""
 
 from typing import Any
 
@@ -243,7 +244,8 @@ def match_threshold_asset(rnd: Round) -> dg.AssetsDefinition:
         # Each fold's embedding set fixed once: the models read here are the ones tuned on.
         layout = rnd.layout(whale).with_current_embeddings(folds)
         models = read_fold_models(layout, folds)  # what the matcher is tuned for, and only good for
-        tuned = tune_out_of_fold(cv_folds, layout.embeddings_dir, folds, config, store, progress_logger(context, "out-of-fold local matching"))
+        progress = progress_logger(context, "out-of-fold local matching")
+        tuned = tune_out_of_fold(cv_folds, layout.embeddings_dir, folds, config, store, progress)
         result, metadata = tuned.result, _threshold_metadata(context, tuned)
         fig = _curve_plot(result.thresholds, result.map5_curve, result.threshold, tuned.fusion is not None, tuned.matcher.lead_weight)
         with mlflow.start_run(context, run_name=rnd.label("match_threshold"), tags={"stage": "retrieval", "round": rnd.title}) as run:

@@ -1,4 +1,5 @@
-"""Groups ``training`` (stage ``train_folds``): one ArcFace model per fold, in MLflow, and its embeddings; ``registry`` (``ensemble_and_submit``): champions."""
+"""Groups ``training`` (stage ``train_folds``): one ArcFace model per fold, in MLflow, and its embeddings;
+``registry`` (``ensemble_and_submit``): champions."""
 
 import time
 from dataclasses import dataclass

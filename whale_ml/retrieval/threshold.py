@@ -111,7 +111,8 @@ class OutOfFoldThreshold:
                 without["rerank"] = self.plain.map5
         if self.lead is not None:
             without["lead"] = self.lead.plain.map5
-        return TunedMatcher(self.matcher, self.map5, self.result.new_share, self.queries, self.per_fold, without, out_of_fold_top1(self.sims, self.ids, self.truths))
+        top1 = out_of_fold_top1(self.sims, self.ids, self.truths)
+        return TunedMatcher(self.matcher, self.map5, self.result.new_share, self.queries, self.per_fold, without, top1)
 
 
 def out_of_fold_top1(sims: np.ndarray, ids: np.ndarray, truths: Sequence[str]) -> dict[str, list[Any]]:
@@ -195,7 +196,9 @@ def tune_out_of_fold(
     if config.rerank and features is None:
         raise ValueError("re-ranking needs the local_features store: pass features, or set rerank to false")
     lead_grid = check_lead_weights(config.lead_weights)
-    rerank = LocalRerank(features.config, config.candidates, config.photos_per_candidate) if config.rerank and features and features.config else None
+    rerank = None
+    if config.rerank and features and features.config is not None:  # a store with no photo's features: nothing to re-rank by
+        rerank = LocalRerank(features.config, config.candidates, config.photos_per_candidate)
     # Each fold's embedding set resolved once: a fold re-embedded meanwhile must not give the
     # searches one model's vectors and the centres another's.
     folders = {f: embeddings_dir(f) for f in folds}
@@ -210,7 +213,8 @@ def tune_out_of_fold(
         raise ValueError("no fold has validation photos: cannot tune the threshold")
     per_fold, truths = [], []
     for found in searches:
-        own = tune_threshold(found.evidence.sims, found.evidence.ids, found.val["truth"].tolist(), gallery_ids=found.gallery.table["individual_id"].tolist())
+        fold_ids = found.gallery.table["individual_id"].tolist()
+        own = tune_threshold(found.evidence.sims, found.evidence.ids, found.val["truth"].tolist(), gallery_ids=fold_ids)
         per_fold.append({"fold": found.fold, "queries": len(found.val), "best_threshold": own.threshold, "best_map5": own.map5})
         truths += found.val["truth"].tolist()
     sims = np.concatenate([f.evidence.sims for f in searches])
