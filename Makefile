@@ -19,9 +19,11 @@ RECIPE ?= configs/demo.yaml
 # A fresh .venv holds about 7.4 GB (CUDA-enabled PyTorch and its libraries; 7.8 GB at the
 # peak of a first `make test`, measured in a fresh clone): check the
 # disk first, so that a full disk is a clear message rather than pip's OSError halfway
-# through. --no-cache-dir: a cache would keep a second copy of the GBs of wheels.
+# through. --no-cache-dir: a cache would keep a second copy of the GBs of wheels. The
+# interpreter is checked first too: the pins need Python 3.11+, and pip's own error does not say so.
 VENV_MIN_FREE_GB ?= 8
 $(BIN)/.installed: pyproject.toml requirements/constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) scripts/check_python.py
 	@test -x $(BIN)/python || $(PYTHON) scripts/check_disk.py "$(VENV)" $(VENV_MIN_FREE_GB)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --disable-pip-version-check --no-cache-dir \

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -77,3 +78,61 @@ def test_the_licence_is_declared_and_ultralytics_agpl_is_explained() -> None:
     assert "AGPL-3.0" in (installed.get("License") or installed.get("License-Expression") or "")
     section = (REPO / "README.md").read_text().split("## Licence", 1)[1]
     assert "AGPL-3.0" in section and "§13" in section and "Enterprise" in section
+
+
+def _requirement_names(requirements: list[str]) -> set[str]:
+    """Normalised distribution names of requirement strings (``"faiss-cpu>=1.8"`` -> ``faiss-cpu``)."""
+    return {re.split(r"[\s<>=!~\[;]", r.strip(), maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
+
+
+def test_every_package_the_code_imports_is_declared() -> None:
+    """A third-party module imported by whale_ml or whale_assets comes from a distribution
+    pyproject.toml names (a dependency, or an extra for optional parts such as the Kubernetes
+    executor), not one that arrives only because another package happens to need it."""
+    import ast
+    import importlib.metadata as md
+    import sys
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = _requirement_names(project["dependencies"])
+    declared |= {n for extra in project["optional-dependencies"].values() for n in _requirement_names(extra)}
+    providers = md.packages_distributions()
+    imported: dict[str, str] = {}
+    for root in ("whale_ml", "whale_assets"):
+        for path in sorted((REPO / root).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                for name in names:
+                    top = name.split(".")[0]
+                    if top not in sys.stdlib_module_names and top not in ("whale_ml", "whale_assets"):
+                        imported.setdefault(top, str(path.relative_to(REPO)))
+    assert {"torch", "cv2", "sklearn", "faiss"} <= set(imported), "the scan found the code's imports"
+    undeclared = {
+        module: (where, providers.get(module))
+        for module, where in imported.items()
+        if not {d.lower().replace("_", "-") for d in providers.get(module, [module])} & declared
+    }
+    assert not undeclared, f"imported but not declared in pyproject.toml (module: first importer, distributions): {undeclared}"
+
+
+def test_make_checks_the_python_version_before_creating_the_venv() -> None:
+    """The pins need the Python that pyproject.toml requires; an older one is refused up front,
+    with the version it found and what to run instead."""
+    import tomllib
+
+    script = REPO / "scripts" / "check_python.py"
+    namespace: dict[str, object] = {"__name__": "check_python"}
+    exec(compile(script.read_text(), str(script), "exec"), namespace)
+    minimum = namespace["MINIMUM"]
+    requires = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert requires == ">={}.{}".format(*minimum)  # type: ignore[str-format]
+    problem = namespace["problem"]
+    assert problem(minimum) is None and problem((3, 13)) is None  # type: ignore[operator]
+    message = problem((3, 10))  # type: ignore[operator]
+    assert "Python 3.11 or newer" in message and "is Python 3.10" in message and "make PYTHON=python3.11" in message
+    assert subprocess.run([sys.executable, str(script)], capture_output=True).returncode == 0  # this interpreter runs the project
+    makefile = (REPO / "Makefile").read_text()
+    assert makefile.index("scripts/check_python.py") < makefile.index("-m venv"), "checked before the venv is made"
