@@ -325,8 +325,6 @@ def child_arcface(p: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_gallery(p: dict[str, Any]) -> dict[str, Any]:
-    import numpy as np
-
     from whale_ml.data.metadata import read_train_metadata, read_truth
     from whale_ml.gallery.lineage import FoldModel, GalleryLineage
     from whale_ml.retrieval.matcher import Matcher, match_queries

@@ -29,14 +29,12 @@ The pseudo-labelled photos then join the training side of their own fold only
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from whale_ml.data.folds import fold_split
 from whale_ml.data.metadata import NEW_INDIVIDUAL
 from whale_ml.retrieval.centres import ClassCentres
 from whale_ml.retrieval.local_features import FeatureStore

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from whale_ml.data.folds import fold_split
+from whale_ml.data.metadata import NEW_INDIVIDUAL
 from whale_ml.progress import ProgressFn
 from whale_ml.retrieval.centres import ClassCentres
 from whale_ml.retrieval.fusion import FusionResult, NotCalibratable, fused_ranking, tune_fusion
@@ -119,8 +120,6 @@ def out_of_fold_top1(sims: np.ndarray, ids: np.ndarray, truths: Sequence[str]) -
     """The out-of-fold searches reduced to what the pseudo-labels' calibration needs: each
     validation photo's first candidate's score and whether that candidate is its individual
     (a ``new_individual`` truth is never right). JSON-ready."""
-    from whale_ml.data.metadata import NEW_INDIVIDUAL
-
     sims, ids = np.asarray(sims, dtype=np.float64), np.asarray(ids, dtype=object)
     if sims.ndim != 2 or sims.shape != ids.shape or len(sims) != len(truths):
         raise ValueError(f"sims {sims.shape}, ids {ids.shape} and {len(truths)} truths do not match")
