@@ -151,9 +151,17 @@ def stage_run_config(recipe: dict[str, Any], keys: Sequence[str], log_level: str
 
 
 def run_pipeline(
-    recipe: dict[str, Any], folds: Sequence[str] | None = None, log: Any = print, stages: Sequence[str] | None = None
+    recipe: dict[str, Any],
+    folds: Sequence[str] | None = None,
+    log: Any = print,
+    stages: Sequence[str] | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Materialise every asset of the recipe's rounds (all fold partitions) and return the headline numbers.
+    """Materialise what is due of the recipe's rounds (all fold partitions) and return the headline numbers.
+
+    Each stage materialises only its assets that are missing, stale or set otherwise than
+    their last materialisation (:mod:`whale_assets.due`), and its root assets, which read
+    the data set; ``force`` materialises every asset of the stages.
 
     The definitions are built with the recipe's rounds (:func:`recipe_rounds`), whatever
     count this process built them with before. ``stages``: only these stages, by name
@@ -172,7 +180,7 @@ def run_pipeline(
     job = defs.resolve_implicit_global_asset_job_def()
     instance = dg.DagsterInstance.get()
     with cli_run_tags(instance) as tags:  # held until the last stage ends: this process's runs are alive until then
-        return _run_stages(recipe, count, folds, log, stages, job, instance, tags)
+        return _run_stages(recipe, count, folds, log, stages, job, instance, tags, force)
 
 
 def _run_stages(
@@ -184,10 +192,12 @@ def _run_stages(
     job: Any,
     instance: Any,
     tags: dict[str, str],
+    force: bool = False,
 ) -> dict[str, Any]:
     """:func:`run_pipeline`'s work on a graph of ``count`` rounds, its runs tagged with ``tags``."""
     import dagster as dg
 
+    from whale_assets.due import describe, due_now
     from whale_assets.instance import release_dead_cli_runs
     from whale_assets.partitions import fold_partitions
     from whale_assets.rounds import graph_rounds
@@ -206,9 +216,11 @@ def _run_stages(
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}; the stages of {count} round(s) are {[s.name for s in every]}")
 
-    def stage(keys: list[str], partition: str | None = None) -> dg.ExecuteInProcessResult:
+    graph = job.asset_layer.asset_graph  # the whole code location's: staleness looks upstream of the stage too
+
+    def execute(keys: list[str], partition: str | None, why: str) -> None:
         label = ", ".join(keys) + (f" [{partition}]" if partition else "")
-        log(f"==> materialising {label}")
+        log(f"==> materialising {label}" + (f"\n    due: {why}" if why else ""))
         t0 = time.perf_counter()
         result = job.execute_in_process(
             run_config=stage_run_config(recipe, keys),
@@ -218,10 +230,28 @@ def _run_stages(
             tags=tags,
         )
         log(f"    done in {time.perf_counter() - t0:.0f} s (run {result.run_id})")
-        return result
+
+    def stage(name: str, keys: list[str], partition: str | None) -> None:
+        """Materialise what is due of the stage (everything with ``force``), wave by wave."""
+        if force:
+            execute(keys, partition, "")
+            return
+        asset_keys = [dg.AssetKey.from_user_string(k) for k in keys]
+        config = stage_run_config(recipe, keys)
+        done: set[dg.AssetKey] = set()
+        while True:
+            wave = due_now(instance, graph, asset_keys, partition, config, done)
+            if not wave.run:
+                break
+            execute([k.to_user_string() for k in wave.run], partition, describe(wave))
+            done |= set(wave.run)
+        where = f"{name}" + (f" [{partition}]" if partition else "")
+        if not done:
+            log(f"==> {where}: up to date ({len(keys)} asset(s))")
+        elif len(done) < len(keys):
+            log(f"    {where}: {len(keys) - len(done)} asset(s) up to date")
 
     timings: dict[str, float] = {}
-    finals = []
     t0 = time.perf_counter()
     for each in every:
         if stages is not None and each.name not in stages:
@@ -229,21 +259,22 @@ def _run_stages(
         keys = asset_names(each.selection, count)
         for partition in folds if each.per_fold else [None]:
             t1 = time.perf_counter()
-            final = stage(keys, partition)
+            stage(each.name, keys, partition)
             timings[f"{each.name}[{partition}]_s" if partition else f"{each.name}_s"] = time.perf_counter() - t1
-        if not each.per_fold:
-            finals.append(final)
     timings["total_s"] = time.perf_counter() - t0
-    return _summary(timings, finals, rounds)
+    return _summary(timings, instance, rounds)
 
 
-def _summary(timings: dict[str, float], finals: list[Any], rounds: Sequence[Any]) -> dict[str, Any]:
-    """The headline numbers of the unpartitioned stages' materialisations: per round under
-    ``rounds`` (``round1``, ``round2``...), and the release's at the top level."""
+def _summary(timings: dict[str, float], instance: Any, rounds: Sequence[Any]) -> dict[str, Any]:
+    """The headline numbers of the rounds' latest materialisations (made now or, when they were
+    up to date, by an earlier run): per round under ``rounds`` (``round1``, ``round2``...),
+    and the release's at the top level."""
     found: dict[Any, dict[str, Any]] = {}
-    for event in (e for final in finals for e in final.get_asset_materialization_events()):
-        mat = event.step_materialization_data.materialization
-        found[mat.asset_key] = {k: v.value for k, v in mat.metadata.items()}
+    for rnd in rounds:
+        for name in ("pseudo_labels", "match_threshold", "submission_csv", "submission_score"):
+            event = instance.get_latest_materialization_event(rnd.key(name))
+            if event is not None and event.asset_materialization is not None:
+                found[rnd.key(name)] = {k: v.value for k, v in event.asset_materialization.metadata.items()}
     per_round = {rnd.title: _headline(rnd, found) for rnd in rounds}
     release = rounds[-1].title
     return {"timings": timings, **per_round[release], "release": release, "rounds": {k: v for k, v in per_round.items() if v}}
@@ -267,13 +298,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="whale run", description="Materialise the whole pipeline (all folds) on $WHALE_DATA_DIR.")
     parser.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="run-config recipe YAML (default: configs/demo.yaml)")
     parser.add_argument("--fold", action="append", dest="folds", help="train only these fold partitions (repeatable)")
+    parser.add_argument(
+        "--force", action="store_true", help="materialise every asset, not only those missing, stale or set otherwise since their last run"
+    )
     args = parser.parse_args(argv)
 
     home = default_home()
     prepare_dagster_home(home)
     recipe = load_recipe(args.recipe)
     print(f"data set : {default_data_dir()}\nhome     : {home}\nrecipe   : {args.recipe}\nrounds   : {recipe_rounds(recipe)}")
-    summary = run_pipeline(recipe, args.folds)
+    summary = run_pipeline(recipe, args.folds, force=args.force)
 
     print("\n==> done in {:.0f} s".format(summary["timings"]["total_s"]))
     if len(summary["rounds"]) > 1:

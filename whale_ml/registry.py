@@ -81,6 +81,13 @@ def register_model(
     """
     import mlflow
 
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    same = registered_with_checkpoint(client, registered_model, tags.get(SHA_TAG))
+    if same is not None:  # a reused fold: the same bytes are registered once, the alias moves to them
+        client.set_registered_model_alias(registered_model, alias, str(same.version))
+        log(f"{registered_model} v{same.version} holds this very checkpoint: alias {alias} set on it, nothing registered")
+        serialization = same.tags.get(SERIALIZATION_TAG, "pickle")
+        return RegisteredEmbeddingModel(str(same.version), str(getattr(same, "model_id", "") or ""), serialization, None)
     model = model.cpu().eval()
     export_error = export_check(model, image_size)
     serialization = "pickle" if export_error else "pt2"
@@ -90,8 +97,22 @@ def register_model(
     if metrics:
         mlflow.log_metrics(metrics, model_id=info.model_id, dataset=dataset)
     version = mlflow.register_model(info.model_uri, registered_model, tags={**tags, SERIALIZATION_TAG: serialization}).version
-    mlflow.MlflowClient(tracking_uri=tracking_uri).set_registered_model_alias(registered_model, alias, str(version))
+    client.set_registered_model_alias(registered_model, alias, str(version))
     return RegisteredEmbeddingModel(str(version), info.model_id, serialization, export_error)
+
+
+def registered_with_checkpoint(client: Any, registered_model: str, sha: str | None) -> Any | None:
+    """The newest version of ``registered_model`` tagged with checkpoint digest ``sha``, or None
+    (none yet, no digest given, or no such registered model)."""
+    if not sha:
+        return None
+    try:
+        found = client.search_model_versions(f"name = '{registered_model}' and tags.{SHA_TAG} = '{sha}'")
+    except Exception as exc:
+        if is_missing(exc):
+            return None
+        raise
+    return max(found, key=lambda v: int(v.version)) if found else None
 
 
 def export_check(model: Any, image_size: int) -> str | None:

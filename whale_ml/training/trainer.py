@@ -599,5 +599,13 @@ def _fit(
         threshold=progress.best_threshold,
         epochs_run=len(progress.history),
         history=progress.history,
-        images_per_second=images / seconds if seconds else 0.0,
+        images_per_second=images / seconds if seconds else _history_rate(progress.history),
     )
+
+
+def _history_rate(history: list[dict[str, float]]) -> float:
+    """The training rate of the epochs in ``history`` (their median): what a reused or resumed
+    model reports when this process trained no epoch of it, rather than 0."""
+    rates = [float(row["images_per_second"]) for row in history if row.get("images_per_second") == row.get("images_per_second")]
+    rates = [r for r in rates if r > 0]
+    return float(sorted(rates)[len(rates) // 2]) if rates else 0.0
