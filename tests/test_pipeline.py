@@ -705,3 +705,65 @@ def test_runs_on_a_data_set_with_only_the_kaggle_files(tmp_path: Path, tiny_data
     assert summary.get("map5") is None
     boxes = pd.read_parquet(HomeLayout(home).tables / "bboxes.parquet")
     assert (boxes["source"] == "full_frame").all() and (boxes["note"] == "no detector").all()
+
+
+def _materialised_since(cursor: int) -> set[str]:
+    """``asset`` or ``asset[partition]`` of every materialisation the instance recorded after event ``cursor``."""
+    from whale_assets.definitions import defs
+
+    instance, found = dg.DagsterInstance.get(), set()
+    for key in defs().resolve_asset_graph().materializable_asset_keys:
+        for record in instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key, after_storage_id=cursor), limit=100).records:
+            partition = record.partition_key
+            found.add(key.to_user_string() + (f"[{partition}]" if partition else ""))
+    return found
+
+
+def _event_cursor() -> int:
+    return dg.DagsterInstance.get().event_log_storage.get_maximum_record_id() or 0
+
+
+def _registered_versions(home: Path) -> int:
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{HomeLayout(home).mlflow_db}")
+    return len(client.search_model_versions("name = 'whale-arcface'"))
+
+
+@pytest.mark.e2e
+def test_whale_run_materialises_only_what_is_due(own_pipeline: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`whale run` on an up-to-date home re-reads the data set's tables and does nothing else
+    (no training, nothing registered); a relabelled train.csv row reruns what reads the
+    labels and nothing of the detector, the boxes or the crops; a changed setting reruns its
+    op, and what reads it only if its output changed; --force reruns everything."""
+    recipe = load_recipe(REPO / "configs" / "tiny.yaml")
+    data = tmp_path / "data"
+    shutil.copytree(own_pipeline["data"], data)  # copy2: the photos keep their times, so their crops
+    monkeypatch.setenv("WHALE_DATA_DIR", str(data))
+    run_pipeline(recipe, log=lambda _m: None)  # whatever the copy's new paths make due
+
+    cursor, versions = _event_cursor(), _registered_versions(own_pipeline["home"])
+    summary = run_pipeline(recipe, log=lambda _m: None)
+    assert _materialised_since(cursor) == {"train_metadata", "test_metadata"}
+    assert _registered_versions(own_pipeline["home"]) == versions
+    assert summary["oof_map5"] == pytest.approx(own_pipeline["summary"]["oof_map5"])  # read back from the last materialisation
+
+    train = pd.read_csv(data / "train.csv")
+    other = train["individual_id"].iloc[-1]
+    train.loc[0, "individual_id"] = other if train.loc[0, "individual_id"] != other else train["individual_id"].iloc[1]
+    train.to_csv(data / "train.csv", index=False)
+    cursor = _event_cursor()
+    run_pipeline(recipe, log=lambda _m: None)
+    folds = {f"{name}[{f}]" for name in PER_FOLD for f in ("fold0", "fold1")}
+    ensemble = set(DOWNSTREAM)
+    relabelled = _materialised_since(cursor)
+    assert relabelled - {"photos"} == {"train_metadata", "test_metadata", "cv_folds"} | folds | ensemble
+    assert not relabelled & {"fluke_detector", "bboxes", "crops", "local_features"}
+
+    recipe["ops"]["fold_embeddings"]["config"]["batch_size"] = 3  # the same embeddings, in other batches
+    cursor = _event_cursor()
+    run_pipeline(recipe, log=lambda _m: None)
+    assert _materialised_since(cursor) == {"train_metadata", "test_metadata", "fold_embeddings[fold0]", "fold_embeddings[fold1]"}
+
+    cursor, versions = _event_cursor(), _registered_versions(own_pipeline["home"])
+    run_pipeline(recipe, log=lambda _m: None, force=True)
+    assert _materialised_since(cursor) == set(UPSTREAM) | folds | ensemble
+    assert _registered_versions(own_pipeline["home"]) == versions  # the folds were reused: the same checkpoints

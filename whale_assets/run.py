@@ -269,27 +269,28 @@ def _summary(timings: dict[str, float], instance: Any, rounds: Sequence[Any]) ->
     """The headline numbers of the rounds' latest materialisations (made now or, when they were
     up to date, by an earlier run): per round under ``rounds`` (``round1``, ``round2``...),
     and the release's at the top level."""
-    found: dict[Any, dict[str, Any]] = {}
-    for rnd in rounds:
-        for name in ("pseudo_labels", "match_threshold", "submission_csv", "submission_score"):
-            event = instance.get_latest_materialization_event(rnd.key(name))
-            if event is not None and event.asset_materialization is not None:
-                found[rnd.key(name)] = {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+    def found(key: Any) -> dict[str, Any] | None:
+        event = instance.get_latest_materialization_event(key)
+        if event is None or event.asset_materialization is None:
+            return None
+        return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
     per_round = {rnd.title: _headline(rnd, found) for rnd in rounds}
     release = rounds[-1].title
     return {"timings": timings, **per_round[release], "release": release, "rounds": {k: v for k, v in per_round.items() if v}}
 
 
-def _headline(rnd: Any, found: dict[Any, dict[str, Any]]) -> dict[str, Any]:
-    """One round's numbers, from the metadata of its assets materialised in this run."""
+def _headline(rnd: Any, found: Any) -> dict[str, Any]:
+    """One round's numbers, from the metadata of its assets' latest materialisations (``found(key)``)."""
     out: dict[str, Any] = {}
-    if (meta := found.get(rnd.key("pseudo_labels"))) is not None:
+    if (meta := found(rnd.key("pseudo_labels"))) is not None:
         out["pseudo_labels"] = {"photos": meta.get("dagster/row_count"), "confidence": meta.get("confidence")}
-    if (meta := found.get(rnd.key("match_threshold"))) is not None:
+    if (meta := found(rnd.key("match_threshold"))) is not None:
         out.update(oof_map5=meta.get("oof_map5"), threshold=meta.get("threshold"))
-    if (meta := found.get(rnd.key("submission_csv"))) is not None:
+    if (meta := found(rnd.key("submission_csv"))) is not None:
         out["submission"] = meta.get("path")
-    if (meta := found.get(rnd.key("submission_score"))) is not None:
+    if (meta := found(rnd.key("submission_score"))) is not None:
         out.update(map5=meta.get("map5"), baseline_all_new_map5=meta.get("baseline_all_new_map5"))
     return out
 
