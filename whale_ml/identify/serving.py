@@ -271,8 +271,8 @@ def write_release_home(
     write_json(out.gallery_versions_dir / "current.json", {"version": gallery.name})
     write_json(matcher_path(out, lineage.models), tuned.to_dict())
     if tuned.matcher.rerank is not None:
-        # Only the gallery's photos are ever matched against; the store is split by
-        # folder, not by photo, so their features are written out as one set.
+        # The home's store holds whole splits (every training and test photo); queries are
+        # only ever matched against gallery photos, so theirs alone are written, as one set.
         store = home_feature_store(layout)
         config = store.config or tuned.matcher.rerank.features
         images = [image for image in dict.fromkeys(gallery.table["image"]) if image in store]
