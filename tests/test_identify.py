@@ -7,9 +7,15 @@ from __future__ import annotations
 import dataclasses
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -327,6 +333,149 @@ def test_enroll_rejects_a_bad_file_whole_and_changes_nothing(home: dict, capsys:
     after = (list_versions(layout), read_ledger(layout))
     pd.testing.assert_frame_equal(before[0], after[0])
     pd.testing.assert_frame_equal(before[1], after[1])
+
+
+def _release_photos(home: dict) -> list[str]:
+    """The test photos, tonight's frames (once enrolled), a gallery photo, an unreadable and a missing one."""
+    data, root = home["data"], home["root"]
+    broken = root / "broken_for_the_model.jpg"
+    broken.write_bytes(b"not a jpeg")
+    train_photo = data / "train_images" / pd.read_csv(data / "train.csv")["image"].iloc[0]
+    tonight = sorted((root / "tonight").glob("*.jpg"))
+    test_photos = sorted((data / "test_images").iterdir())
+    return [str(p) for p in [*test_photos, *tonight, train_photo, broken, root / "missing.jpg"]]
+
+
+@pytest.fixture(scope="module")
+def release_model(home: dict) -> str:
+    """The release logged as one MLflow pyfunc model in a run, registered as
+    ``whale-release`` with the alias ``champion``: its URI."""
+    import mlflow
+
+    from whale_ml.gallery.release import read_release
+    from whale_ml.identify.serving import log_release
+
+    layout = read_release(home["layout"]).layout
+    mlflow.set_tracking_uri(layout.mlflow_uri)
+    try:
+        experiment = mlflow.get_experiment_by_name("whale-photo-id")
+        with mlflow.start_run(experiment_id=experiment.experiment_id, run_name="release"):
+            info = log_release(layout, layout.mlflow_uri, registered_model_name="whale-release")
+        mlflow.MlflowClient(layout.mlflow_uri).set_registered_model_alias("whale-release", "champion", str(info.registered_model_version))
+    finally:
+        mlflow.set_tracking_uri(None)
+    return "models:/whale-release@champion"
+
+
+_LOAD_AND_PREDICT = """
+import json, sys
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[1])
+rows = model.predict(pd.DataFrame({"image_path": json.loads(sys.argv[2])})).to_dict(orient="records")
+try:
+    model.predict(pd.DataFrame({"path": ["a.jpg"]}))
+    missing = None
+except Exception as exc:
+    missing = str(exc)
+print(json.dumps({"rows": rows, "missing": missing, "whale_ml": sys.modules["whale_ml"].__file__}))
+"""
+
+
+def test_release_model_answers_like_whale_identify_in_a_fresh_process(
+    home: dict, release_model: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The release as an MLflow pyfunc model, loaded by ``mlflow.pyfunc.load_model`` in a new
+    interpreter from the registry, gives ``whale identify``'s predictions row for row, error
+    rows included."""
+    photos = _release_photos(home)
+    code, out, _ = _whale(capsys, "identify", *photos, "--json")
+    assert code == 0
+    expected = json.loads(out)["photos"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": home["layout"].mlflow_uri}
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD_AND_PREDICT, release_model, json.dumps(photos)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    rows = answer["rows"]
+    assert [r["image"] for r in rows] == [p["image"] for p in expected]
+    assert [r["predictions"] for r in rows] == [" ".join(p["predictions"]) for p in expected]
+    assert [r["error"] for r in rows] == [p["error"] for p in expected]
+    assert sum(len(r["predictions"].split()) == 5 for r in rows) == len(photos) - 2
+    assert [r["predictions"] for r in rows[-2:]] == ["", ""] and "file not found" in rows[-1]["error"]
+    assert "image_path" in answer["missing"], answer["missing"]
+    assert "/artifacts/code/whale_ml/" in answer["whale_ml"], "the model loads its own copy of whale_ml"
+
+
+def test_release_model_refuses_models_its_gallery_was_not_built_with(home: dict) -> None:
+    from whale_ml.gallery import LineageError
+    from whale_ml.gallery.matchers import load_matcher
+    from whale_ml.gallery.models import gallery_models
+    from whale_ml.identify.serving import log_release_model
+
+    layout = home["layout"]
+    gallery = load_version(layout)
+    models = gallery_models(gallery.lineage, layout.model_dir, None, layout.home / "model_cache")
+    tuned = load_matcher(layout, gallery.lineage, gallery.name)
+    with pytest.raises(LineageError, match="was built with the models fold0"):
+        log_release_model(layout, gallery, models[::-1], tuned)
+
+
+@pytest.mark.server
+def test_release_model_is_served_by_mlflow_models_serve(home: dict, release_model: str, free_port, tmp_path: Path) -> None:
+    """``mlflow models serve --env-manager local`` (docs/serving.md) answers /invocations
+    with the model's rows, and a request without ``image_path`` with a 400 naming it."""
+    port, log_path = free_port(), tmp_path / "serve.log"
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": home["layout"].mlflow_uri,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # it starts `uvicorn` by name
+    }
+    command = [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", release_model, "--env-manager", "local"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [*command, "--host", "127.0.0.1", "-p", str(port)], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                        if resp.status == 200:
+                            break
+                except OSError:
+                    pass
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.5)
+            photos = _release_photos(home)[:2] + [str(home["root"] / "missing.jpg")]
+
+            def post(columns: list[str], data: list[list[str]]) -> tuple[int, dict]:
+                body = json.dumps({"dataframe_split": {"columns": columns, "data": data}}).encode()
+                request = urllib.request.Request(f"{url}/invocations", body, {"Content-Type": "application/json"})
+                try:
+                    with urllib.request.urlopen(request, timeout=120) as resp:
+                        return resp.status, json.loads(resp.read())
+                except urllib.error.HTTPError as exc:
+                    return exc.code, json.loads(exc.read())
+
+            status, answer = post(["image_path"], [[p] for p in photos])
+            assert status == 200, answer
+            rows = answer["predictions"]
+            assert [r["image"] for r in rows] == [Path(p).name for p in photos]
+            assert all(len(r["predictions"].split()) == 5 and r["error"] is None for r in rows[:2])
+            assert rows[2]["predictions"] == "" and "file not found" in rows[2]["error"]
+            status, answer = post(["path"], [["a.jpg"]])
+            assert status == 400 and "image_path" in answer["message"]
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 @pytest.fixture(scope="module")

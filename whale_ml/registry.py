@@ -1,7 +1,8 @@
 """The MLflow model registry of the fold embedding models: register, promote, find, download.
 
-The one module of ``whale_ml`` that talks to MLflow (imported lazily, so the rest of
-the core runs without it). Each registered version of ``whale-arcface`` carries its
+The one module of ``whale_ml`` that talks to MLflow's registry of fold models (imported
+lazily, so the rest of the core runs without it; the release's own MLflow model is
+:mod:`whale_ml.identify.serving`). Each registered version of ``whale-arcface`` carries its
 checkpoint (``best.pt``) as an artifact of its run and the checkpoint's sha256 as a
 version tag. Aliases, not the deprecated stages: ``<fold>`` is the newest version,
 ``challenger_<fold>`` and ``champion_<fold>`` the champion/challenger rule's picks
