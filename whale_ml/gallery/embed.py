@@ -100,9 +100,8 @@ def embed_crops(
     parts = []
     for k, resolved in enumerate(models):
         model, cfg = load_model(resolved.checkpoint, device)
-        parts.append(
-            embed_paths(model, list(crop_paths), cfg.image_size, device, batch_size, resolved.flip_tta, progress=_pass(progress, k, len(models)))
-        )
+        counted = _pass(progress, k, len(models))
+        parts.append(embed_paths(model, list(crop_paths), cfg.image_size, device, batch_size, resolved.flip_tta, progress=counted))
     return ensemble(parts)
 
 
