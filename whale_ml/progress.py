@@ -54,7 +54,6 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
-
 def shows_bars(stream: TextIO, environ: Mapping[str, str] = os.environ) -> bool:
     """Whether ``stream`` can show a bar: a terminal that redraws a line in place (not
     ``TERM=dumb``). Piped or redirected output gets none, so a log file holds no bar frames."""
