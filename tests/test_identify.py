@@ -1,6 +1,7 @@
 """`whale identify` and `whale enroll` on a real tiny pipeline run: the JSON schema, error
 rows, enrollment of a new animal, the gallery versions in Dagster, the model checks
-against the MLflow registry, and the HTML report opened in headless Chromium."""
+against the MLflow registry, the HTML report opened in headless Chromium, and the
+progress bars of the real commands on a pseudo-terminal and piped."""
 
 from __future__ import annotations
 
