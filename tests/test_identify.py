@@ -1,6 +1,7 @@
 """`whale identify` and `whale enroll` on a real tiny pipeline run: the JSON schema, error
 rows, enrollment of a new animal, the gallery versions in Dagster, the model checks
-against the MLflow registry, and the HTML report opened in headless Chromium."""
+against the MLflow registry, the HTML report opened in headless Chromium, and the
+progress bars of the real commands on a pseudo-terminal and piped."""
 
 from __future__ import annotations
 
@@ -8,15 +9,17 @@ import dataclasses
 
 import json
 import os
+import pty
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -529,6 +532,86 @@ def test_report_images_load_in_headless_chromium(home: dict, report: Path, tmp_p
     assert found, dom[:2000]
     images, loaded = map(int, found.groups())
     assert images == 6 * len(list((home["data"] / "test_images").iterdir())) and loaded == images
+
+
+def _start_whale(*args: str, terminal: bool) -> Callable[[], tuple[int, str, str]]:
+    """A real `whale` process, its stdout a pipe and its stderr a pseudo-terminal (``terminal``)
+    or a pipe. Returns what waits for it: exit code, stdout, and what it wrote on stderr."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"}  # as a user runs it
+    env["TERM"] = "xterm-256color"  # the pipe, not the terminal type, must silence it
+    screen, stderr = pty.openpty() if terminal else (-1, subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "whale_assets.cli", *args], stdout=subprocess.PIPE, stderr=stderr, env=env, cwd=REPO)
+    drawn: list[bytes] = []
+
+    def read_screen() -> None:  # drained as it is drawn: a full terminal would block the command
+        while True:
+            try:
+                chunk = os.read(screen, 65536)
+            except OSError:  # EIO: every process holding the terminal has exited
+                return
+            if not chunk:
+                return
+            drawn.append(chunk)
+
+    if terminal:
+        os.close(stderr)
+        reader = threading.Thread(target=read_screen, daemon=True)
+        reader.start()
+
+    def wait() -> tuple[int, str, str]:
+        out, err = proc.communicate(timeout=300)
+        if terminal:
+            reader.join(timeout=30)
+            os.close(screen)
+            err = b"".join(drawn)
+        return proc.returncode, out.decode(), err.decode()
+
+    return wait
+
+
+def _bars(screen: str) -> dict[str, str]:
+    """The last frame drawn on each line of a terminal's output, by what precedes its first colon."""
+    frames = [line.split("\r")[-1].strip() for line in screen.replace("\r\n", "\n").split("\n")]
+    return {frame.split(":")[0]: frame for frame in frames if frame}
+
+
+# A finished bar: all photos counted, elapsed<time left, and a rate (tqdm turns a slow one into s/photo).
+FINISHED = r"{}: 100%\|.+\| (\d+)/\1 \[\d\d:\d\d<\d\d:\d\d, +[\d.]+(photo/s|s/photo)\]"
+
+
+def test_identify_draws_bars_on_a_terminal_and_nothing_when_piped(home: dict) -> None:
+    """Side by side, the same photos: on a terminal a bar per phase on stderr; piped, stderr
+    stays empty (MLflow's download included: the model cache is emptied first). Stdout holds
+    the same JSON either way."""
+    shutil.rmtree(home["home"] / "model_cache", ignore_errors=True)
+    photos = str(home["data"] / "test_images")
+    on_terminal, piped = (_start_whale("identify", photos, "--json", terminal=t) for t in (True, False))
+    (code, out, screen), (piped_code, piped_out, piped_err) = on_terminal(), piped()
+    assert code == piped_code == 0, screen + piped_err
+    assert piped_err == ""
+    bars = _bars(screen)
+    assert list(bars) == ["cropping", "embedding", "local features", "matching"], screen
+    n = len(list((home["data"] / "test_images").iterdir()))
+    for phase, frame in bars.items():
+        assert re.fullmatch(FINISHED.format(phase), frame) and f" {n}/{n} " in frame, frame
+    answers = [[row["predictions"] for row in json.loads(text)["photos"]] for text in (out, piped_out)]
+    assert answers[0] == answers[1] and len(answers[0]) == n
+
+
+def test_enroll_draws_a_bar_per_phase_on_a_terminal(home: dict) -> None:
+    """Its phases on stderr, its summary alone on stdout. (Piped, it shares identify's
+    silence above: the same switch.)"""
+    frames = _encounter(home["root"] / "progress", n=3)
+    confirmed = home["root"] / "progress.csv"
+    names = [frame.rename(frame.with_name("progress_" + frame.name)).name for frame in frames]  # not in the ledger yet
+    pd.DataFrame({"image": names, "individual_id": "bead0000face"}).to_csv(confirmed, index=False)
+    code, out, screen = _start_whale("enroll", str(confirmed), "--images", str(frames[0].parent), "--json", terminal=True)()
+    assert code == 0, screen
+    bars = _bars(screen)
+    assert list(bars) == ["checking", "cropping", "embedding", "local features"], screen
+    for phase, frame in bars.items():
+        assert re.fullmatch(FINISHED.format(phase), frame) and " 3/3 " in frame, frame
+    assert json.loads(out)["enrolled_photos_now"] == 3
 
 
 def test_gallery_asset_prunes_old_versions_when_asked(home: dict, capsys: pytest.CaptureFixture[str]) -> None:

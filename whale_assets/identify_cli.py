@@ -22,6 +22,9 @@ from whale_ml.environment import default_home
 from whale_ml.home import HomeLayout
 
 
+_NO_PROGRESS = "draw no progress bars (they are drawn on stderr only when it is a terminal)"
+
+
 def _alias_template(alias: str) -> str:
     """``champion`` -> ``champion_{fold}``; ``latest`` -> ``{fold}`` (the newest); a template is kept."""
     if alias == "latest":
@@ -61,6 +64,7 @@ def identify_main(argv: Sequence[str]) -> int:
     parser.add_argument("--model-version", nargs="+", metavar="V", help="registry versions instead, one per fold in fold order")
     parser.add_argument("--gallery-version", metavar="vNNNN", help="search this version of the release's gallery (default: the newest)")
     parser.add_argument("--device", default="cpu", help="cpu (default), auto, cuda or cuda:N")
+    parser.add_argument("--no-progress", action="store_true", help=_NO_PROGRESS)
     args = parser.parse_args(argv)
 
     from whale_ml.gallery import LineageError, load_version
@@ -68,6 +72,7 @@ def identify_main(argv: Sequence[str]) -> int:
     from whale_ml.gallery.models import resolve_models
     from whale_ml.gallery.release import ReleasePointerError, read_release
     from whale_ml.identify import expand_inputs, format_text, identify_photos, write_report
+    from whale_ml.progress import terminal_progress
     from whale_ml.training.trainer import resolve_device
 
     device = str(resolve_device(args.device))
@@ -89,8 +94,8 @@ def identify_main(argv: Sequence[str]) -> int:
         if not paths:
             print("whale identify: no photos found in " + ", ".join(args.photos), file=sys.stderr)
             return 2
-        with tempfile.TemporaryDirectory(prefix="whale-identify-") as work:
-            result = identify_photos(paths, layout, gallery, models, matcher, Path(work), device)
+        with tempfile.TemporaryDirectory(prefix="whale-identify-") as work, terminal_progress(enabled=not args.no_progress) as progress:
+            result = identify_photos(paths, layout, gallery, models, matcher, Path(work), device, progress)
             if args.report:
                 write_report(result, args.report)
     except (LineageError, ReleasePointerError) as exc:
@@ -157,6 +162,7 @@ def enroll_main(argv: Sequence[str]) -> int:
     parser.add_argument("--images", required=True, metavar="DIR", help="folder holding the listed photos")
     parser.add_argument("--device", default="cpu", help="cpu (default), auto, cuda or cuda:N")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--no-progress", action="store_true", help=_NO_PROGRESS)
     args = parser.parse_args(argv)
 
     from whale_ml.data.metadata import MetadataError
@@ -164,18 +170,21 @@ def enroll_main(argv: Sequence[str]) -> int:
     from whale_ml.gallery.models import gallery_models
     from whale_ml.gallery.release import ReleasePointerError
     from whale_ml.identify import enroll
+    from whale_ml.progress import terminal_progress
     from whale_ml.training.trainer import resolve_device
 
     layout = _setup()
     uri = _tracking_uri()
     try:
-        summary = enroll(
-            args.confirmed,
-            args.images,
-            layout,
-            lambda release, lineage: gallery_models(lineage, release.model_dir, uri, release.home / "model_cache"),
-            str(resolve_device(args.device)),
-        )
+        with terminal_progress(enabled=not args.no_progress) as progress:
+            summary = enroll(
+                args.confirmed,
+                args.images,
+                layout,
+                lambda release, lineage: gallery_models(lineage, release.model_dir, uri, release.home / "model_cache"),
+                str(resolve_device(args.device)),
+                progress=progress,
+            )
     except (LineageError, MetadataError, ReleasePointerError) as exc:
         print(f"whale enroll: {exc}", file=sys.stderr)
         return 2

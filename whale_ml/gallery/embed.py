@@ -15,6 +15,7 @@ from whale_ml.detection.photo_pass import BoxRule, CropRule
 from whale_ml.detection.yolo import box_and_crop
 from whale_ml.gallery.lineage import GalleryLineage, LineageError
 from whale_ml.io import sha256_file
+from whale_ml.progress import ProgressFn
 from whale_ml.retrieval.embeddings import embed_paths
 from whale_ml.retrieval.store import ensemble
 from whale_ml.home import HomeLayout
@@ -37,8 +38,18 @@ def detector_for(lineage: GalleryLineage, layout: HomeLayout) -> Path | None:
     return path
 
 
-def crop_photos(paths: Sequence[Path], lineage: GalleryLineage, layout: HomeLayout, out_dir: Path, device: str = "cpu") -> pd.DataFrame:
+def crop_photos(
+    paths: Sequence[Path],
+    lineage: GalleryLineage,
+    layout: HomeLayout,
+    out_dir: Path,
+    device: str = "cpu",
+    progress: ProgressFn | None = None,
+) -> pd.DataFrame:
     """Detect, box and crop each photo exactly as the pipeline did for the gallery.
+
+    Args:
+        progress: called with (photos done, total) after each batch.
 
     Returns:
         One row per path, in order: ``key, image, path, box (x0, y0, x1, y1), full_frame,
@@ -57,6 +68,7 @@ def crop_photos(paths: Sequence[Path], lineage: GalleryLineage, layout: HomeLayo
         CropRule(Path(out_dir), lineage.crop_size, lineage.resize),
         device=device,
         home=layout.home,
+        progress=progress,
     )
     boxes, crops = done.boxes, done.crops
     assert crops is not None
@@ -71,12 +83,31 @@ def crop_photos(paths: Sequence[Path], lineage: GalleryLineage, layout: HomeLayo
 
 
 def embed_crops(
-    crop_paths: Sequence[str], models: Sequence[ResolvedModel], device: str | torch.device = "cpu", batch_size: int = 64
+    crop_paths: Sequence[str],
+    models: Sequence[ResolvedModel],
+    device: str | torch.device = "cpu",
+    batch_size: int = 64,
+    progress: ProgressFn | None = None,
 ) -> np.ndarray:
     """The ensemble embedding of each crop: every fold model (in the gallery's order,
-    with its flip TTA), normalised and concatenated as the gallery stage does."""
+    with its flip TTA), normalised and concatenated as the gallery stage does.
+
+    Args:
+        progress: called after each batch of each model with (crops done, total), a crop
+            counting whole once every model has embedded it: the rate and the time left
+            are the ensemble's.
+    """
     parts = []
-    for resolved in models:
+    for k, resolved in enumerate(models):
         model, cfg = load_model(resolved.checkpoint, device)
-        parts.append(embed_paths(model, list(crop_paths), cfg.image_size, device, batch_size, resolved.flip_tta))
+        counted = _pass(progress, k, len(models))
+        parts.append(embed_paths(model, list(crop_paths), cfg.image_size, device, batch_size, resolved.flip_tta, progress=counted))
     return ensemble(parts)
+
+
+def _pass(progress: ProgressFn | None, k: int, passes: int) -> ProgressFn | None:
+    """Model ``k``'s progress (of ``passes`` models) in the ensemble's count: each crop it
+    embeds is 1/``passes`` of a crop done."""
+    if progress is None:
+        return None
+    return lambda done, total: progress((k * total + done) // passes, total)

@@ -23,6 +23,7 @@ from whale_ml.gallery.embed import crop_photos, embed_crops
 from whale_ml.gallery.lineage import GalleryLineage
 from whale_ml.io import atomic_path
 from whale_ml.home import HomeLayout
+from whale_ml.progress import PhaseProgress, phase
 from whale_ml.retrieval.local_features import add_enrolled_features
 
 if TYPE_CHECKING:
@@ -93,7 +94,12 @@ def ledger_fingerprint(layout: HomeLayout) -> str:
 
 
 def ledger_gallery_rows(
-    rows: pd.DataFrame, layout: HomeLayout, lineage: GalleryLineage, models: Sequence[ResolvedModel], device: str
+    rows: pd.DataFrame,
+    layout: HomeLayout,
+    lineage: GalleryLineage,
+    models: Sequence[ResolvedModel],
+    device: str,
+    progress: PhaseProgress | None = None,
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Gallery rows (``source`` ``enrolled``) and their ensemble embeddings for ledger
     photos, cropped and embedded exactly as the gallery ``lineage`` says. Their local
@@ -102,18 +108,20 @@ def ledger_gallery_rows(
 
     Args:
         rows: ledger rows (``image, individual_id, species``) whose photos are in the ledger.
+        progress: the callbacks of the phases ``cropping``, ``embedding`` and ``local features``.
 
     Raises:
         ImageReadError: a ledger photo could not be cropped.
     """
     paths = [layout.enrolled_dir / "images" / name for name in rows["image"]]
-    photos = crop_photos(paths, lineage, layout, layout.enrolled_dir / "crops", device)
+    photos = crop_photos(paths, lineage, layout, layout.enrolled_dir / "crops", device, phase(progress, "cropping"))
     failed = photos[photos["crop_path"] == ""]
     if len(failed):
         raise ImageReadError("enrolled photo(s) could not be cropped: " + "; ".join(failed["error"].head(10)))
-    emb = embed_crops(photos["crop_path"].tolist(), models, device)
+    emb = embed_crops(photos["crop_path"].tolist(), models, device, progress=phase(progress, "embedding"))
     # Their local features too, so that re-ranking sees enrolled photos as it sees the catalogue's.
-    add_enrolled_features(layout, rows["image"].tolist(), [str(p) for p in paths], [list(b) for b in photos["box"]])
+    boxes = [list(b) for b in photos["box"]]
+    add_enrolled_features(layout, rows["image"].tolist(), [str(p) for p in paths], boxes, phase(progress, "local features"))
     table = pd.DataFrame(
         {
             "image": rows["image"].to_numpy(),

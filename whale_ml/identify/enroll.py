@@ -38,18 +38,23 @@ from whale_ml.gallery.versions import load_version, write_version
 from whale_ml.io import atomic_path
 from whale_ml.gallery.models import ResolvedModel
 from whale_ml.home import HomeLayout
+from whale_ml.progress import PhaseProgress, ProgressFn, phase
 
 CONFIRMED_COLUMNS = ("image", "individual_id")
 UNKNOWN_SPECIES = "unknown"
 
 
-def read_confirmed(csv: str | Path, image_dir: str | Path, catalogue: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataFrame:
+def read_confirmed(
+    csv: str | Path, image_dir: str | Path, catalogue: pd.DataFrame, ledger: pd.DataFrame, progress: ProgressFn | None = None
+) -> pd.DataFrame:
     """The confirmed identities, checked: plain unique names present in ``image_dir``,
     readable photos, an id on every row (not ``new_individual``), no photo already in
     the catalogue, and a species (when given) that agrees with the catalogue's.
 
     Args:
         catalogue: the current gallery's rows (``image, individual_id, species``).
+        progress: called with (photos read, total) as each photo is decoded, once the
+            file itself passed its checks.
 
     Returns:
         ``image, individual_id, species, new_individual, source_path``.
@@ -87,11 +92,13 @@ def read_confirmed(csv: str | Path, image_dir: str | Path, catalogue: pd.DataFra
     if clash:
         problems.append("species disagree with the catalogue: " + "; ".join(clash[:10]))
     if not problems:
-        for i, name in zip(df.index, df["image"], strict=True):
+        for k, (i, name) in enumerate(zip(df.index, df["image"], strict=True)):
             try:
                 load_rgb(image_dir / name)
             except ImageReadError as exc:
                 problems.append(f"line {int(i)}: {exc}")
+            if progress is not None:
+                progress(k + 1, len(df))
     if problems:
         raise MetadataError(f"{csv}: " + "; ".join(problems))
     out = pd.DataFrame({"image": df["image"], "individual_id": df["individual_id"]}).reset_index(drop=True)
@@ -108,6 +115,7 @@ def enroll(
     models_for: Callable[[HomeLayout, GalleryLineage], list[ResolvedModel]],
     device: str = "cpu",
     on_step: Callable[[str], None] | None = None,
+    progress: PhaseProgress | None = None,
 ) -> dict[str, Any]:
     """Add confirmed photos to the ledger and to a new gallery version (no retraining).
 
@@ -129,6 +137,8 @@ def enroll(
             asked once the lock is held.
         on_step: passed to :func:`~whale_ml.gallery.versions.write_version`, and told
             ``ledger`` once the ledger is written.
+        progress: the callbacks of the phases, in order: ``checking`` (each photo
+            decoded once), ``cropping``, ``embedding`` and ``local features``.
 
     Returns:
         A summary: the new version, what was enrolled, the gallery's counts.
@@ -140,7 +150,7 @@ def enroll(
         gallery = load_version(layout)
         models = models_for(layout, gallery.lineage)
         ledger = read_ledger(layout)
-        confirmed = read_confirmed(csv, image_dir, gallery.table, ledger)
+        confirmed = read_confirmed(csv, image_dir, gallery.table, ledger, phase(progress, "checking"))
         images_dir = layout.enrolled_dir / "images"
         for row in confirmed.itertuples():
             with atomic_path(images_dir / row.image) as tmp:
@@ -154,7 +164,7 @@ def enroll(
         step("ledger")
         pending = ledger[~ledger["image"].isin(gallery.table["image"])]
         carried = len(pending) - len(confirmed)  # recorded by an earlier enrolment, never published
-        table, emb = ledger_gallery_rows(pending, layout, gallery.lineage, models, device)
+        table, emb = ledger_gallery_rows(pending, layout, gallery.lineage, models, device, progress)
         version = write_version(
             layout,
             pd.concat([gallery.table, table], ignore_index=True),

@@ -17,6 +17,7 @@ from whale_ml.data.metadata import NEW_INDIVIDUAL
 from whale_ml.gallery.embed import crop_photos, embed_crops
 from whale_ml.gallery.versions import GalleryVersion
 from whale_ml.gallery.models import ResolvedModel
+from whale_ml.progress import PhaseProgress, phase
 from whale_ml.retrieval.faiss_index import best_photo_per_candidate
 from whale_ml.retrieval.local_features import extract_features, home_feature_store
 from whale_ml.retrieval.matcher import TunedMatcher, match_queries
@@ -34,6 +35,7 @@ def identify_photos(
     tuned: TunedMatcher,
     work_dir: Path,
     device: str = "cpu",
+    progress: PhaseProgress | None = None,
 ) -> dict[str, Any]:
     """Identify each photo; one result row per path, in order, errors included.
 
@@ -43,20 +45,27 @@ def identify_photos(
         models: the fold models, in the gallery's fold order (:func:`whale_ml.gallery.models.resolve_models`).
         tuned: the matcher tuned for the gallery's models (:func:`~whale_ml.gallery.matchers.load_matcher`).
         work_dir: where the query crops are written (the report reads them there).
+        progress: the callbacks of the phases, in order: ``cropping``, ``embedding``, and
+            with local re-ranking ``local features`` and ``matching``.
     """
     lineage, matcher = gallery.lineage, tuned.matcher
-    photos = crop_photos(paths, lineage, layout, work_dir, device)
+    photos = crop_photos(paths, lineage, layout, work_dir, device, phase(progress, "cropping"))
     ok = photos["crop_path"] != ""
-    emb = embed_crops(photos.loc[ok, "crop_path"].tolist(), models, device) if ok.any() else np.zeros((0, 1), np.float32)
+    if ok.any():
+        emb = embed_crops(photos.loc[ok, "crop_path"].tolist(), models, device, progress=phase(progress, "embedding"))
+    else:
+        emb = np.zeros((0, 1), np.float32)
     if len(emb):
-        query_features, store = None, None
+        query_features, store, matching = None, None, None
         if matcher.rerank is not None:
             # The threshold applies to fused scores: describe the queries as the gallery's photos were.
             store = home_feature_store(layout)
             settings = store.config or matcher.rerank.features
             cropped = photos.loc[ok]
-            query_features, _ = extract_features(cropped["path"].tolist(), [list(b) for b in cropped["box"]], settings)
-        found = match_queries(gallery, emb, matcher, query_features, store)
+            boxes = [list(b) for b in cropped["box"]]
+            query_features, _ = extract_features(cropped["path"].tolist(), boxes, settings, progress=phase(progress, "local features"))
+            matching = phase(progress, "matching")  # without re-ranking, matching is a search: no phase of its own
+        found = match_queries(gallery, emb, matcher, query_features, store, progress=matching)
         sims, ids, thresholds, predictions = found.sims, found.ids, found.thresholds, found.predictions
         decisions = found.decisions
         inliers = found.inliers

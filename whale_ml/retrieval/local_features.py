@@ -383,9 +383,16 @@ def home_feature_store(layout: HomeLayout) -> FeatureStore:
     return FeatureStore([f for f in folders[:2]] + [f for f in folders[2:] if features_saved(f)])
 
 
-def add_enrolled_features(layout: HomeLayout, images: Sequence[str], paths: Sequence[str | Path], boxes: Sequence[Sequence[float]]) -> int:
+def add_enrolled_features(
+    layout: HomeLayout,
+    images: Sequence[str],
+    paths: Sequence[str | Path],
+    boxes: Sequence[Sequence[float]],
+    progress: ProgressFn | None = None,
+) -> int:
     """Describe enrolled photos as the asset described the catalogue's, into the home's
     ``enrolled`` folder (rewritten whole, atomically, with the earlier enrolled photos).
+    ``progress(done, total)`` is called per photo described.
 
     Returns:
         How many photos were described; 0 when the home has no local features (nothing
@@ -397,7 +404,7 @@ def add_enrolled_features(layout: HomeLayout, images: Sequence[str], paths: Sequ
     # The settings alone: the training split's points and image list are large at the real scale.
     cfg = LocalFeatureConfig.model_validate_json((current_set(train_dir) / "settings.json").read_text())
     folder = layout.local_features_dir("enrolled")
-    feats, _ = extract_features(paths, boxes, cfg)
+    feats, _ = extract_features(paths, boxes, cfg, progress=progress)
     new = dict(zip(images, feats, strict=True))
     if features_saved(folder):
         old = FeatureStore([folder])

@@ -345,6 +345,7 @@ def match_queries(
     query_features: Sequence[PhotoFeatures | None] | None = None,
     gallery_features: FeatureStore | None = None,
     workers: int = 0,
+    progress: ProgressFn | None = None,
 ) -> Matches:
     """Search ``queries`` in ``gallery`` and decide new_individual for each, by ``matcher``.
 
@@ -353,13 +354,14 @@ def match_queries(
         query_features: with re-ranking, each query's local features (``None`` for none).
         gallery_features: with re-ranking, the store holding the gallery photos' features.
         workers: processes for local matching (0: the machine's cores).
+        progress: with re-ranking, called with (queries matched, total) as local matching goes.
 
     Raises:
         ValueError: the matcher re-ranks but no features were given, or weighs class
             centres but the gallery holds none.
     """
     rerank = replace(matcher.rerank, workers=workers) if matcher.rerank is not None else None
-    evidence = gather_evidence(gallery, queries, matcher.top, rerank, query_features, gallery_features, matcher.uses_centres)
+    evidence = gather_evidence(gallery, queries, matcher.top, rerank, query_features, gallery_features, matcher.uses_centres, progress)
     sims, ids, inliers = matcher.rank(evidence)
     species_of = dict(zip(gallery.table["individual_id"], gallery.table["species"], strict=True))
     thresholds = matcher.thresholds(ids, species_of)
