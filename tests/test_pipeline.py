@@ -691,6 +691,84 @@ def test_a_second_round_is_the_release_whale_identify_and_enroll_serve(
     assert mat.metadata["version"].value == "v0002" and mat.metadata["made_by"].value == "whale enroll"
 
 
+@pytest.mark.e2e
+def test_a_retrain_that_loses_leaves_the_champion_release_serving(
+    own_pipeline: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two releases in one home, compared through MLflow as a user would: the first (the shared
+    run's) and a retrain with a broken recipe (a learning rate of 1e-7 for one epoch, tuned
+    without local re-ranking: its out-of-fold MAP@5 is the all-new_individual floor), its
+    ensemble stage rerun. Both release runs carry the same metric names and name their gallery
+    and model versions; each nests its own fold runs. The retrain loses on the same validation
+    data: the champion aliases stay on the first release's versions (the challenger ones move),
+    the home's record keeps it, and the default ``whale identify`` answers with its models, its
+    gallery and its matcher, exactly as its submission did. ``whale enroll`` extends the
+    champion's gallery, and the next default identify searches that version; the losing
+    release stays reachable by naming its models and gallery version."""
+    from whale_assets.cli import main as whale
+    from whale_assets.definitions import defs
+    from whale_ml.gallery.release import read_release
+
+    layout, data = HomeLayout(own_pipeline["home"]), own_pipeline["data"]
+    client = mlflow.MlflowClient(tracking_uri=layout.mlflow_uri)
+    first_answers = pd.read_csv(layout.submission, dtype=str).set_index("image")["predictions"]
+    first = {f: str(client.get_model_version_by_alias("whale-arcface", f).version) for f in ("fold0", "fold1")}
+
+    recipe = load_recipe(REPO / "configs" / "tiny.yaml")
+    recipe["ops"]["arcface_model"]["config"].update({"epochs": 1, "lr_backbone": 1e-7, "lr_head": 1e-7})
+    recipe["ops"]["match_threshold"] = {"config": {"rerank": False, "class_centres": False}}
+    d, instance = defs(), dg.DagsterInstance.get()
+    ops = {k: recipe["ops"][k] for k in ("arcface_model", "fold_embeddings")}
+    for fold in ("fold0", "fold1"):
+        assert d.resolve_job_def("train_folds").execute_in_process(run_config={"ops": ops}, instance=instance, partition_key=fold).success
+    ensemble = d.resolve_job_def("ensemble_and_submit")
+    assert ensemble.execute_in_process(run_config=stage_run_config(recipe, DOWNSTREAM), instance=instance).success
+    second = {f: str(client.get_model_version_by_alias("whale-arcface", f).version) for f in ("fold0", "fold1")}
+
+    # MLflow's compare view: the same names in both release runs, and what each was made of.
+    old, new = _release_runs(client)
+    assert set(old.data.metrics) == set(new.data.metrics) == RELEASE_METRICS
+    assert set(old.data.params) == set(new.data.params)
+    assert (old.data.params["gallery_version"], new.data.params["gallery_version"]) == ("v0001", "v0002")
+    assert [new.data.params[f"{f}_model_version"] for f in ("fold0", "fold1")] == [second["fold0"], second["fold1"]]
+    assert old.data.params["validation_digest"] == new.data.params["validation_digest"], "validated on the same photos"
+    old_children, new_children = _children(client, old), _children(client, new)
+    assert new_children["training"] == {client.get_model_version("whale-arcface", v).run_id for v in second.values()}
+    assert old_children["training"] == {client.get_model_version("whale-arcface", v).run_id for v in first.values()}
+    assert not set().union(*old_children.values()) & set().union(*new_children.values())
+    assert new.data.metrics["oof_map5"] < old.data.metrics["oof_map5"], "the broken recipe was meant to lose"
+    assert (new.data.tags["champion"], new.data.tags["champion_before"]) == ("false", old.info.run_id)
+    assert "champion kept" in new.data.tags["decision"] and old.data.tags["champion"] == "true"
+
+    # The champion stays whole: its aliases, the home's record; the challenger aliases are the retrain's.
+    for fold in ("fold0", "fold1"):
+        assert str(client.get_model_version_by_alias("whale-arcface", f"champion_{fold}").version) == first[fold]
+        assert str(client.get_model_version_by_alias("whale-arcface", f"challenger_{fold}").version) == second[fold]
+    assert read_release(layout).champion.run_id == old.info.run_id  # type: ignore[union-attr]
+
+    def identify(*args: str) -> dict:
+        capsys.readouterr()
+        code = whale(["identify", *args, "--json"])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        return json.loads(out.out)
+
+    test_images = sorted(p.name for p in (data / "test_images").iterdir())
+    served = identify(str(data / "test_images"))
+    assert [m["version"] for m in served["models"]] == [first["fold0"], first["fold1"]]
+    assert (served["gallery"]["version"], served["release_run"]) == ("v0001", old.info.run_id)
+    assert {row["image"]: " ".join(row["predictions"]) for row in served["photos"]} == first_answers.loc[test_images].to_dict()
+
+    known = pd.read_csv(data / "train.csv").iloc[0]
+    enrolled = _enroll(capsys, tmp_path / "confirmed", {"late.jpg": data / "train_images" / known["image"]}, known["individual_id"])
+    assert (enrolled["version"], enrolled["parent"]) == ("v0003", "v0001")
+    assert [m["version"] for m in enrolled["models"]] == [first["fold0"], first["fold1"]]
+    after = identify(str(data / "train_images" / known["image"]))
+    assert after["gallery"]["version"] == "v0003" and after["gallery"]["enrolled_photos"] == 1
+    challenger = identify(str(data / "test_images"), "--alias", "challenger", "--gallery-version", "v0002")
+    assert [m["version"] for m in challenger["models"]] == [second["fold0"], second["fold1"]] and challenger["release_run"] is None
+
+
 @pytest.mark.slow
 def test_definitions_validate(whale_env: Path) -> None:
     """`dagster definitions validate` loads the code location from workspace.yaml."""
