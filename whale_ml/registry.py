@@ -1,11 +1,15 @@
-"""The MLflow model registry of the fold embedding models: register, promote, find, download.
+"""The MLflow model registry of the fold embedding models (register, find, point aliases,
+download) and the runs of the releases made of them.
 
 The one module of ``whale_ml`` that talks to MLflow (imported lazily, so the rest of
 the core runs without it). Each registered version of ``whale-arcface`` carries its
 checkpoint (``best.pt``) as an artifact of its run and the checkpoint's sha256 as a
 version tag. Aliases, not the deprecated stages: ``<fold>`` is the newest version,
-``challenger_<fold>`` and ``champion_<fold>`` the champion/challenger rule's picks
-(:func:`promote_challengers`). Versions are found by alias or number
+``challenger_<fold>`` the newest release's and ``champion_<fold>`` the champion
+release's (:func:`point_aliases`, moved by :mod:`whale_ml.gallery.champion`). A release
+has one run: :func:`log_release_run` logs it, :func:`release_score` reads its score back,
+:func:`release_fold_runs` and :func:`nest_runs` put the runs that made its fold models
+under it. Versions are found by alias or number
 (:func:`model_version`), their checkpoints downloaded once into a cache named by their
 digest and checked against it (:func:`fetch_checkpoint`), and loaded by
 ``whale_ml.checkpoints`` (torch's weights-only loader): nothing is unpickled. Which

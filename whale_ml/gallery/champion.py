@@ -59,7 +59,9 @@ class ReleaseCandidate:
         models: its fold models (the gallery's lineage), all in the MLflow registry.
         models_key: their digest (:func:`whale_ml.gallery.matchers.models_key`).
         oof_map5: the matcher's out-of-fold MAP@5 (the species' thresholds where tuned).
+        threshold: the matcher's global new_individual threshold.
         new_share: the share of validation photos predicted new first.
+        queries: the validation photos pooled over folds.
         validation_digest: the validation data those were measured on.
         matcher: the matcher tuned for the models, as the release scored it (the champion's is
             kept apart from the file a later re-tuning of the same models replaces).
@@ -85,7 +87,7 @@ class ReleaseCandidate:
             "round": str(self.number),
             "gallery_version": self.gallery_version,
             "models_key": self.models_key,
-            "registered_model": self.models[0].registered_model or "" if self.models else "",
+            "registered_model": ", ".join(sorted({m.registered_model or "" for m in self.models})),
             VALIDATION_DIGEST: self.validation_digest,
             **versions,
         }
@@ -114,7 +116,8 @@ def release_promotion(new: ReleaseScore, champion: ReleaseScore | None) -> tuple
 
     It does when there is no champion yet (or its run is gone from MLflow), when the two were
     validated on other data (not comparable: the newer release wins), and when its out-of-fold
-    MAP@5 is at least the champion's. A score that is not a number never wins a comparison.
+    MAP@5 is at least the champion's. A new score that is not a number never wins a comparison;
+    a champion's that is not one (a run logged without it) loses to any number.
     """
     if champion is None:
         return True, "first release: no champion yet (or its MLflow run is gone)"
