@@ -813,7 +813,8 @@ def test_recipe_with_a_bad_value_is_rejected() -> None:
 
 @pytest.mark.e2e
 def test_runs_on_a_data_set_with_only_the_kaggle_files(tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No box file, no truth, no sample_submission: full frames, every test photo, no score."""
+    """No box file, no truth, no sample_submission: full frames, every test photo, no score
+    (and no ``test_map5`` on the release run)."""
     import shutil
 
     data = tmp_path / "data"
@@ -833,5 +834,7 @@ def test_runs_on_a_data_set_with_only_the_kaggle_files(tmp_path: Path, tiny_data
     sub = pd.read_csv(HomeLayout(home).submission)
     assert sub["image"].tolist() == sorted(p.name for p in (data / "test_images").iterdir())
     assert summary.get("map5") is None
+    (release,) = _release_runs(mlflow.MlflowClient(tracking_uri=HomeLayout(home).mlflow_uri))
+    assert set(release.data.metrics) == RELEASE_METRICS - {"test_map5"}
     boxes = pd.read_parquet(HomeLayout(home).tables / "bboxes.parquet")
     assert (boxes["source"] == "full_frame").all() and (boxes["note"] == "no detector").all()
