@@ -1,7 +1,7 @@
 """Keeping the graph up to date: the rebuild condition after the folds (eager, but only
 on parents whose blocking checks passed) and the freshness policies that follow the
 retraining schedule, evaluated by Dagster's own evaluators on a real instance; all of it,
-with the champion decision and the re-threshold job, on the release (the last round)."""
+with the release (and its champion decision) and the re-threshold job, on the last round."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import dagster as dg
 import pytest
 
 from whale_assets.freshness import RETRAIN_FRESHNESS, RETRAIN_WINDOW, longest_cron_gap, retrain_window
-from whale_assets.resources import MlflowTracking
 from whale_assets.rounds import REBUILD_AFTER_FOLDS, Round, building_rounds
 from whale_assets.stages import all_asset_names
 from whale_ml.environment import read_environment
@@ -37,7 +36,7 @@ def test_rebuild_condition_is_eager_and_waits_for_blocking_checks() -> None:
     assert labels == ["eager", "all_deps_blocking_checks_passed"]
     graph = _defs().resolve_asset_graph()
     eager = {name for name in all_asset_names(1) if graph.get(dg.AssetKey.from_user_string(name)).automation_condition is not None}
-    assert eager == {"champion_models", "gallery", "match_threshold", "submission_csv", "submission_score"}
+    assert eager == {"release", "gallery", "match_threshold", "submission_csv", "submission_score"}
     assert all(graph.get(dg.AssetKey.from_user_string(name)).automation_condition == REBUILD_AFTER_FOLDS for name in eager)
     # It applies: these parents of rebuilt assets have blocking checks.
     blocking = {
@@ -117,8 +116,9 @@ def test_the_release_is_what_automation_keeps_up_to_date(rounds: int) -> None:
     """With one round or two, the last round is the release: only its stages after the folds
     carry the rebuild condition, and the rebuild sensor targets exactly them; only its fold
     models and submission carry the freshness policy; the schedule retrains its folds;
-    ``rethreshold_and_submit`` re-tunes its threshold; its fold models are the ones the
-    champion decision reads (the only ``champion_models`` of the graph)."""
+    ``rethreshold_and_submit`` re-tunes its threshold; its ensemble stage makes the release
+    the champion decision is made on (the only ``release`` of the graph), after its gallery,
+    threshold and submission score."""
     release = Round(rounds, rounds)
     d = _defs(rounds)
     graph = d.resolve_asset_graph()
@@ -131,36 +131,17 @@ def test_the_release_is_what_automation_keeps_up_to_date(rounds: int) -> None:
 
     names = all_asset_names(rounds)
     eager = {n for n in names if node(n).automation_condition is not None}  # type: ignore[attr-defined]
-    assert eager == of_release("champion_models", "gallery", "match_threshold", "submission_csv", "submission_score")
+    assert eager == of_release("release", "gallery", "match_threshold", "submission_csv", "submission_score")
     sensor = d.resolve_sensor_def("rebuild_after_folds")
     assert {k.to_user_string() for k in sensor.asset_selection.resolve(graph)} == eager  # type: ignore[union-attr]
     assert {n for n in names if node(n).freshness_policy is not None} == of_release("arcface_model", "submission_csv")  # type: ignore[attr-defined]
     assert d.resolve_schedule_def("weekly_retrain").job_name == release.stage("train_folds")
     assert d.resolve_job_def(release.stage("train_folds")).partitions_def is not None
     rethreshold = d.resolve_job_def("rethreshold_and_submit").asset_layer.selected_asset_keys
-    assert {k.to_user_string() for k in rethreshold} == of_release("match_threshold", "submission_csv", "submission_score")
-    assert [n for n in names if n.endswith("champion_models")] == sorted(of_release("champion_models"))
-    assert {p.to_user_string() for p in node(release.key("champion_models").to_user_string()).parent_keys} == of_release("arcface_model")  # type: ignore[attr-defined]
-
-
-class _Registry(MlflowTracking):
-    """The champion decision's registry call, recorded instead of made."""
-
-    def promote_challengers(self, folds: list[str]) -> list[dict[str, object]]:
-        return [{"fold": fold, "challenger": 1, "champion_after": 1, "decision": "first model of this fold"} for fold in folds]
-
-
-@pytest.mark.parametrize(("rounds", "aliases"), [(1, ["fold0", "fold1"]), (2, ["round2_fold0", "round2_fold1"])])
-def test_the_champion_decision_promotes_the_release_s_fold_models(rounds: int, aliases: list[str]) -> None:
-    """``champion_models`` asks the registry about the release round's aliases
-    (``whale-arcface@round2_fold0`` ...), the ones its fold models registered under."""
-    from whale_assets.defs.training import champion_models_asset
-
-    champion_models = champion_models_asset(Round(rounds, rounds))  # the graph's one champion_models (above)
-    result = dg.materialize([champion_models], resources={"mlflow": _Registry(tracking_uri="sqlite:///unused.db")})
-    (mat,) = result.get_asset_materialization_events()
-    rows = mat.step_materialization_data.materialization.metadata["champions"].value.records
-    assert [r.data["fold"] for r in rows] == aliases
+    assert {k.to_user_string() for k in rethreshold} == of_release("match_threshold", "submission_csv", "submission_score", "release")
+    assert [n for n in names if n.endswith("release")] == sorted(of_release("release"))
+    parents = {p.to_user_string() for p in node(release.key("release").to_user_string()).parent_keys}  # type: ignore[attr-defined]
+    assert parents == {"cv_folds", *of_release("gallery", "match_threshold", "submission_score")}
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,8 @@ from whale_assets.instance import prepare_dagster_home
 from whale_assets.run import load_recipe, run_pipeline
 from whale_ml.data.demo import SPECIES_LABELS, Individual, render_individual, render_photo
 from whale_ml.gallery import list_versions, load_version, read_ledger
-from whale_ml.gallery.matchers import matcher_path
+from whale_ml.gallery.matchers import MATCHERS_DIR
+from whale_ml.gallery.release import read_release
 from whale_ml.io import read_json
 from whale_ml.home import HomeLayout
 
@@ -87,6 +88,13 @@ def home(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Iterator[
         yield {"home": home, "layout": HomeLayout(home), "data": tiny_data, "root": root}
 
 
+def _served_matcher(layout: HomeLayout) -> Path:
+    """The matcher file the default ``whale identify`` reads: the champion release's own."""
+    champion = read_release(layout).champion
+    assert champion is not None, "the pipeline's release is the champion"
+    return layout.gallery_dir / MATCHERS_DIR / champion.matcher
+
+
 def _gallery_ids(layout: HomeLayout) -> dict[str, str]:
     table = pd.read_csv(layout.gallery_versions_dir / "v0001" / "gallery.csv", dtype=str, keep_default_na=False)
     return dict(zip(table["image"], table["individual_id"], strict=True))
@@ -109,6 +117,7 @@ def test_identify_lists_five_candidates_per_photo_and_an_error_row_per_bad_photo
     threshold = read_json(layout.tables / "match_threshold.json")["threshold"]
     assert result["threshold"] == pytest.approx(threshold)
     assert [(m["fold"], m["alias"]) for m in result["models"]] == [("fold0", "champion_fold0"), ("fold1", "champion_fold1")]
+    assert result["release_run"] == read_release(layout).champion.run_id  # type: ignore[union-attr]
 
     owner = _gallery_ids(layout)
     rows = {p["image"]: p for p in result["photos"]}
@@ -181,7 +190,7 @@ def test_class_centres_out_of_fold_and_identify_agrees_with_the_submission(home:
     assert all(c is not None for c in version.centres)
     queries, images = query_embeddings(layout, version)
     expected = match_queries(version, queries, matcher, [store.get(img) for img in images], store)  # as submission_csv matches
-    saved = matcher_path(layout, version.lineage.models)  # what identify reads for this version
+    saved = _served_matcher(layout)  # what identify reads by default
     original = saved.read_bytes()
     stored = TunedMatcher.from_dict(json.loads(original))
     try:
@@ -200,7 +209,7 @@ def test_identify_applies_the_lead_rule_it_reads(home: dict, capsys: pytest.Capt
     by s1 + w (s1 - s2), the rule the submission applies through the same match_queries
     (tests/test_gallery_build.py checks that rule against brute force)."""
     layout, data = home["layout"], home["data"]
-    path = matcher_path(layout, load_version(layout).lineage.models)  # what identify reads for this version
+    path = _served_matcher(layout)  # what identify reads by default
     original = path.read_bytes()
     code, out, _ = _whale(capsys, "identify", str(data / "test_images"), "--json")
     rows = json.loads(out)["photos"]

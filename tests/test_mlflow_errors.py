@@ -17,6 +17,7 @@ from pathlib import Path
 
 import dagster as dg
 import mlflow
+import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException, RestException
 
@@ -147,21 +148,33 @@ def test_a_401_fails_the_reachability_probe_at_once_naming_the_uri(http_server: 
 def test_an_mlflow_step_fails_at_the_first_attempt_when_the_server_refuses(
     http_server: Callable[[int], str], status: int, says: str
 ) -> None:
-    """The real ``champion_models`` asset, under its own MLflow retry policy (retries on, 30 s
-    apart by default), pointed at a server that refuses it: one attempt, a failure naming the
-    URI and what to check, in seconds. (MLflow's client does not retry a 4xx itself.)"""
-    from whale_assets.defs.training import champion_models_asset
+    """The real ``release`` asset, under its own MLflow retry policy (retries on, 30 s apart by
+    default), pointed at a server that refuses it: one attempt, a failure naming the URI and
+    what to check, in seconds. (MLflow's client does not retry a 4xx itself.) Its inputs are
+    given by assets of the same keys: it asks MLflow before it reads them."""
+    from whale_assets.defs.release import release_asset
+    from whale_assets.resources import WhaleHome
     from whale_assets.rounds import Round
 
-    champion_models = champion_models_asset(Round(1, 1))
+    release = release_asset(Round(1, 1))
 
+    def given(key: str, value: object) -> dg.AssetsDefinition:
+        @dg.asset(key=key)
+        def upstream() -> object:
+            return value
+
+        return upstream
+
+    values = {"gallery": {"version": "v0001"}, "match_threshold": {}, "submission_score": {}, "cv_folds": pd.DataFrame()}
+    inputs = [given(key, value) for key, value in values.items()]
     uri = http_server(status)
-    policy = champion_models.op.retry_policy
+    policy = release.op.retry_policy
     assert policy is not None and policy.max_retries >= 1  # the test means something only with retries on
     started = time.monotonic()
-    result = dg.materialize([champion_models], resources={"mlflow": MlflowTracking(tracking_uri=uri)}, raise_on_error=False)
+    resources = {"mlflow": MlflowTracking(tracking_uri=uri), "whale": WhaleHome()}
+    result = dg.materialize([release, *inputs], resources=resources, raise_on_error=False)
     seconds = time.monotonic() - started
-    events = result.events_for_node("champion_models")
+    events = result.events_for_node("release")
     retries = sum(e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY for e in events)
     failures = [e.step_failure_data.error.message for e in events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
     assert not result.success and retries == 0 and len(failures) == 1, (result.success, retries, failures)

@@ -264,18 +264,61 @@ def test_registered_model_loads_without_this_projects_code(pipeline_run: dict, t
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=f"{flavour}, {n} images")
 
 
+RELEASE_METRICS = {"oof_map5", "threshold", "new_share", "queries", "test_map5", "fold0_val_map5", "fold1_val_map5"}
+
+
+def _release_runs(client: mlflow.MlflowClient) -> list:
+    """The release runs of the home's experiment, oldest first."""
+    experiment = client.get_experiment_by_name("whale-photo-id").experiment_id
+    return client.search_runs([experiment], filter_string="tags.stage = 'release'", order_by=["attributes.start_time ASC"])
+
+
+def _children(client: mlflow.MlflowClient, run: object) -> dict[str, set[str]]:
+    """The runs nested under ``run``, by their stage: what MLflow's UI shows under it."""
+    experiment = run.info.experiment_id  # type: ignore[attr-defined]
+    found = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")  # type: ignore[attr-defined]
+    stages: dict[str, set[str]] = {}
+    for child in found:
+        stages.setdefault(child.data.tags["stage"], set()).add(child.info.run_id)
+    return stages
+
+
 @pytest.mark.e2e
-def test_each_fold_has_a_champion_in_the_registry(pipeline_run: dict) -> None:
-    client = mlflow.MlflowClient(tracking_uri=HomeLayout(pipeline_run["home"]).mlflow_uri)
-    for fold in ("fold0", "fold1"):
-        newest = client.get_model_version_by_alias("whale-arcface", fold)
-        assert client.get_model_version_by_alias("whale-arcface", f"challenger_{fold}").version == newest.version
-        assert client.get_model_version_by_alias("whale-arcface", f"champion_{fold}").version == newest.version
-        assert {"recipe", "backbone", "data_version", "val_map5"} <= set(newest.tags)
-    mat = dg.DagsterInstance.get().get_latest_materialization_event(dg.AssetKey("champion_models")).asset_materialization
-    champions = {r.data["fold"]: r.data for r in mat.metadata["champions"].records}  # a table in the UI
-    assert sorted(champions) == ["fold0", "fold1"]
-    assert all("first model of this fold" in row["decision"] and row["champion_after"] == row["challenger"] for row in champions.values())
+def test_the_release_is_one_mlflow_run_over_its_fold_runs_and_the_first_champion(pipeline_run: dict) -> None:
+    """The first release: one MLflow run with the ensemble's scores (the submission's test MAP@5
+    included: the tiny set has a truth file) and what answers as parameters, its fold runs nested
+    under it, and it is the champion: every fold's champion and challenger aliases on its
+    versions, and the home's record."""
+    from whale_ml.gallery.release import read_release
+
+    layout = HomeLayout(pipeline_run["home"])
+    client = mlflow.MlflowClient(tracking_uri=layout.mlflow_uri)
+    (run,) = _release_runs(client)
+    assert run.info.run_name == "release_round1_v0001" and set(run.data.metrics) == RELEASE_METRICS
+    versions = {f: str(client.get_model_version_by_alias("whale-arcface", f).version) for f in ("fold0", "fold1")}
+    assert {k: run.data.params[k] for k in ("round", "gallery_version", "fold0_model_version", "fold1_model_version")} == {
+        "round": "1", "gallery_version": "v0001", "fold0_model_version": versions["fold0"], "fold1_model_version": versions["fold1"]
+    }  # fmt: skip
+    instance = dg.DagsterInstance.get()
+    threshold = instance.get_latest_materialization_event(dg.AssetKey("match_threshold")).asset_materialization.metadata
+    score = instance.get_latest_materialization_event(dg.AssetKey("submission_score")).asset_materialization.metadata
+    assert run.data.metrics["oof_map5"] == pytest.approx(threshold["oof_map5"].value)
+    assert run.data.metrics["threshold"] == pytest.approx(threshold["threshold"].value)
+    assert run.data.metrics["test_map5"] == pytest.approx(score["map5"].value)
+    assert run.data.params["models_key"] == threshold["models_key"].value
+    children = _children(client, run)
+    assert children["training"] == {client.get_model_version("whale-arcface", v).run_id for v in versions.values()}
+    assert len(children["embedding"]) == 2 and len(children["retrieval"]) == 1  # the threshold run
+    assert (run.data.tags["champion"], run.data.tags["decision"]) == ("true", "first release: no champion yet (or its MLflow run is gone)")
+    for fold, version in versions.items():
+        for role in ("champion", "challenger"):
+            assert str(client.get_model_version_by_alias("whale-arcface", f"{role}_{fold}").version) == version
+    champion = read_release(layout).champion
+    assert champion is not None and (champion.run_id, champion.gallery_version, champion.round) == (run.info.run_id, "v0001", 1)
+    mat = instance.get_latest_materialization_event(dg.AssetKey("release")).asset_materialization
+    assert mat.metadata["champion"].value is True and mat.metadata["nested_runs"].value == 5
+    assert run.info.run_id in mat.metadata["mlflow_run"].value
+    assert [r.data["fold"] for r in mat.metadata["fold_runs"].records] == ["fold0", "fold1"]  # a table in the UI
 
 
 @pytest.mark.e2e
@@ -394,7 +437,7 @@ def test_rethreshold_job_reruns_only_its_stage(own_pipeline: dict) -> None:
     )
     assert result.success
     materialised = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
-    assert materialised == {"match_threshold", "submission_csv", "submission_score"}
+    assert materialised == {"match_threshold", "submission_csv", "submission_score", "release"}
 
 
 @pytest.mark.e2e
@@ -405,7 +448,7 @@ def test_a_fold_rerun_makes_the_ensemble_stages_due(own_pipeline: dict) -> None:
 
     d = defs()
     instance = dg.DagsterInstance.get()
-    after = {"champion_models", "gallery", "match_threshold", "submission_csv", "submission_score"}
+    after = {"release", "gallery", "match_threshold", "submission_csv", "submission_score"}
     first = dg.evaluate_automation_conditions(defs=d, instance=instance)
     assert first.total_requested == 0
     recipe = load_recipe(REPO / "configs" / "tiny.yaml")
@@ -415,7 +458,7 @@ def test_a_fold_rerun_makes_the_ensemble_stages_due(own_pipeline: dict) -> None:
     second = dg.evaluate_automation_conditions(defs=d, instance=instance, cursor=first.cursor)
     due = {name for name in after if second.get_num_requested(dg.AssetKey(name))}
     assert second.total_requested == len(due)  # nothing else (no fold, no upstream asset) is due
-    assert {"champion_models", "gallery", "match_threshold"} <= due
+    assert {"gallery", "match_threshold"} <= due
 
     # What the UI shows (README, "Rerun one fold"): the retrained fold's weights are a new
     # data version, so what read the old fold embeddings is stale; the other fold is not.
@@ -549,7 +592,10 @@ def test_a_second_round_is_the_release_whale_identify_and_enroll_serve(
     identify`` answers the test photos exactly as round 2's submission does, with round 2's
     champions, and ``whale enroll`` extends round 2's gallery. A photo enrolled while round 1
     was the release is carried into round 2's gallery (the ledger is the home's). Round 1's
-    submission, gallery versions and registry aliases are left as they were."""
+    submission, gallery versions and registry aliases are left as they were. Round 1's release
+    run is deleted from MLflow first, so that round 2's release becomes the champion whatever
+    the tiny models score (the rule's "champion's run gone" case; a release that loses:
+    test_a_retrain_that_loses_leaves_the_champion_release_serving)."""
     from whale_assets.cli import main as whale
     from whale_assets.rounds import Round, graph_rounds
     from whale_assets.stages import stages
@@ -562,7 +608,7 @@ def test_a_second_round_is_the_release_whale_identify_and_enroll_serve(
     first_submission = layout.submission.read_bytes()
     client = mlflow.MlflowClient(tracking_uri=layout.mlflow_uri)
     first_fold0 = client.get_model_version_by_alias("whale-arcface", "fold0").version
-    assert read_json(layout.release_pointer) == {"round": 1}  # the one-round run's gallery was the release
+    assert read_json(layout.release_pointer)["round"] == 1  # the one-round run's gallery was the release
 
     # Enrolled while round 1 is the release: a copy of a training photo, under its own individual.
     train = pd.read_csv(data / "train.csv")
@@ -578,6 +624,8 @@ def test_a_second_round_is_the_release_whale_identify_and_enroll_serve(
     recipe["ops"]["pseudo_labels"] = {"config": {"min_precision": 0.05, "min_photos": 1}}
     round2 = [stage.name for stage in stages(graph_rounds(2)) if stage.name.startswith("round2_")]
     assert round2 == ["round2_pick_pseudo_labels", "round2_train_folds", "round2_ensemble_and_submit"]
+    (first_release,) = _release_runs(client)
+    client.delete_run(first_release.info.run_id)
     summary = run_pipeline(recipe, log=lambda _msg: None, stages=round2)
 
     # The pseudo-labels and the fold table they make, its check passed.
@@ -613,9 +661,13 @@ def test_a_second_round_is_the_release_whale_identify_and_enroll_serve(
     assert 0.0 <= summary["map5"] <= 1.0
 
     # The release: round 2's gallery, holding the photo enrolled before it was built.
-    assert read_json(layout.release_pointer) == {"round": 2}
+    pointer = read_json(layout.release_pointer)
+    assert pointer["round"] == 2 and pointer["champion"]["round"] == 2
     release = read_release(layout)
     assert release.number == 2 and release.layout == second
+    (second_release,) = _release_runs(client)
+    assert second_release.info.run_name == "release_round2_v0001" and second_release.data.tags["champion"] == "true"
+    assert "its MLflow run is gone" in second_release.data.tags["decision"]
     built = load_version(second)
     assert built.name == "v0001" and built.info["carried_enrolled"] == 1
     assert built.table.set_index("image").loc["early.jpg", "source"] == "enrolled"
@@ -637,6 +689,84 @@ def test_a_second_round_is_the_release_whale_identify_and_enroll_serve(
     assert list_versions(layout)["version"].tolist() == first_versions
     mat = instance.get_latest_materialization_event(Round(2, 2).key("gallery")).asset_materialization
     assert mat.metadata["version"].value == "v0002" and mat.metadata["made_by"].value == "whale enroll"
+
+
+@pytest.mark.e2e
+def test_a_retrain_that_loses_leaves_the_champion_release_serving(
+    own_pipeline: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two releases in one home, compared through MLflow as a user would: the first (the shared
+    run's) and a retrain with a broken recipe (a learning rate of 1e-7 for one epoch, tuned
+    without local re-ranking: its out-of-fold MAP@5 is the all-new_individual floor), its
+    ensemble stage rerun. Both release runs carry the same metric names and name their gallery
+    and model versions; each nests its own fold runs. The retrain loses on the same validation
+    data: the champion aliases stay on the first release's versions (the challenger ones move),
+    the home's record keeps it, and the default ``whale identify`` answers with its models, its
+    gallery and its matcher, exactly as its submission did. ``whale enroll`` extends the
+    champion's gallery, and the next default identify searches that version; the losing
+    release stays reachable by naming its models and gallery version."""
+    from whale_assets.cli import main as whale
+    from whale_assets.definitions import defs
+    from whale_ml.gallery.release import read_release
+
+    layout, data = HomeLayout(own_pipeline["home"]), own_pipeline["data"]
+    client = mlflow.MlflowClient(tracking_uri=layout.mlflow_uri)
+    first_answers = pd.read_csv(layout.submission, dtype=str).set_index("image")["predictions"]
+    first = {f: str(client.get_model_version_by_alias("whale-arcface", f).version) for f in ("fold0", "fold1")}
+
+    recipe = load_recipe(REPO / "configs" / "tiny.yaml")
+    recipe["ops"]["arcface_model"]["config"].update({"epochs": 1, "lr_backbone": 1e-7, "lr_head": 1e-7})
+    recipe["ops"]["match_threshold"] = {"config": {"rerank": False, "class_centres": False}}
+    d, instance = defs(), dg.DagsterInstance.get()
+    ops = {k: recipe["ops"][k] for k in ("arcface_model", "fold_embeddings")}
+    for fold in ("fold0", "fold1"):
+        assert d.resolve_job_def("train_folds").execute_in_process(run_config={"ops": ops}, instance=instance, partition_key=fold).success
+    ensemble = d.resolve_job_def("ensemble_and_submit")
+    assert ensemble.execute_in_process(run_config=stage_run_config(recipe, DOWNSTREAM), instance=instance).success
+    second = {f: str(client.get_model_version_by_alias("whale-arcface", f).version) for f in ("fold0", "fold1")}
+
+    # MLflow's compare view: the same names in both release runs, and what each was made of.
+    old, new = _release_runs(client)
+    assert set(old.data.metrics) == set(new.data.metrics) == RELEASE_METRICS
+    assert set(old.data.params) == set(new.data.params)
+    assert (old.data.params["gallery_version"], new.data.params["gallery_version"]) == ("v0001", "v0002")
+    assert [new.data.params[f"{f}_model_version"] for f in ("fold0", "fold1")] == [second["fold0"], second["fold1"]]
+    assert old.data.params["validation_digest"] == new.data.params["validation_digest"], "validated on the same photos"
+    old_children, new_children = _children(client, old), _children(client, new)
+    assert new_children["training"] == {client.get_model_version("whale-arcface", v).run_id for v in second.values()}
+    assert old_children["training"] == {client.get_model_version("whale-arcface", v).run_id for v in first.values()}
+    assert not set().union(*old_children.values()) & set().union(*new_children.values())
+    assert new.data.metrics["oof_map5"] < old.data.metrics["oof_map5"], "the broken recipe was meant to lose"
+    assert (new.data.tags["champion"], new.data.tags["champion_before"]) == ("false", old.info.run_id)
+    assert "champion kept" in new.data.tags["decision"] and old.data.tags["champion"] == "true"
+
+    # The champion stays whole: its aliases, the home's record; the challenger aliases are the retrain's.
+    for fold in ("fold0", "fold1"):
+        assert str(client.get_model_version_by_alias("whale-arcface", f"champion_{fold}").version) == first[fold]
+        assert str(client.get_model_version_by_alias("whale-arcface", f"challenger_{fold}").version) == second[fold]
+    assert read_release(layout).champion.run_id == old.info.run_id  # type: ignore[union-attr]
+
+    def identify(*args: str) -> dict:
+        capsys.readouterr()
+        code = whale(["identify", *args, "--json"])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        return json.loads(out.out)
+
+    test_images = sorted(p.name for p in (data / "test_images").iterdir())
+    served = identify(str(data / "test_images"))
+    assert [m["version"] for m in served["models"]] == [first["fold0"], first["fold1"]]
+    assert (served["gallery"]["version"], served["release_run"]) == ("v0001", old.info.run_id)
+    assert {row["image"]: " ".join(row["predictions"]) for row in served["photos"]} == first_answers.loc[test_images].to_dict()
+
+    known = pd.read_csv(data / "train.csv").iloc[0]
+    enrolled = _enroll(capsys, tmp_path / "confirmed", {"late.jpg": data / "train_images" / known["image"]}, known["individual_id"])
+    assert (enrolled["version"], enrolled["parent"]) == ("v0003", "v0001")
+    assert [m["version"] for m in enrolled["models"]] == [first["fold0"], first["fold1"]]
+    after = identify(str(data / "train_images" / known["image"]))
+    assert after["gallery"]["version"] == "v0003" and after["gallery"]["enrolled_photos"] == 1
+    challenger = identify(str(data / "test_images"), "--alias", "challenger", "--gallery-version", "v0002")
+    assert [m["version"] for m in challenger["models"]] == [second["fold0"], second["fold1"]] and challenger["release_run"] is None
 
 
 @pytest.mark.slow
@@ -683,7 +813,8 @@ def test_recipe_with_a_bad_value_is_rejected() -> None:
 
 @pytest.mark.e2e
 def test_runs_on_a_data_set_with_only_the_kaggle_files(tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No box file, no truth, no sample_submission: full frames, every test photo, no score."""
+    """No box file, no truth, no sample_submission: full frames, every test photo, no score
+    (and no ``test_map5`` on the release run)."""
     import shutil
 
     data = tmp_path / "data"
@@ -703,6 +834,8 @@ def test_runs_on_a_data_set_with_only_the_kaggle_files(tmp_path: Path, tiny_data
     sub = pd.read_csv(HomeLayout(home).submission)
     assert sub["image"].tolist() == sorted(p.name for p in (data / "test_images").iterdir())
     assert summary.get("map5") is None
+    (release,) = _release_runs(mlflow.MlflowClient(tracking_uri=HomeLayout(home).mlflow_uri))
+    assert set(release.data.metrics) == RELEASE_METRICS - {"test_map5"}
     boxes = pd.read_parquet(HomeLayout(home).tables / "bboxes.parquet")
     assert (boxes["source"] == "full_frame").all() and (boxes["note"] == "no detector").all()
 

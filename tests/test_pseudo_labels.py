@@ -262,7 +262,7 @@ def test_each_round_s_stages_hold_that_round_only() -> None:
     assert set(asset_names(pseudo_labels(second), 2)) == {"round2/pseudo_labels", "round2/pseudo_labelled_folds"}
     assert set(asset_names(train_folds(second), 2)) == {"round2/arcface_model", "round2/fold_embeddings"}
     assert set(asset_names(ensemble_and_submit(second), 2)) == {
-        "round2/champion_models", "round2/gallery", "round2/match_threshold", "round2/submission_csv", "round2/submission_score"
+        "round2/release", "round2/gallery", "round2/match_threshold", "round2/submission_csv", "round2/submission_score"
     }  # fmt: skip
     staged = [n for stage in stages(graph_rounds(2)) for n in asset_names(stage.selection, 2)]
     assert sorted(staged) == _names(2)

@@ -1,17 +1,12 @@
 """The model registry (whale_ml.registry) on a real SQLite MLflow store: register a model,
-the champion/challenger rule, find versions by alias or number, download checked checkpoints;
-and a gallery's fold models resolved through it (whale_ml.gallery.models)."""
+find versions by alias or number, download checked checkpoints; and a gallery's fold models
+resolved through it (whale_ml.gallery.models). The champion decision on releases, and the
+release runs: tests/test_release.py."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import mlflow
 import pytest
@@ -28,8 +23,6 @@ from whale_ml.registry import (
     export_check,
     fetch_checkpoint,
     model_version,
-    promote_challengers,
-    promotion,
     register_model,
 )
 
@@ -52,25 +45,6 @@ class FixedBatchEmbedder(TinyEmbedder):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(x.float().reshape(2, -1) / 255.0)
-
-
-def _version(number: str, score: str, data: str = "d1") -> SimpleNamespace:
-    return SimpleNamespace(version=number, tags={"val_map5": score, "data_version": data})
-
-
-@pytest.mark.parametrize(
-    ("new", "champion", "promoted", "why"),
-    [
-        (_version("2", "0.5"), None, True, "first model of this fold"),
-        (_version("2", "0.5"), _version("2", "0.5"), True, "already champion"),
-        (_version("3", "0.1", "d2"), _version("2", "0.9"), True, "champion was validated on other data: not comparable"),
-        (_version("3", "0.5"), _version("2", "0.5"), True, "val MAP@5 0.5000 >= champion's 0.5000"),
-        (_version("3", "0.4"), _version("2", "0.5"), False, "val MAP@5 0.4000 < champion's 0.5000: champion kept"),
-        (_version("3", "0.4"), _version("2", "oops"), False, "val MAP@5 0.4000 < champion's nan: champion kept"),
-    ],
-)
-def test_promotion_rule(new: SimpleNamespace, champion: SimpleNamespace | None, promoted: bool, why: str) -> None:
-    assert promotion(new, champion) == (promoted, why)
 
 
 @pytest.fixture(scope="module")
@@ -187,55 +161,3 @@ def test_gallery_models_prefer_the_homes_own_checkpoint(store: dict, tmp_path: P
     with pytest.raises(LineageError, match="is not the one tagged on the version") as other:
         gallery_models(_lineage("0" * 64), model_dir, store["uri"], tmp_path / "cache4")
     assert isinstance(other.value.__cause__, CheckpointFetchError)
-
-
-# Holds the SQLite database at argv[1] locked (BEGIN EXCLUSIVE: no other connection may
-# read or write it) until killed, and says so on stdout once it holds the lock.
-_LOCK_HOLDER = """
-import sqlite3, sys, time
-db = sqlite3.connect(sys.argv[1], isolation_level=None)
-db.execute("BEGIN EXCLUSIVE")
-print("locked", flush=True)
-time.sleep(120)
-"""
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(sys.platform == "win32", reason="process groups")
-def test_a_locked_store_fails_the_promotion_and_keeps_the_better_champion(tmp_path: Path) -> None:
-    """A champion (val MAP@5 0.9) and a worse newest version (0.4); another process holds the
-    SQLite store locked while the champion/challenger rule runs. A locked store is not "no
-    champion yet": the promotion raises a transient error (the step's retry policy tries it
-    again) and no alias moves. Slow by MLflow's design: its SQLite sessions wait 20 s
-    (``PRAGMA busy_timeout``, not configurable) before they report the lock."""
-    from whale_assets.retries import is_transient
-
-    db = tmp_path / "mlflow.db"
-    uri = f"sqlite:///{db}"
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    client.create_registered_model(NAME)
-
-    def new_version(score: float) -> str:
-        version = client.create_model_version(NAME, source=str(tmp_path), tags={"val_map5": str(score), "data_version": "d1"})
-        client.set_registered_model_alias(NAME, "fold0", version.version)
-        return version.version
-
-    champion = new_version(0.9)
-    (row,) = promote_challengers(uri, NAME, ["fold0"])  # no champion alias yet: MLflow says it does not exist
-    assert row["decision"] == "first model of this fold" and row["champion_after"] == int(champion)
-    worse = new_version(0.4)
-    aliases = {"champion_fold0": champion, "challenger_fold0": champion, "fold0": worse}
-
-    holder = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, str(db)], stdout=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"  # type: ignore[union-attr]
-        started = time.monotonic()
-        with pytest.raises(Exception) as raised:
-            promote_challengers(uri, NAME, ["fold0"])
-        print(f"locked store: {type(raised.value).__name__} after {time.monotonic() - started:.1f} s: {str(raised.value)[:200]}")
-        assert is_transient(raised.value), raised.value
-    finally:
-        if holder.poll() is None:
-            os.killpg(holder.pid, signal.SIGKILL)
-        holder.wait(timeout=10)
-    assert {alias: client.get_model_version_by_alias(NAME, alias).version for alias in aliases} == aliases

@@ -4,8 +4,9 @@ Thin: the work is in :mod:`whale_ml.identify`, on the gallery versions of
 :mod:`whale_ml.gallery` and the models of :mod:`whale_ml.registry`. This layer finds
 the home, the MLflow store and the Dagster instance, and reports each enrollment to
 Dagster as a materialisation of the release round's ``gallery`` asset, so the UI shows
-every gallery version. All three commands serve the home's release, the last training
-round that built a gallery (:mod:`whale_ml.gallery.release`).
+every gallery version. All three commands serve the home's champion release (its round, its
+models and the newest gallery version built with them), or, before any champion decision,
+the last training round that built a gallery (:mod:`whale_ml.gallery.release`).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def _tracking_uri() -> str:
 def identify_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="whale identify",
-        description="Identify photos against the release's current gallery: the five most similar individuals and the new_individual "
+        description="Identify photos against the champion release's gallery: the five most similar individuals and the new_individual "
         "decision.",
     )
     parser.add_argument("photos", nargs="+", metavar="PHOTO_OR_DIR", help="photo files, or folders of photos")
@@ -62,7 +63,7 @@ def identify_main(argv: Sequence[str]) -> int:
         help="registry alias of the fold models: champion (default), challenger, latest, or a template like 'my_{fold}'",
     )
     parser.add_argument("--model-version", nargs="+", metavar="V", help="registry versions instead, one per fold in fold order")
-    parser.add_argument("--gallery-version", metavar="vNNNN", help="search this version of the release's gallery (default: the newest)")
+    parser.add_argument("--gallery-version", metavar="vNNNN", help="search this version of the release's gallery (default: the champion release's newest)")
     parser.add_argument("--device", default="cpu", help="cpu (default), auto, cuda or cuda:N")
     parser.add_argument("--no-progress", action="store_true", help=_NO_PROGRESS)
     args = parser.parse_args(argv)
@@ -73,13 +74,18 @@ def identify_main(argv: Sequence[str]) -> int:
     from whale_ml.gallery.release import ReleasePointerError, read_release
     from whale_ml.identify import expand_inputs, format_text, identify_photos, write_report
     from whale_ml.progress import terminal_progress
+    from whale_ml.registry import DEFAULT_ALIAS
     from whale_ml.training.trainer import resolve_device
 
     device = str(resolve_device(args.device))
+    # The champion release serves unless other models or another version are asked for: then
+    # the newest version (or the one named), as a home without a champion decision serves.
+    champion_served = args.gallery_version is None and args.model_version is None and _alias_template(args.alias) == DEFAULT_ALIAS
     try:
         release = read_release(_setup())
         layout = release.layout
-        gallery = load_version(layout, args.gallery_version)
+        served = release.champion if champion_served else None
+        gallery = load_version(layout, args.gallery_version, models_key=served.models_key if served else None)
         models = resolve_models(
             gallery.lineage,
             _tracking_uri(),
@@ -89,7 +95,8 @@ def identify_main(argv: Sequence[str]) -> int:
             versions=args.model_version,
             round=layout.round,
         )
-        matcher = load_matcher(layout, gallery.lineage, gallery.name)  # the one tuned for this version's models
+        # The champion's own matcher, as its release scored it; else the one tuned for this version's models.
+        matcher = load_matcher(layout, gallery.lineage, gallery.name, stored=served.matcher if served else None)
         paths = expand_inputs(args.photos)
         if not paths:
             print("whale identify: no photos found in " + ", ".join(args.photos), file=sys.stderr)
@@ -106,6 +113,7 @@ def identify_main(argv: Sequence[str]) -> int:
     for row in result["photos"]:  # the crops were temporary; the report holds them inline
         row.pop("crop_path", None)
     result["round"] = release.number
+    result["release_run"] = served.run_id if served else None
     print(json.dumps(result, indent=2) if args.json else format_text(result))
     if args.report:
         print(f"report: {Path(args.report).resolve()}", file=sys.stderr)
@@ -210,8 +218,8 @@ def enroll_main(argv: Sequence[str]) -> int:
 def prune_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="whale prune-gallery",
-        description="Delete old versions of the release's gallery (gallery/versions/vNNNN), keeping the newest N and always the "
-        "current one.",
+        description="Delete old versions of the served release's gallery (gallery/versions/vNNNN), keeping the newest N, always "
+        "the current one and the newest built with the champion release's models.",
     )
     parser.add_argument("--keep", type=int, required=True, metavar="N", help="how many of the newest versions to keep (at least 1)")
     parser.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
@@ -223,12 +231,13 @@ def prune_main(argv: Sequence[str]) -> int:
     from whale_ml.gallery.release import ReleasePointerError, read_release
 
     try:
-        layout = read_release(_setup()).layout
+        release = read_release(_setup())
     except ReleasePointerError as exc:
         print(f"whale prune-gallery: {exc}", file=sys.stderr)
         return 2
+    layout = release.layout
     before = list_versions(layout)
-    doomed = prune_versions(layout, args.keep, dry_run=args.dry_run)
+    doomed = prune_versions(layout, args.keep, dry_run=args.dry_run, keep_line=release.models_key)
     verb = "would delete" if args.dry_run else "deleted"
     kept = [n for n in before["version"] if n not in doomed]
     print(f"{verb} {len(doomed)} gallery version(s){': ' + ', '.join(doomed) if doomed else ''}; kept {', '.join(kept) or 'none'}")

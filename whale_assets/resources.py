@@ -307,14 +307,6 @@ class MlflowTracking(dg.ConfigurableResource):
                 self.uri, self.registered_model, model, image_size, embedding_size, alias, tags, metrics=metrics, dataset=dataset, log=log
             )
 
-    def promote_challengers(self, folds: list[str]) -> list[dict[str, object]]:
-        """Champion/challenger per fold in :attr:`registered_model`
-        (:func:`whale_ml.registry.promote_challengers`): one row per fold, with the decision."""
-        from whale_ml.registry import promote_challengers
-
-        self.check_reachable()
-        return promote_challengers(self.uri, self.registered_model, folds)
-
 
 class MlflowUnreachableError(ConnectionError):
     """The MLflow tracking server named in the message did not answer, or answered that it

@@ -12,10 +12,11 @@ folds (metadata, crops, local features, the folds' validation side) the rounds s
 How many rounds the code location holds is decided when its definitions are built:
 ``$WHALE_ROUNDS`` (default :data:`whale_ml.environment.DEFAULT_ROUNDS`), or the count
 a caller asks for with :func:`building_rounds` (``whale run`` with its recipe's
-``rounds``, the tests). The last round is the release: its assets alone carry the
-rebuild condition and the freshness policies, champion/challenger decides on its fold
-models, and its gallery records it as the home's release (``whale_ml/gallery/release.py``),
-which ``whale identify`` and ``whale enroll`` serve.
+``rounds``, the tests). The last round makes the release: its assets alone carry the
+rebuild condition and the freshness policies, its gallery records it as the home's newest
+release, and its ``release`` asset logs it to MLflow and decides whether it becomes the
+champion release (``whale_ml/gallery/release.py``, ``champion.py``), which ``whale
+identify`` and ``whale enroll`` serve.
 """
 
 from __future__ import annotations

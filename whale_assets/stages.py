@@ -17,8 +17,8 @@ order ``whale run`` runs them::
     round<k>_ensemble_and_submit  round<k>_retrieval,          unpartitioned, after every round-k fold
                                   round<k>_submission
 
-The release (the last round) has its ``registry`` group too (``champion_models``), in
-its ensemble stage.
+The last round has its ``registry`` group too (``release``: the release's MLflow run and the
+champion decision), in its ensemble stage.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def train_folds(rnd: Round) -> dg.AssetSelection:
 
 
 def ensemble_and_submit(rnd: Round) -> dg.AssetSelection:
-    """After the round's folds: champion/challenger (the release's), gallery, threshold, submission, score."""
+    """After the round's folds: gallery, threshold, submission, score, and (the last round's) the release."""
     return dg.AssetSelection.groups(rnd.group("registry"), rnd.group("retrieval"), rnd.group("submission"))
 
 
@@ -69,7 +69,6 @@ class Stage:
 
 def round_stages(rnd: Round) -> list[Stage]:
     """The stages of one round, in order: its pseudo-labels (a later round's), its folds, its ensemble."""
-    ensemble = "champion/challenger, the ensemble gallery" if rnd.is_release else "the ensemble gallery"
     chosen = []
     if rnd.previous is not None:  # the first round trains on cv_folds as they are
         chosen.append(
@@ -94,8 +93,8 @@ def round_stages(rnd: Round) -> list[Stage]:
             rnd.stage("ensemble_and_submit"),
             ensemble_and_submit(rnd),
             False,
-            f"{rnd.title}, after its folds: {ensemble}, the threshold, the submission and its score"
-            + (" (the release: what whale identify and whale enroll serve)." if rnd.is_release else "."),
+            f"{rnd.title}, after its folds: the ensemble gallery, the threshold, the submission and its score"
+            + (", and the release: its MLflow run and the champion decision (what whale identify serves)." if rnd.is_release else "."),
         ),
     ]
 

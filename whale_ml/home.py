@@ -53,8 +53,8 @@ class HomeLayout:
 
     @property
     def release_pointer(self) -> Path:
-        """Which round is the release, the one ``whale identify`` and ``whale enroll`` serve
-        (:mod:`whale_ml.gallery.release`); one per home."""
+        """The newest release's round and the champion release, the one ``whale identify`` and
+        ``whale enroll`` serve (:mod:`whale_ml.gallery.release`); one per home."""
         return self.home / "release.json"
 
     @property

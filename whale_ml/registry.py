@@ -1,12 +1,16 @@
-"""The MLflow model registry of the fold embedding models: register, promote, find, download.
+"""The MLflow model registry of the fold embedding models (register, find, point aliases,
+download) and the runs of the releases made of them.
 
 The one module of ``whale_ml`` that talks to MLflow's registry of fold models (imported
 lazily, so the rest of the core runs without it; the release's own MLflow model is
 :mod:`whale_ml.identify.serving`). Each registered version of ``whale-arcface`` carries its
 checkpoint (``best.pt``) as an artifact of its run and the checkpoint's sha256 as a
 version tag. Aliases, not the deprecated stages: ``<fold>`` is the newest version,
-``challenger_<fold>`` and ``champion_<fold>`` the champion/challenger rule's picks
-(:func:`promote_challengers`). Versions are found by alias or number
+``challenger_<fold>`` the newest release's and ``champion_<fold>`` the champion
+release's (:func:`point_aliases`, moved by :mod:`whale_ml.gallery.champion`). A release
+has one run: :func:`log_release_run` logs it, :func:`release_score` reads its score back,
+:func:`release_fold_runs` and :func:`nest_runs` put the runs that made its fold models
+under it. Versions are found by alias or number
 (:func:`model_version`), their checkpoints downloaded once into a cache named by their
 digest and checked against it (:func:`fetch_checkpoint`), and loaded by
 ``whale_ml.checkpoints`` (torch's weights-only loader): nothing is unpickled. Which
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,78 +174,150 @@ def _log_model(model: Any, image_size: int, embedding_size: int, serialization: 
     )
 
 
-def _val_map5(version: Any) -> float:
-    try:
-        return float(version.tags.get("val_map5", "nan"))
-    except ValueError:
-        return float("nan")
-
-
-def promotion(new: Any, champion: Any | None) -> tuple[bool, str]:
-    """The champion/challenger rule: whether the challenger ``new`` becomes champion, and why.
-
-    It does when there is no champion yet, when its validation MAP@5 is at least the
-    champion's on the same fold data (``data_version`` tag), or when the champion was
-    validated on other data (not comparable, so the newer model wins).
-    """
-    if champion is None:
-        return True, "first model of this fold"
-    if champion.version == new.version:
-        return True, "already champion"
-    if champion.tags.get("data_version") != new.tags.get("data_version"):
-        return True, "champion was validated on other data: not comparable"
-    if _val_map5(new) >= _val_map5(champion):
-        return True, f"val MAP@5 {_val_map5(new):.4f} >= champion's {_val_map5(champion):.4f}"
-    return False, f"val MAP@5 {_val_map5(new):.4f} < champion's {_val_map5(champion):.4f}: champion kept"
-
-
-def promote_challengers(tracking_uri: str, registered_model: str, folds: list[str]) -> list[dict[str, object]]:
-    """Champion/challenger per fold: the newest version (alias ``<fold>``) becomes
-    ``challenger_<fold>``, and ``champion_<fold>`` too when :func:`promotion` says so.
-
-    Every fold's versions are read before any alias is set, and only an alias that does
-    not exist counts as "none": any other error (a locked SQLite store, a server that is
-    down or refuses the credentials) propagates before anything is promoted, so that a
-    store that could not be read never makes a worse model champion.
-
-    Returns:
-        One row per fold: both versions, their scores and the decision.
+def point_aliases(tracking_uri: str, registered_model: str, aliases: Mapping[str, str]) -> None:
+    """Point each alias of ``aliases`` (alias -> version) at its version of ``registered_model``.
 
     Raises:
         MlflowRefusedError: the tracking server refused the request (names the URI).
-        MlflowException: anything else MLflow raised (transient or not:
-            :func:`whale_ml.mlflow_errors.is_transient` says which).
+        MlflowException: anything else MLflow raised (:func:`whale_ml.mlflow_errors.is_transient` says
+            whether trying again may help).
     """
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-
-    def by_alias(alias: str) -> Any:
-        try:
-            return client.get_model_version_by_alias(registered_model, alias)
-        except Exception as exc:
-            if alias_missing(exc):
-                return None
-            raise
-
     with refusals_named(tracking_uri):
-        found = [(fold, by_alias(fold), by_alias(f"champion_{fold}")) for fold in folds]
-        rows: list[dict[str, object]] = []
-        for fold, new, champion in found:
-            row: dict[str, object] = {"fold": fold, "challenger": None, "challenger_map5": None, "champion_before": None}
-            if new is None:
-                rows.append({**row, "decision": "no registered model for this fold"})
-                continue
-            client.set_registered_model_alias(registered_model, f"challenger_{fold}", new.version)
-            row.update({"challenger": int(new.version), "challenger_map5": _val_map5(new)})
-            if champion is not None:
-                row.update({"champion_before": int(champion.version), "champion_map5": _val_map5(champion)})
-            promote, why = promotion(new, champion)
-            if promote:
-                client.set_registered_model_alias(registered_model, f"champion_{fold}", new.version)
-            row.update({"champion_after": int(new.version if promote else champion.version), "decision": why})
-            rows.append(row)
-    return rows
+        for alias, version in aliases.items():
+            client.set_registered_model_alias(registered_model, alias, str(version))
+
+
+# ---------------------------------------------------------------- release runs
+#
+# One MLflow run per release (the ``release`` asset opens it): the ensemble's scores under
+# the same names in every release, so that MLflow's compare view sets two retrains side by
+# side, and the release's fold runs nested under it (MLflow's UI nests by the tag below).
+
+RELEASE_STAGE = "release"  # the ``stage`` tag of a release run
+PARENT_RUN_TAG = "mlflow.parentRunId"
+OOF_MAP5 = "oof_map5"  # the metric the champion decision compares
+VALIDATION_DIGEST = "validation_digest"  # the parameter naming the validation data it was measured on
+
+
+@dataclass(frozen=True)
+class ReleaseScore:
+    """A release run's out-of-fold MAP@5 and the validation data it was measured on, as MLflow holds them."""
+
+    run_id: str
+    oof_map5: float
+    validation_digest: str | None
+
+
+@dataclass(frozen=True)
+class FoldRuns:
+    """The MLflow runs that made one fold model of a release: its training run (the one its
+    registry version was logged from), and the runs that embedded photos with that checkpoint."""
+
+    fold: str
+    training: str
+    embedding: tuple[str, ...]
+    best_val_map5: float | None  # logged by the training run with the model
+
+
+def log_release_run(
+    tracking_uri: str, run_id: str, params: Mapping[str, str], metrics: Mapping[str, float], tags: Mapping[str, str]
+) -> None:
+    """Log a release's parameters, metrics and tags to its run, in one request."""
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric, Param, RunTag
+
+    now = int(time.time() * 1000)
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    with refusals_named(tracking_uri):
+        client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+            params=[Param(k, str(v)) for k, v in params.items()],
+            tags=[RunTag(k, str(v)) for k, v in tags.items()],
+        )
+
+
+def release_score(tracking_uri: str, run_id: str) -> ReleaseScore | None:
+    """The logged ``oof_map5`` and validation digest of release run ``run_id``, read back from
+    MLflow; None when MLflow says the run does not exist or it was deleted.
+
+    Raises:
+        MlflowRefusedError: the tracking server refused the request (names the URI).
+        MlflowException: anything else (a locked store, a server that is down: transient).
+    """
+    import mlflow
+
+    try:
+        with refusals_named(tracking_uri):
+            run = mlflow.MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
+    except Exception as exc:
+        if is_missing(exc):
+            return None
+        raise
+    if run.info.lifecycle_stage == "deleted":
+        return None
+    return ReleaseScore(run_id, float(run.data.metrics.get(OOF_MAP5, float("nan"))), run.data.params.get(VALIDATION_DIGEST))
+
+
+def release_fold_runs(tracking_uri: str, experiment_id: str, models: Sequence[tuple[str, str, str, str]]) -> list[FoldRuns]:
+    """The training and embedding runs of a release's fold models.
+
+    Args:
+        models: ``(fold, registered model, version, checkpoint sha256)`` of each fold model.
+            The training run is the one its version was logged from; the embedding runs are
+            those of ``experiment_id`` tagged with its checkpoint's digest.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    found = []
+    with refusals_named(tracking_uri):
+        for fold, name, version, sha in models:
+            training = client.get_model_version(name, version).run_id
+            embedding = client.search_runs(
+                [experiment_id], filter_string=f"tags.stage = 'embedding' and tags.{SHA_TAG} = '{sha}'", max_results=100
+            )
+            best = client.get_run(training).data.metrics.get("best_val_map5")
+            found.append(FoldRuns(fold, training, tuple(r.info.run_id for r in embedding), best))
+    return found
+
+
+def runs_tagged(tracking_uri: str, experiment_id: str, tags: Mapping[str, str]) -> list[str]:
+    """The ids of the runs of ``experiment_id`` that carry every tag of ``tags``, newest first."""
+    import mlflow
+
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    with refusals_named(tracking_uri):
+        runs = mlflow.MlflowClient(tracking_uri=tracking_uri).search_runs([experiment_id], filter_string=query, max_results=100)
+    return [r.info.run_id for r in runs]
+
+
+def nest_runs(tracking_uri: str, parent_run_id: str, run_ids: Sequence[str]) -> None:
+    """Make ``run_ids`` children of ``parent_run_id`` (the ``mlflow.parentRunId`` tag, by which
+    MLflow's UI nests runs and a search finds a parent's children). A run has one parent: one
+    nested before under another parent moves here."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    with refusals_named(tracking_uri):
+        for run_id in run_ids:
+            if run_id != parent_run_id:
+                client.set_tag(run_id, PARENT_RUN_TAG, parent_run_id)
+
+
+def tag_run(tracking_uri: str, run_id: str, tags: Mapping[str, str]) -> None:
+    """Set ``tags`` on run ``run_id``."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    with refusals_named(tracking_uri):
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
 
 
 def alias_missing(exc: BaseException) -> bool:

@@ -2,8 +2,8 @@
 that rebuilds everything after the fold models. All are off until switched on.
 
 The schedule and the rebuild act on the release, the last round of the graph
-(``whale_assets/rounds.py``): its fold models are retrained, and its champion/challenger,
-gallery, threshold and submission rebuilt after them. The rounds before it (and the
+(``whale_assets/rounds.py``): its fold models are retrained, and its gallery, threshold,
+submission and release (with the champion decision) rebuilt after them. The rounds before it (and the
 pseudo-labels between rounds) are rebuilt when a run asks for them (``whale run``, their jobs).
 """
 
@@ -45,8 +45,8 @@ def rebuild_after_folds_sensor(release: Round) -> dg.AutomationConditionSensorDe
         "rebuild_after_folds",
         target=ensemble_and_submit(release),
         default_status=dg.DefaultSensorStatus.STOPPED,
-        description=f"Rebuilds the release's ({release.title}) champion/challenger, gallery, threshold and submission once its fold "
-        "models are newer (off until switched on).",
+        description=f"Rebuilds the release's ({release.title}) gallery, threshold, submission and release (the champion decision) "
+        "once its fold models are newer (off until switched on).",
     )
 
 

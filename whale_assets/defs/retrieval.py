@@ -16,7 +16,7 @@ from whale_assets.launchpad import GallerySettings, ThresholdSettings
 from whale_assets.rounds import Round, graph_rounds
 from whale_ml.gallery.build import build_gallery
 from whale_ml.gallery.lineage import LineageError, model_versions, read_fold_models
-from whale_ml.gallery.matchers import read_matcher, save_matcher
+from whale_ml.gallery.matchers import models_key, read_matcher, save_matcher
 from whale_ml.gallery.models import gallery_models
 from whale_ml.gallery.versions import list_versions
 from whale_ml.retrieval.matcher import TunedMatcher
@@ -248,7 +248,9 @@ def match_threshold_asset(rnd: Round) -> dg.AssetsDefinition:
         tuned = tune_out_of_fold(cv_folds, layout.embeddings_dir, folds, config, store, progress)
         result, metadata = tuned.result, _threshold_metadata(context, tuned)
         fig = _curve_plot(result.thresholds, result.map5_curve, result.threshold, tuned.fusion is not None, tuned.matcher.lead_weight)
-        with mlflow.start_run(context, run_name=rnd.label("match_threshold"), tags={"stage": "retrieval", "round": rnd.title}) as run:
+        # Tagged with its models' key: the release of those models nests this run under its own.
+        tags = {"stage": "retrieval", "round": rnd.title, "models_key": models_key(models)}
+        with mlflow.start_run(context, run_name=rnd.label("match_threshold"), tags=tags) as run:
             mlf.log_params({**config.model_dump(), "folds": len(tuned.per_fold), "queries": tuned.queries})
             mlf.log_metrics({"threshold": result.threshold, "oof_map5": tuned.map5, "oof_map5_global": result.map5})
             _log_fusion(tuned)

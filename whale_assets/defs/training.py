@@ -1,5 +1,4 @@
-"""Groups ``training`` (stage ``train_folds``): one ArcFace model per fold, in MLflow, and its embeddings;
-``registry`` (``ensemble_and_submit``): champions."""
+"""Group ``training`` (stage ``train_folds``): one ArcFace model per fold, in MLflow, and its embeddings."""
 
 import time
 from dataclasses import dataclass
@@ -209,10 +208,11 @@ def fold_embeddings_asset(rnd: Round) -> dg.AssetsDefinition:
         with the image order beside it) and its ArcFace class centres, in an MLflow run with the
         settings, the rate and the machine's use while embedding (system metrics: CPU, memory, GPU)."""
         fold, layout = context.partition_key, rnd.layout(whale)
-        tags = {"stage": "embedding", "fold": fold, "round": rnd.title}
         # best.pt read once: the model, its class centres and the recorded sha256 all come from
         # these bytes, even if training replaces best.pt while the crops are embedded.
         checkpoint, sha = snapshot_checkpoint(layout.model_dir(fold) / "best.pt", layout.home / "model_cache")
+        # The checkpoint's digest on the run: the release whose fold model it is finds it by that.
+        tags = {"stage": "embedding", "fold": fold, "round": rnd.title, SHA_TAG: sha}
         # The whole set (train, test, centres, record) is published at once, or not at all.
         with new_embedding_set(layout.embeddings_root(fold), sha) as folder:
             with mlflow.start_run(context, run_name=f"embed_{rnd.label(fold)}", tags=tags, system_metrics=True) as run:
@@ -289,43 +289,7 @@ def _embed_fold(
     return _Embedded(checkpoint, counts, worst, cfg.embedding_size)
 
 
-def champion_models_asset(rnd: Round) -> dg.AssetsDefinition:
-    """Champion/challenger on one round's fold models: the release's (:mod:`whale_assets.rounds`)."""
-
-    @dg.asset(
-        name="champion_models",
-        key_prefix=rnd.prefix,
-        group_name=rnd.group("registry"),
-        kinds={"mlflow"},
-        deps=[rnd.key("arcface_model")],
-        code_version="1",
-        automation_condition=rnd.rebuild_condition,
-        retry_policy=mlflow_retry_policy(),
-    )
-    @retry_only_if_transient
-    def champion_models(context: dg.AssetExecutionContext, mlflow: MlflowTracking) -> dg.MaterializeResult:
-        """Champion/challenger in the MLflow registry: each fold's newest model of the round
-        (alias ``<fold>``, ``round<k>_<fold>`` after the first round) becomes
-        ``whale-arcface@challenger_<that>``, and ``@champion_<that>`` only if its validation
-        MAP@5 is at least the champion's on the same fold data. ``whale identify`` answers
-        with the champions by default."""
-        rows = mlflow.promote_challengers([rnd.label(fold) for fold in fold_partitions.get_partition_keys()])
-        for row in rows:
-            context.log.info(f"{row['fold']}: {row['decision']}")
-        return dg.MaterializeResult(
-            metadata={
-                "registered_model": mlflow.registered_model,
-                "promoted": int(sum(r.get("champion_after") == r.get("challenger") and r["challenger"] is not None for r in rows)),
-                "champions": table_meta(rows),
-            }
-        )
-
-    return champion_models
-
-
 @dg.definitions
 def training() -> dg.Definitions:
-    """Every round's fold models and embeddings; champion/challenger on the release's."""
-    rounds = graph_rounds()
-    fold_assets = [factory(rnd) for rnd in rounds for factory in (arcface_model_asset, fold_embeddings_asset)]
-    return dg.Definitions(assets=[*fold_assets, champion_models_asset(rounds[-1])])
+    """Every round's fold models and embeddings."""
+    return dg.Definitions(assets=[factory(rnd) for rnd in graph_rounds() for factory in (arcface_model_asset, fold_embeddings_asset)])

@@ -21,6 +21,9 @@ competition's long tail: docs/retrieval.md ("Folds at the real long tail").
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
 
@@ -146,6 +149,24 @@ def fold_split(folds: pd.DataFrame, fold: int) -> tuple[pd.DataFrame, pd.DataFra
     val = folds[is_val].reset_index(drop=True).copy()
     val["truth"] = np.where(val["individual_id"].isin(known), val["individual_id"], NEW_INDIVIDUAL)
     return train, val
+
+
+def validation_digest(folds: pd.DataFrame, fold_indices: Sequence[int]) -> str:
+    """A short digest of what the folds' validation photos ask and of the right answers: each
+    fold's validation images with their truth (an individual, or ``new_individual``).
+
+    Two releases with the same digest were scored out of fold on the same questions, so their
+    MAP@5 compare. Crops and training photos do not enter it: a better detector, or a later
+    round's pseudo-labelled training photos (never validation rows), are what a release may
+    improve on the same validation data.
+    """
+    digest = hashlib.sha256()
+    for index in fold_indices:
+        _, val = fold_split(folds, index)
+        rows = val[["image", "truth"]].astype(str).sort_values("image", kind="stable")
+        digest.update(f"fold {index}\n".encode())
+        digest.update(rows.to_csv(index=False).encode())
+    return digest.hexdigest()[:16]
 
 
 def fold_summary(folds: pd.DataFrame) -> pd.DataFrame:

@@ -21,7 +21,7 @@ import pandas as pd
 from whale_ml.stage_configs import GalleryConfig
 from whale_ml.gallery.catalogue import catalogue_lock
 from whale_ml.gallery.ledger import ledger_gallery_rows, read_ledger
-from whale_ml.gallery.release import record_release
+from whale_ml.gallery.release import record_release, served_line
 from whale_ml.gallery.lineage import EMBEDDINGS_RECORD, FoldModel, GalleryLineage, LineageError, gather_lineage
 from whale_ml.gallery.versions import GalleryVersion, prune_versions, write_version
 from whale_ml.io import read_json
@@ -194,5 +194,6 @@ def build_gallery(
         )
         if release is not None:
             record_release(layout, release)
-        stats.pruned = prune_versions(layout, settings.keep_versions) if settings.keep_versions else []
+        if settings.keep_versions:  # never the champion's newest version, which whale identify serves
+            stats.pruned = prune_versions(layout, settings.keep_versions, keep_line=served_line(layout))
     return version, stats

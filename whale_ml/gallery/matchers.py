@@ -9,6 +9,11 @@ list, ``gallery/matchers/<models key>.json``; a gallery version finds its own ma
 its lineage's key (:func:`load_matcher`), whichever version is asked for, whether or not
 a later gallery step failed, and whichever matcher was tuned last. Enrolled versions keep
 their parent's models, and so its matcher.
+
+A re-tuning of the same models replaces that file, and may score worse than the champion
+release it would then change: so the champion decision keeps the champion's own matcher
+apart, ``gallery/matchers/release_<MLflow run>.json`` (:func:`save_release_matcher`), and
+``whale identify`` serves that one with the champion release.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +49,14 @@ def save_matcher(layout: HomeLayout, models: Sequence[FoldModel], tuned: TunedMa
     stored = tuned.for_models([m.model_dump() for m in models], models_key(models))
     write_json(matcher_path(layout, models), stored.to_dict())
     return stored
+
+
+def save_release_matcher(layout: HomeLayout, run_id: str, tuned: TunedMatcher) -> Path:
+    """Keep ``tuned`` as the matcher of release run ``run_id`` (the champion's: see the module's
+    docstring), without the out-of-fold first candidates, which only the next round reads."""
+    path = layout.gallery_dir / MATCHERS_DIR / f"release_{run_id}.json"
+    write_json(path, replace(tuned, oof_top1=None).to_dict())
+    return path
 
 
 def read_matcher(value: dict[str, Any]) -> TunedMatcher:
@@ -81,13 +95,17 @@ def check_matcher(tuned: TunedMatcher, lineage: GalleryLineage, gallery_name: st
         )
 
 
-def load_matcher(layout: HomeLayout, lineage: GalleryLineage, gallery_name: str) -> TunedMatcher:
+def load_matcher(layout: HomeLayout, lineage: GalleryLineage, gallery_name: str, stored: str | None = None) -> TunedMatcher:
     """The matcher tuned for gallery ``gallery_name``'s models (its ``lineage``).
+
+    Args:
+        stored: a file of the matchers folder to read instead of the models' own (the champion
+            release's, :func:`save_release_matcher`); it must be tuned for the same models.
 
     Raises:
         LineageError: no readable matcher was tuned for these models in this home.
     """
-    path = matcher_path(layout, lineage.models)
+    path = matcher_path(layout, lineage.models) if stored is None else layout.gallery_dir / MATCHERS_DIR / stored
     if not path.exists():
         raise LineageError(
             f"no matcher tuned for the models of gallery {gallery_name} ({_describe(lineage.models)}) in {path.parent}: "

@@ -29,6 +29,7 @@ import pandas as pd
 
 from whale_ml.gallery.catalogue import catalogue_lock, versions_lock
 from whale_ml.gallery.lineage import GalleryLineage, LineageError
+from whale_ml.gallery.matchers import models_key as key_of
 from whale_ml.io import flush_tree, fsync_dir, fsync_enabled, read_json, staging_dir, write_error, write_json
 from whale_ml.retrieval.centres import ClassCentres
 from whale_ml.retrieval.faiss_index import build_index, load_index
@@ -107,7 +108,7 @@ def _read_version(layout: HomeLayout, name: str) -> GalleryVersion:
     return GalleryVersion(name, folder, table, embeddings, index, info, centres)
 
 
-def load_version(layout: HomeLayout, name: str | None = None) -> GalleryVersion:
+def load_version(layout: HomeLayout, name: str | None = None, models_key: str | None = None) -> GalleryVersion:
     """A gallery version (default: the current one), read whole into memory.
 
     The version is read under the versions' shared lock, so a prune waits until it is
@@ -116,19 +117,31 @@ def load_version(layout: HomeLayout, name: str | None = None) -> GalleryVersion:
     returned instead, with ``fallback_from`` naming the broken one; a version asked for
     by name is returned or raises.
 
+    Args:
+        models_key: instead of the current version, the newest built with the model set of
+            this key (:func:`whale_ml.gallery.matchers.models_key`): the champion release's
+            line of versions, enrolments on it included, whatever a later release built since.
+
     Raises:
-        LineageError: no gallery yet, the named version does not exist, or none can be read.
+        LineageError: no gallery yet, the named version does not exist, no version was built
+            with those models, or none can be read.
     """
     with versions_lock(layout.gallery_versions_dir, exclusive=False):
         if name is not None:
             return _read_version(layout, name)
-        current = current_version(layout)
+        line = _names(layout) if models_key is None else newest_of_line(layout, models_key, every=True)
+        current = current_version(layout) if models_key is None else (line[-1] if line else None)
         if current is None:
+            if models_key is not None:
+                raise LineageError(
+                    f"no gallery version in {layout.gallery_versions_dir} was built with the champion release's models "
+                    f"(key {models_key}): rematerialise the release (job ensemble_and_submit), or name one with --gallery-version"
+                )
             raise LineageError(f"no gallery in {layout.home}: materialise the pipeline (whale run) first")
         try:
             return _read_version(layout, current)
         except BrokenVersionError as broken:
-            for older in reversed([n for n in _names(layout) if int(n[1:]) < int(current[1:])]):
+            for older in reversed([n for n in line if int(n[1:]) < int(current[1:])]):
                 try:
                     version = _read_version(layout, older)
                 except BrokenVersionError:
@@ -136,6 +149,23 @@ def load_version(layout: HomeLayout, name: str | None = None) -> GalleryVersion:
                 version.fallback_from = current
                 return version
             raise broken
+
+
+def newest_of_line(layout: HomeLayout, models_key: str, every: bool = False) -> list[str]:
+    """The newest version built with the model set of ``models_key`` (a list of it, empty
+    when there is none); with ``every``, all of them, oldest first. A version whose record
+    cannot be read belongs to no line."""
+    found = []
+    for name in reversed(_names(layout)):
+        try:
+            models = GalleryLineage(**read_json(layout.gallery_versions_dir / name / "version.json")["lineage"]).models
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if key_of(models) == models_key:
+            found.append(name)
+            if not every:
+                break
+    return found[::-1]
 
 
 def list_versions(layout: HomeLayout) -> pd.DataFrame:
@@ -281,8 +311,10 @@ def _write_version(
     return load_version(layout, name)
 
 
-def prune_versions(layout: HomeLayout, keep: int, dry_run: bool = False) -> list[str]:
-    """Delete every gallery version but the newest ``keep``, never the current one.
+def prune_versions(layout: HomeLayout, keep: int, dry_run: bool = False, keep_line: str | None = None) -> list[str]:
+    """Delete every gallery version but the newest ``keep``, never the current one, and never
+    the newest of the line ``keep_line`` names (the champion release's models' key: the
+    version ``whale identify`` serves).
 
     Versions are derived (the ledger and the registry hold what made them) but large:
     each has its own index and embeddings. A version is renamed to a hidden name before
@@ -295,8 +327,8 @@ def prune_versions(layout: HomeLayout, keep: int, dry_run: bool = False) -> list
         raise ValueError(f"keep must be at least 1, not {keep}")
     root = layout.gallery_versions_dir
     with catalogue_lock(layout, "prune"):  # the current version cannot move meanwhile
-        current = current_version(layout)
-        doomed = [name for name in _names(layout)[:-keep] if name != current]
+        kept = {current_version(layout), *(newest_of_line(layout, keep_line) if keep_line else [])}
+        doomed = [name for name in _names(layout)[:-keep] if name not in kept]
         if dry_run or not doomed:
             return doomed
         # Renamed away while no reader is reading a version (readers hold this lock shared

@@ -126,9 +126,10 @@ def enroll(
     an earlier enrolment recorded but did not publish (it was killed, or its gallery
     write failed).
 
-    The gallery extended is the release's (:mod:`whale_ml.gallery.release`), resolved once
-    the lock is held: a release gallery build that publishes meanwhile either carries
-    these photos from the ledger or is the version they extend.
+    The gallery extended is the one ``whale identify`` serves by default (:mod:`whale_ml.gallery.release`):
+    the champion release's newest version, resolved once the lock is held, so an enrolment is
+    seen by the next identify even when a later release lost the champion decision. A gallery
+    build that publishes meanwhile carries these photos from the ledger.
 
     Args:
         layout: the home (any round: the release's is resolved here).
@@ -147,7 +148,7 @@ def enroll(
     with catalogue_lock(layout, "whale enroll"):
         release = read_release(layout)
         layout = release.layout
-        gallery = load_version(layout)
+        gallery = load_version(layout, models_key=release.models_key)  # the champion's line (the newest version without one)
         models = models_for(layout, gallery.lineage)
         ledger = read_ledger(layout)
         confirmed = read_confirmed(csv, image_dir, gallery.table, ledger, phase(progress, "checking"))
@@ -173,6 +174,7 @@ def enroll(
             made_by="whale enroll",
             centres=gallery.centres,  # the same models: enrolled individuals have no centre and are scored by their photos
             extra={
+                "parent": gallery.name,  # the version extended, whichever a later release made current
                 "enrolled_now": len(confirmed),
                 "carried_enrolled": carried,
                 "new_individuals_now": int(confirmed.loc[confirmed["new_individual"], "individual_id"].nunique()),
