@@ -319,6 +319,9 @@ def test_the_release_is_one_mlflow_run_over_its_fold_runs_and_the_first_champion
     assert mat.metadata["champion"].value is True and mat.metadata["nested_runs"].value == 5
     assert run.info.run_id in mat.metadata["mlflow_run"].value
     assert [r.data["fold"] for r in mat.metadata["fold_runs"].records] == ["fold0", "fold1"]  # a table in the UI
+    # The release as one servable model, logged into the release run and registered: the champion.
+    servable = client.get_model_version_by_alias("whale-release", "champion")
+    assert servable.run_id == run.info.run_id and mat.metadata["servable_model"].value == f"models:/whale-release/{servable.version}"
 
 
 @pytest.mark.e2e

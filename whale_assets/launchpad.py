@@ -24,6 +24,18 @@ from whale_ml.stage_configs import (
 )
 
 
+class ReleaseSettings(dg.Config):
+    """What the release logs besides its scores."""
+
+    log_model: bool = Field(
+        True,
+        description="Log the release as one MLflow pyfunc model (fold models, gallery version, matcher, detector, the gallery's "
+        "local features) and register it (whale-release, alias champion when it is the champion release): what `mlflow models "
+        "serve` serves. It copies the release (about 1 GB at the Kaggle scale, 3.6 GB with local re-ranking): false skips it.",
+    )
+    registered_model: str = Field("whale-release", description="Model registry name of the release's pyfunc model.")
+
+
 class MetadataSettings(dg.Config, MetadataConfig):
     """How the Kaggle CSVs are read and checked."""
 

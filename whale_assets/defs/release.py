@@ -6,6 +6,7 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
+from whale_assets.launchpad import ReleaseSettings
 from whale_assets.metadata import table_meta
 from whale_assets.partitions import fold_index, fold_partitions
 from whale_assets.resources import MlflowTracking, WhaleHome
@@ -42,6 +43,7 @@ def release_asset(rnd: Round) -> dg.AssetsDefinition:
     @retry_only_if_transient
     def release(
         context: dg.AssetExecutionContext,
+        config: ReleaseSettings,
         whale: WhaleHome,
         mlflow: MlflowTracking,
         cv_folds: pd.DataFrame,
@@ -60,7 +62,10 @@ def release_asset(rnd: Round) -> dg.AssetsDefinition:
         (``whale-arcface@champion_<fold>`` for all its folds, ``release.json`` in the home:
         what ``whale identify`` serves) when its logged out-of-fold MAP@5 is at least the
         champion's, read back from MLflow, on the same validation data, or when the two were
-        validated on other data. See docs/training.md, "Releases in MLflow"."""
+        validated on other data. The release is logged into the same run as one MLflow
+        ``pyfunc`` model and registered (``whale-release``, alias ``champion`` while it is the
+        champion release, ``challenger`` for the newest): photos in, the submission's five ids
+        out, as ``whale identify`` answers (docs/serving.md). See docs/training.md, "Releases in MLflow"."""
         layout, run_name = rnd.layout(whale), f"release_{rnd.title}_{gallery['version']}"
         # The run first: a server that refuses fails the step before any work.
         with mlflow.start_run(context, run_name=run_name, tags={"stage": RELEASE_STAGE, "round": rnd.title}) as run:
@@ -69,8 +74,7 @@ def release_asset(rnd: Round) -> dg.AssetsDefinition:
                 decision = publish_release(layout, mlflow.uri, run.info.run_id, run.info.experiment_id, candidate)
             except LineageError as exc:
                 raise dg.Failure(str(exc), allow_retries=False) from exc
-            # The release's pyfunc model (log_release_model, whale_ml/identify/serving.py) is logged
-            # here, into this parent run: the run is open, and the champion decision is made.
+            servable = _log_servable(config, mlflow, layout, candidate, decision) if config.log_model else None
             url = mlflow.run_url(run.info.experiment_id, run.info.run_id)
             champion_url = mlflow.run_url(run.info.experiment_id, decision.champion.run_id)
         context.log.info(f"release {run_name}: {'champion' if decision.promoted else 'not champion'} ({decision.reason})")
@@ -78,10 +82,31 @@ def release_asset(rnd: Round) -> dg.AssetsDefinition:
             value={"run_id": run.info.run_id, "gallery_version": candidate.gallery_version, "models_key": candidate.models_key,
                    "champion": decision.promoted},  # fmt: skip
             metadata={"mlflow_run": dg.MetadataValue.url(url), "champion_run": dg.MetadataValue.url(champion_url),
-                      **_release_metadata(candidate, decision)},  # fmt: skip
+                      **_release_metadata(candidate, decision),
+                      **({"servable_model": f"models:/{config.registered_model}/{servable}"} if servable else {})},  # fmt: skip
         )
 
     return release
+
+
+def _log_servable(
+    config: ReleaseSettings, mlflow: MlflowTracking, layout: HomeLayout, candidate: ReleaseCandidate, decision: ReleaseDecision
+) -> str:
+    """Log the release's pyfunc model into the active (release) run with the very checkpoints its
+    gallery version was built with, register it and point ``challenger`` (and ``champion``,
+    when it is the champion release) at it; returns the registered version."""
+    from whale_ml.gallery.models import gallery_models
+    from whale_ml.identify.serving import log_release_model
+    from whale_ml.registry import point_aliases
+
+    version = load_version(layout, candidate.gallery_version)
+    models = gallery_models(version.lineage, layout.model_dir, mlflow.uri, layout.home / "model_cache")
+    tags = {"round": str(candidate.number), "gallery_version": candidate.gallery_version, "models_key": candidate.models_key}
+    info = log_release_model(layout, version, models, candidate.matcher, registered_model_name=config.registered_model, tags=tags)
+    registered = str(info.registered_model_version)
+    aliases = {"challenger": registered, **({"champion": registered} if decision.promoted else {})}
+    point_aliases(mlflow.uri, config.registered_model, aliases)
+    return registered
 
 
 def _candidate(
