@@ -166,9 +166,15 @@ def _box_rows(rows: list[tuple[str, str, str, float]]) -> pd.DataFrame:
     return pd.DataFrame([{**r, "note": "" if r["source"] == "detector" else f"{r['image']}: why"} for r in records])
 
 
-def test_photos_to_box_puts_train_first_and_hides_test_species(tiny_data: Path) -> None:
+def test_photos_to_box_puts_train_first_and_hides_test_species(tiny_data: Path, tmp_path: Path) -> None:
     train, test = read_train_metadata(tiny_data), read_test_metadata(tiny_data, check_files=False)
+    test.loc[0, "path"] = str(tmp_path / "missing.jpg")  # a listed test photo that is missing
     photos = photos_to_box(train, test)
+    # No labels: a relabelled photo leaves the table as it was.
+    assert photos.columns.tolist() == ["image", "path", "split", "species", "file_bytes", "file_mtime_ns"]
+    first = Path(train["path"].iloc[0]).stat()
+    assert (photos.loc[0, "file_bytes"], photos.loc[0, "file_mtime_ns"]) == (first.st_size, first.st_mtime_ns)
+    assert (photos.loc[len(train), "file_bytes"], photos.loc[len(train), "file_mtime_ns"]) == (-1, -1)
     assert photos["image"].tolist() == train["image"].tolist() + test["image"].tolist()
     assert photos["split"].tolist() == ["train"] * len(train) + ["test"] * len(test)
     assert (photos.loc[photos["split"] == "test", "species"] == TEST_SPECIES).all()
@@ -225,7 +231,7 @@ def cropped(tiny_data: Path, tmp_path: Path) -> tuple[pd.DataFrame, pd.DataFrame
     photos = photos_to_box(train, test)
     done = box_and_crop(photos[["image", "path", "split"]], None, BoxRule(0.25, 1.0, 64), CropRule(tmp_path / "crops", 32))
     split = photos["split"].to_numpy()
-    return done.boxes.assign(split=split), done.crops.assign(split=split), photo_paths(train, test), tmp_path / "crops"
+    return done.boxes.assign(split=split), done.crops.assign(split=split), photo_paths(photos), tmp_path / "crops"
 
 
 def test_crops_of_every_split_go_to_their_folders(cropped: tuple) -> None:
