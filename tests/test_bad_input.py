@@ -130,7 +130,7 @@ def test_default_policy_fails_on_a_bad_training_photo_after_reading_all(bad_data
     result = job.execute_in_process(
         run_config={"ops": {k: v for k, v in recipe["ops"].items() if k in ("fluke_detector", "boxes_and_crops")}},
         instance=dg.DagsterInstance.get(),
-        asset_selection=[dg.AssetKey(k) for k in ("train_metadata", "test_metadata", "fluke_detector", "bboxes", "crops")],
+        asset_selection=[dg.AssetKey(k) for k in ("train_metadata", "test_metadata", "photos", "fluke_detector", "bboxes", "crops")],
         raise_on_error=False,
     )
     assert not result.success

@@ -4,6 +4,8 @@ counts and contact sheet."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,10 +18,10 @@ from whale_ml.stage_configs import DetectorConfig
 from whale_ml.data.metadata import read_test_metadata, read_train_metadata
 from whale_ml.detection.box_summary import TEST_SPECIES, photos_to_box, summarise_boxes
 from whale_ml.detection.crops import crop_report, photo_paths, write_contact_sheet
-from whale_ml.detection.detector import MetricsFn, prepare_detector, read_detector
+from whale_ml.detection.detector import MetricsFn, prepare_detector, read_detector, training_fingerprint
 from whale_ml.detection.photo_pass import BoxRule, CropRule
 from whale_ml.detection.yolo import box_and_crop, detect_boxes, read_box_file
-from whale_ml.io import read_json
+from whale_ml.io import read_json, sha256_file
 
 TINY_DETECTOR = {"epochs": 1, "imgsz": 64, "batch": 8, "device": "cpu", "val_share": 0.25}
 
@@ -70,6 +72,51 @@ def test_skipped_boxes_are_warned_and_tabled(trained_home: tuple) -> None:
     assert result.dataset.n_train + result.dataset.n_val > 0 and result.dataset.n_val == len(result.dataset.val_images)
 
 
+def test_an_unchanged_detector_is_reused_not_trained(trained_home: tuple, tiny_data: Path) -> None:
+    """The same box file, photos, settings and code: the installed weights are kept (not even
+    rewritten), nothing is tracked, and the scores are the ones recorded at training."""
+    detector_dir, _, _, trained = trained_home
+    weights = detector_dir / "detector.pt"
+    before = (weights.stat().st_mtime_ns, weights.read_bytes(), (detector_dir / "detector.json").read_text())
+    tracking, lines = Tracking(), []
+    settings = DetectorConfig(source="train", box_file=str(detector_dir.parent / "boxes.csv"), **TINY_DETECTOR)
+    result = prepare_detector(settings, tiny_data, detector_dir, detector_dir.parent, log=lines.append, warn=lines.append, tracking=tracking)
+    assert result.reused and result.dataset is None and len(result.skipped) == 0
+    assert result.scores == pytest.approx(trained.scores, nan_ok=True) and tracking.opened == 0
+    assert (weights.stat().st_mtime_ns, weights.read_bytes(), (detector_dir / "detector.json").read_text()) == before
+    assert lines == [f"detector reused: {weights} was trained from the same boxes, photos, settings and code"]
+
+
+def test_the_training_fingerprint_follows_boxes_photos_and_settings(tiny_data: Path, tmp_path: Path) -> None:
+    """What a detector learns from changes its fingerprint; where the files lie and the other
+    sources' settings do not."""
+    data = tmp_path / "data"
+    (data / "train_images").mkdir(parents=True)
+    boxes = read_box_file(tiny_data / "fluke_boxes.csv").head(3)
+    boxes.to_csv(data / "fluke_boxes.csv", index=False)
+    for name in boxes["image"]:
+        (data / "train_images" / name).write_bytes((tiny_data / "train_images" / name).read_bytes())
+    settings = DetectorConfig(**TINY_DETECTOR)
+
+    def fingerprint(config: DetectorConfig = settings, where: Path = data) -> str:
+        return training_fingerprint(config, where, read_box_file(where / config.box_file))
+
+    base = fingerprint()
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved)  # copy2: the photos keep their size and time
+    assert fingerprint(where=moved) == base
+    assert fingerprint(settings.model_copy(update={"weights_path": "x.pt", "dataset_yaml": "y.yaml"})) == base
+    changed = [fingerprint(settings.model_copy(update={"epochs": 2})), fingerprint(settings.model_copy(update={"imgsz": 96}))]
+    boxes.assign(x_max=boxes["x_max"] - 1).to_csv(data / "fluke_boxes.csv", index=False)
+    changed.append(fingerprint())
+    boxes.to_csv(data / "fluke_boxes.csv", index=False)
+    assert fingerprint() == base
+    photo = data / "train_images" / boxes["image"].iloc[0]
+    os.utime(photo, ns=(photo.stat().st_atime_ns, photo.stat().st_mtime_ns + 10**9))  # a photo replaced under its name
+    changed.append(fingerprint())
+    assert len({base, *changed}) == len(changed) + 1
+
+
 def test_weights_source_installs_a_users_file(trained_home: tuple, tmp_path: Path) -> None:
     detector_dir, _, _, trained = trained_home
     tracking = Tracking()
@@ -77,7 +124,7 @@ def test_weights_source_installs_a_users_file(trained_home: tuple, tmp_path: Pat
     result = prepare_detector(settings, tmp_path, tmp_path / "det", tmp_path, tracking=tracking)
     assert result.weights.read_bytes() == trained.weights.read_bytes() and result.scores == {} and result.dataset is None
     assert tracking.opened == 0  # nothing trained, nothing tracked
-    assert read_json(tmp_path / "det" / "detector.json") == {"source": "weights", "imgsz": 96}
+    assert read_json(tmp_path / "det" / "detector.json") == {"source": "weights", "imgsz": 96, "weights_sha256": sha256_file(trained.weights)}
     assert read_detector(tmp_path / "det").weights == tmp_path / "det" / "detector.pt"
 
 
@@ -119,9 +166,15 @@ def _box_rows(rows: list[tuple[str, str, str, float]]) -> pd.DataFrame:
     return pd.DataFrame([{**r, "note": "" if r["source"] == "detector" else f"{r['image']}: why"} for r in records])
 
 
-def test_photos_to_box_puts_train_first_and_hides_test_species(tiny_data: Path) -> None:
+def test_photos_to_box_puts_train_first_and_hides_test_species(tiny_data: Path, tmp_path: Path) -> None:
     train, test = read_train_metadata(tiny_data), read_test_metadata(tiny_data, check_files=False)
+    test.loc[0, "path"] = str(tmp_path / "missing.jpg")  # a listed test photo that is missing
     photos = photos_to_box(train, test)
+    # No labels: a relabelled photo leaves the table as it was.
+    assert photos.columns.tolist() == ["image", "path", "split", "species", "file_bytes", "file_mtime_ns"]
+    first = Path(train["path"].iloc[0]).stat()
+    assert (photos.loc[0, "file_bytes"], photos.loc[0, "file_mtime_ns"]) == (first.st_size, first.st_mtime_ns)
+    assert (photos.loc[len(train), "file_bytes"], photos.loc[len(train), "file_mtime_ns"]) == (-1, -1)
     assert photos["image"].tolist() == train["image"].tolist() + test["image"].tolist()
     assert photos["split"].tolist() == ["train"] * len(train) + ["test"] * len(test)
     assert (photos.loc[photos["split"] == "test", "species"] == TEST_SPECIES).all()
@@ -178,7 +231,7 @@ def cropped(tiny_data: Path, tmp_path: Path) -> tuple[pd.DataFrame, pd.DataFrame
     photos = photos_to_box(train, test)
     done = box_and_crop(photos[["image", "path", "split"]], None, BoxRule(0.25, 1.0, 64), CropRule(tmp_path / "crops", 32))
     split = photos["split"].to_numpy()
-    return done.boxes.assign(split=split), done.crops.assign(split=split), photo_paths(train, test), tmp_path / "crops"
+    return done.boxes.assign(split=split), done.crops.assign(split=split), photo_paths(photos), tmp_path / "crops"
 
 
 def test_crops_of_every_split_go_to_their_folders(cropped: tuple) -> None:

@@ -1,6 +1,7 @@
 """The one pass over the photos (whale_ml/detection/photo_pass.py): each photo decoded once,
 small (JPEG draft), on a pool of threads, with the same boxes and crops for any number of
-workers; sizes read from headers where only the size is needed.
+workers; sizes read from headers where only the size is needed. The detector's training
+images, decoded once at the training size.
 
 Decodes are counted by wrapping Pillow's ``ImageFile.load`` (where a file's pixels are
 decoded); the pass itself, Pillow and the detector are real.
@@ -143,16 +144,56 @@ def test_exif_orientation_is_applied_to_draft_decodes_and_header_sizes(tmp_path:
     assert photo.image.size == decode_photo(path).image.reduce(8).size
 
 
-def test_yolo_dataset_reads_photo_sizes_from_headers(big_data: Path, tmp_path: Path, decodes: Counter[str]) -> None:
+def test_yolo_dataset_decodes_each_boxed_photo_once_at_the_training_size(big_data: Path, tmp_path: Path, decodes: Counter[str]) -> None:
+    """Each boxed photo decoded once (at a reduced JPEG scale) and written with its long side
+    at the training size; the labels are those of the photos linked at full size (a uniform
+    resize keeps fractions of the width and height); the same bytes for 1 and 2 workers."""
     boxes = read_box_file(big_data / "fluke_boxes.csv")
-    dataset = write_yolo_dataset(boxes, big_data / "train_images", tmp_path / "ds", 0.25, 0)
-    assert dataset.n_train + dataset.n_val == boxes["image"].nunique()
-    assert sum(decodes.values()) == 0
-    row = boxes.iloc[0]
-    split = "val" if row.image in dataset.val_images else "train"
-    label = (tmp_path / "ds" / "labels" / split / row.image).with_suffix(".txt").read_text().split()
-    w, h = Image.open(big_data / "train_images" / row.image).size
-    assert float(label[3]) == pytest.approx((min(row.x_max, w) - max(row.x_min, 0)) / w, abs=1e-5)
+    names = boxes["image"].unique().tolist()
+    seen: list[tuple[int, int]] = []
+    small = write_yolo_dataset(boxes, big_data / "train_images", tmp_path / "small", 0.25, 0, imgsz=128, workers=2, progress=lambda *a: seen.append(a))
+    assert dict(decodes) == dict.fromkeys(names, 1) and seen[-1] == (len(names), len(names))
+    decodes.clear()
+    full = write_yolo_dataset(boxes, big_data / "train_images", tmp_path / "full", 0.25, 0)
+    assert sum(decodes.values()) == 0  # without imgsz: the photos linked, only their headers read
+    one = write_yolo_dataset(boxes, big_data / "train_images", tmp_path / "one", 0.25, 0, imgsz=128, workers=1)
+    assert (small.n_train, small.n_val, small.val_images, small.imgsz, full.imgsz) == (full.n_train, full.n_val, full.val_images, 128, None)
+    for name in names:
+        split = "val" if name in small.val_images else "train"
+        image = tmp_path / "small" / "images" / split / name
+        assert not image.is_symlink() and (tmp_path / "full" / "images" / split / name).is_symlink()
+        w, h = photo_size(big_data / "train_images" / name)
+        assert Image.open(image).size == ((128, round(h * 128 / w)) if w >= h else (round(w * 128 / h), 128))
+        assert image.read_bytes() == (tmp_path / "one" / "images" / split / name).read_bytes()
+        label = Path("labels", split, name).with_suffix(".txt")
+        assert (tmp_path / "small" / label).read_text() == (tmp_path / "full" / label).read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "one", "small"]  # no staging folder left
+
+
+def test_yolo_dataset_images_are_upright_and_unreadable_photos_are_skipped(tmp_path: Path) -> None:
+    """A photo stored on its side (EXIF orientation 6) is written upright, as the photo pass
+    sees it, its labels over its upright size; a photo that cannot be decoded (a truncated
+    JPEG, whose header reads fine) is skipped and named."""
+    images = tmp_path / "images"
+    images.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.new("RGB", (400, 200), "white").save(images / "turned.jpg", exif=exif.tobytes())
+    Image.new("RGB", (300, 300), "white").save(images / "fine.png")
+    raw = (images / "turned.jpg").read_bytes()
+    (images / "cut.jpg").write_bytes(raw[: len(raw) // 2])
+    boxes = pd.DataFrame(
+        [("turned.jpg", 0, 0, 100, 200), ("cut.jpg", 0, 0, 10, 10), ("cut.jpg", 5, 5, 20, 20), ("fine.png", 0, 0, 150, 300)],
+        columns=["image", "x_min", "y_min", "x_max", "y_max"],
+    )
+    dataset = write_yolo_dataset(boxes, images, tmp_path / "ds", 0.0, 0, imgsz=64)
+    assert photo_size(images / "turned.jpg") == (200, 400)
+    assert Image.open(tmp_path / "ds" / "images" / "train" / "turned.jpg").size == (32, 64)
+    assert Image.open(tmp_path / "ds" / "images" / "train" / "fine.png").format == "PNG"
+    label = (tmp_path / "ds" / "labels" / "train" / "turned.txt").read_text().split()
+    assert [float(v) for v in label[1:]] == pytest.approx([0.25, 0.25, 0.5, 0.5])
+    assert dataset.n_train == 2 and len(dataset.skipped) == 1  # named once, for its first box
+    assert dataset.skipped[0].startswith("cut.jpg: ") and str(images / "cut.jpg") in dataset.skipped[0]
 
 
 @pytest.mark.slow

@@ -15,9 +15,9 @@ from whale_assets.resources import MlflowTracking, WhaleHome
 from whale_assets.retries import mlflow_retry_policy, retry_only_if_transient
 from whale_assets.versions import table_version
 from whale_assets.launchpad import BoxesAndCropsSettings, CropSettings, DetectorSettings, LocalFeatureSettings
-from whale_ml.detection.box_summary import BoxSummary, photos_to_box, summarise_boxes
+from whale_ml.detection.box_summary import BoxSummary, summarise_boxes
 from whale_ml.detection.crops import CONTACT_SHEET_FILE, CropReport, crop_report, photo_paths, write_contact_sheet
-from whale_ml.detection.detector import MetricsFn, prepare_detector, read_detector
+from whale_ml.detection.detector import MetricsFn, detector_version, prepare_detector, read_detector
 from whale_ml.detection.photo_pass import BoxRule, CropRule, PassStats
 from whale_ml.detection.yolo import box_and_crop
 from whale_ml.retrieval.local_features import FeatureStore, extract_features, home_feature_store, save_features
@@ -27,8 +27,8 @@ from whale_ml.gallery.lineage import record_boxes, record_crops
 @dg.asset(
     group_name="detection",
     kinds={"pytorch", "ultralytics"},
-    deps=["train_metadata"],
-    code_version="1",
+    deps=["photos"],
+    code_version="2",
     pool="gpu",
     retry_policy=mlflow_retry_policy(),
     op_tags=GPU_STEP_TAGS,
@@ -39,7 +39,10 @@ def fluke_detector(
 ) -> dg.MaterializeResult:
     """The animal detector: an ultralytics YOLO model built from its yaml and trained
     on the box file (mAP on a held-out share of the boxes) or on a YOLO-format data set,
-    a user's ``.pt``, or none (full frames)."""
+    a user's ``.pt``, or none (full frames). Each boxed photo is decoded once, at the
+    training size. A detector already trained from the same box file, boxed photos,
+    settings and code is reused, not trained again. Its data version is a digest of the
+    installed weights, so a reused detector leaves the boxes and crops up to date."""
     metadata: dict[str, object] = {"source": config.source}
 
     @contextmanager
@@ -55,6 +58,9 @@ def fluke_detector(
     result = prepare_detector(
         config, whale.data_path, whale.layout.detector_dir, whale.layout.home, context.log.info, context.log.warning, tracked
     )
+    metadata["reused"] = result.reused
+    if result.reused:
+        metadata.update({f"val_{k}": float(v) for k, v in result.scores.items()})
     if config.source == "weights":
         metadata["weights_from"] = dg.MetadataValue.path(config.weights_path)
     if result.dataset is not None:
@@ -70,7 +76,7 @@ def fluke_detector(
         )
     if result.weights is not None and result.weights.exists():
         metadata["weights"] = dg.MetadataValue.path(str(result.weights))
-    return dg.MaterializeResult(metadata=metadata)
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(detector_version(whale.layout.detector_dir)))
 
 
 @dg.multi_asset(
@@ -105,8 +111,7 @@ def boxes_and_crops(
     context: dg.AssetExecutionContext,
     config: BoxesAndCropsSettings,
     whale: WhaleHome,
-    train_metadata: pd.DataFrame,
-    test_metadata: pd.DataFrame,
+    photos: pd.DataFrame,
 ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     """One pass over every photo, on every core: each is decoded once, at the smallest JPEG
     scale that still gives the detector its input size and the crop its size, boxed by the
@@ -116,7 +121,6 @@ def boxes_and_crops(
     cannot be read keeps its row and gets the prior answer. Fallback shares per split and
     species, every unreadable photo and a contact sheet of sample boxes and crops are shown."""
     detector = read_detector(whale.layout.detector_dir)
-    photos = photos_to_box(train_metadata, test_metadata)
     boxes_cfg, crops_cfg = config.boxes, config.crops
     done = box_and_crop(
         photos[["image", "path", "split"]],
@@ -150,7 +154,7 @@ def boxes_and_crops(
     failed_list_md = write_photo_list(failed, failed_list)
     warn_photos(context.log.warning, "training photo(s) left out (no crop)", failed[failed["split"] == "train"], failed_list)
     warn_photos(context.log.warning, "test photo(s) without a crop (each gets the prior answer)", failed[failed["split"] == "test"], failed_list)
-    paths = photo_paths(train_metadata, test_metadata)
+    paths = photo_paths(photos)
     crop_meta = crop_metadata(report, table, crops_cfg, boxes, paths, whale.layout.crops_dir)
     if failed_list_md is not None:
         crop_meta["failed_photos_list"] = failed_list_md
@@ -230,15 +234,13 @@ def local_features(
     config: LocalFeatureSettings,
     whale: WhaleHome,
     bboxes: pd.DataFrame,
-    train_metadata: pd.DataFrame,
-    test_metadata: pd.DataFrame,
+    photos: pd.DataFrame,
 ) -> dg.MaterializeResult:
     """Keypoints (SIFT, stored as RootSIFT; or ORB) of every photo's box, taken from the
     original photo at ``size`` pixels: more than the models' crops keep, so marks still
     match. The threshold stage re-ranks each query's first candidates by how many of
     these match geometrically (HotSpotter-style), and the submission and ``whale
     identify`` do the same. One folder per split; a photo that cannot be read gets none."""
-    photos = photos_to_box(train_metadata, test_metadata)
     counts: dict[str, int] = {}
     keypoints: list[int] = []
     failed: list[dict[str, str]] = []

@@ -11,6 +11,7 @@ from whale_assets.versions import table_version
 from whale_assets.launchpad import MetadataSettings
 from whale_ml.data.demo import ensure_demo_data
 from whale_ml.data.metadata import SPECIES_ALIASES, MetadataError, find_train_overlap, read_test_metadata, read_train_metadata
+from whale_ml.detection.box_summary import photos_to_box
 from whale_ml.gallery.ledger import with_ledger
 
 
@@ -113,6 +114,28 @@ def test_metadata(context: dg.AssetExecutionContext, config: MetadataSettings, w
     if notes:
         metadata["warnings"] = _warnings_md(notes[:50])
     return dg.MaterializeResult(value=df, metadata=metadata, data_version=table_version(df))
+
+
+@dg.asset(group_name="raw", kinds={"pandas"}, code_version="1")
+def photos(train_metadata: pd.DataFrame, test_metadata: pd.DataFrame) -> dg.MaterializeResult:
+    """Every photo the detection stage boxes and crops, training photos then test photos:
+    ``image, path, split, species`` (test photos' species is unknown) and each file's size
+    and modification time. No individual ids: relabelling a photo in ``train.csv`` leaves
+    this table's data version as it was, so the detector, boxes, crops and local features
+    stay up to date, while the folds, which read the labels, go stale. A photo added,
+    removed or replaced changes it."""
+    table = photos_to_box(train_metadata, test_metadata)
+    counts = table["split"].value_counts()
+    return dg.MaterializeResult(
+        value=table,
+        data_version=table_version(table),
+        metadata={
+            "dagster/row_count": len(table),
+            "train_photos": int(counts.get("train", 0)),
+            "test_photos": int(counts.get("test", 0)),
+            "missing_files": int((table["file_bytes"] < 0).sum()),
+        },
+    )
 
 
 @dg.asset_check(asset=train_metadata, blocking=True)

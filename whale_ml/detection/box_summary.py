@@ -6,6 +6,7 @@ split or species is the first thing to look at when matching gets worse.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -13,13 +14,31 @@ import pandas as pd
 
 TEST_SPECIES = "(test: unknown)"
 
+PHOTO_COLUMNS = ("image", "path", "split", "species", "file_bytes", "file_mtime_ns")
+
 
 def photos_to_box(train_metadata: pd.DataFrame, test_metadata: pd.DataFrame) -> pd.DataFrame:
-    """Train then test photos in one table (``split`` and ``species`` added), so that the
-    detector is loaded once for both. Test photos' species is unknown."""
-    return pd.concat(
+    """Train then test photos in one table, so that the detector is loaded once for both:
+    ``image, path, split, species`` and each file's size and modification time (-1 for a
+    listed photo that is missing). Test photos' species is unknown.
+
+    Nothing about identities: the detection stage reads this table, so relabelling a
+    photo leaves it unchanged, while a photo replaced under the same name changes it."""
+    photos = pd.concat(
         [train_metadata.assign(split="train"), test_metadata.assign(split="test", species=TEST_SPECIES)], ignore_index=True
     )
+    stats = [_file_identity(p) for p in photos["path"]]
+    photos["file_bytes"] = pd.Series([s[0] for s in stats], dtype="int64")
+    photos["file_mtime_ns"] = pd.Series([s[1] for s in stats], dtype="int64")
+    return photos[list(PHOTO_COLUMNS)]
+
+
+def _file_identity(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
 
 
 @dataclass

@@ -232,11 +232,10 @@ def contact_sheet(rows: pd.DataFrame, paths: dict[str, str], thumb: int = 160, c
     return sheet
 
 
-def photo_paths(train_metadata: pd.DataFrame, test_metadata: pd.DataFrame) -> dict[str, str]:
-    """Image name -> photo path over both splits (a test name shadows a training one)."""
-    paths = dict(zip(train_metadata["image"], train_metadata["path"], strict=True))
-    paths.update(zip(test_metadata["image"], test_metadata["path"], strict=True))
-    return paths
+def photo_paths(photos: pd.DataFrame) -> dict[str, str]:
+    """Image name -> photo path over the ``image, path`` rows of train then test photos
+    (:func:`whale_ml.detection.box_summary.photos_to_box`): a test name shadows a training one."""
+    return dict(zip(photos["image"], photos["path"], strict=True))
 
 
 @dataclass

@@ -11,30 +11,45 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from whale_ml.progress import ProgressFn
-from whale_ml.data.images import ImageReadError, photo_size
+from whale_ml.data.images import ImageReadError, decode_photo, photo_size
 from whale_ml.data.metadata import MetadataError, image_name_problems, is_plain_file_name, read_csv_rows
 from whale_ml.detection.photo_pass import BoxRule, CropRule, PassResult, run_photo_pass
 from whale_ml.detection.weights import check_detector_weights
-from whale_ml.io import atomic_path, write_text
+from whale_ml.io import atomic_path, staging_dir, write_error, write_text
 from whale_ml.offline import keep_torch_threads, ultralytics_session
+from whale_ml.threads import pipeline_threads
 
 BOX_COLUMNS = ("image", "x_min", "y_min", "x_max", "y_max")
 
 
 @dataclass
 class YoloDataset:
+    """A YOLO-format data set on disk and what went into it.
+
+    Attributes:
+        data_yaml: its ``data.yaml`` (absolute ``path``).
+        n_train: images in the training split.
+        n_val: images in the validation split.
+        val_images: the validation images' names (the photos' names).
+        skipped: ``"image: reason"`` for each box row left out, in the box file's order.
+        imgsz: the images' long side; None when they are the photos themselves (full size).
+    """
+
     data_yaml: Path
     n_train: int
     n_val: int
     val_images: list[str]
-    skipped: list[str] = field(default_factory=list)  # "image: reason"
+    skipped: list[str] = field(default_factory=list)
+    imgsz: int | None = None
 
 
 def read_box_file(path: str | Path) -> pd.DataFrame:
@@ -78,33 +93,78 @@ def yolo_labels(boxes: np.ndarray, sizes: np.ndarray) -> list[str]:
     return [f"0 {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}" for cx, cy, w, h in cxcywh.tolist()]
 
 
-def write_yolo_dataset(boxes: pd.DataFrame, image_dir: str | Path, out_dir: str | Path, val_share: float, seed: int) -> YoloDataset:
-    """Turn a box table into an ultralytics data set (images/ + labels/ + data.yaml).
+def shrink_photo(src: Path, target: Path, imgsz: int) -> tuple[int, int]:
+    """Write the photo at ``src`` to ``target`` with its long side ``imgsz``; return its full size.
 
-    Boxes are clipped to their image; a box that is empty after clipping, or
-    whose image cannot be read, is skipped and listed with the reason. A
-    held-out share of the boxed images becomes the validation split.
+    The photo is decoded once, at the coarsest JPEG scale that still has a long side of
+    ``imgsz`` (:func:`whale_ml.data.images.decode_photo`, as the photo pass decodes), with its
+    EXIF orientation applied, so the image written is upright and carries no orientation
+    tag. A ``.png`` name is written as PNG (lossless, like the photo), any other as a
+    quality-95 JPEG: ultralytics reads either by its content.
+
+    Returns:
+        The photo's oriented width and height at full scale (what its boxes are given in).
+
+    Raises:
+        ImageReadError: the photo could not be read; ArtifactWriteError: the image could not be written.
     """
-    image_dir, out = Path(image_dir), Path(out_dir)
-    shutil.rmtree(out, ignore_errors=True)
-    skipped: list[str] = []
+    photo = decode_photo(src, min_size=(imgsz, 0))
+    w, h = photo.full_size
+    scale = imgsz / max(w, h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    image = photo.image if photo.image.size == size else photo.image.resize(size, Image.BICUBIC)
+    try:
+        if target.suffix.lower() == ".png":
+            image.save(target, format="PNG")
+        else:
+            image.save(target, format="JPEG", quality=95)
+    except OSError as exc:
+        raise write_error(target, exc) from exc
+    return photo.full_size
+
+
+def _photo_sizes(
+    names: list[str], image_dir: Path, shrunk_dir: Path | None, imgsz: int | None, workers: int | None, progress: ProgressFn | None
+) -> dict[str, tuple[int, int] | str]:
+    """Each photo's full oriented size, or why it could not be read; with ``imgsz``, each
+    photo is also written to ``shrunk_dir`` (:func:`shrink_photo`), else only its header is read."""
+
+    def one(name: str) -> tuple[int, int] | str:
+        try:
+            if imgsz is None or shrunk_dir is None:
+                return photo_size(image_dir / name)  # the header: no pixel needs decoding here
+            return shrink_photo(image_dir / name, shrunk_dir / name, imgsz)
+        except ImageReadError as exc:
+            return str(exc)
+
+    sizes: dict[str, tuple[int, int] | str] = {}
+    # Threads: Pillow releases the GIL while it decodes, resizes and encodes. Each photo is
+    # read alone, so nothing depends on the number of workers.
+    with ThreadPoolExecutor(pipeline_threads(workers), thread_name_prefix="detector-images") as pool:
+        for i, (name, size) in enumerate(zip(names, pool.map(one, names), strict=True)):
+            sizes[name] = size
+            if progress is not None:
+                progress(i + 1, len(names))
+    return sizes
+
+
+def _label_lines(boxes: pd.DataFrame, plain: list[bool], sizes: dict[str, tuple[int, int] | str], skipped: list[str]) -> dict[str, list[str]]:
+    """Image name -> its YOLO label lines, from the boxes that are usable; the others are
+    added to ``skipped`` with the reason, in the box table's order."""
     kept: list[tuple[str, float, float, float, float, int, int]] = []  # image, clipped box, image size
-    sizes: dict[str, tuple[int, int]] = {}
-    plain = is_plain_file_name(boxes["image"]).tolist()
+    reported: set[str] = set()
     for row, is_plain in zip(boxes.itertuples(index=False), plain, strict=True):
         name = str(row.image)
         if not is_plain:  # read_box_file refuses these; a table built in code is checked here too
             skipped.append(f"{name}: not a plain file name (never opened)")
             continue
-        if name not in sizes:
-            try:
-                sizes[name] = photo_size(image_dir / name)  # the header: no pixel needs decoding here
-            except ImageReadError as exc:
-                skipped.append(f"{name}: {exc}")
-                sizes[name] = (0, 0)
-        w, h = sizes[name]
-        if w == 0:
+        size = sizes[name]
+        if isinstance(size, str):  # unreadable: said once, for its first box
+            if name not in reported:
+                skipped.append(f"{name}: {size}")
+                reported.add(name)
             continue
+        w, h = size
         x0, y0, x1, y1 = (float(v) for v in (row.x_min, row.y_min, row.x_max, row.y_max))
         if not all(np.isfinite([x0, y0, x1, y1])):
             skipped.append(f"{name}: box ({row.x_min}, {row.y_min}, {row.x_max}, {row.y_max}) has a missing coordinate")
@@ -122,27 +182,102 @@ def write_yolo_dataset(boxes: pd.DataFrame, image_dir: str | Path, out_dir: str 
     lines = yolo_labels(np.array([k[1:5] for k in kept]), np.array([k[5:] for k in kept]))
     for k, line in zip(kept, lines, strict=True):
         labelled.setdefault(k[0], []).append(line)
+    return labelled
+
+
+def write_yolo_dataset(
+    boxes: pd.DataFrame,
+    image_dir: str | Path,
+    out_dir: str | Path,
+    val_share: float,
+    seed: int,
+    imgsz: int | None = None,
+    workers: int | None = None,
+    progress: ProgressFn | None = None,
+) -> YoloDataset:
+    """Turn a box table into an ultralytics data set (images/ + labels/ + data.yaml).
+
+    Boxes are clipped to their image; a box that is empty after clipping, or
+    whose image cannot be read, is skipped and listed with the reason. A
+    held-out share of the boxed images becomes the validation split.
+
+    With ``imgsz``, every boxed photo is decoded once, on a pool of threads, and written
+    with its long side ``imgsz`` (:func:`shrink_photo`): the size ultralytics' loader
+    resizes each image to, so every epoch reads a small file and resizes nothing. The
+    labels are fractions of the photo's width and height, the same at any uniform scale.
+    Without ``imgsz``, the photos are linked (copied where links fail) as they are and
+    only their headers are read; ultralytics then decodes each at full size in every
+    epoch, ~12x the training time on survey photos (docs/benchmarks.md, "The detector's
+    training images").
+
+    The data set is built in a staging folder and renamed to ``out_dir`` when whole, so
+    ``out_dir`` never holds part of one.
+
+    Args:
+        imgsz: the training input size; None: the photos at full size.
+        workers: decode threads (default ``$WHALE_THREADS`` or every core).
+        progress: called with (photos read, boxed photos) as the photos are read.
+
+    Raises:
+        ValueError: no usable box.
+    """
+    image_dir, out = Path(image_dir), Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = staging_dir(out.parent, "yolo-dataset")  # a killed run's staging folder is swept here
+    try:
+        plain = is_plain_file_name(boxes["image"]).tolist()
+        names = list(dict.fromkeys(str(n) for n, p in zip(boxes["image"], plain, strict=True) if p))
+        shrunk = staging / "photos"
+        shrunk.mkdir()
+        skipped: list[str] = []
+        labelled = _label_lines(boxes, plain, _photo_sizes(names, image_dir, shrunk, imgsz, workers, progress), skipped)
+        if not labelled:
+            raise ValueError("no usable boxes to train the detector on" + (f" (skipped: {'; '.join(skipped[:5])})" if skipped else ""))
+        dataset = _lay_out(labelled, image_dir, shrunk if imgsz is not None else None, staging, out, val_share, seed)
+        dataset.skipped, dataset.imgsz = skipped, imgsz
+        shutil.rmtree(shrunk)  # the photos whose every box was skipped
+        if out.exists() or out.is_symlink():
+            trash = staging_dir(out.parent, "deleting", out.name)
+            out.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return dataset
+
+
+def _lay_out(
+    labelled: dict[str, list[str]], image_dir: Path, shrunk: Path | None, staging: Path, out: Path, val_share: float, seed: int
+) -> YoloDataset:
+    """The splits, images, labels and ``data.yaml`` of a data set built in ``staging`` for ``out``.
+
+    Each image is moved from ``shrunk`` (the photos written small) or, without it, linked to
+    the photo in ``image_dir``. Files are written plainly: the folder is renamed into place whole.
+    """
     names = sorted(labelled)
-    if not names:
-        raise ValueError("no usable boxes to train the detector on" + (f" (skipped: {'; '.join(skipped[:5])})" if skipped else ""))
     rng = np.random.default_rng(seed)
     n_val = round(len(names) * val_share) if len(names) > 1 else 0
     val = set(rng.choice(names, size=n_val, replace=False).tolist()) if n_val else set()
+    for split in ("train", "val"):
+        (staging / "images" / split).mkdir(parents=True)
+        (staging / "labels" / split).mkdir(parents=True)
     for name in names:
         split = "val" if name in val else "train"
-        (out / "images" / split).mkdir(parents=True, exist_ok=True)
-        (out / "labels" / split).mkdir(parents=True, exist_ok=True)
-        link = out / "images" / split / name
-        try:
-            link.symlink_to((image_dir / name).resolve())
-        except OSError:
-            shutil.copyfile(image_dir / name, link)
-        write_text((out / "labels" / split / name).with_suffix(".txt"), "\n".join(labelled[name]) + "\n")
+        image = staging / "images" / split / name
+        if shrunk is not None:
+            os.replace(shrunk / name, image)
+        else:
+            try:
+                image.symlink_to((image_dir / name).resolve())
+            except OSError:
+                shutil.copyfile(image_dir / name, image)
+        (staging / "labels" / split / name).with_suffix(".txt").write_text("\n".join(labelled[name]) + "\n")
     # Ultralytics resolves relative dataset paths against its own settings dir: use absolute ones.
     val_dir = "images/val" if val else "images/train"
-    yaml = out / "data.yaml"
-    write_text(yaml, f"path: {out.resolve()}\ntrain: images/train\nval: {val_dir}\nnames:\n  0: animal\n")
-    return YoloDataset(yaml, len(names) - len(val), len(val), sorted(val), skipped)
+    yaml = staging / "data.yaml"
+    yaml.write_text(f"path: {out.resolve()}\ntrain: images/train\nval: {val_dir}\nnames:\n  0: animal\n")
+    return YoloDataset(out / "data.yaml", len(names) - len(val), len(val), sorted(val))
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
