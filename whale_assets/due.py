@@ -28,6 +28,7 @@ from dagster._core.definitions.temporal_context import TemporalContext
 from dagster._time import get_current_datetime
 
 ROOT = "reads the data set"
+READS_FILES = {"whale/reads_files": "true"}  # an asset's tag: it reads files Dagster cannot watch, so every run reads them again
 SETTINGS = "settings changed"
 FORCED = "--force"
 
@@ -116,8 +117,7 @@ def due_now(
         if key in done:
             continue
         node = graph.get(key)
-        parents = set(node.parent_keys)
-        if not parents:
+        if not node.parent_keys or all(node.tags.get(k) == v for k, v in READS_FILES.items()):
             due.why[key] = ROOT
             continue
         status = resolver.get_status(key, partition)

@@ -7,6 +7,7 @@ import pandas as pd
 
 from whale_assets.metadata import photo_list, table_meta
 from whale_assets.resources import WhaleHome
+from whale_assets.due import READS_FILES
 from whale_assets.versions import table_version
 from whale_assets.launchpad import MetadataSettings
 from whale_ml.data.demo import ensure_demo_data
@@ -116,7 +117,9 @@ def test_metadata(context: dg.AssetExecutionContext, config: MetadataSettings, w
     return dg.MaterializeResult(value=df, metadata=metadata, data_version=table_version(df))
 
 
-@dg.asset(group_name="raw", kinds={"pandas"}, code_version="1")
+# Each photo's size and time are read from disk: a photo replaced under the same name changes
+# this table though the CSVs do not, so `whale run` reads it again every run (whale_assets/due.py).
+@dg.asset(group_name="raw", kinds={"pandas"}, code_version="1", tags=READS_FILES)
 def photos(train_metadata: pd.DataFrame, test_metadata: pd.DataFrame) -> dg.MaterializeResult:
     """Every photo the detection stage boxes and crops, training photos then test photos:
     ``image, path, split, species`` (test photos' species is unknown) and each file's size
