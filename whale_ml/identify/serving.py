@@ -16,6 +16,7 @@ core imports it, so ``whale_ml.identify`` stays usable without MLflow.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import warnings
@@ -192,6 +193,8 @@ def log_release_model(
         "models": [m.describe() for m in models],
         "source_home": str(layout.home),
     }
+    # MLflow reads the logged folder back once to check it: no per-file bar in a step's log.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with tempfile.TemporaryDirectory(prefix="whale-release-model-") as tmp:
         release = HomeLayout(Path(tmp) / ARTIFACT)
         write_release_home(layout, gallery, models, tuned, release)

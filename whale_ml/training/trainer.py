@@ -174,10 +174,15 @@ class TrainResult:
 
 
 def data_fingerprint(train: pd.DataFrame, val: pd.DataFrame) -> str:
-    """Digest of a fold's photos and labels: a checkpoint is only resumed on the same data."""
+    """Digest of a fold's photos and labels: a checkpoint is only resumed on the same data.
+
+    A photo counts by its file name, not its folder: a crop's name carries a digest of its
+    photo, box, size and mode (whale_ml/detection/crops.py), so a moved or copied home keeps
+    its fold models, as it keeps its tables' data versions (whale_assets/versions.py)."""
     h = hashlib.sha1()
     for frame, cols in ((train, ["path", "label"]), (val, ["path", "truth"])):
-        rows = sorted(map(tuple, frame[cols].astype(str).to_numpy().tolist())) if len(frame) else []
+        named = frame[cols].astype(str).assign(path=lambda f: f["path"].map(lambda p: Path(p).name)) if len(frame) else frame
+        rows = sorted(map(tuple, named[cols].to_numpy().tolist())) if len(frame) else []
         h.update(repr(rows).encode())
     return h.hexdigest()
 
