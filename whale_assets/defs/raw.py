@@ -1,4 +1,4 @@
-"""Group ``raw`` (stage ``prepare_data``): the Kaggle CSVs, validated and normalised."""
+"""Group ``raw`` (stage ``prepare_data``): the Kaggle CSVs, validated and normalised, and the photos they list."""
 
 from pathlib import Path
 

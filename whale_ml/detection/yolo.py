@@ -207,8 +207,8 @@ def write_yolo_dataset(
     labels are fractions of the photo's width and height, the same at any uniform scale.
     Without ``imgsz``, the photos are linked (copied where links fail) as they are and
     only their headers are read; ultralytics then decodes each at full size in every
-    epoch, ~12x the training time on survey photos (docs/benchmarks.md, "The detector's
-    training images").
+    epoch: on survey-size photos 2.4x the training time at 3 epochs, more with every epoch
+    (docs/benchmarks.md, "The detector's training images").
 
     The data set is built in a staging folder and renamed to ``out_dir`` when whole, so
     ``out_dir`` never holds part of one.
