@@ -5,9 +5,11 @@ Runs go through the Dagster instance in ``$DAGSTER_HOME`` (default
 materialisations, checks and logs. The stages of ``whale_assets/stages.py``, in
 order and in-process: ``prepare_data`` (everything up to the folds), then for each
 training round the recipe asks for (top-level ``rounds``, default ``$WHALE_ROUNDS`` or
-1): its pseudo-labels (after the first round), its fold models once per fold partition,
-and its ensemble stage (gallery, threshold, submission and score). The last round is the
-release, whose gallery ``whale identify`` and ``whale enroll`` then serve. A later round's
+the default): its pseudo-labels (after the first round), its fold models once per fold
+partition, and its ensemble stage (gallery, threshold, submission, score, release). The
+last round makes the release, which ``whale identify`` and ``whale enroll`` serve when it
+is the champion release (docs/training.md, "Releases in MLflow"). Each stage
+materialises only what is due (:mod:`whale_assets.due`), everything with ``--force``. A later round's
 op takes the settings of the round before it (``round2__arcface_model`` those of
 ``arcface_model``) unless the recipe gives it its own.
 """
@@ -278,7 +280,9 @@ def _summary(timings: dict[str, float], instance: Any, rounds: Sequence[Any]) ->
 
     per_round = {rnd.title: _headline(rnd, found) for rnd in rounds}
     release = rounds[-1].title
-    return {"timings": timings, **per_round[release], "release": release, "rounds": {k: v for k, v in per_round.items() if v}}
+    decided = found(rounds[-1].key("release")) or {}
+    champion = {"champion": decided.get("champion"), "decision": decided.get("decision"), "champion_round": decided.get("champion_round")}
+    return {"timings": timings, **per_round[release], "release": release, **champion, "rounds": {k: v for k, v in per_round.items() if v}}
 
 
 def _headline(rnd: Any, found: Any) -> dict[str, Any]:
@@ -318,7 +322,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{title:<18}: validation MAP@5 {_score(numbers.get('oof_map5'))}, test MAP@5 {_score(numbers.get('map5'))}"
                 + (f", trained with {pseudo['photos']} pseudo-labels (confidence {_score(pseudo['confidence'])})" if pseudo else "")
             )
-    print(f"release           : {summary['release']} (what whale identify and whale enroll serve)")
+    if summary.get("champion") is False:
+        print(
+            f"release           : {summary['release']}, not the champion ({summary['decision']}); whale identify and whale enroll "
+            f"serve the champion release (round {summary['champion_round']})"
+        )
+    else:
+        print(f"release           : {summary['release']}, the champion release (what whale identify and whale enroll serve)")
     print(f"submission        : {summary.get('submission')}")
     if summary.get("oof_map5") is not None:
         print(f"validation MAP@5  : {summary['oof_map5']:.4f} (out-of-fold, threshold {summary['threshold']:.4f})")
