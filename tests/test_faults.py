@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from health import wait_healthy
 
 from whale_assets.instance import prepare_dagster_home
 from whale_assets.run import load_recipe, run_pipeline
@@ -484,17 +484,8 @@ def mlflow_server(tmp_path: Path, free_port: Callable[[], int]) -> Iterator[tupl
                 start_new_session=True,
             )
         )
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        return artifacts
-            except OSError:
-                pass
-            assert procs[-1].poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "mlflow server did not start in 90 s"
-            time.sleep(0.3)
+        wait_healthy(uri, tmp_path / "server.log", timeout=90, proc=procs[-1], interval=0.3)
+        return artifacts
 
     yield uri, start
     for proc in procs:

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -27,6 +26,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from chromium import SKIP_REASON, browser, chromium_command
+from health import wait_healthy
 from PIL import ImageEnhance
 
 from whale_assets.cli import main as whale
@@ -452,16 +452,7 @@ def test_release_model_is_served_by_mlflow_models_serve(home: dict, release_mode
         )  # fmt: skip
         try:
             url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                        if resp.status == 200:
-                            break
-                except OSError:
-                    pass
-                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
-                time.sleep(0.5)
+            wait_healthy(url, log_path, timeout=180, proc=proc)
             photos = _release_photos(home)[:2] + [str(home["root"] / "missing.jpg")]
 
             def post(columns: list[str], data: list[list[str]]) -> tuple[int, dict]:

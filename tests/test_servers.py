@@ -22,6 +22,7 @@ import mlflow
 import pytest
 import yaml
 from chromium import SKIP_REASON, browser, chromium_command
+from health import wait_healthy
 
 from whale_assets.resources import MlflowTracking
 from whale_assets.rounds import Round
@@ -298,19 +299,6 @@ def mlflow_ui(dagster_dev: Dagster, tmp_path: Path) -> Iterator[str]:
         log.close()
 
 
-def _wait_healthy(url: str, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, f"mlflow ui did not answer in {timeout:.0f} s: {log.read_text()[-2000:]}"
-        time.sleep(0.5)
-
-
 @pytest.mark.skipif(browser() is None, reason=SKIP_REASON)
 def test_mlflow_links_open_the_training_runs_in_headless_chromium(dagster_dev: Dagster, mlflow_ui: str, tmp_path: Path) -> None:
     """The MLflow link of a fold model's materialisation, followed in a real browser: the run
@@ -325,7 +313,7 @@ def test_mlflow_links_open_the_training_runs_in_headless_chromium(dagster_dev: D
         link = _latest_mlflow_link(dagster_dev, "arcface_model")
     assert link is not None and link.startswith(f"{mlflow_ui}/#/experiments/"), link
     experiment_id = link.split("/#/experiments/")[1].split("/")[0]
-    _wait_healthy(mlflow_ui, tmp_path / "mlflow_ui.log")
+    wait_healthy(mlflow_ui, tmp_path / "mlflow_ui.log")
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{dagster_dev.home / 'mlflow.db'}")
     assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"

@@ -223,9 +223,13 @@ class FoldRuns:
 
 
 def log_release_run(
-    tracking_uri: str, run_id: str, params: Mapping[str, str], metrics: Mapping[str, float], tags: Mapping[str, str]
+    tracking_uri: str,
+    run_id: str,
+    params: Mapping[str, str] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    tags: Mapping[str, str] | None = None,
 ) -> None:
-    """Log a release's parameters, metrics and tags to its run, in one request."""
+    """Log parameters, metrics and tags to a release run, in one request."""
     import time
 
     import mlflow
@@ -236,9 +240,9 @@ def log_release_run(
     with refusals_named(tracking_uri):
         client.log_batch(
             run_id,
-            metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
-            params=[Param(k, str(v)) for k, v in params.items()],
-            tags=[RunTag(k, str(v)) for k, v in tags.items()],
+            metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
+            params=[Param(k, str(v)) for k, v in (params or {}).items()],
+            tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
         )
 
 
@@ -308,16 +312,6 @@ def nest_runs(tracking_uri: str, parent_run_id: str, run_ids: Sequence[str]) -> 
         for run_id in run_ids:
             if run_id != parent_run_id:
                 client.set_tag(run_id, PARENT_RUN_TAG, parent_run_id)
-
-
-def tag_run(tracking_uri: str, run_id: str, tags: Mapping[str, str]) -> None:
-    """Set ``tags`` on run ``run_id``."""
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    with refusals_named(tracking_uri):
-        for key, value in tags.items():
-            client.set_tag(run_id, key, value)
 
 
 def alias_missing(exc: BaseException) -> bool:

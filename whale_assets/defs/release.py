@@ -17,7 +17,7 @@ from whale_ml.data.folds import validation_digest
 from whale_ml.gallery.champion import ReleaseCandidate, ReleaseDecision, publish_release
 from whale_ml.gallery.lineage import LineageError, model_versions
 from whale_ml.gallery.matchers import check_matcher
-from whale_ml.gallery.versions import load_version
+from whale_ml.gallery.versions import GalleryVersion, load_version
 from whale_ml.home import HomeLayout
 from whale_ml.registry import RELEASE_STAGE
 
@@ -69,12 +69,13 @@ def release_asset(rnd: Round) -> dg.AssetsDefinition:
         layout, run_name = rnd.layout(whale), f"release_{rnd.title}_{gallery['version']}"
         # The run first: a server that refuses fails the step before any work.
         with mlflow.start_run(context, run_name=run_name, tags={"stage": RELEASE_STAGE, "round": rnd.title}) as run:
-            candidate = _candidate(rnd, layout, cv_folds, gallery, match_threshold, submission_score)
+            version = load_version(layout, gallery["version"])  # read once: the candidate's lineage, the logged model's gallery
+            candidate = _candidate(rnd, version, cv_folds, match_threshold, submission_score)
             try:
                 decision = publish_release(layout, mlflow.uri, run.info.run_id, run.info.experiment_id, candidate)
             except LineageError as exc:
                 raise dg.Failure(str(exc), allow_retries=False) from exc
-            servable = _log_servable(config, mlflow, layout, candidate, decision) if config.log_model else None
+            servable = _log_servable(config, mlflow, layout, version, candidate, decision) if config.log_model else None
             url = mlflow.run_url(run.info.experiment_id, run.info.run_id)
             champion_url = mlflow.run_url(run.info.experiment_id, decision.champion.run_id)
         context.log.info(f"release {run_name}: {'champion' if decision.promoted else 'not champion'} ({decision.reason})")
@@ -90,7 +91,12 @@ def release_asset(rnd: Round) -> dg.AssetsDefinition:
 
 
 def _log_servable(
-    config: ReleaseSettings, mlflow: MlflowTracking, layout: HomeLayout, candidate: ReleaseCandidate, decision: ReleaseDecision
+    config: ReleaseSettings,
+    mlflow: MlflowTracking,
+    layout: HomeLayout,
+    version: GalleryVersion,
+    candidate: ReleaseCandidate,
+    decision: ReleaseDecision,
 ) -> str:
     """Log the release's pyfunc model into the active (release) run with the very checkpoints its
     gallery version was built with, register it and point ``challenger`` (and ``champion``,
@@ -99,7 +105,6 @@ def _log_servable(
     from whale_ml.identify.serving import log_release_model
     from whale_ml.registry import point_aliases
 
-    version = load_version(layout, candidate.gallery_version)
     models = gallery_models(version.lineage, layout.model_dir, mlflow.uri, layout.home / "model_cache")
     tags = {"round": str(candidate.number), "gallery_version": candidate.gallery_version, "models_key": candidate.models_key}
     info = log_release_model(layout, version, models, candidate.matcher, registered_model_name=config.registered_model, tags=tags)
@@ -110,12 +115,11 @@ def _log_servable(
 
 
 def _candidate(
-    rnd: Round, layout: HomeLayout, cv_folds: pd.DataFrame, gallery: dict[str, Any], match_threshold: dict[str, Any], score: dict[str, Any]
+    rnd: Round, version: GalleryVersion, cv_folds: pd.DataFrame, match_threshold: dict[str, Any], score: dict[str, Any]
 ) -> ReleaseCandidate:
     """The release the round's ensemble stage made: its gallery version, checked against the
     matcher (refused, without retries, unless both are of the same models), and its scores."""
     tuned = tuned_matcher(match_threshold)
-    version = load_version(layout, gallery["version"])
     try:
         check_matcher(tuned, version.lineage, version.name)
     except LineageError as exc:

@@ -45,7 +45,6 @@ from whale_ml.registry import (
     release_fold_runs,
     release_score,
     runs_tagged,
-    tag_run,
 )
 
 
@@ -148,14 +147,14 @@ def publish_release(
     unregistered = [m.fold for m in candidate.models if m.registered_model is None or m.version is None]
     if unregistered:
         raise LineageError(f"the {', '.join(unregistered)} model(s) of this release are not in the MLflow registry: rematerialise arcface_model")
-    log_release_run(tracking_uri, run_id, candidate.params(), candidate.metrics(), {"stage": RELEASE_STAGE, "models_key": candidate.models_key})
     models = [(m.fold, m.registered_model or "", m.version or "", m.checkpoint_sha256) for m in candidate.models]
     fold_runs = release_fold_runs(tracking_uri, experiment_id, models)
+    best = {f"{f.fold}_val_map5": f.best_val_map5 for f in fold_runs if f.best_val_map5 is not None}
+    tags = {"stage": RELEASE_STAGE, "models_key": candidate.models_key}
+    log_release_run(tracking_uri, run_id, candidate.params(), {**candidate.metrics(), **best}, tags)
     threshold_runs = runs_tagged(tracking_uri, experiment_id, {"stage": "retrieval", "models_key": candidate.models_key})
     children = {*(f.training for f in fold_runs), *(r for f in fold_runs for r in f.embedding), *threshold_runs} - {run_id}
     nest_runs(tracking_uri, run_id, sorted(children))
-    best = {f"{f.fold}_val_map5": f.best_val_map5 for f in fold_runs if f.best_val_map5 is not None}
-    log_release_run(tracking_uri, run_id, {}, best, {})
     return _decide(layout, tracking_uri, run_id, candidate, fold_runs, len(children))
 
 
@@ -190,11 +189,11 @@ def _decide(
             )
             record_champion(layout, champion)
             if old is not None and before is not None and before.run_id != run_id:
-                tag_run(tracking_uri, before.run_id, {"champion": "false"})
-        tag_run(
+                log_release_run(tracking_uri, before.run_id, tags={"champion": "false"})
+        log_release_run(
             tracking_uri,
             run_id,
-            {"champion": str(promoted).lower(), "decision": reason, "champion_before": before.run_id if before is not None else ""},
+            tags={"champion": str(promoted).lower(), "decision": reason, "champion_before": before.run_id if before is not None else ""},
         )
     assert champion is not None  # promoted whenever there was none
     return ReleaseDecision(promoted, reason, champion, before, old.oof_map5 if old is not None else None, fold_runs, nested)

@@ -129,7 +129,7 @@ def load_version(layout: HomeLayout, name: str | None = None, models_key: str | 
     with versions_lock(layout.gallery_versions_dir, exclusive=False):
         if name is not None:
             return _read_version(layout, name)
-        line = _names(layout) if models_key is None else newest_of_line(layout, models_key, every=True)
+        line = _names(layout) if models_key is None else line_versions(layout, models_key)
         current = current_version(layout) if models_key is None else (line[-1] if line else None)
         if current is None:
             if models_key is not None:
@@ -151,21 +151,18 @@ def load_version(layout: HomeLayout, name: str | None = None, models_key: str | 
             raise broken
 
 
-def newest_of_line(layout: HomeLayout, models_key: str, every: bool = False) -> list[str]:
-    """The newest version built with the model set of ``models_key`` (a list of it, empty
-    when there is none); with ``every``, all of them, oldest first. A version whose record
-    cannot be read belongs to no line."""
+def line_versions(layout: HomeLayout, models_key: str) -> list[str]:
+    """The versions built with the model set of ``models_key``, oldest first (the newest is
+    the line's head). A version whose record cannot be read belongs to no line."""
     found = []
-    for name in reversed(_names(layout)):
+    for name in _names(layout):
         try:
             models = GalleryLineage(**read_json(layout.gallery_versions_dir / name / "version.json")["lineage"]).models
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if key_of(models) == models_key:
             found.append(name)
-            if not every:
-                break
-    return found[::-1]
+    return found
 
 
 def list_versions(layout: HomeLayout) -> pd.DataFrame:
@@ -327,7 +324,7 @@ def prune_versions(layout: HomeLayout, keep: int, dry_run: bool = False, keep_li
         raise ValueError(f"keep must be at least 1, not {keep}")
     root = layout.gallery_versions_dir
     with catalogue_lock(layout, "prune"):  # the current version cannot move meanwhile
-        kept = {current_version(layout), *(newest_of_line(layout, keep_line) if keep_line else [])}
+        kept = {current_version(layout), *(line_versions(layout, keep_line)[-1:] if keep_line else [])}
         doomed = [name for name in _names(layout)[:-keep] if name not in kept]
         if dry_run or not doomed:
             return doomed
