@@ -47,9 +47,8 @@ UNKNOWN_SPECIES = "unknown"
 def read_confirmed(
     csv: str | Path, image_dir: str | Path, catalogue: pd.DataFrame, ledger: pd.DataFrame, progress: ProgressFn | None = None
 ) -> pd.DataFrame:
-    """The confirmed identities, checked: plain unique names present in ``image_dir``,
-    readable photos, an id on every row (not ``new_individual``), no photo already in
-    the catalogue, and a species (when given) that agrees with the catalogue's.
+    """The confirmed identities of a file, checked: plain unique names present in
+    ``image_dir``, then :func:`check_confirmed`'s checks.
 
     Args:
         catalogue: the current gallery's rows (``image, individual_id, species``).
@@ -65,6 +64,32 @@ def read_confirmed(
     csv, image_dir = Path(csv), Path(image_dir)
     df = read_csv_rows(csv, CONFIRMED_COLUMNS)  # indexed by line number in the file
     problems = check_names_and_files(df, image_dir, check_files=True)
+    if problems:
+        raise MetadataError(f"{csv}: " + "; ".join(problems))
+    df = df.assign(source_path=[str((image_dir / n).resolve()) for n in df["image"]])
+    return check_confirmed(df, catalogue, ledger, str(csv), progress)
+
+
+def check_confirmed(
+    df: pd.DataFrame, catalogue: pd.DataFrame, ledger: pd.DataFrame, where: str, progress: ProgressFn | None = None
+) -> pd.DataFrame:
+    """Confirmed identities checked as strictly as ``train.csv``: an id on every row (not
+    ``new_individual``, no whitespace), no photo already in the catalogue, a species (when
+    given) that agrees with the catalogue's, and every photo readable. The one check of
+    ``whale enroll``'s file and of the review page's decisions.
+
+    Args:
+        df: ``image, individual_id, source_path`` and optionally ``species``, indexed by
+            what the messages call a line (the file's line numbers).
+        where: what the messages name (the file).
+
+    Returns:
+        ``image, individual_id, species, new_individual, source_path``.
+
+    Raises:
+        MetadataError: every problem, naming its lines.
+    """
+    problems: list[str] = []
     blank = df["individual_id"] == ""
     if blank.any():
         problems.append(f"empty individual_id on line(s) {lines_listed(blank)}")
@@ -92,25 +117,46 @@ def read_confirmed(
     if clash:
         problems.append("species disagree with the catalogue: " + "; ".join(clash[:10]))
     if not problems:
-        for k, (i, name) in enumerate(zip(df.index, df["image"], strict=True)):
+        for k, (i, path) in enumerate(zip(df.index, df["source_path"], strict=True)):
             try:
-                load_rgb(image_dir / name)
+                load_rgb(path)
             except ImageReadError as exc:
                 problems.append(f"line {int(i)}: {exc}")
             if progress is not None:
                 progress(k + 1, len(df))
     if problems:
-        raise MetadataError(f"{csv}: " + "; ".join(problems))
+        raise MetadataError(f"{where}: " + "; ".join(problems))
     out = pd.DataFrame({"image": df["image"], "individual_id": df["individual_id"]}).reset_index(drop=True)
     out["species"] = [sp or species_of.get(ind, UNKNOWN_SPECIES) for sp, ind in zip(given, df["individual_id"], strict=True)]
     out["new_individual"] = ~out["individual_id"].isin(species_of)
-    out["source_path"] = [str((image_dir / n).resolve()) for n in out["image"]]
+    out["source_path"] = list(df["source_path"])
     return out
+
+
+ConfirmedRows = Callable[[pd.DataFrame, pd.DataFrame, ProgressFn | None], pd.DataFrame]
 
 
 def enroll(
     csv: str | Path,
     image_dir: str | Path,
+    layout: HomeLayout,
+    models_for: Callable[[HomeLayout, GalleryLineage], list[ResolvedModel]],
+    device: str = "cpu",
+    on_step: Callable[[str], None] | None = None,
+    progress: PhaseProgress | None = None,
+) -> dict[str, Any]:
+    """Add the photos of a file of confirmed identities (``image,individual_id[,species]``,
+    the photos in ``image_dir``) to the ledger and a new gallery version: :func:`enroll_rows`
+    with :func:`read_confirmed`."""
+
+    def rows(catalogue: pd.DataFrame, ledger: pd.DataFrame, checking: ProgressFn | None) -> pd.DataFrame:
+        return read_confirmed(csv, image_dir, catalogue, ledger, checking)
+
+    return enroll_rows(rows, layout, models_for, device, on_step, progress)
+
+
+def enroll_rows(
+    confirmed_rows: ConfirmedRows,
     layout: HomeLayout,
     models_for: Callable[[HomeLayout, GalleryLineage], list[ResolvedModel]],
     device: str = "cpu",
@@ -132,6 +178,9 @@ def enroll(
     build that publishes meanwhile carries these photos from the ledger.
 
     Args:
+        confirmed_rows: (the current gallery's rows, the ledger, a progress callback) ->
+            the checked confirmed photos (:func:`check_confirmed`'s columns); asked once
+            the lock is held, so its checks see every earlier enrolment.
         layout: the home (any round: the release's is resolved here).
         models_for: the release round's layout and its current gallery's lineage -> the
             very models it was built with (:func:`whale_ml.gallery.models.gallery_models`),
@@ -151,7 +200,7 @@ def enroll(
         gallery = load_version(layout, models_key=release.models_key)  # the champion's line (the newest version without one)
         models = models_for(layout, gallery.lineage)
         ledger = read_ledger(layout)
-        confirmed = read_confirmed(csv, image_dir, gallery.table, ledger, phase(progress, "checking"))
+        confirmed = confirmed_rows(gallery.table, ledger, phase(progress, "checking"))
         images_dir = layout.enrolled_dir / "images"
         for row in confirmed.itertuples():
             with atomic_path(images_dir / row.image) as tmp:
