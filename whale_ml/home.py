@@ -136,6 +136,12 @@ class HomeLayout:
         return self.home / "enrolled"
 
     @property
+    def review_dir(self) -> Path:
+        """The review's record: each batch ``whale identify`` answered (``batches/<id>/``) and
+        every reviewer's decision (``decisions.jsonl``); one per home, across rounds."""
+        return self.home / "review"
+
+    @property
     def reports_dir(self) -> Path:
         """Lists too long for the run's log or metadata (every unreadable photo, say), one CSV each."""
         return self.round_home / "reports"
