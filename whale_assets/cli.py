@@ -1,4 +1,4 @@
-"""The ``whale`` command: ``demo-data``, ``run``, ``identify``, ``enroll``, ``prune-gallery``."""
+"""The ``whale`` command: ``demo-data``, ``run``, ``identify``, ``enroll``, ``review``, ``prune-gallery``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ commands:
   identify PHOTO_OR_DIR... [--json] [--report OUT.html]
                                                   the five most likely individuals per photo, from the newest gallery
   enroll CONFIRMED.csv --images DIR               add confirmed photos (image,individual_id) as a new gallery version
+  review [--port N] [--host ADDR]                 a web page to review identified batches, decide and enrol
   prune-gallery --keep N [--dry-run]              delete all but the newest N gallery versions (never the current one)
 """
 
@@ -36,6 +37,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from whale_assets.identify_cli import enroll_main, identify_main
 
         return (identify_main if command == "identify" else enroll_main)(rest)
+    if command == "review":
+        from whale_assets.review.cli import review_main
+
+        return review_main(rest)
     if command == "prune-gallery":
         from whale_assets.identify_cli import prune_main
 

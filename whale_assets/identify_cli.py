@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -75,6 +75,7 @@ def identify_main(argv: Sequence[str]) -> int:
     from whale_ml.identify import expand_inputs, format_text, identify_photos, write_report
     from whale_ml.progress import terminal_progress
     from whale_ml.registry import DEFAULT_ALIAS
+    from whale_ml.review.batches import CROPS, batch_workspace, feature_settings, save_batch
     from whale_ml.training.trainer import resolve_device
 
     device = str(resolve_device(args.device))
@@ -101,20 +102,28 @@ def identify_main(argv: Sequence[str]) -> int:
         if not paths:
             print("whale identify: no photos found in " + ", ".join(args.photos), file=sys.stderr)
             return 2
-        with tempfile.TemporaryDirectory(prefix="whale-identify-") as work, terminal_progress(enabled=not args.no_progress) as progress:
-            result = identify_photos(paths, layout, gallery, models, matcher, Path(work), device, progress)
-            if args.report:
-                write_report(result, args.report)
+        # The batch is kept for `whale review`: its crops are written straight into its folder.
+        workspace = batch_workspace(layout)
+        try:
+            with terminal_progress(enabled=not args.no_progress) as progress:
+                result = identify_photos(paths, layout, gallery, models, matcher, workspace / CROPS, device, progress)
+            result["round"] = release.number
+            result["release_run"] = served.run_id if served else None
+            batch = save_batch(layout, workspace, result, local_features=feature_settings(layout, matcher.matcher).model_dump())
+        finally:
+            shutil.rmtree(workspace, ignore_errors=True)  # gone once renamed; what a failure left
+        if args.report:
+            write_report(batch.data, args.report)
     except (LineageError, ReleasePointerError) as exc:
         print(f"whale identify: {exc}", file=sys.stderr)
         return 2
     if gallery.fallback_from:
         print(f"whale identify: gallery {gallery.fallback_from} could not be read; answered with {gallery.name}, the newest whole version", file=sys.stderr)
-    for row in result["photos"]:  # the crops were temporary; the report holds them inline
+    result["batch"] = batch.id
+    for row in result["photos"]:  # the crops are the batch's; the report holds them inline
         row.pop("crop_path", None)
-    result["round"] = release.number
-    result["release_run"] = served.run_id if served else None
     print(json.dumps(result, indent=2) if args.json else format_text(result))
+    print(f"batch {batch.id} kept for review: whale review", file=sys.stderr)
     if args.report:
         print(f"report: {Path(args.report).resolve()}", file=sys.stderr)
     return 0

@@ -1,0 +1,1 @@
+"""``whale review``: the web page over the batches ``whale identify`` kept (:mod:`.app`)."""
