@@ -118,6 +118,37 @@ def test_every_package_the_code_imports_is_declared() -> None:
     assert not undeclared, f"imported but not declared in pyproject.toml (module: first importer, distributions): {undeclared}"
 
 
+def test_every_package_the_tests_import_is_in_the_dev_install() -> None:
+    """A third-party module the tests import (websocket-client for the Chromium driver, ...)
+    comes from a distribution that `pip install -e ".[dev]"` (make venv) installs by name:
+    a dependency or the dev extra, not one that arrives with another package."""
+    import ast
+    import importlib.metadata as md
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = _requirement_names(project["dependencies"]) | _requirement_names(project["optional-dependencies"]["dev"])
+    local = {p.stem for p in (REPO / "tests").glob("*.py")} | {"whale_ml", "whale_assets"}
+    providers = md.packages_distributions()
+    imported: dict[str, str] = {}
+    for path in sorted((REPO / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in local:
+                    imported.setdefault(top, str(path.relative_to(REPO)))
+    assert {"pytest", "websocket", "yaml"} <= set(imported), "the scan found the tests' imports"
+    undeclared = {
+        module: (where, providers.get(module))
+        for module, where in imported.items()
+        if not {d.lower().replace("_", "-") for d in providers.get(module, [module])} & declared
+    }
+    assert not undeclared, f"imported by the tests but not a dependency or in the dev extra (module: first importer, distributions): {undeclared}"
+
+
 def test_make_checks_the_python_version_before_creating_the_venv() -> None:
     """The pins need the Python that pyproject.toml requires; an older one is refused up front,
     with the version it found and what to run instead."""
