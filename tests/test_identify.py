@@ -6,7 +6,6 @@ progress bars of the real commands on a pseudo-terminal and piped."""
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import os
 import pty
@@ -26,18 +25,17 @@ import numpy as np
 import pandas as pd
 import pytest
 from chromium import SKIP_REASON, browser, chromium_command
+from encounter import encounter
 from health import wait_healthy
-from PIL import ImageEnhance
 
 from whale_assets.cli import main as whale
 from whale_assets.instance import prepare_dagster_home
 from whale_assets.run import load_recipe, run_pipeline
-from whale_ml.data.demo import SPECIES_LABELS, Individual, render_individual, render_photo
 from whale_ml.gallery import list_versions, load_version, read_ledger
 from whale_ml.gallery.matchers import MATCHERS_DIR
 from whale_ml.gallery.release import read_release
-from whale_ml.io import read_json
 from whale_ml.home import HomeLayout
+from whale_ml.io import read_json
 
 pytestmark = pytest.mark.e2e  # one real pipeline run, shared by the module
 
@@ -46,24 +44,7 @@ NEW_ID = "cafe0000beef"
 
 
 def _encounter(out: Path, n: int = 6) -> list[Path]:
-    """Photos of one encounter with an animal the catalogue has never seen: one scene drawn
-    like the demo set's, as a burst of frames (shifted by a few pixels, light and JPEG
-    quality varying). Frames, not independent photos: the test's 2-epoch model cannot
-    re-identify an animal across unrelated scenes (see docs/identify.md), and this test
-    is about the loop, not about the model's skill."""
-    label, species, part = SPECIES_LABELS[3]
-    sprite = render_individual(Individual(NEW_ID, label, species, part, seed=778))
-    scene, _ = render_photo(sprite, np.random.default_rng(6), (130, 130))
-    rng = np.random.default_rng(2)
-    out.mkdir(parents=True)
-    paths = []
-    w, h = scene.size
-    for i in range(n):
-        dx, dy = rng.integers(0, 4, 2)
-        frame = ImageEnhance.Brightness(scene.crop((dx, dy, w - 4 + dx, h - 4 + dy))).enhance(float(rng.uniform(0.97, 1.03)))
-        frame.save(out / f"encounter_{i}.jpg", quality=int(rng.integers(85, 96)))
-        paths.append(out / f"encounter_{i}.jpg")
-    return paths
+    return encounter(out, n, NEW_ID)
 
 
 def _whale(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -158,10 +139,10 @@ def test_class_centres_out_of_fold_and_identify_agrees_with_the_submission(home:
     from whale_ml.gallery import load_version, match_queries, query_embeddings
     from whale_ml.io import write_json
     from whale_ml.retrieval.centres import ClassCentres
-    from whale_ml.retrieval.local_features import home_feature_store
-    from whale_ml.retrieval.rerank import LocalRerank
     from whale_ml.retrieval.fusion import Fusion
+    from whale_ml.retrieval.local_features import home_feature_store
     from whale_ml.retrieval.matcher import Matcher, TunedMatcher
+    from whale_ml.retrieval.rerank import LocalRerank
     from whale_ml.retrieval.threshold import tune_out_of_fold
     from whale_ml.stage_configs import ThresholdConfig
 

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from whale_ml.environment import default_home
 from whale_ml.home import HomeLayout
-
 
 _NO_PROGRESS = "draw no progress bars (they are drawn on stderr only when it is a terminal)"
 

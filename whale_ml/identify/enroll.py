@@ -33,11 +33,11 @@ from whale_ml.data.metadata import (
 from whale_ml.gallery.catalogue import catalogue_lock
 from whale_ml.gallery.ledger import ledger_gallery_rows, read_ledger, write_ledger
 from whale_ml.gallery.lineage import GalleryLineage
+from whale_ml.gallery.models import ResolvedModel
 from whale_ml.gallery.release import read_release
 from whale_ml.gallery.versions import load_version, write_version
-from whale_ml.io import atomic_path
-from whale_ml.gallery.models import ResolvedModel
 from whale_ml.home import HomeLayout
+from whale_ml.io import atomic_path
 from whale_ml.progress import PhaseProgress, ProgressFn, phase
 
 CONFIRMED_COLUMNS = ("image", "individual_id")

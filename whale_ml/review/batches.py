@@ -27,10 +27,10 @@ from typing import Any
 
 from whale_ml.filesets import current_set
 from whale_ml.home import HomeLayout
+from whale_ml.io import flush_tree, fsync_dir, read_json, staging_dir, write_json
 from whale_ml.retrieval.local_features import features_saved
 from whale_ml.retrieval.matcher import Matcher
 from whale_ml.stage_configs import LocalFeatureConfig
-from whale_ml.io import flush_tree, fsync_dir, read_json, staging_dir, write_json
 
 BATCH_FILE = "batch.json"
 CROPS = "crops"
