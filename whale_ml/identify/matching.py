@@ -132,12 +132,7 @@ def identify_photos(
         rows.append(row)
     return {
         "schema_version": SCHEMA_VERSION,
-        "gallery": {
-            "version": gallery.name,
-            "photos": len(gallery.table),
-            "individuals": int(gallery.table["individual_id"].nunique()),
-            "enrolled_photos": int((gallery.table["source"] == "enrolled").sum()),
-        },
+        "gallery": _gallery_summary(gallery),
         "threshold": float(matcher.threshold),
         "local_rerank": matcher.rerank is not None,
         "lead_weight": float(matcher.lead_weight),
@@ -148,6 +143,16 @@ def identify_photos(
         "matcher": tuned.models_key,  # gallery/matchers/<this>.json: tuned for these models
         "top": TOP,
         "photos": rows,
+    }
+
+
+def _gallery_summary(gallery: GalleryVersion) -> dict[str, Any]:
+    """The result's ``gallery``: the version searched and its counts."""
+    return {
+        "version": gallery.name,
+        "photos": len(gallery.table),
+        "individuals": int(gallery.table["individual_id"].nunique()),
+        "enrolled_photos": int((gallery.table["source"] == "enrolled").sum()),
     }
 
 
