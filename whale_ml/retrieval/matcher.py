@@ -31,7 +31,7 @@ import pandas as pd
 from whale_ml.progress import ProgressFn
 from whale_ml.retrieval.centres import ClassCentres, centre_similarity, ensemble_centre_similarity
 from whale_ml.retrieval.faiss_index import build_index, l2_normalise, search_gallery
-from whale_ml.retrieval.fusion import Fusion, ScorePart, fused_scores, plain_parts, row_order
+from whale_ml.retrieval.fusion import GLOBAL, Fusion, ScorePart, fused_scores, plain_parts, row_order
 from whale_ml.retrieval.local_features import FeatureStore, PhotoFeatures
 from whale_ml.retrieval.ranking import TOP, decision_scores, first_leads, predict_top5, query_thresholds
 from whale_ml.retrieval.rerank import Inliers, LocalRerank, match_candidates
@@ -296,7 +296,7 @@ class Ranking:
     @property
     def embedding_sims(self) -> np.ndarray:
         """Each candidate's best-photo cosine similarity (the ``global`` matcher's value)."""
-        return self.parts["global"].value
+        return self.parts[GLOBAL].value
 
 
 def gather_evidence(
