@@ -116,6 +116,13 @@ def test_identify_lists_five_candidates_per_photo_and_an_error_row_per_bad_photo
         assert row["decision_score"] == pytest.approx(sims[0] + result["lead_weight"] * lead, abs=1e-5)
         assert row["new_individual"] == (row["decision"] == "new_individual") == (row["decision_score"] < row["threshold"])
         assert len(row["box"]) == 4 and isinstance(row["crop_is_full_frame"], bool)
+        # Each score is explained: its parts add up to it, and the lead's share to the decision score.
+        for c in cands:
+            assert sum(p["contribution"] for p in c["score_parts"].values()) == pytest.approx(c["similarity"], abs=1e-5)
+            assert c["score_parts"]["local"]["value"] == c["inliers"]
+            if abs(c["decision_score"] - row["threshold"]) > 1e-6:  # (rounded to 6 decimals)
+                assert c["above_threshold"] == (c["decision_score"] >= row["threshold"])
+        assert row["decision_score"] == pytest.approx(sims[0] + row["lead"]["contribution"], abs=2e-6)
 
     # The same photos, models and gallery as the pipeline's submission: the same answers.
     submission = pd.read_csv(layout.submission, dtype=str).set_index("image")["predictions"]
@@ -183,6 +190,16 @@ def test_class_centres_out_of_fold_and_identify_agrees_with_the_submission(home:
     rows = {p["image"]: p for p in json.loads(out)["photos"]}
     assert {img: rows[img]["predictions"] for img in images} == dict(zip(images, expected.predictions, strict=True))
     assert [rows[img]["candidates"][0]["similarity"] for img in images] == pytest.approx(expected.sims[:, 0].tolist(), abs=1e-6)
+    # Each candidate's parts are the three matchers' shares, as the matching weighed them.
+    for q, img in enumerate(images):
+        for k, c in enumerate(rows[img]["candidates"]):
+            parts = c["score_parts"]
+            assert set(parts) == {"global", "local", "centre"} and sum(p["contribution"] for p in parts.values()) == pytest.approx(
+                c["similarity"], abs=1e-5
+            )
+            assert parts["global"]["value"] == pytest.approx(expected.embedding_sims[q, k], abs=1e-6)
+            assert parts["local"]["value"] == expected.inliers[q, k] == c["inliers"]
+            assert parts["centre"]["weight"] == 0.3 and parts["centre"]["from_global"] == bool(np.isnan(expected.centre_sims[q, k]))
 
 
 def test_identify_applies_the_lead_rule_it_reads(home: dict, capsys: pytest.CaptureFixture[str]) -> None:
@@ -206,6 +223,9 @@ def test_identify_applies_the_lead_rule_it_reads(home: dict, capsys: pytest.Capt
     assert code == 0
     result = json.loads(out)
     assert result["lead_weight"] == 2.0 and result["photos"][q]["decision"] == rows[q]["candidates"][0]["individual_id"]
+    lead = result["photos"][q]["lead"]
+    assert lead["weight"] == 2.0 and lead["value"] == pytest.approx(leads[q], abs=2e-6)
+    assert result["photos"][q]["decision_score"] == pytest.approx(s1 + lead["contribution"], abs=2e-6)
     for row in result["photos"]:
         sims = [c["similarity"] for c in row["candidates"]]
         ids = [c["individual_id"] for c in row["candidates"]]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from whale_ml.data.demo import Individual, render_individual, render_photo
+from whale_ml.data.images import ImageReadError
 from whale_ml.retrieval.local_features import (
     FeatureStore,
     box_patch,
@@ -21,8 +22,10 @@ from whale_ml.retrieval.local_features import (
     count_inliers,
     describe,
     extract_features,
+    inlier_pairs,
     save_features,
 )
+from whale_ml.retrieval.match_drawing import DRAW_WIDTH, GAP, draw_matches, keypoint_matches
 from whale_ml.stage_configs import LocalFeatureConfig
 
 
@@ -102,6 +105,85 @@ def test_candidates_take_the_photos_most_like_the_query_and_the_best_inliers(tmp
     assert inl.shape == (2, 2)
     assert inl[0, 0] == count_inliers(fa1, fa2, cfg) and inl[0, 1] == count_inliers(fa1, fb, cfg)
     assert inl[1].tolist() == [0, 0]  # a query without features has no local evidence
+
+
+@pytest.mark.parametrize("method", ["sift", "orb"])
+def test_inlier_pairs_are_what_count_inliers_counts(tmp_path, method):
+    cfg = LocalFeatureConfig(method=method)
+    path, box, copy_path, copy_box = _shifted_copy(tmp_path)
+    a = _photos(tmp_path, 1, "fluke", 2)  # another encounter of one animal (few inliers or none)
+    b = _photos(tmp_path, 101, "fluke", 1)  # another animal
+    photos = ((path, box), (copy_path, copy_box), *a, *b)
+    f0, f1, fa1, fa2, fb = (describe(box_patch(p, bx, cfg.size), cfg) for p, bx in photos)
+    found = 0
+    for one, other in ((f0, f1), (f1, f0), (fa1, fa2), (fa1, fb), (f0, fb)):
+        src, dst = inlier_pairs(one, other, cfg)
+        assert src.shape == dst.shape == (count_inliers(one, other, cfg), 2)
+        # Each pair joins a keypoint of one photo to a keypoint of the other.
+        assert all((one.points == p).all(axis=1).any() for p in src) and all((other.points == p).all(axis=1).any() for p in dst)
+        found += len(src)
+    assert found > 0
+
+
+def _shifted_copy(tmp_path, dx: int = 23, dy: int = 11) -> tuple[Path, tuple[int, int, int, int], Path, tuple[int, int, int, int]]:
+    """A drawn photo and a copy of it cropped by ``(dx, dy)`` at the top left (a shifted
+    view of the same marks), each with the animal's box in its own pixels."""
+    path, box = _photos(tmp_path, 6, "fluke", 1)[0]
+    from PIL import Image
+
+    with Image.open(path) as im:
+        copy = im.crop((dx, dy, im.width, im.height))
+    copy_path = tmp_path / "copy.png"  # lossless: the copy differs by the shift alone
+    copy.save(copy_path)
+    return Path(path), box, copy_path, (box[0] - dx, box[1] - dy, box[2] - dx, box[3] - dy)
+
+
+def _expected_size(q: np.ndarray, g: np.ndarray) -> tuple[int, int]:
+    raw_w, raw_h = q.shape[1] + GAP + g.shape[1], max(q.shape[0], g.shape[0])
+    return DRAW_WIDTH, round(raw_h * DRAW_WIDTH / raw_w)
+
+
+def test_a_photo_drawn_against_a_shifted_copy_of_itself_shows_its_inliers(tmp_path):
+    cfg = LocalFeatureConfig()
+    path, box, copy_path, copy_box = _shifted_copy(tmp_path)
+    image, inliers = keypoint_matches(path, box, copy_path, copy_box, cfg)
+    q, g = box_patch(path, box, cfg.size), box_patch(copy_path, copy_box, cfg.size)
+    assert inliers == count_inliers(describe(q, cfg), describe(g, cfg), cfg) and inliers >= 20
+    assert image.mode == "RGB" and image.size == _expected_size(q, g)
+    # The lines are drawn in colour over grey patches.
+    rgb = np.asarray(image).astype(int)
+    assert (np.ptp(rgb, axis=2) > 100).sum() > 50 * inliers
+
+    # No box: the whole photo, as the feature stage takes a photo without a detection.
+    whole, n = keypoint_matches(path, None, copy_path, None, cfg)
+    assert n >= 10 and whole.width == DRAW_WIDTH
+
+
+def test_a_photo_drawn_against_noise_has_no_inliers(tmp_path):
+    from PIL import Image
+
+    cfg = LocalFeatureConfig()
+    path, box, _, _ = _shifted_copy(tmp_path)
+    noise_path = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 420), dtype=np.uint8)).save(noise_path)
+    image, inliers = keypoint_matches(path, box, noise_path, None, cfg)
+    assert inliers == 0
+    q, g = box_patch(path, box, cfg.size), box_patch(noise_path, (0, 0, 420, 300), cfg.size)
+    assert image.size == _expected_size(q, g)
+    # Nothing drawn: the patches alone, grey, on the grey background.
+    assert np.ptp(np.asarray(image).astype(int), axis=2).max() <= 10  # the background: (24, 28, 34)
+    assert draw_matches(q, g, (np.zeros((0, 2)), np.zeros((0, 2)))).size == image.size
+
+
+def test_an_unreadable_photo_is_named(tmp_path):
+    cfg = LocalFeatureConfig()
+    path, box, _, _ = _shifted_copy(tmp_path)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a photo at all")
+    with pytest.raises(ImageReadError, match="broken.jpg"):
+        keypoint_matches(path, box, broken, None, cfg)
+    with pytest.raises(ImageReadError, match="missing.jpg"):
+        keypoint_matches(tmp_path / "missing.jpg", (0, 0, 10, 10), path, box, cfg)
 
 
 # ---------------------------------------------------------------- the stored set, with a writer in another process

@@ -17,6 +17,7 @@ from whale_ml.data.metadata import NEW_INDIVIDUAL
 from whale_ml.gallery.embed import crop_photos, embed_crops
 from whale_ml.gallery.versions import GalleryVersion
 from whale_ml.gallery.models import ResolvedModel
+from whale_ml.identify.explain import format_lead, format_parts, lead_json, score_parts_json
 from whale_ml.progress import PhaseProgress, phase
 from whale_ml.retrieval.faiss_index import best_photo_per_candidate
 from whale_ml.retrieval.local_features import extract_features, home_feature_store
@@ -67,8 +68,8 @@ def identify_photos(
             matching = phase(progress, "matching")  # without re-ranking, matching is a search: no phase of its own
         found = match_queries(gallery, emb, matcher, query_features, store, progress=matching)
         sims, ids, thresholds, predictions = found.sims, found.ids, found.thresholds, found.predictions
-        decisions = found.decisions
-        inliers = found.inliers
+        decisions, leads = found.decisions, found.leads
+        inliers, parts = found.inliers, found.parts
         matched = best_photo_per_candidate(gallery.embeddings, gallery.table["individual_id"].to_numpy(), emb, ids.tolist())
     rows: list[dict[str, Any]] = []
     q = 0
@@ -84,6 +85,7 @@ def identify_photos(
             "crop_path": photo.crop_path or None,
             "threshold": None,
             "decision_score": None,
+            "lead": None,
             "decision": None,
             "new_individual": None,
             "candidates": [],
@@ -99,11 +101,14 @@ def identify_photos(
                     {
                         "rank": rank,
                         "individual_id": str(ind),
-                        # The score the threshold applies to: the fused one when re-ranked by local features.
+                        # The ranking score: the fused one with a fusion (local features, class centres), else the cosine.
                         "similarity": round(float(sim), 6),
                         "embedding_similarity": round(float(photo_sim), 6),
                         "inliers": int(inliers[q, rank - 1]) if inliers is not None else None,
-                        # Its decision score at or above the threshold (the first candidate's counts its lead).
+                        # Each matcher's share of `similarity`: why this candidate stands where it does.
+                        "score_parts": score_parts_json(parts, q, rank - 1),
+                        # What the threshold is compared with: `similarity`, plus the lead's share for the first.
+                        "decision_score": round(float(decisions[q, rank - 1]), 6),
                         "above_threshold": bool(decisions[q, rank - 1] >= thresholds[q]),
                         "gallery_image": g["image"],
                         "gallery_crop": g["crop_path"],
@@ -116,6 +121,7 @@ def identify_photos(
                     "error": None,
                     "threshold": float(thresholds[q]),
                     "decision_score": round(float(decisions[q, 0]), 6),
+                    "lead": lead_json(float(leads[q]), matcher.lead_weight),
                     "decision": predictions[q][0],
                     "new_individual": predictions[q][0] == NEW_INDIVIDUAL,
                     "candidates": candidates,
@@ -126,20 +132,27 @@ def identify_photos(
         rows.append(row)
     return {
         "schema_version": SCHEMA_VERSION,
-        "gallery": {
-            "version": gallery.name,
-            "photos": len(gallery.table),
-            "individuals": int(gallery.table["individual_id"].nunique()),
-            "enrolled_photos": int((gallery.table["source"] == "enrolled").sum()),
-        },
+        "gallery": _gallery_summary(gallery),
         "threshold": float(matcher.threshold),
         "local_rerank": matcher.rerank is not None,
         "lead_weight": float(matcher.lead_weight),
+        # The weight of each matcher in the ranking score (null: the cosine similarity alone).
+        "fusion_weights": dict(matcher.fusion.weights) if matcher.fusion is not None else None,
         "species_thresholds": dict(matcher.species_thresholds),
         "models": [m.describe() for m in models],
         "matcher": tuned.models_key,  # gallery/matchers/<this>.json: tuned for these models
         "top": TOP,
         "photos": rows,
+    }
+
+
+def _gallery_summary(gallery: GalleryVersion) -> dict[str, Any]:
+    """The result's ``gallery``: the version searched and its counts."""
+    return {
+        "version": gallery.name,
+        "photos": len(gallery.table),
+        "individuals": int(gallery.table["individual_id"].nunique()),
+        "enrolled_photos": int((gallery.table["source"] == "enrolled").sum()),
     }
 
 
@@ -160,8 +173,14 @@ def format_text(result: dict[str, Any]) -> str:
         why = f"{name} {best:.4f} {'<' if row['new_individual'] else '>='} threshold {row['threshold']:.4f}"
         crop = "full frame" if row["crop_is_full_frame"] else "detector box"
         lines.append(f"\n{row['image']}: {row['decision']}  ({why}; {crop})")
+        lead = format_lead(row)
+        if lead:
+            lines.append(f"  {lead}")
+        fused = result.get("fusion_weights") is not None
         for c in row["candidates"]:
             mark = " " if c["above_threshold"] else "-"
             lines.append(f"  {c['rank']}. {c['individual_id']:<24} {c['similarity']:.4f} {mark} best match {c['gallery_image']}")
+            if fused:  # the plain cosine needs no explaining
+                lines.append(f"       {format_parts(c)}")
         lines.append(f"  predictions: {' '.join(row['predictions'])}")
     return "\n".join(lines)

@@ -1,7 +1,8 @@
 """The identification report: one self-contained HTML page per batch.
 
 Each query crop sits beside its five candidates' best-matching gallery crops, with
-similarities, the threshold and the decision. Images are inlined as base64 data
+similarities, the parts of each ranking score (:mod:`whale_ml.identify.explain`), the
+lead of the first candidate, the threshold and the decision. Images are inlined as base64 data
 URIs and the style sheet is inline, so the page reads offline, mailed or archived,
 and loads nothing from anywhere.
 """
@@ -16,6 +17,7 @@ from typing import Any
 
 from PIL import Image
 
+from whale_ml.identify.explain import format_lead, format_parts
 from whale_ml.io import write_text
 
 THUMB = 160
@@ -33,6 +35,8 @@ figure.query img{outline:3px solid #2f6fdf}
 figure.below img{opacity:.55}
 figcaption{margin-top:.25em;word-break:break-all}
 .sim{font-weight:600}
+.parts{display:block;color:#566;font-size:.92em;margin-top:.15em}
+.lead{color:#334;font-size:.9em;margin:.2em 0 .5em}
 .new{color:#b5420e;font-weight:700}
 .known{color:#1c7c3c;font-weight:700}
 .error{color:#b00020}
@@ -85,13 +89,18 @@ def render_report(result: dict[str, Any], title: str = "Photo identification") -
         verdict = '<span class="new">new_individual</span>' if row["new_individual"] else f'<span class="known">{e(row["decision"])}</span>'
         crop = "full frame" if row["crop_is_full_frame"] else "detector box"
         parts.append(f"<h2>{e(row['image'])} &rarr; {verdict} <small>(threshold {row['threshold']:.4f}; {crop})</small></h2>")
+        lead = format_lead(row, times="×")
+        if lead:
+            parts.append(f'<p class="lead">{e(lead)}</p>')
         parts.append('<div class="row">')
         parts.append(_figure(row["crop_path"], f"query<br>{e(row['image'])}", "query"))
         for c in row["candidates"]:
             side = "&ge;" if c["above_threshold"] else "&lt;"
+            # Why it ranks here: each matcher's weight x probability (the plain cosine without a fusion).
+            explained = f'<span class="parts">{e(format_parts(c, times="×"))}</span>' if c.get("score_parts") else "<br>"
             caption = (
                 f"#{c['rank']} <b>{e(c['individual_id'])}</b><br>"
-                f'<span class="sim">{c["similarity"]:.4f}</span> {side} threshold<br>{e(c["gallery_image"])}'
+                f'<span class="sim">{c["similarity"]:.4f}</span> {side} threshold{explained}{e(c["gallery_image"])}'
                 + (" (enrolled)" if c["gallery_source"] == "enrolled" else "")
             )
             parts.append(_figure(c["gallery_crop"], caption, "" if c["above_threshold"] else "below"))

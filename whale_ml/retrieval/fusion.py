@@ -18,6 +18,10 @@ centre (an individual no fold model trained on, e.g. enrolled later) takes its
 ``global`` probability in place of the centre's: it is scored by its photos alone,
 neither rewarded nor punished for the missing evidence.
 
+:meth:`Fusion.parts` gives each matcher's raw score, probability and weighted
+contribution (:class:`ScorePart`); the fused score is their sum (:func:`fused_scores`,
+the one sum :meth:`Fusion.scores` computes), so a ranking can be explained term by term.
+
 The weights are chosen out of fold together with the new_individual threshold: for
 each point of a grid on the simplex, the exact best threshold (:func:`tune_threshold`,
 every distinct value) and its MAP@5; the best point wins, and among equally good ones
@@ -94,6 +98,55 @@ COMPONENTS = (GLOBAL, LOCAL, CENTRE)
 
 
 @dataclass(frozen=True)
+class ScorePart:
+    """One matcher's share of a ranking score, per (query, candidate): what a reviewer reads
+    to see why one candidate stands above another.
+
+    Attributes:
+        weight: the matcher's weight in the fusion (1 for the plain similarity).
+        value: (n, K) its raw score: the best-photo cosine (``global``, ``-inf`` padding),
+            the inlier count (``local``), the class-centre cosine (``centre``; NaN where the
+            candidate has no centre, and its probability is then the ``global`` one).
+        probability: (n, K) the calibrated probability of the same individual (NaN on
+            padding); None when the score is the plain similarity (no fusion: ``value``
+            enters uncalibrated).
+    """
+
+    weight: float
+    value: np.ndarray
+    probability: np.ndarray | None
+
+    @property
+    def contribution(self) -> np.ndarray:
+        """(n, K) what it adds to the score: ``weight * probability`` (``weight * value`` uncalibrated)."""
+        return self.weight * (self.value if self.probability is None else self.probability)
+
+    def take(self, order: np.ndarray) -> ScorePart:
+        """The part with each row's candidates in ``order`` (row-wise indices, as :func:`row_order`)."""
+
+        def pick(a: np.ndarray) -> np.ndarray:
+            return np.take_along_axis(np.asarray(a), order, axis=1)
+
+        return ScorePart(self.weight, pick(self.value), None if self.probability is None else pick(self.probability))
+
+
+def plain_parts(sims: np.ndarray) -> dict[str, ScorePart]:
+    """The parts of the plain similarity (no fusion): ``global`` alone, weight 1, uncalibrated."""
+    return {GLOBAL: ScorePart(1.0, np.asarray(sims, dtype=np.float64), None)}
+
+
+def fused_scores(parts: dict[str, ScorePart]) -> np.ndarray:
+    """The score the parts make: their contributions summed in order, ``-inf`` where the
+    ``global`` value is not finite (padding). The one sum :meth:`Fusion.scores` and the
+    explanations of a ranking both read, so the contributions add up to it exactly."""
+    total: np.ndarray | None = None
+    for part in parts.values():
+        total = part.contribution if total is None else total + part.contribution
+    assert total is not None, "a score needs at least its global part"
+    return np.where(np.isfinite(parts[GLOBAL].value), total, -np.inf)
+
+
+@dataclass(frozen=True)
 class Fusion:
     """The tuned fusion: a weight and a calibration per matcher (``global`` always).
 
@@ -130,6 +183,39 @@ class Fusion:
         """The class centres' weight (0 without them)."""
         return self.weights.get(CENTRE, 0.0)
 
+    def parts(self, sims: np.ndarray, inliers: np.ndarray | None = None, centre_sims: np.ndarray | None = None) -> dict[str, ScorePart]:
+        """Each weighed matcher's share of the fused scores, ``global`` first: its raw score,
+        calibrated probability and weighted contribution (:class:`ScorePart`).
+
+        :meth:`scores` is :func:`fused_scores` of these parts, so the contributions sum to
+        the fused score exactly (in this order: ``global``, ``local``, ``centre``). A
+        matcher of weight 0 (tuned out: it did not help) is left out and needs no
+        evidence; ``global`` is always there (a missing centre takes its probability).
+        Arguments as :meth:`scores`.
+        """
+        sims = np.asarray(sims, dtype=np.float64)
+        valid = np.isfinite(sims)
+
+        def part(name: str, value: np.ndarray, probability: np.ndarray) -> ScorePart:
+            # Padding (no candidate) has no probability: NaN there, never a number to show.
+            return ScorePart(self.weights[name], value, np.where(valid, probability, np.nan))
+
+        p_global = self.calibrations[GLOBAL](np.where(valid, sims, 0.0))
+        out = {GLOBAL: part(GLOBAL, sims, p_global)}
+        if self.weights.get(LOCAL, 0.0) > 0:
+            if inliers is None:
+                raise ValueError("this fusion weighs local-feature inliers: pass them")
+            counts = np.asarray(inliers)
+            out[LOCAL] = part(LOCAL, counts, self.calibrations[LOCAL](inlier_evidence(counts)))
+        if self.weights.get(CENTRE, 0.0) > 0:
+            if centre_sims is None:
+                raise ValueError("this fusion weighs class-centre similarities: pass them")
+            centre = np.asarray(centre_sims, dtype=np.float64)
+            has = np.isfinite(centre)
+            p_centre = np.where(has, self.calibrations[CENTRE](np.where(has, centre, 0.0)), p_global)
+            out[CENTRE] = part(CENTRE, centre, p_centre)
+        return out
+
     def scores(self, sims: np.ndarray, inliers: np.ndarray | None = None, centre_sims: np.ndarray | None = None) -> np.ndarray:
         """Fused scores, ``-inf`` where ``sims`` is (padding).
 
@@ -139,23 +225,7 @@ class Fusion:
             centre_sims: (n, K) its class-centre similarity, NaN where it has no centre;
                 needed when ``centre`` has weight.
         """
-        sims = np.asarray(sims, dtype=np.float64)
-        valid = np.isfinite(sims)
-        p_global = self.calibrations[GLOBAL](np.where(valid, sims, 0.0))
-        fused = self.weights[GLOBAL] * p_global
-        # A matcher of weight 0 (tuned out: it did not help) needs no evidence.
-        if self.weights.get(LOCAL, 0.0) > 0:
-            if inliers is None:
-                raise ValueError("this fusion weighs local-feature inliers: pass them")
-            fused = fused + self.weights[LOCAL] * self.calibrations[LOCAL](inlier_evidence(inliers))
-        if self.weights.get(CENTRE, 0.0) > 0:
-            if centre_sims is None:
-                raise ValueError("this fusion weighs class-centre similarities: pass them")
-            centre = np.asarray(centre_sims, dtype=np.float64)
-            has = np.isfinite(centre)
-            p_centre = np.where(has, self.calibrations[CENTRE](np.where(has, centre, 0.0)), p_global)
-            fused = fused + self.weights[CENTRE] * p_centre
-        return np.where(valid, fused, -np.inf)
+        return fused_scores(self.parts(sims, inliers, centre_sims))
 
     def to_dict(self) -> dict[str, Any]:
         return {"weights": dict(self.weights), "calibrations": {k: c.to_dict() for k, c in self.calibrations.items()}}
@@ -165,9 +235,14 @@ class Fusion:
         return cls({k: float(v) for k, v in d["weights"].items()}, {k: Calibration.from_dict(c) for k, c in d["calibrations"].items()})
 
 
+def row_order(scores: np.ndarray) -> np.ndarray:
+    """Per row, the indices that sort it by descending score (stable: equal scores keep the embedding's order)."""
+    return np.argsort(-np.asarray(scores), axis=1, kind="stable")
+
+
 def sort_rows(scores: np.ndarray, ids: np.ndarray, *extra: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Each row sorted by descending score (stable: equal scores keep the embedding's order)."""
-    order = np.argsort(-np.asarray(scores), axis=1, kind="stable")
+    """Each row sorted by descending score (:func:`row_order`)."""
+    order = row_order(scores)
     return tuple(np.take_along_axis(np.asarray(a), order, axis=1) for a in (scores, ids, *extra))
 
 

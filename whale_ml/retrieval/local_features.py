@@ -114,16 +114,20 @@ def describe(patch: np.ndarray, cfg: LocalFeatureConfig) -> PhotoFeatures:
     return PhotoFeatures(points, np.ascontiguousarray(desc, dtype=np.uint8))
 
 
-def count_inliers(query: PhotoFeatures, candidate: PhotoFeatures, cfg: LocalFeatureConfig) -> int:
-    """Matches between two photos that one similarity transform explains (RANSAC).
+def inlier_pairs(query: PhotoFeatures, candidate: PhotoFeatures, cfg: LocalFeatureConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The matches between two photos that one similarity transform explains (RANSAC), as
+    point pairs: ``(query_points, candidate_points)``, each (m, 2) float32 in pixels of the
+    ``size`` patches, row i of one matching row i of the other; (0, 2) each when the
+    matches count as none.
 
     Matches pass Lowe's ratio test (best distance below ``cfg.ratio`` times the second
     best); fewer than :data:`MIN_INLIERS` consistent ones count as none.
     """
     import cv2
 
+    none = (np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32))
     if len(query) < 2 or len(candidate) < 2:
-        return 0
+        return none
     if cfg.method == "sift":
         matcher = cv2.BFMatcher(cv2.NORM_L2)
         pairs = matcher.knnMatch(query.descriptors.astype(np.float32), candidate.descriptors.astype(np.float32), k=2)
@@ -140,21 +144,29 @@ def count_inliers(query: PhotoFeatures, candidate: PhotoFeatures, cfg: LocalFeat
                 best[m.trainIdx] = m
     good = list(best.values())
     if len(good) < MIN_INLIERS:
-        return 0
+        return none
     src = query.points[[m.queryIdx for m in good]]  # type: ignore[attr-defined]
     dst = candidate.points[[m.trainIdx for m in good]]  # type: ignore[attr-defined]
     transform, mask = cv2.estimateAffinePartial2D(
         src, dst, method=cv2.RANSAC, ransacReprojThreshold=cfg.ransac_tolerance * cfg.size, maxIters=2000, confidence=0.99, refineIters=0
     )
     if transform is None or mask is None:
-        return 0
+        return none
     # The same animal at the same patch size: the scale between the two views is near 1
     # (both boxes are resized to `size`); a collapse or blow-up is a degenerate fit.
     scale = float(np.hypot(transform[0, 0], transform[1, 0]))
     if not MAX_SCALE_CHANGE**-1 <= scale <= MAX_SCALE_CHANGE:
-        return 0
-    inliers = int(mask.sum())
-    return inliers if inliers >= MIN_INLIERS else 0
+        return none
+    kept = mask.ravel().astype(bool)
+    if int(kept.sum()) < MIN_INLIERS:
+        return none
+    return np.asarray(src[kept], np.float32), np.asarray(dst[kept], np.float32)
+
+
+def count_inliers(query: PhotoFeatures, candidate: PhotoFeatures, cfg: LocalFeatureConfig) -> int:
+    """Matches between two photos that one similarity transform explains (RANSAC): how
+    many :func:`inlier_pairs` finds (0 below :data:`MIN_INLIERS`)."""
+    return len(inlier_pairs(query, candidate, cfg)[0])
 
 
 @dataclass

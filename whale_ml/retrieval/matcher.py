@@ -31,9 +31,9 @@ import pandas as pd
 from whale_ml.progress import ProgressFn
 from whale_ml.retrieval.centres import ClassCentres, centre_similarity, ensemble_centre_similarity
 from whale_ml.retrieval.faiss_index import build_index, l2_normalise, search_gallery
-from whale_ml.retrieval.fusion import Fusion, sort_rows
+from whale_ml.retrieval.fusion import GLOBAL, Fusion, ScorePart, fused_scores, plain_parts, row_order
 from whale_ml.retrieval.local_features import FeatureStore, PhotoFeatures
-from whale_ml.retrieval.ranking import TOP, decision_scores, predict_top5, query_thresholds
+from whale_ml.retrieval.ranking import TOP, decision_scores, first_leads, predict_top5, query_thresholds
 from whale_ml.retrieval.rerank import Inliers, LocalRerank, match_candidates
 
 MATCHER_FORMAT = 2  # the stored form's version (to_dict); the form without one is read by from_dict too
@@ -85,15 +85,28 @@ class Matcher:
         """Candidate individuals fetched per query: the fusion's candidates, or the five."""
         return self.candidates if self.fusion is not None else TOP
 
-    def rank(self, evidence: Evidence) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """``(scores, ids, inliers)`` of each query's first five candidates by the score the
-        threshold applies to: the fused one (re-sorted) with a fusion, the similarity without."""
+    def rank(self, evidence: Evidence) -> Ranking:
+        """Each query's first five candidates by the score the threshold applies to (the
+        fused one, re-sorted, with a fusion; the similarity without), with the evidence
+        behind each score sorted alike."""
         if self.fusion is None:
-            return evidence.sims[:, :TOP], evidence.ids[:, :TOP], None
-        scores = self.fusion.scores(evidence.sims, evidence.inliers, evidence.centre_sims)
-        extra = () if evidence.inliers is None else (evidence.inliers,)
-        sims, ids, *rest = sort_rows(scores, evidence.ids, *extra)
-        return sims[:, :TOP], ids[:, :TOP], (rest[0][:, :TOP] if rest else None)
+            sims = evidence.sims[:, :TOP]
+            return Ranking(sims, evidence.ids[:, :TOP], plain_parts(sims))
+        parts = self.fusion.parts(evidence.sims, evidence.inliers, evidence.centre_sims)
+        # The ranking score is the parts' own sum: what is shown as its parts is what ranked.
+        scores = fused_scores(parts)
+        order = row_order(scores)[:, :TOP]
+
+        def pick(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else np.take_along_axis(np.asarray(a), order, axis=1)
+
+        return Ranking(
+            np.take_along_axis(scores, order, axis=1),
+            np.take_along_axis(np.asarray(evidence.ids), order, axis=1),
+            {name: part.take(order) for name, part in parts.items()},
+            pick(evidence.inliers),
+            pick(evidence.centre_sims),
+        )
 
     def thresholds(self, ids: np.ndarray, species_of: Mapping[str, str]) -> np.ndarray:
         """Each query's threshold: its nearest individual's species' own, or the global one."""
@@ -269,6 +282,23 @@ class Evidence:
     cost: Inliers | None = None  # what finding the inliers cost
 
 
+@dataclass
+class Ranking:
+    """Each query's first five candidates by the ranking score, and the evidence behind
+    each score, every array (q, 5) in the same order."""
+
+    scores: np.ndarray  # the score the threshold applies to (the fused one when fused), best first
+    ids: np.ndarray  # the candidates ("" padding)
+    parts: dict[str, ScorePart]  # each weighed matcher's value, probability and contribution; they sum to ``scores``
+    inliers: np.ndarray | None = None  # local-feature inliers, when re-ranked
+    centre_sims: np.ndarray | None = None  # class-centre similarity (NaN: none), when weighed
+
+    @property
+    def embedding_sims(self) -> np.ndarray:
+        """Each candidate's best-photo cosine similarity (the ``global`` matcher's value)."""
+        return self.parts[GLOBAL].value
+
+
 def gather_evidence(
     gallery: Searchable,
     queries: np.ndarray,
@@ -330,12 +360,24 @@ class Matches:
     inliers: np.ndarray | None = None  # (q, 5) local-feature inliers of each candidate, when re-ranked
     rerank_ms_per_query: float | None = None
     lead_weight: float = 0.0  # the weight of the first candidate's lead in its decision score
+    # (q, 5) each candidate's best-photo cosine similarity (``sims`` itself without a fusion)
+    embedding_sims: np.ndarray | None = None
+    centre_sims: np.ndarray | None = None  # (q, 5) class-centre similarity (NaN: none), when weighed
+    # Each weighed matcher's share of ``sims`` (:meth:`Fusion.parts`; ``global`` alone and
+    # uncalibrated without a fusion), sorted as ``sims``: the contributions sum to ``sims``.
+    parts: dict[str, ScorePart] = field(default_factory=dict)
 
     @property
     def decisions(self) -> np.ndarray:
         """(q, 5) what each candidate's score is compared with the threshold as: the first
         candidate's plus ``lead_weight`` times its lead over the second, the others' own."""
         return decision_scores(self.sims, self.lead_weight)
+
+    @property
+    def leads(self) -> np.ndarray:
+        """(q,) each first candidate's lead over the second, ``s1 - s2`` (0 without a second):
+        ``decisions[:, 0] == sims[:, 0] + lead_weight * leads`` (the lead weight > 0)."""
+        return first_leads(self.sims)
 
 
 def match_queries(
@@ -362,9 +404,20 @@ def match_queries(
     """
     rerank = replace(matcher.rerank, workers=workers) if matcher.rerank is not None else None
     evidence = gather_evidence(gallery, queries, matcher.top, rerank, query_features, gallery_features, matcher.uses_centres, progress)
-    sims, ids, inliers = matcher.rank(evidence)
+    ranked = matcher.rank(evidence)
     species_of = dict(zip(gallery.table["individual_id"], gallery.table["species"], strict=True))
-    thresholds = matcher.thresholds(ids, species_of)
-    predictions = predict_top5(sims, ids, thresholds, lead_weight=matcher.lead_weight)
+    thresholds = matcher.thresholds(ranked.ids, species_of)
+    predictions = predict_top5(ranked.scores, ranked.ids, thresholds, lead_weight=matcher.lead_weight)
     cost = evidence.cost.ms_per_query if evidence.cost is not None else None
-    return Matches(sims, ids, thresholds, predictions, inliers, cost, matcher.lead_weight)
+    return Matches(
+        ranked.scores,
+        ranked.ids,
+        thresholds,
+        predictions,
+        ranked.inliers,
+        cost,
+        matcher.lead_weight,
+        ranked.embedding_sims,
+        ranked.centre_sims,
+        ranked.parts,
+    )

@@ -172,9 +172,21 @@ def decision_scores(sims: np.ndarray, lead_weight: float = 0.0) -> np.ndarray:
     if lead_weight == 0 or sims.shape[1] < 2:
         return sims
     out = np.array(sims, dtype=np.float64)
-    lead = np.where(np.isfinite(out[:, 1]), out[:, 0] - out[:, 1], 0.0)  # -inf padding: no second candidate
-    out[:, 0] += lead_weight * lead
+    out[:, 0] += lead_weight * first_leads(out)
     return out
+
+
+def first_leads(sims: np.ndarray) -> np.ndarray:
+    """(n,) each row's first score's lead over its second, ``s1 - s2``; 0 without a second
+    candidate (``-inf`` padding, or a single column): nothing shows it standing clear.
+
+    Args:
+        sims: (n, top) scores, descending per row, as :func:`decision_scores` reads them.
+    """
+    sims = np.asarray(sims, dtype=np.float64)
+    if sims.ndim != 2 or sims.shape[1] < 2:
+        return np.zeros(len(sims))
+    return np.where(np.isfinite(sims[:, 1]), sims[:, 0] - sims[:, 1], 0.0)
 
 
 def predict_top5(
