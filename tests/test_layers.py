@@ -44,6 +44,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("registry", ("whale_ml.registry",)),
     ("gallery", ("whale_ml.gallery",)),
     ("applications", ("whale_ml.identify", "whale_ml.submission", "whale_ml.cli", "whale_ml.__main__")),
+    ("review", ("whale_ml.review",)),
 )
 
 # Top-level packages the core never imports: the Dagster layer and Dagster itself.

@@ -275,7 +275,6 @@ def _page(
         "prev_photo": queue[position - 1]["photo"] if position else None,
         "next_photo": queue[position + 1]["photo"] if position is not None and position + 1 < len(queue) else None,
         "pending": sum(1 for e in queue if e["status"] == "pending"),
-        "lead_weight": batch.data.get("lead_weight", 0.0),
         "home": str(home),
     }
 
