@@ -101,10 +101,11 @@ def test_candidates_take_the_photos_most_like_the_query_and_the_best_inliers(tmp
     a = _photos(tmp_path, 4, "fluke", 2)
     b = _photos(tmp_path, 104, "fluke", 1)
     fa1, fa2, fb = (describe(box_patch(p, box, cfg.size), cfg) for p, box in (*a, *b))
-    inl = candidate_inliers([fa1, None], [[[1, 2], [0]], [[1]]], [fb, fb, fa2], cfg, workers=1)
-    assert inl.shape == (2, 2)
-    assert inl[0, 0] == count_inliers(fa1, fa2, cfg) and inl[0, 1] == count_inliers(fa1, fb, cfg)
-    assert inl[1].tolist() == [0, 0]  # a query without features has no local evidence
+    inl, where = candidate_inliers([fa1, None], [[[1, 2], [0]], [[1]]], [fb, fb, fa2], cfg, workers=1)
+    assert inl.shape == where.shape == (2, 2)
+    assert inl[0, 0] == count_inliers(fa1, fa2, cfg) > 0 and inl[0, 1] == count_inliers(fa1, fb, cfg)
+    assert where[0, 0] == 2  # the candidate's photo that gave its inliers (fa2, row 2), not fb (row 1)
+    assert inl[1].tolist() == [0, 0] and where[1].tolist() == [-1, -1]  # a query without features has no local evidence
 
 
 @pytest.mark.parametrize("method", ["sift", "orb"])

@@ -121,8 +121,8 @@ def identify_main(argv: Sequence[str]) -> int:
     result["batch"] = batch.id
     for row in result["photos"]:  # the crops are the batch's; the report holds them inline
         row.pop("crop_path", None)
-    print(json.dumps(result, indent=2) if args.json else format_text(result))
-    print(f"batch {batch.id} kept for review: whale review", file=sys.stderr)
+    # The batch's name is in the JSON; the text ends with it (stderr stays for errors and bars).
+    print(json.dumps(result, indent=2) if args.json else format_text(result) + f"\n\nbatch {batch.id} kept for review: whale review")
     if args.report:
         print(f"report: {Path(args.report).resolve()}", file=sys.stderr)
     return 0

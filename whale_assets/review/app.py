@@ -335,12 +335,13 @@ class GallerySources:
                 return self._drawings[key]
         row = batch.photo(photo)
         cand = next(c for c in row["candidates"] if c["rank"] == rank)
-        found = self.where(cand["gallery_image"])
+        # The photo that gave the ranking's inliers, so that the drawing shows what was counted.
+        found = self.where(cand.get("inlier_image") or cand["gallery_image"])
         cfg = LocalFeatureConfig(**batch.data.get("local_features", {}))
         from whale_ml.retrieval.match_drawing import keypoint_matches
 
         if found is None:
-            raise HTTPException(404, f"the gallery photo {cand['gallery_image']} is not in the home's tables")
+            raise HTTPException(404, f"the gallery photo of {cand['individual_id']} is not in the home's tables")
         try:
             image, _inliers = keypoint_matches(row["path"], row.get("box"), found[0], found[1], cfg)
         except (ImageReadError, OSError) as exc:

@@ -69,7 +69,7 @@ def identify_photos(
         found = match_queries(gallery, emb, matcher, query_features, store, progress=matching)
         sims, ids, thresholds, predictions = found.sims, found.ids, found.thresholds, found.predictions
         decisions, leads = found.decisions, found.leads
-        inliers, parts = found.inliers, found.parts
+        inliers, parts, inlier_photos = found.inliers, found.parts, found.inlier_photos
         matched = best_photo_per_candidate(gallery.embeddings, gallery.table["individual_id"].to_numpy(), emb, ids.tolist())
     rows: list[dict[str, Any]] = []
     q = 0
@@ -113,6 +113,8 @@ def identify_photos(
                         "gallery_image": g["image"],
                         "gallery_crop": g["crop_path"],
                         "gallery_source": g["source"],
+                        # The gallery photo that gave `inliers` (the review page draws its keypoints).
+                        "inlier_image": _inlier_image(gallery, inlier_photos, q, rank - 1),
                     }
                 )
             row.update(
@@ -154,6 +156,12 @@ def _gallery_summary(gallery: GalleryVersion) -> dict[str, Any]:
         "individuals": int(gallery.table["individual_id"].nunique()),
         "enrolled_photos": int((gallery.table["source"] == "enrolled").sum()),
     }
+
+
+def _inlier_image(gallery: GalleryVersion, rows: np.ndarray | None, q: int, c: int) -> str | None:
+    if rows is None or rows[q, c] < 0:
+        return None
+    return str(gallery.table["image"].iat[int(rows[q, c])])
 
 
 def format_text(result: dict[str, Any]) -> str:

@@ -344,8 +344,9 @@ def candidate_inliers(
     cfg: LocalFeatureConfig,
     workers: int = 0,
     progress: ProgressFn | None = None,
-) -> np.ndarray:
-    """(n, K): per query and candidate individual, the most inliers over the candidate's photos.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per query and candidate individual, the most inliers over the candidate's photos, and
+    the gallery row of the photo that gave them: two (n, K) arrays (row -1: no inlier found).
 
     A query or gallery photo without features contributes 0 (no local evidence).
     Queries are spread over ``workers`` threads (OpenCV releases the GIL).
@@ -353,27 +354,27 @@ def candidate_inliers(
     n = len(candidate_rows)
     k = max((len(r) for r in candidate_rows), default=0)
     out = np.zeros((n, k), dtype=np.int32)
+    where = np.full((n, k), -1, dtype=np.int64)
 
-    def one(q: int) -> np.ndarray:
-        row = np.zeros(k, dtype=np.int32)
+    def one(q: int) -> tuple[np.ndarray, np.ndarray]:
+        row, at = np.zeros(k, dtype=np.int32), np.full(k, -1, dtype=np.int64)
         feats = query_features[q]
         if feats is None or len(feats) == 0:
-            return row
+            return row, at
         for c, rows in enumerate(candidate_rows[q]):
-            best = 0
             for g in rows:
                 other = gallery_features[g]
-                if other is not None:
-                    best = max(best, count_inliers(feats, other, cfg))
-            row[c] = best
-        return row
+                found = count_inliers(feats, other, cfg) if other is not None else 0
+                if found > row[c]:
+                    row[c], at[c] = found, g
+        return row, at
 
     with ThreadPoolExecutor(pipeline_threads(workers or None)) as pool:
-        for q, row in enumerate(pool.map(one, range(n))):
-            out[q] = row
+        for q, (row, at) in enumerate(pool.map(one, range(n))):
+            out[q], where[q] = row, at
             if progress is not None:
                 progress(q + 1, n)
-    return out
+    return out, where
 
 
 def inlier_evidence(inliers: np.ndarray) -> np.ndarray:

@@ -106,6 +106,7 @@ class Matcher:
             {name: part.take(order) for name, part in parts.items()},
             pick(evidence.inliers),
             pick(evidence.centre_sims),
+            pick(evidence.cost.photos if evidence.cost is not None else None),
         )
 
     def thresholds(self, ids: np.ndarray, species_of: Mapping[str, str]) -> np.ndarray:
@@ -279,7 +280,7 @@ class Evidence:
     ids: np.ndarray  # (q, top) the candidates ("" padding)
     inliers: np.ndarray | None = None  # (q, top) local-feature inliers, when re-ranked
     centre_sims: np.ndarray | None = None  # (q, top) class-centre similarity (NaN: none), when weighed
-    cost: Inliers | None = None  # what finding the inliers cost
+    cost: Inliers | None = None  # what finding the inliers cost (and the gallery row that gave each count)
 
 
 @dataclass
@@ -292,6 +293,7 @@ class Ranking:
     parts: dict[str, ScorePart]  # each weighed matcher's value, probability and contribution; they sum to ``scores``
     inliers: np.ndarray | None = None  # local-feature inliers, when re-ranked
     centre_sims: np.ndarray | None = None  # class-centre similarity (NaN: none), when weighed
+    inlier_photos: np.ndarray | None = None  # the gallery row whose photo gave ``inliers`` (-1: none), when re-ranked
 
     @property
     def embedding_sims(self) -> np.ndarray:
@@ -366,6 +368,7 @@ class Matches:
     # Each weighed matcher's share of ``sims`` (:meth:`Fusion.parts`; ``global`` alone and
     # uncalibrated without a fusion), sorted as ``sims``: the contributions sum to ``sims``.
     parts: dict[str, ScorePart] = field(default_factory=dict)
+    inlier_photos: np.ndarray | None = None  # (q, 5) the gallery row whose photo gave ``inliers`` (-1: none), when re-ranked
 
     @property
     def decisions(self) -> np.ndarray:
@@ -420,4 +423,5 @@ def match_queries(
         ranked.embedding_sims,
         ranked.centre_sims,
         ranked.parts,
+        ranked.inlier_photos,
     )

@@ -46,6 +46,7 @@ class Inliers:
     counts: np.ndarray  # (n, K)
     seconds: float
     pairs: int  # photo pairs matched
+    photos: np.ndarray | None = None  # (n, K) the gallery row that gave each count (-1: none)
 
     @property
     def ms_per_query(self) -> float:
@@ -71,7 +72,7 @@ def match_candidates(
     """
     start = time.perf_counter()
     rows = candidate_photos(gallery_embeddings, gallery_ids, queries, candidate_ids, rerank.photos_per_candidate)
-    counts = candidate_inliers(query_features, rows, gallery_features, rerank.features, rerank.workers, progress)
+    counts, photos = candidate_inliers(query_features, rows, gallery_features, rerank.features, rerank.workers, progress)
     pairs = sum(len(r) for per_query in rows for r in per_query)
-    return Inliers(counts, time.perf_counter() - start, pairs)
+    return Inliers(counts, time.perf_counter() - start, pairs, photos)
 
