@@ -33,7 +33,8 @@ from whale_assets.instance import prepare_dagster_home
 from whale_assets.run import load_recipe, run_pipeline
 from whale_ml.gallery import list_versions, load_version, read_ledger
 from whale_ml.home import HomeLayout
-from whale_ml.review import DecisionLog, list_batches
+from whale_ml.identify import write_report
+from whale_ml.review import DecisionLog, list_batches, load_batch
 
 pytestmark = [pytest.mark.e2e, pytest.mark.server]
 
@@ -180,6 +181,12 @@ def test_review_confirm_by_click_new_by_keyboard_enrol_and_identify_again(
     code, body = server.get(f"/batch/{batch_id}/decisions.csv")
     rows = {r["image"]: r for r in csv.DictReader(io.StringIO(body.decode()))}
     assert code == 200 and rows[frames[0].name]["reviewer"] == "Ana" and rows[known[0].name]["enrolled_in"] == new.enrolled_in
+
+    # The report, for sharing the batch as one file, shows the same scores as the page.
+    report = write_report(load_batch(layout, batch_id).data, tmp_path / "report.html").read_text()
+    code, page_html = server.get(f"/batch/{batch_id}?photo={confirm_row}")
+    for c in result["photos"][confirm_row]["candidates"]:
+        assert f"{c['similarity']:.4f}" in page_html.decode() and f"{c['similarity']:.4f}" in report
 
     # The next identify of another photo of the new animal ranks it.
     again = _identify(capsys, frames[2])

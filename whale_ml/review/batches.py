@@ -23,14 +23,15 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from whale_ml.filesets import current_set
 from whale_ml.home import HomeLayout
 from whale_ml.io import flush_tree, fsync_dir, read_json, staging_dir, write_json
-from whale_ml.retrieval.local_features import features_saved
-from whale_ml.retrieval.matcher import Matcher
 from whale_ml.stage_configs import LocalFeatureConfig
+
+if TYPE_CHECKING:  # the decision log's writers import this module: keep them light (no faiss, no OpenCV)
+    from whale_ml.retrieval.matcher import Matcher
 
 BATCH_FILE = "batch.json"
 CROPS = "crops"
@@ -128,6 +129,8 @@ def feature_settings(layout: HomeLayout, matcher: Matcher) -> LocalFeatureConfig
     """The local-feature settings the gallery's photos were described with (the keypoint
     drawings describe a pair as the re-ranking did): the matcher's when it re-ranks, else
     the home's ``local_features``, else the defaults."""
+    from whale_ml.retrieval.local_features import features_saved
+
     if matcher.rerank is not None:
         return matcher.rerank.features
     train = layout.local_features_dir("train")
