@@ -85,30 +85,37 @@ def _requirement_names(requirements: list[str]) -> set[str]:
     return {re.split(r"[\s<>=!~\[;]", r.strip(), maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
 
 
-def test_every_package_the_code_imports_is_declared() -> None:
-    """A third-party module imported by whale_ml or whale_assets comes from a distribution
-    pyproject.toml names (a dependency, or an extra for optional parts such as the Kubernetes
-    executor), not one that arrives only because another package happens to need it."""
+def _third_party_imports(roots: list[Path], local: set[str]) -> dict[str, str]:
+    """Top-level module -> the first file under ``roots`` importing it, for every module
+    neither in the standard library nor in ``local``."""
     import ast
-    import importlib.metadata as md
-    import sys
-    import tomllib
 
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    declared = _requirement_names(project["dependencies"])
-    declared |= {n for extra in project["optional-dependencies"].values() for n in _requirement_names(extra)}
-    providers = md.packages_distributions()
     imported: dict[str, str] = {}
-    for root in ("whale_ml", "whale_assets"):
-        for path in sorted((REPO / root).rglob("*.py")):
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
             for node in ast.walk(ast.parse(path.read_text())):
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
                 if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                     names = [node.module]
                 for name in names:
                     top = name.split(".")[0]
-                    if top not in sys.stdlib_module_names and top not in ("whale_ml", "whale_assets"):
+                    if top not in sys.stdlib_module_names and top not in local:
                         imported.setdefault(top, str(path.relative_to(REPO)))
+    return imported
+
+
+def test_every_package_the_code_imports_is_declared() -> None:
+    """A third-party module imported by whale_ml or whale_assets comes from a distribution
+    pyproject.toml names (a dependency, or an extra for optional parts such as the Kubernetes
+    executor), not one that arrives only because another package happens to need it."""
+    import importlib.metadata as md
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = _requirement_names(project["dependencies"])
+    declared |= {n for extra in project["optional-dependencies"].values() for n in _requirement_names(extra)}
+    providers = md.packages_distributions()
+    imported = _third_party_imports([REPO / "whale_ml", REPO / "whale_assets"], {"whale_ml", "whale_assets"})
     assert {"torch", "cv2", "sklearn", "faiss"} <= set(imported), "the scan found the code's imports"
     undeclared = {
         module: (where, providers.get(module))
@@ -122,7 +129,6 @@ def test_every_package_the_tests_import_is_in_the_dev_install() -> None:
     """A third-party module the tests import (websocket-client for the Chromium driver, ...)
     comes from a distribution that `pip install -e ".[dev]"` (make venv) installs by name:
     a dependency or the dev extra, not one that arrives with another package."""
-    import ast
     import importlib.metadata as md
     import tomllib
 
@@ -130,16 +136,7 @@ def test_every_package_the_tests_import_is_in_the_dev_install() -> None:
     declared = _requirement_names(project["dependencies"]) | _requirement_names(project["optional-dependencies"]["dev"])
     local = {p.stem for p in (REPO / "tests").glob("*.py")} | {"whale_ml", "whale_assets"}
     providers = md.packages_distributions()
-    imported: dict[str, str] = {}
-    for path in sorted((REPO / "tests").rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            for name in names:
-                top = name.split(".")[0]
-                if top not in sys.stdlib_module_names and top not in local:
-                    imported.setdefault(top, str(path.relative_to(REPO)))
+    imported = _third_party_imports([REPO / "tests"], local)
     assert {"pytest", "websocket", "yaml"} <= set(imported), "the scan found the tests' imports"
     undeclared = {
         module: (where, providers.get(module))

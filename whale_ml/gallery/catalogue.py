@@ -122,6 +122,27 @@ def catalogue_lock(layout: HomeLayout, what: str, wait: Callable[[str], None] = 
 
 
 @contextlib.contextmanager
+def _holding(fd: int, mode: int) -> Iterator[None]:
+    """``flock(fd, mode)`` for the block; ``fd`` is closed after."""
+    try:
+        fcntl.flock(fd, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """``flock`` held exclusively on ``path`` (created with its folder) for the block: a plain
+    lock for writers that hold it for milliseconds (the review's decision log)."""
+    with _holding(_open_lock(path), fcntl.LOCK_EX):
+        yield
+
+
+@contextlib.contextmanager
 def versions_lock(versions_dir: Path, exclusive: bool) -> Iterator[None]:
     """Shared while a version is read, exclusive while versions are renamed away (pruning).
 
@@ -141,11 +162,5 @@ def versions_lock(versions_dir: Path, exclusive: bool) -> Iterator[None]:
         except FileNotFoundError:
             yield
             return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+    with _holding(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH):
+        yield

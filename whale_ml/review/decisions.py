@@ -21,18 +21,18 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import fcntl
 import io
 import json
 import os
 import socket
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from whale_ml.data.metadata import NEW_INDIVIDUAL
+from whale_ml.gallery.catalogue import file_lock
 from whale_ml.home import HomeLayout
 from whale_ml.io import fsync_file, pid_alive, write_error
 from whale_ml.review.batches import Batch
@@ -121,22 +121,9 @@ class DecisionLog:
 
     # ------------------------------------------------------------------ writing
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self) -> contextlib.AbstractContextManager[None]:
         """Hold the log's lock: a read-check-append is then one step for every process."""
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as exc:
-            raise write_error(self.folder / LOCK_FILE, exc) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
+        return file_lock(self.folder / LOCK_FILE)
 
     def _append(self, records: Sequence[dict[str, Any]]) -> None:
         """Append ``records`` in one write (the caller holds :meth:`locked`)."""
