@@ -39,7 +39,8 @@ COPY workspace.yaml Makefile ./
 RUN chown -R whale:whale /app
 USER whale
 
-EXPOSE 3000 5000
+# 3000: the Dagster UI, 5000: MLflow, 8765: `whale review --host 0.0.0.0` (the review page)
+EXPOSE 3000 5000 8765
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD curl -fsS http://127.0.0.1:3000/server_info || exit 1
 CMD ["scripts/ui.sh"]

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dagster as dg
 import pandas as pd
 import pytest
 from chromium import SKIP_REASON, ChromiumPage, browser
@@ -169,6 +170,9 @@ def test_review_confirm_by_click_new_by_keyboard_enrol_and_identify_again(
     assert gallery[frames[0].name] == NEW_ID and gallery[known[0].name] == confirm_id
     ledger = read_ledger(layout)
     assert set(ledger["image"]) >= {frames[0].name, known[0].name}
+    # The Dagster UI's gallery asset shows the version, as after `whale enroll`.
+    mat = dg.DagsterInstance.get().get_latest_materialization_event(dg.AssetKey("gallery")).asset_materialization
+    assert mat.metadata["version"].value == versions.iloc[-1]["version"] and mat.metadata["enrolled_now"].value == 2
 
     # Each decision is kept with who took it, when, and the evidence shown; the export lists them.
     decisions = {d.image: d for d in DecisionLog(layout).decisions(batch_id)}
