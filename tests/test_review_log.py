@@ -155,3 +155,17 @@ def test_reviewers_in_many_processes_lose_no_decision(layout: HomeLayout, tmp_pa
     lines = log.path.read_text().splitlines()
     assert len(lines) == 120 and all(json.loads(line)["kind"] == "decision" for line in lines)
     assert {d.reviewer for d in log.decisions(batch.id)} == {f"r{i}" for i in range(6)}
+
+
+def test_an_enrolment_refuses_a_new_id_the_gallery_already_holds(layout: HomeLayout, tmp_path: Path) -> None:
+    import pandas as pd
+
+    from whale_ml.review.enrol import new_ids_taken
+
+    batch = make_batch(layout, tmp_path / "tonight", [0.1, 0.2])
+    log = DecisionLog(layout)
+    log.decide(batch, 0, "new", "ana", "zed")
+    log.decide(batch, 1, "new", "ana", "fresh-1")
+    catalogue = pd.DataFrame({"image": ["g.jpg"], "individual_id": ["zed"], "species": ["beluga"]})
+    problems = new_ids_taken(list(log.current(batch.id).values()), catalogue)
+    assert len(problems) == 1 and "p0.jpg" in problems[0] and "already holds zed" in problems[0]

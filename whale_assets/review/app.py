@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import threading
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -153,8 +154,16 @@ def create_app(layout: HomeLayout, enrol: Enrol) -> FastAPI:
         reviewer = check_reviewer(body.reviewer)
         try:
             summary, enrolled = enrol(batch, reviewer)
+        except MetadataError as exc:
+            return JSONResponse(
+                {"error": f"enrolment refused, nothing changed: {exc}. Decide those photos again (undo, skip, or another id), then enrol."},
+                status_code=400,
+            )
         except (LineageError, ReleasePointerError) as exc:
-            return JSONResponse({"error": f"enrolment failed: {exc}"}, status_code=409)
+            return JSONResponse({"error": f"enrolment failed, nothing changed: {exc}"}, status_code=409)
+        except Exception as exc:  # a failed write, a lost MLflow server: said on the page, the trace in the server's log
+            traceback.print_exc()
+            return JSONResponse({"error": f"enrolment failed, nothing changed: {type(exc).__name__}: {exc}"}, status_code=500)
         if summary is None:
             return JSONResponse({"version": None, "enrolled": 0, "message": "nothing to enrol: no confirmed or new photo is waiting"})
         sources.forget()
@@ -323,9 +332,13 @@ class GallerySources:
         return where
 
     def known_ids(self, batch: Batch) -> set[str]:
-        """Individuals the gallery knows: the batch's candidates and every enrolled one (a
-        new id must be none of them; ``whale enroll``'s own check sees the whole gallery)."""
+        """Individuals the catalogue knows: the training table's, every enrolled one and the
+        batch's candidates (a new id must be none of them; the enrolment checks again against
+        the very gallery it extends)."""
         known = {c["individual_id"] for row in batch.photos for c in row.get("candidates", [])}
+        train = self.layout.tables / "train_metadata.parquet"
+        if train.exists():
+            known |= set(pd.read_parquet(train, columns=["individual_id"])["individual_id"])
         return known | set(read_ledger(self.layout)["individual_id"])
 
     def drawing(self, batch: Batch, photo: int, rank: int) -> bytes:

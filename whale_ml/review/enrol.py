@@ -60,6 +60,7 @@ def enrol_decisions(
                 )
                 where = f"batch {batch.id} (by photo number)"
                 problems = check_names_and_files(df, batch.folder, check_files=False)  # two photos of one name
+                problems += new_ids_taken(pending, catalogue)
                 if problems:
                     raise MetadataError(f"{where}: " + "; ".join(problems))
                 return check_confirmed(df, catalogue, ledger, where, progress_fn)
@@ -72,3 +73,15 @@ def enrol_decisions(
     for d in pending:
         d.enrolled_in = summary["version"]
     return summary, pending
+
+
+def new_ids_taken(decisions: list[Decision], catalogue: pd.DataFrame) -> list[str]:
+    """A problem per "new individual" decision whose id the gallery already holds: enrolled
+    as it is, the photo would silently join that other animal."""
+    known = set(catalogue["individual_id"])
+    return [
+        f"photo {d.photo} ({d.image}) was marked as a new individual {d.individual_id}, but the gallery already holds "
+        f"{d.individual_id}: confirm it, or give the new animal another id"
+        for d in decisions
+        if d.action == "new" and d.individual_id in known
+    ]
