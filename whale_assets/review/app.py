@@ -58,6 +58,8 @@ from whale_ml.stage_configs import LocalFeatureConfig
 HERE = Path(__file__).resolve().parent
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 MAX_SIDE = 1600  # the largest image the page is sent: photos at survey size are 1,500-4,000 px
+BATCHES_KEPT = 8  # batches held in memory
+QUEUE_SHOWN = 300  # queue entries listed beside a photo (the counts cover all)
 
 
 class DecideBody(BaseModel):
@@ -89,11 +91,18 @@ def create_app(layout: HomeLayout, enrol: Enrol) -> FastAPI:
     home = layout.home.resolve()
     sources = GallerySources(layout)
 
+    loaded: dict[str, Batch] = {}  # batches never change once kept: read each once (28k photos: ~80 MB of JSON)
+
     def batch_or_404(batch_id: str) -> Batch:
-        try:
-            return load_batch(layout, batch_id)
-        except BatchError as exc:
-            raise HTTPException(404, str(exc)) from exc
+        if batch_id not in loaded:
+            try:
+                batch = load_batch(layout, batch_id)
+            except BatchError as exc:
+                raise HTTPException(404, str(exc)) from exc
+            if len(loaded) >= BATCHES_KEPT:
+                loaded.pop(next(iter(loaded)))
+            loaded[batch_id] = batch
+        return loaded[batch_id]
 
     @app.exception_handler(DecisionError)
     @app.exception_handler(MetadataError)
@@ -268,6 +277,14 @@ def _jpeg(path: Path, side: int) -> Response:
     return Response(buf.getvalue(), media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
 
+def _shown(queue: list[dict[str, Any]], position: int | None) -> list[dict[str, Any]]:
+    """The first :data:`QUEUE_SHOWN` entries, and the current photo's if it lies beyond them."""
+    shown = queue[:QUEUE_SHOWN]
+    if position is not None and position >= QUEUE_SHOWN:
+        shown.append(queue[position])
+    return shown
+
+
 def _page(
     batch: Batch, queue: list[dict[str, Any]], counts: dict[str, int], photo: int | None, current: dict[int, Any], home: Path
 ) -> dict[str, Any]:
@@ -275,7 +292,8 @@ def _page(
     position = next((i for i, e in enumerate(queue) if e["photo"] == photo), None)
     return {
         "batch": batch,
-        "queue": queue,
+        "queue": _shown(queue, position),
+        "queue_hidden": max(0, len(queue) - QUEUE_SHOWN),
         "counts": counts,
         "photo": photo,
         "row": row,
