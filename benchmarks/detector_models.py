@@ -65,7 +65,7 @@ def _timing_child(args: argparse.Namespace) -> None:
 
     data, work = Path(args.data), Path(args.work)
     if args.timing == "train":
-        settings = DetectorConfig(model_yaml=args.model, epochs=args.epochs, imgsz=128, batch=16, device="cpu", seed=args.seed)
+        settings = DetectorConfig(model_yaml=args.model, epochs=args.epochs, min_steps=0, imgsz=128, batch=16, device="cpu", seed=args.seed)
         dataset, _ = training_set(settings, data, work)
         t, cpu = time.perf_counter(), _cpu_s()
         train_yolo(dataset, work, settings.model_yaml, settings.epochs, 128, 16, "cpu", settings.seed, work)
@@ -147,7 +147,7 @@ def _child(args: argparse.Namespace) -> None:
     from whale_ml.stage_configs import DetectorConfig
 
     data, work = Path(args.data), Path(args.work)
-    settings = DetectorConfig(model_yaml=args.model, epochs=args.epochs, imgsz=128, batch=16, device="cpu", seed=args.seed)
+    settings = DetectorConfig(model_yaml=args.model, epochs=args.epochs, min_steps=0, imgsz=128, batch=16, device="cpu", seed=args.seed)
     dataset, truth = training_set(settings, data, work)
     t, cpu = time.perf_counter(), _cpu_s()
     best, scores = train_yolo(

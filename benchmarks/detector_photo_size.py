@@ -73,7 +73,7 @@ def _child(args: argparse.Namespace) -> None:
     from whale_ml.stage_configs import DetectorConfig
 
     data, work = Path(args.data), Path(args.work)
-    settings = DetectorConfig(**{**_recipe_detector(), "epochs": args.epochs, "device": "cpu"})
+    settings = DetectorConfig(**{**_recipe_detector(), "epochs": args.epochs, "min_steps": 0, "device": "cpu"})
     t, cpu = time.perf_counter(), _cpu_s()
     imgsz = settings.imgsz if args.images == "small" else None
     boxes = read_box_file(data / settings.box_file)

@@ -23,7 +23,7 @@ from whale_ml.detection.photo_pass import BoxRule, CropRule
 from whale_ml.detection.yolo import box_and_crop, detect_boxes, read_box_file
 from whale_ml.io import read_json, sha256_file
 
-TINY_DETECTOR = {"epochs": 1, "imgsz": 64, "batch": 8, "device": "cpu", "val_share": 0.25}
+TINY_DETECTOR = {"epochs": 1, "min_steps": 0, "imgsz": 64, "batch": 8, "device": "cpu", "val_share": 0.25}
 
 
 class Tracking:
@@ -269,3 +269,15 @@ def test_contact_sheet_is_written_and_draws_the_same_photos(cropped: tuple, tmp_
     assert list(again.getdata()) == list(sheet.getdata())
     small = write_contact_sheet(boxes, table, paths, 100, tmp_path / "all.png")  # never more than there are photos
     assert small.size == (4 * 2 * 160, 2 * 160)
+
+
+def test_few_boxed_photos_train_for_more_epochs_to_reach_the_step_floor() -> None:
+    """The demo's 113 training boxes keep their 50 epochs (8 batches a pass: 400 steps); 40
+    boxes (3 batches a pass) train for 134; thousands are never raised; 0 keeps the epochs."""
+    from whale_ml.detection.detector import detector_epochs
+
+    assert detector_epochs(113, 16, 50, 400) == 50
+    assert detector_epochs(40, 16, 50, 400) == 134
+    assert detector_epochs(5000, 16, 50, 400) == 50
+    assert detector_epochs(40, 16, 50, 0) == 50
+    assert detector_epochs(0, 16, 5, 400) == 400  # an empty training set still counts one batch a pass

@@ -36,7 +36,13 @@ class DetectorConfig(BaseModel):
     model_yaml: str = Field("yolov8n.yaml", description="Ultralytics model yaml to build from (no weight download).")
     weights_path: str | None = Field(None, description="A trained ultralytics .pt file, used when source='weights'.")
     box_file: str = Field("fluke_boxes.csv", description="Box CSV (image,x_min,y_min,x_max,y_max) in the data dir.")
-    epochs: int = Field(50, ge=1, description="Detector training epochs.")
+    epochs: int = Field(50, ge=1, description="Detector training epochs (more when min_steps asks for them).")
+    min_steps: int = Field(
+        400,
+        ge=0,
+        description="At least this many optimiser steps (batches): with few boxed photos the epochs grow to reach them, since "
+        "a detector trained from scratch needs steps, not passes (50 boxes x 50 epochs learns nothing; 0: epochs as given).",
+    )
     imgsz: int = Field(128, ge=32, description="Detector input size (train and predict).")
     batch: int = Field(16, ge=1)
     val_share: float = Field(0.2, ge=0.0, lt=1.0, description="Share of the boxed images held out to report mAP.")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -260,6 +261,20 @@ def prepare_detector(
     return result
 
 
+def detector_epochs(n_train: int, batch: int, epochs: int, min_steps: int) -> int:
+    """``epochs``, or more when they would make fewer than ``min_steps`` optimiser steps
+    (``ceil(n_train / batch)`` a pass).
+
+    A YOLO model trained from scratch learns from the number of steps it takes: the demo's
+    113 training boxes make 8 batches a pass, 400 steps in its 50 epochs, and a 0.93 mAP50;
+    a set with 40 training boxes makes 3, and its 150 steps in 50 epochs learn nothing
+    (mAP50 0.09, every photo then falls back to the full frame). The floor gives small box
+    sets the demo's steps; at the real scale (thousands of boxes) it never binds.
+    """
+    per_pass = max(1, math.ceil(n_train / max(1, batch)))
+    return max(epochs, math.ceil(min_steps / per_pass))
+
+
 def _train(
     settings: DetectorConfig,
     data_path: Path,
@@ -276,13 +291,15 @@ def _train(
     dataset, truth = training_set(settings, data_path, work, boxes, log)
     for line in dataset.skipped:
         warn(f"box skipped: {line}")
-    log(f"training {settings.model_yaml} on {dataset.n_train} boxed images for {settings.epochs} epochs at {settings.imgsz}px")
+    epochs = detector_epochs(dataset.n_train, settings.batch, settings.epochs, settings.min_steps)
+    more = f" (raised from {settings.epochs} to reach {settings.min_steps} optimiser steps)" if epochs > settings.epochs else ""
+    log(f"training {settings.model_yaml} on {dataset.n_train} boxed images for {epochs} epochs{more} at {settings.imgsz}px")
     with tracking() if tracking is not None else nullcontext(None) as on_metrics:
         best, scores = train_yolo(
             dataset,
             work,
             settings.model_yaml,
-            settings.epochs,
+            epochs,
             settings.imgsz,
             settings.batch,
             settings.device,
