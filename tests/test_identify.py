@@ -11,7 +11,6 @@ import os
 import pty
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -26,7 +25,7 @@ import pandas as pd
 import pytest
 from chromium import SKIP_REASON, browser, chromium_command
 from encounter import encounter
-from health import wait_healthy
+from health import stop_group, wait_healthy
 
 from whale_assets.cli import main as whale
 from whale_assets.instance import prepare_dagster_home
@@ -474,12 +473,7 @@ def test_release_model_is_served_by_mlflow_models_serve(home: dict, release_mode
             status, answer = post(["path"], [["a.jpg"]])
             assert status == 400 and "image_path" in answer["message"]
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_group(proc)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -27,7 +26,7 @@ import pandas as pd
 import pytest
 from chromium import SKIP_REASON, ChromiumPage, browser
 from encounter import encounter
-from health import wait_healthy
+from health import stop_group, wait_healthy
 
 from whale_assets.cli import main as whale
 from whale_assets.instance import prepare_dagster_home
@@ -94,13 +93,7 @@ class Server:
             return exc.code, exc.read()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc, timeout=20)
 
 
 @pytest.fixture
@@ -147,7 +140,7 @@ def test_review_confirm_by_click_new_by_keyboard_enrol_and_identify_again(
         page.type("#new-id", NEW_ID, clear=True)
         page.press("Escape")  # out of the text field: the shortcuts apply again
         page.press("n")
-        page.wait_for(f"!location.search.endsWith('photo=0') || document.querySelector('#decision') !== null")
+        page.wait_for("!location.search.endsWith('photo=0') || document.querySelector('#decision') !== null")
 
         # A known animal by clicking its first candidate's button.
         page.goto(f"{server.url}/batch/{batch_id}?photo={confirm_row}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import mlflow
 import pytest
 import yaml
 from chromium import SKIP_REASON, browser, chromium_command
-from health import wait_healthy
+from health import stop_group, wait_healthy
 
 from whale_assets.resources import MlflowTracking
 from whale_assets.rounds import Round
@@ -134,12 +133,7 @@ def dagster_dev(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory, free_
             time.sleep(1)
         yield server
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
         log.close()
 
 
@@ -290,12 +284,7 @@ def mlflow_ui(dagster_dev: Dagster, tmp_path: Path) -> Iterator[str]:
     try:
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:  # uvicorn waits for idle keep-alive clients
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, timeout=15)
         log.close()
 
 
