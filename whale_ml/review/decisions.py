@@ -229,7 +229,10 @@ class DecisionLog:
             if standing is not None:
                 _refuse_if_taken(standing, "replace")
             self._append([record])
-        return self.current(batch.id)[photo]
+        # The decision as the log will fold it (nothing can claim it before it is read back).
+        return Decision(
+            record["id"], batch.id, photo, row["image"], action, record["individual_id"], reviewer, record["at"], record["evidence"]
+        )
 
     def undo(self, batch: Batch, reviewer: str) -> Decision:
         """Take back ``reviewer``'s latest standing decision in ``batch``.
